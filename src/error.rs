@@ -1,0 +1,98 @@
+//! The one error type of the wgllm library.
+//!
+//! Every failure a user, a file or a driver can cause comes back as a variant of [`Error`], never as
+//! a panic. The binary wraps it in `anyhow` for printing; the library never does.
+
+use crate::gpu::ledger::{BufferClass, ClassUsage};
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // ---- device -------------------------------------------------------------------------------
+    #[error("no GPU adapter found{0}")]
+    NoAdapter(String),
+    #[error(
+        "adapter index {index} is out of range: {count} adapter(s) found (see `wgllm devices`)"
+    )]
+    AdapterIndex { index: usize, count: usize },
+    #[error("could not open the device on adapter '{adapter}': {reason}")]
+    RequestDevice { adapter: String, reason: String },
+    #[error("the device lacks feature {feature}, needed by {needed_by}")]
+    MissingFeature {
+        feature: &'static str,
+        needed_by: String,
+    },
+    #[error("wgpu {kind} error in {context}: {message}")]
+    Gpu {
+        kind: &'static str,
+        context: String,
+        message: String,
+    },
+    #[error("GPU readback of '{label}' failed: {reason}")]
+    Readback { label: String, reason: String },
+
+    // ---- VRAM ledger --------------------------------------------------------------------------
+    #[error(
+        "VRAM budget exceeded: '{label}' asks for {requested} bytes as {class}, \
+         but {in_use} of the {budget}-byte budget are in use ({usage}); {over} bytes over"
+    )]
+    VramBudget {
+        label: String,
+        class: BufferClass,
+        requested: u64,
+        in_use: u64,
+        budget: u64,
+        over: u64,
+        usage: ClassUsage,
+    },
+    #[error("buffer '{label}' of {size} bytes exceeds the device's maximum buffer size {max}")]
+    BufferTooLarge { label: String, size: u64, max: u64 },
+
+    // ---- shapes and kernels -------------------------------------------------------------------
+    #[error("shape mismatch in {op}: expected {expected}, got {got}")]
+    ShapeMismatch {
+        op: String,
+        expected: String,
+        got: String,
+    },
+    #[error("invalid argument to {op}: {reason}")]
+    InvalidArgument { op: String, reason: String },
+    #[error("unknown shader '{0}'")]
+    UnknownShader(String),
+
+    // ---- parsing of sizes, formats and files --------------------------------------------------
+    #[error("cannot parse '{input}' as {what}: {reason}")]
+    Parse {
+        what: &'static str,
+        input: String,
+        reason: String,
+    },
+    #[error("I/O error on '{path}': {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn shape(
+        op: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
+        Error::ShapeMismatch {
+            op: op.into(),
+            expected: expected.into(),
+            got: got.into(),
+        }
+    }
+    pub(crate) fn invalid(op: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            op: op.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The GPU layer: adapter choice, device features and limits, the VRAM ledger, buffers, pipelines
+//! and command recording. It knows nothing about models.
+
+pub mod buffer;
+pub mod ledger;
+pub mod memory;
+pub mod record;
+pub mod shaders;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+pub use buffer::GpuBuffer;
+pub use ledger::{BufferClass, Ledger, LedgerReport};
+pub use record::{Bind, Kernel, Recorder};
+
+use crate::error::{Error, Result};
+
+/// How to open a device.
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// Index into [`list_adapters`]; `None` picks by `WGPU_ADAPTER_NAME` or the best adapter.
+    pub adapter: Option<usize>,
+    /// The ledger's byte budget; `None` is unlimited.
+    pub budget: Option<u64>,
+    /// Do not request SHADER_F16 even where present (tests the f32-only paths).
+    pub no_f16: bool,
+    /// Do not request SUBGROUP even where present (tests the shared-memory paths).
+    pub no_subgroups: bool,
+}
+
+/// The optional features wgllm uses, as granted on the open device.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Capabilities {
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
+}
+
+/// One adapter as `wgllm devices` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterSummary {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    pub max_buffer_size: u64,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroups_per_dimension: u32,
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
+    /// Device-local memory (heap size) and the budget the driver grants us, where the native API
+    /// says (Vulkan `VK_EXT_memory_budget`); `None` means unknown.
+    pub memory: Option<memory::DeviceMemory>,
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+}
+
+fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
+    let info = a.get_info();
+    let f = a.features();
+    let l = a.limits();
+    AdapterSummary {
+        index,
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: info.driver.clone(),
+        driver_info: info.driver_info.clone(),
+        shader_f16: f.contains(wgpu::Features::SHADER_F16),
+        subgroups: f.contains(wgpu::Features::SUBGROUP),
+        timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
+        max_buffer_size: l.max_buffer_size,
+        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
+        max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+        max_compute_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
+        subgroup_min_size: a.get_info().subgroup_min_size,
+        subgroup_max_size: a.get_info().subgroup_max_size,
+        memory: memory::query(a),
+    }
+}
+
+/// Every adapter wgpu can see, in the order `--device N` indexes them.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    adapters(&instance())
+        .iter()
+        .enumerate()
+        .map(|(i, a)| summarize(i, a))
+        .collect()
+}
+
+fn type_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+/// An open device with its queue, ledger and pipeline cache.
+pub struct Gpu {
+    pub adapter: wgpu::Adapter,
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub caps: Capabilities,
+    pub limits: wgpu::Limits,
+    pub ledger: Ledger,
+    kernels: Mutex<HashMap<String, Arc<Kernel>>>,
+    /// The largest storage binding kernels may use; the device limit unless lowered for tests.
+    max_binding: AtomicU64,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("adapter", &self.info.name)
+            .field("caps", &self.caps)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Opens the chosen adapter with SHADER_F16, SUBGROUP and TIMESTAMP_QUERY where present and the
+    /// adapter's maximum limits.
+    pub fn new(opts: &GpuOptions) -> Result<Gpu> {
+        let inst = instance();
+        let all = adapters(&inst);
+        if all.is_empty() {
+            return Err(Error::NoAdapter(
+                ": install a Vulkan, Metal or DX12 driver (on Linux without a GPU: \
+                 apt-get install mesa-vulkan-drivers libvulkan1)"
+                    .into(),
+            ));
+        }
+        let adapter = match (opts.adapter, std::env::var("WGPU_ADAPTER_NAME").ok()) {
+            (Some(i), _) => all.get(i).cloned().ok_or(Error::AdapterIndex {
+                index: i,
+                count: all.len(),
+            })?,
+            (None, Some(name)) => {
+                let want = name.to_lowercase();
+                all.iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&want))
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::NoAdapter(format!(" whose name contains WGPU_ADAPTER_NAME='{name}'"))
+                    })?
+            }
+            (None, None) => all
+                .iter()
+                .min_by_key(|a| type_rank(a.get_info().device_type))
+                .cloned()
+                .expect("non-empty"),
+        };
+        let info = adapter.get_info();
+        let avail = adapter.features();
+        let mut want = wgpu::Features::empty();
+        if avail.contains(wgpu::Features::SHADER_F16) && !opts.no_f16 {
+            want |= wgpu::Features::SHADER_F16;
+        }
+        if avail.contains(wgpu::Features::SUBGROUP) && !opts.no_subgroups {
+            want |= wgpu::Features::SUBGROUP;
+        }
+        if avail.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            want |= wgpu::Features::TIMESTAMP_QUERY;
+        }
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgllm"),
+            required_features: want,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::RequestDevice {
+            adapter: info.name.clone(),
+            reason: e.to_string(),
+        })?;
+        device.on_uncaptured_error(Arc::new(|e| log::error!("uncaptured wgpu error: {e}")));
+        let caps = Capabilities {
+            shader_f16: want.contains(wgpu::Features::SHADER_F16),
+            subgroups: want.contains(wgpu::Features::SUBGROUP),
+            timestamps: want.contains(wgpu::Features::TIMESTAMP_QUERY),
+            subgroup_min_size: info.subgroup_min_size,
+            subgroup_max_size: info.subgroup_max_size,
+        };
+        log::info!(
+            "opened {} ({:?}, {}) with {:?}",
+            info.name,
+            info.backend,
+            info.driver,
+            caps
+        );
+        Ok(Gpu {
+            max_binding: AtomicU64::new(
+                limits
+                    .max_storage_buffer_binding_size
+                    .min(limits.max_buffer_size),
+            ),
+            adapter,
+            device,
+            queue,
+            info,
+            caps,
+            limits,
+            ledger: Ledger::new(opts.budget),
+            kernels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// One line naming the device, for reports and BENCHMARKS.md.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}, driver {} {})",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.info.driver_info
+        )
+    }
+
+    /// The largest storage binding (bytes) a kernel may use. Tensors larger than this are split.
+    pub fn max_binding(&self) -> u64 {
+        self.max_binding.load(Ordering::Relaxed)
+    }
+
+    /// Lowers the binding limit wgllm plans with, so tests can exercise tensor splitting on small
+    /// tensors. It can only go down from the device limit.
+    pub fn set_max_binding(&self, bytes: u64) {
+        let dev = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size);
+        self.max_binding
+            .store(bytes.clamp(256, dev), Ordering::Relaxed);
+    }
+
+    /// Waits until the queue is idle.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Gpu {
+                kind: "poll",
+                context: "waiting for the queue".into(),
+                message: e.to_string(),
+            })
+    }
+}
+
+/// Runs `f` inside a validation and an out-of-memory error scope, and turns what they caught into
+/// [`Error::Gpu`] instead of letting wgpu panic or log.
+pub(crate) fn scoped<T>(device: &wgpu::Device, context: &str, f: impl FnOnce() -> T) -> Result<T> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let val = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let out = f();
+    let v = pollster::block_on(val.pop());
+    let o = pollster::block_on(oom.pop());
+    if let Some(e) = v {
+        return Err(Error::Gpu {
+            kind: "validation",
+            context: context.into(),
+            message: e.to_string(),
+        });
+    }
+    if let Some(e) = o {
+        return Err(Error::Gpu {
+            kind: "out-of-memory",
+            context: context.into(),
+            message: e.to_string(),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,439 @@
+//! Kernels (compute pipelines with explicit layouts) and the recorder that batches their dispatches
+//! into one command buffer.
+//!
+//! Binding convention for every kernel: read-only storage inputs first, then read-write outputs,
+//! then one uniform block of parameters as the last binding. Parameters of all dispatches of one
+//! submission share one uniform buffer, each at its own aligned offset.
+
+use std::sync::Arc;
+
+use super::buffer::GpuBuffer;
+use super::ledger::BufferClass;
+use super::{scoped, shaders, Gpu};
+use crate::error::{Error, Result};
+
+/// The kind of one binding of a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bind {
+    /// `var<storage, read>`
+    Input,
+    /// `var<storage, read_write>`
+    Output,
+}
+
+/// A compute pipeline and its bind-group layout.
+#[derive(Debug)]
+pub struct Kernel {
+    pub name: String,
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    binds: Vec<Bind>,
+    params_size: u64,
+}
+
+impl Gpu {
+    /// The kernel `entry` of `shaders/<shader>.wgsl`, created once and cached. `binds` lists the
+    /// storage bindings (0..n); the parameter block of `params_size` bytes is binding n.
+    /// `constants` sets WGSL `override` values.
+    pub fn kernel(
+        &self,
+        shader: &str,
+        entry: &str,
+        binds: &[Bind],
+        params_size: u64,
+        constants: &[(&str, f64)],
+    ) -> Result<Arc<Kernel>> {
+        let mut key = format!("{shader}::{entry}");
+        for (k, v) in constants {
+            key += &format!(",{k}={v}");
+        }
+        if let Some(k) = self
+            .kernels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(k.clone());
+        }
+        let src = shaders::source(shader)?;
+        let mut entries: Vec<wgpu::BindGroupLayoutEntry> = binds
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage {
+                        read_only: *b == Bind::Input,
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        entries.push(wgpu::BindGroupLayoutEntry {
+            binding: binds.len() as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        });
+        let kernel = scoped(&self.device, &format!("creating kernel {key}"), || {
+            let module = self
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(shader),
+                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                });
+            let layout = self
+                .device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some(&key),
+                    entries: &entries,
+                });
+            let pl = self
+                .device
+                .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some(&key),
+                    bind_group_layouts: &[Some(&layout)],
+                    immediate_size: 0,
+                });
+            let pipeline = self
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&key),
+                    layout: Some(&pl),
+                    module: &module,
+                    entry_point: Some(entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants,
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                });
+            Kernel {
+                name: key.clone(),
+                pipeline,
+                layout,
+                binds: binds.to_vec(),
+                params_size,
+            }
+        })?;
+        let kernel = Arc::new(kernel);
+        self.kernels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, kernel.clone());
+        Ok(kernel)
+    }
+
+    /// Workgroup counts for `n` workgroups, folded into two dimensions past the per-dimension limit.
+    /// Shaders compute the flat index as `wid.x + wid.y * nwg.x` and skip indices past `n`.
+    pub fn groups(&self, n: u32) -> [u32; 3] {
+        let max = self.limits.max_compute_workgroups_per_dimension.max(1);
+        if n <= max {
+            [n.max(1), 1, 1]
+        } else {
+            let y = n.div_ceil(max);
+            [n.div_ceil(y), y, 1]
+        }
+    }
+
+    /// Starts recording dispatches.
+    pub fn recorder(&self) -> Recorder<'_> {
+        Recorder {
+            gpu: self,
+            items: Vec::new(),
+            params: Vec::new(),
+        }
+    }
+}
+
+/// A byte range of a buffer bound to one kernel binding.
+#[derive(Debug, Clone)]
+pub struct View {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    size: u64,
+    label: Arc<str>,
+}
+
+impl GpuBuffer {
+    /// The whole buffer as a binding.
+    pub fn view(&self) -> View {
+        View {
+            buffer: self.buffer.clone(),
+            offset: 0,
+            size: self.size(),
+            label: self.label.clone(),
+        }
+    }
+    /// Bytes `offset..offset+size` as a binding.
+    pub fn range(&self, offset: u64, size: u64) -> View {
+        View {
+            buffer: self.buffer.clone(),
+            offset,
+            size,
+            label: self.label.clone(),
+        }
+    }
+}
+
+struct Pending {
+    kernel: Arc<Kernel>,
+    label: String,
+    views: Vec<View>,
+    params_offset: u64,
+    groups: [u32; 3],
+}
+
+/// Records dispatches and submits them as one command buffer.
+pub struct Recorder<'g> {
+    gpu: &'g Gpu,
+    items: Vec<Pending>,
+    params: Vec<u8>,
+}
+
+/// GPU time of one dispatch, from timestamp queries.
+#[derive(Debug, Clone)]
+pub struct DispatchTime {
+    pub label: String,
+    pub kernel: String,
+    pub nanos: f64,
+}
+
+impl<'g> Recorder<'g> {
+    /// The device this recorder records for.
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Adds one dispatch. Everything checkable is checked here, before anything reaches the GPU.
+    pub fn dispatch(
+        &mut self,
+        kernel: &Arc<Kernel>,
+        label: &str,
+        views: &[View],
+        params: &[u8],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let gpu = self.gpu;
+        if views.len() != kernel.binds.len() {
+            return Err(Error::invalid(
+                &kernel.name,
+                format!(
+                    "{} bindings given, {} expected",
+                    views.len(),
+                    kernel.binds.len()
+                ),
+            ));
+        }
+        if params.len() as u64 != kernel.params_size {
+            return Err(Error::invalid(
+                &kernel.name,
+                format!(
+                    "params of {} bytes, {} expected",
+                    params.len(),
+                    kernel.params_size
+                ),
+            ));
+        }
+        let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
+        for v in views {
+            if v.size == 0
+                || v.size > gpu.limits.max_storage_buffer_binding_size
+                || v.offset % align != 0
+            {
+                return Err(Error::invalid(
+                    &kernel.name,
+                    format!(
+                        "binding of '{}' at {}+{} is empty, unaligned or larger than one binding",
+                        v.label, v.offset, v.size
+                    ),
+                ));
+            }
+            if v.offset + v.size > v.buffer.size() {
+                return Err(Error::invalid(
+                    &kernel.name,
+                    format!("binding range past the end of '{}'", v.label),
+                ));
+            }
+        }
+        let maxg = gpu.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > maxg) {
+            return Err(Error::invalid(
+                &kernel.name,
+                format!("workgroup count {groups:?} exceeds {maxg}"),
+            ));
+        }
+        let slot = gpu.limits.min_uniform_buffer_offset_alignment as usize;
+        let params_offset = self.params.len().div_ceil(slot) * slot;
+        self.params.resize(params_offset, 0);
+        self.params.extend_from_slice(params);
+        self.items.push(Pending {
+            kernel: kernel.clone(),
+            label: label.to_string(),
+            views: views.to_vec(),
+            params_offset: params_offset as u64,
+            groups,
+        });
+        Ok(())
+    }
+
+    /// Submits all dispatches in one compute pass and waits for them.
+    pub fn submit(self) -> Result<()> {
+        self.run(false).map(|_| ())
+    }
+
+    /// Submits with a timestamp pair around every dispatch and returns the GPU time of each.
+    /// Needs TIMESTAMP_QUERY.
+    pub fn submit_timed(self) -> Result<Vec<DispatchTime>> {
+        if !self.gpu.caps.timestamps {
+            return Err(Error::MissingFeature {
+                feature: "TIMESTAMP_QUERY",
+                needed_by: "timed submission".into(),
+            });
+        }
+        self.run(true)
+    }
+
+    fn run(self, timed: bool) -> Result<Vec<DispatchTime>> {
+        let gpu = self.gpu;
+        if self.items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let params = gpu.alloc_with_usage(
+            "kernel-params",
+            BufferClass::Activations,
+            self.params.len() as u64,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            false,
+        )?;
+        gpu.queue.write_buffer(&params.buffer, 0, &self.params);
+        // Timestamp queries: two per dispatch, in query sets of at most 4096 (wgpu's limit).
+        const PER_SET: usize = 2048;
+        let mut sets = Vec::new();
+        let mut resolve = None;
+        if timed {
+            for (i, chunk) in self.items.chunks(PER_SET).enumerate() {
+                sets.push(gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some(&format!("timestamps.{i}")),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: (chunk.len() * 2) as u32,
+                }));
+            }
+            resolve = Some(gpu.alloc_with_usage(
+                "timestamps.resolve",
+                BufferClass::Staging,
+                (self.items.len() * 16) as u64,
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                false,
+            )?);
+        }
+        let context = format!(
+            "submitting {} dispatches (first: {})",
+            self.items.len(),
+            self.items[0].label
+        );
+        scoped(&gpu.device, &context, || {
+            let bind_groups: Vec<wgpu::BindGroup> = self
+                .items
+                .iter()
+                .map(|p| {
+                    let mut entries: Vec<wgpu::BindGroupEntry> = p
+                        .views
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| wgpu::BindGroupEntry {
+                            binding: i as u32,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: &v.buffer,
+                                offset: v.offset,
+                                size: std::num::NonZeroU64::new(v.size),
+                            }),
+                        })
+                        .collect();
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: p.views.len() as u32,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &params.buffer,
+                            offset: p.params_offset,
+                            size: std::num::NonZeroU64::new(p.kernel.params_size),
+                        }),
+                    });
+                    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(&p.label),
+                        layout: &p.kernel.layout,
+                        entries: &entries,
+                    })
+                })
+                .collect();
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("wgllm.record"),
+                });
+            if timed {
+                for (i, (p, bg)) in self.items.iter().zip(&bind_groups).enumerate() {
+                    let set = &sets[i / PER_SET];
+                    let q = ((i % PER_SET) * 2) as u32;
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some(&p.label),
+                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                            query_set: set,
+                            beginning_of_pass_write_index: Some(q),
+                            end_of_pass_write_index: Some(q + 1),
+                        }),
+                    });
+                    pass.set_pipeline(&p.kernel.pipeline);
+                    pass.set_bind_group(0, bg, &[]);
+                    pass.dispatch_workgroups(p.groups[0], p.groups[1], p.groups[2]);
+                }
+                let resolve = resolve.as_ref().expect("timed");
+                for (i, set) in sets.iter().enumerate() {
+                    let n = (self.items.len() - i * PER_SET).min(PER_SET) as u32 * 2;
+                    enc.resolve_query_set(set, 0..n, &resolve.buffer, (i * PER_SET * 16) as u64);
+                }
+            } else {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("wgllm.pass"),
+                    timestamp_writes: None,
+                });
+                for (p, bg) in self.items.iter().zip(&bind_groups) {
+                    pass.set_pipeline(&p.kernel.pipeline);
+                    pass.set_bind_group(0, bg, &[]);
+                    pass.dispatch_workgroups(p.groups[0], p.groups[1], p.groups[2]);
+                }
+            }
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        gpu.wait()?;
+        let Some(resolve) = resolve else {
+            return Ok(Vec::new());
+        };
+        let raw = gpu.read_bytes(&resolve, 0, resolve.size())?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
+        let period = gpu.queue.get_timestamp_period() as f64;
+        Ok(self
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, p)| DispatchTime {
+                label: p.label.clone(),
+                kernel: p.kernel.name.clone(),
+                nanos: ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period,
+            })
+            .collect())
+    }
+}

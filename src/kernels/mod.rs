@@ -1,0 +1,81 @@
+//! One module per WGSL kernel family: its parameter block (mirroring the WGSL struct), the dispatch
+//! arithmetic, shape checks before anything is recorded, and `reference`, the CPU version the tests
+//! and `wgllm selftest` compare against.
+
+pub mod elementwise;
+pub mod weights;
+
+pub use weights::WeightMatrix;
+
+use crate::error::{Error, Result};
+use crate::gpu::{BufferClass, Gpu, GpuBuffer};
+
+/// An f32 tensor on the GPU (row-major). Activations, KV caches and norms' weights are f32.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    pub buf: GpuBuffer,
+    pub shape: Vec<usize>,
+}
+
+impl Tensor {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Checks the shape before a dispatch; `op` names the caller in the error.
+    pub fn expect(&self, op: &str, shape: &[usize]) -> Result<()> {
+        if self.shape != shape {
+            return Err(Error::shape(
+                format!("{op} ({})", self.buf.label),
+                format!("{shape:?}"),
+                format!("{:?}", self.shape),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Gpu {
+    /// A zero-filled f32 tensor.
+    pub fn tensor(&self, label: &str, class: BufferClass, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        Ok(Tensor {
+            buf: self.alloc(label, class, n as u64 * 4)?,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// An f32 tensor holding `data`.
+    pub fn tensor_from(
+        &self,
+        label: &str,
+        class: BufferClass,
+        shape: &[usize],
+        data: &[f32],
+    ) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::shape(
+                format!("tensor {label}"),
+                format!("{n} values for {shape:?}"),
+                format!("{}", data.len()),
+            ));
+        }
+        Ok(Tensor {
+            buf: self.upload_f32(label, class, data)?,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// Reads a whole tensor back.
+    pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        self.read_f32(&t.buf, 0, t.len())
+    }
+}
+
+/// Bytes of a `#[repr(C)]` parameter block.
+pub(crate) fn params<T: bytemuck::Pod>(p: &T) -> &[u8] {
+    bytemuck::bytes_of(p)
+}

@@ -1,0 +1,13 @@
+//! wgllm: a GPU compute-shader inference runtime for transformer language models, on wgpu.
+//!
+//! Layers, from the bottom: [`gpu`] (device, VRAM ledger, kernels and recording), [`quant`] (block
+//! formats and CPU quantisation), [`kernels`] (one module per WGSL kernel family, each with its CPU
+//! reference).
+
+pub mod error;
+pub mod gpu;
+pub mod kernels;
+pub mod quant;
+
+pub use error::{Error, Result};
+pub use gpu::{BufferClass, Gpu, GpuOptions};

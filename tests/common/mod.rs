@@ -1,0 +1,85 @@
+//! Shared test helpers: the test device (failing loudly under CI=true when there is none), random
+//! data, and named tolerances.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use rand::{Rng, SeedableRng};
+use wgllm::{Gpu, GpuOptions};
+
+/// The device the GPU tests run on. Without an adapter: a test failure when `CI=true` (CI must run
+/// the real shaders), a printed skip otherwise.
+pub fn gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    let g = GPU.get_or_init(|| match Gpu::new(&GpuOptions::default()) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but no GPU adapter could be opened: {e}");
+            }
+            eprintln!(
+                "SKIPPED: no GPU adapter ({e}); install mesa-vulkan-drivers to run GPU tests"
+            );
+            None
+        }
+    });
+    g.as_ref()
+}
+
+/// Deterministic N(0, scale²) data.
+pub fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let (u, v): (f32, f32) = (r.gen_range(1e-7..1.0), r.gen());
+            scale * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+        })
+        .collect()
+}
+
+/// Maximum absolute difference.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Normalised mean squared error, as ggml's test-backend-ops measures it: sum((a-b)^2) / sum(b^2).
+pub fn nmse(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|y| (*y as f64).powi(2)).sum();
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+/// Tolerances, named so a failing test says which one it broke.
+pub mod tol {
+    /// f32 arithmetic in a different order than the CPU (reductions, fused ops).
+    pub const NMSE_F32: f64 = 1e-10;
+    /// Kernels over f16-stored weights (exact weights; only summation order differs).
+    pub const NMSE_F16_WEIGHTS: f64 = 1e-10;
+    /// Kernels over block-quantised weights, compared with the dequantised CPU reference.
+    pub const NMSE_QUANT: f64 = 1e-9;
+    /// Transcendentals (exp, erf, tanh) as the GPU computes them.
+    pub const NMSE_TRANSCENDENTAL: f64 = 1e-9;
+}
+
+/// Asserts `nmse(got, want) <= tol` with a readable message.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = nmse(got, want);
+    assert!(
+        e <= tol,
+        "{what}: NMSE {e:.3e} > {tol:.1e} (max |diff| {:.3e})",
+        max_abs_diff(got, want)
+    );
+}
