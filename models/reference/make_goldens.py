@@ -1,0 +1,401 @@
+#!/usr/bin/env python3
+"""Regenerate every golden file in models/goldens/ from the numpy references.
+
+    python models/reference/make_goldens.py            # all goldens
+    python models/reference/make_goldens.py --only tokens,logits
+
+Models are read from $WGLLM_MODEL_DIR (default ~/.cache/wgllm):
+    SmolLM2-135M-Instruct.Q4_1.gguf, all-MiniLM-L6-v2/
+Floats are rounded to 6 significant digits.  See models/reference/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+sys.dont_write_bytecode = True
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+
+import bert_ref  # noqa: E402
+import llama_ref  # noqa: E402
+import tokenizer_ref  # noqa: E402
+
+GOLDENS = os.path.normpath(os.path.join(HERE, "..", "goldens"))
+
+# ---------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------
+TOKENIZER_CASES = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "Café naïve résumé — déjà vu, Ångström, Straße",
+    "日本語のテキストと中文，한국어",
+    "I love pizza 🍕🎉! 👍🏽",
+    "12345",
+    "3.14159",
+    "Version 2.0 costs $1,299.99 (about 10% off) on 2024-11-28",
+    "def f(x):\n    return x**2",
+    "  two leading spaces,\ttab\t\tdouble tab\n\n\nthree newlines   trailing   ",
+    "don't you'll we've I'M THEY'RE",
+    "<|im_start|>user\nHi<|im_end|>",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>assistant\n",
+    "",
+]
+# text tokenised with special-token parsing OFF (literal "<|im_start|>" is BPE'd as text)
+TOKENIZER_NO_SPECIAL_CASES = ["<|im_start|>user\nHi<|im_end|>"]
+
+LOGIT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+]
+FIXED_IDS = [0, 2, 260, 7042, 49151]  # <|endoftext|>, <|im_end|>, " the", " Paris", last id
+TOP_K_LAST = 20
+TOP_K_ALL = 5
+
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n",
+]
+GREEDY_NEW = 16
+
+PPL_FILE = os.path.join(GOLDENS, "perplexity.txt")
+PPL_CTX = 128
+
+MINILM_SENTENCES = [
+    "The weather is lovely today.",
+    "It's so sunny outside!",
+    "He drove to the stadium.",
+    "Quantum computers use qubits to solve certain problems faster.",
+]
+# similarity matrix published in the sentence-transformers documentation for
+# the first three sentences with all-MiniLM-L6-v2 (4 decimals)
+MINILM_PUBLISHED = [[1.0, 0.6660, 0.1046], [0.6660, 1.0, 0.1411], [0.1046, 0.1411, 1.0]]
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def r6(x) -> float:
+    return float(f"{float(x):.6g}")
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import gguf
+
+    import tokenizers
+    from importlib.metadata import version
+
+    return {
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "gguf": version("gguf"),
+        "tokenizers": tokenizers.__version__,
+        "safetensors": version("safetensors"),
+    }
+
+
+def _is_flat(x) -> bool:
+    # a list of scalars, or a list of short lists of scalars (e.g. [id, logit] pairs)
+    return isinstance(x, list) and all(
+        not isinstance(e, (dict, list)) or (isinstance(e, list) and len(e) <= 2
+                                           and all(not isinstance(v, (dict, list)) for v in e))
+        for e in x)
+
+
+def _dump(x, ind: int = 0) -> str:
+    pad = " " * ind
+    if isinstance(x, dict):
+        if not x:
+            return "{}"
+        items = [f'{pad} {json.dumps(k, ensure_ascii=False)}: {_dump(v, ind + 1)}' for k, v in x.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(x, list):
+        if _is_flat(x):
+            return json.dumps(x, ensure_ascii=False, separators=(", ", ": "))
+        return "[\n" + ",\n".join(pad + " " + _dump(v, ind + 1) for v in x) + "\n" + pad + "]"
+    return json.dumps(x, ensure_ascii=False)
+
+
+def write(name: str, obj: dict) -> None:
+    path = os.path.join(GOLDENS, name)
+    text = _dump(obj) + "\n"
+    assert json.loads(text) == json.loads(json.dumps(obj))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {path} ({os.path.getsize(path)} bytes)")
+
+
+def topk(row: np.ndarray, k: int):
+    # descending logit, ties broken by ascending id
+    order = np.lexsort((np.arange(row.shape[0]), -row))[:k]
+    return [[int(i), r6(row[i])] for i in order]
+
+
+def gen_block(extra: dict) -> dict:
+    d = {
+        "script": "models/reference/make_goldens.py",
+        "packages": versions(),
+        "float_rounding": "6 significant digits",
+    }
+    d.update(extra)
+    return d
+
+
+# ---------------------------------------------------------------------------
+# goldens
+# ---------------------------------------------------------------------------
+def smollm2_model_info(model: llama_ref.LlamaRef, gguf_sha: str) -> dict:
+    c = model.cfg
+    return {
+        "file": os.path.basename(model.path),
+        "sha256": gguf_sha,
+        "n_layer": c.n_layer, "n_embd": c.n_embd, "n_ff": c.n_ff,
+        "n_head": c.n_head, "n_head_kv": c.n_head_kv, "head_dim": c.head_dim,
+        "n_rot": c.n_rot, "rope_freq_base": c.rope_base, "rms_eps": c.eps, "vocab": c.vocab,
+        "tied_output": model.tied_output,
+        "rope": "interleaved pairs (2i, 2i+1) (llama.cpp ROPE_TYPE_NORM)",
+        "numerics": "weights dequantised in f32 exactly like ggml, widened to f64; whole forward in f64",
+    }
+
+
+def make_tokens(meta: dict, gguf_sha: str) -> None:
+    tok = tokenizer_ref.smollm2_tokenizer(meta=meta)
+    tok_ns = tokenizer_ref.smollm2_tokenizer(meta=meta, parse_special=False)
+    tokens = meta["tokens"]
+    cases = []
+    for s in TOKENIZER_CASES:
+        e = tok.encode(s, add_special_tokens=False)
+        dec = tok.decode(e.ids, skip_special_tokens=False)
+        assert dec == s, (s, dec)
+        cases.append({"text": s, "parse_special": True, "ids": e.ids, "tokens": e.tokens})
+    for s in TOKENIZER_NO_SPECIAL_CASES:
+        e = tok_ns.encode(s, add_special_tokens=False)
+        assert tok_ns.decode(e.ids) == s
+        cases.append({"text": s, "parse_special": False, "ids": e.ids, "tokens": e.tokens})
+    specials = [[i, t] for i, t in enumerate(tokens) if meta["token_type"][i] == tokenizer_ref.TOKEN_TYPE_CONTROL]
+    write("smollm2_tokens.json", {
+        "generator": gen_block({"model_file": os.path.basename(tokenizer_ref.SMOLLM2_GGUF), "model_sha256": gguf_sha}),
+        "tokenizer": {
+            "source": "GGUF metadata tokenizer.ggml.{tokens,merges,token_type}",
+            "tokenizer.ggml.model": meta["model"],
+            "tokenizer.ggml.pre": meta["pre"],
+            "pre_tokenizer": "Sequence[Digits(individual_digits=True), ByteLevel(add_prefix_space=False, use_regex=True)]",
+            "llama_cpp_regexes": ["\\p{N}", "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"],
+            "decoder": "ByteLevel",
+            "normalizer": None,
+            "vocab_size": len(tokens),
+            "n_merges": len(meta["merges"]),
+            "add_bos_token": meta["add_bos_token"],
+            "add_eos_token": meta["add_eos_token"],
+            "add_space_prefix": meta["add_space_prefix"],
+            "bos_token_id": meta["bos_token_id"], "bos_token": tokens[meta["bos_token_id"]],
+            "eos_token_id": meta["eos_token_id"], "eos_token": tokens[meta["eos_token_id"]],
+            "unknown_token_id": meta["unknown_token_id"],
+            "padding_token_id": meta["padding_token_id"],
+            "special_tokens_control": specials,
+        },
+        "note": "ids are WITHOUT BOS (the GGUF says add_bos_token=false). parse_special=true: CONTROL tokens "
+                "written literally in the text map to their single id; parse_special=false: they are BPE'd as text. "
+                "tokens[] are the byte-level token strings (GPT-2 byte->unicode map, e.g. 'Ġ' = space, 'Ċ' = newline). "
+                "decode(ids) == text for every case.",
+        "cases": cases,
+    })
+
+
+def make_logits(model, tok, info) -> None:
+    prompts = []
+    for pi, s in enumerate(LOGIT_PROMPTS):
+        ids = tok.encode(s, add_special_tokens=False).ids
+        lg = model.logits(ids)
+        last = lg[-1]
+        entry = {
+            "prompt": s,
+            "ids": ids,
+            "last": {
+                "top20": topk(last, TOP_K_LAST),
+                "logsumexp": r6(llama_ref.logsumexp(last)),
+                "fixed_ids": FIXED_IDS,
+                "fixed_logits": [r6(last[i]) for i in FIXED_IDS],
+                "argmax": int(np.argmax(last)),
+            },
+        }
+        if pi == 0:
+            entry["all_positions"] = [
+                {"pos": p, "top5": topk(lg[p], TOP_K_ALL), "logsumexp": r6(llama_ref.logsumexp(lg[p]))}
+                for p in range(len(ids))
+            ]
+        prompts.append(entry)
+        print(f"logits: {s!r} -> argmax {entry['last']['argmax']} {tok.decode([entry['last']['argmax']])!r}")
+    write("smollm2_logits.json", {
+        "generator": gen_block({"model": info}),
+        "note": "Logits of the SmolLM2 GGUF for the prompt ids (no BOS; all positions computed in one causal "
+                "pass from position 0). top lists are [id, logit] sorted by logit desc, ties by id asc. "
+                "logsumexp is over the full vocab (49152), so log-softmax = logit - logsumexp. "
+                "Expected agreement for an f32 GPU implementation: ~1e-2 absolute on logits.",
+        "prompts": prompts,
+    })
+
+
+def make_greedy(model, tok, info, eos_id: int) -> None:
+    runs = []
+    for s in GREEDY_PROMPTS:
+        ids = tok.encode(s, add_special_tokens=False).ids
+        new, margins = model.greedy(ids, GREEDY_NEW, stop_ids=(eos_id,))
+        text = tok.decode(new, skip_special_tokens=False)
+        runs.append({
+            "prompt": s,
+            "prompt_ids": ids,
+            "new_ids": new,
+            "new_text": text,
+            "top1_minus_top2": [r6(m) for m in margins],
+        })
+        print(f"greedy: {s!r} -> {text!r}")
+    write("smollm2_greedy.json", {
+        "generator": gen_block({"model": info}),
+        "note": f"Greedy (argmax, ties -> lowest id) decoding of up to {GREEDY_NEW} new tokens, no BOS, "
+                f"stopping early only if EOS id {eos_id} is produced (it is then included). Each step recomputes "
+                "the whole prefix (no KV cache). top1_minus_top2 is the logit margin at each step: a "
+                "different token at a step whose margin is tiny (< ~0.05) is a near-tie, not necessarily a bug.",
+        "runs": runs,
+    })
+
+
+def make_perplexity(model, tok, info) -> None:
+    with open(PPL_FILE, "rb") as f:
+        raw = f.read()
+    text = raw.decode("utf-8")
+    if text.endswith("\n"):  # llama.cpp `-f` drops one trailing newline
+        text = text[:-1]
+    ids = tok.encode(text, add_special_tokens=False).ids
+    t0 = time.time()
+    res = model.perplexity(ids, PPL_CTX, bos_id=None)
+    print(f"perplexity: ctx {PPL_CTX}, {res['n_chunk']} chunks, PPL {res['ppl']:.4f} ({time.time() - t0:.0f}s)")
+    write("smollm2_perplexity.json", {
+        "generator": gen_block({"model": info}),
+        "definition": (
+            "llama.cpp llama-perplexity (perplexity(), default path). text = contents of perplexity.txt "
+            "(UTF-8) with ONE trailing newline removed; ids = tokenize(text) without BOS (add_bos_token=false, so "
+            "no token is replaced by BOS). n_chunk = floor(n_tokens / n_ctx); the remainder is discarded. "
+            "Chunk i = ids[i*n_ctx:(i+1)*n_ctx], evaluated alone from an empty KV cache at positions 0..n_ctx-1. "
+            "first = n_ctx/2; for j in [first, n_ctx-2] the logits at position j score chunk token j+1: "
+            "nll = logsumexp(logits_j) - logits_j[tok_{j+1}] (n_ctx-1-first = 63 tokens per chunk). "
+            "chunk_mean_nll = mean over that chunk; running_ppl[i] = exp(total nll of chunks 0..i / count); "
+            "ppl = exp(mean_nll) over all scored tokens. Natural log."
+        ),
+        "text_file": "models/goldens/perplexity.txt",
+        "text_sha256": hashlib.sha256(raw).hexdigest(),
+        "n_ctx": PPL_CTX,
+        "first": PPL_CTX // 2,
+        "add_bos": False,
+        "n_tokens": res["n_tokens"],
+        "n_chunk": res["n_chunk"],
+        "scored_per_chunk": res["scored_per_chunk"],
+        "ids": ids,
+        "chunk_mean_nll": [r6(x) for x in res["chunk_mean_nll"]],
+        "running_ppl": [r6(x) for x in res["running_ppl"]],
+        "mean_nll": r6(res["mean_nll"]),
+        "ppl": r6(res["ppl"]),
+    })
+
+
+def make_minilm(gsha: dict) -> None:
+    tok = tokenizer_ref.minilm_tokenizer()
+    m = bert_ref.BertRef()
+    ents, embs = [], []
+    for s in MINILM_SENTENCES:
+        e = tok.encode(s)
+        ids = e.ids
+        h = m.token_states(ids)
+        pooled = h.mean(axis=0)
+        emb = m.embed(ids)
+        embs.append(emb)
+        ents.append({
+            "text": s,
+            "ids": ids,
+            "tokens": e.tokens,
+            "token_type_ids": e.type_ids,
+            "attention_mask": e.attention_mask,
+            "pooled_norm_before_normalize": r6(np.linalg.norm(pooled)),
+            "embedding": [r6(x) for x in emb],
+        })
+    E = np.array(embs)
+    cos = E @ E.T / np.outer(np.linalg.norm(E, axis=1), np.linalg.norm(E, axis=1))
+    pub = np.array(MINILM_PUBLISHED)
+    err = float(np.abs(cos[:3, :3] - pub).max())
+    assert err < 1e-3, f"does not reproduce the published similarity matrix (max err {err})"
+    print("minilm cosine:\n", np.round(cos, 4))
+    write("minilm_embeddings.json", {
+        "generator": gen_block({"model_dir": "all-MiniLM-L6-v2", "files_sha256": gsha,
+                                "numerics": "f32 safetensors widened to f64; whole forward in f64"}),
+        "definition": (
+            "tokenizer.json (BertNormalizer lowercase, WordPiece) with its fixed padding to 128 disabled and "
+            "truncation 256; ids = [CLS] ... [SEP], token_type_ids 0, attention_mask 1. BERT encoder "
+            "(post-LN, LayerNorm eps 1e-12, exact erf GELU), no pooler; mean pooling over the attention mask; "
+            "then L2 normalisation (modules.json lists sentence_transformers.models.Normalize)."
+        ),
+        "normalize": m.normalize,
+        "sentences": ents,
+        "cosine": [[r6(x) for x in row] for row in cos],
+        "published_cosine_first3": MINILM_PUBLISHED,
+        "published_max_abs_err": r6(err),
+    })
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="tokens,logits,greedy,perplexity,minilm")
+    ap.add_argument("--skip-dequant-check", action="store_true")
+    args = ap.parse_args()
+    which = set(args.only.split(","))
+    os.makedirs(GOLDENS, exist_ok=True)
+    t0 = time.time()
+
+    need_llama = which & {"logits", "greedy", "perplexity"}
+    if which & {"tokens"} or need_llama:
+        gguf_sha = sha256(tokenizer_ref.SMOLLM2_GGUF)
+        meta = tokenizer_ref.gguf_tokenizer_meta()
+        tok = tokenizer_ref.smollm2_tokenizer(meta=meta)
+    if "tokens" in which:
+        make_tokens(meta, gguf_sha)
+    if need_llama:
+        if not args.skip_dequant_check:
+            n = llama_ref.check_dequant(tokenizer_ref.SMOLLM2_GGUF)
+            print(f"own dequantisers == gguf.quants.dequantize on all {n} tensors")
+        model = llama_ref.LlamaRef(tokenizer_ref.SMOLLM2_GGUF)
+        info = smollm2_model_info(model, gguf_sha)
+        if "logits" in which:
+            make_logits(model, tok, info)
+        if "greedy" in which:
+            make_greedy(model, tok, info, int(meta["eos_token_id"]))
+        if "perplexity" in which:
+            make_perplexity(model, tok, info)
+        del model
+    if "minilm" in which:
+        d = tokenizer_ref.MINILM_DIR
+        gsha = {f: sha256(os.path.join(d, f)) for f in ("model.safetensors", "tokenizer.json", "config.json")}
+        make_minilm(gsha)
+    print(f"done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
