@@ -33,6 +33,14 @@ pub enum Error {
     #[error("GPU readback of '{label}' failed: {reason}")]
     Readback { label: String, reason: String },
 
+    // ---- tokenizers ---------------------------------------------------------------------------
+    #[error("tokenizer: {reason}")]
+    Tokenizer { reason: String },
+
+    // ---- fetching default models --------------------------------------------------------------
+    #[error("could not fetch the default model {model}: {reason}")]
+    Fetch { model: String, reason: String },
+
     // ---- VRAM ledger --------------------------------------------------------------------------
     #[error(
         "VRAM budget exceeded: '{label}' asks for {requested} bytes as {class}, \
@@ -50,6 +58,9 @@ pub enum Error {
     #[error("buffer '{label}' of {size} bytes exceeds the device's maximum buffer size {max}")]
     BufferTooLarge { label: String, size: u64, max: u64 },
 
+    #[error("the context is full: {needed} positions needed, the KV cache holds {ctx} (raise -c/--ctx)")]
+    ContextFull { ctx: usize, needed: usize },
+
     // ---- shapes and kernels -------------------------------------------------------------------
     #[error("shape mismatch in {op}: expected {expected}, got {got}")]
     ShapeMismatch {
@@ -61,6 +72,23 @@ pub enum Error {
     InvalidArgument { op: String, reason: String },
     #[error("unknown shader '{0}'")]
     UnknownShader(String),
+
+    // ---- model configs ------------------------------------------------------------------------
+    #[error("model config ({model_type}): missing field '{field}'")]
+    ConfigMissing {
+        model_type: String,
+        field: String,
+    },
+    #[error("model config ({model_type}): field '{field}' is invalid: {reason}")]
+    ConfigInvalid {
+        model_type: String,
+        field: String,
+        reason: String,
+    },
+    #[error("unsupported model_type {0}; supported: llama, mistral, qwen2, bert, gpt2")]
+    UnknownModelType(String),
+    #[error("unknown model preset '{name}'; known presets: {known}")]
+    UnknownPreset { name: String, known: String },
 
     // ---- parsing of sizes, formats and files --------------------------------------------------
     #[error("cannot parse '{input}' as {what}: {reason}")]
@@ -74,6 +102,57 @@ pub enum Error {
         path: String,
         #[source]
         source: std::io::Error,
+    },
+
+    // ---- model files --------------------------------------------------------------------------
+    #[error(
+        "'{file}' is truncated: {what} at offset {offset} needs {need} bytes, \
+         but the file has {file_len}"
+    )]
+    Truncated {
+        file: String,
+        what: String,
+        offset: u64,
+        need: u64,
+        file_len: u64,
+    },
+    #[error("'{file}' is not a valid model file: {reason}")]
+    BadFile { file: String, reason: String },
+    #[error("'{file}': tensor '{tensor}' is invalid: {reason}")]
+    BadTensor {
+        file: String,
+        tensor: String,
+        reason: String,
+    },
+    #[error("'{file}': tensor '{tensor}' has type {dtype}, which is not supported here")]
+    UnsupportedDtype {
+        file: String,
+        tensor: String,
+        dtype: String,
+    },
+    #[error("'{file}' has no tensor named '{tensor}'")]
+    MissingTensor { file: String, tensor: String },
+    #[error("'{file}': tensor '{tensor}' has shape {got}, expected {expected}")]
+    TensorShape {
+        file: String,
+        tensor: String,
+        expected: String,
+        got: String,
+    },
+    #[error("'{file}' has no metadata key '{key}'")]
+    MissingKey { file: String, key: String },
+    #[error("'{file}': metadata key '{key}' holds {got}, expected {expected}")]
+    KeyType {
+        file: String,
+        key: String,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("'{file}' names shard '{shard}' for tensor '{tensor}', but the shard is missing")]
+    MissingShard {
+        file: String,
+        shard: String,
+        tensor: String,
     },
 }
 

@@ -4,10 +4,16 @@
 //! formats and CPU quantisation), [`kernels`] (one module per WGSL kernel family, each with its CPU
 //! reference).
 
+pub mod bench;
 pub mod error;
+pub mod fetch;
 pub mod gpu;
 pub mod kernels;
+pub mod loader;
+pub mod model;
 pub mod quant;
+pub mod sampler;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use gpu::{BufferClass, Gpu, GpuOptions};

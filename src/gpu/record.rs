@@ -148,6 +148,7 @@ impl Gpu {
         Recorder {
             gpu: self,
             items: Vec::new(),
+            copies: Vec::new(),
             params: Vec::new(),
         }
     }
@@ -191,10 +192,22 @@ struct Pending {
     groups: [u32; 3],
 }
 
-/// Records dispatches and submits them as one command buffer.
+/// A buffer-to-buffer copy between dispatches.
+struct CopyOp {
+    /// Dispatches recorded before it.
+    after: usize,
+    src: wgpu::Buffer,
+    src_offset: u64,
+    dst: wgpu::Buffer,
+    dst_offset: u64,
+    size: u64,
+}
+
+/// Records dispatches (and copies between them) and submits them as one command buffer.
 pub struct Recorder<'g> {
     gpu: &'g Gpu,
     items: Vec<Pending>,
+    copies: Vec<CopyOp>,
     params: Vec<u8>,
 }
 
@@ -291,6 +304,28 @@ impl<'g> Recorder<'g> {
         Ok(())
     }
 
+    /// Copies `size` bytes (a multiple of 4, at 4-byte aligned offsets) between buffers, ordered
+    /// after the dispatches recorded so far and before the ones that follow.
+    pub fn copy(&mut self, src: &GpuBuffer, src_offset: u64, dst: &GpuBuffer, dst_offset: u64, size: u64) -> Result<()> {
+        if size % 4 != 0 || src_offset % 4 != 0 || dst_offset % 4 != 0 {
+            return Err(Error::invalid("copy", format!("copy of {size} bytes at {src_offset} -> {dst_offset} is not 4-byte aligned")));
+        }
+        if src_offset + size > src.size() || dst_offset + size > dst.size() {
+            return Err(Error::invalid("copy", format!("copy of {size} bytes from '{}' to '{}' runs past a buffer's end", src.label, dst.label)));
+        }
+        if size > 0 {
+            self.copies.push(CopyOp {
+                after: self.items.len(),
+                src: src.buffer.clone(),
+                src_offset,
+                dst: dst.buffer.clone(),
+                dst_offset,
+                size,
+            });
+        }
+        Ok(())
+    }
+
     /// Submits all dispatches in one compute pass and waits for them.
     pub fn submit(self) -> Result<()> {
         self.run(false).map(|_| ())
@@ -310,7 +345,7 @@ impl<'g> Recorder<'g> {
 
     fn run(self, timed: bool) -> Result<Vec<DispatchTime>> {
         let gpu = self.gpu;
-        if self.items.is_empty() {
+        if self.items.is_empty() && self.copies.is_empty() {
             return Ok(Vec::new());
         }
         let params = gpu.alloc_with_usage(
@@ -344,7 +379,7 @@ impl<'g> Recorder<'g> {
         let context = format!(
             "submitting {} dispatches (first: {})",
             self.items.len(),
-            self.items[0].label
+            self.items.first().map_or("copy", |p| p.label.as_str())
         );
         scoped(&gpu.device, &context, || {
             let bind_groups: Vec<wgpu::BindGroup> = self
@@ -384,8 +419,14 @@ impl<'g> Recorder<'g> {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("wgllm.record"),
                 });
+            let copies_at = |enc: &mut wgpu::CommandEncoder, i: usize| {
+                for c in self.copies.iter().filter(|c| c.after == i) {
+                    enc.copy_buffer_to_buffer(&c.src, c.src_offset, &c.dst, c.dst_offset, c.size);
+                }
+            };
             if timed {
                 for (i, (p, bg)) in self.items.iter().zip(&bind_groups).enumerate() {
+                    copies_at(&mut enc, i);
                     let set = &sets[i / PER_SET];
                     let q = ((i % PER_SET) * 2) as u32;
                     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -400,20 +441,27 @@ impl<'g> Recorder<'g> {
                     pass.set_bind_group(0, bg, &[]);
                     pass.dispatch_workgroups(p.groups[0], p.groups[1], p.groups[2]);
                 }
+                copies_at(&mut enc, self.items.len());
                 let resolve = resolve.as_ref().expect("timed");
                 for (i, set) in sets.iter().enumerate() {
                     let n = (self.items.len() - i * PER_SET).min(PER_SET) as u32 * 2;
                     enc.resolve_query_set(set, 0..n, &resolve.buffer, (i * PER_SET * 16) as u64);
                 }
             } else {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("wgllm.pass"),
-                    timestamp_writes: None,
-                });
-                for (p, bg) in self.items.iter().zip(&bind_groups) {
-                    pass.set_pipeline(&p.kernel.pipeline);
-                    pass.set_bind_group(0, bg, &[]);
-                    pass.dispatch_workgroups(p.groups[0], p.groups[1], p.groups[2]);
+                // One compute pass for each run of dispatches between copies.
+                let mut i = 0;
+                while i <= self.items.len() {
+                    copies_at(&mut enc, i);
+                    let end = self.copies.iter().map(|c| c.after).filter(|&a| a > i).min().unwrap_or(self.items.len());
+                    if end > i {
+                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wgllm.pass"), timestamp_writes: None });
+                        for (p, bg) in self.items[i..end].iter().zip(&bind_groups[i..end]) {
+                            pass.set_pipeline(&p.kernel.pipeline);
+                            pass.set_bind_group(0, bg, &[]);
+                            pass.dispatch_workgroups(p.groups[0], p.groups[1], p.groups[2]);
+                        }
+                    }
+                    i = end.max(i + 1);
                 }
             }
             gpu.queue.submit([enc.finish()]);

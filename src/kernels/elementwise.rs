@@ -1,4 +1,5 @@
-//! Elementwise kernels (`shaders/elementwise.wgsl`): the residual add.
+//! Elementwise kernels (`shaders/elementwise.wgsl`): the residual add, the broadcast bias add and
+//! the scaled copy.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Recorder};
@@ -40,4 +41,107 @@ pub fn add(rec: &mut Recorder, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<(
 /// CPU reference of [`add`].
 pub fn add_reference(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
+/// Parameter block of `add_bias` and `scale` (the same WGSL struct as `add`'s, its padding named).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BiasScaleParams {
+    n: u32,
+    cols: u32,
+    s: f32,
+    _pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<BiasScaleParams>() == 16);
+
+/// `y[r, :] += bias` for every row of `y` (`[.., n]`, `bias` `[n]`), in place: a bias after a matmul.
+pub fn add_bias(rec: &mut Recorder, y: &Tensor, bias: &Tensor) -> Result<()> {
+    let cols = match y.shape.last() {
+        Some(&c) if c > 0 => c,
+        _ => {
+            return Err(Error::shape(
+                format!("add_bias ({})", y.buf.label),
+                "a non-empty last dimension",
+                format!("{:?}", y.shape),
+            ))
+        }
+    };
+    bias.expect("add_bias", &[cols])?;
+    if bias.buf.buffer == y.buf.buffer {
+        return Err(Error::invalid(
+            "add_bias",
+            "the bias must not be the output buffer",
+        ));
+    }
+    let too_big = || Error::invalid("add_bias", "tensor too large");
+    let n = u32::try_from(y.len()).map_err(|_| too_big())?;
+    let cols = u32::try_from(cols).map_err(|_| too_big())?;
+    let gpu = rec.gpu();
+    let k = gpu.kernel(
+        "elementwise",
+        "add_bias",
+        &[Bind::Input, Bind::Input, Bind::Output],
+        16,
+        &[],
+    )?;
+    let groups = gpu.groups(n.div_ceil(WG));
+    // The shader does not read binding 1; the bias fills it.
+    rec.dispatch(
+        &k,
+        &format!("add_bias.{}", y.buf.label),
+        &[bias.buf.view(), bias.buf.view(), y.buf.view()],
+        params(&BiasScaleParams {
+            n,
+            cols,
+            s: 0.0,
+            _pad: 0,
+        }),
+        groups,
+    )
+}
+
+/// `out = s * x`, elementwise (`out` a separate buffer of `x`'s shape).
+pub fn scale(rec: &mut Recorder, x: &Tensor, s: f32, out: &Tensor) -> Result<()> {
+    out.expect("scale", &x.shape)?;
+    if x.buf.buffer == out.buf.buffer {
+        return Err(Error::invalid("scale", "out must not be the input buffer"));
+    }
+    let n = u32::try_from(x.len()).map_err(|_| Error::invalid("scale", "tensor too large"))?;
+    if n == 0 {
+        return Ok(());
+    }
+    let gpu = rec.gpu();
+    let k = gpu.kernel(
+        "elementwise",
+        "scale",
+        &[Bind::Input, Bind::Input, Bind::Output],
+        16,
+        &[],
+    )?;
+    let groups = gpu.groups(n.div_ceil(WG));
+    // The shader does not read binding 1; x fills it.
+    rec.dispatch(
+        &k,
+        &format!("scale.{}", out.buf.label),
+        &[x.buf.view(), x.buf.view(), out.buf.view()],
+        params(&BiasScaleParams {
+            n,
+            cols: 1,
+            s,
+            _pad: 0,
+        }),
+        groups,
+    )
+}
+
+/// CPU reference of [`add_bias`]: `y` with `bias` added to each row.
+pub fn add_bias_reference(y: &[f32], bias: &[f32]) -> Vec<f32> {
+    y.chunks(bias.len().max(1))
+        .flat_map(|row| row.iter().zip(bias).map(|(a, b)| a + b))
+        .collect()
+}
+
+/// CPU reference of [`scale`].
+pub fn scale_reference(x: &[f32], s: f32) -> Vec<f32> {
+    x.iter().map(|v| v * s).collect()
 }

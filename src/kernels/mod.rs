@@ -2,7 +2,14 @@
 //! arithmetic, shape checks before anything is recorded, and `reference`, the CPU version the tests
 //! and `wgllm selftest` compare against.
 
+pub mod activation;
+pub mod attention;
 pub mod elementwise;
+pub mod embedding;
+pub mod norm;
+pub mod rope;
+pub mod softmax;
+pub mod matmul;
 pub mod weights;
 
 pub use weights::WeightMatrix;
@@ -24,6 +31,16 @@ impl Tensor {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The same buffer seen with another shape, e.g. the first `m` rows of a buffer sized for a
+    /// whole prefill chunk, or `[m, heads * head_dim]` as `[m, heads, head_dim]`.
+    pub fn view(&self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n as u64 * 4 > self.buf.size() {
+            return Err(Error::shape(format!("view of {}", self.buf.label), format!("at most {} values", self.buf.size() / 4), format!("{shape:?}")));
+        }
+        Ok(Tensor { buf: self.buf.clone(), shape: shape.to_vec() })
+    }
+
     /// Checks the shape before a dispatch; `op` names the caller in the error.
     pub fn expect(&self, op: &str, shape: &[usize]) -> Result<()> {
         if self.shape != shape {

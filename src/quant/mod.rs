@@ -13,6 +13,7 @@
 //! (`|max|/16`), except values of the sign opposite the largest, clamped at `7d`: up to `|max|/8`; Q4_1 at most `(max-min)/30`. Relative RMS error on N(0,1) data is about
 //! 0.4% for Q8_0, 11% for Q4_0 and 9% for Q4_1.
 
+pub mod kquants;
 pub mod repack;
 
 use half::f16;
@@ -240,6 +241,50 @@ pub fn dequantize(format: WeightFormat, data: &[u8], n: usize) -> Result<Vec<f32
     Ok(out)
 }
 
+/// Valid GGUF bytes for `n` weights of `format` with pseudo-random values (scales near 0.01), made
+/// fast without quantising: for benchmarks and synthetic models of real shapes.
+pub fn synthetic(format: WeightFormat, n: usize, seed: u64) -> Result<Vec<u8>> {
+    check_len(format, n)?;
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        // xorshift64*: plenty for filler data.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut out = vec![0u8; format.bytes_for(n)];
+    for chunk in out.chunks_mut(8) {
+        let r = next().to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
+    }
+    let small = |r: u64| f16::from_f32(0.005 + (r % 1000) as f32 * 1e-5).to_le_bytes();
+    match format {
+        WeightFormat::F32 => {
+            for c in out.chunks_exact_mut(4) {
+                c.copy_from_slice(&((next() % 2001) as f32 * 1e-5 - 0.01).to_le_bytes());
+            }
+        }
+        WeightFormat::F16 => {
+            for c in out.chunks_exact_mut(2) {
+                c.copy_from_slice(&f16::from_f32((next() % 2001) as f32 * 1e-5 - 0.01).to_le_bytes());
+            }
+        }
+        WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
+            for b in out.chunks_exact_mut(format.block_bytes()) {
+                b[..2].copy_from_slice(&small(next()));
+            }
+        }
+        WeightFormat::Q4_1 => {
+            for b in out.chunks_exact_mut(20) {
+                b[..2].copy_from_slice(&small(next()));
+                b[2..4].copy_from_slice(&f16::from_f32(-0.04).to_le_bytes());
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +340,15 @@ mod tests {
                     assert!((a - b).abs() <= bound + 1e-7, "{f}: |{a} - {b}| > {bound}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn synthetic_weights_are_finite_and_small() {
+        for f in WeightFormat::ALL {
+            let b = synthetic(f, 4096, 3).unwrap();
+            let w = dequantize(f, &b, 4096).unwrap();
+            assert!(w.iter().all(|v| v.is_finite() && v.abs() < 1.0), "{f}");
         }
     }
 

@@ -1,0 +1,290 @@
+// Causal attention of m query tokens over one layer's KV cache, with grouped-query attention.
+// Query token t (position pos0 + t), head h attends keys 0..=pos0+t of kv head h / group with a
+// numerically stable online softmax (flash-attention style): scores live only in workgroup memory.
+// Bindings: 0 = q (read, f32 [m, n_heads, head_dim]), 1 = k_cache, 2 = v_cache (read, u32 words in
+// the row layout of shaders/kv_cache.wgsl), 3 = out (read_write, f32 like q), 4 = params.
+//
+// Two entry points:
+// - `attend_rows` (decode): one workgroup per (token, head). Each tile of WG keys is split over the
+//   threads (one score each); the tile's probabilities go through workgroup memory and the
+//   weighted sum of V rows is split over (vec4 of head_dim, key subset), so every thread keeps one
+//   vec4 accumulator. head_dim <= 256.
+// - `attend_tiled` (prefill): one workgroup per (tile of TQ tokens, head). K and V tiles of TK keys
+//   are staged once in workgroup memory and used by all TQ queries. head_dim <= 128.
+
+struct Params {
+    m: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    pos0: u32,
+    group: u32,       // n_heads / n_kv_heads
+    row_words: u32,   // u32 words of one cache row (one position, one kv head)
+    n_wg: u32,        // workgroups that do work
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> k_cache: array<u32>;
+@group(0) @binding(2) var<storage, read> v_cache: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+// 0 = f32, 1 = f16, 2 = q8_0 (set per pipeline, so the branches below fold away).
+override KV_DTYPE: u32 = 0u;
+
+// Stands in for -inf: exp(NEG - finite) is 0 and NEG - NEG is 0, where -inf would give NaN.
+const NEG: f32 = -3.0e38;
+
+fn row_base(pos: u32, kvh: u32) -> u32 {
+    return (pos * p.n_kv_heads + kvh) * p.row_words;
+}
+
+fn q8_scale(w: u32, b: u32) -> f32 {
+    return unpack2x16float(w)[b & 1u];
+}
+
+fn q8_quads(w: u32) -> vec4<f32> {
+    let s = vec4<i32>(bitcast<i32>(w << 24u), bitcast<i32>(w << 16u), bitcast<i32>(w << 8u), bitcast<i32>(w));
+    return vec4<f32>(s >> vec4<u32>(24u));
+}
+
+// Elements 4*d4 .. 4*d4+3 of the K row starting at word `base`.
+fn k_load4(base: u32, d4: u32) -> vec4<f32> {
+    if (KV_DTYPE == 0u) {
+        let o = base + 4u * d4;
+        return bitcast<vec4<f32>>(vec4<u32>(k_cache[o], k_cache[o + 1u], k_cache[o + 2u], k_cache[o + 3u]));
+    } else if (KV_DTYPE == 1u) {
+        let o = base + 2u * d4;
+        return vec4<f32>(unpack2x16float(k_cache[o]), unpack2x16float(k_cache[o + 1u]));
+    }
+    let b = d4 / 8u;
+    let nsw = (p.head_dim / 32u + 1u) / 2u;
+    return q8_scale(k_cache[base + b / 2u], b) * q8_quads(k_cache[base + nsw + d4]);
+}
+
+// The same for V.
+fn v_load4(base: u32, d4: u32) -> vec4<f32> {
+    if (KV_DTYPE == 0u) {
+        let o = base + 4u * d4;
+        return bitcast<vec4<f32>>(vec4<u32>(v_cache[o], v_cache[o + 1u], v_cache[o + 2u], v_cache[o + 3u]));
+    } else if (KV_DTYPE == 1u) {
+        let o = base + 2u * d4;
+        return vec4<f32>(unpack2x16float(v_cache[o]), unpack2x16float(v_cache[o + 1u]));
+    }
+    let b = d4 / 8u;
+    let nsw = (p.head_dim / 32u + 1u) / 2u;
+    return q8_scale(v_cache[base + b / 2u], b) * q8_quads(v_cache[base + nsw + d4]);
+}
+
+// ---- decode: one workgroup per (token, head) ----------------------------------------------------
+
+const WG: u32 = 64u;      // threads, and keys per tile
+const HD4R: u32 = 64u;    // head_dim / 4 at most
+
+var<workgroup> r_q: array<vec4<f32>, HD4R>;
+var<workgroup> r_s: array<f32, WG>;
+var<workgroup> r_part: array<f32, 8>;
+var<workgroup> r_p: array<f32, WG>;
+var<workgroup> r_acc: array<vec4<f32>, WG>;
+
+@compute @workgroup_size(64)
+fn attend_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let wg = wid.x + wid.y * nwg.x;
+    if (wg >= p.n_wg) {
+        return;
+    }
+    let t = wg / p.n_heads;
+    let h = wg % p.n_heads;
+    let kvh = h / p.group;
+    let hd4 = p.head_dim / 4u;
+    if (lid < hd4) {
+        r_q[lid] = q[wg * hd4 + lid] * p.scale;
+    }
+    let n_keys = p.pos0 + t + 1u;
+    // V phase: thread = (vec4 column dq, key subset kg of n_kg); the rest idle there.
+    let n_kg = WG / hd4;
+    let dq = lid % hd4;
+    let kg = lid / hd4;
+    var m_run = NEG;
+    var l = 0.0;
+    var acc = vec4<f32>(0.0);
+    workgroupBarrier();
+    for (var base = 0u; base < n_keys; base += WG) {
+        let j = base + lid;
+        let valid = j < n_keys;
+        var s = NEG;
+        if (valid) {
+            let kb = row_base(j, kvh);
+            var a = vec4<f32>(0.0);
+            for (var d4 = 0u; d4 < hd4; d4++) {
+                a += r_q[d4] * k_load4(kb, d4);
+            }
+            s = a.x + a.y + a.z + a.w;
+        }
+        r_s[lid] = s;
+        workgroupBarrier();
+        // Tile maximum in two levels: 8 partial maxima of 8, then everyone reads the 8.
+        if (lid < 8u) {
+            var mx = r_s[8u * lid];
+            for (var i = 1u; i < 8u; i++) {
+                mx = max(mx, r_s[8u * lid + i]);
+            }
+            r_part[lid] = mx;
+        }
+        workgroupBarrier();
+        var mx = r_part[0];
+        for (var i = 1u; i < 8u; i++) {
+            mx = max(mx, r_part[i]);
+        }
+        let m_new = max(m_run, mx);
+        let c = exp(m_run - m_new);
+        m_run = m_new;
+        let pj = select(0.0, exp(s - m_new), valid);
+        // Every thread rescales by the same c, so the per-thread sums add up to the total.
+        l = l * c + pj;
+        r_p[lid] = pj;
+        workgroupBarrier();
+        acc *= c;
+        if (kg < n_kg) {
+            let nk = min(WG, n_keys - base);
+            for (var i = kg; i < nk; i += n_kg) {
+                acc += r_p[i] * v_load4(row_base(base + i, kvh), dq);
+            }
+        }
+        // r_s and r_part are rewritten only after the next tile's first barrier, which every
+        // thread reaches only after its reads above.
+    }
+    r_s[lid] = l;
+    r_acc[lid] = acc;
+    workgroupBarrier();
+    if (lid < hd4) {
+        var lt = 0.0;
+        for (var i = 0u; i < WG; i++) {
+            lt += r_s[i];
+        }
+        var o = vec4<f32>(0.0);
+        for (var g = 0u; g < n_kg; g++) {
+            o += r_acc[g * hd4 + lid];
+        }
+        out[wg * hd4 + lid] = o / lt;
+    }
+}
+
+// ---- prefill: one workgroup per (tile of TQ tokens, head) ---------------------------------------
+
+const TQ: u32 = 16u;      // query tokens per workgroup
+const TK: u32 = 16u;      // keys per tile
+const HD4T: u32 = 32u;    // head_dim / 4 at most
+
+var<workgroup> t_q: array<vec4<f32>, 512>;   // TQ * HD4T, pre-scaled queries
+var<workgroup> t_kv: array<vec4<f32>, 512>;  // TK * HD4T, the K tile, then the V tile
+var<workgroup> t_o: array<vec4<f32>, 512>;   // TQ * HD4T, unnormalised outputs
+var<workgroup> t_p: array<f32, 256>;         // TQ * TK scores, then probabilities
+var<workgroup> t_c: array<f32, TQ>;          // per-query rescale factor of this tile, then 1/l
+
+@compute @workgroup_size(64)
+fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let wg = wid.x + wid.y * nwg.x;
+    if (wg >= p.n_wg) {
+        return;
+    }
+    let q0 = (wg / p.n_heads) * TQ;
+    let h = wg % p.n_heads;
+    let kvh = h / p.group;
+    let hd4 = p.head_dim / 4u;
+    let nq = min(TQ, p.m - q0);
+    for (var i = lid; i < TQ * hd4; i += WG) {
+        let qi = i / hd4;
+        let d4 = i % hd4;
+        var v = vec4<f32>(0.0);
+        if (qi < nq) {
+            v = q[((q0 + qi) * p.n_heads + h) * hd4 + d4] * p.scale;
+        }
+        t_q[qi * HD4T + d4] = v;
+        t_o[qi * HD4T + d4] = vec4<f32>(0.0);
+    }
+    // Softmax state of query row `lid` (threads 0..TQ-1 only).
+    var m_run = NEG;
+    var l = 0.0;
+    let n_keys = p.pos0 + q0 + nq;
+    // S phase: thread = (key kj, queries qb, qb+4, qb+8, qb+12).
+    let kj = lid % TK;
+    let qb = lid / TK;
+    for (var kb = 0u; kb < n_keys; kb += TK) {
+        workgroupBarrier();
+        for (var i = lid; i < TK * hd4; i += WG) {
+            let r = i / hd4;
+            let d4 = i % hd4;
+            var v = vec4<f32>(0.0);
+            if (kb + r < n_keys) {
+                v = k_load4(row_base(kb + r, kvh), d4);
+            }
+            t_kv[r * HD4T + d4] = v;
+        }
+        workgroupBarrier();
+        var s = vec4<f32>(0.0);
+        for (var d4 = 0u; d4 < hd4; d4++) {
+            let kv = t_kv[kj * HD4T + d4];
+            s += vec4<f32>(dot(t_q[qb * HD4T + d4], kv), dot(t_q[(qb + 4u) * HD4T + d4], kv),
+                           dot(t_q[(qb + 8u) * HD4T + d4], kv), dot(t_q[(qb + 12u) * HD4T + d4], kv));
+        }
+        for (var r = 0u; r < 4u; r++) {
+            let qi = qb + 4u * r;
+            // Causal mask: key kb + kj is visible to query position pos0 + q0 + qi.
+            t_p[qi * TK + kj] = select(NEG, s[r], kb + kj <= p.pos0 + q0 + qi);
+        }
+        workgroupBarrier();
+        if (lid < TQ) {
+            var mx = NEG;
+            for (var j = 0u; j < TK; j++) {
+                mx = max(mx, t_p[lid * TK + j]);
+            }
+            let m_new = max(m_run, mx);
+            let c = exp(m_run - m_new);
+            var sum = 0.0;
+            for (var j = 0u; j < TK; j++) {
+                let sj = t_p[lid * TK + j];
+                let pj = select(0.0, exp(sj - m_new), sj > NEG);
+                t_p[lid * TK + j] = pj;
+                sum += pj;
+            }
+            l = l * c + sum;
+            m_run = m_new;
+            t_c[lid] = c;
+        }
+        // The K tile is no longer read: replace it by the V tile.
+        for (var i = lid; i < TK * hd4; i += WG) {
+            let r = i / hd4;
+            let d4 = i % hd4;
+            var v = vec4<f32>(0.0);
+            if (kb + r < n_keys) {
+                v = v_load4(row_base(kb + r, kvh), d4);
+            }
+            t_kv[r * HD4T + d4] = v;
+        }
+        workgroupBarrier();
+        for (var i = lid; i < TQ * hd4; i += WG) {
+            let qi = i / hd4;
+            let d4 = i % hd4;
+            var o = t_o[qi * HD4T + d4] * t_c[qi];
+            for (var j = 0u; j < TK; j++) {
+                o += t_p[qi * TK + j] * t_kv[j * HD4T + d4];
+            }
+            t_o[qi * HD4T + d4] = o;
+        }
+    }
+    workgroupBarrier();
+    if (lid < TQ) {
+        t_c[lid] = 1.0 / l;
+    }
+    workgroupBarrier();
+    for (var i = lid; i < nq * hd4; i += WG) {
+        let qi = i / hd4;
+        let d4 = i % hd4;
+        out[((q0 + qi) * p.n_heads + h) * hd4 + d4] = t_o[qi * HD4T + d4] * t_c[qi];
+    }
+}

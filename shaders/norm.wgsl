@@ -1,0 +1,83 @@
+// Row normalisations over the last dimension, one workgroup per row (token):
+//   rms_norm:   out = x / sqrt(mean(x^2) + eps) * gamma
+//   layer_norm: out = (x - mean) / sqrt(var + eps) * gamma + beta   (two-pass variance)
+// Bindings: 0 = x [m, n] (read), 1 = gamma [n] (read), 2 = beta [n] (read; rms_norm does not use it,
+// the host binds gamma there), 3 = out [m, n] (read_write), 4 = params.
+
+struct Params {
+    m: u32,
+    n: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> gamma: array<f32>;
+@group(0) @binding(2) var<storage, read> beta: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+const WG: u32 = 256u;
+
+var<workgroup> red: array<f32, 256>;
+
+// Pairwise (tree) sum of one value per invocation; every invocation gets the total. Pairwise
+// summation keeps the rounding error at O(log n) ulps rather than O(n).
+fn wg_sum(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            red[lid] = red[lid] + red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = red[0];
+    // Nobody may overwrite red[0] (next reduction) before everyone has read it.
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(256)
+fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.m) {
+        return;
+    }
+    let base = row * p.n;
+    var ss = 0.0;
+    for (var i = lid; i < p.n; i = i + WG) {
+        let v = x[base + i];
+        ss = ss + v * v;
+    }
+    let total = wg_sum(lid, ss);
+    // 1/sqrt rather than inverseSqrt: the latter may be a low-precision approximation.
+    let inv = 1.0 / sqrt(total / f32(p.n) + p.eps);
+    for (var i = lid; i < p.n; i = i + WG) {
+        out[base + i] = x[base + i] * inv * gamma[i];
+    }
+}
+
+@compute @workgroup_size(256)
+fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.m) {
+        return;
+    }
+    let base = row * p.n;
+    var s = 0.0;
+    for (var i = lid; i < p.n; i = i + WG) {
+        s = s + x[base + i];
+    }
+    let mean = wg_sum(lid, s) / f32(p.n);
+    // Second pass over the centred values: no E[x^2] - E[x]^2 cancellation when |mean| >> std.
+    var sq = 0.0;
+    for (var i = lid; i < p.n; i = i + WG) {
+        let d = x[base + i] - mean;
+        sq = sq + d * d;
+    }
+    let inv = 1.0 / sqrt(wg_sum(lid, sq) / f32(p.n) + p.eps);
+    for (var i = lid; i < p.n; i = i + WG) {
+        out[base + i] = (x[base + i] - mean) * inv * gamma[i] + beta[i];
+    }
+}

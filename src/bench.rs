@@ -1,0 +1,173 @@
+//! `wgllm bench kernels`: matrix kernels per weight format on the shapes 7B/13B models use, timed
+//! with GPU timestamp queries (median of repeated runs), reported as time, effective GB/s, GFLOP/s
+//! and the ratio to the device's copy bandwidth measured in the same run.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::gpu::{BufferClass, Gpu};
+use crate::kernels::{matmul, Tensor};
+use crate::quant::{synthetic, WeightFormat};
+
+/// A matrix shape as `k x n`: `k` inputs (the row length of W), `n` outputs (its rows).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Shape {
+    pub k: usize,
+    pub n: usize,
+}
+
+/// The shapes of the 7B/13B projections: attention (4096x4096), FFN up and down (4096x11008,
+/// 11008x4096) and 13B's FFN up (5120x13824).
+pub const MODEL_SHAPES: [Shape; 4] =
+    [Shape { k: 4096, n: 4096 }, Shape { k: 4096, n: 11008 }, Shape { k: 11008, n: 4096 }, Shape { k: 5120, n: 13824 }];
+
+#[derive(Debug, Clone)]
+pub struct KernelBenchOptions {
+    pub formats: Vec<WeightFormat>,
+    pub shapes: Vec<Shape>,
+    /// Tokens per run: 1 is decode (matvec), more is prefill (matmul).
+    pub tokens: Vec<usize>,
+    /// Timed runs per case, after one warm-up run.
+    pub reps: usize,
+}
+
+impl Default for KernelBenchOptions {
+    fn default() -> Self {
+        KernelBenchOptions { formats: WeightFormat::ALL.to_vec(), shapes: MODEL_SHAPES.to_vec(), tokens: vec![1, 128], reps: 5 }
+    }
+}
+
+/// One measured case.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelBenchRow {
+    pub format: WeightFormat,
+    pub k: usize,
+    pub n: usize,
+    pub tokens: usize,
+    pub median_us: f64,
+    pub min_us: f64,
+    /// Weights + input + output bytes per run.
+    pub bytes: u64,
+    pub gb_per_s: f64,
+    pub gflop_per_s: f64,
+    /// `gb_per_s / copy_gb_per_s`.
+    pub copy_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelBenchReport {
+    pub device: String,
+    /// Buffer-to-buffer copy bandwidth counting bytes read plus bytes written, like the kernels.
+    pub copy_gb_per_s: f64,
+    pub rows: Vec<KernelBenchRow>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Copy bandwidth of the device: a 256 MiB buffer-to-buffer copy (capped by the device's maximum
+/// buffer size), median of 5 after a warm-up, counting read + write bytes.
+pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
+    let size = (256u64 << 20).min(gpu.limits.max_buffer_size / 2) & !255;
+    let a = gpu.alloc("bench.copy.src", BufferClass::Activations, size)?;
+    let b = gpu.alloc("bench.copy.dst", BufferClass::Activations, size)?;
+    let mut times = Vec::new();
+    for i in 0..6 {
+        let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("bench.copy") });
+        enc.copy_buffer_to_buffer(&a.buffer, 0, &b.buffer, 0, size);
+        let t = Instant::now();
+        gpu.queue.submit([enc.finish()]);
+        gpu.wait()?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * size as f64 / median(&mut times) / 1e9)
+}
+
+/// Runs every (format, shape, tokens) case. `progress(done, total, case)` is called before each.
+pub fn bench_kernels(gpu: &Gpu, opts: &KernelBenchOptions, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<KernelBenchReport> {
+    if !gpu.caps.timestamps {
+        return Err(Error::MissingFeature { feature: "TIMESTAMP_QUERY", needed_by: "wgllm bench kernels".into() });
+    }
+    let copy = copy_bandwidth(gpu)?;
+    let total = opts.formats.len() * opts.shapes.len() * opts.tokens.len();
+    let mut rows = Vec::new();
+    let mut done = 0;
+    for shape in &opts.shapes {
+        for &format in &opts.formats {
+            let gguf = synthetic(format, shape.k * shape.n, 42)?;
+            let w = gpu.upload_weights(&format!("bench.w.{format}"), format, shape.n, shape.k, &gguf)?;
+            drop(gguf);
+            for &m in &opts.tokens {
+                progress(done, total, &format!("{format} {}x{} x{m} tokens", shape.k, shape.n));
+                done += 1;
+                let x: Vec<f32> = (0..m * shape.k).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
+                let x = gpu.tensor_from("bench.x", BufferClass::Activations, &[m, shape.k], &x)?;
+                let y = gpu.tensor("bench.y", BufferClass::Activations, &[m, shape.n])?;
+                let mut times = Vec::new();
+                for rep in 0..=opts.reps {
+                    let mut rec = gpu.recorder();
+                    run_case(&mut rec, &w, &x, &y, m)?;
+                    let t: f64 = rec.submit_timed()?.iter().map(|d| d.nanos).sum();
+                    if rep > 0 {
+                        times.push(t / 1e3);
+                    }
+                }
+                let min_us = times.iter().cloned().fold(f64::INFINITY, f64::min);
+                let median_us = median(&mut times);
+                let bytes = w.bytes() + (m * (shape.k + shape.n) * 4) as u64;
+                let gb = bytes as f64 / (median_us * 1e-6) / 1e9;
+                rows.push(KernelBenchRow {
+                    format,
+                    k: shape.k,
+                    n: shape.n,
+                    tokens: m,
+                    median_us,
+                    min_us,
+                    bytes,
+                    gb_per_s: gb,
+                    gflop_per_s: 2.0 * (m * shape.k * shape.n) as f64 / (median_us * 1e-6) / 1e9,
+                    copy_ratio: gb / copy,
+                });
+            }
+        }
+    }
+    Ok(KernelBenchReport { device: gpu.describe(), copy_gb_per_s: copy, rows })
+}
+
+fn run_case(rec: &mut crate::gpu::Recorder, w: &crate::kernels::WeightMatrix, x: &Tensor, y: &Tensor, m: usize) -> Result<()> {
+    if m == 1 {
+        let xs = Tensor { buf: x.buf.clone(), shape: vec![w.cols] };
+        let ys = Tensor { buf: y.buf.clone(), shape: vec![w.rows] };
+        matmul::matvec(rec, w, &xs, &ys)
+    } else {
+        matmul::matmul(rec, w, x, y)
+    }
+}
+
+impl KernelBenchReport {
+    /// A markdown table, as BENCHMARKS.md holds it.
+    pub fn to_table(&self) -> String {
+        let mut s = format!("device: {}\ncopy bandwidth: {:.1} GB/s (read + write)\n\n", self.device, self.copy_gb_per_s);
+        s += "| format | k x n | tokens | median | GB/s | GFLOP/s | of copy |\n|---|---|---:|---:|---:|---:|---:|\n";
+        for r in &self.rows {
+            s += &format!(
+                "| {} | {}x{} | {} | {:.0} us | {:.2} | {:.1} | {:.2} |\n",
+                r.format, r.k, r.n, r.tokens, r.median_us, r.gb_per_s, r.gflop_per_s, r.copy_ratio
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,232 @@
+//! Causal attention over one layer's KV cache, with grouped-query attention
+//! (`shaders/attention.wgsl`). The cache, its layouts and byte costs: [`kv_cache`].
+
+pub mod kv_cache;
+
+pub use kv_cache::{bytes_per_token, decode, encode, store, KvCache, KvDtype, MAX_HEAD_DIM};
+
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, Gpu, Recorder};
+use crate::kernels::{params, Tensor};
+use kv_cache::{check_positions, to_u32};
+
+/// Largest head_dim of the tiled prefill kernel (`HD4T * 4`); larger ones use the decode kernel.
+pub const MAX_HEAD_DIM_TILED: usize = 128;
+/// Query tokens per workgroup of the tiled kernel (`TQ`).
+const TQ: usize = 16;
+/// Fewest tokens for which [`attention`] picks the tiled kernel: below that, most of its 16 query
+/// slots idle. On lavapipe at 2048 keys the decode kernel was 2.5-10x faster for 1-4 tokens, on
+/// par at 16 and up to 1.6x slower at 128.
+pub const TILED_MIN_TOKENS: usize = 8;
+/// Workgroup memory of the tiled kernel: three 512-entry vec4 arrays, 256 + 16 f32.
+const TILED_SHARED_BYTES: u32 = 3 * 512 * 16 + 256 * 4 + 16 * 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AttnParams {
+    m: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    pos0: u32,
+    group: u32,
+    row_words: u32,
+    n_wg: u32,
+    scale: f32,
+    _pad: [u32; 3],
+}
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 48);
+
+/// Whether the tiled kernel can run: head_dim and the device's workgroup memory.
+fn tiled_fits(gpu: &Gpu, head_dim: usize) -> bool {
+    head_dim <= MAX_HEAD_DIM_TILED
+        && gpu.limits.max_compute_workgroup_storage_size >= TILED_SHARED_BYTES
+}
+
+/// Which attention kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Rows,
+    Tiled,
+}
+
+/// `out = softmax(scale * q K^T, causal) V` for `m` query tokens at positions `pos0..pos0+m`
+/// (`q`, `out`: `[m, n_heads, head_dim]`; query head h reads kv head `h / (n_heads / n_kv_heads)`).
+/// Keys `0..pos0+m` must have been stored. Picks the tiled prefill kernel from
+/// [`TILED_MIN_TOKENS`] tokens on (if head_dim and the device's workgroup memory allow) and the
+/// decode kernel otherwise.
+pub fn attention(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    pos0: usize,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
+    let many = q.shape.first().is_some_and(|&m| m >= TILED_MIN_TOKENS);
+    let path = if many && tiled_fits(rec.gpu(), cache.head_dim) {
+        Path::Tiled
+    } else {
+        Path::Rows
+    };
+    dispatch_attention(rec, path, q, cache, pos0, scale, out)
+}
+
+/// [`attention`] with the decode kernel (one workgroup per token and head; keys split over its
+/// threads), for any `m`.
+pub fn attention_decode(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    pos0: usize,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
+    dispatch_attention(rec, Path::Rows, q, cache, pos0, scale, out)
+}
+
+/// [`attention`] with the tiled prefill kernel (one workgroup per 16 tokens and head; K/V tiles
+/// shared in workgroup memory). Needs head_dim <= [`MAX_HEAD_DIM_TILED`].
+pub fn attention_prefill(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    pos0: usize,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
+    if !tiled_fits(rec.gpu(), cache.head_dim) {
+        return Err(Error::invalid(
+            "attention prefill",
+            format!(
+                "head_dim {} needs at most {MAX_HEAD_DIM_TILED} and {TILED_SHARED_BYTES} bytes of \
+                 workgroup memory; use attention()",
+                cache.head_dim
+            ),
+        ));
+    }
+    dispatch_attention(rec, Path::Tiled, q, cache, pos0, scale, out)
+}
+
+fn dispatch_attention(
+    rec: &mut Recorder,
+    path: Path,
+    q: &Tensor,
+    cache: &KvCache,
+    pos0: usize,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
+    let (m, n_heads) = match q.shape[..] {
+        [m, h, d] if m > 0 && h > 0 && d == cache.head_dim => (m, h),
+        _ => {
+            return Err(Error::shape(
+                format!("attention q ({})", q.buf.label),
+                format!("[m, n_heads, {}]", cache.head_dim),
+                format!("{:?}", q.shape),
+            ))
+        }
+    };
+    out.expect("attention out", &q.shape)?;
+    if out.buf.buffer == q.buf.buffer {
+        return Err(Error::invalid("attention", "out must not alias q"));
+    }
+    if !n_heads.is_multiple_of(cache.n_kv_heads) {
+        return Err(Error::invalid(
+            "attention",
+            format!(
+                "{n_heads} query heads are not a multiple of {} kv heads",
+                cache.n_kv_heads
+            ),
+        ));
+    }
+    check_positions("attention", cache, pos0, m)?;
+    let (entry, n_wg) = match path {
+        Path::Rows => ("attend_rows", m * n_heads),
+        Path::Tiled => ("attend_tiled", m.div_ceil(TQ) * n_heads),
+    };
+    let p = AttnParams {
+        m: to_u32("attention", m)?,
+        n_heads: n_heads as u32,
+        n_kv_heads: cache.n_kv_heads as u32,
+        head_dim: cache.head_dim as u32,
+        pos0: to_u32("attention", pos0)?,
+        group: (n_heads / cache.n_kv_heads) as u32,
+        row_words: cache.row_words as u32,
+        n_wg: to_u32("attention", n_wg)?,
+        scale,
+        _pad: [0; 3],
+    };
+    let gpu = rec.gpu();
+    let binds = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
+    let kernel = gpu.kernel(
+        "attention",
+        entry,
+        &binds,
+        48,
+        &[("KV_DTYPE", cache.dtype.code())],
+    )?;
+    rec.dispatch(
+        &kernel,
+        &format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label),
+        &[q.buf.view(), cache.k.view(), cache.v.view(), out.buf.view()],
+        params(&p),
+        gpu.groups(p.n_wg),
+    )
+}
+
+/// CPU reference of [`attention`]: `k_all`, `v_all` are the f32 cache contents
+/// `[pos0 + m, n_kv_heads, head_dim]`; softmax in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn reference(
+    q: &[f32],
+    k_all: &[f32],
+    v_all: &[f32],
+    m: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    pos0: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let group = n_heads / n_kv_heads.max(1);
+    let mut out = vec![0f32; m * n_heads * head_dim];
+    for t in 0..m {
+        for h in 0..n_heads {
+            let qv = &q[(t * n_heads + h) * head_dim..][..head_dim];
+            let kvh = h / group.max(1);
+            let row = |all: &[f32], j: usize| -> Vec<f64> {
+                all[(j * n_kv_heads + kvh) * head_dim..][..head_dim]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect()
+            };
+            let scores: Vec<f64> = (0..=pos0 + t)
+                .map(|j| {
+                    row(k_all, j)
+                        .iter()
+                        .zip(qv)
+                        .map(|(k, &x)| k * x as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            let mut acc = vec![0f64; head_dim];
+            for (j, wj) in w.iter().enumerate() {
+                for (a, v) in acc.iter_mut().zip(row(v_all, j)) {
+                    *a += wj * v;
+                }
+            }
+            for (o, a) in out[(t * n_heads + h) * head_dim..][..head_dim]
+                .iter_mut()
+                .zip(acc)
+            {
+                *o = (a / sum) as f32;
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,335 @@
+//! One layer's KV cache ([`KvCache`]), its store kernel (`shaders/kv_cache.wgsl`) and the CPU
+//! encoding of its rows ([`encode`], [`decode`]).
+//!
+//! A [`KvCache`] holds K and V of one layer, each `[ctx, n_kv_heads, head_dim]` as rows of `u32`
+//! words, one row per (position, kv head):
+//!
+//! | dtype | words per row | bytes per token and layer, K and V together ([`bytes_per_token`]) |
+//! |---|---|---|
+//! | f32 | `head_dim` | `8 * n_kv * head_dim` |
+//! | f16 | `head_dim / 2` (element 2i in the low half of word i) | `4 * n_kv * head_dim` |
+//! | q8_0 | `ceil(nb / 2) + 8 * nb`, `nb = head_dim / 32` | `2 * n_kv * (head_dim + 4 * ceil(nb / 2))` |
+//!
+//! A q8_0 row starts with the f16 scales (block b in half `b % 2` of word `b / 2`), then the i8
+//! quants, four per word, little-endian. With an even block count (head_dim a multiple of 64) that
+//! is 34 bytes per 32 values, GGUF's Q8_0 rate; an odd count pads the last scale word (2 bytes per
+//! row). Quantisation on store is src/quant's Q8_0 (`d = amax / 127`, `q = round(x / d)`, d kept as
+//! f16). head_dim must be a multiple of 4 (f16: also even; q8_0: of 32) and at most 256.
+
+use half::f16;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, BufferClass, Gpu, GpuBuffer, Recorder};
+use crate::kernels::{params, Tensor};
+use crate::quant::{quantize, WeightFormat, QK};
+
+/// Largest head_dim of the decode kernel (`HD4R * 4` in shaders/attention.wgsl).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Threads per workgroup of the store kernel.
+const WG: usize = 64;
+
+/// How the cache stores K and V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    F32,
+    F16,
+    Q8_0,
+}
+
+impl KvDtype {
+    pub const ALL: [KvDtype; 3] = [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Q8_0 => "q8_0",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<KvDtype> {
+        KvDtype::ALL
+            .into_iter()
+            .find(|d| d.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| Error::Parse {
+                what: "a KV cache type",
+                input: s.into(),
+                reason: "use f32, f16 or q8_0".into(),
+            })
+    }
+
+    /// `u32` words of one cache row (one position, one kv head).
+    pub fn row_words(self, head_dim: usize) -> usize {
+        match self {
+            KvDtype::F32 => head_dim,
+            KvDtype::F16 => head_dim.div_ceil(2),
+            KvDtype::Q8_0 => {
+                let nb = head_dim.div_ceil(QK);
+                nb.div_ceil(2) + 8 * nb
+            }
+        }
+    }
+
+    /// Checks that rows of `head_dim` values can be stored (see the module header).
+    pub fn check_head_dim(self, head_dim: usize) -> Result<()> {
+        let block = if self == KvDtype::Q8_0 { QK } else { 4 };
+        if head_dim == 0 || !head_dim.is_multiple_of(block) || head_dim > MAX_HEAD_DIM {
+            return Err(Error::invalid(
+                "kv cache",
+                format!(
+                    "head_dim {head_dim} with {}: needs a multiple of {block} up to {MAX_HEAD_DIM}",
+                    self.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `KV_DTYPE` override constant of both shaders.
+    pub(super) fn code(self) -> f64 {
+        match self {
+            KvDtype::F32 => 0.0,
+            KvDtype::F16 => 1.0,
+            KvDtype::Q8_0 => 2.0,
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Exact VRAM bytes one token costs in one layer's cache, K and V together.
+pub fn bytes_per_token(dtype: KvDtype, n_kv_heads: usize, head_dim: usize) -> u64 {
+    2 * n_kv_heads as u64 * dtype.row_words(head_dim) as u64 * 4
+}
+
+/// One layer's K and V cache.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub dtype: KvDtype,
+    pub ctx: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub k: GpuBuffer,
+    pub v: GpuBuffer,
+    /// `u32` words per row, [`KvDtype::row_words`].
+    pub row_words: usize,
+}
+
+impl KvCache {
+    /// Allocates a zeroed cache of `ctx` positions through the ledger (class `KvCache`), buffers
+    /// `<label>.k` and `<label>.v`. Each must fit one storage binding.
+    pub fn new(
+        gpu: &Gpu,
+        label: &str,
+        dtype: KvDtype,
+        ctx: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<KvCache> {
+        dtype.check_head_dim(head_dim)?;
+        if ctx == 0 || n_kv_heads == 0 {
+            return Err(Error::invalid(
+                format!("kv cache {label}"),
+                format!("ctx {ctx} and n_kv_heads {n_kv_heads} must be positive"),
+            ));
+        }
+        let row_words = dtype.row_words(head_dim);
+        let bytes = (ctx as u64 * n_kv_heads as u64 * row_words as u64).saturating_mul(4);
+        if bytes > gpu.max_binding() {
+            return Err(Error::invalid(
+                format!("kv cache {label}"),
+                format!(
+                    "{ctx} positions of {dtype} take {bytes} bytes per tensor, over the {}-byte \
+                     storage binding limit; use a shorter context or a smaller KV type",
+                    gpu.max_binding()
+                ),
+            ));
+        }
+        Ok(KvCache {
+            dtype,
+            ctx,
+            n_kv_heads,
+            head_dim,
+            k: gpu.alloc(&format!("{label}.k"), BufferClass::KvCache, bytes)?,
+            v: gpu.alloc(&format!("{label}.v"), BufferClass::KvCache, bytes)?,
+            row_words,
+        })
+    }
+
+    /// Bytes of K and V together: `ctx * bytes_per_token`.
+    pub fn bytes(&self) -> u64 {
+        self.k.size() + self.v.size()
+    }
+
+    /// K and V of positions `0..n_pos` as the cache holds them, dequantised to f32
+    /// (`[n_pos, n_kv_heads, head_dim]` each).
+    pub fn read(&self, gpu: &Gpu, n_pos: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        if n_pos > self.ctx {
+            return Err(Error::invalid(
+                "kv cache read",
+                format!("{n_pos} positions of a {}-position cache", self.ctx),
+            ));
+        }
+        let bytes = (n_pos * self.n_kv_heads * self.row_words * 4) as u64;
+        let get = |b: &GpuBuffer| -> Result<Vec<f32>> {
+            let raw = gpu.read_bytes(b, 0, bytes)?;
+            decode(
+                self.dtype,
+                &bytemuck::pod_collect_to_vec(&raw),
+                self.head_dim,
+            )
+        };
+        Ok((get(&self.k)?, get(&self.v)?))
+    }
+}
+
+/// Cache rows for `x` (rows of `head_dim` values), exactly as the store kernel writes them.
+pub fn encode(dtype: KvDtype, x: &[f32], head_dim: usize) -> Result<Vec<u32>> {
+    dtype.check_head_dim(head_dim)?;
+    if !x.len().is_multiple_of(head_dim) {
+        return Err(Error::invalid(
+            "kv encode",
+            format!("{} values are not rows of {head_dim}", x.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(x.len() / head_dim * dtype.row_words(head_dim));
+    for row in x.chunks_exact(head_dim) {
+        match dtype {
+            KvDtype::F32 => out.extend(row.iter().map(|v| v.to_bits())),
+            KvDtype::F16 => out.extend(row.chunks_exact(2).map(|p| {
+                f16::from_f32(p[0]).to_bits() as u32 | (f16::from_f32(p[1]).to_bits() as u32) << 16
+            })),
+            KvDtype::Q8_0 => {
+                let gguf = quantize(WeightFormat::Q8_0, row)?;
+                let blocks: Vec<&[u8]> = gguf.chunks_exact(34).collect();
+                for pair in blocks.chunks(2) {
+                    let d = |i: usize| pair.get(i).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+                    out.push(d(0) as u32 | (d(1) as u32) << 16);
+                }
+                for b in &blocks {
+                    out.extend(
+                        b[2..]
+                            .chunks_exact(4)
+                            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The f32 values of cache rows `words` (the inverse of [`encode`], up to its rounding).
+pub fn decode(dtype: KvDtype, words: &[u32], head_dim: usize) -> Result<Vec<f32>> {
+    dtype.check_head_dim(head_dim)?;
+    let rw = dtype.row_words(head_dim);
+    if !words.len().is_multiple_of(rw) {
+        return Err(Error::invalid(
+            "kv decode",
+            format!("{} words are not rows of {rw}", words.len()),
+        ));
+    }
+    let half =
+        |w: u32, hi: bool| f16::from_bits(if hi { (w >> 16) as u16 } else { w as u16 }).to_f32();
+    let mut out = Vec::with_capacity(words.len() / rw * head_dim);
+    for row in words.chunks_exact(rw) {
+        match dtype {
+            KvDtype::F32 => out.extend(row.iter().map(|w| f32::from_bits(*w))),
+            KvDtype::F16 => out.extend(row.iter().flat_map(|&w| [half(w, false), half(w, true)])),
+            KvDtype::Q8_0 => {
+                let nb = head_dim / QK;
+                let (scales, quants) = row.split_at(nb.div_ceil(2));
+                for (b, block) in quants.chunks_exact(8).enumerate() {
+                    let d = half(scales[b / 2], b % 2 == 1);
+                    out.extend(
+                        block
+                            .iter()
+                            .flat_map(|w| w.to_le_bytes())
+                            .map(|q| d * (q as i8) as f32),
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn to_u32(op: &str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::invalid(op, format!("{n} does not fit 32 bits")))
+}
+
+pub(super) fn check_positions(op: &str, cache: &KvCache, pos0: usize, m: usize) -> Result<()> {
+    if pos0.checked_add(m).is_none_or(|end| end > cache.ctx) {
+        return Err(Error::invalid(
+            format!("{op} ({})", cache.k.label),
+            format!(
+                "positions {pos0}..{} exceed the cache context {}",
+                pos0.saturating_add(m),
+                cache.ctx
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct StoreParams {
+    rows: u32,
+    head_dim: u32,
+    row_words: u32,
+    dst_row0: u32,
+    units_per_row: u32,
+    _pad: [u32; 3],
+}
+const _: () = assert!(std::mem::size_of::<StoreParams>() == 32);
+
+/// Writes K and V of `m` tokens (`[m, n_kv_heads, head_dim]` f32 each) into positions
+/// `pos0..pos0+m` of the cache, converting to its dtype. One dispatch.
+pub fn store(
+    rec: &mut Recorder,
+    cache: &KvCache,
+    k: &Tensor,
+    v: &Tensor,
+    pos0: usize,
+) -> Result<()> {
+    let m = k.shape.first().copied().unwrap_or(0);
+    k.expect("kv store", &[m.max(1), cache.n_kv_heads, cache.head_dim])?;
+    v.expect("kv store", &k.shape)?;
+    check_positions("kv store", cache, pos0, m)?;
+    let hd = cache.head_dim;
+    let units_per_row = match cache.dtype {
+        KvDtype::F32 | KvDtype::F16 => cache.row_words,
+        KvDtype::Q8_0 => (hd / QK).div_ceil(2),
+    };
+    let rows = m * cache.n_kv_heads;
+    let p = StoreParams {
+        rows: to_u32("kv store", rows)?,
+        head_dim: hd as u32,
+        row_words: cache.row_words as u32,
+        dst_row0: to_u32("kv store", pos0 * cache.n_kv_heads)?,
+        units_per_row: units_per_row as u32,
+        _pad: [0; 3],
+    };
+    let gpu = rec.gpu();
+    let binds = [Bind::Input, Bind::Input, Bind::Output, Bind::Output];
+    let kernel = gpu.kernel(
+        "kv_cache",
+        "store",
+        &binds,
+        32,
+        &[("KV_DTYPE", cache.dtype.code())],
+    )?;
+    let groups = gpu.groups(to_u32("kv store", (rows * units_per_row).div_ceil(WG))?);
+    rec.dispatch(
+        &kernel,
+        &format!("kv_store.{}@{pos0}+{m}", cache.k.label),
+        &[k.buf.view(), v.buf.view(), cache.k.view(), cache.v.view()],
+        params(&p),
+        groups,
+    )
+}

@@ -1,0 +1,418 @@
+//! Model hyper-parameters ([`ModelConfig`]), read from a Hugging Face `config.json` or from one of
+//! the built-in presets in `models/presets/` (copies of the published `config.json` files).
+//!
+//! Each `model_type` follows the defaults of its `transformers` config class (`LlamaConfig`,
+//! `MistralConfig`, `Qwen2Config`, `BertConfig`, `GPT2Config`) for the optional fields. The shape
+//! fields (vocabulary, width, depth, heads, FFN width) are required instead of defaulted: a config
+//! that lacks one is more likely broken than a model of the class's default size.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// The architecture family, which fixes the layer layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    /// Pre-norm decoder with RMSNorm, SwiGLU and RoPE: llama, mistral, qwen2.
+    Llama,
+    /// Post-norm encoder with LayerNorm, GELU, learned positions and token types (`BertModel`).
+    Bert,
+    /// Pre-norm decoder with LayerNorm, GELU, learned positions and biases; also GPT-3-style dense
+    /// decoders.
+    Gpt2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    /// A gain vector only.
+    RmsNorm,
+    /// A gain and a bias vector.
+    LayerNorm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ffn {
+    /// `down(silu(gate x) * up x)`: three matrices.
+    SwiGlu,
+    /// `down(gelu(up x))`: two matrices.
+    Gelu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positions {
+    /// Rotary embeddings with base `theta`; no parameters.
+    Rotary { theta: f64 },
+    /// A learned `max_positions x hidden_size` table.
+    Learned,
+    /// Fixed sinusoids; no parameters.
+    Sinusoidal,
+}
+
+/// The hyper-parameters of one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention); equal to `n_heads` for multi-head attention.
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_size: usize,
+    pub max_positions: usize,
+    pub norm: Norm,
+    pub norm_eps: f64,
+    pub ffn: Ffn,
+    pub positions: Positions,
+    /// The output head reuses the token embedding.
+    pub tied_embeddings: bool,
+    /// Biases on the Q, K and V projections.
+    pub attn_bias: bool,
+    /// Bias on the attention output projection.
+    pub attn_out_bias: bool,
+    /// Biases on the FFN matrices.
+    pub ffn_bias: bool,
+    /// BERT token-type (segment) vocabulary; 0 for models without one.
+    pub type_vocab_size: usize,
+    /// BERT's pooler: a dense `hidden x hidden` layer with bias on the first token.
+    pub pooler: bool,
+}
+
+/// Built-in presets: name and the HF `config.json` content.
+const PRESETS: [(&str, &str); 11] = [
+    (
+        "llama-2-7b",
+        include_str!("../../models/presets/llama-2-7b.json"),
+    ),
+    (
+        "llama-2-13b",
+        include_str!("../../models/presets/llama-2-13b.json"),
+    ),
+    (
+        "llama-2-70b",
+        include_str!("../../models/presets/llama-2-70b.json"),
+    ),
+    (
+        "mistral-7b",
+        include_str!("../../models/presets/mistral-7b.json"),
+    ),
+    (
+        "llama-3-8b",
+        include_str!("../../models/presets/llama-3-8b.json"),
+    ),
+    (
+        "qwen2.5-0.5b",
+        include_str!("../../models/presets/qwen2.5-0.5b.json"),
+    ),
+    ("gpt2", include_str!("../../models/presets/gpt2.json")),
+    ("gpt2-xl", include_str!("../../models/presets/gpt2-xl.json")),
+    (
+        "bert-base-uncased",
+        include_str!("../../models/presets/bert-base-uncased.json"),
+    ),
+    (
+        "smollm2-135m",
+        include_str!("../../models/presets/smollm2-135m.json"),
+    ),
+    (
+        "gpt3-175b",
+        include_str!("../../models/presets/gpt3-175b.json"),
+    ),
+];
+
+/// Names accepted by [`ModelConfig::preset`].
+pub fn preset_names() -> Vec<&'static str> {
+    PRESETS.iter().map(|(name, _)| *name).collect()
+}
+
+/// Upper bound on every dimension, so that parameter counts stay far from `u64` overflow and a
+/// corrupt config is reported rather than planned.
+const MAX_DIM: usize = 1 << 32;
+
+impl ModelConfig {
+    /// A built-in preset by name (see [`preset_names`]), case-insensitive.
+    pub fn preset(name: &str) -> Result<ModelConfig> {
+        let (_, json) = PRESETS
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .ok_or_else(|| Error::UnknownPreset {
+                name: name.into(),
+                known: preset_names().join(", "),
+            })?;
+        let value: Value = serde_json::from_str(json).map_err(|e| Error::Parse {
+            what: "a preset config.json",
+            input: name.into(),
+            reason: e.to_string(),
+        })?;
+        ModelConfig::from_hf_json(&value)
+    }
+
+    /// Reads a Hugging Face `config.json` of model_type llama, mistral, qwen2, bert or gpt2.
+    pub fn from_hf_json(json: &Value) -> Result<ModelConfig> {
+        let obj = json.as_object().ok_or_else(|| Error::ConfigInvalid {
+            model_type: "?".into(),
+            field: "(root)".into(),
+            reason: "not a JSON object".into(),
+        })?;
+        let model_type = match obj.get("model_type") {
+            Some(Value::String(s)) => s.as_str(),
+            Some(other) => return Err(Error::UnknownModelType(other.to_string())),
+            None => {
+                return Err(Error::ConfigMissing {
+                    model_type: "?".into(),
+                    field: "model_type".into(),
+                })
+            }
+        };
+        let f = Fields { obj, model_type };
+        let cfg = match model_type {
+            "llama" | "mistral" | "qwen2" => f.llama()?,
+            "bert" => f.bert()?,
+            "gpt2" => f.gpt2()?,
+            other => return Err(Error::UnknownModelType(format!("'{other}'"))),
+        };
+        cfg.validate(model_type)?;
+        Ok(cfg)
+    }
+
+    /// Checks the relations between the dimensions that every architecture here relies on.
+    pub fn validate(&self, model_type: &str) -> Result<()> {
+        let bad = |field: &str, reason: String| Error::ConfigInvalid {
+            model_type: model_type.into(),
+            field: field.into(),
+            reason,
+        };
+        let dims = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("ffn_size", self.ffn_size),
+            ("max_positions", self.max_positions),
+        ];
+        for (name, v) in dims {
+            if v == 0 || v > MAX_DIM {
+                return Err(bad(name, format!("{v} is outside 1..={MAX_DIM}")));
+            }
+        }
+        if self.type_vocab_size > MAX_DIM {
+            return Err(bad(
+                "type_vocab_size",
+                format!("{} is too large", self.type_vocab_size),
+            ));
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(bad(
+                "n_kv_heads",
+                format!(
+                    "{} heads are not a multiple of {} kv heads",
+                    self.n_heads, self.n_kv_heads
+                ),
+            ));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(bad(
+                "norm_eps",
+                format!("{} is not a positive number", self.norm_eps),
+            ));
+        }
+        if let Positions::Rotary { theta } = self.positions {
+            if !(theta.is_finite() && theta > 0.0) {
+                return Err(bad(
+                    "rope_theta",
+                    format!("{theta} is not a positive number"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to the fields of one `config.json`, with errors that name the field.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    model_type: &'a str,
+}
+
+impl Fields<'_> {
+    /// The first of `names` (HF aliases) present and not null.
+    fn get<'n>(&self, names: &[&'n str]) -> Option<(&'n str, &Value)> {
+        names.iter().find_map(|n| match self.obj.get(*n) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some((*n, v)),
+        })
+    }
+
+    fn invalid(&self, field: &str, reason: impl Into<String>) -> Error {
+        Error::ConfigInvalid {
+            model_type: self.model_type.into(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn opt_usize(&self, names: &[&str]) -> Result<Option<usize>> {
+        let Some((name, v)) = self.get(names) else {
+            return Ok(None);
+        };
+        v.as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| self.invalid(name, format!("{v} is not a non-negative integer")))
+    }
+
+    fn usize(&self, names: &[&str]) -> Result<usize> {
+        self.opt_usize(names)?.ok_or_else(|| Error::ConfigMissing {
+            model_type: self.model_type.into(),
+            field: names.join("' or '"),
+        })
+    }
+
+    fn f64_or(&self, names: &[&str], default: f64) -> Result<f64> {
+        match self.get(names) {
+            None => Ok(default),
+            Some((name, v)) => v
+                .as_f64()
+                .ok_or_else(|| self.invalid(name, format!("{v} is not a number"))),
+        }
+    }
+
+    fn bool_or(&self, name: &str, default: bool) -> Result<bool> {
+        match self.get(&[name]) {
+            None => Ok(default),
+            Some((_, v)) => v
+                .as_bool()
+                .ok_or_else(|| self.invalid(name, format!("{v} is not a boolean"))),
+        }
+    }
+
+    /// `head_dim` if given (newer Llama/Mistral configs), else `hidden / heads`, which must divide.
+    fn head_dim(&self, hidden: usize, heads: usize) -> Result<usize> {
+        if let Some(d) = self.opt_usize(&["head_dim"])? {
+            return Ok(d);
+        }
+        if heads == 0 || !hidden.is_multiple_of(heads) {
+            return Err(self.invalid(
+                "num_attention_heads",
+                format!("hidden size {hidden} is not a multiple of {heads} heads"),
+            ));
+        }
+        Ok(hidden / heads)
+    }
+
+    /// llama, mistral and qwen2 share one layout; they differ in defaults and qwen2's QKV biases.
+    fn llama(&self) -> Result<ModelConfig> {
+        let hidden = self.usize(&["hidden_size"])?;
+        let heads = self.usize(&["num_attention_heads"])?;
+        let qwen2 = self.model_type == "qwen2";
+        // Class defaults: LlamaConfig 2048 positions and eps 1e-6; MistralConfig 4096*32 and 1e-6;
+        // Qwen2Config 32768 and 1e-6. All default to untied embeddings and rope_theta 10000.
+        let default_positions = match self.model_type {
+            "mistral" => 4096 * 32,
+            "qwen2" => 32768,
+            _ => 2048,
+        };
+        // LlamaConfig's attention_bias covers Q, K, V and O; Qwen2Attention hard-codes biases on
+        // Q, K and V only.
+        let attention_bias = self.bool_or("attention_bias", false)?;
+        Ok(ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: self.usize(&["vocab_size"])?,
+            hidden_size: hidden,
+            n_layers: self.usize(&["num_hidden_layers"])?,
+            n_heads: heads,
+            n_kv_heads: self.opt_usize(&["num_key_value_heads"])?.unwrap_or(heads),
+            head_dim: self.head_dim(hidden, heads)?,
+            ffn_size: self.usize(&["intermediate_size"])?,
+            max_positions: self
+                .opt_usize(&["max_position_embeddings"])?
+                .unwrap_or(default_positions),
+            norm: Norm::RmsNorm,
+            norm_eps: self.f64_or(&["rms_norm_eps"], 1e-6)?,
+            ffn: Ffn::SwiGlu,
+            positions: Positions::Rotary {
+                theta: self.f64_or(&["rope_theta"], 10000.0)?,
+            },
+            tied_embeddings: self.bool_or("tie_word_embeddings", false)?,
+            attn_bias: qwen2 || attention_bias,
+            attn_out_bias: !qwen2 && attention_bias,
+            ffn_bias: self.bool_or("mlp_bias", false)?,
+            type_vocab_size: 0,
+            pooler: false,
+        })
+    }
+
+    /// `BertModel` with its pooler (what `AutoModel` loads); the MLM head is not part of it.
+    fn bert(&self) -> Result<ModelConfig> {
+        if let Some((name, v)) = self.get(&["position_embedding_type"]) {
+            if v.as_str() != Some("absolute") {
+                return Err(self.invalid(name, format!("{v} is not supported, only \"absolute\"")));
+            }
+        }
+        let hidden = self.usize(&["hidden_size"])?;
+        let heads = self.usize(&["num_attention_heads"])?;
+        Ok(ModelConfig {
+            arch: Arch::Bert,
+            vocab_size: self.usize(&["vocab_size"])?,
+            hidden_size: hidden,
+            n_layers: self.usize(&["num_hidden_layers"])?,
+            n_heads: heads,
+            n_kv_heads: heads,
+            head_dim: self.head_dim(hidden, heads)?,
+            ffn_size: self.usize(&["intermediate_size"])?,
+            max_positions: self.opt_usize(&["max_position_embeddings"])?.unwrap_or(512),
+            norm: Norm::LayerNorm,
+            norm_eps: self.f64_or(&["layer_norm_eps"], 1e-12)?,
+            ffn: Ffn::Gelu,
+            positions: Positions::Learned,
+            // An encoder has no output head to tie.
+            tied_embeddings: false,
+            attn_bias: true,
+            attn_out_bias: true,
+            ffn_bias: true,
+            type_vocab_size: self.opt_usize(&["type_vocab_size"])?.unwrap_or(2),
+            pooler: true,
+        })
+    }
+
+    /// GPT-2: GPT2Config's own names, with the HF aliases it maps them from also accepted.
+    fn gpt2(&self) -> Result<ModelConfig> {
+        let hidden = self.usize(&["n_embd", "hidden_size"])?;
+        let heads = self.usize(&["n_head", "num_attention_heads"])?;
+        Ok(ModelConfig {
+            arch: Arch::Gpt2,
+            vocab_size: self.usize(&["vocab_size"])?,
+            hidden_size: hidden,
+            n_layers: self.usize(&["n_layer", "num_hidden_layers"])?,
+            n_heads: heads,
+            n_kv_heads: heads,
+            head_dim: self.head_dim(hidden, heads)?,
+            // n_inner: null means 4 * n_embd.
+            ffn_size: self
+                .opt_usize(&["n_inner", "intermediate_size"])?
+                .unwrap_or(hidden.saturating_mul(4)),
+            max_positions: self
+                .opt_usize(&["n_positions", "max_position_embeddings"])?
+                .unwrap_or(1024),
+            norm: Norm::LayerNorm,
+            norm_eps: self.f64_or(&["layer_norm_epsilon"], 1e-5)?,
+            ffn: Ffn::Gelu,
+            positions: Positions::Learned,
+            // GPT2LMHeadModel always ties lm_head to wte.
+            tied_embeddings: true,
+            attn_bias: true,
+            attn_out_bias: true,
+            ffn_bias: true,
+            type_vocab_size: 0,
+            pooler: false,
+        })
+    }
+}

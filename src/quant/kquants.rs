@@ -1,0 +1,229 @@
+//! ggml's Q4_K and Q6_K "k-quant" super-blocks (256 weights each), dequantised on the CPU exactly as
+//! ggml's `dequantize_row_q4_K` / `dequantize_row_q6_K` do. wgllm has no GPU kernels for them: the
+//! GGUF loader turns such tensors into f32, which the caller may requantise to a native format.
+//!
+//! | format | bytes | layout |
+//! |---|---|---|
+//! | Q4_K | 144 | f16 d, f16 dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32, 128 bytes of nibbles |
+//! | Q6_K | 210 | 128 bytes low nibbles (ql), 64 bytes high 2-bit pairs (qh), 16 i8 scales, f16 d |
+//!
+//! Q4_K weight = `d * scale[s] * q - dmin * min[s]` for sub-block `s`; within each 64-weight chunk
+//! `c`, byte `32c + l` holds weight `64c + l` in its low nibble and `64c + 32 + l` in its high one.
+//! Q6_K weight = `d * scale[s] * (q - 32)` with 16 sub-blocks of 16 and a 6-bit q split over ql/qh.
+
+use half::f16;
+
+use crate::error::{Error, Result};
+
+/// Weights per k-quant super-block.
+pub const QK_K: usize = 256;
+/// Bytes per Q4_K super-block.
+pub const Q4_K_BYTES: usize = 144;
+/// Bytes per Q6_K super-block.
+pub const Q6_K_BYTES: usize = 210;
+
+fn h(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` (0..8) from the 12 packed
+/// bytes. Sub-blocks 0..4 use the low 6 bits of bytes j and j+4; 4..8 take their low 4 bits from
+/// byte j+4 (scale: low nibble, min: high nibble) and their top 2 bits from the spare top bits of
+/// bytes j-4 (scale) and j (min).
+pub fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+fn check(name: &str, block_bytes: usize, data: &[u8], n: usize) -> Result<usize> {
+    if !n.is_multiple_of(QK_K) {
+        return Err(Error::invalid(
+            format!("dequantize {name}"),
+            format!("{n} weights is not a multiple of the super-block length {QK_K}"),
+        ));
+    }
+    let need = n / QK_K * block_bytes;
+    if data.len() < need {
+        return Err(Error::invalid(
+            format!("dequantize {name}"),
+            format!("{} bytes given, {need} needed for {n} weights", data.len()),
+        ));
+    }
+    Ok(need)
+}
+
+/// Dequantises `n` weights (a multiple of 256) of Q4_K bytes.
+pub fn dequantize_q4_k(data: &[u8], n: usize) -> Result<Vec<f32>> {
+    let need = check("q4_K", Q4_K_BYTES, data, n)?;
+    let mut y = Vec::with_capacity(n);
+    for b in data[..need].chunks_exact(Q4_K_BYTES) {
+        let d = h(b, 0);
+        let min = h(b, 2);
+        let mut scales = [0u8; 12];
+        scales.copy_from_slice(&b[4..16]);
+        let qs = &b[16..];
+        for (c, q) in qs.chunks_exact(32).enumerate() {
+            // Same operation order as ggml (d * sc, then * q - min * m) for bit-identical results.
+            let (sc, m) = get_scale_min_k4(2 * c, &scales);
+            let (d1, m1) = (d * sc as f32, min * m as f32);
+            let (sc, m) = get_scale_min_k4(2 * c + 1, &scales);
+            let (d2, m2) = (d * sc as f32, min * m as f32);
+            y.extend(q.iter().map(|&v| d1 * (v & 0xF) as f32 - m1));
+            y.extend(q.iter().map(|&v| d2 * (v >> 4) as f32 - m2));
+        }
+    }
+    Ok(y)
+}
+
+/// Dequantises `n` weights (a multiple of 256) of Q6_K bytes.
+pub fn dequantize_q6_k(data: &[u8], n: usize) -> Result<Vec<f32>> {
+    let need = check("q6_K", Q6_K_BYTES, data, n)?;
+    let mut y = vec![0f32; n];
+    for (b, out) in data[..need]
+        .chunks_exact(Q6_K_BYTES)
+        .zip(y.chunks_exact_mut(QK_K))
+    {
+        let d = h(b, 208);
+        // Two halves of 128 weights; each uses 64 bytes of ql, 32 of qh and 8 scales.
+        for half in 0..2 {
+            let ql = &b[64 * half..64 * half + 64];
+            let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+            let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+            let y = &mut out[128 * half..128 * half + 128];
+            for l in 0..32 {
+                let is = l / 16;
+                let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                let s = |k: usize| sc[is + k] as i8 as f32;
+                y[l] = d * s(0) * q1 as f32;
+                y[l + 32] = d * s(2) * q2 as f32;
+                y[l + 64] = d * s(4) * q3 as f32;
+                y[l + 96] = d * s(6) * q4 as f32;
+            }
+        }
+    }
+    Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packs 8 six-bit scales and mins the way the format describes (written from the layout, not
+    /// from the unpacking code): bytes 0..4 scale 0..4 plus the top 2 bits of scale 4..8, bytes 4..8
+    /// min 0..4 plus the top 2 bits of min 4..8, bytes 8..12 the low nibbles of scale (low) and min
+    /// (high) 4..8.
+    fn pack(sc: [u8; 8], m: [u8; 8]) -> [u8; 12] {
+        let mut p = [0u8; 12];
+        for i in 0..4 {
+            p[i] = sc[i] | ((sc[i + 4] >> 4) << 6);
+            p[i + 4] = m[i] | ((m[i + 4] >> 4) << 6);
+            p[i + 8] = (sc[i + 4] & 15) | ((m[i + 4] & 15) << 4);
+        }
+        p
+    }
+
+    fn f16b(v: f32) -> [u8; 2] {
+        f16::from_f32(v).to_le_bytes()
+    }
+
+    #[test]
+    fn scale_min_unpacking_inverts_the_packing() {
+        let sc = [1, 63, 17, 32, 63, 0, 45, 22];
+        let m = [0, 5, 63, 40, 33, 63, 16, 1];
+        let p = pack(sc, m);
+        for j in 0..8 {
+            assert_eq!(get_scale_min_k4(j, &p), (sc[j], m[j]), "sub-block {j}");
+        }
+    }
+
+    fn q4k_block(d: f32, dmin: f32, sc: [u8; 8], m: [u8; 8], q: impl Fn(usize) -> u8) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Q4_K_BYTES);
+        b.extend_from_slice(&f16b(d));
+        b.extend_from_slice(&f16b(dmin));
+        b.extend_from_slice(&pack(sc, m));
+        // Byte 32c + l: weight 64c + l (low nibble), weight 64c + 32 + l (high nibble).
+        for c in 0..4 {
+            for l in 0..32 {
+                b.push(q(64 * c + l) | (q(64 * c + 32 + l) << 4));
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn q4_k_matches_the_layout() {
+        let (d, dmin) = (0.5f32, 0.25f32);
+        let sc = [1, 2, 3, 4, 60, 61, 62, 63];
+        let m = [7, 6, 5, 4, 40, 50, 33, 17];
+        let q = |i: usize| ((i * 7 + i / 13) % 16) as u8;
+        let mut data = q4k_block(d, dmin, sc, m, q);
+        data.extend(q4k_block(-1.0, 2.0, m, sc, |i| (15 - i % 16) as u8));
+        let y = dequantize_q4_k(&data, 512).unwrap();
+        for i in 0..256 {
+            let s = i / 32;
+            let want = d * sc[s] as f32 * q(i) as f32 - dmin * m[s] as f32;
+            assert_eq!(y[i], want, "weight {i}");
+            // d = -1: the scale term flips sign.
+            let want2 = -(m[s] as f32 * (15 - i % 16) as f32) - 2.0 * sc[s] as f32;
+            assert_eq!(y[256 + i], want2, "block 2 weight {i}");
+        }
+    }
+
+    #[test]
+    fn q4_k_zero_nibbles_give_minus_dmin_times_min() {
+        let m = [1, 2, 3, 4, 5, 6, 7, 63];
+        let data = q4k_block(3.0, 0.125, [9; 8], m, |_| 0);
+        let y = dequantize_q4_k(&data, 256).unwrap();
+        for (i, v) in y.iter().enumerate() {
+            assert_eq!(*v, -0.125 * m[i / 32] as f32, "weight {i}");
+        }
+    }
+
+    #[test]
+    fn q6_k_matches_the_layout() {
+        // Weight i in half h = i / 128, position p = i % 128, quarter k = p / 32, l = p % 32:
+        // low nibble from ql[64h + l + 32 (k odd)] (k >= 2: high nibble), high bits from
+        // qh[32h + l] bits 2k..2k+2; scale index 8h + k*2 + l/16.
+        let q = |i: usize| ((i * 5 + 3 * (i / 64)) % 64) as u8;
+        let scales: [i8; 16] = [
+            1, -2, 3, -4, 5, 127, -128, 8, 9, -10, 11, 12, -13, 14, 15, -16,
+        ];
+        let d = 0.03125f32;
+        let mut b = vec![0u8; Q6_K_BYTES];
+        for i in 0..256 {
+            let (hh, p) = (i / 128, i % 128);
+            let (k, l) = (p / 32, p % 32);
+            let qi = q(i);
+            let ql_idx = 64 * hh + l + if k % 2 == 1 { 32 } else { 0 };
+            b[ql_idx] |= if k >= 2 { (qi & 15) << 4 } else { qi & 15 };
+            b[128 + 32 * hh + l] |= (qi >> 4) << (2 * k);
+        }
+        for (j, s) in scales.iter().enumerate() {
+            b[192 + j] = *s as u8;
+        }
+        b[208..210].copy_from_slice(&f16b(d));
+        let y = dequantize_q6_k(&b, 256).unwrap();
+        for (i, v) in y.iter().enumerate() {
+            let (hh, p) = (i / 128, i % 128);
+            let s = scales[8 * hh + (p / 32) * 2 + (p % 32) / 16] as f32;
+            assert_eq!(*v, d * s * (q(i) as i32 - 32) as f32, "weight {i}");
+        }
+    }
+
+    #[test]
+    fn bad_lengths_are_errors() {
+        assert!(dequantize_q4_k(&[0; 144], 128).is_err());
+        assert!(dequantize_q4_k(&[0; 143], 256).is_err());
+        assert!(dequantize_q6_k(&[0; 209], 256).is_err());
+        assert!(dequantize_q6_k(&[0; 420], 512).is_ok());
+    }
+}

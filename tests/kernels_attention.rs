@@ -1,0 +1,319 @@
+//! KV cache store and causal attention (decode and prefill kernels) against the CPU reference, for
+//! MHA and GQA, all KV dtypes, awkward key counts, continued prefill, huge scores and refusals.
+mod common;
+use common::*;
+use wgllm::kernels::attention::{self, bytes_per_token, KvCache, KvDtype};
+use wgllm::kernels::Tensor;
+use wgllm::BufferClass::Activations;
+use wgllm::Gpu;
+
+/// Which attention entry point a case runs.
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    Auto,
+    Decode,
+    Prefill,
+}
+
+fn tensor(gpu: &Gpu, label: &str, shape: &[usize], data: &[f32]) -> Tensor {
+    gpu.tensor_from(label, Activations, shape, data).unwrap()
+}
+
+/// One attention comparison: `n_keys` random K/V rows are stored (in two chunks, so that the
+/// second store starts at pos0 > 0), then the last `m` positions attend.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    entry: Entry,
+    dtype: KvDtype,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    n_keys: usize,
+    m: usize,
+    /// Standard deviation of q and k.
+    mag: f32,
+    /// A vector of this standard deviation added to every key: a large score common to all keys.
+    k_shift: f32,
+    tol: f64,
+}
+
+/// A decode case of `n_keys` keys.
+fn case(
+    entry: Entry,
+    dtype: KvDtype,
+    heads: (usize, usize),
+    hd: usize,
+    n_keys: usize,
+    m: usize,
+) -> Case {
+    Case {
+        entry,
+        dtype,
+        n_heads: heads.0,
+        n_kv: heads.1,
+        hd,
+        n_keys,
+        m,
+        mag: 1.0,
+        k_shift: 0.0,
+        tol: NMSE_ATTN,
+    }
+}
+
+/// Runs `c` and compares with the reference on the cache's dequantised contents.
+fn check(gpu: &Gpu, c: Case) {
+    let Case {
+        n_heads,
+        n_kv,
+        hd,
+        n_keys,
+        m,
+        ..
+    } = c;
+    let what = format!("{c:?}");
+    let cache = KvCache::new(gpu, "kv", c.dtype, n_keys + 3, n_kv, hd).unwrap();
+    let row = n_kv * hd;
+    let shift = randn(row, 10, c.k_shift);
+    let mut k = randn(n_keys * row, 11, c.mag);
+    k.iter_mut()
+        .enumerate()
+        .for_each(|(i, x)| *x += shift[i % row]);
+    let v = randn(n_keys * row, 12, 1.0);
+    let pos0 = n_keys - m;
+    let mut rec = gpu.recorder();
+    let mut keep = Vec::new();
+    for (a, b) in [(0, pos0), (pos0, n_keys)] {
+        if a == b {
+            continue;
+        }
+        let kt = tensor(gpu, "k", &[b - a, n_kv, hd], &k[a * row..b * row]);
+        let vt = tensor(gpu, "v", &[b - a, n_kv, hd], &v[a * row..b * row]);
+        attention::store(&mut rec, &cache, &kt, &vt, a).unwrap();
+        keep.push((kt, vt));
+    }
+    let q = randn(m * n_heads * hd, 13, c.mag);
+    let qt = tensor(gpu, "q", &[m, n_heads, hd], &q);
+    let out = gpu.tensor("out", Activations, &[m, n_heads, hd]).unwrap();
+    let scale = 1.0 / (hd as f32).sqrt();
+    match c.entry {
+        Entry::Auto => attention::attention(&mut rec, &qt, &cache, pos0, scale, &out),
+        Entry::Decode => attention::attention_decode(&mut rec, &qt, &cache, pos0, scale, &out),
+        Entry::Prefill => attention::attention_prefill(&mut rec, &qt, &cache, pos0, scale, &out),
+    }
+    .unwrap();
+    rec.submit().unwrap();
+    let got = gpu.read(&out).unwrap();
+    assert!(
+        got.iter().all(|x| x.is_finite()),
+        "{what}: non-finite output"
+    );
+    let (kc, vc) = cache.read(gpu, n_keys).unwrap();
+    let want = attention::reference(&q, &kc, &vc, m, n_heads, n_kv, hd, pos0, scale);
+    assert_close(&what, &got, &want, c.tol);
+}
+
+/// Online softmax in f32 (GPU exp) against the f64 reference on the same cache contents; about
+/// 1e-13 is measured on lavapipe.
+const NMSE_ATTN: f64 = tol::NMSE_F32;
+/// Scores of magnitude 1e3 and more: one f32 rounding of a logit (~1e-4 absolute) shifts its
+/// weight by as much. The point of these cases is that nothing overflows to inf or NaN.
+const NMSE_HUGE_SCORES: f64 = 1e-5;
+
+#[test]
+fn store_round_trips_every_dtype() {
+    let Some(gpu) = gpu() else { return };
+    for dtype in KvDtype::ALL {
+        for (n_kv, hd) in [(3, 64), (2, 96), (1, 256)] {
+            let (ctx, pos0, m) = (9, 3, 5);
+            let cache = KvCache::new(gpu, "kv", dtype, ctx, n_kv, hd).unwrap();
+            assert_eq!(cache.k.class(), wgllm::BufferClass::KvCache);
+            assert_eq!(cache.bytes(), ctx as u64 * bytes_per_token(dtype, n_kv, hd));
+            let k = randn(m * n_kv * hd, 1, 2.0);
+            let v = randn(m * n_kv * hd, 2, 0.5);
+            let kt = tensor(gpu, "k", &[m, n_kv, hd], &k);
+            let vt = tensor(gpu, "v", &[m, n_kv, hd], &v);
+            let mut rec = gpu.recorder();
+            attention::store(&mut rec, &cache, &kt, &vt, pos0).unwrap();
+            rec.submit().unwrap();
+            let (kc, vc) = cache.read(gpu, ctx).unwrap();
+            let row = n_kv * hd;
+            for (name, all, src) in [("k", &kc, &k), ("v", &vc, &v)] {
+                let what = format!("store {dtype} {name} n_kv {n_kv} hd {hd}");
+                let held = &all[pos0 * row..(pos0 + m) * row];
+                let enc = attention::encode(dtype, src, hd).unwrap();
+                let cpu = attention::decode(dtype, &enc, hd).unwrap();
+                // f32 and f16 are exact conversions; q8_0 may differ in a rare tie of 1/d rounding.
+                let t = if dtype == KvDtype::Q8_0 {
+                    tol::NMSE_QUANT
+                } else {
+                    0.0
+                };
+                assert_close(&what, held, &cpu, t);
+                // Positions outside pos0..pos0+m stay untouched (zero).
+                assert!(
+                    all[..pos0 * row].iter().all(|&x| x == 0.0),
+                    "{what}: prefix written"
+                );
+                assert!(
+                    all[(pos0 + m) * row..].iter().all(|&x| x == 0.0),
+                    "{what}: suffix written"
+                );
+                // And the stored value is close to the input: the dtype's own rounding only.
+                let err = if dtype == KvDtype::F32 { 0.0 } else { 1e-4 };
+                assert_close(&what, held, src, err);
+            }
+        }
+    }
+}
+
+#[test]
+fn bytes_per_token_is_exact() {
+    assert_eq!(bytes_per_token(KvDtype::F32, 3, 64), 2 * 3 * 64 * 4);
+    assert_eq!(bytes_per_token(KvDtype::F16, 3, 64), 2 * 3 * 64 * 2);
+    // 34 bytes per 32 values when the block count per row is even; one padded scale half if odd.
+    assert_eq!(bytes_per_token(KvDtype::Q8_0, 3, 64), 2 * 3 * 64 * 34 / 32);
+    assert_eq!(
+        bytes_per_token(KvDtype::Q8_0, 8, 128),
+        2 * 8 * 128 * 34 / 32
+    );
+    assert_eq!(bytes_per_token(KvDtype::Q8_0, 1, 96), 2 * (96 + 8));
+}
+
+/// Query/kv head counts: MHA, SmolLM2's 9/3, and 4/1.
+const HEADS: [(usize, usize); 3] = [(4, 4), (9, 3), (4, 1)];
+
+#[test]
+fn decode_matches_reference_mha_and_gqa() {
+    let Some(gpu) = gpu() else { return };
+    for heads in HEADS {
+        // Key counts below, between and above multiples of the 64-thread workgroup.
+        for n_keys in [1, 37, 300] {
+            check(gpu, case(Entry::Auto, KvDtype::F32, heads, 64, n_keys, 1));
+        }
+    }
+}
+
+#[test]
+fn decode_matches_reference_every_dtype_and_head_dim() {
+    let Some(gpu) = gpu() else { return };
+    for dtype in KvDtype::ALL {
+        // 96: an odd number of q8_0 blocks per row; 256: the largest head_dim.
+        for (hd, n_keys) in [(64, 70), (96, 129), (256, 65)] {
+            check(gpu, case(Entry::Decode, dtype, (6, 2), hd, n_keys, 1));
+        }
+    }
+}
+
+#[test]
+fn prefill_matches_reference_from_empty_and_continued_cache() {
+    let Some(gpu) = gpu() else { return };
+    for entry in [Entry::Auto, Entry::Prefill, Entry::Decode] {
+        for heads in HEADS {
+            // From position 0 (37 tokens: two 16-token tiles and a ragged one), and continuing a
+            // cache that already holds 20, 5 and 3 positions.
+            for (n_keys, m) in [(37, 37), (37, 17), (6, 1), (40, 35), (5, 2)] {
+                check(gpu, case(entry, KvDtype::F32, heads, 64, n_keys, m));
+            }
+        }
+    }
+}
+
+#[test]
+fn prefill_matches_reference_every_dtype() {
+    let Some(gpu) = gpu() else { return };
+    for dtype in KvDtype::ALL {
+        for (hd, n_keys, m) in [(32, 50, 19), (128, 33, 33)] {
+            check(gpu, case(Entry::Prefill, dtype, (4, 2), hd, n_keys, m));
+        }
+        // head_dim over the tiled kernel's limit: attention() falls back to the decode kernel.
+        check(gpu, case(Entry::Auto, dtype, (2, 1), 256, 20, 9));
+    }
+}
+
+#[test]
+fn huge_scores_stay_finite() {
+    let Some(gpu) = gpu() else { return };
+    for entry in [Entry::Decode, Entry::Prefill] {
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let base = Case {
+                tol: NMSE_HUGE_SCORES,
+                ..case(entry, dtype, (4, 2), 64, 100, 20)
+            };
+            // q, k ~ N(0, 30^2): scores ~1e3, exp overflows f32 without the running max; and 1e3:
+            // scores ~1e6, a nearly one-hot softmax.
+            check(gpu, Case { mag: 30.0, ..base });
+            check(gpu, Case { mag: 1e3, ..base });
+            // A shift common to all keys: every score ~1e3 with differences ~1, so the weights
+            // stay spread out and only subtracting the maximum keeps exp finite.
+            check(
+                gpu,
+                Case {
+                    k_shift: 1e3,
+                    ..base
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn refusals_happen_before_dispatch() {
+    let Some(gpu) = gpu() else { return };
+    let cache = KvCache::new(gpu, "kv", KvDtype::F16, 8, 2, 64).unwrap();
+    let kv = |m: usize| gpu.tensor("kv-in", Activations, &[m, 2, 64]).unwrap();
+    let q = |shape: &[usize]| gpu.tensor("q", Activations, shape).unwrap();
+    let mut rec = gpu.recorder();
+    let invalid =
+        |e: wgllm::Error| assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    let shape = |e: wgllm::Error| assert!(matches!(e, wgllm::Error::ShapeMismatch { .. }), "{e}");
+
+    // Past the context: store and attention.
+    invalid(attention::store(&mut rec, &cache, &kv(3), &kv(3), 6).unwrap_err());
+    invalid(
+        attention::attention(&mut rec, &q(&[3, 4, 64]), &cache, 6, 1.0, &q(&[3, 4, 64]))
+            .unwrap_err(),
+    );
+    invalid(
+        attention::attention_decode(&mut rec, &q(&[1, 4, 64]), &cache, 8, 1.0, &q(&[1, 4, 64]))
+            .unwrap_err(),
+    );
+    // Heads not a multiple of kv heads.
+    invalid(
+        attention::attention(&mut rec, &q(&[1, 3, 64]), &cache, 0, 1.0, &q(&[1, 3, 64]))
+            .unwrap_err(),
+    );
+    // Wrong shapes: head_dim, rank, K vs V, out vs q, kv heads of the input.
+    shape(
+        attention::attention(&mut rec, &q(&[1, 4, 32]), &cache, 0, 1.0, &q(&[1, 4, 32]))
+            .unwrap_err(),
+    );
+    shape(attention::attention(&mut rec, &q(&[4, 64]), &cache, 0, 1.0, &q(&[4, 64])).unwrap_err());
+    shape(
+        attention::attention(&mut rec, &q(&[2, 4, 64]), &cache, 0, 1.0, &q(&[1, 4, 64]))
+            .unwrap_err(),
+    );
+    shape(attention::store(&mut rec, &cache, &kv(2), &kv(3), 0).unwrap_err());
+    let k3 = gpu.tensor("k", Activations, &[1, 3, 64]).unwrap();
+    shape(attention::store(&mut rec, &cache, &k3, &k3, 0).unwrap_err());
+    // out aliasing q.
+    let qq = q(&[1, 4, 64]);
+    invalid(attention::attention(&mut rec, &qq, &cache, 0, 1.0, &qq).unwrap_err());
+    assert!(rec.is_empty(), "nothing may be recorded");
+
+    // Cache shapes each dtype cannot hold.
+    invalid(KvCache::new(gpu, "kv", KvDtype::Q8_0, 8, 2, 48).unwrap_err());
+    invalid(KvCache::new(gpu, "kv", KvDtype::F16, 8, 2, 6).unwrap_err());
+    invalid(KvCache::new(gpu, "kv", KvDtype::F32, 8, 2, 512).unwrap_err());
+    invalid(KvCache::new(gpu, "kv", KvDtype::F32, 0, 2, 64).unwrap_err());
+    invalid(
+        attention::attention_prefill(
+            &mut rec,
+            &q(&[2, 1, 256]),
+            &KvCache::new(gpu, "kv", KvDtype::F32, 4, 1, 256).unwrap(),
+            0,
+            1.0,
+            &q(&[2, 1, 256]),
+        )
+        .unwrap_err(),
+    );
+}

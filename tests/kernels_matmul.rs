@@ -1,0 +1,176 @@
+//! The matrix kernels (decode matvec, prefill matmul) in every weight format against the CPU
+//! reference on the dequantised weights: awkward shapes, sharded weights, one f32 weight larger
+//! than the device's binding limit, and shape checks before dispatch.
+
+mod common;
+use std::sync::RwLock;
+
+use common::*;
+use wgllm::kernels::{matmul, Tensor, WeightMatrix};
+use wgllm::quant::{dequantize, quantize, WeightFormat};
+use wgllm::BufferClass::Activations;
+use wgllm::Gpu;
+
+/// Lowering the binding limit changes how every upload in this process is sharded: tests that
+/// upload take it shared, the test that lowers it takes it exclusively.
+static BINDING_LIMIT: RwLock<()> = RwLock::new(());
+
+fn tolerance(f: WeightFormat) -> f64 {
+    match f {
+        WeightFormat::F32 => tol::NMSE_F32,
+        WeightFormat::F16 => tol::NMSE_F16_WEIGHTS,
+        _ => tol::NMSE_QUANT,
+    }
+}
+
+/// Row length: not a multiple of any workgroup size (37 blocks for the quantised formats).
+fn awkward_cols(f: WeightFormat) -> usize {
+    if f.is_quantized() {
+        32 * 37
+    } else {
+        1001
+    }
+}
+
+/// Random weights uploaded in `f`, and the same weights dequantised for the reference.
+fn weights(
+    gpu: &Gpu,
+    f: WeightFormat,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> (WeightMatrix, Vec<f32>) {
+    let w = randn(rows * cols, seed, 1.0);
+    let wm = gpu.upload_weights_f32("w", f, rows, cols, &w).unwrap();
+    let mut deq = Vec::with_capacity(w.len());
+    for row in w.chunks(cols) {
+        deq.extend(dequantize(f, &quantize(f, row).unwrap(), cols).unwrap());
+    }
+    (wm, deq)
+}
+
+/// Runs matvec (m = None) or matmul over `m` tokens and compares with the reference.
+fn check(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], m: Option<usize>, seed: u64) {
+    let (rows, cols) = (wm.rows, wm.cols);
+    let tokens = m.unwrap_or(1);
+    let xd = randn(tokens * cols, seed, 1.0);
+    let (xs, ys) = match m {
+        None => (vec![cols], vec![rows]),
+        Some(m) => (vec![m, cols], vec![m, rows]),
+    };
+    let x = gpu.tensor_from("x", Activations, &xs, &xd).unwrap();
+    let y = gpu.tensor("y", Activations, &ys).unwrap();
+    let mut rec = gpu.recorder();
+    match m {
+        None => matmul::matvec(&mut rec, wm, &x, &y).unwrap(),
+        Some(_) => matmul::matmul(&mut rec, wm, &x, &y).unwrap(),
+    }
+    assert_eq!(rec.len(), wm.shards.len(), "one dispatch per shard");
+    rec.submit().unwrap();
+    let what = format!(
+        "{} {} {rows}x{cols} m={m:?} ({} shards)",
+        if m.is_some() { "matmul" } else { "matvec" },
+        wm.format,
+        wm.shards.len()
+    );
+    assert_close(
+        &what,
+        &gpu.read(&y).unwrap(),
+        &matmul::reference(deq, rows, cols, &xd, tokens),
+        tolerance(wm.format),
+    );
+}
+
+#[test]
+fn matvec_matches_reference_in_every_format() {
+    let Some(gpu) = gpu() else { return };
+    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
+    for f in WeightFormat::ALL {
+        let k = awkward_cols(f);
+        // One row; rows not a multiple of the 4 per workgroup; a small model's square matrix.
+        for (i, (rows, cols)) in [(1, k), (13, k), (67, 64), (576, 576)]
+            .into_iter()
+            .enumerate()
+        {
+            let (wm, deq) = weights(gpu, f, rows, cols, 10 + i as u64);
+            check(gpu, &wm, &deq, None, 20 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_reference_in_every_format() {
+    let Some(gpu) = gpu() else { return };
+    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
+    for f in WeightFormat::ALL {
+        let k = awkward_cols(f);
+        let (wm, deq) = weights(gpu, f, 67, k, 30);
+        for m in [1, 7, 33] {
+            check(gpu, &wm, &deq, Some(m), 40 + m as u64);
+        }
+        // Several tiles both ways, partial at both edges.
+        let (wm, deq) = weights(gpu, f, 130, 96, 31);
+        check(gpu, &wm, &deq, Some(70), 50);
+    }
+}
+
+#[test]
+fn sharded_weights_match_reference() {
+    let Some(gpu) = gpu() else { return };
+    let _exclusive = BINDING_LIMIT.write().unwrap_or_else(|e| e.into_inner());
+    gpu.set_max_binding(8 << 10);
+    let uploaded: Vec<_> = WeightFormat::ALL
+        .into_iter()
+        .map(|f| weights(gpu, f, 150, 320, 60))
+        .collect();
+    gpu.set_max_binding(u64::MAX);
+    for (wm, deq) in &uploaded {
+        assert!(
+            wm.shards.len() > 2,
+            "{}: {} shards",
+            wm.format,
+            wm.shards.len()
+        );
+        check(gpu, wm, deq, None, 61);
+        check(gpu, wm, deq, Some(7), 62);
+    }
+}
+
+#[test]
+fn f32_weight_past_the_binding_limit_is_sharded() {
+    let Some(gpu) = gpu() else { return };
+    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
+    let (rows, cols) = (8320, 4096);
+    let w = randn(rows * cols, 70, 1.0);
+    let bytes = (rows * cols * 4) as u64;
+    let wm = gpu
+        .upload_weights_f32("big", WeightFormat::F32, rows, cols, &w)
+        .unwrap();
+    assert!(
+        bytes > gpu.limits.max_storage_buffer_binding_size && wm.shards.len() >= 2,
+        "{bytes} bytes in {} shards (binding limit {})",
+        wm.shards.len(),
+        gpu.limits.max_storage_buffer_binding_size
+    );
+    check(gpu, &wm, &w, None, 71);
+}
+
+#[test]
+fn shape_mismatches_are_refused_before_dispatch() {
+    let Some(gpu) = gpu() else { return };
+    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
+    let (wm, _) = weights(gpu, WeightFormat::Q4_0, 8, 64, 80);
+    let t = |shape: &[usize]| -> Tensor { gpu.tensor("t", Activations, shape).unwrap() };
+    let refused = |r: wgllm::Result<()>| {
+        let e = r.unwrap_err();
+        assert!(matches!(e, wgllm::Error::ShapeMismatch { .. }), "{e}");
+    };
+    let mut rec = gpu.recorder();
+    refused(matmul::matvec(&mut rec, &wm, &t(&[63]), &t(&[8])));
+    refused(matmul::matvec(&mut rec, &wm, &t(&[64]), &t(&[9])));
+    refused(matmul::matvec(&mut rec, &wm, &t(&[2, 64]), &t(&[2, 8])));
+    refused(matmul::matmul(&mut rec, &wm, &t(&[3, 65]), &t(&[3, 8])));
+    refused(matmul::matmul(&mut rec, &wm, &t(&[3, 64]), &t(&[4, 8])));
+    refused(matmul::matmul(&mut rec, &wm, &t(&[3, 64]), &t(&[3, 7])));
+    assert!(rec.is_empty());
+}

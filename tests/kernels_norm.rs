@@ -1,0 +1,109 @@
+//! RMSNorm and LayerNorm against their f64 CPU references on awkward row lengths, plus shape checks.
+mod common;
+use common::*;
+use wgllm::kernels::norm;
+use wgllm::BufferClass::Activations;
+
+const SIZES: [(usize, usize); 7] = [
+    (1, 1),
+    (1, 7),
+    (3, 255),
+    (2, 257),
+    (5, 1000),
+    (1, 4096),
+    (9, 64),
+];
+
+#[test]
+fn rms_norm_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (m, n) in SIZES {
+        let x = randn(m * n, 1, 2.0);
+        let g = randn(n, 2, 1.0);
+        let tx = gpu.tensor_from("x", Activations, &[m, n], &x).unwrap();
+        let tg = gpu.tensor_from("gamma", Activations, &[n], &g).unwrap();
+        let out = gpu.tensor("out", Activations, &[m, n]).unwrap();
+        let mut rec = gpu.recorder();
+        norm::rms_norm(&mut rec, &tx, &tg, 1e-6, &out).unwrap();
+        rec.submit().unwrap();
+        assert_close(
+            &format!("rms_norm {m}x{n}"),
+            &gpu.read(&out).unwrap(),
+            &norm::rms_norm_reference(&x, &g, 1e-6),
+            tol::NMSE_F32,
+        );
+    }
+}
+
+#[test]
+fn layer_norm_matches_reference_even_with_a_large_mean() {
+    let Some(gpu) = gpu() else { return };
+    for (m, n) in SIZES {
+        // An offset of 1000 standard deviations: a one-pass E[x^2] - E[x]^2 variance would lose
+        // most of its digits here.
+        let x: Vec<f32> = randn(m * n, 3, 1.0).iter().map(|v| v + 1000.0).collect();
+        let g = randn(n, 4, 1.0);
+        let b = randn(n, 5, 1.0);
+        let tx = gpu.tensor_from("x", Activations, &[m, n], &x).unwrap();
+        let tg = gpu.tensor_from("gamma", Activations, &[n], &g).unwrap();
+        let tb = gpu.tensor_from("beta", Activations, &[n], &b).unwrap();
+        let out = gpu.tensor("out", Activations, &[m, n]).unwrap();
+        let mut rec = gpu.recorder();
+        norm::layer_norm(&mut rec, &tx, &tg, &tb, 1e-5, &out).unwrap();
+        rec.submit().unwrap();
+        // An f32 mean of values near 1000 is good to a few ulps of 1000 (~1e-4), which is ~1e-4
+        // relative to the unit deviations whatever the algorithm: compare at that resolution. A
+        // one-pass variance would be off by far more (E[x^2] ~ 1e6 has ulps of 0.06).
+        let want = norm::layer_norm_reference(&x, &g, &b, 1e-5);
+        let got = gpu.read(&out).unwrap();
+        if n > 1 {
+            assert_close(&format!("layer_norm {m}x{n}"), &got, &want, 1e-7);
+        } else {
+            // One column: the row is its own mean, the output is beta exactly.
+            assert_close(&format!("layer_norm {m}x{n}"), &got, &want, tol::NMSE_F32);
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_reference_on_centred_data() {
+    let Some(gpu) = gpu() else { return };
+    for (m, n) in SIZES {
+        let x = randn(m * n, 6, 3.0);
+        let g = randn(n, 7, 1.0);
+        let b = randn(n, 8, 1.0);
+        let tx = gpu.tensor_from("x", Activations, &[m, n], &x).unwrap();
+        let tg = gpu.tensor_from("gamma", Activations, &[n], &g).unwrap();
+        let tb = gpu.tensor_from("beta", Activations, &[n], &b).unwrap();
+        let out = gpu.tensor("out", Activations, &[m, n]).unwrap();
+        let mut rec = gpu.recorder();
+        norm::layer_norm(&mut rec, &tx, &tg, &tb, 1e-5, &out).unwrap();
+        rec.submit().unwrap();
+        assert_close(
+            &format!("layer_norm {m}x{n}"),
+            &gpu.read(&out).unwrap(),
+            &norm::layer_norm_reference(&x, &g, &b, 1e-5),
+            tol::NMSE_F32,
+        );
+    }
+}
+
+#[test]
+fn norms_refuse_bad_shapes_before_dispatch() {
+    let Some(gpu) = gpu() else { return };
+    let x = gpu.tensor("x", Activations, &[2, 8]).unwrap();
+    let g8 = gpu.tensor("g8", Activations, &[8]).unwrap();
+    let g7 = gpu.tensor("g7", Activations, &[7]).unwrap();
+    let out = gpu.tensor("out", Activations, &[2, 8]).unwrap();
+    let out_bad = gpu.tensor("out_bad", Activations, &[8, 2]).unwrap();
+    let mut rec = gpu.recorder();
+    let shape = |e: wgllm::Error| assert!(matches!(e, wgllm::Error::ShapeMismatch { .. }), "{e}");
+    shape(norm::rms_norm(&mut rec, &x, &g7, 1e-6, &out).unwrap_err());
+    shape(norm::rms_norm(&mut rec, &x, &g8, 1e-6, &out_bad).unwrap_err());
+    shape(norm::layer_norm(&mut rec, &x, &g8, &g7, 1e-5, &out).unwrap_err());
+    shape(norm::layer_norm(&mut rec, &x, &g7, &g8, 1e-5, &out).unwrap_err());
+    // In place is refused (one buffer cannot be bound read-only and read-write at once).
+    assert!(norm::rms_norm(&mut rec, &x, &g8, 1e-6, &x).is_err());
+    assert!(norm::rms_norm(&mut rec, &x, &g8, f32::NAN, &out).is_err());
+    assert!(rec.is_empty());
+}

@@ -1,0 +1,51 @@
+//! Every WGSL kernel is validated by naga without a device and translated to SPIR-V (Vulkan), MSL
+//! (Metal) and HLSL (DX12), so portability is checked even where no such GPU is at hand.
+
+
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+use wgllm::gpu::shaders::SHADERS;
+
+fn translate(name: &str, src: &str) -> Result<(), String> {
+    let module = naga::front::wgsl::parse_str(src).map_err(|e| format!("parse: {}", e.emit_to_string(src)))?;
+    // Validate as a WebGPU device without optional features would: no f16, no subgroups.
+    let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+        .validate(&module)
+        .map_err(|e| format!("validate (no optional capabilities): {}", e.emit_to_string(src)))?;
+    let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &naga::back::PipelineConstants::default())
+        .map_err(|e| format!("overrides: {e}"))?;
+    if module.entry_points.is_empty() {
+        return Err("no entry points".into());
+    }
+    naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None).map_err(|e| format!("SPIR-V: {e}"))?;
+    let msl_opts = naga::back::msl::Options { fake_missing_bindings: true, ..Default::default() };
+    naga::back::msl::write_string(&module, &info, &msl_opts, &naga::back::msl::PipelineOptions::default())
+        .map_err(|e| format!("MSL: {e}"))?;
+    let hlsl_opts = naga::back::hlsl::Options { fake_missing_bindings: true, ..Default::default() };
+    let pipe = naga::back::hlsl::PipelineOptions { entry_point: None };
+    let mut out = String::new();
+    naga::back::hlsl::Writer::new(&mut out, &hlsl_opts, &pipe).write(&module, &info, None).map_err(|e| format!("HLSL: {e}"))?;
+    let _ = name;
+    Ok(())
+}
+
+#[test]
+fn every_shader_validates_and_translates_to_spirv_msl_hlsl() {
+    assert!(!SHADERS.is_empty(), "no shaders embedded");
+    let failures: Vec<String> =
+        SHADERS.iter().filter_map(|(name, src)| translate(name, src).err().map(|e| format!("{name}.wgsl: {e}"))).collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn the_registry_holds_every_file_in_shaders_dir() {
+    let on_disk: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wgsl"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for n in &on_disk {
+        assert!(SHADERS.iter().any(|(s, _)| s == n), "{n}.wgsl not embedded");
+    }
+}
