@@ -1,5 +1,6 @@
-// Causal attention of m query tokens over one layer's KV cache, with grouped-query attention.
-// Query token t (position pos0 + t), head h attends keys 0..=pos0+t of kv head h / group with a
+// Attention of m query tokens over one layer's KV cache, with grouped-query attention. Causal
+// (decoders): query token t (position pos0 + t), head h attends keys 0..=pos0+t of kv head
+// h / group. Bidirectional (encoders, causal == 0): every query attends keys 0..n_keys. Both use a
 // numerically stable online softmax (flash-attention style): scores live only in workgroup memory.
 // Bindings: 0 = q (read, f32 [m, n_heads, head_dim]), 1 = k_cache, 2 = v_cache (read, u32 words in
 // the row layout of shaders/kv_cache.wgsl), 3 = out (read_write, f32 like q), 4 = params.
@@ -22,9 +23,9 @@ struct Params {
     row_words: u32,   // u32 words of one cache row (one position, one kv head)
     n_wg: u32,        // workgroups that do work
     scale: f32,
+    causal: u32,      // 1: keys 0..=pos0+t; 0: keys 0..n_keys for every query
+    n_keys: u32,      // keys every query sees when causal == 0
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
@@ -104,7 +105,7 @@ fn attend_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (lid < hd4) {
         r_q[lid] = q[wg * hd4 + lid] * p.scale;
     }
-    let n_keys = p.pos0 + t + 1u;
+    let n_keys = select(p.n_keys, p.pos0 + t + 1u, p.causal != 0u);
     // V phase: thread = (vec4 column dq, key subset kg of n_kg); the rest idle there.
     let n_kg = WG / hd4;
     let dq = lid % hd4;
@@ -210,7 +211,7 @@ fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     // Softmax state of query row `lid` (threads 0..TQ-1 only).
     var m_run = NEG;
     var l = 0.0;
-    let n_keys = p.pos0 + q0 + nq;
+    let n_keys = select(p.n_keys, p.pos0 + q0 + nq, p.causal != 0u);
     // S phase: thread = (key kj, queries qb, qb+4, qb+8, qb+12).
     let kj = lid % TK;
     let qb = lid / TK;
@@ -234,8 +235,10 @@ fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         }
         for (var r = 0u; r < 4u; r++) {
             let qi = qb + 4u * r;
-            // Causal mask: key kb + kj is visible to query position pos0 + q0 + qi.
-            t_p[qi * TK + kj] = select(NEG, s[r], kb + kj <= p.pos0 + q0 + qi);
+            // Key kb + kj exists, and (causal) is visible to query position pos0 + q0 + qi.
+            let j = kb + kj;
+            let visible = j < n_keys && (p.causal == 0u || j <= p.pos0 + q0 + qi);
+            t_p[qi * TK + kj] = select(NEG, s[r], visible);
         }
         workgroupBarrier();
         if (lid < TQ) {

@@ -1,5 +1,6 @@
 // Rotary position embedding, IN PLACE on x [m, n_heads, head_dim]; one invocation per rotated pair.
-// Token t has position pos0 + t; pair i (i < rot_dim / 2) rotates by angle pos * theta^(-2i/rot_dim):
+// Token t has position pos = pos0 + t; pair i (i < rot_dim / 2) turns by pos * freq_i radians,
+// freq_i given by the host (theta^(-2i/rot_dim), or a scaled variant):
 //   mode 0 (interleaved, GGUF/llama.cpp "normal"): elements (2i, 2i + 1) of each head;
 //   mode 1 (half, HF rotate_half / NeoX):          elements (i, i + rot_dim / 2).
 // Elements from rot_dim to head_dim (partial rotary) are left untouched.
@@ -12,10 +13,11 @@ struct Params {
     rot_dim: u32,
     pos0: u32,
     mode: u32,
-    // log2(theta) / rot_dim split as hi + lo, where hi has only 12 significant bits so that
-    // f32(2i) * hi is exact for 2i < 4096 (see freq()).
-    lt_hi: f32,
-    lt_lo: f32,
+    _pad0: u32,
+    _pad1: u32,
+    // freq_i / 2pi (turns per position) as an unevaluated sum hi + lo of two f32, computed in f64
+    // on the host: q[k] = (hi, lo) of pair 2k, then (hi, lo) of pair 2k + 1. Up to 256 pairs.
+    q: array<vec4<f32>, 128>,
 }
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
@@ -23,18 +25,23 @@ struct Params {
 
 const WG: u32 = 256u;
 const TWO_PI: f32 = 6.283185307179586;
-const INV_TWO_PI: f32 = 0.15915494309189535;
 
-// theta^(-2i/rot_dim) = 2^-(2i * log2(theta) / rot_dim). Evaluating the exponent e (up to ~20) in
-// plain f32 would cost |e| * 2^-24 of relative error in the result (~1e-6); instead the exact part
-// 2i * hi is split into an integer n and an exact fraction, so exp2 only sees a small argument and
-// the power of two is applied exactly with ldexp. Result: a few ulps.
-fn freq(i: u32) -> f32 {
-    let j = f32(2u * i);
-    let a = j * p.lt_hi;
-    let n = floor(a);
-    let f = (a - n) + j * p.lt_lo;
-    return ldexp(exp2(-f), -i32(n));
+// x - round(x): exact for any f32.
+fn frac(v: f32) -> f32 {
+    return v - round(v);
+}
+
+// The fractional part of pos * (hi + lo) turns, within a few 1e-8 for every pos < 2^24, where a plain
+// f32 angle pos * freq would be off by ~pos * freq * 2^-24 (0.01 rad at position 1e5) and then hit
+// the device's large-argument sin/cos. pos and hi are each cut into two 12-bit halves, so the four
+// partial products are exact and their whole turns drop out exactly; pos * lo is tiny.
+fn turns(pos: u32, hi: f32, lo: f32) -> f32 {
+    let p1 = f32(pos >> 12u) * 4096.0;
+    let p2 = f32(pos & 0xfffu);
+    let h1 = bitcast<f32>(bitcast<u32>(hi) & 0xfffff000u);
+    let h2 = hi - h1;
+    let f = frac(p2 * h2) + frac(f32(pos) * lo) + frac(p2 * h1) + frac(p1 * h2) + frac(p1 * h1);
+    return frac(f);
 }
 
 @compute @workgroup_size(256)
@@ -54,11 +61,10 @@ fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         a = base + 2u * i;
         b = a + 1u;
     }
-    // The angle is formed in turns and its whole turns dropped exactly, so sin/cos only ever see
-    // [-pi, pi]: implementations reduce large arguments with errors well above the f32 rounding of
-    // the angle itself (lavapipe: ~7x at position 1e5).
-    let turns = f32(p.pos0 + t) * (freq(i) * INV_TWO_PI);
-    let angle = (turns - round(turns)) * TWO_PI;
+    let qv = p.q[i / 2u];
+    let q = select(qv.xy, qv.zw, (i % 2u) == 1u);
+    // |angle| <= pi: sin/cos never see a large argument.
+    let angle = turns(p.pos0 + t, q.x, q.y) * TWO_PI;
     let c = cos(angle);
     let s = sin(angle);
     let x0 = x[a];

@@ -11,8 +11,10 @@ pub mod gpu;
 pub mod kernels;
 pub mod loader;
 pub mod model;
+pub mod plan;
 pub mod quant;
 pub mod sampler;
+pub mod selftest;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -36,6 +36,45 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text (default model: SmolLM2-135M-Instruct, fetched on first use).
+    Run {
+        /// The prompt.
+        prompt: String,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Tokens to generate.
+        #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+        n_predict: usize,
+        /// Wrap the prompt in the model's chat template (from its metadata).
+        #[arg(long)]
+        chat: bool,
+    },
+    /// Print the top logits of the last prompt token (compare with any other runtime).
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 10)]
+        top_k: usize,
+        /// Logits of every prompt position, not only the last.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Perplexity of a text file, as llama.cpp's `perplexity` computes it.
+    Perplexity {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The text file.
+        #[arg(short = 'f', long)]
+        file: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks: `bench kernels` times the matrix kernels per precision.
     Bench {
         #[command(subcommand)]
@@ -64,6 +103,66 @@ enum BenchCmd {
     },
 }
 
+/// Which model to load and how.
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// A GGUF file or a Hugging Face directory (config.json + safetensors); default: SmolLM2.
+    #[arg(short = 'm', long)]
+    model: Option<std::path::PathBuf>,
+    /// Context length (KV cache positions).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 2048)]
+    ctx: usize,
+    /// KV cache type: f32, f16 or q8_0.
+    #[arg(long, default_value = "f16")]
+    kv: String,
+    /// Quantise safetensors weights on load: f32, f16, int8 (q8_0) or int4 (q4_0), or a format name.
+    #[arg(long)]
+    precision: Option<String>,
+    /// Tokens per prefill chunk.
+    #[arg(long, default_value_t = 64)]
+    chunk: usize,
+}
+
+/// Sampling flags, named as llama.cpp names them.
+#[derive(clap::Args, Clone)]
+struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Random seed (default: from the clock).
+    #[arg(short = 's', long)]
+    seed: Option<u64>,
+}
+
+fn parse_precision(s: &str) -> Result<wgllm::quant::WeightFormat> {
+    use wgllm::quant::WeightFormat;
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "int8" => WeightFormat::Q8_0,
+        "int4" => WeightFormat::Q4_0,
+        other => WeightFormat::parse(other)?,
+    })
+}
+
+fn load_model(gpu: &Gpu, m: &ModelArgs, all_logits: bool) -> Result<wgllm::model::load::LoadedLm> {
+    use wgllm::model::llama::RunOptions;
+    let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |s| eprintln!("{s}"))?;
+    let precision = m.precision.as_deref().map(parse_precision).transpose()?;
+    let kv = wgllm::kernels::attention::KvDtype::parse(&m.kv)?;
+    let opts = RunOptions { ctx: m.ctx, kv_dtype: kv, chunk: m.chunk.max(1), all_logits };
+    let t = std::time::Instant::now();
+    let lm = wgllm::model::load::load_lm(gpu, &path, precision, opts).with_context(|| format!("loading {}", path.display()))?;
+    eprintln!("loaded {} in {:.1} s on {}", lm.description, t.elapsed().as_secs_f64(), gpu.info.name);
+    Ok(lm)
+}
+
 fn gpu_options(cli: &Cli) -> GpuOptions {
     GpuOptions { adapter: cli.device, budget: cli.budget, ..Default::default() }
 }
@@ -76,6 +175,18 @@ fn main() -> Result<()> {
         Cmd::Selftest { json } => {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
             selftest(&gpu, *json)
+        }
+        Cmd::Run { prompt, model, sampling, n_predict, chat } => {
+            let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
+            run(&gpu, prompt, model, sampling, *n_predict, *chat)
+        }
+        Cmd::Logits { model, prompt, top_k, all, json } => {
+            let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
+            logits(&gpu, model, prompt, *top_k, *all, *json)
+        }
+        Cmd::Perplexity { model, file, json } => {
+            let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
+            perplexity(&gpu, model, file, *json)
         }
         Cmd::Bench { what: BenchCmd::Kernels { formats, tokens, quick, reps, json } } => {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
@@ -135,8 +246,35 @@ fn yes(b: bool) -> &'static str {
 }
 
 fn selftest(gpu: &Gpu, json: bool) -> Result<()> {
-    let _ = (gpu, json);
-    anyhow::bail!("selftest: not wired yet")
+    if !json {
+        println!("selftest on {}", gpu.describe());
+        println!("features: shader-f16 {}, subgroups {}, timestamps {}", yes(gpu.caps.shader_f16), yes(gpu.caps.subgroups), yes(gpu.caps.timestamps));
+    }
+    let checks = wgllm::selftest::run(gpu, &mut |c| {
+        if !json {
+            match &c.error {
+                Some(e) => println!("FAIL  {:<44} error: {e}", c.name),
+                None => println!(
+                    "{}  {:<44} nmse {:.2e} (tolerance {:.0e}), max |err| {:.2e}",
+                    if c.passed { "pass" } else { "FAIL" },
+                    c.name,
+                    c.nmse,
+                    c.tolerance,
+                    c.max_abs_err
+                ),
+            }
+        }
+    });
+    let failed = checks.iter().filter(|c| !c.passed).count();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"device": gpu.describe(), "checks": checks, "failed": failed}))?);
+    } else {
+        println!("{} passed, {} failed", checks.len() - failed, failed);
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} kernel check(s) failed on {}", gpu.info.name);
+    }
+    Ok(())
 }
 
 fn bench_kernels(gpu: &Gpu, formats: Option<&[String]>, tokens: &[usize], quick: bool, reps: usize, json: bool) -> Result<()> {
@@ -165,6 +303,109 @@ fn bench_kernels(gpu: &Gpu, formats: Option<&[String]>, tokens: &[usize], quick:
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.to_table());
+    }
+    Ok(())
+}
+
+fn run(gpu: &Gpu, prompt: &str, m: &ModelArgs, s: &SamplingArgs, n: usize, chat: bool) -> Result<()> {
+    use std::io::Write;
+    use wgllm::sampler::{Sampler, SamplerConfig};
+    let mut lm = load_model(gpu, m, false)?;
+    let text = if chat {
+        let tmpl = lm.chat_template.as_deref().context("--chat: the model has no chat template in its metadata")?;
+        let tok = &lm.tokenizer;
+        let name = |id: Option<u32>| id.and_then(|i| tok.decode(&[i]).ok()).unwrap_or_default();
+        wgllm::model::generate::apply_chat_template(tmpl, prompt, &name(tok.bos), &name(tok.eos))?
+    } else {
+        prompt.to_string()
+    };
+    let ids = lm.tokenizer.encode(&text, true)?;
+    let seed = s.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n,
+        seed,
+    });
+    print!("{text}");
+    std::io::stdout().flush()?;
+    let (_, stats) = wgllm::model::generate::generate(lm.model.as_mut(), gpu, &lm.tokenizer, &ids, n, &mut sampler, &mut |t| {
+        print!("{t}");
+        std::io::stdout().flush().is_ok()
+    })?;
+    println!();
+    eprintln!(
+        "\nprefill: {} tokens in {:.2} s ({:.2} tokens/s); decode: {} tokens in {:.2} s ({:.2} tokens/s){}",
+        stats.prompt_tokens,
+        stats.prefill_secs,
+        stats.prefill_tps(),
+        stats.generated_tokens,
+        stats.decode_secs,
+        stats.decode_tps(),
+        if stats.stopped_at_eos { "; stopped at EOS" } else { "" }
+    );
+    eprint!("GPU memory (VRAM ledger):\n{}", gpu.ledger.report().to_table());
+    Ok(())
+}
+
+fn top_k_of(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut v: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.truncate(k);
+    v
+}
+
+fn logits(gpu: &Gpu, m: &ModelArgs, prompt: &str, k: usize, all: bool, json: bool) -> Result<()> {
+    let mut lm = load_model(gpu, m, all)?;
+    let ids = lm.tokenizer.encode(prompt, true)?;
+    let vocab = lm.config.vocab_size;
+    lm.model.set_all_logits(all);
+    let out = lm.model.forward(gpu, &ids, 0)?;
+    let rows: Vec<(usize, &[f32])> =
+        if all { out.chunks(vocab).enumerate().collect() } else { vec![(ids.len() - 1, &out[..vocab])] };
+    let mut report = Vec::new();
+    for (pos, row) in rows {
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        let top: Vec<serde_json::Value> = top_k_of(row, k)
+            .into_iter()
+            .map(|(id, l)| {
+                serde_json::json!({"id": id, "token": lm.tokenizer.decode(&[id]).unwrap_or_default(), "logit": l, "logprob": l as f64 - lse})
+            })
+            .collect();
+        report.push(serde_json::json!({"pos": pos, "token_id": ids[pos], "logsumexp": lse, "top": top}));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": lm.description, "tokens": ids, "positions": report}))?);
+    } else {
+        println!("tokens: {ids:?}");
+        for r in &report {
+            println!("position {} (token {}), logsumexp {:.4}:", r["pos"], r["token_id"], r["logsumexp"].as_f64().unwrap_or(0.0));
+            for t in r["top"].as_array().into_iter().flatten() {
+                println!("  {:>7} {:>12.4} {:>9.4}  {:?}", t["id"], t["logit"].as_f64().unwrap_or(0.0), t["logprob"].as_f64().unwrap_or(0.0), t["token"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn perplexity(gpu: &Gpu, m: &ModelArgs, file: &std::path::Path, json: bool) -> Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let mut lm = load_model(gpu, m, true)?;
+    let ids = lm.tokenizer.encode(text, true)?;
+    let t = std::time::Instant::now();
+    let (ppl, chunks) = wgllm::model::generate::perplexity(lm.model.as_mut(), gpu, &ids, m.ctx)?;
+    let secs = t.elapsed().as_secs_f64();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": lm.description, "file": file, "tokens": ids.len(), "ctx": m.ctx, "chunks": chunks.len(), "chunk_mean_nll": chunks, "perplexity": ppl, "seconds": secs}))?);
+    } else {
+        for (i, c) in chunks.iter().enumerate() {
+            println!("chunk {}: mean NLL {:.5} (ppl {:.4})", i + 1, c, c.exp());
+        }
+        println!("perplexity: {ppl:.4} over {} chunks of {} tokens ({} tokens in the file; {:.1} s)", chunks.len(), m.ctx, ids.len(), secs);
     }
     Ok(())
 }

@@ -99,7 +99,9 @@ fn split(pattern: &str) -> Result<PreTokenizerWrapper> {
 impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let t = tokenizers::Tokenizer::from_file(path).map_err(|e| tok_err(&format!("reading {}", path.display()), e))?;
+        let mut t = tokenizers::Tokenizer::from_file(path).map_err(|e| tok_err(&format!("reading {}", path.display()), e))?;
+        // One sequence at a time: fixed padding (MiniLM's pads to 128) would add [PAD] tokens.
+        t.with_padding(None);
         let vocab_size = t.get_vocab_size(true);
         let id = |s: &str| t.token_to_id(s);
         let bos = id("[CLS]").or_else(|| id("<s>")).or_else(|| id("<|begin_of_text|>"));

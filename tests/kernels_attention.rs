@@ -317,3 +317,118 @@ fn refusals_happen_before_dispatch() {
         .unwrap_err(),
     );
 }
+
+/// Bidirectional attention: `n_keys + 3` random K/V rows are stored, every one of `m` queries
+/// attends the first `n_keys` (the 3 extra rows must stay invisible). With `over_tensors` the K/V
+/// tensors themselves are the cache ([`KvCache::from_f32`]) instead of a store into one.
+fn check_bidirectional(
+    gpu: &Gpu,
+    dtype: KvDtype,
+    (n_heads, n_kv): (usize, usize),
+    hd: usize,
+    (n_keys, m): (usize, usize),
+    over_tensors: bool,
+) {
+    let what = format!(
+        "bidirectional {dtype} heads {n_heads}/{n_kv} hd {hd} keys {n_keys} m {m} over_tensors \
+         {over_tensors}"
+    );
+    let ctx = n_keys + 3;
+    let row = n_kv * hd;
+    let k = randn(ctx * row, 21, 1.0);
+    let v = randn(ctx * row, 22, 1.0);
+    let kt = tensor(gpu, "k", &[ctx, n_kv, hd], &k);
+    let vt = tensor(gpu, "v", &[ctx, n_kv, hd], &v);
+    let mut rec = gpu.recorder();
+    let cache = if over_tensors {
+        KvCache::from_f32(&kt, &vt).unwrap()
+    } else {
+        let c = KvCache::new(gpu, "kv", dtype, ctx, n_kv, hd).unwrap();
+        attention::store(&mut rec, &c, &kt, &vt, 0).unwrap();
+        c
+    };
+    let q = randn(m * n_heads * hd, 23, 1.0);
+    let qt = tensor(gpu, "q", &[m, n_heads, hd], &q);
+    let out = gpu.tensor("out", Activations, &[m, n_heads, hd]).unwrap();
+    let scale = 1.0 / (hd as f32).sqrt();
+    attention::attention_bidirectional(&mut rec, &qt, &cache, n_keys, scale, &out).unwrap();
+    rec.submit().unwrap();
+    let got = gpu.read(&out).unwrap();
+    assert!(
+        got.iter().all(|x| x.is_finite()),
+        "{what}: non-finite output"
+    );
+    let (kc, vc) = cache.read(gpu, n_keys).unwrap();
+    let want =
+        attention::reference_bidirectional(&q, &kc, &vc, m, n_heads, n_kv, hd, n_keys, scale);
+    assert_close(&what, &got, &want, NMSE_ATTN);
+}
+
+#[test]
+fn bidirectional_matches_reference_both_kernels() {
+    let Some(gpu) = gpu() else { return };
+    for heads in HEADS {
+        // (n_keys, m): below TILED_MIN_TOKENS the decode kernel runs (one with keys past its
+        // 64-key tile), from it the tiled one: ragged 16-query tiles, more queries than keys and
+        // more keys than queries.
+        for shape in [
+            (1, 1),
+            (5, 5),
+            (70, 3),
+            (20, 20),
+            (37, 37),
+            (9, 17),
+            (100, 8),
+        ] {
+            check_bidirectional(gpu, KvDtype::F32, heads, 32, shape, false);
+        }
+    }
+    for dtype in KvDtype::ALL {
+        check_bidirectional(gpu, dtype, (4, 2), 64, (33, 19), false);
+        check_bidirectional(gpu, dtype, (4, 2), 64, (33, 3), false);
+    }
+    // head_dim over the tiled kernel's limit: the decode kernel at any m.
+    check_bidirectional(gpu, KvDtype::F32, (2, 1), 256, (20, 9), false);
+}
+
+#[test]
+fn bidirectional_over_projection_tensors() {
+    let Some(gpu) = gpu() else { return };
+    // MiniLM's shape (12 heads of 32) and a GQA one, with the K/V tensors as the cache.
+    for (heads, shape) in [((12, 12), (8, 8)), ((12, 12), (14, 14)), ((6, 2), (3, 3))] {
+        check_bidirectional(gpu, KvDtype::F32, heads, 32, shape, true);
+    }
+}
+
+#[test]
+fn bidirectional_refusals_happen_before_dispatch() {
+    let Some(gpu) = gpu() else { return };
+    let cache = KvCache::new(gpu, "kv", KvDtype::F32, 8, 2, 32).unwrap();
+    let t = |shape: &[usize]| gpu.tensor("t", Activations, shape).unwrap();
+    let mut rec = gpu.recorder();
+    let invalid =
+        |e: wgllm::Error| assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    let shape = |e: wgllm::Error| assert!(matches!(e, wgllm::Error::ShapeMismatch { .. }), "{e}");
+    let (q, out) = (t(&[3, 4, 32]), t(&[3, 4, 32]));
+    // No keys, and more keys than the cache holds.
+    invalid(attention::attention_bidirectional(&mut rec, &q, &cache, 0, 1.0, &out).unwrap_err());
+    invalid(attention::attention_bidirectional(&mut rec, &q, &cache, 9, 1.0, &out).unwrap_err());
+    // Wrong head_dim, out vs q, aliasing.
+    shape(
+        attention::attention_bidirectional(&mut rec, &t(&[3, 4, 16]), &cache, 4, 1.0, &out)
+            .unwrap_err(),
+    );
+    shape(
+        attention::attention_bidirectional(&mut rec, &q, &cache, 4, 1.0, &t(&[2, 4, 32]))
+            .unwrap_err(),
+    );
+    invalid(attention::attention_bidirectional(&mut rec, &q, &cache, 4, 1.0, &q).unwrap_err());
+    assert!(rec.is_empty(), "nothing may be recorded");
+    // A cache over tensors: rank 3, K and V alike and separate, a usable head_dim.
+    shape(KvCache::from_f32(&t(&[8, 64]), &t(&[8, 64])).unwrap_err());
+    shape(KvCache::from_f32(&t(&[8, 2, 32]), &t(&[7, 2, 32])).unwrap_err());
+    let k = t(&[8, 2, 32]);
+    invalid(KvCache::from_f32(&k, &k).unwrap_err());
+    invalid(KvCache::from_f32(&t(&[8, 2, 6]), &t(&[8, 2, 6])).unwrap_err());
+    invalid(KvCache::from_f32(&t(&[0, 2, 32]), &t(&[0, 2, 32])).unwrap_err());
+}

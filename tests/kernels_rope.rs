@@ -1,38 +1,42 @@
-//! Rotary position embedding against its f64-angle CPU reference, both pair layouts, partial rotary.
+//! Rotary position embedding against its f64-angle CPU reference: both pair layouts, partial
+//! rotary, positions up to 2^24 - 1, custom frequency tables, and argument checks.
 mod common;
 use common::*;
 use wgllm::kernels::rope::{self, RopeMode};
 use wgllm::BufferClass::Activations;
 
-/// Positions up to a few hundred: angle errors (f32 rounding of pos * freq, ~pos * 6e-8 rad) stay
-/// near 1e-5, i.e. an NMSE around 1e-10.
-const NMSE_ROPE_NEAR: f64 = tol::NMSE_TRANSCENDENTAL;
-/// Positions near 5000: the f32 angle alone is off by up to ~3e-4 rad (NMSE ~1e-8 at worst).
-const NMSE_ROPE_FAR: f64 = 1e-7;
-
-#[allow(clippy::too_many_arguments)]
+/// Runs rope on random `[m, heads, hd]` data and compares with the reference; `freqs` None means
+/// the standard `theta` frequencies through [`rope::rope`].
 fn check(
     gpu: &wgllm::Gpu,
-    m: usize,
-    heads: usize,
-    hd: usize,
+    (m, heads, hd): (usize, usize, usize),
     rot: usize,
     pos0: u32,
     theta: f32,
+    custom: Option<&[f64]>,
     mode: RopeMode,
-    tol: f64,
 ) {
     let x = randn(m * heads * hd, (m * 31 + hd) as u64, 1.0);
     let t = gpu
         .tensor_from("q", Activations, &[m, heads, hd], &x)
         .unwrap();
     let mut rec = gpu.recorder();
-    rope::rope(&mut rec, &t, pos0, theta, mode, rot).unwrap();
+    let freqs = match custom {
+        Some(f) => {
+            rope::rope_with_freqs(&mut rec, &t, pos0, f, mode).unwrap();
+            f.to_vec()
+        }
+        None => {
+            rope::rope(&mut rec, &t, pos0, theta, mode, rot).unwrap();
+            rope::rope_freqs(theta as f64, rot)
+        }
+    };
     rec.submit().unwrap();
     let got = gpu.read(&t).unwrap();
-    let want = rope::rope_reference(&x, heads, hd, pos0, theta, mode, rot);
+    let want = rope::rope_reference(&x, heads, hd, pos0, &freqs, mode);
     let what = format!("rope {mode:?} m={m} heads={heads} hd={hd} rot={rot} pos0={pos0}");
-    assert_close(&what, &got, &want, tol);
+    // Angles are exact to ~1e-6 rad at every position (see src/kernels/rope.rs).
+    assert_close(&what, &got, &want, tol::NMSE_TRANSCENDENTAL);
     // Partial rotary: the tail of every head is untouched, bit for bit.
     for (g, x) in got.chunks(hd).zip(x.chunks(hd)) {
         assert_eq!(&g[rot..], &x[rot..], "{what}: tail changed");
@@ -43,21 +47,31 @@ fn check(
 fn rope_matches_reference_in_both_modes() {
     let Some(gpu) = gpu() else { return };
     for mode in [RopeMode::Interleaved, RopeMode::Half] {
-        for (m, heads, hd) in [(1, 1, 2), (1, 4, 64), (7, 3, 128), (5, 2, 80), (2, 32, 128)] {
-            check(gpu, m, heads, hd, hd, 0, 10000.0, mode, NMSE_ROPE_NEAR);
-            check(gpu, m, heads, hd, hd, 300, 500000.0, mode, NMSE_ROPE_NEAR);
+        for shape in [(1, 1, 2), (1, 4, 64), (7, 3, 128), (5, 2, 80), (2, 32, 128)] {
+            check(gpu, shape, shape.2, 0, 10000.0, None, mode);
+            check(gpu, shape, shape.2, 300, 500000.0, None, mode);
         }
     }
 }
 
 #[test]
-fn rope_far_positions_and_partial_rotary() {
+fn rope_far_positions_partial_rotary_and_custom_freqs() {
     let Some(gpu) = gpu() else { return };
     for mode in [RopeMode::Interleaved, RopeMode::Half] {
-        check(gpu, 3, 2, 64, 64, 5000, 10000.0, mode, NMSE_ROPE_FAR);
+        // Far positions, where a plain f32 angle would be off by up to ~1 rad.
+        for pos0 in [5000, 131_072, 1_000_003, (1 << 24) - 3] {
+            check(gpu, (3, 2, 64), 64, pos0, 10000.0, None, mode);
+        }
         // Phi-2 style: 32 of 80 dims rotated; and a quarter-rotary 256-dim head.
-        check(gpu, 4, 2, 80, 32, 17, 10000.0, mode, NMSE_ROPE_NEAR);
-        check(gpu, 2, 3, 256, 64, 1, 1e6, mode, NMSE_ROPE_NEAR);
+        check(gpu, (4, 2, 80), 32, 17, 10000.0, None, mode);
+        check(gpu, (2, 3, 256), 64, 1, 1e6, None, mode);
+        // The largest rotary width, and a linearly scaled (x1/4) frequency table.
+        check(gpu, (2, 2, 512), 512, 9, 10000.0, None, mode);
+        let scaled: Vec<f64> = rope::rope_freqs(10000.0, 64)
+            .iter()
+            .map(|f| f / 4.0)
+            .collect();
+        check(gpu, (3, 2, 96), 64, 40_000, 0.0, Some(&scaled), mode);
     }
 }
 
@@ -83,13 +97,18 @@ fn rope_refuses_bad_arguments_before_dispatch() {
     let Some(gpu) = gpu() else { return };
     let flat = gpu.tensor("flat", Activations, &[2, 64]).unwrap();
     let x = gpu.tensor("x", Activations, &[2, 2, 64]).unwrap();
+    let wide = gpu.tensor("wide", Activations, &[1, 1, 1024]).unwrap();
     let mut rec = gpu.recorder();
     let e = rope::rope(&mut rec, &flat, 0, 1e4, RopeMode::Half, 64).unwrap_err();
     assert!(matches!(e, wgllm::Error::ShapeMismatch { .. }), "{e}");
     for rot in [0, 3, 66] {
         assert!(rope::rope(&mut rec, &x, 0, 1e4, RopeMode::Half, rot).is_err());
     }
+    assert!(rope::rope(&mut rec, &wide, 0, 1e4, RopeMode::Half, 1024).is_err());
     assert!(rope::rope(&mut rec, &x, u32::MAX, 1e4, RopeMode::Half, 64).is_err());
+    assert!(rope::rope(&mut rec, &x, (1 << 24) - 1, 1e4, RopeMode::Half, 64).is_err());
     assert!(rope::rope(&mut rec, &x, 0, f32::NAN, RopeMode::Half, 64).is_err());
+    let bad = [1.0, f64::INFINITY];
+    assert!(rope::rope_with_freqs(&mut rec, &x, 0, &bad, RopeMode::Half).is_err());
     assert!(rec.is_empty());
 }

@@ -1,5 +1,6 @@
-//! Causal attention over one layer's KV cache, with grouped-query attention
-//! (`shaders/attention.wgsl`). The cache, its layouts and byte costs: [`kv_cache`].
+//! Attention over one layer's KV cache, with grouped-query attention (`shaders/attention.wgsl`):
+//! causal for decoders ([`attention`]), bidirectional for encoders ([`attention_bidirectional`]).
+//! The cache, its layouts and byte costs: [`kv_cache`].
 
 pub mod kv_cache;
 
@@ -33,7 +34,9 @@ struct AttnParams {
     row_words: u32,
     n_wg: u32,
     scale: f32,
-    _pad: [u32; 3],
+    causal: u32,
+    n_keys: u32,
+    _pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 48);
 
@@ -41,6 +44,25 @@ const _: () = assert!(std::mem::size_of::<AttnParams>() == 48);
 fn tiled_fits(gpu: &Gpu, head_dim: usize) -> bool {
     head_dim <= MAX_HEAD_DIM_TILED
         && gpu.limits.max_compute_workgroup_storage_size >= TILED_SHARED_BYTES
+}
+
+/// Which keys each query sees.
+#[derive(Debug, Clone, Copy)]
+enum Keys {
+    /// Query t of a chunk starting at position `pos0` sees keys `0..=pos0 + t`.
+    Causal { pos0: usize },
+    /// Every query sees keys `0..n_keys`.
+    All { n_keys: usize },
+}
+
+/// The tiled kernel from [`TILED_MIN_TOKENS`] tokens on, when it fits; the decode kernel otherwise.
+fn auto_path(gpu: &Gpu, q: &Tensor, cache: &KvCache) -> Path {
+    let many = q.shape.first().is_some_and(|&m| m >= TILED_MIN_TOKENS);
+    if many && tiled_fits(gpu, cache.head_dim) {
+        Path::Tiled
+    } else {
+        Path::Rows
+    }
 }
 
 /// Which attention kernel runs.
@@ -63,13 +85,30 @@ pub fn attention(
     scale: f32,
     out: &Tensor,
 ) -> Result<()> {
-    let many = q.shape.first().is_some_and(|&m| m >= TILED_MIN_TOKENS);
-    let path = if many && tiled_fits(rec.gpu(), cache.head_dim) {
-        Path::Tiled
-    } else {
-        Path::Rows
-    };
-    dispatch_attention(rec, path, q, cache, pos0, scale, out)
+    let path = auto_path(rec.gpu(), q, cache);
+    dispatch_attention(rec, path, q, cache, Keys::Causal { pos0 }, scale, out)
+}
+
+/// Bidirectional (encoder) attention: `out = softmax(scale * q K^T) V` where every one of the `m`
+/// query tokens sees all keys `0..n_keys` (no causal mask; `q`, `out`: `[m, n_heads, head_dim]`,
+/// GQA as in [`attention`]). Keys `0..n_keys` must have been stored; `1 <= n_keys <= ctx`. Picks
+/// the kernel as [`attention`] does.
+pub fn attention_bidirectional(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    n_keys: usize,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
+    if n_keys == 0 {
+        return Err(Error::invalid(
+            format!("bidirectional attention ({})", cache.k.label),
+            "no keys to attend to",
+        ));
+    }
+    let path = auto_path(rec.gpu(), q, cache);
+    dispatch_attention(rec, path, q, cache, Keys::All { n_keys }, scale, out)
 }
 
 /// [`attention`] with the decode kernel (one workgroup per token and head; keys split over its
@@ -82,7 +121,7 @@ pub fn attention_decode(
     scale: f32,
     out: &Tensor,
 ) -> Result<()> {
-    dispatch_attention(rec, Path::Rows, q, cache, pos0, scale, out)
+    dispatch_attention(rec, Path::Rows, q, cache, Keys::Causal { pos0 }, scale, out)
 }
 
 /// [`attention`] with the tiled prefill kernel (one workgroup per 16 tokens and head; K/V tiles
@@ -105,7 +144,15 @@ pub fn attention_prefill(
             ),
         ));
     }
-    dispatch_attention(rec, Path::Tiled, q, cache, pos0, scale, out)
+    dispatch_attention(
+        rec,
+        Path::Tiled,
+        q,
+        cache,
+        Keys::Causal { pos0 },
+        scale,
+        out,
+    )
 }
 
 fn dispatch_attention(
@@ -113,7 +160,7 @@ fn dispatch_attention(
     path: Path,
     q: &Tensor,
     cache: &KvCache,
-    pos0: usize,
+    keys: Keys,
     scale: f32,
     out: &Tensor,
 ) -> Result<()> {
@@ -140,7 +187,17 @@ fn dispatch_attention(
             ),
         ));
     }
-    check_positions("attention", cache, pos0, m)?;
+    // Causal: the chunk's own positions must fit; bidirectional: the keys read.
+    let (pos0, causal, n_keys) = match keys {
+        Keys::Causal { pos0 } => {
+            check_positions("attention", cache, pos0, m)?;
+            (pos0, 1, 0)
+        }
+        Keys::All { n_keys } => {
+            check_positions("attention", cache, 0, n_keys)?;
+            (0, 0, n_keys)
+        }
+    };
     let (entry, n_wg) = match path {
         Path::Rows => ("attend_rows", m * n_heads),
         Path::Tiled => ("attend_tiled", m.div_ceil(TQ) * n_heads),
@@ -155,7 +212,9 @@ fn dispatch_attention(
         row_words: cache.row_words as u32,
         n_wg: to_u32("attention", n_wg)?,
         scale,
-        _pad: [0; 3],
+        causal,
+        n_keys: to_u32("attention", n_keys)?,
+        _pad: 0,
     };
     let gpu = rec.gpu();
     let binds = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
@@ -168,7 +227,10 @@ fn dispatch_attention(
     )?;
     rec.dispatch(
         &kernel,
-        &format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label),
+        &match keys {
+            Keys::Causal { .. } => format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label),
+            Keys::All { .. } => format!("attention.{entry}.{}.all{n_keys}x{m}", out.buf.label),
+        },
         &[q.buf.view(), cache.k.view(), cache.v.view(), out.buf.view()],
         params(&p),
         gpu.groups(p.n_wg),
@@ -189,6 +251,37 @@ pub fn reference(
     pos0: usize,
     scale: f32,
 ) -> Vec<f32> {
+    let shape = (m, n_heads, n_kv_heads, head_dim);
+    reference_keys(q, k_all, v_all, shape, |t| pos0 + t + 1, scale)
+}
+
+/// CPU reference of [`attention_bidirectional`]: every query sees keys `0..n_keys` of `k_all`,
+/// `v_all` (`[n_keys, n_kv_heads, head_dim]` or more); softmax in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_bidirectional(
+    q: &[f32],
+    k_all: &[f32],
+    v_all: &[f32],
+    m: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    n_keys: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let shape = (m, n_heads, n_kv_heads, head_dim);
+    reference_keys(q, k_all, v_all, shape, |_| n_keys, scale)
+}
+
+/// Query token t attends keys `0..keys(t)`; `shape` is `(m, n_heads, n_kv_heads, head_dim)`.
+fn reference_keys(
+    q: &[f32],
+    k_all: &[f32],
+    v_all: &[f32],
+    (m, n_heads, n_kv_heads, head_dim): (usize, usize, usize, usize),
+    keys: impl Fn(usize) -> usize,
+    scale: f32,
+) -> Vec<f32> {
     let group = n_heads / n_kv_heads.max(1);
     let mut out = vec![0f32; m * n_heads * head_dim];
     for t in 0..m {
@@ -201,7 +294,7 @@ pub fn reference(
                     .map(|&x| x as f64)
                     .collect()
             };
-            let scores: Vec<f64> = (0..=pos0 + t)
+            let scores: Vec<f64> = (0..keys(t))
                 .map(|j| {
                     row(k_all, j)
                         .iter()

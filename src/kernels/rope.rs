@@ -1,10 +1,14 @@
 //! Rotary position embedding (`shaders/rope.wgsl`), applied IN PLACE to `x` `[m, n_heads,
-//! head_dim]` (queries or keys), one invocation per rotated pair. Token `t` (row `t` of `x`) gets
-//! position `pos0 + t`; pair `i < rot_dim / 2` turns by `pos * theta^(-2i / rot_dim)`.
+//! head_dim]` (queries or keys), one invocation per rotated pair. Token `t` (row `t` of `x`) has
+//! position `pos0 + t`; pair `i < rot_dim / 2` turns by `pos * freq_i`, with
+//! `freq_i = theta^(-2i / rot_dim)` ([`rope_freqs`]) or any other table ([`rope_with_freqs`], for
+//! scaled variants such as linear, NTK, YaRN or Llama-3 frequency factors).
 //!
-//! Accuracy: the frequency is computed to a few ulps (see the shader), so the angle's error is
-//! dominated by its own f32 rounding, about `pos * freq * 2^-24` radians, plus the device's
-//! `sin`/`cos`. The CPU reference computes angles in f64.
+//! Accuracy: frequencies are computed in f64 on the host and passed as `hi + lo` f32 pairs in the
+//! parameter block; the shader forms `pos * freq` in turns with exact partial products and drops
+//! whole turns exactly, so angles are good to ~1e-6 rad at every position below 2^24 (a plain f32
+//! angle is off by ~`pos * 2^-24` rad: 0.01 rad at position 1e5), and `sin`/`cos` only ever see
+//! `[-pi, pi]`. The CPU reference computes angles in f64.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Recorder};
@@ -19,6 +23,9 @@ pub enum RopeMode {
     Half,
 }
 
+/// The most rotated dimensions per head (the parameter block holds 256 frequency pairs).
+pub const MAX_ROT_DIM: usize = 512;
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -28,23 +35,25 @@ struct Params {
     rot_dim: u32,
     pos0: u32,
     mode: u32,
-    lt_hi: f32,
-    lt_lo: f32,
+    _pad: [u32; 2],
+    /// `freq_i / 2pi` as `(hi, lo)` f32 pairs, pair `i` at `q[2i..2i + 2]`.
+    q: [f32; MAX_ROT_DIM],
 }
-const _: () = assert!(std::mem::size_of::<Params>() == 32);
+const PARAMS_SIZE: usize = 32 + MAX_ROT_DIM * 4;
+const _: () = assert!(std::mem::size_of::<Params>() == PARAMS_SIZE);
 
 const WG: u32 = 256;
 
-/// `log2(theta) / rot_dim` as `hi + lo`, `hi` cut to 12 significant bits so that the shader's
-/// `f32(2i) * hi` is exact for `2i < 4096`.
-fn split_exponent(theta: f32, rot_dim: usize) -> (f32, f32) {
-    let l = (theta as f64).log2() / rot_dim as f64;
-    let hi = f32::from_bits((l as f32).to_bits() & 0xffff_f000);
-    (hi, (l - hi as f64) as f32)
+/// The standard frequencies `theta^(-2i / rot_dim)`, `i < rot_dim / 2`.
+pub fn rope_freqs(theta: f64, rot_dim: usize) -> Vec<f64> {
+    (0..rot_dim / 2)
+        .map(|i| theta.powf(-2.0 * i as f64 / rot_dim as f64))
+        .collect()
 }
 
-/// Rotates `x` (`[m, n_heads, head_dim]`) in place. `rot_dim` (even, `<= head_dim`) is the number
-/// of leading elements of each head that are rotated (partial rotary); pass `head_dim` for all.
+/// Rotates `x` (`[m, n_heads, head_dim]`) in place with the standard frequencies of `theta`.
+/// `rot_dim` (even, `<= head_dim`, `<= MAX_ROT_DIM`) is the number of leading elements of each
+/// head that are rotated (partial rotary); pass `head_dim` for all.
 pub fn rope(
     rec: &mut Recorder,
     x: &Tensor,
@@ -53,6 +62,30 @@ pub fn rope(
     mode: RopeMode,
     rot_dim: usize,
 ) -> Result<()> {
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(Error::invalid(
+            "rope",
+            format!("theta must be finite and > 0, got {theta}"),
+        ));
+    }
+    if !rot_dim.is_multiple_of(2) {
+        return Err(Error::invalid(
+            "rope",
+            format!("rot_dim must be even, got {rot_dim}"),
+        ));
+    }
+    rope_with_freqs(rec, x, pos0, &rope_freqs(theta as f64, rot_dim), mode)
+}
+
+/// Rotates `x` in place with pair `i` turning by `pos * freqs[i]` radians; `rot_dim` is
+/// `2 * freqs.len()`.
+pub fn rope_with_freqs(
+    rec: &mut Recorder,
+    x: &Tensor,
+    pos0: u32,
+    freqs: &[f64],
+    mode: RopeMode,
+) -> Result<()> {
     let [m, n_heads, head_dim] = x.shape[..] else {
         return Err(Error::shape(
             format!("rope ({})", x.buf.label),
@@ -60,16 +93,20 @@ pub fn rope(
             format!("{:?}", x.shape),
         ));
     };
-    if rot_dim == 0 || rot_dim % 2 != 0 || rot_dim > head_dim {
+    let rot_dim = 2 * freqs.len();
+    if rot_dim == 0 || rot_dim > head_dim || rot_dim > MAX_ROT_DIM {
         return Err(Error::invalid(
             "rope",
-            format!("rot_dim must be even and in 2..={head_dim}, got {rot_dim}"),
+            format!(
+                "rot_dim must be even and in 2..={}, got {rot_dim}",
+                head_dim.min(MAX_ROT_DIM)
+            ),
         ));
     }
-    if !(theta.is_finite() && theta > 1.0) {
+    if let Some(f) = freqs.iter().find(|f| !(f.is_finite() && **f >= 0.0)) {
         return Err(Error::invalid(
             "rope",
-            format!("theta must be finite and > 1, got {theta}"),
+            format!("frequency {f} is not finite and >= 0"),
         ));
     }
     let pairs = m * n_heads * (rot_dim / 2);
@@ -77,18 +114,17 @@ pub fn rope(
         return Ok(());
     }
     let last = u32::try_from(m - 1).ok().and_then(|t| pos0.checked_add(t));
-    // Positions must also stay exact as f32 in the shader.
+    // The shader splits positions into two 12-bit halves.
     if last.is_none_or(|p| p >= 1 << 24) {
         return Err(Error::invalid(
             "rope",
-            format!("positions {pos0}+{m} exceed 2^24"),
+            format!("positions {pos0}..{pos0}+{m} exceed 2^24"),
         ));
     }
     let too_big = || Error::invalid("rope", "tensor too large");
     u32::try_from(x.len()).map_err(|_| too_big())?;
     let pairs = u32::try_from(pairs).map_err(|_| too_big())?;
-    let (lt_hi, lt_lo) = split_exponent(theta, rot_dim);
-    let p = Params {
+    let mut p = Params {
         m: m as u32,
         n_heads: n_heads as u32,
         head_dim: head_dim as u32,
@@ -98,11 +134,17 @@ pub fn rope(
             RopeMode::Interleaved => 0,
             RopeMode::Half => 1,
         },
-        lt_hi,
-        lt_lo,
+        _pad: [0; 2],
+        q: [0.0; MAX_ROT_DIM],
     };
+    for (i, f) in freqs.iter().enumerate() {
+        let q = f / std::f64::consts::TAU;
+        let hi = q as f32;
+        p.q[2 * i] = hi;
+        p.q[2 * i + 1] = (q - hi as f64) as f32;
+    }
     let gpu = rec.gpu();
-    let k = gpu.kernel("rope", "rope", &[Bind::Output], 32, &[])?;
+    let k = gpu.kernel("rope", "rope", &[Bind::Output], PARAMS_SIZE as u64, &[])?;
     let groups = gpu.groups(pairs.div_ceil(WG));
     rec.dispatch(
         &k,
@@ -113,24 +155,22 @@ pub fn rope(
     )
 }
 
-/// CPU reference of [`rope`] (angles in f64): returns the rotated copy of `x` (`[m, n_heads,
-/// head_dim]` row-major).
+/// CPU reference of [`rope_with_freqs`] (angles in f64): the rotated copy of `x` (`[m, n_heads,
+/// head_dim]` row-major). For [`rope`], pass [`rope_freqs`]`(theta as f64, rot_dim)`.
 pub fn rope_reference(
     x: &[f32],
     n_heads: usize,
     head_dim: usize,
     pos0: u32,
-    theta: f32,
+    freqs: &[f64],
     mode: RopeMode,
-    rot_dim: usize,
 ) -> Vec<f32> {
     let mut y = x.to_vec();
-    let half = rot_dim / 2;
+    let half = freqs.len();
     for (h, head) in y.chunks_mut(head_dim).enumerate() {
         let pos = (pos0 as u64 + (h / n_heads.max(1)) as u64) as f64;
-        for i in 0..half {
-            let freq = (theta as f64).powf(-2.0 * i as f64 / rot_dim as f64);
-            let (s, c) = (pos * freq).sin_cos();
+        for (i, f) in freqs.iter().enumerate() {
+            let (s, c) = (pos * f).sin_cos();
             let (a, b) = match mode {
                 RopeMode::Interleaved => (2 * i, 2 * i + 1),
                 RopeMode::Half => (i, i + half),

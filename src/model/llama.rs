@@ -225,6 +225,11 @@ impl Llama {
         if pos0 + tokens.len() > self.opts.ctx {
             return Err(Error::ContextFull { ctx: self.opts.ctx, needed: pos0 + tokens.len() });
         }
+        let rows = if self.opts.all_logits { self.state.chunk } else { 1 };
+        if self.state.logits.len() < rows * self.cfg.vocab_size {
+            // Logits for every token of a chunk were asked for after loading: grow the buffer.
+            self.state.logits = gpu.tensor("logits", BufferClass::Activations, &[rows, self.cfg.vocab_size])?;
+        }
         let mut out = Vec::new();
         let mut done = 0;
         while done < tokens.len() {
@@ -313,6 +318,21 @@ impl Llama {
         matmul::matmul(r, head, &xn, &logits)?;
         submit(&mut self.profile, rec)?;
         gpu.read_f32(&logits.buf, 0, n_out * vocab)
+    }
+}
+
+impl crate::model::generate::CausalLm for Llama {
+    fn forward(&mut self, gpu: &Gpu, tokens: &[u32], pos0: usize) -> Result<Vec<f32>> {
+        Llama::forward(self, gpu, tokens, pos0)
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn context(&self) -> usize {
+        self.opts.ctx
+    }
+    fn set_all_logits(&mut self, all: bool) {
+        self.opts.all_logits = all;
     }
 }
 

@@ -1,7 +1,11 @@
 //! Model descriptions that need no GPU: hyper-parameters ([`config`]) and exact parameter and
 //! weight-byte counts ([`params`]).
 
+pub mod bert;
 pub mod config;
+pub mod gpt2;
+pub mod generate;
 pub mod llama;
+pub mod load;
 pub mod params;
 pub mod source;

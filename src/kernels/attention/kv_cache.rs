@@ -160,7 +160,45 @@ impl KvCache {
         })
     }
 
-    /// Bytes of K and V together: `ctx * bytes_per_token`.
+    /// An f32 cache over existing K and V tensors of shape `[ctx, n_kv_heads, head_dim]`, without
+    /// a copy: an f32 cache row is exactly such a tensor's row. For an encoder, which attends once
+    /// over its whole sequence's K and V projections and needs no separate [`store`]. The cache
+    /// shares the tensors' buffers (and their ledger class).
+    pub fn from_f32(k: &Tensor, v: &Tensor) -> Result<KvCache> {
+        let [ctx, n_kv_heads, head_dim] = k.shape[..] else {
+            return Err(Error::shape(
+                format!("kv cache over {}", k.buf.label),
+                "[ctx, n_kv_heads, head_dim]",
+                format!("{:?}", k.shape),
+            ));
+        };
+        v.expect("kv cache over tensors", &k.shape)?;
+        if k.buf.buffer == v.buf.buffer {
+            return Err(Error::invalid(
+                "kv cache over tensors",
+                "K and V must be separate buffers",
+            ));
+        }
+        KvDtype::F32.check_head_dim(head_dim)?;
+        if ctx == 0 || n_kv_heads == 0 {
+            return Err(Error::invalid(
+                format!("kv cache over {}", k.buf.label),
+                format!("ctx {ctx} and n_kv_heads {n_kv_heads} must be positive"),
+            ));
+        }
+        Ok(KvCache {
+            dtype: KvDtype::F32,
+            ctx,
+            n_kv_heads,
+            head_dim,
+            k: k.buf.clone(),
+            v: v.buf.clone(),
+            row_words: head_dim,
+        })
+    }
+
+    /// Bytes of K and V together: `ctx * bytes_per_token` (for [`KvCache::from_f32`], the sizes
+    /// of the tensors' whole buffers).
     pub fn bytes(&self) -> u64 {
         self.k.size() + self.v.size()
     }

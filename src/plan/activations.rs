@@ -1,0 +1,397 @@
+//! The activation buffers of the LLaMA forward pass, shared by liveness.
+//!
+//! [`llama_schedule`] writes down the kernel sequence of `Llama::forward_chunk` (src/model/llama.rs)
+//! as steps that read and write named activation *roles* (`x`, `q`, `gate`, ...). [`share`] runs a
+//! backward liveness analysis over that schedule, with the layer body as a loop (a back edge from
+//! its last step to its first), and packs the roles into buffers greedily: largest role first, into
+//! the first existing buffer none of whose roles is live at any step where this one is. A role is
+//! "live" at a step when it is read or written there or carries a value across it; a kernel never
+//! gets the same buffer as input and output, because a role read and a role written by one step
+//! are both live at it.
+//!
+//! The real code allocates every buffer once for the chunk size and runs shorter chunks (decode:
+//! one token) on prefixes, so a plan is per chunk size: `llama_activation_plan(cfg, 1, ..)` is the
+//! decode-only plan. The schedule is a superset of every path the code takes (with or without
+//! logits, one row or all rows to the head), so one sharing serves all of them.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::model::config::ModelConfig;
+
+/// The roles of [`llama_schedule`], in the order the forward pass first touches them.
+pub const LLAMA_ROLES: [&str; 13] = [
+    "ids", "x", "x2", "xb", "q", "k", "v", "att", "proj", "gate", "up", "act", "logits",
+];
+
+/// Roles kept apart from every other: the residual stream ping-pongs between `x` and `x2` by
+/// swapping views, so which physical buffer holds the residual depends on the parity of the swaps;
+/// pinning both keeps the plan valid whatever that parity is.
+pub const LLAMA_PINNED: [&str; 2] = ["x", "x2"];
+
+/// What a step runs, which decides its dispatch count and its kernel-params bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernel {
+    /// Host write or read (token ids up, logits back): no dispatch.
+    Host,
+    /// Buffer-to-buffer copy recorded between dispatches: no dispatch.
+    Copy,
+    /// One dispatch per shard of the `rows x cols` table.
+    Embedding {
+        rows: usize,
+        cols: usize,
+    },
+    /// One dispatch per shard of the `rows x cols` weight matrix.
+    Matmul {
+        rows: usize,
+        cols: usize,
+    },
+    RmsNorm,
+    AddBias,
+    Rope,
+    KvStore,
+    Attention,
+    Add,
+    Swiglu,
+}
+
+/// Bytes of the uniform params block of the RoPE kernel: 32 bytes of fields and `MAX_ROT_DIM` (512)
+/// f32 frequency words, mirroring `kernels::rope` (kept here as a number, since it is the one
+/// params block far from 16-32 bytes and the planner must not break when that module changes).
+pub const ROPE_PARAMS_BYTES: u64 = 32 + 512 * 4;
+
+impl Kernel {
+    /// Size of the kernel's uniform params struct (the `size_of` asserts in src/kernels).
+    pub fn params_bytes(self) -> u64 {
+        match self {
+            Kernel::Host | Kernel::Copy => 0,
+            Kernel::RmsNorm | Kernel::AddBias | Kernel::Add | Kernel::Swiglu => 16,
+            Kernel::Embedding { .. } | Kernel::Matmul { .. } | Kernel::KvStore => 32,
+            Kernel::Attention => 48,
+            Kernel::Rope => ROPE_PARAMS_BYTES,
+        }
+    }
+}
+
+/// One step of the schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Step {
+    pub label: String,
+    pub kernel: Kernel,
+    pub reads: Vec<String>,
+    pub writes: Vec<String>,
+}
+
+fn step(label: &str, kernel: Kernel, reads: &[&str], writes: &[&str]) -> Step {
+    let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+    Step {
+        label: label.into(),
+        kernel,
+        reads: own(reads),
+        writes: own(writes),
+    }
+}
+
+/// A forward pass: steps before the layer loop, one layer (run `n_layers >= 1` times), and after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Schedule {
+    pub prologue: Vec<Step>,
+    pub layer: Vec<Step>,
+    pub epilogue: Vec<Step>,
+}
+
+impl Schedule {
+    /// All steps in program order (the layer body once); indices of [`RolePlan::live`] refer to it.
+    pub fn linear(&self) -> impl Iterator<Item = &Step> {
+        self.prologue
+            .iter()
+            .chain(&self.layer)
+            .chain(&self.epilogue)
+    }
+}
+
+/// `Llama::forward_chunk` step by step. Q/K/V bias adds appear when `cfg.attn_bias`. Without
+/// `all_logits` the last row is copied into `proj` before the final norm (the code skips the copy
+/// when the chunk is one token and normalises `x` directly; the schedule lists both reads).
+pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool) -> Schedule {
+    let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+    let q = cfg.n_heads * cfg.head_dim;
+    let kv = cfg.n_kv_heads * cfg.head_dim;
+    let f = cfg.ffn_size;
+    let mm = |rows, cols| Kernel::Matmul { rows, cols };
+    let prologue = vec![
+        step("upload token ids", Kernel::Host, &[], &["ids"]),
+        step(
+            "embedding",
+            Kernel::Embedding { rows: v, cols: d },
+            &["ids"],
+            &["x"],
+        ),
+    ];
+    let mut layer = vec![
+        step("attn_norm", Kernel::RmsNorm, &["x"], &["xb"]),
+        step("matmul wq", mm(q, d), &["xb"], &["q"]),
+        step("matmul wk", mm(kv, d), &["xb"], &["k"]),
+        step("matmul wv", mm(kv, d), &["xb"], &["v"]),
+    ];
+    if cfg.attn_bias {
+        for r in ["q", "k", "v"] {
+            layer.push(step(&format!("bias {r}"), Kernel::AddBias, &[r], &[r]));
+        }
+    }
+    layer.extend([
+        step("rope q", Kernel::Rope, &["q"], &["q"]),
+        step("rope k", Kernel::Rope, &["k"], &["k"]),
+        step("kv store", Kernel::KvStore, &["k", "v"], &[]),
+        step("attention", Kernel::Attention, &["q"], &["att"]),
+        step("matmul wo", mm(d, q), &["att"], &["proj"]),
+        step(
+            "residual add (attention)",
+            Kernel::Add,
+            &["x", "proj"],
+            &["x2"],
+        ),
+        step("ffn_norm", Kernel::RmsNorm, &["x2"], &["xb"]),
+        step("matmul w_gate", mm(f, d), &["xb"], &["gate"]),
+        step("matmul w_up", mm(f, d), &["xb"], &["up"]),
+        step("swiglu", Kernel::Swiglu, &["gate", "up"], &["act"]),
+        step("matmul w_down", mm(d, f), &["act"], &["proj"]),
+        step("residual add (ffn)", Kernel::Add, &["x2", "proj"], &["x"]),
+    ]);
+    let mut epilogue = Vec::new();
+    let norm_in: &[&str] = if all_logits {
+        &["x"]
+    } else {
+        epilogue.push(step("copy last row", Kernel::Copy, &["x"], &["proj"]));
+        &["x", "proj"]
+    };
+    epilogue.extend([
+        step("final_norm", Kernel::RmsNorm, norm_in, &["xb"]),
+        step("matmul head", mm(v, d), &["xb"], &["logits"]),
+        step("read back logits", Kernel::Host, &["logits"], &[]),
+    ]);
+    Schedule {
+        prologue,
+        layer,
+        epilogue,
+    }
+}
+
+/// One role: its bytes and the step ranges (inclusive, in [`Schedule::linear`] order) where it is
+/// live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RolePlan {
+    pub name: String,
+    pub bytes: u64,
+    pub live: Vec<(usize, usize)>,
+}
+
+/// One allocation shared by several roles, each using a prefix of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedBuffer {
+    /// The roles joined by `+`, largest first (`gate+q+proj`): the ledger label.
+    pub label: String,
+    /// The largest role's bytes.
+    pub bytes: u64,
+    pub roles: Vec<String>,
+}
+
+/// The shared activation buffers of one chunk size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ActivationPlan {
+    /// Tokens per chunk the buffers are sized for.
+    pub chunk: usize,
+    pub buffers: Vec<PlannedBuffer>,
+    /// Role name to its index in `buffers`.
+    pub role_to_buffer: BTreeMap<String, usize>,
+    pub roles: Vec<RolePlan>,
+    /// Step labels in [`Schedule::linear`] order, and the half-open index range of the layer body.
+    pub steps: Vec<String>,
+    pub layer_steps: (usize, usize),
+    /// Sum of `buffers`.
+    pub total_bytes: u64,
+    /// Sum of all roles, one buffer each (what `RunState` allocated before sharing).
+    pub unshared_bytes: u64,
+}
+
+impl ActivationPlan {
+    /// The buffer `role` lives in.
+    pub fn buffer_of(&self, role: &str) -> Option<&PlannedBuffer> {
+        self.role_to_buffer.get(role).map(|&i| &self.buffers[i])
+    }
+}
+
+/// The bytes of every [`LLAMA_ROLES`] entry for chunks of `chunk` tokens (f32 activations, token
+/// ids u32).
+pub fn llama_role_bytes(
+    cfg: &ModelConfig,
+    chunk: usize,
+    all_logits: bool,
+) -> BTreeMap<String, u64> {
+    let m = chunk as u64;
+    let d = cfg.hidden_size as u64;
+    let q = (cfg.n_heads * cfg.head_dim) as u64;
+    let kv = (cfg.n_kv_heads * cfg.head_dim) as u64;
+    let f = cfg.ffn_size as u64;
+    let n_logits = if all_logits { m } else { 1 };
+    let sizes = [
+        m,
+        m * d,
+        m * d,
+        m * d,
+        m * q,
+        m * kv,
+        m * kv,
+        m * q,
+        m * d,
+        m * f,
+        m * f,
+        m * f,
+        n_logits * cfg.vocab_size as u64,
+    ];
+    LLAMA_ROLES
+        .iter()
+        .zip(sizes)
+        .map(|(r, n)| (r.to_string(), n.saturating_mul(4)))
+        .collect()
+}
+
+/// The shared activation buffers of the LLaMA forward pass for chunks of `chunk` tokens (at least
+/// 1). `all_logits` keeps logits for every token of a chunk rather than the last.
+pub fn llama_activation_plan(cfg: &ModelConfig, chunk: usize, all_logits: bool) -> ActivationPlan {
+    let chunk = chunk.max(1);
+    let sched = llama_schedule(cfg, all_logits);
+    let sizes = llama_role_bytes(cfg, chunk, all_logits);
+    share(&sched, &sizes, &LLAMA_PINNED, chunk)
+}
+
+/// Liveness over `sched` (layer body as a loop) and greedy first-fit sharing of the roles in
+/// `sizes`. Roles in `pinned` are live at every step. Roles the schedule never touches are
+/// live nowhere and so share freely.
+pub fn share(
+    sched: &Schedule,
+    sizes: &BTreeMap<String, u64>,
+    pinned: &[&str],
+    chunk: usize,
+) -> ActivationPlan {
+    let steps: Vec<&Step> = sched.linear().collect();
+    let n = steps.len();
+    let (p, b) = (sched.prologue.len(), sched.layer.len());
+    let names: Vec<&String> = sizes.keys().collect();
+    let idx = |r: &String| names.iter().position(|n| *n == r);
+    let set = |rs: &[String]| -> Vec<bool> {
+        let mut s = vec![false; names.len()];
+        rs.iter().filter_map(idx).for_each(|i| s[i] = true);
+        s
+    };
+    let uses: Vec<Vec<bool>> = steps.iter().map(|s| set(&s.reads)).collect();
+    let defs: Vec<Vec<bool>> = steps.iter().map(|s| set(&s.writes)).collect();
+    // Successors: the next step, plus the back edge from the body's last step to its first.
+    let succ = |i: usize| -> Vec<usize> {
+        let mut v = Vec::new();
+        if i + 1 < n {
+            v.push(i + 1);
+        }
+        if b > 0 && i == p + b - 1 {
+            v.push(p);
+        }
+        v
+    };
+    let mut live_in = vec![vec![false; names.len()]; n];
+    let mut live_out = vec![vec![false; names.len()]; n];
+    // Backward dataflow to a fixed point; the loop needs at most two passes to settle.
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for i in (0..n).rev() {
+            let mut out = vec![false; names.len()];
+            for s in succ(i) {
+                for (o, l) in out.iter_mut().zip(&live_in[s]) {
+                    *o |= *l;
+                }
+            }
+            let inn: Vec<bool> = (0..names.len())
+                .map(|r| uses[i][r] || (out[r] && !defs[i][r]))
+                .collect();
+            if inn != live_in[i] || out != live_out[i] {
+                changed = true;
+                live_in[i] = inn;
+                live_out[i] = out;
+            }
+        }
+    }
+    let occupied = |r: usize, i: usize| {
+        pinned.contains(&names[r].as_str()) || live_in[i][r] || live_out[i][r] || defs[i][r]
+    };
+    let occ: Vec<Vec<bool>> = (0..names.len())
+        .map(|r| (0..n).map(|i| occupied(r, i)).collect())
+        .collect();
+
+    // Largest first; ties in LLAMA_ROLES-like order of first touch, then by name, for a stable plan.
+    let first_touch = |r: usize| occ[r].iter().position(|&o| o).unwrap_or(n);
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by_key(|&r| (std::cmp::Reverse(sizes[names[r]]), first_touch(r), r));
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for r in order {
+        let clash = |g: &Vec<usize>| g.iter().any(|&o| (0..n).any(|i| occ[o][i] && occ[r][i]));
+        let solo = |x: usize| pinned.contains(&names[x].as_str());
+        match groups
+            .iter_mut()
+            .find(|g| !solo(r) && !g.iter().any(|&o| solo(o)) && !clash(g))
+        {
+            Some(g) => g.push(r),
+            None => groups.push(vec![r]),
+        }
+    }
+
+    let mut role_to_buffer = BTreeMap::new();
+    let buffers: Vec<PlannedBuffer> = groups
+        .iter()
+        .enumerate()
+        .map(|(bi, g)| {
+            let roles: Vec<String> = g.iter().map(|&r| names[r].clone()).collect();
+            for r in &roles {
+                role_to_buffer.insert(r.clone(), bi);
+            }
+            PlannedBuffer {
+                label: roles.join("+"),
+                bytes: g.iter().map(|&r| sizes[names[r]]).max().unwrap_or(0),
+                roles,
+            }
+        })
+        .collect();
+    let roles = (0..names.len())
+        .map(|r| RolePlan {
+            name: names[r].clone(),
+            bytes: sizes[names[r]],
+            live: ranges(&occ[r]),
+        })
+        .collect();
+    ActivationPlan {
+        chunk,
+        total_bytes: buffers.iter().map(|b| b.bytes).sum(),
+        unshared_bytes: sizes.values().sum(),
+        buffers,
+        role_to_buffer,
+        roles,
+        steps: steps.iter().map(|s| s.label.clone()).collect(),
+        layer_steps: (p, p + b),
+    }
+}
+
+/// Inclusive index ranges of the `true` runs of `v`.
+fn ranges(v: &[bool]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, &on) in v.iter().enumerate() {
+        if !on {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 + 1 == i => last.1 = i,
+            _ => out.push((i, i)),
+        }
+    }
+    out
+}

@@ -1,0 +1,500 @@
+//! The memory planner: what a model takes on the device before anything is allocated, class by
+//! class, whether it fits a budget, and what to change when it does not. No GPU is touched.
+//!
+//! Classes (each exact for wgllm's own buffers, the overhead stated):
+//! - parameters: [`params::weight_bytes`] (block formats for embeddings and matrices, f32 norms);
+//! - KV cache: `n_layers * ctx * bytes_per_token(kv, n_kv_heads, head_dim)`, as `KvCache` allocates;
+//! - activations: the shared buffers of [`activations::llama_activation_plan`] for the chunk size;
+//! - staging: one upload chunk (`min(STAGING_CHUNK, largest uploaded buffer)`, the load path) plus
+//!   the logits readback (`min(STAGING_CHUNK, logits)`), counted together although the load and the
+//!   run do not overlap, so that streaming layers while running stays covered;
+//! - kernel params: the uniform buffer of one submission, one [`PARAM_SLOT`]-aligned slot per
+//!   dispatch (a params block over 256 bytes takes several slots);
+//! - overhead: [`OVERHEAD_PERCENT`] % of the above plus [`OVERHEAD_FIXED`]. The percentage covers
+//!   the driver's allocation granularity and alignment (Vulkan allocators place buffers in larger
+//!   memory blocks); the fixed part covers the device context, pipelines, shader modules, bind
+//!   groups and command buffers, which wgpu does not report. Both are estimates, deliberately on
+//!   the safe side of what lavapipe and desktop Vulkan drivers show.
+//!
+//! [`TrainPlan`] is the contrast: what fine-tuning the same model with Adam would take.
+
+pub mod activations;
+mod report;
+pub mod svg;
+
+pub use activations::{llama_activation_plan, ActivationPlan, PlannedBuffer};
+
+use serde::{Serialize, Serializer};
+
+use crate::error::{Error, Result};
+use crate::gpu::buffer::STAGING_CHUNK;
+use crate::kernels::attention::{bytes_per_token, KvDtype};
+use crate::kernels::weights::rows_per_shard;
+use crate::model::config::{Arch, ModelConfig};
+use crate::model::params::{self, ParamClass, ParamTensor, Precision, WeightBytes};
+use crate::quant::repack::{row_words, scale_words};
+use activations::Kernel;
+
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+/// Bytes of one kernel-params slot: wgpu's default `min_uniform_buffer_offset_alignment`.
+pub const PARAM_SLOT: u64 = 256;
+/// wgpu's default `max_storage_buffer_binding_size` (also lavapipe's): weights are sharded to it.
+pub const DEFAULT_MAX_BINDING: u64 = 128 * MIB;
+/// Device overhead: this share of all planned buffers ...
+pub const OVERHEAD_PERCENT: u64 = 3;
+/// ... plus this much for the driver and pipeline objects.
+pub const OVERHEAD_FIXED: u64 = 64 * MIB;
+
+/// Batch and sequence length of a fine-tuning run, for [`TrainPlan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TrainOptions {
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// What to plan for. `PlanOptions { precision, kv, ctx, budget, ..Default::default() }`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanOptions {
+    pub precision: Precision,
+    #[serde(serialize_with = "kv_name")]
+    pub kv: KvDtype,
+    /// KV cache positions.
+    pub ctx: usize,
+    /// Tokens per prefill chunk; activations are sized for it (1: decode only).
+    pub chunk: usize,
+    /// Device bytes available, if known.
+    pub budget: Option<u64>,
+    pub train: Option<TrainOptions>,
+    /// Logits for every token of a chunk (`RunOptions::all_logits`).
+    pub all_logits: bool,
+    /// Storage binding limit weights are sharded to (it sets the dispatch count).
+    pub max_binding: u64,
+}
+
+impl Default for PlanOptions {
+    /// `RunOptions`' chunk of 64, f16 weights and KV cache, ctx 2048, no budget.
+    fn default() -> Self {
+        PlanOptions {
+            precision: Precision::F16,
+            kv: KvDtype::F16,
+            ctx: 2048,
+            chunk: 64,
+            budget: None,
+            train: None,
+            all_logits: false,
+            max_binding: DEFAULT_MAX_BINDING,
+        }
+    }
+}
+
+fn kv_name<S: Serializer>(kv: &KvDtype, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(kv.name())
+}
+
+/// Fine-tuning footprint with Adam, for contrast with inference.
+///
+/// Weights, gradients and Adam's two moments: 16 bytes per parameter (f32 each; mixed precision
+/// lands on the same 16: f16 weights and gradients plus f32 master weights, m and v, as in the
+/// ZeRO paper). Activations kept for backward, per layer, from Korthikanti et al. 2022, "Reducing
+/// Activation Recomputation in Large Transformer Models", eq. (1), without parallelism or
+/// recomputation: `s*b*h*(34 + 5*a*s/h)` bytes = `34 s b h + 5 a s² b` for 16-bit activations
+/// (and 1-byte dropout masks). The estimate is for GPT's 4h GeLU MLP; LLaMA's SwiGLU at ~2.7h
+/// keeps about the same bytes, and f32 activations would nearly double them, so this is a floor.
+/// Plus the f32 logits for the loss, `4 s b V`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainPlan {
+    pub batch: usize,
+    pub seq: usize,
+    pub params: u64,
+    pub weights_bytes: u64,
+    pub gradients_bytes: u64,
+    /// Adam's m and v.
+    pub adam_bytes: u64,
+    pub activation_bytes_per_layer: u64,
+    pub logits_bytes: u64,
+    /// All layers plus logits.
+    pub activation_bytes: u64,
+    pub overhead_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl TrainPlan {
+    pub fn new(cfg: &ModelConfig, t: TrainOptions) -> TrainPlan {
+        let p = params::count(cfg).total;
+        let (s, b) = (t.seq as u64, t.batch as u64);
+        let (h, a) = (cfg.hidden_size as u64, cfg.n_heads as u64);
+        let sbh = s.saturating_mul(b).saturating_mul(h);
+        let per_layer = sbh.saturating_mul(34).saturating_add(
+            5u64.saturating_mul(a)
+                .saturating_mul(s)
+                .saturating_mul(s)
+                .saturating_mul(b),
+        );
+        let logits = (4 * s)
+            .saturating_mul(b)
+            .saturating_mul(cfg.vocab_size as u64);
+        let activation_bytes = per_layer
+            .saturating_mul(cfg.n_layers as u64)
+            .saturating_add(logits);
+        let sum = [4, 4, 8].iter().fold(activation_bytes, |acc, k| {
+            acc.saturating_add(p.saturating_mul(*k))
+        });
+        let overhead_bytes = overhead(sum);
+        TrainPlan {
+            batch: t.batch,
+            seq: t.seq,
+            params: p,
+            weights_bytes: 4 * p,
+            gradients_bytes: 4 * p,
+            adam_bytes: 8 * p,
+            activation_bytes_per_layer: per_layer,
+            logits_bytes: logits,
+            activation_bytes,
+            overhead_bytes,
+            total_bytes: sum.saturating_add(overhead_bytes),
+        }
+    }
+}
+
+/// [`OVERHEAD_PERCENT`] % of `sum`, rounded up, plus [`OVERHEAD_FIXED`].
+pub fn overhead(sum: u64) -> u64 {
+    sum.saturating_mul(OVERHEAD_PERCENT)
+        .div_ceil(100)
+        .saturating_add(OVERHEAD_FIXED)
+}
+
+/// The device memory of one inference configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryPlan {
+    pub cfg: ModelConfig,
+    pub options: PlanOptions,
+    pub weights: WeightBytes,
+    /// One layer's weights; `parameters_bytes = n_layers * layer_weight_bytes + other_weight_bytes`.
+    pub layer_weight_bytes: u64,
+    pub other_weight_bytes: u64,
+    pub parameters_bytes: u64,
+    /// One token in one layer, K and V together.
+    pub kv_bytes_per_token_layer: u64,
+    pub kv_cache_bytes: u64,
+    pub activations: ActivationPlan,
+    pub activation_bytes: u64,
+    pub staging_upload_bytes: u64,
+    pub staging_readback_bytes: u64,
+    pub staging_bytes: u64,
+    /// Dispatches of one chunk with logits (embedding, all layers, head).
+    pub dispatches_per_chunk: u64,
+    pub kernel_params_bytes: u64,
+    pub overhead_bytes: u64,
+    pub total_bytes: u64,
+    pub train: Option<TrainPlan>,
+    /// Things that would stop the load even within budget (a buffer over the binding limit), or
+    /// look unintended (ctx past the trained context).
+    pub warnings: Vec<String>,
+}
+
+/// Bytes of one copy of `t` as [`params::weight_bytes`] counts them.
+fn tensor_bytes(t: &ParamTensor, p: Precision) -> u64 {
+    let fmt = p.storage();
+    let (rows, cols) = (t.rows as u64, t.cols as u64);
+    match t.class {
+        ParamClass::NormOrBias => rows * cols * 4,
+        _ => cols.div_ceil(fmt.block_len() as u64) * fmt.block_bytes() as u64 * rows,
+    }
+}
+
+impl MemoryPlan {
+    /// Plans `cfg` (a LLaMA-family model: the one forward pass wgllm runs) under `opts`.
+    pub fn new(cfg: &ModelConfig, opts: PlanOptions) -> Result<MemoryPlan> {
+        if cfg.arch != Arch::Llama {
+            return Err(Error::invalid(
+                "plan",
+                format!("{:?} models have no forward pass here; only LLaMA-family models can be planned", cfg.arch),
+            ));
+        }
+        if opts.ctx == 0 || opts.chunk == 0 {
+            return Err(Error::invalid(
+                "plan",
+                format!(
+                    "ctx {} and chunk {} must be at least 1",
+                    opts.ctx, opts.chunk
+                ),
+            ));
+        }
+        opts.kv.check_head_dim(cfg.head_dim)?;
+        let (p, l) = (opts.precision, cfg.n_layers as u64);
+        let fmt = p.storage();
+        let weights = params::weight_bytes(cfg, p);
+        let tensors = params::tensors(cfg);
+        let layer_weight_bytes: u64 = tensors
+            .iter()
+            .filter(|t| t.name.starts_with("layers."))
+            .map(|t| tensor_bytes(t, p))
+            .sum();
+        let other_weight_bytes = weights.exact_bytes - l * layer_weight_bytes;
+
+        let kv_bpt = bytes_per_token(opts.kv, cfg.n_kv_heads, cfg.head_dim);
+        let kv_cache_bytes = l * opts.ctx as u64 * kv_bpt;
+        let activations = llama_activation_plan(cfg, opts.chunk, opts.all_logits);
+
+        // Largest single upload: a shard's data or scales, or a norm/bias vector.
+        let mut largest = 0u64;
+        for t in &tensors {
+            let b = match t.class {
+                ParamClass::NormOrBias => (t.rows * t.cols) as u64 * 4,
+                _ => {
+                    let per = rows_per_shard(fmt, t.rows, t.cols, opts.max_binding)?.min(t.rows);
+                    let data = (per * row_words(fmt, t.cols)) as u64 * 4;
+                    data.max(scale_words(fmt, per, t.cols) as u64 * 4)
+                }
+            };
+            largest = largest.max(b);
+        }
+        let align4 = |b: u64| b.div_ceil(4) * 4;
+        let staging_upload_bytes = align4(largest.min(STAGING_CHUNK));
+        let logits = activations
+            .roles
+            .iter()
+            .find(|r| r.name == "logits")
+            .map_or(0, |r| r.bytes);
+        let staging_readback_bytes = align4(logits.min(STAGING_CHUNK));
+
+        // Kernel params: every dispatch of one chunk, layers unrolled.
+        let sched = activations::llama_schedule(cfg, opts.all_logits);
+        let mut dispatches = 0u64;
+        let mut kernel_params_bytes = 0u64;
+        let mut count = |k: Kernel, times: u64| -> Result<()> {
+            let n = match k {
+                Kernel::Host | Kernel::Copy => 0,
+                Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
+                    rows.div_ceil(rows_per_shard(fmt, rows, cols, opts.max_binding)?) as u64
+                }
+                _ => 1,
+            } * times;
+            dispatches += n;
+            kernel_params_bytes += n * k.params_bytes().div_ceil(PARAM_SLOT) * PARAM_SLOT;
+            Ok(())
+        };
+        for s in sched.prologue.iter().chain(&sched.epilogue) {
+            count(s.kernel, 1)?;
+        }
+        for s in &sched.layer {
+            count(s.kernel, l)?;
+        }
+
+        let mut warnings = Vec::new();
+        if opts.ctx > cfg.max_positions {
+            warnings.push(format!(
+                "ctx {} is past the model's trained context of {} positions",
+                opts.ctx, cfg.max_positions
+            ));
+        }
+        let kv_buffer = opts.ctx as u64 * kv_bpt / 2;
+        if kv_buffer > opts.max_binding {
+            warnings.push(format!(
+                "each layer's K and V buffers take {kv_buffer} bytes, over the {}-byte binding limit",
+                opts.max_binding
+            ));
+        }
+        for b in activations
+            .buffers
+            .iter()
+            .filter(|b| b.bytes > opts.max_binding)
+        {
+            warnings.push(format!(
+                "activation buffer '{}' takes {} bytes, over the {}-byte binding limit",
+                b.label, b.bytes, opts.max_binding
+            ));
+        }
+
+        let staging_bytes = staging_upload_bytes + staging_readback_bytes;
+        let activation_bytes = activations.total_bytes;
+        let sum = [
+            kv_cache_bytes,
+            activation_bytes,
+            staging_bytes,
+            kernel_params_bytes,
+        ]
+        .iter()
+        .fold(weights.exact_bytes, |a, b| a.saturating_add(*b));
+        let overhead_bytes = overhead(sum);
+        Ok(MemoryPlan {
+            cfg: cfg.clone(),
+            train: opts.train.map(|t| TrainPlan::new(cfg, t)),
+            options: opts,
+            parameters_bytes: weights.exact_bytes,
+            weights,
+            layer_weight_bytes,
+            other_weight_bytes,
+            kv_bytes_per_token_layer: kv_bpt,
+            kv_cache_bytes,
+            activations,
+            activation_bytes,
+            staging_upload_bytes,
+            staging_readback_bytes,
+            staging_bytes,
+            dispatches_per_chunk: dispatches,
+            kernel_params_bytes,
+            overhead_bytes,
+            total_bytes: sum.saturating_add(overhead_bytes),
+            warnings,
+        })
+    }
+
+    /// `(class, bytes)` in report order; they add up to `total_bytes`.
+    pub fn classes(&self) -> [(&'static str, u64); 6] {
+        [
+            ("parameters", self.parameters_bytes),
+            ("kv cache", self.kv_cache_bytes),
+            ("activations", self.activation_bytes),
+            ("staging", self.staging_bytes),
+            ("kernel params", self.kernel_params_bytes),
+            ("overhead", self.overhead_bytes),
+        ]
+    }
+
+    /// Buffers before the overhead margin.
+    fn buffers_sum(&self) -> u64 {
+        self.total_bytes - self.overhead_bytes
+    }
+
+    /// Within the budget (always, without one).
+    pub fn fits(&self) -> bool {
+        self.options.budget.is_none_or(|b| self.total_bytes <= b)
+    }
+
+    /// The training footprint fits the budget, if both are given.
+    pub fn train_fits(&self) -> Option<bool> {
+        Some(self.train.as_ref()?.total_bytes <= self.options.budget?)
+    }
+
+    /// What would fit, when there is a budget and this plan exceeds it.
+    pub fn suggestions(&self) -> Option<Suggestions> {
+        let budget = self.options.budget?;
+        if self.fits() {
+            return None;
+        }
+        let fits_sum = |sum: u64| sum.saturating_add(overhead(sum)) <= budget;
+        let base = self.buffers_sum() - self.kv_cache_bytes;
+        let per_ctx = self.cfg.n_layers as u64 * self.kv_bytes_per_token_layer;
+        // Largest ctx below the requested one whose total fits (monotonic in ctx).
+        let (mut lo, mut hi) = (0usize, self.options.ctx);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits_sum(base.saturating_add(per_ctx.saturating_mul(mid as u64))) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let longest_ctx = (lo > 0).then_some(lo);
+
+        let with = |precision, kv| {
+            MemoryPlan::new(
+                &self.cfg,
+                PlanOptions {
+                    precision,
+                    kv,
+                    train: None,
+                    ..self.options.clone()
+                },
+            )
+            .ok()
+        };
+        let kv_alternatives = KvDtype::ALL
+            .into_iter()
+            .filter(|&k| {
+                bytes_per_token(k, 1, self.cfg.head_dim)
+                    < bytes_per_token(self.options.kv, 1, self.cfg.head_dim)
+            })
+            .filter_map(|k| with(self.options.precision, k))
+            .map(|p| PlanFit {
+                name: p.options.kv.name().to_string(),
+                total_bytes: p.total_bytes,
+                fits: p.fits(),
+            })
+            .collect();
+        let mut by_bytes: Vec<MemoryPlan> = Precision::ALL
+            .into_iter()
+            .filter_map(|p| with(p, self.options.kv))
+            .collect();
+        by_bytes.sort_by_key(|p| std::cmp::Reverse(p.parameters_bytes));
+        let highest_precision = by_bytes.iter().find(|p| p.fits()).map(|p| PlanFit {
+            name: p.options.precision.name().to_string(),
+            total_bytes: p.total_bytes,
+            fits: true,
+        });
+
+        // Streaming: keep r layers resident and cycle the rest through a pool of two layer slots.
+        let (l, lb) = (self.cfg.n_layers as u64, self.layer_weight_bytes);
+        let streamed_sum = |r: u64| self.buffers_sum() - (l - r) * lb + STREAM_SLOTS * lb;
+        let streaming = (0..l)
+            .rev()
+            .find(|&r| fits_sum(streamed_sum(r)))
+            .map(|r| Streaming {
+                resident_layers: r as usize,
+                streamed_layers: (l - r) as usize,
+                slot_bytes: STREAM_SLOTS * lb,
+                total_bytes: streamed_sum(r) + overhead(streamed_sum(r)),
+            });
+        Some(Suggestions {
+            longest_ctx,
+            kv_alternatives,
+            highest_precision,
+            streaming,
+        })
+    }
+
+    /// The plan as JSON (every field, plus `fits` and `suggestions`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("fits".into(), self.fits().into());
+            o.insert(
+                "suggestions".into(),
+                serde_json::to_value(self.suggestions()).unwrap_or_default(),
+            );
+        }
+        v
+    }
+
+    /// A text report: classes, budget, suggestions, parameter counts, bytes per precision.
+    pub fn to_table(&self) -> String {
+        report::table(self)
+    }
+}
+
+/// Layer slots of the streaming pool: one in use, one being uploaded.
+pub const STREAM_SLOTS: u64 = 2;
+
+/// A variant of the plan and whether it fits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlanFit {
+    /// KV dtype or precision name.
+    pub name: String,
+    pub total_bytes: u64,
+    pub fits: bool,
+}
+
+/// Layer streaming that fits the budget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Streaming {
+    pub resident_layers: usize,
+    pub streamed_layers: usize,
+    /// The pool of [`STREAM_SLOTS`] layer slots.
+    pub slot_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// Ways to fit a budget the plan exceeds. `None` fields: nothing of that kind fits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Suggestions {
+    /// The longest context that fits with the requested KV dtype.
+    pub longest_ctx: Option<usize>,
+    /// Each smaller KV dtype at the requested ctx.
+    pub kv_alternatives: Vec<PlanFit>,
+    /// The largest weight precision that fits at the requested ctx and KV dtype.
+    pub highest_precision: Option<PlanFit>,
+    /// Layers to stream to fit at the requested precision.
+    pub streaming: Option<Streaming>,
+}

@@ -1,0 +1,240 @@
+//! The text report of a [`MemoryPlan`] (`MemoryPlan::to_table`), and byte formatting shared with
+//! the SVG.
+
+use std::fmt::Write;
+
+use super::{MemoryPlan, OVERHEAD_FIXED, OVERHEAD_PERCENT};
+use crate::model::params::{self, Precision};
+
+/// `1,234,567`.
+pub(crate) fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `6.82 GiB`, `12.5 MiB`, `512 B`: binary units, three significant digits or so.
+pub(crate) fn human(b: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if b >= size {
+            let v = b as f64 / size as f64;
+            let prec = if v >= 100.0 {
+                0
+            } else if v >= 10.0 {
+                1
+            } else {
+                2
+            };
+            return format!("{v:.prec$} {unit}");
+        }
+    }
+    format!("{b} B")
+}
+
+fn pct(part: u64, whole: u64) -> String {
+    format!("{:.1}%", 100.0 * part as f64 / whole.max(1) as f64)
+}
+
+/// The report; see `MemoryPlan::to_table`.
+pub(crate) fn table(p: &MemoryPlan) -> String {
+    let mut s = String::new();
+    let c = &p.cfg;
+    let o = &p.options;
+    let _ = writeln!(
+        s,
+        "memory plan: {} layers, hidden {}, {} heads / {} kv heads x {}, ffn {}, vocab {}",
+        c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_size, c.vocab_size
+    );
+    let _ = writeln!(
+        s,
+        "  weights {}, KV cache {}, ctx {}, chunk {} ({} logits)\n",
+        o.precision,
+        o.kv,
+        o.ctx,
+        o.chunk,
+        if o.all_logits { "all" } else { "last-token" }
+    );
+    let _ = writeln!(
+        s,
+        "{:<28} {:>17} {:>10} {:>7}",
+        "class", "bytes", "", "share"
+    );
+    let detail = |name: &str| -> String {
+        match name {
+            "kv cache" => format!(
+                "kv cache ({} B/token/layer)",
+                group(p.kv_bytes_per_token_layer)
+            ),
+            "overhead" => format!("overhead ({OVERHEAD_PERCENT}% + {})", human(OVERHEAD_FIXED)),
+            "kernel params" => format!("kernel params ({} disp.)", p.dispatches_per_chunk),
+            n => n.to_string(),
+        }
+    };
+    for (name, bytes) in p.classes() {
+        let _ = writeln!(
+            s,
+            "{:<28} {:>17} {:>10} {:>7}",
+            detail(name),
+            group(bytes),
+            human(bytes),
+            pct(bytes, p.total_bytes)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{:<28} {:>17} {:>10}",
+        "total",
+        group(p.total_bytes),
+        human(p.total_bytes)
+    );
+    match o.budget {
+        Some(b) => {
+            let verdict = if p.fits() {
+                format!("fits: yes ({} to spare)", human(b - p.total_bytes))
+            } else {
+                format!("fits: NO ({} over)", human(p.total_bytes - b))
+            };
+            let _ = writeln!(
+                s,
+                "{:<28} {:>17} {:>10}   {verdict}",
+                "budget",
+                group(b),
+                human(b)
+            );
+        }
+        None => {
+            let _ = writeln!(s, "budget: none given");
+        }
+    }
+    for w in &p.warnings {
+        let _ = writeln!(s, "warning: {w}");
+    }
+
+    let a = &p.activations;
+    let _ = writeln!(
+        s,
+        "\nactivation buffers (chunk {}): {} buffers, {} shared vs {} one per role",
+        a.chunk,
+        a.buffers.len(),
+        human(a.total_bytes),
+        human(a.unshared_bytes)
+    );
+    for b in &a.buffers {
+        let _ = writeln!(s, "  {:<26} {:>17}", b.label, group(b.bytes));
+    }
+
+    if let Some(sg) = p.suggestions() {
+        let _ = writeln!(s, "\nto fit the budget:");
+        match sg.longest_ctx {
+            Some(ctx) => writeln!(s, "  - longest ctx with a {} KV cache: {ctx}", o.kv),
+            None => writeln!(s, "  - no ctx fits with a {} KV cache", o.kv),
+        }
+        .ok();
+        for k in &sg.kv_alternatives {
+            let _ = writeln!(
+                s,
+                "  - {} KV cache at ctx {}: {} ({})",
+                k.name,
+                o.ctx,
+                human(k.total_bytes),
+                if k.fits { "fits" } else { "does not fit" }
+            );
+        }
+        match &sg.highest_precision {
+            Some(h) => writeln!(
+                s,
+                "  - highest weight precision that fits: {} ({})",
+                h.name,
+                human(h.total_bytes)
+            ),
+            None => writeln!(s, "  - no weight precision fits at this ctx and KV cache"),
+        }
+        .ok();
+        match &sg.streaming {
+            Some(st) => writeln!(
+                s,
+                "  - stream {} of {} layers ({} resident + {} for 2 streaming slots): {}",
+                st.streamed_layers,
+                c.n_layers,
+                st.resident_layers,
+                human(st.slot_bytes),
+                human(st.total_bytes)
+            ),
+            None => writeln!(s, "  - streaming layers does not fit either"),
+        }
+        .ok();
+    }
+
+    if let Some(t) = &p.train {
+        let _ = writeln!(
+            s,
+            "\nfine-tuning instead (Adam, batch {}, seq {}):",
+            t.batch, t.seq
+        );
+        let rows = [
+            ("weights f32", t.weights_bytes),
+            ("gradients f32", t.gradients_bytes),
+            ("Adam m and v f32", t.adam_bytes),
+            ("activations for backward", t.activation_bytes),
+            ("overhead", t.overhead_bytes),
+            ("total", t.total_bytes),
+        ];
+        for (name, b) in rows {
+            let _ = writeln!(s, "  {:<26} {:>17} {:>10}", name, group(b), human(b));
+        }
+        let _ = writeln!(
+            s,
+            "  (per layer s*b*h*(34 + 5*a*s/h) = {} bytes, Korthikanti et al. 2022; logits {})",
+            group(t.activation_bytes_per_layer),
+            group(t.logits_bytes)
+        );
+        if let Some(f) = p.train_fits() {
+            let _ = writeln!(
+                s,
+                "  fits the budget: {} ({:.1}x the inference plan)",
+                if f { "yes" } else { "NO" },
+                t.total_bytes as f64 / p.total_bytes.max(1) as f64
+            );
+        }
+    }
+
+    let count = params::count(c);
+    let tb = params::textbook_estimate(c);
+    let _ = writeln!(
+        s,
+        "\nparameters: {} exact vs {} by the textbook 12*L*d^2 + V*d ({:+.1}%)",
+        group(count.total),
+        group(tb),
+        100.0 * params::textbook_relative_diff(c)
+    );
+    let _ = writeln!(
+        s,
+        "\n{:<10} {:>17} {:>17} {:>12}",
+        "precision", "exact bytes", "naive bytes", "exact/naive"
+    );
+    for pr in Precision::ALL {
+        let w = params::weight_bytes(c, pr);
+        let (num, den) = pr.naive_rate();
+        let rate = if den == 1 {
+            num.to_string()
+        } else {
+            format!("{num}/{den}")
+        };
+        let _ = writeln!(
+            s,
+            "{:<10} {:>17} {:>17} {:>12}",
+            pr.name(),
+            group(w.exact_bytes),
+            format!("{} ({rate} B)", group(w.naive_bytes)),
+            format!("{:.4}", w.ratio())
+        );
+    }
+    s
+}
