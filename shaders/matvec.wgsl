@@ -175,3 +175,4 @@ fn matvec_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
     finish(lid, row0, acc);
 }
+

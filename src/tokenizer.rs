@@ -146,6 +146,27 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Like [`Tokenizer::encode`], but with `parse_special = false` special-token strings are
+    /// tokenized as plain text (for untrusted input that must not inject control tokens).
+    pub fn encode_with(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<u32>> {
+        if parse_special {
+            return self.encode(text, add_bos);
+        }
+        let mut ids = Vec::new();
+        if add_bos && self.add_bos {
+            ids.extend(self.bos);
+        }
+        match &self.inner {
+            Inner::Hf(t) => {
+                let mut plain = (**t).clone();
+                plain.set_encode_special_tokens(true);
+                ids.extend_from_slice(plain.encode(text, true).map_err(|e| tok_err("encoding", e))?.get_ids());
+            }
+            Inner::Spm(s) => ids.extend(s.encode(text)),
+        }
+        Ok(ids)
+    }
+
     /// Text of `ids` (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match &self.inner {

@@ -124,7 +124,10 @@ fn embeddings_match_golden() {
     let mut bert = load(gpu, &dir, None, 32);
     assert!(bert.normalize, "modules.json lists Normalize");
     let (embs, min) = embed_all(gpu, &mut bert, &g);
-    eprintln!("f32: minimum cosine to the golden embeddings {min:.7}");
+    eprintln!(
+        "f32: minimum cosine to the golden embeddings {min:.7} (1 - cos = {:.1e})",
+        1.0 - min
+    );
     for (i, e) in embs.iter().enumerate() {
         let c = cosine(e, &g.embeddings[i]);
         assert!(
@@ -143,15 +146,6 @@ fn embeddings_match_golden() {
         }
     }
     eprintln!("f32: largest cosine-matrix error {worst:.2e}");
-    // embed is the normalised mean of hidden_states.
-    let hidden = bert.hidden_states(gpu, &g.ids[3]).unwrap();
-    assert_eq!(hidden.len(), g.ids[3].len() * 384);
-    assert_close(
-        "embed = pooled hidden states",
-        &embs[3],
-        &mean_pool(&hidden, 384, true),
-        0.0,
-    );
 }
 
 #[test]
@@ -162,7 +156,10 @@ fn q8_0_embeddings_stay_close() {
     let g = golden();
     let mut bert = load(gpu, &dir, Some(WeightFormat::Q8_0), 32);
     let (_, min) = embed_all(gpu, &mut bert, &g);
-    eprintln!("q8_0: minimum cosine to the golden embeddings {min:.7}");
+    eprintln!(
+        "q8_0: minimum cosine to the golden embeddings {min:.7} (1 - cos = {:.1e})",
+        1.0 - min
+    );
     assert!(
         min >= MIN_COSINE_Q8_0,
         "q8_0 cosine {min} < {MIN_COSINE_Q8_0}"
@@ -200,7 +197,17 @@ fn bad_input_is_refused() {
         matches!(e, wgllm::Error::ContextFull { ctx: 4, needed: 5 }),
         "{e}"
     );
-    assert!(small.embed(gpu, &[101, 1996, 4633, 102]).is_ok());
+    // Up to the capacity it runs, and embed is the normalised mean of hidden_states.
+    let ids = [101, 1996, 4633, 102];
+    let hidden = small.hidden_states(gpu, &ids).unwrap();
+    assert_eq!(hidden.len(), ids.len() * 384);
+    let emb = small.embed(gpu, &ids).unwrap();
+    assert_close(
+        "embed = pooled hidden states",
+        &emb,
+        &mean_pool(&hidden, 384, true),
+        0.0,
+    );
 }
 
 #[test]

@@ -21,13 +21,19 @@ use wgllm::quant::WeightFormat;
 use wgllm::{Error, Gpu};
 
 /// f32 weights and activations against the float64 reference: max |logit diff| (logits have
-/// std 2.3, so this is ~4e-4 relative).
+/// std 2.3). Measured on lavapipe: 7e-6, the size of the golden's 6-significant-digit rounding.
 const F32_LOGITS: f32 = 1e-3;
-/// Max |logit diff| with weights stored as f16, q8_0 and q4_0 (every matrix, embeddings and the
-/// tied head included), against the float64 reference on the unquantised weights.
-const F16_LOGITS: f32 = 1e-2;
-const Q8_0_LOGITS: f32 = 0.1;
-const Q4_0_LOGITS: f32 = 1.5;
+/// Weights stored as f16, q8_0 and q4_0 (every matrix, embeddings and the tied head included)
+/// against the float64 reference on the unquantised weights: `(max |logit diff|, NMSE)`. Measured
+/// on lavapipe: f16 4.6e-3 / 3.5e-7, q8_0 8.4e-2 / 1.2e-4, q4_0 1.6 / 3.2e-2 (uniform random
+/// weights quantise worse than trained ones). The tight check of the quantised paths is
+/// `quantised_weights_match_their_dequantised_f32_copy`.
+const F16_LOGITS: (f32, f64) = (1.5e-2, 1e-5);
+const Q8_0_LOGITS: (f32, f64) = (0.25, 5e-4);
+const Q4_0_LOGITS: (f32, f64) = (4.0, 0.1);
+/// A quantised run against the f32 run of the same weights dequantised on the CPU: only the
+/// kernels' summation order differs.
+const QUANT_VS_DEQUANT: f32 = 1e-4;
 
 const VOCAB: usize = 96;
 const N_POS: usize = 64;
@@ -125,13 +131,13 @@ fn golden_logits(g: &Value) -> Vec<Vec<f32>> {
 }
 
 /// Writes `config.json` (the golden's, edited by `edit_cfg`) and `model.safetensors` (names with
-/// `prefix`, tensors edited by `edit_w`) into a fresh temporary directory.
+/// `prefix`, tensors edited by `edit_w`) into a fresh temporary directory, removed on drop.
 fn write_model(
     name: &str,
     prefix: &str,
     edit_cfg: impl FnOnce(&mut Value),
     edit_w: impl FnOnce(&mut Tensors),
-) -> PathBuf {
+) -> TempModel {
     let dir = std::env::temp_dir().join(format!("wgllm-gpt2-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -159,7 +165,15 @@ fn write_model(
         safetensors::tensor::serialize(views, &None).unwrap(),
     )
     .unwrap();
-    dir
+    TempModel(dir)
+}
+
+struct TempModel(PathBuf);
+
+impl Drop for TempModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn opts(chunk: usize, all_logits: bool) -> RunOptions {
@@ -173,11 +187,11 @@ fn opts(chunk: usize, all_logits: bool) -> RunOptions {
 
 fn load(
     gpu: &Gpu,
-    dir: &PathBuf,
+    dir: &TempModel,
     precision: Option<WeightFormat>,
     o: RunOptions,
 ) -> wgllm::Result<Gpt2> {
-    let hf = HfModel::open(dir)?;
+    let hf = HfModel::open(&dir.0)?;
     let cfg = ModelConfig::from_hf_json(hf.config())?;
     Gpt2::load(gpu, cfg, &Source::Hf(&hf, precision), o)
 }
@@ -300,11 +314,61 @@ fn quantised_runs_stay_close() {
         let mut m = load(gpu, &dir, Some(f), opts(64, true)).unwrap();
         assert_eq!(m.weights.layers[0].wq.format, f, "c_attn uploaded as {f}");
         assert_eq!(m.weights.wte.format, f, "wte uploaded as {f}");
-        let e = max_diff(&m.forward(gpu, &toks, 0).unwrap(), &want);
         let got = m.forward(gpu, &toks, 0).unwrap();
-        let agree = got.chunks(VOCAB).zip(want.chunks(VOCAB)).filter(|(a, b)| argmax(a) == argmax(b)).count();
-        eprintln!("{f} prefill: max |logit diff| {e:.3e}, nmse {:.3e}, argmax agree {agree}/12", common::nmse(&got, &want));
-        assert!(e <= tol, "{f}: max |diff| {e:.3e} > {tol:.0e}");
+        let (e, n) = (max_diff(&got, &want), common::nmse(&got, &want));
+        eprintln!("{f} prefill: max |logit diff| {e:.3e}, NMSE {n:.3e}");
+        assert!(
+            e <= tol.0 && n <= tol.1,
+            "{f}: max |diff| {e:.3e}, NMSE {n:.3e}; bounds {tol:?}"
+        );
+    }
+}
+
+/// The tiny model with every matrix replaced by its `f` round trip, quantised along the input
+/// dimension as the loader does: rows of `wte`/`wpe`, columns of the Conv1D `[in, out]` weights.
+fn dequantised(f: WeightFormat) -> Tensors {
+    // Rows of `cols` values through quantize + dequantize.
+    let rt = |w: &[f32], cols: usize| -> Vec<f32> {
+        let q = |r: &[f32]| {
+            wgllm::quant::quantize(f, r).and_then(|b| wgllm::quant::dequantize(f, &b, cols))
+        };
+        w.chunks(cols).flat_map(|r| q(r).unwrap()).collect()
+    };
+    let mut w = tiny_weights();
+    for (name, shape, v) in w.iter_mut() {
+        if let [a, b] = shape[..] {
+            *v = if name.starts_with("h.") {
+                transpose(&rt(&transpose(v, a, b), a), b, a)
+            } else {
+                rt(v, b)
+            };
+        }
+    }
+    w
+}
+
+#[test]
+fn quantised_weights_match_their_dequantised_f32_copy() {
+    let Some(gpu) = common::gpu() else { return };
+    let toks = prompt(&golden());
+    let dir = write_model("q-direct", "", |_| {}, |_| {});
+    for f in [WeightFormat::Q8_0, WeightFormat::Q4_0] {
+        let deq = dequantised(f);
+        let dq_dir = write_model(&format!("deq-{f}"), "", |_| {}, |w| *w = deq);
+        let want = load(gpu, &dq_dir, None, opts(64, true))
+            .unwrap()
+            .forward(gpu, &toks, 0)
+            .unwrap();
+        let got = load(gpu, &dir, Some(f), opts(64, true))
+            .unwrap()
+            .forward(gpu, &toks, 0)
+            .unwrap();
+        let e = max_diff(&got, &want);
+        eprintln!("{f} vs its dequantised f32 copy: max |logit diff| {e:.3e}");
+        assert!(
+            e <= QUANT_VS_DEQUANT,
+            "{f}: max |diff| {e:.3e} > {QUANT_VS_DEQUANT:.0e}"
+        );
     }
 }
 
@@ -377,7 +441,7 @@ fn mismatched_configs_and_tensors_give_typed_errors() {
         load(gpu, &dir, None, opts(64, false)),
         Err(Error::ConfigInvalid { .. })
     ));
-    let hf = HfModel::open(&dir).unwrap();
+    let hf = HfModel::open(&dir.0).unwrap();
     let llama = ModelConfig::preset("smollm2-135m").unwrap();
     let r = Gpt2::load(gpu, llama, &Source::Hf(&hf, None), opts(64, false));
     assert!(

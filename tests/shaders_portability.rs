@@ -7,8 +7,10 @@ use wgllm::gpu::shaders::SHADERS;
 
 fn translate(name: &str, src: &str) -> Result<(), String> {
     let module = naga::front::wgsl::parse_str(src).map_err(|e| format!("parse: {}", e.emit_to_string(src)))?;
-    // Validate as a WebGPU device without optional features would: no f16, no subgroups.
-    let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+    // Validate as a WebGPU device without optional features would: no f16, no subgroups. Only
+    // `unpack2x16float`/`pack2x16float` need a capability in naga's terms, and every WebGPU-compliant
+    // device has it (wgpu's downlevel flag SHADER_F16_IN_F32).
+    let info = Validator::new(ValidationFlags::all(), Capabilities::SHADER_FLOAT16_IN_FLOAT32)
         .validate(&module)
         .map_err(|e| format!("validate (no optional capabilities): {}", e.emit_to_string(src)))?;
     let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &naga::back::PipelineConstants::default())
@@ -17,7 +19,8 @@ fn translate(name: &str, src: &str) -> Result<(), String> {
         return Err("no entry points".into());
     }
     naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None).map_err(|e| format!("SPIR-V: {e}"))?;
-    let msl_opts = naga::back::msl::Options { fake_missing_bindings: true, ..Default::default() };
+    // MSL 2.3 (macOS 11, iOS 14) is what wgpu targets on current Apple GPUs.
+    let msl_opts = naga::back::msl::Options { lang_version: (2, 3), fake_missing_bindings: true, ..Default::default() };
     naga::back::msl::write_string(&module, &info, &msl_opts, &naga::back::msl::PipelineOptions::default())
         .map_err(|e| format!("MSL: {e}"))?;
     let hlsl_opts = naga::back::hlsl::Options { fake_missing_bindings: true, ..Default::default() };

@@ -8,13 +8,14 @@
 //! upload, and the fused `c_attn` (`[d, 3d]`) is split into separate Q, K and V matrices so that
 //! each lands in its own activation buffer in the layout attention expects.
 
+use serde_json::Value;
+
 use crate::error::{Error, Result};
 use crate::gpu::record::DispatchTime;
 use crate::gpu::{BufferClass, Gpu, GpuBuffer, Recorder};
 use crate::kernels::activation::{self, GeluForm};
 use crate::kernels::attention::{self, KvCache};
 use crate::kernels::{elementwise, embedding, matmul, norm, Tensor, WeightMatrix};
-use crate::loader::safetensors::HfModel;
 use crate::model::config::{Arch, ModelConfig, Norm, Positions};
 use crate::model::generate::CausalLm;
 use crate::model::llama::RunOptions;
@@ -103,35 +104,25 @@ fn weight_format(precision: Option<WeightFormat>, cols: usize) -> WeightFormat {
 }
 
 /// GPT2Config options that change the arithmetic: the GELU form and the attention scales.
-fn hf_options(
-    json: &serde_json::Value,
-    n_layers: usize,
-    head_dim: usize,
-) -> Result<(GeluForm, Vec<f32>)> {
+fn hf_options(json: &Value, n_layers: usize, head_dim: usize) -> Result<(GeluForm, Vec<f32>)> {
     let invalid = |field: &str, reason: String| Error::ConfigInvalid {
         model_type: "gpt2".into(),
         field: field.into(),
         reason,
     };
     let flag = |name: &str, default: bool| match json.get(name) {
-        None | Some(serde_json::Value::Null) => Ok(default),
+        None | Some(Value::Null) => Ok(default),
         Some(v) => v
             .as_bool()
             .ok_or_else(|| invalid(name, format!("{v} is not a boolean"))),
     };
-    let gelu = match json
-        .get("activation_function")
-        .and_then(|v| v.as_str())
-        .unwrap_or("gelu_new")
-    {
+    let gelu = match json.get("activation_function").and_then(Value::as_str) {
         // gelu_fast is the same tanh formula with the constant folded.
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => GeluForm::Tanh,
-        "gelu" => GeluForm::Erf,
-        other => {
-            return Err(invalid(
-                "activation_function",
-                format!("'{other}' is not supported (gelu_new, gelu)"),
-            ))
+        None | Some("gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") => GeluForm::Tanh,
+        Some("gelu") => GeluForm::Erf,
+        Some(other) => {
+            let reason = format!("'{other}' is not supported (gelu_new, gelu)");
+            return Err(invalid("activation_function", reason));
         }
     };
     let base = if flag("scale_attn_weights", true)? {
@@ -140,94 +131,48 @@ fn hf_options(
         1.0
     };
     let by_layer = flag("scale_attn_by_inverse_layer_idx", false)?;
-    let scales = (0..n_layers)
-        .map(|l| {
-            if by_layer {
-                base / (l + 1) as f32
-            } else {
-                base
-            }
-        })
-        .collect();
-    Ok((gelu, scales))
-}
-
-/// Tensor names: HF's, with the `transformer.` prefix that `GPT2LMHeadModel` checkpoints may carry.
-struct Names {
-    prefix: &'static str,
-}
-
-impl Names {
-    fn g(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
-    }
-    fn l(&self, i: usize, name: &str) -> String {
-        format!("{}h.{i}.{name}", self.prefix)
-    }
-    /// Every tensor with its HF shape, for the check before any upload.
-    fn shapes(&self, cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-        let (d, f) = (cfg.hidden_size, cfg.ffn_size);
-        let mut v = vec![
-            (self.g("wte.weight"), vec![cfg.vocab_size, d]),
-            (self.g("wpe.weight"), vec![cfg.max_positions, d]),
-        ];
-        for i in 0..cfg.n_layers {
-            let layer: [(&str, &[usize]); 12] = [
-                ("ln_1.weight", &[d]),
-                ("ln_1.bias", &[d]),
-                ("attn.c_attn.weight", &[d, 3 * d]),
-                ("attn.c_attn.bias", &[3 * d]),
-                ("attn.c_proj.weight", &[d, d]),
-                ("attn.c_proj.bias", &[d]),
-                ("ln_2.weight", &[d]),
-                ("ln_2.bias", &[d]),
-                ("mlp.c_fc.weight", &[d, f]),
-                ("mlp.c_fc.bias", &[f]),
-                ("mlp.c_proj.weight", &[f, d]),
-                ("mlp.c_proj.bias", &[d]),
-            ];
-            v.extend(layer.iter().map(|(n, s)| (self.l(i, n), s.to_vec())));
+    let scale = |l: usize| {
+        if by_layer {
+            base / (l + 1) as f32
+        } else {
+            base
         }
-        v.push((self.g("ln_f.weight"), vec![d]));
-        v.push((self.g("ln_f.bias"), vec![d]));
-        v
+    };
+    Ok((gelu, (0..n_layers).map(scale).collect()))
+}
+
+/// Every tensor (HF names without the `transformer.` prefix) with its HF shape: `Conv1D`
+/// weights are `[in, out]`.
+fn hf_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, f) = (cfg.hidden_size, cfg.ffn_size);
+    let mut v = vec![
+        ("wte.weight".to_string(), vec![cfg.vocab_size, d]),
+        ("wpe.weight".to_string(), vec![cfg.max_positions, d]),
+    ];
+    for i in 0..cfg.n_layers {
+        let layer: [(&str, &[usize]); 12] = [
+            ("ln_1.weight", &[d]),
+            ("ln_1.bias", &[d]),
+            ("attn.c_attn.weight", &[d, 3 * d]),
+            ("attn.c_attn.bias", &[3 * d]),
+            ("attn.c_proj.weight", &[d, d]),
+            ("attn.c_proj.bias", &[d]),
+            ("ln_2.weight", &[d]),
+            ("ln_2.bias", &[d]),
+            ("mlp.c_fc.weight", &[d, f]),
+            ("mlp.c_fc.bias", &[f]),
+            ("mlp.c_proj.weight", &[f, d]),
+            ("mlp.c_proj.bias", &[d]),
+        ];
+        v.extend(
+            layer
+                .iter()
+                .map(|(n, s)| (format!("h.{i}.{n}"), s.to_vec())),
+        );
     }
-}
-
-/// Uploads a Conv1D weight stored `[n_in, parts * n_out]` as `parts` matrices of `n_out x n_in`.
-fn conv1d(
-    gpu: &Gpu,
-    h: &HfModel,
-    precision: Option<WeightFormat>,
-    name: &str,
-    n_in: usize,
-    n_out: usize,
-    parts: usize,
-) -> Result<Vec<WeightMatrix>> {
-    h.expect_shape(name, &[n_in, parts * n_out])?;
-    let t = transpose(&h.tensor_f32(name)?, n_in, parts * n_out);
-    let format = weight_format(precision, n_in);
-    t.chunks_exact(n_out * n_in)
-        .enumerate()
-        .map(|(p, w)| {
-            let label = if parts == 1 {
-                name.to_string()
-            } else {
-                format!("{name}[{}]", ["q", "k", "v"].get(p).unwrap_or(&"?"))
-            };
-            gpu.upload_weights_f32(&label, format, n_out, n_in, w)
-        })
-        .collect()
-}
-
-/// A bias `[parts * n]` split into `parts` vectors.
-fn split_vector(gpu: &Gpu, h: &HfModel, name: &str, n: usize, parts: usize) -> Result<Vec<Tensor>> {
-    h.expect_shape(name, &[parts * n])?;
-    let v = h.tensor_f32(name)?;
-    v.chunks_exact(n)
-        .enumerate()
-        .map(|(p, c)| gpu.tensor_from(&format!("{name}[{p}]"), BufferClass::Parameters, &[n], c))
-        .collect()
+    v.push(("ln_f.weight".into(), vec![d]));
+    v.push(("ln_f.bias".into(), vec![d]));
+    v
 }
 
 impl Gpt2 {
@@ -235,88 +180,102 @@ impl Gpt2 {
     /// quantises every matrix, embeddings and head included), checking every tensor's shape
     /// against `cfg` before anything is uploaded, and allocates the KV cache and activations.
     pub fn load(gpu: &Gpu, cfg: ModelConfig, src: &Source, mut opts: RunOptions) -> Result<Gpt2> {
-        if cfg.arch != Arch::Gpt2
-            || cfg.norm != Norm::LayerNorm
-            || cfg.positions != Positions::Learned
-            || cfg.n_kv_heads != cfg.n_heads
-        {
-            return Err(Error::invalid(
-                "gpt2",
-                format!("config is a {:?} model, not GPT-2", cfg.arch),
-            ));
+        let gpt2 = cfg.arch == Arch::Gpt2 && cfg.norm == Norm::LayerNorm;
+        if !gpt2 || cfg.positions != Positions::Learned || cfg.n_kv_heads != cfg.n_heads {
+            let reason = format!("config is a {:?} model, not GPT-2", cfg.arch);
+            return Err(Error::invalid("gpt2", reason));
         }
+        cfg.validate("gpt2")?;
         if cfg.n_heads * cfg.head_dim != cfg.hidden_size {
+            let (h, hd, d) = (cfg.n_heads, cfg.head_dim, cfg.hidden_size);
             return Err(Error::invalid(
                 "gpt2",
-                format!(
-                    "{} heads of {} do not make n_embd {}",
-                    cfg.n_heads, cfg.head_dim, cfg.hidden_size
-                ),
+                format!("{h} heads of {hd} do not make n_embd {d}"),
             ));
         }
         let &Source::Hf(h, precision) = src else {
-            return Err(Error::invalid("gpt2", "GPT-2 loads from a Hugging Face safetensors directory; GGUF gpt2 files are not supported"));
+            let reason = "GPT-2 loads from a Hugging Face safetensors directory, not GGUF";
+            return Err(Error::invalid("gpt2", reason));
         };
         let (gelu, attn_scales) = hf_options(h.config(), cfg.n_layers, cfg.head_dim)?;
-        let names = Names {
-            prefix: if h.tensor_shape("transformer.wte.weight").is_ok() {
-                "transformer."
+        let prefixed = h.tensor_shape("transformer.wte.weight").is_ok();
+        let name = |n: &str| {
+            if prefixed {
+                format!("transformer.{n}")
             } else {
-                ""
-            },
+                n.to_string()
+            }
         };
-        for (name, shape) in names.shapes(&cfg) {
-            h.expect_shape(&name, &shape)?;
+        for (n, shape) in hf_shapes(&cfg) {
+            h.expect_shape(&name(&n), &shape)?;
         }
         let (d, f) = (cfg.hidden_size, cfg.ffn_size);
-        let ln = |n: &str| -> Result<(Tensor, Tensor)> {
+        let vector = |n: &str, len: usize| src.vector(gpu, &name(n), len);
+        let ln = |n: &str| {
             Ok((
-                src.vector(gpu, &format!("{n}.weight"), d)?,
-                src.vector(gpu, &format!("{n}.bias"), d)?,
+                vector(&format!("{n}.weight"), d)?,
+                vector(&format!("{n}.bias"), d)?,
             ))
         };
-        let wte = src.matrix(gpu, &names.g("wte.weight"), cfg.vocab_size, d)?;
-        let wpe = src.matrix(gpu, &names.g("wpe.weight"), cfg.max_positions, d)?;
+        // A Conv1D weight (`[n_in, n_out]`, shape checked above) transposed to `nn.Linear` rows,
+        // so that it quantises along `n_in` as every matrix does.
+        let conv1d = |n: &str, n_in: usize| -> Result<Vec<f32>> {
+            let w = h.tensor_f32(&name(n))?;
+            Ok(transpose(&w, n_in, w.len() / n_in))
+        };
+        let upload = |label: String, w: &[f32], n_in: usize| {
+            let format = weight_format(precision, n_in);
+            gpu.upload_weights_f32(&label, format, w.len() / n_in, n_in, w)
+        };
+        let wte = src.matrix(gpu, &name("wte.weight"), cfg.vocab_size, d)?;
+        let wpe = src.matrix(gpu, &name("wpe.weight"), cfg.max_positions, d)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let n = |r: &str| names.l(i, r);
-            let mut qkv = conv1d(gpu, h, precision, &n("attn.c_attn.weight"), d, d, 3)?.into_iter();
-            let mut bqkv = split_vector(gpu, h, &n("attn.c_attn.bias"), d, 3)?.into_iter();
-            let one = |name: &str, n_in: usize, n_out: usize| {
-                conv1d(gpu, h, precision, name, n_in, n_out, 1).map(|mut v| v.remove(0))
+            let n = |r: &str| format!("h.{i}.{r}");
+            let (attn, proj) = (n("attn.c_attn.weight"), n("attn.c_proj.weight"));
+            let (fc, fc_proj) = (n("mlp.c_fc.weight"), n("mlp.c_proj.weight"));
+            // c_attn is Q, K and V side by side: rows 0..d, d..2d, 2d..3d once transposed.
+            let (qkv, b, dd) = (
+                conv1d(&attn, d)?,
+                h.tensor_f32(&name(&n("attn.c_attn.bias")))?,
+                d * d,
+            );
+            let bias = |part: &str, v: &[f32]| {
+                let label = format!("{}[{part}]", name(&n("attn.c_attn.bias")));
+                gpu.tensor_from(&label, BufferClass::Parameters, &[d], v)
             };
-            let missing = || Error::invalid("gpt2", "c_attn split into fewer than 3 parts");
             layers.push(Gpt2Layer {
                 ln_1: ln(&n("ln_1"))?,
-                wq: qkv.next().ok_or_else(missing)?,
-                wk: qkv.next().ok_or_else(missing)?,
-                wv: qkv.next().ok_or_else(missing)?,
-                bq: bqkv.next().ok_or_else(missing)?,
-                bk: bqkv.next().ok_or_else(missing)?,
-                bv: bqkv.next().ok_or_else(missing)?,
-                wo: one(&n("attn.c_proj.weight"), d, d)?,
-                bo: src.vector(gpu, &n("attn.c_proj.bias"), d)?,
+                wq: upload(format!("{}[q]", name(&attn)), &qkv[..dd], d)?,
+                wk: upload(format!("{}[k]", name(&attn)), &qkv[dd..2 * dd], d)?,
+                wv: upload(format!("{}[v]", name(&attn)), &qkv[2 * dd..], d)?,
+                bq: bias("q", &b[..d])?,
+                bk: bias("k", &b[d..2 * d])?,
+                bv: bias("v", &b[2 * d..])?,
+                wo: upload(name(&proj), &conv1d(&proj, d)?, d)?,
+                bo: vector(&n("attn.c_proj.bias"), d)?,
                 ln_2: ln(&n("ln_2"))?,
-                w_fc: one(&n("mlp.c_fc.weight"), d, f)?,
-                b_fc: src.vector(gpu, &n("mlp.c_fc.bias"), f)?,
-                w_proj: one(&n("mlp.c_proj.weight"), f, d)?,
-                b_proj: src.vector(gpu, &n("mlp.c_proj.bias"), d)?,
+                w_fc: upload(name(&fc), &conv1d(&fc, d)?, d)?,
+                b_fc: vector(&n("mlp.c_fc.bias"), f)?,
+                w_proj: upload(name(&fc_proj), &conv1d(&fc_proj, f)?, f)?,
+                b_proj: vector(&n("mlp.c_proj.bias"), d)?,
             });
         }
-        let ln_f = ln(&names.g("ln_f"))?;
+        let ln_f = ln("ln_f")?;
         // Positions past the learned table have no embedding.
         opts.ctx = opts.ctx.min(cfg.max_positions);
         let state = RunState::new(gpu, &cfg, &opts)?;
+        let weights = Gpt2Weights {
+            wte,
+            wpe,
+            layers,
+            ln_f,
+        };
         Ok(Gpt2 {
             cfg,
             gelu,
             attn_scales,
-            weights: Gpt2Weights {
-                wte,
-                wpe,
-                layers,
-                ln_f,
-            },
+            weights,
             state,
             opts,
             profile: None,
@@ -330,10 +289,11 @@ impl Gpt2 {
         if tokens.is_empty() {
             return Err(Error::invalid("forward", "no tokens"));
         }
-        if pos0 + tokens.len() > self.opts.ctx {
+        let needed = pos0.saturating_add(tokens.len());
+        if needed > self.opts.ctx {
             return Err(Error::ContextFull {
                 ctx: self.opts.ctx,
-                needed: pos0 + tokens.len(),
+                needed,
             });
         }
         let rows = if self.opts.all_logits {
@@ -341,9 +301,9 @@ impl Gpt2 {
         } else {
             1
         };
+        let shape = [rows, self.cfg.vocab_size];
         if self.state.logits.len() < rows * self.cfg.vocab_size {
             // Logits for every token were asked for after loading: grow the buffer.
-            let shape = [rows, self.cfg.vocab_size];
             self.state.logits = gpu.tensor("logits", BufferClass::Activations, &shape)?;
         }
         let mut out = Vec::new();
@@ -434,13 +394,8 @@ impl Gpt2 {
             x.clone()
         } else {
             let row = s.proj.view(&[1, d])?;
-            r.copy(
-                &x.buf,
-                ((m - 1) * d * 4) as u64,
-                &row.buf,
-                0,
-                (d * 4) as u64,
-            )?;
+            let (offset, bytes) = (((m - 1) * d * 4) as u64, (d * 4) as u64);
+            r.copy(&x.buf, offset, &row.buf, 0, bytes)?;
             row
         };
         let xn = s.xb.view(&[n_out, d])?;
@@ -480,18 +435,18 @@ impl RunState {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let t = |label: &str, shape: &[usize]| gpu.tensor(label, BufferClass::Activations, shape);
-        let kv = (0..cfg.n_layers)
-            .map(|l| {
-                KvCache::new(
-                    gpu,
-                    &format!("layer.{l}.kv"),
-                    opts.kv_dtype,
-                    opts.ctx,
-                    cfg.n_heads,
-                    hd,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let n_logits = if opts.all_logits { c } else { 1 };
+        let cache = |l| {
+            KvCache::new(
+                gpu,
+                &format!("layer.{l}.kv"),
+                opts.kv_dtype,
+                opts.ctx,
+                cfg.n_heads,
+                hd,
+            )
+        };
+        let kv = (0..cfg.n_layers).map(cache).collect::<Result<Vec<_>>>()?;
         Ok(RunState {
             chunk: c,
             ids: gpu.alloc("token_ids", BufferClass::Activations, c as u64 * 4)?,
@@ -506,10 +461,7 @@ impl RunState {
             proj: t("proj", &[c, d])?,
             fc: t("ffn_fc", &[c, cfg.ffn_size])?,
             act: t("ffn_act", &[c, cfg.ffn_size])?,
-            logits: t(
-                "logits",
-                &[if opts.all_logits { c } else { 1 }, cfg.vocab_size],
-            )?,
+            logits: t("logits", &[n_logits, cfg.vocab_size])?,
             kv,
         })
     }

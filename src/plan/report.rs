@@ -63,7 +63,7 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<28} {:>17} {:>10} {:>7}",
+        "{:<34} {:>17} {:>10} {:>7}",
         "class", "bytes", "", "share"
     );
     let detail = |name: &str| -> String {
@@ -80,7 +80,7 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     for (name, bytes) in p.classes() {
         let _ = writeln!(
             s,
-            "{:<28} {:>17} {:>10} {:>7}",
+            "{:<34} {:>17} {:>10} {:>7}",
             detail(name),
             group(bytes),
             human(bytes),
@@ -89,7 +89,7 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     }
     let _ = writeln!(
         s,
-        "{:<28} {:>17} {:>10}",
+        "{:<34} {:>17} {:>10}",
         "total",
         group(p.total_bytes),
         human(p.total_bytes)
@@ -103,7 +103,7 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
             };
             let _ = writeln!(
                 s,
-                "{:<28} {:>17} {:>10}   {verdict}",
+                "{:<34} {:>17} {:>10}   {verdict}",
                 "budget",
                 group(b),
                 human(b)
@@ -127,14 +127,14 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
         human(a.unshared_bytes)
     );
     for b in &a.buffers {
-        let _ = writeln!(s, "  {:<26} {:>17}", b.label, group(b.bytes));
+        let _ = writeln!(s, "  {:<32} {:>17}", b.label, group(b.bytes));
     }
 
     if let Some(sg) = p.suggestions() {
         let _ = writeln!(s, "\nto fit the budget:");
         match sg.longest_ctx {
-            Some(ctx) => writeln!(s, "  - longest ctx with a {} KV cache: {ctx}", o.kv),
-            None => writeln!(s, "  - no ctx fits with a {} KV cache", o.kv),
+            Some(ctx) => writeln!(s, "  - longest ctx with the {} KV cache: {ctx}", o.kv),
+            None => writeln!(s, "  - no ctx fits with the {} KV cache", o.kv),
         }
         .ok();
         for k in &sg.kv_alternatives {
@@ -187,7 +187,7 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
             ("total", t.total_bytes),
         ];
         for (name, b) in rows {
-            let _ = writeln!(s, "  {:<26} {:>17} {:>10}", name, group(b), human(b));
+            let _ = writeln!(s, "  {:<32} {:>17} {:>10}", name, group(b), human(b));
         }
         let _ = writeln!(
             s,
@@ -216,7 +216,7 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     );
     let _ = writeln!(
         s,
-        "\n{:<10} {:>17} {:>17} {:>12}",
+        "\n{:<10} {:>17} {:>24} {:>12}",
         "precision", "exact bytes", "naive bytes", "exact/naive"
     );
     for pr in Precision::ALL {
@@ -229,7 +229,7 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<10} {:>17} {:>17} {:>12}",
+            "{:<10} {:>17} {:>24} {:>12}",
             pr.name(),
             group(w.exact_bytes),
             format!("{} ({rate} B)", group(w.naive_bytes)),

@@ -67,15 +67,19 @@ pub fn stacked_bar(plan: &MemoryPlan) -> String {
             esc(name),
             human(*bytes)
         );
-        // A label inside the segment only where it has room; the legend always has it.
-        let label = format!("{name} {}", human(*bytes));
-        if w > 7.5 * label.len() as f64 {
+        // A label inside the segment where it has room (about 7 px a character), else the name
+        // alone if that fits; the legend always has both.
+        let full = format!("{name} {}", human(*bytes));
+        let label = [full.as_str(), name]
+            .into_iter()
+            .find(|l| w > 7.0 * l.len() as f64 + 8.0);
+        if let Some(label) = label {
             let _ = writeln!(
                 s,
                 r##"<text x="{:.2}" y="{:.2}" text-anchor="middle" fill="#ffffff">{}</text>"##,
                 x0 + w / 2.0,
                 BAR_Y + BAR_H / 2.0 + 5.0,
-                esc(&label)
+                esc(label)
             );
         }
         start += bytes;

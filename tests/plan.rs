@@ -1,0 +1,493 @@
+//! The memory planner: known answers (llama.cpp's KV cache size, the 13B-in-12-GiB proof), tight
+//! suggestions, the activation sharing and its loop-aware liveness, the training contrast and the
+//! reports. No GPU needed.
+
+use std::collections::BTreeMap;
+
+use wgllm::kernels::attention::KvDtype;
+use wgllm::model::config::ModelConfig;
+use wgllm::model::params::{self, Precision};
+use wgllm::plan::activations::{
+    llama_role_bytes, share, Kernel, Schedule, Step, LLAMA_PINNED, LLAMA_ROLES,
+};
+use wgllm::plan::{
+    llama_activation_plan, overhead, svg, ActivationPlan, MemoryPlan, PlanOptions, TrainOptions,
+    GIB, MIB, STREAM_SLOTS,
+};
+
+fn preset(name: &str) -> ModelConfig {
+    ModelConfig::preset(name).unwrap_or_else(|e| panic!("preset {name}: {e}"))
+}
+
+fn plan(
+    name: &str,
+    precision: Precision,
+    kv: KvDtype,
+    ctx: usize,
+    budget: Option<u64>,
+) -> MemoryPlan {
+    let opts = PlanOptions {
+        precision,
+        kv,
+        ctx,
+        budget,
+        ..Default::default()
+    };
+    MemoryPlan::new(&preset(name), opts).unwrap_or_else(|e| panic!("plan {name}: {e}"))
+}
+
+/// llama.cpp logs the KV cache as n_layer * n_ctx * n_embd_k_gqa * 2 (K and V) * sizeof(f16):
+/// SmolLM2-135M (30 layers, 3 kv heads x 64) at ctx 8192 is 188,743,680 bytes = 180 MiB.
+#[test]
+fn kv_cache_matches_llama_cpp_for_smollm2() {
+    let p = plan("smollm2-135m", Precision::F16, KvDtype::F16, 8192, None);
+    assert_eq!(p.kv_cache_bytes, 30 * 8192 * 192 * 2 * 2);
+    assert_eq!(p.kv_cache_bytes, 188_743_680);
+    assert_eq!(p.kv_cache_bytes, 180 * MIB);
+    // f32 doubles it; q8_0 is 34 bytes per 32 values (head_dim 64: two blocks, no padding).
+    let f32 = plan("smollm2-135m", Precision::F16, KvDtype::F32, 8192, None);
+    assert_eq!(f32.kv_cache_bytes, 2 * p.kv_cache_bytes);
+    let q8 = plan("smollm2-135m", Precision::F16, KvDtype::Q8_0, 8192, None);
+    assert_eq!(q8.kv_cache_bytes, 30 * 8192 * 2 * 3 * 68);
+}
+
+#[test]
+fn llama_2_13b_q4_0_fits_12_gib_at_ctx_2048_with_f16_kv() {
+    let p = plan(
+        "llama-2-13b",
+        Precision::Q4_0,
+        KvDtype::F16,
+        2048,
+        Some(12 * GIB),
+    );
+    println!("{}", p.to_table());
+    assert!(p.fits(), "total {}", p.total_bytes);
+    assert_eq!(p.kv_cache_bytes, 40 * 2048 * 40 * 128 * 2 * 2);
+    assert_eq!(
+        p.parameters_bytes,
+        params::weight_bytes(&p.cfg, Precision::Q4_0).exact_bytes
+    );
+    assert!(p.suggestions().is_none());
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+#[test]
+fn llama_2_13b_q4_0_fits_12_gib_at_ctx_4096_with_q8_0_kv() {
+    let p = plan(
+        "llama-2-13b",
+        Precision::Q4_0,
+        KvDtype::Q8_0,
+        4096,
+        Some(12 * GIB),
+    );
+    println!("{}", p.to_table());
+    assert!(p.fits(), "total {}", p.total_bytes);
+    // 128 values: 4 blocks of 32 bytes plus 2 words of f16 scales = 136 bytes per row.
+    assert_eq!(p.kv_bytes_per_token_layer, 2 * 40 * 136);
+    // At 10 GiB the f16 cache no longer fits at 4096 and q8_0 is what makes it fit.
+    let f16 = plan(
+        "llama-2-13b",
+        Precision::Q4_0,
+        KvDtype::F16,
+        4096,
+        Some(10 * GIB),
+    );
+    assert!(!f16.fits(), "total {}", f16.total_bytes);
+    let s = f16.suggestions().expect("suggestions when over budget");
+    let q8 = s
+        .kv_alternatives
+        .iter()
+        .find(|k| k.name == "q8_0")
+        .expect("q8_0 listed");
+    assert!(q8.fits);
+    assert_eq!(q8.total_bytes, p.total_bytes);
+}
+
+/// Every suggestion sits exactly on the boundary: what it proposes fits and one step further
+/// does not.
+#[test]
+fn suggestions_over_budget_are_tight() {
+    let budget = 8 * GIB;
+    let p = plan(
+        "llama-2-13b",
+        Precision::Q4_0,
+        KvDtype::F16,
+        4096,
+        Some(budget),
+    );
+    println!("{}", p.to_table());
+    assert!(!p.fits());
+    let s = p.suggestions().expect("suggestions");
+    let ctx = s.longest_ctx.expect("some ctx fits");
+    assert!(plan(
+        "llama-2-13b",
+        Precision::Q4_0,
+        KvDtype::F16,
+        ctx,
+        Some(budget)
+    )
+    .fits());
+    assert!(!plan(
+        "llama-2-13b",
+        Precision::Q4_0,
+        KvDtype::F16,
+        ctx + 1,
+        Some(budget)
+    )
+    .fits());
+    // Smaller KV dtypes only, each judged at the requested ctx.
+    assert_eq!(s.kv_alternatives.len(), 1);
+    assert_eq!(s.kv_alternatives[0].name, "q8_0");
+    let q8 = plan(
+        "llama-2-13b",
+        Precision::Q4_0,
+        KvDtype::Q8_0,
+        4096,
+        Some(budget),
+    );
+    assert_eq!(s.kv_alternatives[0].fits, q8.fits());
+    // q4_0 is already the smallest precision.
+    assert!(s.highest_precision.is_none());
+    // Streaming: r resident layers + 2 slots fit, r + 1 do not.
+    let st = s.streaming.expect("streaming fits");
+    let (l, lb) = (40u64, p.layer_weight_bytes);
+    let buffers = p.total_bytes - p.overhead_bytes;
+    let total = |r: u64| {
+        let sum = buffers - (l - r) * lb + STREAM_SLOTS * lb;
+        sum + overhead(sum)
+    };
+    let r = st.resident_layers as u64;
+    assert_eq!(st.resident_layers + st.streamed_layers, 40);
+    assert_eq!(st.total_bytes, total(r));
+    assert!(total(r) <= budget && total(r + 1) > budget);
+    assert_eq!(st.slot_bytes, 2 * lb);
+}
+
+#[test]
+fn highest_precision_that_fits_is_q4_1_for_13b_in_12_gib() {
+    let p = plan(
+        "llama-2-13b",
+        Precision::F16,
+        KvDtype::F16,
+        2048,
+        Some(12 * GIB),
+    );
+    assert!(!p.fits());
+    let s = p.suggestions().expect("suggestions");
+    // q8_0 needs ~12.9 GiB of weights alone; q4_1 (20 bytes per 32) is the largest that fits.
+    let h = s.highest_precision.expect("a precision fits");
+    assert_eq!(h.name, "q4_1");
+    assert!(!plan(
+        "llama-2-13b",
+        Precision::Q8_0,
+        KvDtype::F16,
+        2048,
+        Some(12 * GIB)
+    )
+    .fits());
+    assert!(
+        s.longest_ctx.is_none(),
+        "26 GB of f16 weights fit at no ctx"
+    );
+    let st = s.streaming.expect("streaming fits");
+    assert!(st.resident_layers > 0 && st.resident_layers < 38);
+}
+
+#[test]
+fn no_budget_or_within_budget_gives_no_suggestions() {
+    assert!(plan("llama-2-7b", Precision::F16, KvDtype::F16, 4096, None)
+        .suggestions()
+        .is_none());
+    let p = plan(
+        "smollm2-135m",
+        Precision::F32,
+        KvDtype::F32,
+        8192,
+        Some(2 * GIB),
+    );
+    assert!(p.fits() && p.suggestions().is_none());
+}
+
+#[test]
+fn parameters_split_into_layers_and_the_rest_exactly() {
+    for name in ["llama-2-13b", "smollm2-135m", "qwen2.5-0.5b", "llama-3-8b"] {
+        for pr in Precision::ALL {
+            let p = plan(name, pr, KvDtype::F16, 128, None);
+            let exact = params::weight_bytes(&p.cfg, pr).exact_bytes;
+            assert_eq!(p.parameters_bytes, exact, "{name} {pr}");
+            assert_eq!(
+                p.layer_weight_bytes * p.cfg.n_layers as u64 + p.other_weight_bytes,
+                exact
+            );
+            let sum: u64 = p.classes().iter().map(|(_, b)| b).sum();
+            assert_eq!(sum, p.total_bytes);
+        }
+    }
+}
+
+/// 16 dispatches a layer (2 norms, 7 matmuls, 2 rope, store, attention, 2 adds, swiglu) plus
+/// embedding, final norm and head; one 256-byte slot each, nine for RoPE's 2080-byte block.
+#[test]
+fn kernel_params_count_every_dispatch_and_shard() {
+    let p = plan("smollm2-135m", Precision::Q4_0, KvDtype::F16, 256, None);
+    assert_eq!(p.dispatches_per_chunk, 16 * 30 + 3);
+    assert_eq!(p.kernel_params_bytes, (483 - 60) * 256 + 60 * 9 * 256);
+    // qwen2 adds three bias dispatches a layer.
+    let q = plan("qwen2.5-0.5b", Precision::Q4_0, KvDtype::F16, 256, None);
+    assert_eq!(q.dispatches_per_chunk, 19 * 24 + 3);
+    // A 1 MiB binding limit splits the 49152 x 576 q4_0 embedding (288-byte rows) into 14 shards,
+    // used by both the lookup and the tied head.
+    let opts = PlanOptions {
+        precision: Precision::Q4_0,
+        max_binding: MIB,
+        ..Default::default()
+    };
+    let small = MemoryPlan::new(&preset("smollm2-135m"), opts).expect("plan");
+    assert_eq!(small.dispatches_per_chunk, 483 + 2 * 13);
+}
+
+#[test]
+fn staging_is_one_upload_chunk_and_the_logits_readback() {
+    let p = plan("llama-2-13b", Precision::Q4_0, KvDtype::F16, 2048, None);
+    assert_eq!(p.staging_upload_bytes, 64 * MIB);
+    assert_eq!(p.staging_readback_bytes, 32000 * 4);
+    // SmolLM2's largest q4_0 upload is the 49152 x 576 embedding: 49152 * 288 bytes, under 64 MiB.
+    let s = plan("smollm2-135m", Precision::Q4_0, KvDtype::F16, 2048, None);
+    assert_eq!(s.staging_upload_bytes, 49152 * 288);
+}
+
+fn check_sharing(a: &ActivationPlan) {
+    let mut seen = BTreeMap::new();
+    for (i, b) in a.buffers.iter().enumerate() {
+        let sizes: Vec<u64> = b.roles.iter().map(|r| role(a, r).bytes).collect();
+        assert_eq!(b.bytes, *sizes.iter().max().expect("roles"), "{}", b.label);
+        assert_eq!(b.label, b.roles.join("+"));
+        for r in &b.roles {
+            assert!(seen.insert(r.clone(), i).is_none(), "{r} in two buffers");
+        }
+        for (x, ra) in b.roles.iter().enumerate() {
+            for rb in &b.roles[x + 1..] {
+                let (la, lb) = (&role(a, ra).live, &role(a, rb).live);
+                let overlap = la
+                    .iter()
+                    .any(|&(s0, e0)| lb.iter().any(|&(s1, e1)| s0 <= e1 && s1 <= e0));
+                assert!(
+                    !overlap,
+                    "{ra} and {rb} share '{}' but are live together",
+                    b.label
+                );
+            }
+        }
+    }
+    assert_eq!(seen, a.role_to_buffer);
+    assert_eq!(
+        a.total_bytes,
+        a.buffers.iter().map(|b| b.bytes).sum::<u64>()
+    );
+}
+
+fn role<'a>(a: &'a ActivationPlan, name: &str) -> &'a wgllm::plan::activations::RolePlan {
+    a.roles
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("role {name}"))
+}
+
+#[test]
+fn activation_plan_of_llama_2_13b_shares_buffers_safely() {
+    let cfg = preset("llama-2-13b");
+    let a = llama_activation_plan(&cfg, 64, false);
+    check_sharing(&a);
+    for r in LLAMA_ROLES {
+        assert!(a.buffer_of(r).is_some(), "{r}");
+    }
+    let sizes = llama_role_bytes(&cfg, 64, false);
+    assert_eq!(sizes["q"], 64 * 40 * 128 * 4);
+    assert_eq!(sizes["gate"], 64 * 13824 * 4);
+    assert_eq!(sizes["logits"], 32000 * 4);
+    assert_eq!(sizes["ids"], 64 * 4);
+    assert_eq!(a.unshared_bytes, sizes.values().sum::<u64>());
+    assert!(a.total_bytes < a.unshared_bytes);
+    // The residual pair stays alone; gate, up and act meet in swiglu so they cannot share.
+    for r in LLAMA_PINNED {
+        assert_eq!(a.buffer_of(r).expect("pinned").roles, vec![r.to_string()]);
+    }
+    let b = |r: &str| a.role_to_buffer[r];
+    assert!(b("gate") != b("up") && b("up") != b("act") && b("gate") != b("act"));
+    // q is dead by the time gate is written; xb is dead while act lives.
+    assert_eq!(b("q"), b("gate"));
+    assert_eq!(b("xb"), b("act"));
+    println!("{:#?}", a.buffers);
+}
+
+#[test]
+fn decode_and_all_logits_plans_follow_the_chunk() {
+    let cfg = preset("smollm2-135m");
+    let d = llama_activation_plan(&cfg, 1, false);
+    check_sharing(&d);
+    assert_eq!(d.chunk, 1);
+    assert_eq!(role(&d, "x").bytes, 576 * 4);
+    assert_eq!(role(&d, "logits").bytes, 49152 * 4);
+    let all = llama_activation_plan(&cfg, 16, true);
+    check_sharing(&all);
+    assert_eq!(role(&all, "logits").bytes, 16 * 49152 * 4);
+    assert!(!all.steps.iter().any(|s| s == "copy last row"));
+    // chunk 0 is planned as 1, like RunState.
+    assert_eq!(llama_activation_plan(&cfg, 0, false), d);
+}
+
+/// A role read at the top of the layer body and never written in it is live through the whole
+/// body (the next layer reads it again), so a temporary born later in the body must not take its
+/// buffer, although in straight-line order the role's last read comes first.
+#[test]
+fn a_role_live_across_the_loop_boundary_is_not_shared_inside_the_body() {
+    let st = |label: &str, reads: &[&str], writes: &[&str]| Step {
+        label: label.into(),
+        kernel: Kernel::Add,
+        reads: reads.iter().map(|s| s.to_string()).collect(),
+        writes: writes.iter().map(|s| s.to_string()).collect(),
+    };
+    let sched = Schedule {
+        prologue: vec![st("init", &[], &["h", "c"])],
+        layer: vec![
+            st("use c", &["h", "c"], &["a"]),
+            st("make t", &["a"], &["t"]),
+            st("use t", &["t"], &["h"]),
+        ],
+        epilogue: vec![st("out", &["h"], &["y"])],
+    };
+    let sizes: BTreeMap<String, u64> = [("h", 10), ("c", 8), ("a", 8), ("t", 8), ("y", 8)]
+        .map(|(k, v)| (k.to_string(), v))
+        .into();
+    let p = share(&sched, &sizes, &[], 1);
+    check_sharing(&p);
+    let b = |r: &str| p.role_to_buffer[r];
+    assert_ne!(b("c"), b("t"), "c is read again by the next layer");
+    assert_eq!(role(&p, "c").live, vec![(0, 3)]);
+    // In the epilogue c is dead, so y may take its buffer.
+    assert_eq!(b("y"), b("c"));
+    // a dies at "make t", where t is born: they meet in one step and may not share (a kernel
+    // never reads and writes one buffer); likewise h, read where a is born.
+    assert_ne!(b("a"), b("t"));
+    assert_ne!(b("h"), b("a"));
+}
+
+#[test]
+fn training_footprint_dwarfs_inference() {
+    let opts = PlanOptions {
+        precision: Precision::Q4_0,
+        kv: KvDtype::F16,
+        ctx: 2048,
+        budget: Some(12 * GIB),
+        train: Some(TrainOptions {
+            batch: 1,
+            seq: 2048,
+        }),
+        ..Default::default()
+    };
+    let p = MemoryPlan::new(&preset("llama-2-13b"), opts).expect("plan");
+    assert!(p.fits());
+    let t = p.train.as_ref().expect("train plan");
+    let n = 13_015_864_320u64;
+    assert_eq!(t.params, n);
+    assert_eq!(t.weights_bytes + t.gradients_bytes + t.adam_bytes, 16 * n);
+    // s*b*h*(34 + 5*a*s/h) = 2048 * 5120 * (34 + 80).
+    assert_eq!(t.activation_bytes_per_layer, 2048 * 5120 * 114);
+    assert_eq!(t.logits_bytes, 4 * 2048 * 32000);
+    assert_eq!(
+        t.activation_bytes,
+        40 * t.activation_bytes_per_layer + t.logits_bytes
+    );
+    assert_eq!(p.train_fits(), Some(false));
+    assert!(t.total_bytes > 20 * p.total_bytes);
+    let table = p.to_table();
+    assert!(table.contains("fine-tuning instead"), "{table}");
+    assert!(table.contains("Korthikanti"));
+}
+
+#[test]
+fn reports_table_json_and_svg() {
+    let p = plan(
+        "llama-2-13b",
+        Precision::Q4_0,
+        KvDtype::F16,
+        4096,
+        Some(10 * GIB),
+    );
+    let t = p.to_table();
+    for needle in [
+        "parameters",
+        "kv cache",
+        "activations",
+        "staging",
+        "kernel params",
+        "overhead",
+        "budget",
+        "fits: NO",
+        "to fit the budget",
+        "q8_0 KV cache at ctx 4096",
+        "12*L*d^2",
+        "13,015,864,320",
+        "q4_1",
+        "exact/naive",
+    ] {
+        assert!(t.contains(needle), "missing '{needle}' in\n{t}");
+    }
+    let j = p.to_json();
+    assert_eq!(j["total_bytes"].as_u64(), Some(p.total_bytes));
+    assert_eq!(j["fits"].as_bool(), Some(false));
+    assert_eq!(j["options"]["kv"].as_str(), Some("f16"));
+    assert_eq!(
+        j["activations"]["role_to_buffer"]["q"]
+            .as_u64()
+            .map(|v| v as usize),
+        Some(p.activations.role_to_buffer["q"])
+    );
+    assert!(j["suggestions"]["longest_ctx"].as_u64().is_some());
+    let s = svg::stacked_bar(&p);
+    assert!(s.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    assert!(s.trim_end().ends_with("</svg>"));
+    assert_eq!(s.matches("<text").count(), s.matches("</text>").count());
+    for (name, _) in p.classes() {
+        assert!(s.contains(name), "{name}");
+    }
+    assert!(s.contains("budget 10.0 GiB") && s.contains("stroke-dasharray"));
+    assert!(
+        !s.contains("http://") || s.matches("http://").count() == 1,
+        "no external references"
+    );
+    if let Ok(dir) = std::env::var("WGLLM_PLAN_SVG_DIR") {
+        std::fs::write(format!("{dir}/plan.svg"), &s).expect("write svg");
+        let fits = plan(
+            "llama-2-13b",
+            Precision::Q4_0,
+            KvDtype::Q8_0,
+            4096,
+            Some(12 * GIB),
+        );
+        std::fs::write(format!("{dir}/plan_fits.svg"), svg::stacked_bar(&fits)).expect("write svg");
+    }
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let cfg = preset("smollm2-135m");
+    let with = |ctx, chunk| PlanOptions {
+        ctx,
+        chunk,
+        ..Default::default()
+    };
+    assert!(MemoryPlan::new(&cfg, with(0, 64)).is_err());
+    assert!(MemoryPlan::new(&cfg, with(64, 0)).is_err());
+    assert!(MemoryPlan::new(&preset("bert-base-uncased"), PlanOptions::default()).is_err());
+    let mut odd = cfg.clone();
+    odd.head_dim = 48;
+    let q8 = PlanOptions {
+        kv: KvDtype::Q8_0,
+        ..Default::default()
+    };
+    assert!(MemoryPlan::new(&odd, q8).is_err());
+    // Past the trained context is planned, with a warning.
+    let long = MemoryPlan::new(&preset("llama-2-7b"), with(8192, 64)).expect("plan");
+    assert!(long.warnings.iter().any(|w| w.contains("trained context")));
+}
