@@ -3,11 +3,12 @@
 // common/quant.wgsl). Bindings: 0 = weight data words, 1 = block scales (a dummy word for f32/f16),
 // 2 = X (m x cols, f32), 3 = Y (m x ld, f32, read_write), 4 = params.
 //
-// Each workgroup of 16 x 16 threads computes a 64 x 64 tile of Y (64 tokens by 64 weight rows),
-// each thread a 4 x 4 register block (tokens ty + 16i, rows tx + 16j, so a warp's stores are
-// contiguous). K advances one 32-wide block at a time: the X tile is copied and the W tile
+// Each workgroup of 8 x 8 threads computes a 64 x 64 tile of Y (64 tokens by 64 weight rows),
+// each thread an 8 x 8 register block: per step of K it reads 16 vec4 of workgroup memory for 256
+// multiply-adds (loads are what lavapipe is bound by, and what limits GPUs' shared-memory
+// bandwidth). K advances one 32-wide block at a time: the X tile is copied and the W tile
 // dequantised into workgroup memory once, then every thread reads both as vec4 along K. Tile rows
-// are padded to 9 vec4 so that the 16 rows a warp reads at once fall in different banks.
+// are padded to 9 vec4 so that the 8 rows a warp reads at once fall in different banks.
 
 // #include "common/quant.wgsl"
 
@@ -30,7 +31,7 @@ struct Params {
 
 const T: u32 = 64u;   // tile edge, in tokens and in weight rows
 const KP: u32 = 9u;   // vec4 per tile row: 8 (32 values of K) plus one of padding
-const WG: u32 = 256u;
+const WG: u32 = 64u;  // 8 x 8 threads, each an 8 x 8 block of the tile
 
 const F32: u32 = 0u;
 const F16: u32 = 1u;
@@ -41,78 +42,33 @@ const Q4_1: u32 = 4u;
 var<workgroup> xs: array<vec4<f32>, T * KP>; // [token][k / 4]
 var<workgroup> wt: array<vec4<f32>, T * KP>; // [weight row][k / 4], dequantised
 
-// X[t, c..c+4] with zeros past the end of the row (K need not be a multiple of 32 for f32/f16).
-fn load_x4(t: u32, c: u32) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    let base = t * p.cols + c;
-    for (var j = 0u; j < 4u; j++) {
-        if (c + j < p.cols) {
-            v[j] = x[base + j];
-        }
-    }
-    return v;
-}
-
+// Fills the tiles for K = k0..k0+32. Entry i = lid + 64e of a 64 x 8 vec4 tile is row i / 8,
+// vec4 i % 8; Q4 tiles take one data word (two vec4) per entry, 64 x 4 of them.
 fn load_tiles(fmt: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
-    // X: 64 tokens x 8 vec4, two per thread; tokens past m read as zero.
-    for (var e = 0u; e < 2u; e++) {
+    // X: tokens past m and columns past K read as zero.
+    for (var e = 0u; e < 8u; e++) {
         let i = lid + e * WG;
         let t = m0 + (i >> 3u);
+        let c = k0 + 4u * (i & 7u);
         var v = vec4<f32>(0.0);
         if (t < p.m) {
-            v = load_x4(t, k0 + 4u * (i & 7u));
+            for (var j = 0u; j < 4u; j++) {
+                if (c + j < p.cols) {
+                    v[j] = x[t * p.cols + c + j];
+                }
+            }
         }
         xs[(i >> 3u) * KP + (i & 7u)] = v;
     }
     // W: rows past the shard are clamped to its last row; their outputs are never stored.
     let b = k0 >> 5u;
-    switch fmt {
-        case F32: { // 8 vec4 per row, two per thread
-            for (var e = 0u; e < 2u; e++) {
-                let i = lid + e * WG;
-                let row = min(n0 + (i >> 3u), p.rows - 1u);
-                let c = k0 + 4u * (i & 7u);
-                var v = vec4<f32>(0.0);
-                for (var j = 0u; j < 4u; j++) {
-                    if (c + j < p.cols) {
-                        v[j] = bitcast<f32>(wq[row * p.row_words + c + j]);
-                    }
-                }
-                wt[(i >> 3u) * KP + (i & 7u)] = v;
-            }
-        }
-        case F16: { // 8 vec4 (two words each) per row, two per thread
-            for (var e = 0u; e < 2u; e++) {
-                let i = lid + e * WG;
-                let row = min(n0 + (i >> 3u), p.rows - 1u);
-                let c = k0 + 4u * (i & 7u);
-                let w = row * p.row_words + (c >> 1u);
-                // Word c/2 lies in the row iff c < cols; a trailing odd column pairs with a zero pad.
-                var lo = vec2<f32>(0.0);
-                var hi = vec2<f32>(0.0);
-                if (c < p.cols) {
-                    lo = qh_pair(wq[w]);
-                }
-                if (c + 2u < p.cols) {
-                    hi = qh_pair(wq[w + 1u]);
-                }
-                wt[(i >> 3u) * KP + (i & 7u)] = vec4<f32>(lo, hi);
-            }
-        }
-        case Q8_0: { // 8 words per block, two per thread
-            for (var e = 0u; e < 2u; e++) {
-                let i = lid + e * WG;
-                let row = min(n0 + (i >> 3u), p.rows - 1u);
-                let g = row * p.blocks + b;
-                let d = qh_scale(ws[g >> 1u], g);
-                let q = wq[row * p.row_words + b * 8u + (i & 7u)];
-                wt[(i >> 3u) * KP + (i & 7u)] = d * q8_unpack(q);
-            }
-        }
-        default: { // Q4_0, Q4_1: 4 words per block, one per thread
-            let row = min(n0 + (lid >> 2u), p.rows - 1u);
+    if (fmt == Q4_0 || fmt == Q4_1) {
+        for (var e = 0u; e < 4u; e++) {
+            let i = lid + e * WG;
+            let r = i >> 2u;
+            let k = i & 3u;
+            let row = min(n0 + r, p.rows - 1u);
             let g = row * p.blocks + b;
-            let k = lid & 3u;
             let q = wq[row * p.row_words + b * 4u + k];
             var lo: vec4<f32>;
             var hi: vec4<f32>;
@@ -125,10 +81,47 @@ fn load_tiles(fmt: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
                 lo = dm.x * q4_lo(q) + dm.y;
                 hi = dm.x * q4_hi(q) + dm.y;
             }
-            wt[(lid >> 2u) * KP + k] = lo;
-            wt[(lid >> 2u) * KP + 4u + k] = hi;
+            wt[r * KP + k] = lo;
+            wt[r * KP + 4u + k] = hi;
         }
+        return;
     }
+    for (var e = 0u; e < 8u; e++) {
+        let i = lid + e * WG;
+        let row = min(n0 + (i >> 3u), p.rows - 1u);
+        let k4 = i & 7u;
+        let c = k0 + 4u * k4;
+        var v = vec4<f32>(0.0);
+        switch fmt {
+            case F32: {
+                for (var j = 0u; j < 4u; j++) {
+                    if (c + j < p.cols) {
+                        v[j] = bitcast<f32>(wq[row * p.row_words + c + j]);
+                    }
+                }
+            }
+            case F16: {
+                // Word c/2 lies in the row iff c < cols; a trailing odd column pairs with a zero pad.
+                let w = row * p.row_words + (c >> 1u);
+                if (c < p.cols) {
+                    v = vec4<f32>(qh_pair(wq[w]), 0.0, 0.0);
+                }
+                if (c + 2u < p.cols) {
+                    v = vec4<f32>(v.xy, qh_pair(wq[w + 1u]));
+                }
+            }
+            default: { // Q8_0: one data word per vec4
+                let g = row * p.blocks + b;
+                v = qh_scale(ws[g >> 1u], g) * q8_unpack(wq[row * p.row_words + b * 8u + k4]);
+            }
+        }
+        wt[(i >> 3u) * KP + k4] = v;
+    }
+}
+
+// acc_ij += the dot products of token vector a_i with row vectors b_j, four rows per vec4.
+fn dots(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
 }
 
 fn matmul_tiled(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
@@ -138,72 +131,63 @@ fn matmul_tiled(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     }
     let n0 = (tile % p.tiles_n) * T;
     let m0 = (tile / p.tiles_n) * T;
-    let tx = lid & 15u;
-    let ty = lid >> 4u;
-    // acc_i[j]: token m0 + ty + 16i, weight row n0 + tx + 16j.
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    let tx = lid & 7u;
+    let ty = lid >> 3u;
+    // Thread (tx, ty) owns tokens ty + 8i and weight rows tx + 8j (i, j < 8): acc[2i] holds rows
+    // j < 4, acc[2i + 1] rows j >= 4. Interleaving (not 8 adjacent rows) keeps the 8 threads of a
+    // row of the thread grid on different banks and their stores contiguous.
+    var acc: array<vec4<f32>, 16>;
     for (var k0 = 0u; k0 < p.cols; k0 += 32u) {
         load_tiles(fmt, m0, n0, k0, lid);
         workgroupBarrier();
         for (var k = 0u; k < 8u; k++) {
-            let a0 = xs[ty * KP + k];
-            let a1 = xs[(ty + 16u) * KP + k];
-            let a2 = xs[(ty + 32u) * KP + k];
-            let a3 = xs[(ty + 48u) * KP + k];
-            let b0 = wt[tx * KP + k];
-            let b1 = wt[(tx + 16u) * KP + k];
-            let b2 = wt[(tx + 32u) * KP + k];
-            let b3 = wt[(tx + 48u) * KP + k];
-            acc0 += vec4<f32>(dot(a0, b0), dot(a0, b1), dot(a0, b2), dot(a0, b3));
-            acc1 += vec4<f32>(dot(a1, b0), dot(a1, b1), dot(a1, b2), dot(a1, b3));
-            acc2 += vec4<f32>(dot(a2, b0), dot(a2, b1), dot(a2, b2), dot(a2, b3));
-            acc3 += vec4<f32>(dot(a3, b0), dot(a3, b1), dot(a3, b2), dot(a3, b3));
+            var b: array<vec4<f32>, 8>;
+            for (var j = 0u; j < 8u; j++) {
+                b[j] = wt[(tx + 8u * j) * KP + k];
+            }
+            for (var i = 0u; i < 8u; i++) {
+                let a = xs[(ty + 8u * i) * KP + k];
+                acc[2u * i] += dots(a, b[0], b[1], b[2], b[3]);
+                acc[2u * i + 1u] += dots(a, b[4], b[5], b[6], b[7]);
+            }
         }
         workgroupBarrier();
     }
-    store(m0 + ty, n0 + tx, acc0);
-    store(m0 + ty + 16u, n0 + tx, acc1);
-    store(m0 + ty + 32u, n0 + tx, acc2);
-    store(m0 + ty + 48u, n0 + tx, acc3);
-}
-
-// Stores Y[t, n + 16j] for the four j, skipping tokens and rows past the end.
-fn store(t: u32, n: u32, v: vec4<f32>) {
-    if (t >= p.m) {
-        return;
-    }
-    let base = t * p.ld + p.row_start;
-    for (var j = 0u; j < 4u; j++) {
-        if (n + 16u * j < p.rows) {
-            y[base + n + 16u * j] = v[j];
+    for (var i = 0u; i < 8u; i++) {
+        let t = m0 + ty + 8u * i;
+        if (t < p.m) {
+            let base = t * p.ld + p.row_start;
+            for (var j = 0u; j < 8u; j++) {
+                let n = n0 + tx + 8u * j;
+                if (n < p.rows) {
+                    y[base + n] = acc[2u * i + (j >> 2u)][j & 3u];
+                }
+            }
         }
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn matmul_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matmul_tiled(F32, wid, nwg, lid);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn matmul_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matmul_tiled(F16, wid, nwg, lid);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn matmul_q8_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matmul_tiled(Q8_0, wid, nwg, lid);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn matmul_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matmul_tiled(Q4_0, wid, nwg, lid);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn matmul_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matmul_tiled(Q4_1, wid, nwg, lid);
 }

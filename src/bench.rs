@@ -171,3 +171,119 @@ impl KernelBenchReport {
         s
     }
 }
+
+/// `wgllm bench model`, in llama-bench's shape: prompt processing of `pp` tokens and text
+/// generation of `tg` tokens, each repeated `reps` times from an empty context.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelBenchOptions {
+    pub pp: usize,
+    pub tg: usize,
+    pub reps: usize,
+}
+
+/// Mean and standard deviation of tokens per second over the repetitions.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rate {
+    pub test: String,
+    pub tokens_per_s: f64,
+    pub std: f64,
+    pub samples: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelBenchReport {
+    pub model: String,
+    pub device: String,
+    pub rates: Vec<Rate>,
+    /// Weights and (average) KV bytes read per decoded token.
+    pub bytes_per_token: u64,
+    pub decode_gb_per_s: f64,
+    pub copy_gb_per_s: f64,
+    /// Decode's effective bandwidth as a share of the copy bandwidth (the bandwidth bound).
+    pub bandwidth_share: f64,
+    /// VRAM ledger peak during the run.
+    pub ledger_peak_bytes: u64,
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
+/// Runs the pp and tg tests on a loaded model. `progress` gets a line per step.
+pub fn bench_model(
+    gpu: &Gpu,
+    model: &mut dyn crate::model::generate::CausalLm,
+    name: &str,
+    opts: &ModelBenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ModelBenchReport> {
+    let vocab = model.vocab_size() as u32;
+    model.set_all_logits(false);
+    let tokens: Vec<u32> = (0..opts.pp.max(1) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let mut rates = Vec::new();
+    // One untimed warm-up creates every pipeline.
+    model.forward(gpu, &tokens[..tokens.len().min(8)], 0)?;
+    if opts.pp > 0 {
+        let mut samples = Vec::new();
+        for r in 0..opts.reps {
+            progress(&format!("pp{} run {}/{}", opts.pp, r + 1, opts.reps));
+            let t = Instant::now();
+            model.forward(gpu, &tokens, 0)?;
+            samples.push(opts.pp as f64 / t.elapsed().as_secs_f64());
+        }
+        let (m, s) = mean_std(&samples);
+        rates.push(Rate { test: format!("pp{}", opts.pp), tokens_per_s: m, std: s, samples });
+    }
+    if opts.tg > 0 {
+        let mut samples = Vec::new();
+        for r in 0..opts.reps {
+            progress(&format!("tg{} run {}/{}", opts.tg, r + 1, opts.reps));
+            let t = Instant::now();
+            let mut next = tokens[0];
+            for pos in 0..opts.tg {
+                let logits = model.forward(gpu, &[next], pos)?;
+                next = crate::sampler::argmax(&logits);
+            }
+            samples.push(opts.tg as f64 / t.elapsed().as_secs_f64());
+        }
+        let (m, s) = mean_std(&samples);
+        rates.push(Rate { test: format!("tg{}", opts.tg), tokens_per_s: m, std: s, samples });
+    }
+    progress("measuring copy bandwidth");
+    let copy = copy_bandwidth(gpu)?;
+    let bytes = model.weight_bytes_per_token() + model.kv_bytes_per_token(opts.tg / 2);
+    let tg = rates.iter().find(|r| r.test.starts_with("tg")).map_or(0.0, |r| r.tokens_per_s);
+    let gbs = bytes as f64 * tg / 1e9;
+    Ok(ModelBenchReport {
+        model: name.into(),
+        device: gpu.describe(),
+        rates,
+        bytes_per_token: bytes,
+        decode_gb_per_s: gbs,
+        copy_gb_per_s: copy,
+        bandwidth_share: gbs / copy,
+        ledger_peak_bytes: gpu.ledger.report().peak_total_bytes,
+    })
+}
+
+impl ModelBenchReport {
+    /// A table like llama-bench's.
+    pub fn to_table(&self) -> String {
+        let mut s = format!("| model | device | test | t/s |\n|---|---|---:|---:|\n");
+        for r in &self.rates {
+            s += &format!("| {} | {} | {} | {:.2} ± {:.2} |\n", self.model, self.device, r.test, r.tokens_per_s, r.std);
+        }
+        s += &format!(
+            "\ndecode reads {:.1} MiB/token: {:.2} GB/s effective, {:.1}% of the {:.1} GB/s copy bandwidth; ledger peak {}\n",
+            self.bytes_per_token as f64 / (1 << 20) as f64,
+            self.decode_gb_per_s,
+            100.0 * self.bandwidth_share,
+            self.copy_gb_per_s,
+            crate::gpu::ledger::human_bytes(self.ledger_peak_bytes)
+        );
+        s
+    }
+}

@@ -75,6 +75,84 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Sentence embeddings with an encoder (default: all-MiniLM-L6-v2); with several sentences,
+    /// their cosine similarities.
+    Embed {
+        /// Sentences to embed.
+        #[arg(required = true)]
+        sentences: Vec<String>,
+        /// A Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json).
+        #[arg(short = 'm', long)]
+        model: Option<std::path::PathBuf>,
+        /// Quantise weights on load: f32, f16, int8, int4.
+        #[arg(long)]
+        precision: Option<String>,
+        /// Print the full vectors.
+        #[arg(long)]
+        full: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Will it fit? Parameter counts, bytes per precision and the VRAM plan by class. Exits 0 when
+    /// the plan fits the budget, 2 when it does not.
+    Plan {
+        /// A GGUF file or Hugging Face directory.
+        #[arg(short = 'm', long)]
+        model: Option<std::path::PathBuf>,
+        /// A Hugging Face config.json.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// A built-in preset (--list shows them).
+        #[arg(long)]
+        preset: Option<String>,
+        /// List the presets.
+        #[arg(long)]
+        list: bool,
+        /// Weight precision: f32, f16, bf16, int8/q8_0, int4/q4_0, q4_1 (default: f16, or a GGUF file's own).
+        #[arg(long)]
+        precision: Option<String>,
+        /// KV cache type: f32, f16, q8_0.
+        #[arg(long, default_value = "f16")]
+        kv: String,
+        /// Context length.
+        #[arg(short = 'c', long = "ctx", default_value_t = 2048)]
+        ctx: usize,
+        /// Tokens per prefill chunk.
+        #[arg(long, default_value_t = 64)]
+        chunk: usize,
+        /// Add the training footprint (gradients, Adam moments, saved activations).
+        #[arg(long)]
+        train: bool,
+        /// Batch size for --train.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Sequence length for --train (default: --ctx).
+        #[arg(long)]
+        seq: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        /// Write a stacked bar chart of the plan as SVG.
+        #[arg(long)]
+        svg: Option<std::path::PathBuf>,
+    },
+    /// Run a model for some tokens and print planned against measured bytes per class, the peak,
+    /// and GPU time per op from timestamp queries.
+    Profile {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A built-in preset with --synthetic weights instead of a file.
+        #[arg(long)]
+        preset: Option<String>,
+        #[arg(long)]
+        synthetic: bool,
+        /// Prompt tokens, then decoded tokens.
+        #[arg(short = 'p', long, default_value_t = 32)]
+        prompt_tokens: usize,
+        #[arg(short = 'n', long, default_value_t = 8)]
+        tokens: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks: `bench kernels` times the matrix kernels per precision.
     Bench {
         #[command(subcommand)]
@@ -97,6 +175,28 @@ enum BenchCmd {
         quick: bool,
         /// Timed repetitions per case (after one warm-up).
         #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prompt processing (pp) and text generation (tg) tokens/s, like llama-bench.
+    Model {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A built-in preset (see `wgllm plan --list`) instead of a file; needs --synthetic.
+        #[arg(long)]
+        preset: Option<String>,
+        /// Random weights of the real shapes, made on the fly (no file).
+        #[arg(long)]
+        synthetic: bool,
+        /// Prompt tokens for the pp test (0 skips it).
+        #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+        pp: usize,
+        /// Generated tokens for the tg test (0 skips it).
+        #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+        tg: usize,
+        /// Repetitions of each test.
+        #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
         reps: usize,
         #[arg(long)]
         json: bool,
@@ -187,6 +287,32 @@ fn main() -> Result<()> {
         Cmd::Perplexity { model, file, json } => {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
             perplexity(&gpu, model, file, *json)
+        }
+        Cmd::Bench { what: BenchCmd::Model { model, preset, synthetic, pp, tg, reps, json } } => {
+            let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
+            bench_model(&gpu, model, preset.as_deref(), *synthetic, *pp, *tg, *reps, *json)
+        }
+        Cmd::Embed { sentences, model, precision, full, json } => {
+            let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
+            embed(&gpu, sentences, model.as_deref(), precision.as_deref(), *full, *json)
+        }
+        Cmd::Plan { model, config, preset, list, precision, kv, ctx, chunk, train, batch, seq, json, svg } => {
+            if *list {
+                for n in wgllm::model::config::preset_names() {
+                    println!("{n}");
+                }
+                return Ok(());
+            }
+            let args = PlanArgs { precision: precision.clone(), kv: kv.clone(), ctx: *ctx, chunk: *chunk, train: *train, batch: *batch, seq: *seq };
+            let fits = plan(cli.budget, model.as_deref(), config.as_deref(), preset.as_deref(), &args, *json, svg.as_deref())?;
+            if !fits {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Cmd::Profile { model, preset, synthetic, prompt_tokens, tokens, json } => {
+            let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
+            profile(&gpu, cli.budget, model, preset.as_deref(), *synthetic, *prompt_tokens, *tokens, *json)
         }
         Cmd::Bench { what: BenchCmd::Kernels { formats, tokens, quick, reps, json } } => {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
@@ -407,5 +533,283 @@ fn perplexity(gpu: &Gpu, m: &ModelArgs, file: &std::path::Path, json: bool) -> R
         }
         println!("perplexity: {ppl:.4} over {} chunks of {} tokens ({} tokens in the file; {:.1} s)", chunks.len(), m.ctx, ids.len(), secs);
     }
+    Ok(())
+}
+
+/// Loads the model for `bench model` / `profile`: a file, the default model, or a preset with
+/// synthetic weights.
+fn load_for_bench(gpu: &Gpu, m: &ModelArgs, preset: Option<&str>, synthetic: bool) -> Result<(Box<dyn wgllm::model::generate::CausalLm>, String)> {
+    use wgllm::model::config::{Arch, ModelConfig};
+    use wgllm::model::llama::{Llama, RunOptions};
+    use wgllm::model::source::Source;
+    let kv = wgllm::kernels::attention::KvDtype::parse(&m.kv)?;
+    let opts = RunOptions { ctx: m.ctx, kv_dtype: kv, chunk: m.chunk.max(1), all_logits: false };
+    if synthetic || preset.is_some() {
+        let Some(name) = preset else { anyhow::bail!("--synthetic needs --preset NAME") };
+        if !synthetic {
+            anyhow::bail!("--preset runs on synthetic weights: add --synthetic");
+        }
+        let cfg = ModelConfig::preset(name)?;
+        if cfg.arch != Arch::Llama {
+            anyhow::bail!("synthetic benchmarks run LLaMA-family presets; {name} is {:?}", cfg.arch);
+        }
+        let format = m.precision.as_deref().map(parse_precision).transpose()?.unwrap_or(wgllm::quant::WeightFormat::Q4_0);
+        eprintln!("building {name} with synthetic {format} weights on {} ...", gpu.info.name);
+        let t = std::time::Instant::now();
+        let rot = cfg.head_dim;
+        let model = Llama::load(gpu, cfg, rot, &Source::Synthetic { format, seed: 1 }, opts)?;
+        eprintln!("built in {:.1} s", t.elapsed().as_secs_f64());
+        return Ok((Box::new(model), format!("{name} {format} (synthetic)")));
+    }
+    let lm = load_model(gpu, m, false)?;
+    Ok((lm.model, lm.description))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_model(gpu: &Gpu, m: &ModelArgs, preset: Option<&str>, synthetic: bool, pp: usize, tg: usize, reps: usize, json: bool) -> Result<()> {
+    let mut m = m.clone();
+    m.ctx = m.ctx.max(pp + 8).max(tg + 8);
+    m.chunk = m.chunk.max(pp.min(512));
+    let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
+    gpu.ledger.reset_peaks();
+    let opts = wgllm::bench::ModelBenchOptions { pp, tg, reps: reps.max(1) };
+    let report = wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, &mut |s| eprintln!("{s}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_table());
+        eprint!("GPU memory (VRAM ledger):\n{}", gpu.ledger.report().to_table());
+    }
+    Ok(())
+}
+
+fn embed(gpu: &Gpu, sentences: &[String], model: Option<&std::path::Path>, precision: Option<&str>, full: bool, json: bool) -> Result<()> {
+    use wgllm::model::bert::{cosine, Bert};
+    let dir = match model {
+        Some(p) => p.to_path_buf(),
+        None => wgllm::fetch::MINILM.ensure(&mut |s| eprintln!("{s}"))?,
+    };
+    let hf = wgllm::loader::safetensors::HfModel::open(&dir)?;
+    let cfg = wgllm::model::config::ModelConfig::from_hf_json(hf.config())?;
+    let precision = precision.map(parse_precision).transpose()?;
+    let tok = wgllm::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let max = cfg.max_positions;
+    let mut bert = Bert::load(gpu, cfg, &wgllm::model::source::Source::Hf(&hf, precision), max)?;
+    let mut vecs = Vec::new();
+    for s in sentences {
+        let ids = tok.encode(s, true)?;
+        vecs.push(bert.embed(gpu, &ids)?);
+    }
+    let n = vecs.len();
+    let sims: Vec<Vec<f32>> = (0..n).map(|i| (0..n).map(|j| cosine(&vecs[i], &vecs[j])).collect()).collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": dir, "sentences": sentences, "embeddings": vecs, "cosine": sims}))?);
+        return Ok(());
+    }
+    for (s, v) in sentences.iter().zip(&vecs) {
+        let shown: Vec<String> = v.iter().take(if full { v.len() } else { 8 }).map(|x| format!("{x:.5}")).collect();
+        println!("{s:?}: [{}{}] ({} dims)", shown.join(", "), if full { "" } else { ", ..." }, v.len());
+    }
+    if n > 1 {
+        println!("cosine similarities:");
+        for (i, row) in sims.iter().enumerate() {
+            let cells: Vec<String> = row.iter().map(|c| format!("{c:7.4}")).collect();
+            println!("  [{i}] {}", cells.join(" "));
+        }
+    }
+    Ok(())
+}
+
+struct PlanArgs {
+    precision: Option<String>,
+    kv: String,
+    ctx: usize,
+    chunk: usize,
+    train: bool,
+    batch: usize,
+    seq: Option<usize>,
+}
+
+fn plan_precision(s: &str) -> Result<wgllm::model::params::Precision> {
+    let s = match s.to_ascii_lowercase().as_str() {
+        "int8" => "q8_0".to_string(),
+        "int4" => "q4_0".to_string(),
+        other => other.to_string(),
+    };
+    Ok(wgllm::model::params::Precision::parse(&s)?)
+}
+
+/// Builds and prints the plan; returns whether it fits.
+fn plan(
+    budget: Option<u64>,
+    model: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+    preset: Option<&str>,
+    a: &PlanArgs,
+    json: bool,
+    svg: Option<&std::path::Path>,
+) -> Result<bool> {
+    use wgllm::model::config::ModelConfig;
+    use wgllm::plan::{MemoryPlan, PlanOptions, TrainOptions};
+    let mut gguf_bytes = None;
+    let cfg = match (model, config, preset) {
+        (Some(p), None, None) if p.is_dir() => ModelConfig::from_hf_json(wgllm::loader::safetensors::HfModel::open(p)?.config())?,
+        (Some(p), None, None) => {
+            let g = wgllm::loader::gguf::Gguf::open(p)?;
+            if a.precision.is_none() {
+                gguf_bytes = Some(wgllm::plan::gguf_parameter_bytes(&g, wgllm::plan::DEFAULT_MAX_BINDING)?);
+            }
+            wgllm::model::llama::config_from_gguf(&g)?.0
+        }
+        (None, Some(c), None) => {
+            let text = std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
+            ModelConfig::from_hf_json(&serde_json::from_str(&text).with_context(|| format!("parsing {}", c.display()))?)?
+        }
+        (None, None, Some(name)) => ModelConfig::preset(name)?,
+        _ => anyhow::bail!("give exactly one of --model, --config or --preset (see --list)"),
+    };
+    let precision = a.precision.as_deref().map(plan_precision).transpose()?.unwrap_or(wgllm::model::params::Precision::F16);
+    let opts = PlanOptions {
+        precision,
+        kv: wgllm::kernels::attention::KvDtype::parse(&a.kv)?,
+        ctx: a.ctx,
+        chunk: a.chunk.max(1),
+        budget,
+        train: a.train.then(|| TrainOptions { batch: a.batch.max(1), seq: a.seq.unwrap_or(a.ctx) }),
+        ..Default::default()
+    };
+    let mut plan = MemoryPlan::new(&cfg, opts)?;
+    if let Some(b) = gguf_bytes {
+        plan.set_parameter_bytes(b);
+    }
+    if let Some(path) = svg {
+        std::fs::write(path, wgllm::plan::svg::stacked_bar(&plan)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan.to_json())?);
+    } else {
+        print!("{}", plan.to_table());
+        if let Some(b) = gguf_bytes {
+            println!("(parameters: the GGUF file's own tensor formats, {} on the GPU)", wgllm::gpu::ledger::human_bytes(b));
+        }
+    }
+    Ok(plan.fits())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn profile(gpu: &Gpu, budget: Option<u64>, m: &ModelArgs, preset: Option<&str>, synthetic: bool, prompt: usize, n: usize, json: bool) -> Result<()> {
+    use wgllm::gpu::ledger::{human_bytes, BufferClass};
+    let mut m = m.clone();
+    m.ctx = m.ctx.max(prompt + n + 1);
+    let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
+    // The plan of the same configuration.
+    let cfg_plan = {
+        let cfg = match (preset, m.model.as_deref()) {
+            (Some(p), _) => Some(wgllm::model::config::ModelConfig::preset(p)?),
+            (None, path) => {
+                let path = wgllm::model::load::resolve(path, &mut |s| eprintln!("{s}"))?;
+                if path.is_dir() {
+                    None
+                } else {
+                    let g = wgllm::loader::gguf::Gguf::open(&path)?;
+                    let bytes = wgllm::plan::gguf_parameter_bytes(&g, gpu.max_binding())?;
+                    Some((wgllm::model::llama::config_from_gguf(&g)?.0, bytes)).map(|(c, b)| {
+                        let _ = b;
+                        c
+                    })
+                }
+            }
+        };
+        match cfg {
+            Some(cfg) => {
+                let precision = match m.precision.as_deref() {
+                    Some(p) => plan_precision(p)?,
+                    None if synthetic => wgllm::model::params::Precision::Q4_0,
+                    None => wgllm::model::params::Precision::F16,
+                };
+                let opts = wgllm::plan::PlanOptions {
+                    precision,
+                    kv: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
+                    ctx: m.ctx,
+                    chunk: m.chunk.max(1),
+                    budget,
+                    max_binding: gpu.max_binding(),
+                    ..Default::default()
+                };
+                let mut plan = wgllm::plan::MemoryPlan::new(&cfg, opts)?;
+                if !synthetic && preset.is_none() {
+                    let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |_| {})?;
+                    let g = wgllm::loader::gguf::Gguf::open(&path)?;
+                    plan.set_parameter_bytes(wgllm::plan::gguf_parameter_bytes(&g, gpu.max_binding())?);
+                }
+                Some(plan)
+            }
+            None => None,
+        }
+    };
+    gpu.ledger.reset_peaks();
+    model.set_profiling(true);
+    let vocab = model.vocab_size() as u32;
+    let ids: Vec<u32> = (0..prompt.max(1) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let t = std::time::Instant::now();
+    let mut logits = model.forward(gpu, &ids, 0)?;
+    let prefill = t.elapsed().as_secs_f64();
+    let prefill_ops = model.take_profile();
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        let next = wgllm::sampler::argmax(&logits);
+        logits = model.forward(gpu, &[next], ids.len() + i)?;
+    }
+    let decode = t.elapsed().as_secs_f64();
+    let decode_ops = model.take_profile();
+    let report = gpu.ledger.report();
+    // Per-op GPU time, grouped by kernel.
+    let group = |ops: &[wgllm::gpu::record::DispatchTime], per: f64| {
+        let mut by: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+        for d in ops {
+            let e = by.entry(d.kernel.clone()).or_default();
+            e.0 += d.nanos;
+            e.1 += 1;
+        }
+        let mut v: Vec<(String, f64, f64)> = by.into_iter().map(|(k, (ns, c))| (k, ns / 1e6 / per, c as f64 / per)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    };
+    let pre = group(&prefill_ops, 1.0);
+    let dec = group(&decode_ops, n.max(1) as f64);
+    let measured = |c: BufferClass| report.class(c).peak_bytes;
+    if json {
+        let planned = cfg_plan.as_ref().map(|p| p.to_json());
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
+            "model": name, "device": gpu.describe(), "ledger": report, "planned": planned,
+            "prefill": {"tokens": prompt, "seconds": prefill, "ops_ms": pre},
+            "decode": {"tokens": n, "seconds_per_token": decode / n.max(1) as f64, "ops_ms_per_token": dec},
+        }))?);
+        return Ok(());
+    }
+    println!("{name} on {}", gpu.describe());
+    println!("\nmemory by class: planned (wgllm plan) vs measured (ledger peak)");
+    println!("{:<14} {:>14} {:>14} {:>8}", "class", "planned", "measured", "diff");
+    let rows: Vec<(&str, Option<u64>, u64)> = vec![
+        ("parameters", cfg_plan.as_ref().map(|p| p.parameters_bytes), measured(BufferClass::Parameters)),
+        ("kv-cache", cfg_plan.as_ref().map(|p| p.kv_cache_bytes), measured(BufferClass::KvCache)),
+        ("activations", cfg_plan.as_ref().map(|p| p.activation_bytes + p.kernel_params_bytes), measured(BufferClass::Activations)),
+        ("staging", cfg_plan.as_ref().map(|p| p.staging_bytes), measured(BufferClass::Staging)),
+    ];
+    for (c, p, mbytes) in rows {
+        let diff = p.map_or("-".to_string(), |p| format!("{:+.2}%", 100.0 * (mbytes as f64 - p as f64) / (p.max(1) as f64)));
+        println!("{c:<14} {:>14} {:>14} {diff:>8}", p.map_or("-".into(), human_bytes), human_bytes(mbytes));
+    }
+    println!("{:<14} {:>14} {:>14}", "peak total", cfg_plan.as_ref().map_or("-".into(), |p| human_bytes(p.total_bytes)), human_bytes(report.peak_total_bytes));
+    println!("\nprefill of {prompt} tokens: {:.3} s wall; GPU time per op:", prefill);
+    for (k, ms, c) in &pre {
+        println!("  {k:<48} {ms:>10.3} ms  {c:>6.0} dispatches");
+    }
+    println!("\ndecode: {:.3} s per token wall; GPU time per op per token:", decode / n.max(1) as f64);
+    let total: f64 = dec.iter().map(|d| d.1).sum();
+    for (k, ms, c) in &dec {
+        println!("  {k:<48} {ms:>10.3} ms  {c:>6.0} dispatches  {:>5.1}%", 100.0 * ms / total.max(1e-12));
+    }
+    println!("  {:<48} {total:>10.3} ms  (wall {:.3} ms: the rest is submission and dispatch overhead)", "GPU total", 1e3 * decode / n.max(1) as f64);
     Ok(())
 }

@@ -49,34 +49,45 @@ fn weights(
     (wm, deq)
 }
 
-/// Runs matvec (m = None) or matmul over `m` tokens and compares with the reference.
-fn check(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], m: Option<usize>, seed: u64) {
+/// What [`check`] runs.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    /// matvec, with the rows per workgroup forced or left to the policy
+    Matvec(Option<u32>),
+    /// matmul over this many tokens
+    Matmul(usize),
+}
+
+/// Runs `op` on random inputs and compares with the reference.
+fn check(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], op: Op, seed: u64) {
     let (rows, cols) = (wm.rows, wm.cols);
-    let tokens = m.unwrap_or(1);
-    let xd = randn(tokens * cols, seed, 1.0);
-    let (xs, ys) = match m {
-        None => (vec![cols], vec![rows]),
-        Some(m) => (vec![m, cols], vec![m, rows]),
+    let m = match op {
+        Op::Matvec(_) => 1,
+        Op::Matmul(m) => m,
+    };
+    let xd = randn(m * cols, seed, 1.0);
+    let (xs, ys) = match op {
+        Op::Matvec(_) => (vec![cols], vec![rows]),
+        Op::Matmul(m) => (vec![m, cols], vec![m, rows]),
     };
     let x = gpu.tensor_from("x", Activations, &xs, &xd).unwrap();
     let y = gpu.tensor("y", Activations, &ys).unwrap();
     let mut rec = gpu.recorder();
-    match m {
-        None => matmul::matvec(&mut rec, wm, &x, &y).unwrap(),
-        Some(_) => matmul::matmul(&mut rec, wm, &x, &y).unwrap(),
+    match op {
+        Op::Matvec(r) => matmul::matvec_with_rows(&mut rec, wm, &x, &y, r).unwrap(),
+        Op::Matmul(_) => matmul::matmul(&mut rec, wm, &x, &y).unwrap(),
     }
     assert_eq!(rec.len(), wm.shards.len(), "one dispatch per shard");
     rec.submit().unwrap();
     let what = format!(
-        "{} {} {rows}x{cols} m={m:?} ({} shards)",
-        if m.is_some() { "matmul" } else { "matvec" },
+        "{op:?} {} {rows}x{cols} ({} shards)",
         wm.format,
         wm.shards.len()
     );
     assert_close(
         &what,
         &gpu.read(&y).unwrap(),
-        &matmul::reference(deq, rows, cols, &xd, tokens),
+        &matmul::reference(deq, rows, cols, &xd, m),
         tolerance(wm.format),
     );
 }
@@ -87,13 +98,18 @@ fn matvec_matches_reference_in_every_format() {
     let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
     for f in WeightFormat::ALL {
         let k = awkward_cols(f);
-        // One row; rows not a multiple of the 4 per workgroup; a small model's square matrix.
+        // One row; rows not a multiple of any rows-per-workgroup; a small model's square matrix.
         for (i, (rows, cols)) in [(1, k), (13, k), (67, 64), (576, 576)]
             .into_iter()
             .enumerate()
         {
             let (wm, deq) = weights(gpu, f, rows, cols, 10 + i as u64);
-            check(gpu, &wm, &deq, None, 20 + i as u64);
+            check(gpu, &wm, &deq, Op::Matvec(None), 20 + i as u64);
+            if rows == 13 {
+                for r in matmul::MATVEC_ROWS {
+                    check(gpu, &wm, &deq, Op::Matvec(Some(r)), 30 + r as u64);
+                }
+            }
         }
     }
 }
@@ -106,11 +122,11 @@ fn matmul_matches_reference_in_every_format() {
         let k = awkward_cols(f);
         let (wm, deq) = weights(gpu, f, 67, k, 30);
         for m in [1, 7, 33] {
-            check(gpu, &wm, &deq, Some(m), 40 + m as u64);
+            check(gpu, &wm, &deq, Op::Matmul(m), 40 + m as u64);
         }
         // Several tiles both ways, partial at both edges.
         let (wm, deq) = weights(gpu, f, 130, 96, 31);
-        check(gpu, &wm, &deq, Some(70), 50);
+        check(gpu, &wm, &deq, Op::Matmul(70), 50);
     }
 }
 
@@ -131,8 +147,8 @@ fn sharded_weights_match_reference() {
             wm.format,
             wm.shards.len()
         );
-        check(gpu, wm, deq, None, 61);
-        check(gpu, wm, deq, Some(7), 62);
+        check(gpu, wm, deq, Op::Matvec(None), 61);
+        check(gpu, wm, deq, Op::Matmul(7), 62);
     }
 }
 
@@ -152,7 +168,7 @@ fn f32_weight_past_the_binding_limit_is_sharded() {
         wm.shards.len(),
         gpu.limits.max_storage_buffer_binding_size
     );
-    check(gpu, &wm, &w, None, 71);
+    check(gpu, &wm, &w, Op::Matvec(None), 71);
 }
 
 #[test]
@@ -172,5 +188,7 @@ fn shape_mismatches_are_refused_before_dispatch() {
     refused(matmul::matmul(&mut rec, &wm, &t(&[3, 65]), &t(&[3, 8])));
     refused(matmul::matmul(&mut rec, &wm, &t(&[3, 64]), &t(&[4, 8])));
     refused(matmul::matmul(&mut rec, &wm, &t(&[3, 64]), &t(&[3, 7])));
+    let e = matmul::matvec_with_rows(&mut rec, &wm, &t(&[64]), &t(&[8]), Some(5)).unwrap_err();
+    assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
     assert!(rec.is_empty());
 }

@@ -128,6 +128,14 @@ fn embeddings_match_golden() {
         "f32: minimum cosine to the golden embeddings {min:.7} (1 - cos = {:.1e})",
         1.0 - min
     );
+    let diff = embs
+        .iter()
+        .zip(&g.embeddings)
+        .map(|(e, w)| max_abs_diff(e, w));
+    eprintln!(
+        "f32: largest |embedding - golden| {:.1e}",
+        diff.fold(0.0, f32::max)
+    );
     for (i, e) in embs.iter().enumerate() {
         let c = cosine(e, &g.embeddings[i]);
         assert!(

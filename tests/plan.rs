@@ -487,6 +487,13 @@ fn bad_requests_are_refused() {
         ..Default::default()
     };
     assert!(MemoryPlan::new(&odd, q8).is_err());
+    // Absurd sizes saturate rather than wrap, and are refused.
+    let huge = PlanOptions {
+        ctx: usize::MAX,
+        chunk: usize::MAX / 2,
+        ..Default::default()
+    };
+    assert!(MemoryPlan::new(&cfg, huge).is_err());
     // Past the trained context is planned, with a warning.
     let long = MemoryPlan::new(&preset("llama-2-7b"), with(8192, 64)).expect("plan");
     assert!(long.warnings.iter().any(|w| w.contains("trained context")));

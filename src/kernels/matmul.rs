@@ -4,14 +4,14 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::record::View;
-use crate::gpu::{Bind, Recorder};
+use crate::gpu::{Bind, Gpu, Recorder};
 use crate::kernels::weights::Shard;
 use crate::kernels::{params, Tensor, WeightMatrix};
 use crate::quant::repack::row_words;
 use crate::quant::QK;
 
-/// Rows of W per matvec workgroup (`R` in matvec.wgsl).
-const MATVEC_ROWS: usize = 4;
+/// The rows per matvec workgroup the shader supports (its `ROWS` override).
+pub const MATVEC_ROWS: [u32; 3] = [4, 8, 16];
 /// Edge of the square output tile of a matmul workgroup (`T` in matmul.wgsl).
 const MATMUL_TILE: usize = 64;
 
@@ -101,9 +101,40 @@ fn weight_views(s: &Shard) -> [View; 2] {
     [s.data.view(), scales]
 }
 
+/// Rows per matvec workgroup for a shard of `rows` rows. More rows means fewer loads per weight
+/// (each x value serves every row), which is what lavapipe is bound by, so a CPU device always gets
+/// 16; a GPU gets 16 only while that still leaves at least 256 workgroups, then 8 or 4.
+pub fn matvec_rows(gpu: &Gpu, rows: usize) -> u32 {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu || rows >= 16 * 256 {
+        16
+    } else if rows >= 8 * 128 {
+        8
+    } else {
+        4
+    }
+}
+
 /// `y = W x` for one token: `x` is `[cols]` or `[1, cols]`, `y` is `[rows]` or `[1, rows]`.
 pub fn matvec(rec: &mut Recorder, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> Result<()> {
+    matvec_with_rows(rec, w, x, y, None)
+}
+
+/// [`matvec`] with the rows per workgroup forced to one of [`MATVEC_ROWS`] (for tests and
+/// tuning); `None` picks [`matvec_rows`] per shard.
+pub fn matvec_with_rows(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    x: &Tensor,
+    y: &Tensor,
+    rows_per_group: Option<u32>,
+) -> Result<()> {
     let op = format!("matvec {}", w.label);
+    if let Some(r) = rows_per_group.filter(|r| !MATVEC_ROWS.contains(r)) {
+        return Err(Error::invalid(
+            op,
+            format!("{r} rows per workgroup; the kernel takes {MATVEC_ROWS:?}"),
+        ));
+    }
     let vec_ok = |t: &Tensor, n: usize| t.shape == [n] || t.shape == [1, n];
     if !vec_ok(x, w.cols) {
         return Err(Error::shape(
@@ -123,10 +154,11 @@ pub fn matvec(rec: &mut Recorder, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> R
     let (xv, yv) = (bound(&op, x)?, bound(&op, y)?);
     let gpu = rec.gpu();
     let entry = format!("matvec_{}", w.format.name());
-    let k = gpu.kernel("matvec", &entry, &BINDS, 32, &[])?;
     let cols = u32_of(&op, "cols", w.cols)?;
     let rw = u32_of(&op, "row words", row_words(w.format, w.cols))?;
     for s in &w.shards {
+        let r = rows_per_group.unwrap_or_else(|| matvec_rows(gpu, s.rows));
+        let k = gpu.kernel("matvec", &entry, &BINDS, 32, &[("ROWS", r as f64)])?;
         let p = MatvecParams {
             rows: u32_of(&op, "rows", s.rows)?,
             cols,
@@ -135,7 +167,7 @@ pub fn matvec(rec: &mut Recorder, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> R
             blocks: (w.cols / QK) as u32,
             _pad: [0; 3],
         };
-        let groups = gpu.groups(u32_of(&op, "rows", s.rows.div_ceil(MATVEC_ROWS))?);
+        let groups = gpu.groups(u32_of(&op, "rows", s.rows.div_ceil(r as usize))?);
         let [data, scales] = weight_views(s);
         rec.dispatch(
             &k,

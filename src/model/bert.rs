@@ -169,6 +169,11 @@ fn table(src: &Source, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>>
             h.expect_shape(name, &[rows, cols])?;
             h.tensor_f32(name)
         }
+        Source::Synthetic { seed, .. } => {
+            let bytes =
+                crate::quant::synthetic(crate::quant::WeightFormat::F32, rows * cols, *seed)?;
+            Ok(bytemuck::pod_collect_to_vec(&bytes))
+        }
     }
 }
 
@@ -282,7 +287,7 @@ impl Bert {
         }
         let normalize = match src {
             Source::Hf(h, _) => sentence_modules(h.dir())?,
-            Source::Gguf(_) => false,
+            Source::Gguf(_) | Source::Synthetic { .. } => false,
         };
         let gelu = gelu_form(src)?;
         let state = RunState::new(gpu, &cfg, max_tokens)?;

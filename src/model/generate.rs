@@ -20,6 +20,21 @@ pub trait CausalLm {
     fn context(&self) -> usize;
     /// Return logits for every token of a forward call (perplexity, `wgllm logits`).
     fn set_all_logits(&mut self, all: bool);
+    /// Weight bytes one decoded token reads (every matrix of every layer and the output head;
+    /// one embedding row is negligible).
+    fn weight_bytes_per_token(&self) -> u64 {
+        0
+    }
+    /// KV-cache bytes one decoded token reads at position `pos` (keys and values of all layers).
+    fn kv_bytes_per_token(&self, _pos: usize) -> u64 {
+        0
+    }
+    /// Turns per-dispatch GPU timing on or off (`wgllm profile`).
+    fn set_profiling(&mut self, _on: bool) {}
+    /// The dispatch times gathered since profiling was turned on.
+    fn take_profile(&mut self) -> Vec<crate::gpu::record::DispatchTime> {
+        Vec::new()
+    }
 }
 
 /// Timings of one generation.

@@ -39,6 +39,8 @@ pub struct LlamaWeights {
 /// Activations for one chunk of up to `chunk` tokens, allocated once, and the KV cache.
 pub struct RunState {
     pub chunk: usize,
+    /// Whether the logits buffer holds a row per token of a chunk.
+    all_logits: bool,
     ids: GpuBuffer,
     x: Tensor,     // (chunk, d) residual stream
     x2: Tensor,    // (chunk, d) the residual after an add (ping-pong with x)
@@ -180,7 +182,7 @@ impl Llama {
         let Positions::Rotary { theta } = cfg.positions else {
             return Err(Error::invalid("llama", "LLaMA models use rotary positions"));
         };
-        let names = Names { gguf: matches!(src, Source::Gguf(_)) };
+        let names = Names { gguf: matches!(src, Source::Gguf(_) | Source::Synthetic { .. }) };
         let rope_mode = if names.gguf { RopeMode::Interleaved } else { RopeMode::Half };
         let (d, hd, ffn) = (cfg.hidden_size, cfg.head_dim, cfg.ffn_size);
         let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
@@ -211,7 +213,7 @@ impl Llama {
             Some(src.matrix(gpu, names.global("output"), cfg.vocab_size, d)?)
         };
         let weights = LlamaWeights { embed, layers, norm, output };
-        let state = RunState::new(gpu, &cfg, &opts)?;
+        let state = RunState::new(gpu, &cfg, &opts, None)?;
         Ok(Llama { rope_theta: theta as f32, rot_dim, rope_mode, cfg, weights, state, opts, profile: None })
     }
 
@@ -225,10 +227,10 @@ impl Llama {
         if pos0 + tokens.len() > self.opts.ctx {
             return Err(Error::ContextFull { ctx: self.opts.ctx, needed: pos0 + tokens.len() });
         }
-        let rows = if self.opts.all_logits { self.state.chunk } else { 1 };
-        if self.state.logits.len() < rows * self.cfg.vocab_size {
-            // Logits for every token of a chunk were asked for after loading: grow the buffer.
-            self.state.logits = gpu.tensor("logits", BufferClass::Activations, &[rows, self.cfg.vocab_size])?;
+        if self.state.all_logits != self.opts.all_logits {
+            // The logits buffer's size (and so the plan) depends on it: re-plan, keeping the cache.
+            let kv = std::mem::take(&mut self.state.kv);
+            self.state = RunState::new(gpu, &self.cfg, &self.opts, Some(kv))?;
         }
         let mut out = Vec::new();
         let mut done = 0;
@@ -334,6 +336,25 @@ impl crate::model::generate::CausalLm for Llama {
     fn set_all_logits(&mut self, all: bool) {
         self.opts.all_logits = all;
     }
+    fn weight_bytes_per_token(&self) -> u64 {
+        let w = &self.weights;
+        let layers: u64 = w
+            .layers
+            .iter()
+            .map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.bytes()).sum::<u64>())
+            .sum();
+        layers + w.output.as_ref().unwrap_or(&w.embed).bytes()
+    }
+    fn kv_bytes_per_token(&self, pos: usize) -> u64 {
+        let per = crate::kernels::attention::bytes_per_token(self.opts.kv_dtype, self.cfg.n_kv_heads, self.cfg.head_dim);
+        per * self.cfg.n_layers as u64 * (pos as u64 + 1)
+    }
+    fn set_profiling(&mut self, on: bool) {
+        self.profile = if on { Some(Vec::new()) } else { None };
+    }
+    fn take_profile(&mut self) -> Vec<crate::gpu::record::DispatchTime> {
+        self.profile.as_mut().map(std::mem::take).unwrap_or_default()
+    }
 }
 
 fn submit(profile: &mut Option<Vec<crate::gpu::record::DispatchTime>>, rec: crate::gpu::Recorder) -> Result<()> {
@@ -345,29 +366,45 @@ fn submit(profile: &mut Option<Vec<crate::gpu::record::DispatchTime>>, rec: crat
 }
 
 impl RunState {
-    fn new(gpu: &Gpu, cfg: &ModelConfig, opts: &RunOptions) -> Result<RunState> {
+    /// Allocates the activations exactly as the memory planner shares them
+    /// ([`crate::plan::activations::llama_activation_plan`]): one buffer per planned buffer, each
+    /// role a prefix view of its buffer, so `wgllm plan` and the ledger agree byte for byte.
+    fn new(gpu: &Gpu, cfg: &ModelConfig, opts: &RunOptions, kv: Option<Vec<KvCache>>) -> Result<RunState> {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
-        let t = |label: &str, shape: &[usize]| gpu.tensor(label, BufferClass::Activations, shape);
-        let n_logits = if opts.all_logits { c } else { 1 };
-        let kv = (0..cfg.n_layers)
-            .map(|l| KvCache::new(gpu, &format!("layer.{l}.kv"), opts.kv_dtype, opts.ctx, cfg.n_kv_heads, hd))
+        let plan = crate::plan::activations::llama_activation_plan(cfg, c, opts.all_logits);
+        let buffers = plan
+            .buffers
+            .iter()
+            .map(|b| gpu.alloc(&format!("act.{}", b.label), BufferClass::Activations, b.bytes))
             .collect::<Result<Vec<_>>>()?;
+        let role = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let i = *plan.role_to_buffer.get(name).ok_or_else(|| Error::invalid("activation plan", format!("no buffer for '{name}'")))?;
+            Tensor { buf: buffers[i].clone(), shape: vec![buffers[i].size() as usize / 4] }.view(shape)
+        };
+        let kv = match kv {
+            Some(kv) => kv,
+            None => (0..cfg.n_layers)
+                .map(|l| KvCache::new(gpu, &format!("layer.{l}.kv"), opts.kv_dtype, opts.ctx, cfg.n_kv_heads, hd))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let n_logits = if opts.all_logits { c } else { 1 };
         Ok(RunState {
             chunk: c,
-            ids: gpu.alloc("token_ids", BufferClass::Activations, c as u64 * 4)?,
-            x: t("x", &[c, d])?,
-            x2: t("x2", &[c, d])?,
-            xb: t("xb", &[c, d])?,
-            q: t("q", &[c, cfg.n_heads * hd])?,
-            k: t("k", &[c, cfg.n_kv_heads * hd])?,
-            v: t("v", &[c, cfg.n_kv_heads * hd])?,
-            att: t("att", &[c, cfg.n_heads * hd])?,
-            proj: t("proj", &[c, d])?,
-            gate: t("ffn_gate", &[c, cfg.ffn_size])?,
-            up: t("ffn_up", &[c, cfg.ffn_size])?,
-            act: t("ffn_act", &[c, cfg.ffn_size])?,
-            logits: t("logits", &[n_logits, cfg.vocab_size])?,
+            all_logits: opts.all_logits,
+            ids: role("ids", &[c])?.buf,
+            x: role("x", &[c, d])?,
+            x2: role("x2", &[c, d])?,
+            xb: role("xb", &[c, d])?,
+            q: role("q", &[c, cfg.n_heads * hd])?,
+            k: role("k", &[c, cfg.n_kv_heads * hd])?,
+            v: role("v", &[c, cfg.n_kv_heads * hd])?,
+            att: role("att", &[c, cfg.n_heads * hd])?,
+            proj: role("proj", &[c, d])?,
+            gate: role("gate", &[c, cfg.ffn_size])?,
+            up: role("up", &[c, cfg.ffn_size])?,
+            act: role("act", &[c, cfg.ffn_size])?,
+            logits: role("logits", &[n_logits, cfg.vocab_size])?,
             kv,
         })
     }

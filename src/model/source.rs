@@ -14,6 +14,10 @@ pub enum Source<'a> {
     /// A safetensors directory, with the format its matrices are quantised to on load (`None`
     /// keeps f32).
     Hf(&'a HfModel, Option<WeightFormat>),
+    /// No file: pseudo-random weights of the real shapes in `format` (norm weights are ones), for
+    /// benchmarks and memory proofs of models that are not on disk. The bytes are generated in
+    /// bounded chunks and uploaded, so host memory stays small.
+    Synthetic { format: WeightFormat, seed: u64 },
 }
 
 impl Source<'_> {
@@ -21,6 +25,7 @@ impl Source<'_> {
         match self {
             Source::Gguf(g) => g.file().to_string(),
             Source::Hf(h, _) => h.dir().display().to_string(),
+            Source::Synthetic { .. } => "(synthetic weights)".into(),
         }
     }
 
@@ -28,6 +33,8 @@ impl Source<'_> {
         match self {
             Source::Gguf(g) => g.tensor(name).is_ok(),
             Source::Hf(h, _) => h.tensor_shape(name).is_ok(),
+            // Synthetic models have no biases and no separate output head.
+            Source::Synthetic { .. } => !(name.contains("bias") || name == "output.weight" || name == "lm_head.weight"),
         }
     }
 
@@ -60,6 +67,12 @@ impl Source<'_> {
                 };
                 gpu.upload_weights_f32(name, format, rows, cols, &w)
             }
+            Source::Synthetic { format, seed } => {
+                let format = if format.is_quantized() && cols % 32 != 0 { WeightFormat::F16 } else { *format };
+                let seed = seed ^ name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+                let bytes = crate::quant::synthetic(format, rows * cols, seed)?;
+                gpu.upload_weights(name, format, rows, cols, &bytes)
+            }
         }
     }
 
@@ -74,6 +87,7 @@ impl Source<'_> {
                 h.expect_shape(name, &[n])?;
                 h.tensor_f32(name)?
             }
+            Source::Synthetic { .. } => vec![1.0; n],
         };
         gpu.tensor_from(name, BufferClass::Parameters, &[n], &v)
     }

@@ -117,8 +117,8 @@ impl Schedule {
 /// when the chunk is one token and normalises `x` directly; the schedule lists both reads).
 pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool) -> Schedule {
     let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-    let q = cfg.n_heads * cfg.head_dim;
-    let kv = cfg.n_kv_heads * cfg.head_dim;
+    let q = cfg.n_heads.saturating_mul(cfg.head_dim);
+    let kv = cfg.n_kv_heads.saturating_mul(cfg.head_dim);
     let f = cfg.ffn_size;
     let mm = |rows, cols| Kernel::Matmul { rows, cols };
     let prologue = vec![
@@ -232,25 +232,16 @@ pub fn llama_role_bytes(
 ) -> BTreeMap<String, u64> {
     let m = chunk as u64;
     let d = cfg.hidden_size as u64;
-    let q = (cfg.n_heads * cfg.head_dim) as u64;
-    let kv = (cfg.n_kv_heads * cfg.head_dim) as u64;
+    let q = (cfg.n_heads as u64).saturating_mul(cfg.head_dim as u64);
+    let kv = (cfg.n_kv_heads as u64).saturating_mul(cfg.head_dim as u64);
     let f = cfg.ffn_size as u64;
     let n_logits = if all_logits { m } else { 1 };
-    let sizes = [
-        m,
-        m * d,
-        m * d,
-        m * d,
-        m * q,
-        m * kv,
-        m * kv,
-        m * q,
-        m * d,
-        m * f,
-        m * f,
-        m * f,
-        n_logits * cfg.vocab_size as u64,
-    ];
+    // Saturating: an absurd chunk or config gives an absurd plan, not an overflow.
+    let sizes: Vec<u64> = [1, d, d, d, q, kv, kv, q, d, f, f, f]
+        .iter()
+        .map(|&w| m.saturating_mul(w))
+        .chain([n_logits.saturating_mul(cfg.vocab_size as u64)])
+        .collect();
     LLAMA_ROLES
         .iter()
         .zip(sizes)
@@ -371,8 +362,8 @@ pub fn share(
         .collect();
     ActivationPlan {
         chunk,
-        total_bytes: buffers.iter().map(|b| b.bytes).sum(),
-        unshared_bytes: sizes.values().sum(),
+        total_bytes: buffers.iter().fold(0, |a, b| a.saturating_add(b.bytes)),
+        unshared_bytes: sizes.values().fold(0, |a, b| a.saturating_add(*b)),
         buffers,
         role_to_buffer,
         roles,

@@ -35,6 +35,7 @@ use crate::kernels::weights::rows_per_shard;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::params::{self, ParamClass, ParamTensor, Precision, WeightBytes};
 use crate::quant::repack::{row_words, scale_words};
+use crate::quant::WeightFormat;
 use activations::Kernel;
 
 pub const MIB: u64 = 1 << 20;
@@ -135,8 +136,10 @@ fn tensor_bytes(t: &ParamTensor, p: Precision) -> u64 {
     let fmt = p.storage();
     let (rows, cols) = (t.rows as u64, t.cols as u64);
     match t.class {
-        ParamClass::NormOrBias => rows * cols * 4,
-        _ => cols.div_ceil(fmt.block_len() as u64) * fmt.block_bytes() as u64 * rows,
+        ParamClass::NormOrBias => rows.saturating_mul(cols).saturating_mul(4),
+        _ => {
+            (cols.div_ceil(fmt.block_len() as u64) * fmt.block_bytes() as u64).saturating_mul(rows)
+        }
     }
 }
 
@@ -167,21 +170,23 @@ impl MemoryPlan {
             .iter()
             .filter(|t| t.name.starts_with("layers."))
             .map(|t| tensor_bytes(t, p))
-            .sum();
-        let other_weight_bytes = weights.exact_bytes - l * layer_weight_bytes;
+            .fold(0, u64::saturating_add);
+        let other_weight_bytes = weights
+            .exact_bytes
+            .saturating_sub(l.saturating_mul(layer_weight_bytes));
 
         let kv_bpt = bytes_per_token(opts.kv, cfg.n_kv_heads, cfg.head_dim);
-        let kv_cache_bytes = l * opts.ctx as u64 * kv_bpt;
+        let kv_cache_bytes = l.saturating_mul(opts.ctx as u64).saturating_mul(kv_bpt);
         let activations = llama_activation_plan(cfg, opts.chunk, opts.all_logits);
 
         // Largest single upload: a shard's data or scales, or a norm/bias vector.
         let mut largest = 0u64;
         for t in &tensors {
             let b = match t.class {
-                ParamClass::NormOrBias => (t.rows * t.cols) as u64 * 4,
+                ParamClass::NormOrBias => tensor_bytes(t, p),
                 _ => {
                     let per = rows_per_shard(fmt, t.rows, t.cols, opts.max_binding)?.min(t.rows);
-                    let data = (per * row_words(fmt, t.cols)) as u64 * 4;
+                    let data = (per as u64).saturating_mul(row_words(fmt, t.cols) as u64 * 4);
                     data.max(scale_words(fmt, per, t.cols) as u64 * 4)
                 }
             };
@@ -226,7 +231,7 @@ impl MemoryPlan {
                 opts.ctx, cfg.max_positions
             ));
         }
-        let kv_buffer = opts.ctx as u64 * kv_bpt / 2;
+        let kv_buffer = (opts.ctx as u64).saturating_mul(kv_bpt) / 2;
         if kv_buffer > opts.max_binding {
             warnings.push(format!(
                 "each layer's K and V buffers take {kv_buffer} bytes, over the {}-byte binding limit",
@@ -253,7 +258,10 @@ impl MemoryPlan {
             kernel_params_bytes,
         ]
         .iter()
-        .fold(weights.exact_bytes, |a, b| a.saturating_add(*b));
+        .try_fold(weights.exact_bytes, |a, b| a.checked_add(*b));
+        // Every size above saturates rather than wraps; a saturated one makes this sum overflow.
+        let too_big = || Error::invalid("plan", "the planned sizes overflow 64 bits");
+        let sum = sum.filter(|&s| s < u64::MAX / 2).ok_or_else(too_big)?;
         let overhead_bytes = overhead(sum);
         Ok(MemoryPlan {
             cfg: cfg.clone(),
@@ -273,7 +281,7 @@ impl MemoryPlan {
             dispatches_per_chunk: dispatches,
             kernel_params_bytes,
             overhead_bytes,
-            total_bytes: sum.saturating_add(overhead_bytes),
+            total_bytes: sum + overhead_bytes,
             warnings,
         })
     }
@@ -312,19 +320,13 @@ impl MemoryPlan {
             return None;
         }
         let fits_sum = |sum: u64| sum.saturating_add(overhead(sum)) <= budget;
-        let base = self.buffers_sum() - self.kv_cache_bytes;
-        let per_ctx = self.cfg.n_layers as u64 * self.kv_bytes_per_token_layer;
-        // Largest ctx below the requested one whose total fits (monotonic in ctx).
-        let (mut lo, mut hi) = (0usize, self.options.ctx);
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if fits_sum(base.saturating_add(per_ctx.saturating_mul(mid as u64))) {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        let longest_ctx = (lo > 0).then_some(lo);
+        let base = self.buffers_sum().saturating_sub(self.kv_cache_bytes);
+        let per_ctx = (self.cfg.n_layers as u64).saturating_mul(self.kv_bytes_per_token_layer);
+        // Largest ctx below the requested one whose total fits.
+        let longest_ctx = last_fitting(1, self.options.ctx as u64, |c| {
+            fits_sum(base.saturating_add(per_ctx.saturating_mul(c)))
+        })
+        .map(|c| c as usize);
 
         let with = |precision, kv| {
             MemoryPlan::new(
@@ -364,16 +366,17 @@ impl MemoryPlan {
 
         // Streaming: keep r layers resident and cycle the rest through a pool of two layer slots.
         let (l, lb) = (self.cfg.n_layers as u64, self.layer_weight_bytes);
-        let streamed_sum = |r: u64| self.buffers_sum() - (l - r) * lb + STREAM_SLOTS * lb;
-        let streaming = (0..l)
-            .rev()
-            .find(|&r| fits_sum(streamed_sum(r)))
-            .map(|r| Streaming {
-                resident_layers: r as usize,
-                streamed_layers: (l - r) as usize,
-                slot_bytes: STREAM_SLOTS * lb,
-                total_bytes: streamed_sum(r) + overhead(streamed_sum(r)),
-            });
+        let streamed_sum = |r: u64| {
+            self.buffers_sum()
+                .saturating_sub((l - r).saturating_mul(lb))
+                .saturating_add(STREAM_SLOTS.saturating_mul(lb))
+        };
+        let streaming = last_fitting(0, l, |r| fits_sum(streamed_sum(r))).map(|r| Streaming {
+            resident_layers: r as usize,
+            streamed_layers: (l - r) as usize,
+            slot_bytes: STREAM_SLOTS.saturating_mul(lb),
+            total_bytes: streamed_sum(r).saturating_add(overhead(streamed_sum(r))),
+        });
         Some(Suggestions {
             longest_ctx,
             kv_alternatives,
@@ -399,6 +402,23 @@ impl MemoryPlan {
     pub fn to_table(&self) -> String {
         report::table(self)
     }
+}
+
+/// The largest `x` in `lo..hi` with `fits(x)`, for `fits` true up to some point and false after.
+fn last_fitting(lo: u64, hi: u64, fits: impl Fn(u64) -> bool) -> Option<u64> {
+    if lo >= hi || !fits(lo) {
+        return None;
+    }
+    let (mut yes, mut no) = (lo, hi);
+    while no - yes > 1 {
+        let mid = yes + (no - yes) / 2;
+        if fits(mid) {
+            yes = mid;
+        } else {
+            no = mid;
+        }
+    }
+    Some(yes)
 }
 
 /// Layer slots of the streaming pool: one in use, one being uploaded.
@@ -434,4 +454,43 @@ pub struct Suggestions {
     pub highest_precision: Option<PlanFit>,
     /// Layers to stream to fit at the requested precision.
     pub streaming: Option<Streaming>,
+}
+
+impl MemoryPlan {
+    /// Replaces the parameter bytes (e.g. with what a GGUF file's mixed formats really take) and
+    /// recomputes the overhead and the total.
+    pub fn set_parameter_bytes(&mut self, bytes: u64) {
+        let rest = self.buffers_sum() - self.parameters_bytes;
+        self.parameters_bytes = bytes;
+        self.other_weight_bytes = bytes.saturating_sub(self.cfg.n_layers as u64 * self.layer_weight_bytes);
+        self.overhead_bytes = overhead(rest + bytes);
+        self.total_bytes = rest + bytes + self.overhead_bytes;
+    }
+}
+
+/// GPU bytes of every tensor of a GGUF file as wgllm uploads it (repacked, sharded at
+/// `max_binding`, each buffer rounded up to 4 bytes): what the ledger's parameters class will hold.
+pub fn gguf_parameter_bytes(g: &crate::loader::gguf::Gguf, max_binding: u64) -> Result<u64> {
+    let align4 = |b: u64| b.div_ceil(4).max(1) * 4;
+    let mut total = 0u64;
+    for t in g.tensors() {
+        let format = crate::loader::gguf::weight_format(t.ggml_type).unwrap_or(WeightFormat::F32);
+        match t.shape[..] {
+            [cols, rows] if rows > 1 => {
+                let per = rows_per_shard(format, rows, cols, max_binding)?;
+                let mut r0 = 0;
+                while r0 < rows {
+                    let n = per.min(rows - r0);
+                    total += align4(n as u64 * row_words(format, cols) as u64 * 4);
+                    let s = scale_words(format, n, cols) as u64 * 4;
+                    if s > 0 {
+                        total += align4(s);
+                    }
+                    r0 += n;
+                }
+            }
+            _ => total += align4(t.n_elements as u64 * 4),
+        }
+    }
+    Ok(total)
 }

@@ -58,7 +58,7 @@ pub fn stacked_bar(plan: &MemoryPlan) -> String {
 
     let mut start = 0u64;
     for (i, (name, bytes)) in classes.iter().enumerate() {
-        let (x0, x1) = (x_of(start), x_of(start + bytes));
+        let (x0, x1) = (x_of(start), x_of(start.saturating_add(*bytes)));
         let w = (x1 - x0).max(0.0);
         let _ = writeln!(
             s,
@@ -82,7 +82,7 @@ pub fn stacked_bar(plan: &MemoryPlan) -> String {
                 esc(label)
             );
         }
-        start += bytes;
+        start = start.saturating_add(*bytes);
     }
     let _ = writeln!(
         s,
