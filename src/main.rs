@@ -8,7 +8,11 @@ use wgllm::gpu::ledger::parse_bytes;
 use wgllm::gpu::{list_adapters, Gpu, GpuOptions};
 
 #[derive(Parser)]
-#[command(name = "wgllm", version, about = "GPU compute-shader inference for transformer language models (wgpu)")]
+#[command(
+    name = "wgllm",
+    version,
+    about = "GPU compute-shader inference for transformer language models (wgpu)"
+)]
 struct Cli {
     /// Adapter index from `wgllm devices` (default: WGPU_ADAPTER_NAME, else the best adapter).
     #[arg(long, global = true)]
@@ -256,15 +260,30 @@ fn load_model(gpu: &Gpu, m: &ModelArgs, all_logits: bool) -> Result<wgllm::model
     let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |s| eprintln!("{s}"))?;
     let precision = m.precision.as_deref().map(parse_precision).transpose()?;
     let kv = wgllm::kernels::attention::KvDtype::parse(&m.kv)?;
-    let opts = RunOptions { ctx: m.ctx, kv_dtype: kv, chunk: m.chunk.max(1), all_logits };
+    let opts = RunOptions {
+        ctx: m.ctx,
+        kv_dtype: kv,
+        chunk: m.chunk.max(1),
+        all_logits,
+    };
     let t = std::time::Instant::now();
-    let lm = wgllm::model::load::load_lm(gpu, &path, precision, opts).with_context(|| format!("loading {}", path.display()))?;
-    eprintln!("loaded {} in {:.1} s on {}", lm.description, t.elapsed().as_secs_f64(), gpu.info.name);
+    let lm = wgllm::model::load::load_lm(gpu, &path, precision, opts)
+        .with_context(|| format!("loading {}", path.display()))?;
+    eprintln!(
+        "loaded {} in {:.1} s on {}",
+        lm.description,
+        t.elapsed().as_secs_f64(),
+        gpu.info.name
+    );
     Ok(lm)
 }
 
 fn gpu_options(cli: &Cli) -> GpuOptions {
-    GpuOptions { adapter: cli.device, budget: cli.budget, ..Default::default() }
+    GpuOptions {
+        adapter: cli.device,
+        budget: cli.budget,
+        ..Default::default()
+    }
 }
 
 fn main() -> Result<()> {
@@ -276,11 +295,23 @@ fn main() -> Result<()> {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
             selftest(&gpu, *json)
         }
-        Cmd::Run { prompt, model, sampling, n_predict, chat } => {
+        Cmd::Run {
+            prompt,
+            model,
+            sampling,
+            n_predict,
+            chat,
+        } => {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
             run(&gpu, prompt, model, sampling, *n_predict, *chat)
         }
-        Cmd::Logits { model, prompt, top_k, all, json } => {
+        Cmd::Logits {
+            model,
+            prompt,
+            top_k,
+            all,
+            json,
+        } => {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
             logits(&gpu, model, prompt, *top_k, *all, *json)
         }
@@ -288,33 +319,121 @@ fn main() -> Result<()> {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
             perplexity(&gpu, model, file, *json)
         }
-        Cmd::Bench { what: BenchCmd::Model { model, preset, synthetic, pp, tg, reps, json } } => {
+        Cmd::Bench {
+            what:
+                BenchCmd::Model {
+                    model,
+                    preset,
+                    synthetic,
+                    pp,
+                    tg,
+                    reps,
+                    json,
+                },
+        } => {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
-            bench_model(&gpu, model, preset.as_deref(), *synthetic, *pp, *tg, *reps, *json)
+            bench_model(
+                &gpu,
+                model,
+                preset.as_deref(),
+                *synthetic,
+                *pp,
+                *tg,
+                *reps,
+                *json,
+            )
         }
-        Cmd::Embed { sentences, model, precision, full, json } => {
+        Cmd::Embed {
+            sentences,
+            model,
+            precision,
+            full,
+            json,
+        } => {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
-            embed(&gpu, sentences, model.as_deref(), precision.as_deref(), *full, *json)
+            embed(
+                &gpu,
+                sentences,
+                model.as_deref(),
+                precision.as_deref(),
+                *full,
+                *json,
+            )
         }
-        Cmd::Plan { model, config, preset, list, precision, kv, ctx, chunk, train, batch, seq, json, svg } => {
+        Cmd::Plan {
+            model,
+            config,
+            preset,
+            list,
+            precision,
+            kv,
+            ctx,
+            chunk,
+            train,
+            batch,
+            seq,
+            json,
+            svg,
+        } => {
             if *list {
                 for n in wgllm::model::config::preset_names() {
                     println!("{n}");
                 }
                 return Ok(());
             }
-            let args = PlanArgs { precision: precision.clone(), kv: kv.clone(), ctx: *ctx, chunk: *chunk, train: *train, batch: *batch, seq: *seq };
-            let fits = plan(cli.budget, model.as_deref(), config.as_deref(), preset.as_deref(), &args, *json, svg.as_deref())?;
+            let args = PlanArgs {
+                precision: precision.clone(),
+                kv: kv.clone(),
+                ctx: *ctx,
+                chunk: *chunk,
+                train: *train,
+                batch: *batch,
+                seq: *seq,
+            };
+            let fits = plan(
+                cli.budget,
+                model.as_deref(),
+                config.as_deref(),
+                preset.as_deref(),
+                &args,
+                *json,
+                svg.as_deref(),
+            )?;
             if !fits {
                 std::process::exit(2);
             }
             Ok(())
         }
-        Cmd::Profile { model, preset, synthetic, prompt_tokens, tokens, json } => {
+        Cmd::Profile {
+            model,
+            preset,
+            synthetic,
+            prompt_tokens,
+            tokens,
+            json,
+        } => {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
-            profile(&gpu, cli.budget, model, preset.as_deref(), *synthetic, *prompt_tokens, *tokens, *json)
+            profile(
+                &gpu,
+                cli.budget,
+                model,
+                preset.as_deref(),
+                *synthetic,
+                *prompt_tokens,
+                *tokens,
+                *json,
+            )
         }
-        Cmd::Bench { what: BenchCmd::Kernels { formats, tokens, quick, reps, json } } => {
+        Cmd::Bench {
+            what:
+                BenchCmd::Kernels {
+                    formats,
+                    tokens,
+                    quick,
+                    reps,
+                    json,
+                },
+        } => {
             let gpu = Gpu::new(&gpu_options(&cli)).context("opening the GPU")?;
             bench_kernels(&gpu, formats.as_deref(), tokens, *quick, *reps, *json)
         }
@@ -331,7 +450,10 @@ fn devices(json: bool) -> Result<()> {
         println!("no GPU adapters found (on Linux without a GPU: apt-get install mesa-vulkan-drivers libvulkan1)");
     }
     for a in list {
-        println!("[{}] {} ({}, {})", a.index, a.name, a.backend, a.device_type);
+        println!(
+            "[{}] {} ({}, {})",
+            a.index, a.name, a.backend, a.device_type
+        );
         println!("    driver: {} {}", a.driver, a.driver_info);
         println!(
             "    features: shader-f16 {}, subgroups {} (size {}-{}), timestamp-query {}",
@@ -353,8 +475,10 @@ fn devices(json: bool) -> Result<()> {
             Some(m) => println!(
                 "    memory: device-local {}, budget {}, in use {} ({})",
                 wgllm::gpu::ledger::human_bytes(m.device_local_bytes),
-                m.budget_bytes.map_or("unknown".into(), wgllm::gpu::ledger::human_bytes),
-                m.usage_bytes.map_or("unknown".into(), wgllm::gpu::ledger::human_bytes),
+                m.budget_bytes
+                    .map_or("unknown".into(), wgllm::gpu::ledger::human_bytes),
+                m.usage_bytes
+                    .map_or("unknown".into(), wgllm::gpu::ledger::human_bytes),
                 m.source
             ),
             None => println!("    memory: unknown (this backend does not report it)"),
@@ -374,7 +498,12 @@ fn yes(b: bool) -> &'static str {
 fn selftest(gpu: &Gpu, json: bool) -> Result<()> {
     if !json {
         println!("selftest on {}", gpu.describe());
-        println!("features: shader-f16 {}, subgroups {}, timestamps {}", yes(gpu.caps.shader_f16), yes(gpu.caps.subgroups), yes(gpu.caps.timestamps));
+        println!(
+            "features: shader-f16 {}, subgroups {}, timestamps {}",
+            yes(gpu.caps.shader_f16),
+            yes(gpu.caps.subgroups),
+            yes(gpu.caps.timestamps)
+        );
     }
     let checks = wgllm::selftest::run(gpu, &mut |c| {
         if !json {
@@ -393,7 +522,12 @@ fn selftest(gpu: &Gpu, json: bool) -> Result<()> {
     });
     let failed = checks.iter().filter(|c| !c.passed).count();
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"device": gpu.describe(), "checks": checks, "failed": failed}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"device": gpu.describe(), "checks": checks, "failed": failed})
+            )?
+        );
     } else {
         println!("{} passed, {} failed", checks.len() - failed, failed);
     }
@@ -403,12 +537,26 @@ fn selftest(gpu: &Gpu, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench_kernels(gpu: &Gpu, formats: Option<&[String]>, tokens: &[usize], quick: bool, reps: usize, json: bool) -> Result<()> {
+fn bench_kernels(
+    gpu: &Gpu,
+    formats: Option<&[String]>,
+    tokens: &[usize],
+    quick: bool,
+    reps: usize,
+    json: bool,
+) -> Result<()> {
     use wgllm::bench::{bench_kernels, KernelBenchOptions, MODEL_SHAPES};
     use wgllm::quant::WeightFormat;
-    let mut opts = KernelBenchOptions { tokens: tokens.to_vec(), reps: reps.max(1), ..Default::default() };
+    let mut opts = KernelBenchOptions {
+        tokens: tokens.to_vec(),
+        reps: reps.max(1),
+        ..Default::default()
+    };
     if let Some(f) = formats {
-        opts.formats = f.iter().map(|s| WeightFormat::parse(s)).collect::<Result<_, _>>()?;
+        opts.formats = f
+            .iter()
+            .map(|s| WeightFormat::parse(s))
+            .collect::<Result<_, _>>()?;
     }
     if quick {
         opts.shapes = MODEL_SHAPES[..1].to_vec();
@@ -433,12 +581,22 @@ fn bench_kernels(gpu: &Gpu, formats: Option<&[String]>, tokens: &[usize], quick:
     Ok(())
 }
 
-fn run(gpu: &Gpu, prompt: &str, m: &ModelArgs, s: &SamplingArgs, n: usize, chat: bool) -> Result<()> {
+fn run(
+    gpu: &Gpu,
+    prompt: &str,
+    m: &ModelArgs,
+    s: &SamplingArgs,
+    n: usize,
+    chat: bool,
+) -> Result<()> {
     use std::io::Write;
     use wgllm::sampler::{Sampler, SamplerConfig};
     let mut lm = load_model(gpu, m, false)?;
     let text = if chat {
-        let tmpl = lm.chat_template.as_deref().context("--chat: the model has no chat template in its metadata")?;
+        let tmpl = lm
+            .chat_template
+            .as_deref()
+            .context("--chat: the model has no chat template in its metadata")?;
         let tok = &lm.tokenizer;
         let name = |id: Option<u32>| id.and_then(|i| tok.decode(&[i]).ok()).unwrap_or_default();
         wgllm::model::generate::apply_chat_template(tmpl, prompt, &name(tok.bos), &name(tok.eos))?
@@ -446,7 +604,11 @@ fn run(gpu: &Gpu, prompt: &str, m: &ModelArgs, s: &SamplingArgs, n: usize, chat:
         prompt.to_string()
     };
     let ids = lm.tokenizer.encode(&text, true)?;
-    let seed = s.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    let seed = s.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
     let mut sampler = Sampler::new(SamplerConfig {
         temperature: s.temperature,
         top_k: s.top_k,
@@ -457,10 +619,18 @@ fn run(gpu: &Gpu, prompt: &str, m: &ModelArgs, s: &SamplingArgs, n: usize, chat:
     });
     print!("{text}");
     std::io::stdout().flush()?;
-    let (_, stats) = wgllm::model::generate::generate(lm.model.as_mut(), gpu, &lm.tokenizer, &ids, n, &mut sampler, &mut |t| {
-        print!("{t}");
-        std::io::stdout().flush().is_ok()
-    })?;
+    let (_, stats) = wgllm::model::generate::generate(
+        lm.model.as_mut(),
+        gpu,
+        &lm.tokenizer,
+        &ids,
+        n,
+        &mut sampler,
+        &mut |t| {
+            print!("{t}");
+            std::io::stdout().flush().is_ok()
+        },
+    )?;
     println!();
     eprintln!(
         "\nprefill: {} tokens in {:.2} s ({:.2} tokens/s); decode: {} tokens in {:.2} s ({:.2} tokens/s){}",
@@ -472,12 +642,19 @@ fn run(gpu: &Gpu, prompt: &str, m: &ModelArgs, s: &SamplingArgs, n: usize, chat:
         stats.decode_tps(),
         if stats.stopped_at_eos { "; stopped at EOS" } else { "" }
     );
-    eprint!("GPU memory (VRAM ledger):\n{}", gpu.ledger.report().to_table());
+    eprint!(
+        "GPU memory (VRAM ledger):\n{}",
+        gpu.ledger.report().to_table()
+    );
     Ok(())
 }
 
 fn top_k_of(row: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut v: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
+    let mut v: Vec<(u32, f32)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i as u32, x))
+        .collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     v.truncate(k);
     v
@@ -489,28 +666,54 @@ fn logits(gpu: &Gpu, m: &ModelArgs, prompt: &str, k: usize, all: bool, json: boo
     let vocab = lm.config.vocab_size;
     lm.model.set_all_logits(all);
     let out = lm.model.forward(gpu, &ids, 0)?;
-    let rows: Vec<(usize, &[f32])> =
-        if all { out.chunks(vocab).enumerate().collect() } else { vec![(ids.len() - 1, &out[..vocab])] };
+    let rows: Vec<(usize, &[f32])> = if all {
+        out.chunks(vocab).enumerate().collect()
+    } else {
+        vec![(ids.len() - 1, &out[..vocab])]
+    };
     let mut report = Vec::new();
     for (pos, row) in rows {
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        let lse = max
+            + row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         let top: Vec<serde_json::Value> = top_k_of(row, k)
             .into_iter()
             .map(|(id, l)| {
                 serde_json::json!({"id": id, "token": lm.tokenizer.decode(&[id]).unwrap_or_default(), "logit": l, "logprob": l as f64 - lse})
             })
             .collect();
-        report.push(serde_json::json!({"pos": pos, "token_id": ids[pos], "logsumexp": lse, "top": top}));
+        report.push(
+            serde_json::json!({"pos": pos, "token_id": ids[pos], "logsumexp": lse, "top": top}),
+        );
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": lm.description, "tokens": ids, "positions": report}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"model": lm.description, "tokens": ids, "positions": report})
+            )?
+        );
     } else {
         println!("tokens: {ids:?}");
         for r in &report {
-            println!("position {} (token {}), logsumexp {:.4}:", r["pos"], r["token_id"], r["logsumexp"].as_f64().unwrap_or(0.0));
+            println!(
+                "position {} (token {}), logsumexp {:.4}:",
+                r["pos"],
+                r["token_id"],
+                r["logsumexp"].as_f64().unwrap_or(0.0)
+            );
             for t in r["top"].as_array().into_iter().flatten() {
-                println!("  {:>7} {:>12.4} {:>9.4}  {:?}", t["id"], t["logit"].as_f64().unwrap_or(0.0), t["logprob"].as_f64().unwrap_or(0.0), t["token"].as_str().unwrap_or(""));
+                println!(
+                    "  {:>7} {:>12.4} {:>9.4}  {:?}",
+                    t["id"],
+                    t["logit"].as_f64().unwrap_or(0.0),
+                    t["logprob"].as_f64().unwrap_or(0.0),
+                    t["token"].as_str().unwrap_or("")
+                );
             }
         }
     }
@@ -518,7 +721,8 @@ fn logits(gpu: &Gpu, m: &ModelArgs, prompt: &str, k: usize, all: bool, json: boo
 }
 
 fn perplexity(gpu: &Gpu, m: &ModelArgs, file: &std::path::Path, json: bool) -> Result<()> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let text = text.strip_suffix('\n').unwrap_or(&text);
     let mut lm = load_model(gpu, m, true)?;
     let ids = lm.tokenizer.encode(text, true)?;
@@ -526,35 +730,69 @@ fn perplexity(gpu: &Gpu, m: &ModelArgs, file: &std::path::Path, json: bool) -> R
     let (ppl, chunks) = wgllm::model::generate::perplexity(lm.model.as_mut(), gpu, &ids, m.ctx)?;
     let secs = t.elapsed().as_secs_f64();
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": lm.description, "file": file, "tokens": ids.len(), "ctx": m.ctx, "chunks": chunks.len(), "chunk_mean_nll": chunks, "perplexity": ppl, "seconds": secs}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"model": lm.description, "file": file, "tokens": ids.len(), "ctx": m.ctx, "chunks": chunks.len(), "chunk_mean_nll": chunks, "perplexity": ppl, "seconds": secs})
+            )?
+        );
     } else {
         for (i, c) in chunks.iter().enumerate() {
             println!("chunk {}: mean NLL {:.5} (ppl {:.4})", i + 1, c, c.exp());
         }
-        println!("perplexity: {ppl:.4} over {} chunks of {} tokens ({} tokens in the file; {:.1} s)", chunks.len(), m.ctx, ids.len(), secs);
+        println!(
+            "perplexity: {ppl:.4} over {} chunks of {} tokens ({} tokens in the file; {:.1} s)",
+            chunks.len(),
+            m.ctx,
+            ids.len(),
+            secs
+        );
     }
     Ok(())
 }
 
 /// Loads the model for `bench model` / `profile`: a file, the default model, or a preset with
 /// synthetic weights.
-fn load_for_bench(gpu: &Gpu, m: &ModelArgs, preset: Option<&str>, synthetic: bool) -> Result<(Box<dyn wgllm::model::generate::CausalLm>, String)> {
+fn load_for_bench(
+    gpu: &Gpu,
+    m: &ModelArgs,
+    preset: Option<&str>,
+    synthetic: bool,
+) -> Result<(Box<dyn wgllm::model::generate::CausalLm>, String)> {
     use wgllm::model::config::{Arch, ModelConfig};
     use wgllm::model::llama::{Llama, RunOptions};
     use wgllm::model::source::Source;
     let kv = wgllm::kernels::attention::KvDtype::parse(&m.kv)?;
-    let opts = RunOptions { ctx: m.ctx, kv_dtype: kv, chunk: m.chunk.max(1), all_logits: false };
+    let opts = RunOptions {
+        ctx: m.ctx,
+        kv_dtype: kv,
+        chunk: m.chunk.max(1),
+        all_logits: false,
+    };
     if synthetic || preset.is_some() {
-        let Some(name) = preset else { anyhow::bail!("--synthetic needs --preset NAME") };
+        let Some(name) = preset else {
+            anyhow::bail!("--synthetic needs --preset NAME")
+        };
         if !synthetic {
             anyhow::bail!("--preset runs on synthetic weights: add --synthetic");
         }
         let cfg = ModelConfig::preset(name)?;
         if cfg.arch != Arch::Llama {
-            anyhow::bail!("synthetic benchmarks run LLaMA-family presets; {name} is {:?}", cfg.arch);
+            anyhow::bail!(
+                "synthetic benchmarks run LLaMA-family presets; {name} is {:?}",
+                cfg.arch
+            );
         }
-        let format = m.precision.as_deref().map(parse_precision).transpose()?.unwrap_or(wgllm::quant::WeightFormat::Q4_0);
-        eprintln!("building {name} with synthetic {format} weights on {} ...", gpu.info.name);
+        let format = m
+            .precision
+            .as_deref()
+            .map(parse_precision)
+            .transpose()?
+            .unwrap_or(wgllm::quant::WeightFormat::Q4_0);
+        eprintln!(
+            "building {name} with synthetic {format} weights on {} ...",
+            gpu.info.name
+        );
         let t = std::time::Instant::now();
         let rot = cfg.head_dim;
         let model = Llama::load(gpu, cfg, rot, &Source::Synthetic { format, seed: 1 }, opts)?;
@@ -566,24 +804,48 @@ fn load_for_bench(gpu: &Gpu, m: &ModelArgs, preset: Option<&str>, synthetic: boo
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench_model(gpu: &Gpu, m: &ModelArgs, preset: Option<&str>, synthetic: bool, pp: usize, tg: usize, reps: usize, json: bool) -> Result<()> {
+fn bench_model(
+    gpu: &Gpu,
+    m: &ModelArgs,
+    preset: Option<&str>,
+    synthetic: bool,
+    pp: usize,
+    tg: usize,
+    reps: usize,
+    json: bool,
+) -> Result<()> {
     let mut m = m.clone();
     m.ctx = m.ctx.max(pp + 8).max(tg + 8);
     m.chunk = m.chunk.max(pp.min(512));
     let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
     gpu.ledger.reset_peaks();
-    let opts = wgllm::bench::ModelBenchOptions { pp, tg, reps: reps.max(1) };
-    let report = wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, &mut |s| eprintln!("{s}"))?;
+    let opts = wgllm::bench::ModelBenchOptions {
+        pp,
+        tg,
+        reps: reps.max(1),
+    };
+    let report =
+        wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, &mut |s| eprintln!("{s}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.to_table());
-        eprint!("GPU memory (VRAM ledger):\n{}", gpu.ledger.report().to_table());
+        eprint!(
+            "GPU memory (VRAM ledger):\n{}",
+            gpu.ledger.report().to_table()
+        );
     }
     Ok(())
 }
 
-fn embed(gpu: &Gpu, sentences: &[String], model: Option<&std::path::Path>, precision: Option<&str>, full: bool, json: bool) -> Result<()> {
+fn embed(
+    gpu: &Gpu,
+    sentences: &[String],
+    model: Option<&std::path::Path>,
+    precision: Option<&str>,
+    full: bool,
+    json: bool,
+) -> Result<()> {
     use wgllm::model::bert::{cosine, Bert};
     let dir = match model {
         Some(p) => p.to_path_buf(),
@@ -594,21 +856,42 @@ fn embed(gpu: &Gpu, sentences: &[String], model: Option<&std::path::Path>, preci
     let precision = precision.map(parse_precision).transpose()?;
     let tok = wgllm::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let max = cfg.max_positions;
-    let mut bert = Bert::load(gpu, cfg, &wgllm::model::source::Source::Hf(&hf, precision), max)?;
+    let mut bert = Bert::load(
+        gpu,
+        cfg,
+        &wgllm::model::source::Source::Hf(&hf, precision),
+        max,
+    )?;
     let mut vecs = Vec::new();
     for s in sentences {
         let ids = tok.encode(s, true)?;
         vecs.push(bert.embed(gpu, &ids)?);
     }
     let n = vecs.len();
-    let sims: Vec<Vec<f32>> = (0..n).map(|i| (0..n).map(|j| cosine(&vecs[i], &vecs[j])).collect()).collect();
+    let sims: Vec<Vec<f32>> = (0..n)
+        .map(|i| (0..n).map(|j| cosine(&vecs[i], &vecs[j])).collect())
+        .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": dir, "sentences": sentences, "embeddings": vecs, "cosine": sims}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"model": dir, "sentences": sentences, "embeddings": vecs, "cosine": sims})
+            )?
+        );
         return Ok(());
     }
     for (s, v) in sentences.iter().zip(&vecs) {
-        let shown: Vec<String> = v.iter().take(if full { v.len() } else { 8 }).map(|x| format!("{x:.5}")).collect();
-        println!("{s:?}: [{}{}] ({} dims)", shown.join(", "), if full { "" } else { ", ..." }, v.len());
+        let shown: Vec<String> = v
+            .iter()
+            .take(if full { v.len() } else { 8 })
+            .map(|x| format!("{x:.5}"))
+            .collect();
+        println!(
+            "{s:?}: [{}{}] ({} dims)",
+            shown.join(", "),
+            if full { "" } else { ", ..." },
+            v.len()
+        );
     }
     if n > 1 {
         println!("cosine similarities:");
@@ -653,29 +936,45 @@ fn plan(
     use wgllm::plan::{MemoryPlan, PlanOptions, TrainOptions};
     let mut gguf_bytes = None;
     let cfg = match (model, config, preset) {
-        (Some(p), None, None) if p.is_dir() => ModelConfig::from_hf_json(wgllm::loader::safetensors::HfModel::open(p)?.config())?,
+        (Some(p), None, None) if p.is_dir() => {
+            ModelConfig::from_hf_json(wgllm::loader::safetensors::HfModel::open(p)?.config())?
+        }
         (Some(p), None, None) => {
             let g = wgllm::loader::gguf::Gguf::open(p)?;
             if a.precision.is_none() {
-                gguf_bytes = Some(wgllm::plan::gguf_parameter_bytes(&g, wgllm::plan::DEFAULT_MAX_BINDING)?);
+                gguf_bytes = Some(wgllm::plan::gguf_parameter_bytes(
+                    &g,
+                    wgllm::plan::DEFAULT_MAX_BINDING,
+                )?);
             }
             wgllm::model::llama::config_from_gguf(&g)?.0
         }
         (None, Some(c), None) => {
-            let text = std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
-            ModelConfig::from_hf_json(&serde_json::from_str(&text).with_context(|| format!("parsing {}", c.display()))?)?
+            let text =
+                std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
+            ModelConfig::from_hf_json(
+                &serde_json::from_str(&text).with_context(|| format!("parsing {}", c.display()))?,
+            )?
         }
         (None, None, Some(name)) => ModelConfig::preset(name)?,
         _ => anyhow::bail!("give exactly one of --model, --config or --preset (see --list)"),
     };
-    let precision = a.precision.as_deref().map(plan_precision).transpose()?.unwrap_or(wgllm::model::params::Precision::F16);
+    let precision = a
+        .precision
+        .as_deref()
+        .map(plan_precision)
+        .transpose()?
+        .unwrap_or(wgllm::model::params::Precision::F16);
     let opts = PlanOptions {
         precision,
         kv: wgllm::kernels::attention::KvDtype::parse(&a.kv)?,
         ctx: a.ctx,
         chunk: a.chunk.max(1),
         budget,
-        train: a.train.then(|| TrainOptions { batch: a.batch.max(1), seq: a.seq.unwrap_or(a.ctx) }),
+        train: a.train.then(|| TrainOptions {
+            batch: a.batch.max(1),
+            seq: a.seq.unwrap_or(a.ctx),
+        }),
         ..Default::default()
     };
     let mut plan = MemoryPlan::new(&cfg, opts)?;
@@ -683,21 +982,34 @@ fn plan(
         plan.set_parameter_bytes(b);
     }
     if let Some(path) = svg {
-        std::fs::write(path, wgllm::plan::svg::stacked_bar(&plan)).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, wgllm::plan::svg::stacked_bar(&plan))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&plan.to_json())?);
     } else {
         print!("{}", plan.to_table());
         if let Some(b) = gguf_bytes {
-            println!("(parameters: the GGUF file's own tensor formats, {} on the GPU)", wgllm::gpu::ledger::human_bytes(b));
+            println!(
+                "(parameters: the GGUF file's own tensor formats, {} on the GPU)",
+                wgllm::gpu::ledger::human_bytes(b)
+            );
         }
     }
     Ok(plan.fits())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn profile(gpu: &Gpu, budget: Option<u64>, m: &ModelArgs, preset: Option<&str>, synthetic: bool, prompt: usize, n: usize, json: bool) -> Result<()> {
+fn profile(
+    gpu: &Gpu,
+    budget: Option<u64>,
+    m: &ModelArgs,
+    preset: Option<&str>,
+    synthetic: bool,
+    prompt: usize,
+    n: usize,
+    json: bool,
+) -> Result<()> {
     use wgllm::gpu::ledger::{human_bytes, BufferClass};
     let mut m = m.clone();
     m.ctx = m.ctx.max(prompt + n + 1);
@@ -740,7 +1052,10 @@ fn profile(gpu: &Gpu, budget: Option<u64>, m: &ModelArgs, preset: Option<&str>, 
                 if !synthetic && preset.is_none() {
                     let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |_| {})?;
                     let g = wgllm::loader::gguf::Gguf::open(&path)?;
-                    plan.set_parameter_bytes(wgllm::plan::gguf_parameter_bytes(&g, gpu.max_binding())?);
+                    plan.set_parameter_bytes(wgllm::plan::gguf_parameter_bytes(
+                        &g,
+                        gpu.max_binding(),
+                    )?);
                 }
                 Some(plan)
             }
@@ -750,7 +1065,9 @@ fn profile(gpu: &Gpu, budget: Option<u64>, m: &ModelArgs, preset: Option<&str>, 
     gpu.ledger.reset_peaks();
     model.set_profiling(true);
     let vocab = model.vocab_size() as u32;
-    let ids: Vec<u32> = (0..prompt.max(1) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let ids: Vec<u32> = (0..prompt.max(1) as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
     let t = std::time::Instant::now();
     let mut logits = model.forward(gpu, &ids, 0)?;
     let prefill = t.elapsed().as_secs_f64();
@@ -771,7 +1088,10 @@ fn profile(gpu: &Gpu, budget: Option<u64>, m: &ModelArgs, preset: Option<&str>, 
             e.0 += d.nanos;
             e.1 += 1;
         }
-        let mut v: Vec<(String, f64, f64)> = by.into_iter().map(|(k, (ns, c))| (k, ns / 1e6 / per, c as f64 / per)).collect();
+        let mut v: Vec<(String, f64, f64)> = by
+            .into_iter()
+            .map(|(k, (ns, c))| (k, ns / 1e6 / per, c as f64 / per))
+            .collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
     };
@@ -780,36 +1100,89 @@ fn profile(gpu: &Gpu, budget: Option<u64>, m: &ModelArgs, preset: Option<&str>, 
     let measured = |c: BufferClass| report.class(c).peak_bytes;
     if json {
         let planned = cfg_plan.as_ref().map(|p| p.to_json());
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
-            "model": name, "device": gpu.describe(), "ledger": report, "planned": planned,
-            "prefill": {"tokens": prompt, "seconds": prefill, "ops_ms": pre},
-            "decode": {"tokens": n, "seconds_per_token": decode / n.max(1) as f64, "ops_ms_per_token": dec},
-        }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": name, "device": gpu.describe(), "ledger": report, "planned": planned,
+                "prefill": {"tokens": prompt, "seconds": prefill, "ops_ms": pre},
+                "decode": {"tokens": n, "seconds_per_token": decode / n.max(1) as f64, "ops_ms_per_token": dec},
+            }))?
+        );
         return Ok(());
     }
     println!("{name} on {}", gpu.describe());
     println!("\nmemory by class: planned (wgllm plan) vs measured (ledger peak)");
-    println!("{:<14} {:>14} {:>14} {:>8}", "class", "planned", "measured", "diff");
+    println!(
+        "{:<14} {:>14} {:>14} {:>8}",
+        "class", "planned", "measured", "diff"
+    );
     let rows: Vec<(&str, Option<u64>, u64)> = vec![
-        ("parameters", cfg_plan.as_ref().map(|p| p.parameters_bytes), measured(BufferClass::Parameters)),
-        ("kv-cache", cfg_plan.as_ref().map(|p| p.kv_cache_bytes), measured(BufferClass::KvCache)),
-        ("activations", cfg_plan.as_ref().map(|p| p.activation_bytes + p.kernel_params_bytes), measured(BufferClass::Activations)),
-        ("staging", cfg_plan.as_ref().map(|p| p.staging_bytes), measured(BufferClass::Staging)),
+        (
+            "parameters",
+            cfg_plan.as_ref().map(|p| p.parameters_bytes),
+            measured(BufferClass::Parameters),
+        ),
+        (
+            "kv-cache",
+            cfg_plan.as_ref().map(|p| p.kv_cache_bytes),
+            measured(BufferClass::KvCache),
+        ),
+        (
+            "activations",
+            cfg_plan
+                .as_ref()
+                .map(|p| p.activation_bytes + p.kernel_params_bytes),
+            measured(BufferClass::Activations),
+        ),
+        (
+            "staging",
+            cfg_plan.as_ref().map(|p| p.staging_bytes),
+            measured(BufferClass::Staging),
+        ),
     ];
     for (c, p, mbytes) in rows {
-        let diff = p.map_or("-".to_string(), |p| format!("{:+.2}%", 100.0 * (mbytes as f64 - p as f64) / (p.max(1) as f64)));
-        println!("{c:<14} {:>14} {:>14} {diff:>8}", p.map_or("-".into(), human_bytes), human_bytes(mbytes));
+        let diff = p.map_or("-".to_string(), |p| {
+            format!(
+                "{:+.2}%",
+                100.0 * (mbytes as f64 - p as f64) / (p.max(1) as f64)
+            )
+        });
+        println!(
+            "{c:<14} {:>14} {:>14} {diff:>8}",
+            p.map_or("-".into(), human_bytes),
+            human_bytes(mbytes)
+        );
     }
-    println!("{:<14} {:>14} {:>14}", "peak total", cfg_plan.as_ref().map_or("-".into(), |p| human_bytes(p.total_bytes)), human_bytes(report.peak_total_bytes));
-    println!("\nprefill of {prompt} tokens: {:.3} s wall; GPU time per op:", prefill);
+    println!(
+        "{:<14} {:>14} {:>14}",
+        "peak total",
+        cfg_plan
+            .as_ref()
+            .map_or("-".into(), |p| human_bytes(p.total_bytes)),
+        human_bytes(report.peak_total_bytes)
+    );
+    println!(
+        "\nprefill of {prompt} tokens: {:.3} s wall; GPU time per op:",
+        prefill
+    );
     for (k, ms, c) in &pre {
         println!("  {k:<48} {ms:>10.3} ms  {c:>6.0} dispatches");
     }
-    println!("\ndecode: {:.3} s per token wall; GPU time per op per token:", decode / n.max(1) as f64);
+    println!(
+        "\ndecode: {:.3} s per token wall; GPU time per op per token:",
+        decode / n.max(1) as f64
+    );
     let total: f64 = dec.iter().map(|d| d.1).sum();
     for (k, ms, c) in &dec {
-        println!("  {k:<48} {ms:>10.3} ms  {c:>6.0} dispatches  {:>5.1}%", 100.0 * ms / total.max(1e-12));
+        println!(
+            "  {k:<48} {ms:>10.3} ms  {c:>6.0} dispatches  {:>5.1}%",
+            100.0 * ms / total.max(1e-12)
+        );
     }
-    println!("  {:<48} {total:>10.3} ms  (wall {:.3} ms: the rest is submission and dispatch overhead)", "GPU total", 1e3 * decode / n.max(1) as f64);
+    println!(
+        "  {:<48} {total:>10.3} ms  (wall {:.3} ms: the rest is submission and dispatch overhead)",
+        "GPU total",
+        1e3 * decode / n.max(1) as f64
+    );
     Ok(())
 }

@@ -21,7 +21,14 @@ pub struct SamplerConfig {
 impl Default for SamplerConfig {
     fn default() -> Self {
         // llama.cpp's defaults.
-        SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.95, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
     }
 }
 
@@ -48,7 +55,11 @@ impl Sampler {
                 if let Some(v) = l.get_mut(t as usize) {
                     if seen.insert(t) {
                         // As llama.cpp/CTRL: shrink positive logits, grow negative ones.
-                        *v = if *v > 0.0 { *v / c.repeat_penalty } else { *v * c.repeat_penalty };
+                        *v = if *v > 0.0 {
+                            *v / c.repeat_penalty
+                        } else {
+                            *v * c.repeat_penalty
+                        };
                     }
                 }
             }
@@ -65,7 +76,10 @@ impl Sampler {
             idx.truncate(c.top_k);
         }
         let max = l[idx[0]];
-        let mut p: Vec<f64> = idx.iter().map(|&i| (((l[i] - max) / c.temperature) as f64).exp()).collect();
+        let mut p: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((l[i] - max) / c.temperature) as f64).exp())
+            .collect();
         let sum: f64 = p.iter().sum();
         p.iter_mut().for_each(|x| *x /= sum);
         if c.top_p < 1.0 {
@@ -112,18 +126,34 @@ mod tests {
 
     #[test]
     fn greedy_is_argmax() {
-        let mut s = Sampler::new(SamplerConfig { temperature: 0.0, ..Default::default() });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        });
         assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0], &[]), 1);
     }
 
     #[test]
     fn top_k_one_is_greedy_and_seed_repeats() {
         let l: Vec<f32> = (0..100).map(|i| ((i * 37) % 17) as f32 * 0.3).collect();
-        let mut s = Sampler::new(SamplerConfig { top_k: 1, ..Default::default() });
+        let mut s = Sampler::new(SamplerConfig {
+            top_k: 1,
+            ..Default::default()
+        });
         assert_eq!(s.sample(&l, &[]), argmax(&l));
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7, ..Default::default() };
-        let a: Vec<u32> = (0..20).scan(Sampler::new(cfg.clone()), |s, _| Some(s.sample(&l, &[]))).collect();
-        let b: Vec<u32> = (0..20).scan(Sampler::new(cfg), |s, _| Some(s.sample(&l, &[]))).collect();
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
+        let a: Vec<u32> = (0..20)
+            .scan(Sampler::new(cfg.clone()), |s, _| Some(s.sample(&l, &[])))
+            .collect();
+        let b: Vec<u32> = (0..20)
+            .scan(Sampler::new(cfg), |s, _| Some(s.sample(&l, &[])))
+            .collect();
         assert_eq!(a, b);
     }
 
@@ -131,7 +161,12 @@ mod tests {
     fn top_p_keeps_only_the_nucleus() {
         // One token holds ~0.99 of the mass: top-p 0.5 must always pick it.
         let l = [10.0, 0.0, 0.0, 0.0, 0.0];
-        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.5, ..Default::default() });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            ..Default::default()
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&l, &[]), 0);
         }
@@ -139,7 +174,11 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_the_greedy_choice() {
-        let mut s = Sampler::new(SamplerConfig { temperature: 0.0, repeat_penalty: 2.0, ..Default::default() });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            repeat_penalty: 2.0,
+            ..Default::default()
+        });
         assert_eq!(s.sample(&[2.0, 1.5], &[0]), 1);
         assert_eq!(s.sample(&[2.0, 1.5], &[]), 0);
     }

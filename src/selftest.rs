@@ -53,11 +53,25 @@ fn compare(name: &str, got: &[f32], want: &[f32], tolerance: f64) -> Check {
     } else {
         num
     };
-    Check { name: name.into(), nmse, max_abs_err: max, tolerance, passed: nmse <= tolerance, error: None }
+    Check {
+        name: name.into(),
+        nmse,
+        max_abs_err: max,
+        tolerance,
+        passed: nmse <= tolerance,
+        error: None,
+    }
 }
 
 fn failed(name: &str, e: crate::Error) -> Check {
-    Check { name: name.into(), nmse: f64::INFINITY, max_abs_err: f64::INFINITY, tolerance: 0.0, passed: false, error: Some(e.to_string()) }
+    Check {
+        name: name.into(),
+        nmse: f64::INFINITY,
+        max_abs_err: f64::INFINITY,
+        tolerance: 0.0,
+        passed: false,
+        error: Some(e.to_string()),
+    }
 }
 
 /// Runs all checks, calling `progress` with each result as it comes.
@@ -73,8 +87,12 @@ pub fn run(gpu: &Gpu, progress: &mut dyn FnMut(&Check)) -> Vec<Check> {
     for f in WeightFormat::ALL {
         let (rows, cols) = (67, if f.is_quantized() { 32 * 11 } else { 333 });
         for m in [1usize, 7] {
-            let name = format!("{} {f} {rows}x{cols} x{m}", if m == 1 { "matvec" } else { "matmul" });
-            let c = check_matmul(gpu, &mut rng, f, rows, cols, m).unwrap_or_else(|e| failed(&name, e));
+            let name = format!(
+                "{} {f} {rows}x{cols} x{m}",
+                if m == 1 { "matvec" } else { "matmul" }
+            );
+            let c =
+                check_matmul(gpu, &mut rng, f, rows, cols, m).unwrap_or_else(|e| failed(&name, e));
             push(Check { name, ..c }, &mut out);
         }
         let name = format!("embedding {f}");
@@ -88,26 +106,44 @@ pub fn run(gpu: &Gpu, progress: &mut dyn FnMut(&Check)) -> Vec<Check> {
         ("rms_norm", check_rms_norm),
         ("layer_norm", check_layer_norm),
         ("softmax", check_softmax),
-        ("rope interleaved", |g, r| check_rope(g, r, rope::RopeMode::Interleaved)),
-        ("rope rotate-half", |g, r| check_rope(g, r, rope::RopeMode::Half)),
+        ("rope interleaved", |g, r| {
+            check_rope(g, r, rope::RopeMode::Interleaved)
+        }),
+        ("rope rotate-half", |g, r| {
+            check_rope(g, r, rope::RopeMode::Half)
+        }),
         ("swiglu", check_swiglu),
         ("gelu erf + tanh", check_gelu),
     ];
     for (name, f) in small {
         let c = f(gpu, &mut rng).unwrap_or_else(|e| failed(name, e));
-        push(Check { name: name.into(), ..c }, &mut out);
+        push(
+            Check {
+                name: name.into(),
+                ..c
+            },
+            &mut out,
+        );
     }
     for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
         for (m, pos0) in [(1usize, 40usize), (19, 5)] {
             let name = format!("attention kv={dtype} gqa 6/2 tokens={m} pos0={pos0}");
-            let c = check_attention(gpu, &mut rng, dtype, m, pos0).unwrap_or_else(|e| failed(&name, e));
+            let c =
+                check_attention(gpu, &mut rng, dtype, m, pos0).unwrap_or_else(|e| failed(&name, e));
             push(Check { name, ..c }, &mut out);
         }
     }
     out
 }
 
-fn check_matmul(gpu: &Gpu, rng: &mut rand::rngs::StdRng, f: WeightFormat, rows: usize, cols: usize, m: usize) -> Result<Check> {
+fn check_matmul(
+    gpu: &Gpu,
+    rng: &mut rand::rngs::StdRng,
+    f: WeightFormat,
+    rows: usize,
+    cols: usize,
+    m: usize,
+) -> Result<Check> {
     let w = randn(rng, rows * cols, 1.0);
     let gguf = quantize(f, &w)?;
     let wd = dequantize(f, &gguf, w.len())?;
@@ -122,7 +158,12 @@ fn check_matmul(gpu: &Gpu, rng: &mut rand::rngs::StdRng, f: WeightFormat, rows: 
         matmul::matmul(&mut rec, &wm, &tx, &ty)?;
     }
     rec.submit()?;
-    Ok(compare("", &gpu.read(&ty)?, &matmul::reference(&wd, rows, cols, &x, m), TOL_EXACT))
+    Ok(compare(
+        "",
+        &gpu.read(&ty)?,
+        &matmul::reference(&wd, rows, cols, &x, m),
+        TOL_EXACT,
+    ))
 }
 
 fn check_embedding(gpu: &Gpu, rng: &mut rand::rngs::StdRng, f: WeightFormat) -> Result<Check> {
@@ -137,7 +178,12 @@ fn check_embedding(gpu: &Gpu, rng: &mut rand::rngs::StdRng, f: WeightFormat) -> 
     let mut rec = gpu.recorder();
     embedding::lookup(&mut rec, &wm, &tid, ids.len(), &out)?;
     rec.submit()?;
-    Ok(compare("", &gpu.read(&out)?, &embedding::lookup_reference(&td, dim, &ids), 0.0))
+    Ok(compare(
+        "",
+        &gpu.read(&out)?,
+        &embedding::lookup_reference(&td, dim, &ids),
+        0.0,
+    ))
 }
 
 fn check_add(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
@@ -148,7 +194,12 @@ fn check_add(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
     let mut rec = gpu.recorder();
     elementwise::add(&mut rec, &ta, &tb, &o)?;
     rec.submit()?;
-    Ok(compare("", &gpu.read(&o)?, &elementwise::add_reference(&a, &b), TOL_EXACT))
+    Ok(compare(
+        "",
+        &gpu.read(&o)?,
+        &elementwise::add_reference(&a, &b),
+        TOL_EXACT,
+    ))
 }
 
 fn check_add_bias(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
@@ -158,7 +209,12 @@ fn check_add_bias(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
     let mut rec = gpu.recorder();
     elementwise::add_bias(&mut rec, &ty, &tb)?;
     rec.submit()?;
-    Ok(compare("", &gpu.read(&ty)?, &elementwise::add_bias_reference(&y, &b), TOL_EXACT))
+    Ok(compare(
+        "",
+        &gpu.read(&ty)?,
+        &elementwise::add_bias_reference(&y, &b),
+        TOL_EXACT,
+    ))
 }
 
 fn check_rms_norm(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
@@ -169,11 +225,20 @@ fn check_rms_norm(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
     let mut rec = gpu.recorder();
     norm::rms_norm(&mut rec, &tx, &tg, 1e-5, &o)?;
     rec.submit()?;
-    Ok(compare("", &gpu.read(&o)?, &norm::rms_norm_reference(&x, &g, 1e-5), TOL_EXACT))
+    Ok(compare(
+        "",
+        &gpu.read(&o)?,
+        &norm::rms_norm_reference(&x, &g, 1e-5),
+        TOL_EXACT,
+    ))
 }
 
 fn check_layer_norm(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
-    let (x, g, b) = (randn(rng, 3 * 300, 2.0), randn(rng, 300, 1.0), randn(rng, 300, 1.0));
+    let (x, g, b) = (
+        randn(rng, 3 * 300, 2.0),
+        randn(rng, 300, 1.0),
+        randn(rng, 300, 1.0),
+    );
     let x: Vec<f32> = x.iter().map(|v| v + 5.0).collect(); // an offset tests the mean
     let tx = gpu.tensor_from("x", Activations, &[3, 300], &x)?;
     let tg = gpu.tensor_from("g", Activations, &[300], &g)?;
@@ -182,7 +247,12 @@ fn check_layer_norm(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
     let mut rec = gpu.recorder();
     norm::layer_norm(&mut rec, &tx, &tg, &tb, 1e-12, &o)?;
     rec.submit()?;
-    Ok(compare("", &gpu.read(&o)?, &norm::layer_norm_reference(&x, &g, &b, 1e-12), TOL_EXACT))
+    Ok(compare(
+        "",
+        &gpu.read(&o)?,
+        &norm::layer_norm_reference(&x, &g, &b, 1e-12),
+        TOL_EXACT,
+    ))
 }
 
 fn check_softmax(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
@@ -192,7 +262,12 @@ fn check_softmax(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
     let mut rec = gpu.recorder();
     softmax::softmax(&mut rec, &tx, &o)?;
     rec.submit()?;
-    Ok(compare("", &gpu.read(&o)?, &softmax::softmax_reference(&x, 257), TOL_TRANSCENDENTAL))
+    Ok(compare(
+        "",
+        &gpu.read(&o)?,
+        &softmax::softmax_reference(&x, 257),
+        TOL_TRANSCENDENTAL,
+    ))
 }
 
 fn check_rope(gpu: &Gpu, rng: &mut rand::rngs::StdRng, mode: rope::RopeMode) -> Result<Check> {
@@ -214,13 +289,21 @@ fn check_swiglu(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
     let mut rec = gpu.recorder();
     activation::swiglu(&mut rec, &tg, &tu, &o)?;
     rec.submit()?;
-    Ok(compare("", &gpu.read(&o)?, &activation::swiglu_reference(&g, &u), TOL_TRANSCENDENTAL))
+    Ok(compare(
+        "",
+        &gpu.read(&o)?,
+        &activation::swiglu_reference(&g, &u),
+        TOL_TRANSCENDENTAL,
+    ))
 }
 
 fn check_gelu(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
     let x = randn(rng, 513, 3.0);
     let tx = gpu.tensor_from("x", Activations, &[513], &x)?;
-    let (oe, ot) = (gpu.tensor("oe", Activations, &[513])?, gpu.tensor("ot", Activations, &[513])?);
+    let (oe, ot) = (
+        gpu.tensor("oe", Activations, &[513])?,
+        gpu.tensor("ot", Activations, &[513])?,
+    );
     let mut rec = gpu.recorder();
     activation::gelu(&mut rec, &tx, &oe, activation::GeluForm::Erf)?;
     activation::gelu(&mut rec, &tx, &ot, activation::GeluForm::Tanh)?;
@@ -232,7 +315,13 @@ fn check_gelu(gpu: &Gpu, rng: &mut rand::rngs::StdRng) -> Result<Check> {
     Ok(compare("", &got, &want, TOL_TRANSCENDENTAL))
 }
 
-fn check_attention(gpu: &Gpu, rng: &mut rand::rngs::StdRng, dtype: KvDtype, m: usize, pos0: usize) -> Result<Check> {
+fn check_attention(
+    gpu: &Gpu,
+    rng: &mut rand::rngs::StdRng,
+    dtype: KvDtype,
+    m: usize,
+    pos0: usize,
+) -> Result<Check> {
     let (nh, nkv, hd) = (6, 2, 64);
     let n = pos0 + m;
     let cache = KvCache::new(gpu, "selftest.kv", dtype, n + 3, nkv, hd)?;

@@ -54,13 +54,20 @@ impl GgufVocab {
         let id = |k: &str| g.get_u32(k).ok().filter(|&v| (v as usize) < n);
         Ok(GgufVocab {
             pre: g.get_str("tokenizer.ggml.pre").ok().map(str::to_string),
-            merges: g.get_str_array("tokenizer.ggml.merges").map(|m| m.to_vec()).unwrap_or_default(),
+            merges: g
+                .get_str_array("tokenizer.ggml.merges")
+                .map(|m| m.to_vec())
+                .unwrap_or_default(),
             scores: g.get_f32_array("tokenizer.ggml.scores").unwrap_or_default(),
-            token_types: g.get_i32_array("tokenizer.ggml.token_type").unwrap_or_default(),
+            token_types: g
+                .get_i32_array("tokenizer.ggml.token_type")
+                .unwrap_or_default(),
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
             // llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones do not.
-            add_bos: g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama"),
+            add_bos: g
+                .get_bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(model == "llama"),
             model,
             tokens,
         })
@@ -69,7 +76,7 @@ impl GgufVocab {
 
 enum Inner {
     Hf(Box<tokenizers::Tokenizer>),
-    Spm(Spm),
+    Spm(Box<Spm>),
 }
 
 /// A tokenizer with the special ids generation needs.
@@ -84,43 +91,67 @@ pub struct Tokenizer {
 }
 
 fn tok_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Tokenizer { reason: format!("{what}: {e}") }
+    Error::Tokenizer {
+        reason: format!("{what}: {e}"),
+    }
 }
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn split(pattern: &str) -> Result<PreTokenizerWrapper> {
-    let s = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| tok_err("split pattern", e))?;
+    let s = Split::new(
+        SplitPattern::Regex(pattern.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| tok_err("split pattern", e))?;
     Ok(s.into())
 }
 
 impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let mut t = tokenizers::Tokenizer::from_file(path).map_err(|e| tok_err(&format!("reading {}", path.display()), e))?;
+        let mut t = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| tok_err(&format!("reading {}", path.display()), e))?;
         // One sequence at a time: fixed padding (MiniLM's pads to 128) would add [PAD] tokens.
         t.with_padding(None);
         let vocab_size = t.get_vocab_size(true);
         let id = |s: &str| t.token_to_id(s);
-        let bos = id("[CLS]").or_else(|| id("<s>")).or_else(|| id("<|begin_of_text|>"));
-        let eos = id("[SEP]").or_else(|| id("</s>")).or_else(|| id("<|end_of_text|>")).or_else(|| id("<|endoftext|>"));
-        Ok(Tokenizer { inner: Inner::Hf(Box::new(t)), bos, eos, add_bos: false, vocab_size })
+        let bos = id("[CLS]")
+            .or_else(|| id("<s>"))
+            .or_else(|| id("<|begin_of_text|>"));
+        let eos = id("[SEP]")
+            .or_else(|| id("</s>"))
+            .or_else(|| id("<|end_of_text|>"))
+            .or_else(|| id("<|endoftext|>"));
+        Ok(Tokenizer {
+            inner: Inner::Hf(Box::new(t)),
+            bos,
+            eos,
+            add_bos: false,
+            vocab_size,
+        })
     }
 
     /// Builds the tokenizer a GGUF file describes.
     pub fn from_gguf(v: &GgufVocab) -> Result<Tokenizer> {
         let inner = match v.model.as_str() {
             "gpt2" => Inner::Hf(Box::new(byte_level_bpe(v)?)),
-            "llama" => Inner::Spm(Spm::new(v)?),
+            "llama" => Inner::Spm(Box::new(Spm::new(v)?)),
             other => {
                 return Err(Error::Tokenizer {
                     reason: format!("tokenizer model '{other}' is not supported (gpt2-style BPE and llama SentencePiece are)"),
                 })
             }
         };
-        Ok(Tokenizer { inner, bos: v.bos, eos: v.eos, add_bos: v.add_bos, vocab_size: v.tokens.len() })
+        Ok(Tokenizer {
+            inner,
+            bos: v.bos,
+            eos: v.eos,
+            add_bos: v.add_bos,
+            vocab_size: v.tokens.len(),
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -160,7 +191,12 @@ impl Tokenizer {
             Inner::Hf(t) => {
                 let mut plain = (**t).clone();
                 plain.set_encode_special_tokens(true);
-                ids.extend_from_slice(plain.encode(text, true).map_err(|e| tok_err("encoding", e))?.get_ids());
+                ids.extend_from_slice(
+                    plain
+                        .encode(text, true)
+                        .map_err(|e| tok_err("encoding", e))?
+                        .get_ids(),
+                );
             }
             Inner::Spm(s) => ids.extend(s.encode(text)),
         }
@@ -185,7 +221,11 @@ pub struct TextStream<'t> {
 
 impl<'t> TextStream<'t> {
     pub fn new(tok: &'t Tokenizer) -> Self {
-        TextStream { tok, ids: Vec::new(), emitted: 0 }
+        TextStream {
+            tok,
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
 
     /// Adds a token and returns the new text it completes, if any.
@@ -202,21 +242,39 @@ impl<'t> TextStream<'t> {
 }
 
 fn byte_level_bpe(v: &GgufVocab) -> Result<tokenizers::Tokenizer> {
-    let vocab: Vocab = v.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: Vocab = v
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let mut merges = Vec::with_capacity(v.merges.len());
     for m in &v.merges {
-        let (a, b) = m.split_once(' ').ok_or_else(|| Error::Tokenizer { reason: format!("merge '{m}' has no space") })?;
+        let (a, b) = m.split_once(' ').ok_or_else(|| Error::Tokenizer {
+            reason: format!("merge '{m}' has no space"),
+        })?;
         merges.push((a.to_string(), b.to_string()));
     }
-    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| tok_err("building BPE", e))?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| tok_err("building BPE", e))?;
     let mut t = tokenizers::Tokenizer::new(bpe);
     let byte_level = ByteLevel::new(false, false, true);
     let pre: PreTokenizerWrapper = match v.pre.as_deref().unwrap_or("default") {
-        "smollm" | "starcoder" | "refact" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-        "llama3" | "llama-bpe" | "llama-v3" => {
-            Sequence::new(vec![split(LLAMA3_SPLIT)?, ByteLevel::new(false, false, false).into()]).into()
+        "smollm" | "starcoder" | "refact" => {
+            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
         }
-        "qwen2" => Sequence::new(vec![split(QWEN2_SPLIT)?, ByteLevel::new(false, false, false).into()]).into(),
+        "llama3" | "llama-bpe" | "llama-v3" => Sequence::new(vec![
+            split(LLAMA3_SPLIT)?,
+            ByteLevel::new(false, false, false).into(),
+        ])
+        .into(),
+        "qwen2" => Sequence::new(vec![
+            split(QWEN2_SPLIT)?,
+            ByteLevel::new(false, false, false).into(),
+        ])
+        .into(),
         "gpt2" | "default" | "gpt-2" => byte_level.into(),
         other => {
             log::warn!("unknown GGUF pre-tokenizer '{other}': using GPT-2 byte-level splitting");
@@ -249,16 +307,34 @@ struct Spm {
 impl Spm {
     fn new(v: &GgufVocab) -> Result<Spm> {
         if v.scores.len() != v.tokens.len() {
-            return Err(Error::Tokenizer { reason: format!("{} scores for {} tokens", v.scores.len(), v.tokens.len()) });
+            return Err(Error::Tokenizer {
+                reason: format!("{} scores for {} tokens", v.scores.len(), v.tokens.len()),
+            });
         }
-        let ids: HashMap<String, u32> = v.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let ids: HashMap<String, u32> = v
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let mut byte_ids = [None; 256];
         for (b, slot) in byte_ids.iter_mut().enumerate() {
             *slot = ids.get(&format!("<0x{b:02X}>")).copied();
         }
         let unk = ids.get("<unk>").copied().unwrap_or(0);
-        let types = if v.token_types.len() == v.tokens.len() { v.token_types.clone() } else { vec![token_type::NORMAL; v.tokens.len()] };
-        Ok(Spm { ids, tokens: v.tokens.clone(), scores: v.scores.clone(), types, byte_ids, unk })
+        let types = if v.token_types.len() == v.tokens.len() {
+            v.token_types.clone()
+        } else {
+            vec![token_type::NORMAL; v.tokens.len()]
+        };
+        Ok(Spm {
+            ids,
+            tokens: v.tokens.clone(),
+            scores: v.scores.clone(),
+            types,
+            byte_ids,
+            unk,
+        })
     }
 
     fn encode(&self, text: &str) -> Vec<u32> {
@@ -300,9 +376,13 @@ impl Spm {
     fn decode(&self, ids: &[u32]) -> String {
         let mut bytes = Vec::new();
         for &id in ids {
-            let Some(t) = self.tokens.get(id as usize) else { continue };
+            let Some(t) = self.tokens.get(id as usize) else {
+                continue;
+            };
             if self.types.get(id as usize) == Some(&token_type::BYTE) {
-                if let Ok(b) = u8::from_str_radix(t.trim_start_matches("<0x").trim_end_matches('>'), 16) {
+                if let Ok(b) =
+                    u8::from_str_radix(t.trim_start_matches("<0x").trim_end_matches('>'), 16)
+                {
                     bytes.push(b);
                     continue;
                 }
@@ -320,17 +400,42 @@ mod tests {
 
     fn spm_vocab() -> GgufVocab {
         let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
-        let mut types = vec![token_type::UNKNOWN, token_type::CONTROL, token_type::CONTROL];
+        let mut types = vec![
+            token_type::UNKNOWN,
+            token_type::CONTROL,
+            token_type::CONTROL,
+        ];
         for b in 0..=255u8 {
             tokens.push(format!("<0x{b:02X}>"));
             types.push(token_type::BYTE);
         }
-        for t in ["\u{2581}", "h", "e", "l", "o", "\u{2581}h", "he", "ll", "llo", "hello", "\u{2581}hello"] {
+        for t in [
+            "\u{2581}",
+            "h",
+            "e",
+            "l",
+            "o",
+            "\u{2581}h",
+            "he",
+            "ll",
+            "llo",
+            "hello",
+            "\u{2581}hello",
+        ] {
             tokens.push(t.into());
             types.push(token_type::NORMAL);
         }
         let scores = (0..tokens.len()).map(|i| i as f32).collect();
-        GgufVocab { model: "llama".into(), tokens, scores, token_types: types, bos: Some(1), eos: Some(2), add_bos: true, ..Default::default() }
+        GgufVocab {
+            model: "llama".into(),
+            tokens,
+            scores,
+            token_types: types,
+            bos: Some(1),
+            eos: Some(2),
+            add_bos: true,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -348,7 +453,13 @@ mod tests {
 
     #[test]
     fn unknown_model_is_a_typed_error() {
-        let v = GgufVocab { model: "rwkv".into(), ..Default::default() };
-        assert!(matches!(Tokenizer::from_gguf(&v), Err(Error::Tokenizer { .. })));
+        let v = GgufVocab {
+            model: "rwkv".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Tokenizer::from_gguf(&v),
+            Err(Error::Tokenizer { .. })
+        ));
     }
 }

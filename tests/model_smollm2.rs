@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use wgllm::kernels::attention::KvDtype;
-use wgllm::model::generate::{generate, perplexity, CausalLm};
+use wgllm::model::generate::{generate, perplexity};
 use wgllm::model::llama::RunOptions;
 use wgllm::model::load::{load_lm, LoadedLm};
 use wgllm::sampler::{Sampler, SamplerConfig};
@@ -15,15 +15,31 @@ const LOGIT_TOL: f32 = 0.02;
 fn model(kv: KvDtype, ctx: usize) -> Option<(&'static wgllm::Gpu, LoadedLm)> {
     let gpu = gpu()?;
     let path = packaged_model(&wgllm::fetch::SMOLLM2)?;
-    let lm = load_lm(gpu, &path, None, RunOptions { ctx, kv_dtype: kv, chunk: 64, all_logits: false }).expect("load SmolLM2");
+    let lm = load_lm(
+        gpu,
+        &path,
+        None,
+        RunOptions {
+            ctx,
+            kv_dtype: kv,
+            chunk: 64,
+            all_logits: false,
+        },
+    )
+    .expect("load SmolLM2");
     Some((gpu, lm))
 }
 
 #[test]
 fn tokenizer_ids_match_reference() {
-    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else { return };
+    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
+        return;
+    };
     let g = wgllm::loader::gguf::Gguf::open(&path).unwrap();
-    let tok = wgllm::tokenizer::Tokenizer::from_gguf(&wgllm::tokenizer::GgufVocab::from_gguf(&g).unwrap()).unwrap();
+    let tok = wgllm::tokenizer::Tokenizer::from_gguf(
+        &wgllm::tokenizer::GgufVocab::from_gguf(&g).unwrap(),
+    )
+    .unwrap();
     let gold = golden("smollm2_tokens.json");
     let cases = gold["cases"].as_array().unwrap();
     assert!(cases.len() >= 12);
@@ -40,17 +56,28 @@ fn tokenizer_ids_match_reference() {
 
 fn logsumexp(row: &[f32]) -> f64 {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
+    max + row
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
 }
 
 #[test]
 fn logits_match_reference() {
-    let Some((gpu, mut lm)) = model(KvDtype::F32, 256) else { return };
+    let Some((gpu, mut lm)) = model(KvDtype::F32, 256) else {
+        return;
+    };
     let gold = golden("smollm2_logits.json");
     let vocab = lm.config.vocab_size;
     for p in gold["prompts"].as_array().unwrap() {
         let ids = ids_of(&p["ids"]);
-        assert_eq!(lm.tokenizer.encode(p["prompt"].as_str().unwrap(), true).unwrap(), ids);
+        assert_eq!(
+            lm.tokenizer
+                .encode(p["prompt"].as_str().unwrap(), true)
+                .unwrap(),
+            ids
+        );
         let all = p.get("all_positions").is_some();
         lm.model.set_all_logits(all);
         let out = lm.model.forward(gpu, &ids, 0).unwrap();
@@ -58,24 +85,46 @@ fn logits_match_reference() {
         let want = &p["last"];
         let mut worst = 0f32;
         for pair in want["top20"].as_array().unwrap() {
-            let (id, l) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+            let (id, l) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap() as f32,
+            );
             worst = worst.max((last[id] - l).abs());
         }
-        for (id, l) in ids_of(&want["fixed_ids"]).iter().zip(want["fixed_logits"].as_array().unwrap()) {
+        for (id, l) in ids_of(&want["fixed_ids"])
+            .iter()
+            .zip(want["fixed_logits"].as_array().unwrap())
+        {
             worst = worst.max((last[*id as usize] - l.as_f64().unwrap() as f32).abs());
         }
-        assert!(worst <= LOGIT_TOL, "{}: max logit error {worst}", p["prompt"]);
+        assert!(
+            worst <= LOGIT_TOL,
+            "{}: max logit error {worst}",
+            p["prompt"]
+        );
         assert!((logsumexp(last) - want["logsumexp"].as_f64().unwrap()).abs() <= LOGIT_TOL as f64);
-        assert_eq!(wgllm::sampler::argmax(last) as u64, want["argmax"].as_u64().unwrap());
+        assert_eq!(
+            wgllm::sampler::argmax(last) as u64,
+            want["argmax"].as_u64().unwrap()
+        );
         if all {
             for pos in p["all_positions"].as_array().unwrap() {
                 let i = pos["pos"].as_u64().unwrap() as usize;
                 let row = &out[i * vocab..(i + 1) * vocab];
                 for pair in pos["top5"].as_array().unwrap() {
-                    let (id, l) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
-                    assert!((row[id] - l).abs() <= LOGIT_TOL, "position {i} id {id}: {} vs {l}", row[id]);
+                    let (id, l) = (
+                        pair[0].as_u64().unwrap() as usize,
+                        pair[1].as_f64().unwrap() as f32,
+                    );
+                    assert!(
+                        (row[id] - l).abs() <= LOGIT_TOL,
+                        "position {i} id {id}: {} vs {l}",
+                        row[id]
+                    );
                 }
-                assert!((logsumexp(row) - pos["logsumexp"].as_f64().unwrap()).abs() <= LOGIT_TOL as f64);
+                assert!(
+                    (logsumexp(row) - pos["logsumexp"].as_f64().unwrap()).abs() <= LOGIT_TOL as f64
+                );
             }
         }
         eprintln!("{}: max |logit error| {worst:.2e}", p["prompt"]);
@@ -83,15 +132,40 @@ fn logits_match_reference() {
 }
 
 fn check_greedy(kv: KvDtype, runs: usize) {
-    let Some((gpu, mut lm)) = model(kv, 256) else { return };
+    let Some((gpu, mut lm)) = model(kv, 256) else {
+        return;
+    };
     let gold = golden("smollm2_greedy.json");
     for r in gold["runs"].as_array().unwrap().iter().take(runs) {
         let prompt = ids_of(&r["prompt_ids"]);
-        assert_eq!(lm.tokenizer.encode(r["prompt"].as_str().unwrap(), true).unwrap(), prompt);
+        assert_eq!(
+            lm.tokenizer
+                .encode(r["prompt"].as_str().unwrap(), true)
+                .unwrap(),
+            prompt
+        );
         let want = ids_of(&r["new_ids"]);
-        let mut sampler = Sampler::new(SamplerConfig { temperature: 0.0, ..Default::default() });
-        let (got, _) = generate(lm.model.as_mut(), gpu, &lm.tokenizer, &prompt, want.len(), &mut sampler, &mut |_| true).unwrap();
-        assert_eq!(got, want, "greedy continuation of {:?} with a {kv} KV cache: {:?}", r["prompt"], lm.tokenizer.decode(&got));
+        let mut sampler = Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        });
+        let (got, _) = generate(
+            lm.model.as_mut(),
+            gpu,
+            &lm.tokenizer,
+            &prompt,
+            want.len(),
+            &mut sampler,
+            &mut |_| true,
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            want,
+            "greedy continuation of {:?} with a {kv} KV cache: {:?}",
+            r["prompt"],
+            lm.tokenizer.decode(&got)
+        );
     }
 }
 
@@ -107,24 +181,44 @@ fn greedy_continuation_matches_with_f16_kv() {
 
 #[test]
 fn perplexity_matches_reference() {
-    let Some((gpu, mut lm)) = model(KvDtype::F32, 128) else { return };
+    let Some((gpu, mut lm)) = model(KvDtype::F32, 128) else {
+        return;
+    };
     let gold = golden("smollm2_perplexity.json");
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/goldens/perplexity.txt")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/goldens/perplexity.txt"
+    ))
+    .unwrap();
     let text = text.strip_suffix('\n').unwrap_or(&text);
     let ids = lm.tokenizer.encode(text, true).unwrap();
     assert_eq!(ids, ids_of(&gold["ids"]));
     let (ppl, chunks) = perplexity(lm.model.as_mut(), gpu, &ids, 128).unwrap();
     let want = gold["ppl"].as_f64().unwrap();
     eprintln!("perplexity {ppl:.4} (reference {want}), chunks {chunks:?}");
-    assert!((ppl - want).abs() / want <= 1e-3, "perplexity {ppl} vs reference {want}");
+    assert!(
+        (ppl - want).abs() / want <= 1e-3,
+        "perplexity {ppl} vs reference {want}"
+    );
     assert_eq!(chunks.len(), 3);
 }
 
 #[test]
 fn prompt_past_the_context_is_refused() {
-    let Some((gpu, mut lm)) = model(KvDtype::F16, 16) else { return };
+    let Some((gpu, mut lm)) = model(KvDtype::F16, 16) else {
+        return;
+    };
     let e = lm.model.forward(gpu, &[1u32; 17], 0).unwrap_err();
-    assert!(matches!(e, wgllm::Error::ContextFull { ctx: 16, needed: 17 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            wgllm::Error::ContextFull {
+                ctx: 16,
+                needed: 17
+            }
+        ),
+        "{e}"
+    );
     let e = lm.model.forward(gpu, &[49152], 0).unwrap_err();
     assert!(!matches!(e, wgllm::Error::ContextFull { .. }), "{e}");
 }

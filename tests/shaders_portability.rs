@@ -1,32 +1,60 @@
 //! Every WGSL kernel is validated by naga without a device and translated to SPIR-V (Vulkan), MSL
 //! (Metal) and HLSL (DX12), so portability is checked even where no such GPU is at hand.
 
-
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use wgllm::gpu::shaders::SHADERS;
 
 fn translate(name: &str, src: &str) -> Result<(), String> {
-    let module = naga::front::wgsl::parse_str(src).map_err(|e| format!("parse: {}", e.emit_to_string(src)))?;
+    let module = naga::front::wgsl::parse_str(src)
+        .map_err(|e| format!("parse: {}", e.emit_to_string(src)))?;
     // Validate as a WebGPU device without optional features would: no f16, no subgroups. Only
     // `unpack2x16float`/`pack2x16float` need a capability in naga's terms, and every WebGPU-compliant
     // device has it (wgpu's downlevel flag SHADER_F16_IN_F32).
-    let info = Validator::new(ValidationFlags::all(), Capabilities::SHADER_FLOAT16_IN_FLOAT32)
-        .validate(&module)
-        .map_err(|e| format!("validate (no optional capabilities): {}", e.emit_to_string(src)))?;
-    let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &naga::back::PipelineConstants::default())
-        .map_err(|e| format!("overrides: {e}"))?;
+    let info = Validator::new(
+        ValidationFlags::all(),
+        Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+    )
+    .validate(&module)
+    .map_err(|e| {
+        format!(
+            "validate (no optional capabilities): {}",
+            e.emit_to_string(src)
+        )
+    })?;
+    let (module, info) = naga::back::pipeline_constants::process_overrides(
+        &module,
+        &info,
+        None,
+        &naga::back::PipelineConstants::default(),
+    )
+    .map_err(|e| format!("overrides: {e}"))?;
     if module.entry_points.is_empty() {
         return Err("no entry points".into());
     }
-    naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None).map_err(|e| format!("SPIR-V: {e}"))?;
+    naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+        .map_err(|e| format!("SPIR-V: {e}"))?;
     // MSL 2.3 (macOS 11, iOS 14) is what wgpu targets on current Apple GPUs.
-    let msl_opts = naga::back::msl::Options { lang_version: (2, 3), fake_missing_bindings: true, ..Default::default() };
-    naga::back::msl::write_string(&module, &info, &msl_opts, &naga::back::msl::PipelineOptions::default())
-        .map_err(|e| format!("MSL: {e}"))?;
-    let hlsl_opts = naga::back::hlsl::Options { fake_missing_bindings: true, ..Default::default() };
+    let msl_opts = naga::back::msl::Options {
+        lang_version: (2, 3),
+        fake_missing_bindings: true,
+        ..Default::default()
+    };
+    naga::back::msl::write_string(
+        &module,
+        &info,
+        &msl_opts,
+        &naga::back::msl::PipelineOptions::default(),
+    )
+    .map_err(|e| format!("MSL: {e}"))?;
+    let hlsl_opts = naga::back::hlsl::Options {
+        fake_missing_bindings: true,
+        ..Default::default()
+    };
     let pipe = naga::back::hlsl::PipelineOptions { entry_point: None };
     let mut out = String::new();
-    naga::back::hlsl::Writer::new(&mut out, &hlsl_opts, &pipe).write(&module, &info, None).map_err(|e| format!("HLSL: {e}"))?;
+    naga::back::hlsl::Writer::new(&mut out, &hlsl_opts, &pipe)
+        .write(&module, &info, None)
+        .map_err(|e| format!("HLSL: {e}"))?;
     let _ = name;
     Ok(())
 }
@@ -34,8 +62,14 @@ fn translate(name: &str, src: &str) -> Result<(), String> {
 #[test]
 fn every_shader_validates_and_translates_to_spirv_msl_hlsl() {
     assert!(!SHADERS.is_empty(), "no shaders embedded");
-    let failures: Vec<String> =
-        SHADERS.iter().filter_map(|(name, src)| translate(name, src).err().map(|e| format!("{name}.wgsl: {e}"))).collect();
+    let failures: Vec<String> = SHADERS
+        .iter()
+        .filter_map(|(name, src)| {
+            translate(name, src)
+                .err()
+                .map(|e| format!("{name}.wgsl: {e}"))
+        })
+        .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 

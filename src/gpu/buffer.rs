@@ -151,7 +151,7 @@ impl Gpu {
 
     /// Reads `size` bytes of `src` from byte `offset`.
     pub fn read_bytes(&self, src: &GpuBuffer, offset: u64, size: u64) -> Result<Vec<u8>> {
-        if offset % 4 != 0 || offset + size > src.size() {
+        if !offset.is_multiple_of(4) || offset + size > src.size() {
             return Err(Error::invalid(
                 "read",
                 format!(

@@ -306,12 +306,31 @@ impl<'g> Recorder<'g> {
 
     /// Copies `size` bytes (a multiple of 4, at 4-byte aligned offsets) between buffers, ordered
     /// after the dispatches recorded so far and before the ones that follow.
-    pub fn copy(&mut self, src: &GpuBuffer, src_offset: u64, dst: &GpuBuffer, dst_offset: u64, size: u64) -> Result<()> {
-        if size % 4 != 0 || src_offset % 4 != 0 || dst_offset % 4 != 0 {
-            return Err(Error::invalid("copy", format!("copy of {size} bytes at {src_offset} -> {dst_offset} is not 4-byte aligned")));
+    pub fn copy(
+        &mut self,
+        src: &GpuBuffer,
+        src_offset: u64,
+        dst: &GpuBuffer,
+        dst_offset: u64,
+        size: u64,
+    ) -> Result<()> {
+        if !size.is_multiple_of(4) || !src_offset.is_multiple_of(4) || !dst_offset.is_multiple_of(4)
+        {
+            return Err(Error::invalid(
+                "copy",
+                format!(
+                    "copy of {size} bytes at {src_offset} -> {dst_offset} is not 4-byte aligned"
+                ),
+            ));
         }
         if src_offset + size > src.size() || dst_offset + size > dst.size() {
-            return Err(Error::invalid("copy", format!("copy of {size} bytes from '{}' to '{}' runs past a buffer's end", src.label, dst.label)));
+            return Err(Error::invalid(
+                "copy",
+                format!(
+                    "copy of {size} bytes from '{}' to '{}' runs past a buffer's end",
+                    src.label, dst.label
+                ),
+            ));
         }
         if size > 0 {
             self.copies.push(CopyOp {
@@ -452,9 +471,18 @@ impl<'g> Recorder<'g> {
                 let mut i = 0;
                 while i <= self.items.len() {
                     copies_at(&mut enc, i);
-                    let end = self.copies.iter().map(|c| c.after).filter(|&a| a > i).min().unwrap_or(self.items.len());
+                    let end = self
+                        .copies
+                        .iter()
+                        .map(|c| c.after)
+                        .filter(|&a| a > i)
+                        .min()
+                        .unwrap_or(self.items.len());
                     if end > i {
-                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wgllm.pass"), timestamp_writes: None });
+                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: Some("wgllm.pass"),
+                            timestamp_writes: None,
+                        });
                         for (p, bg) in self.items[i..end].iter().zip(&bind_groups[i..end]) {
                             pass.set_pipeline(&p.kernel.pipeline);
                             pass.set_bind_group(0, bg, &[]);

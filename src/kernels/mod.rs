@@ -6,10 +6,10 @@ pub mod activation;
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod matmul;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
-pub mod matmul;
 pub mod weights;
 
 pub use weights::WeightMatrix;
@@ -36,9 +36,16 @@ impl Tensor {
     pub fn view(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if n as u64 * 4 > self.buf.size() {
-            return Err(Error::shape(format!("view of {}", self.buf.label), format!("at most {} values", self.buf.size() / 4), format!("{shape:?}")));
+            return Err(Error::shape(
+                format!("view of {}", self.buf.label),
+                format!("at most {} values", self.buf.size() / 4),
+                format!("{shape:?}"),
+            ));
         }
-        Ok(Tensor { buf: self.buf.clone(), shape: shape.to_vec() })
+        Ok(Tensor {
+            buf: self.buf.clone(),
+            shape: shape.to_vec(),
+        })
     }
 
     /// Checks the shape before a dispatch; `op` names the caller in the error.

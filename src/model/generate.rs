@@ -69,7 +69,10 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(Vec<u32>, GenStats)> {
     model.set_all_logits(false);
-    let mut stats = GenStats { prompt_tokens: prompt.len(), ..Default::default() };
+    let mut stats = GenStats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
     let mut history = prompt.to_vec();
     let mut out = Vec::new();
     let mut stream = TextStream::new(tok);
@@ -102,7 +105,9 @@ pub fn generate(
 
 /// Renders a chat prompt with the model's Jinja chat template (`tokenizer.chat_template`).
 pub fn apply_chat_template(template: &str, user: &str, bos: &str, eos: &str) -> Result<String> {
-    let err = |e: minijinja::Error| crate::Error::Tokenizer { reason: format!("chat template: {e}") };
+    let err = |e: minijinja::Error| crate::Error::Tokenizer {
+        reason: format!("chat template: {e}"),
+    };
     let mut env = minijinja::Environment::new();
     env.add_template("chat", template).map_err(err)?;
     let tmpl = env.get_template("chat").map_err(err)?;
@@ -119,7 +124,12 @@ pub fn apply_chat_template(template: &str, user: &str, bos: &str, eos: &str) -> 
 /// (the remainder is dropped), each chunk runs from an empty cache, and only the second half of
 /// each chunk is scored (the logits at positions `ctx/2 .. ctx-1` predict the next token), so every
 /// scored token has at least `ctx/2` tokens of context. Returns (perplexity, mean NLL per chunk).
-pub fn perplexity(model: &mut dyn CausalLm, gpu: &Gpu, tokens: &[u32], ctx: usize) -> Result<(f64, Vec<f64>)> {
+pub fn perplexity(
+    model: &mut dyn CausalLm,
+    gpu: &Gpu,
+    tokens: &[u32],
+    ctx: usize,
+) -> Result<(f64, Vec<f64>)> {
     if ctx < 2 || tokens.len() < ctx || ctx > model.context() {
         return Err(crate::Error::invalid(
             "perplexity",
@@ -138,7 +148,12 @@ pub fn perplexity(model: &mut dyn CausalLm, gpu: &Gpu, tokens: &[u32], ctx: usiz
         for pos in first..ctx - 1 {
             let row = &logits[pos * vocab..(pos + 1) * vocab];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             nll += lse - row[chunk[pos + 1] as usize] as f64;
         }
         let n = ctx - 1 - first;

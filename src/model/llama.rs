@@ -42,17 +42,17 @@ pub struct RunState {
     /// Whether the logits buffer holds a row per token of a chunk.
     all_logits: bool,
     ids: GpuBuffer,
-    x: Tensor,     // (chunk, d) residual stream
-    x2: Tensor,    // (chunk, d) the residual after an add (ping-pong with x)
-    xb: Tensor,    // (chunk, d) normed input of a block
-    q: Tensor,     // (chunk, n_heads * head_dim)
-    k: Tensor,     // (chunk, n_kv_heads * head_dim)
-    v: Tensor,     // (chunk, n_kv_heads * head_dim)
-    att: Tensor,   // (chunk, n_heads * head_dim)
-    proj: Tensor,  // (chunk, d) output of attention / FFN projections
-    gate: Tensor,  // (chunk, ffn)
-    up: Tensor,    // (chunk, ffn)
-    act: Tensor,   // (chunk, ffn) silu(gate) * up
+    x: Tensor,      // (chunk, d) residual stream
+    x2: Tensor,     // (chunk, d) the residual after an add (ping-pong with x)
+    xb: Tensor,     // (chunk, d) normed input of a block
+    q: Tensor,      // (chunk, n_heads * head_dim)
+    k: Tensor,      // (chunk, n_kv_heads * head_dim)
+    v: Tensor,      // (chunk, n_kv_heads * head_dim)
+    att: Tensor,    // (chunk, n_heads * head_dim)
+    proj: Tensor,   // (chunk, d) output of attention / FFN projections
+    gate: Tensor,   // (chunk, ffn)
+    up: Tensor,     // (chunk, ffn)
+    act: Tensor,    // (chunk, ffn) silu(gate) * up
     logits: Tensor, // (chunk, vocab) or (1, vocab)
     pub kv: Vec<KvCache>,
 }
@@ -71,7 +71,12 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { ctx: 2048, kv_dtype: KvDtype::F32, chunk: 64, all_logits: false }
+        RunOptions {
+            ctx: 2048,
+            kv_dtype: KvDtype::F32,
+            chunk: 64,
+            all_logits: false,
+        }
     }
 }
 
@@ -93,16 +98,28 @@ pub struct Llama {
 pub fn config_from_gguf(g: &Gguf) -> Result<(ModelConfig, usize)> {
     let arch = g.architecture()?.to_string();
     if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-        return Err(Error::BadFile { file: g.file().into(), reason: format!("architecture '{arch}' is not a LLaMA-family model") });
+        return Err(Error::BadFile {
+            file: g.file().into(),
+            reason: format!("architecture '{arch}' is not a LLaMA-family model"),
+        });
     }
     let k = |s: &str| format!("{arch}.{s}");
     let hidden = g.get_u32(&k("embedding_length"))? as usize;
     let n_heads = g.get_u32(&k("attention.head_count"))? as usize;
-    let n_kv_heads = g.get_u32(&k("attention.head_count_kv")).map(|v| v as usize).unwrap_or(n_heads);
+    let n_kv_heads = g
+        .get_u32(&k("attention.head_count_kv"))
+        .map(|v| v as usize)
+        .unwrap_or(n_heads);
     if n_heads == 0 {
-        return Err(Error::BadFile { file: g.file().into(), reason: "attention.head_count is 0".into() });
+        return Err(Error::BadFile {
+            file: g.file().into(),
+            reason: "attention.head_count is 0".into(),
+        });
     }
-    let head_dim = g.get_u32(&k("attention.key_length")).map(|v| v as usize).unwrap_or(hidden / n_heads);
+    let head_dim = g
+        .get_u32(&k("attention.key_length"))
+        .map(|v| v as usize)
+        .unwrap_or(hidden / n_heads);
     let embed = g.tensor("token_embd.weight")?;
     let vocab = embed.shape.get(1).copied().unwrap_or(0);
     let cfg = ModelConfig {
@@ -114,11 +131,18 @@ pub fn config_from_gguf(g: &Gguf) -> Result<(ModelConfig, usize)> {
         n_kv_heads,
         head_dim,
         ffn_size: g.get_u32(&k("feed_forward_length"))? as usize,
-        max_positions: g.get_u32(&k("context_length")).map(|v| v as usize).unwrap_or(2048),
+        max_positions: g
+            .get_u32(&k("context_length"))
+            .map(|v| v as usize)
+            .unwrap_or(2048),
         norm: Norm::RmsNorm,
-        norm_eps: g.get_f32(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f64,
+        norm_eps: g
+            .get_f32(&k("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5) as f64,
         ffn: Ffn::SwiGlu,
-        positions: Positions::Rotary { theta: g.get_f32(&k("rope.freq_base")).unwrap_or(10000.0) as f64 },
+        positions: Positions::Rotary {
+            theta: g.get_f32(&k("rope.freq_base")).unwrap_or(10000.0) as f64,
+        },
         tied_embeddings: g.tensor("output.weight").is_err(),
         attn_bias: g.tensor("blk.0.attn_q.bias").is_ok(),
         attn_out_bias: false,
@@ -127,7 +151,10 @@ pub fn config_from_gguf(g: &Gguf) -> Result<(ModelConfig, usize)> {
         pooler: false,
     };
     cfg.validate(&arch)?;
-    let rot_dim = g.get_u32(&k("rope.dimension_count")).map(|v| v as usize).unwrap_or(head_dim);
+    let rot_dim = g
+        .get_u32(&k("rope.dimension_count"))
+        .map(|v| v as usize)
+        .unwrap_or(head_dim);
     Ok((cfg, rot_dim))
 }
 
@@ -175,22 +202,43 @@ impl Llama {
     /// Loads weights from `src`, checking every tensor's shape against `cfg`, and allocates the
     /// KV cache and activations. GGUF files carry Q/K rows permuted for interleaved RoPE;
     /// Hugging Face checkpoints use rotate-half.
-    pub fn load(gpu: &Gpu, cfg: ModelConfig, rot_dim: usize, src: &Source, opts: RunOptions) -> Result<Llama> {
+    pub fn load(
+        gpu: &Gpu,
+        cfg: ModelConfig,
+        rot_dim: usize,
+        src: &Source,
+        opts: RunOptions,
+    ) -> Result<Llama> {
         if cfg.arch != Arch::Llama {
-            return Err(Error::invalid("llama", format!("config is {:?}, not a LLaMA-family model", cfg.arch)));
+            return Err(Error::invalid(
+                "llama",
+                format!("config is {:?}, not a LLaMA-family model", cfg.arch),
+            ));
         }
         let Positions::Rotary { theta } = cfg.positions else {
             return Err(Error::invalid("llama", "LLaMA models use rotary positions"));
         };
-        let names = Names { gguf: matches!(src, Source::Gguf(_) | Source::Synthetic { .. }) };
-        let rope_mode = if names.gguf { RopeMode::Interleaved } else { RopeMode::Half };
+        let names = Names {
+            gguf: matches!(src, Source::Gguf(_) | Source::Synthetic { .. }),
+        };
+        let rope_mode = if names.gguf {
+            RopeMode::Interleaved
+        } else {
+            RopeMode::Half
+        };
         let (d, hd, ffn) = (cfg.hidden_size, cfg.head_dim, cfg.ffn_size);
         let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
         let embed = src.matrix(gpu, names.global("embed"), cfg.vocab_size, d)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |r: &str| names.layer(i, r);
-            let bias = |r: &str, len: usize| if cfg.attn_bias { src.vector(gpu, &n(r), len).map(Some) } else { Ok(None) };
+            let bias = |r: &str, len: usize| {
+                if cfg.attn_bias {
+                    src.vector(gpu, &n(r), len).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
             layers.push(LayerWeights {
                 attn_norm: src.vector(gpu, &n("attn_norm.weight"), d)?,
                 wq: src.matrix(gpu, &n("attn_q.weight"), qd, d)?,
@@ -212,9 +260,23 @@ impl Llama {
         } else {
             Some(src.matrix(gpu, names.global("output"), cfg.vocab_size, d)?)
         };
-        let weights = LlamaWeights { embed, layers, norm, output };
+        let weights = LlamaWeights {
+            embed,
+            layers,
+            norm,
+            output,
+        };
         let state = RunState::new(gpu, &cfg, &opts, None)?;
-        Ok(Llama { rope_theta: theta as f32, rot_dim, rope_mode, cfg, weights, state, opts, profile: None })
+        Ok(Llama {
+            rope_theta: theta as f32,
+            rot_dim,
+            rope_mode,
+            cfg,
+            weights,
+            state,
+            opts,
+            profile: None,
+        })
     }
 
     /// Runs `tokens` at positions `pos0..` through the model, in chunks, and returns the logits of
@@ -225,7 +287,10 @@ impl Llama {
             return Err(Error::invalid("forward", "no tokens"));
         }
         if pos0 + tokens.len() > self.opts.ctx {
-            return Err(Error::ContextFull { ctx: self.opts.ctx, needed: pos0 + tokens.len() });
+            return Err(Error::ContextFull {
+                ctx: self.opts.ctx,
+                needed: pos0 + tokens.len(),
+            });
         }
         if self.state.all_logits != self.opts.all_logits {
             // The logits buffer's size (and so the plan) depends on it: re-plan, keeping the cache.
@@ -238,7 +303,8 @@ impl Llama {
             let m = (tokens.len() - done).min(self.state.chunk);
             let chunk = &tokens[done..done + m];
             let last = done + m == tokens.len();
-            let logits = self.forward_chunk(gpu, chunk, pos0 + done, self.opts.all_logits || last)?;
+            let logits =
+                self.forward_chunk(gpu, chunk, pos0 + done, self.opts.all_logits || last)?;
             if self.opts.all_logits {
                 out.extend(logits);
             } else if last {
@@ -250,12 +316,24 @@ impl Llama {
     }
 
     /// One chunk of `m <= chunk` tokens, recorded as one command buffer.
-    fn forward_chunk(&mut self, gpu: &Gpu, tokens: &[u32], pos0: usize, want_logits: bool) -> Result<Vec<f32>> {
+    fn forward_chunk(
+        &mut self,
+        gpu: &Gpu,
+        tokens: &[u32],
+        pos0: usize,
+        want_logits: bool,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let s = &self.state;
         let w = &self.weights;
         let m = tokens.len();
-        let (d, hd, nh, nkv, ffn) = (cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size);
+        let (d, hd, nh, nkv, ffn) = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.ffn_size,
+        );
         let eps = cfg.norm_eps as f32;
         let scale = 1.0 / (hd as f32).sqrt();
         gpu.write(&s.ids, 0, bytemuck::cast_slice(tokens))?;
@@ -264,11 +342,19 @@ impl Llama {
         let q = s.q.view(&[m, nh * hd])?;
         let k = s.k.view(&[m, nkv * hd])?;
         let v = s.v.view(&[m, nkv * hd])?;
-        let (q3, k3, v3) = (q.view(&[m, nh, hd])?, k.view(&[m, nkv, hd])?, v.view(&[m, nkv, hd])?);
+        let (q3, k3, v3) = (
+            q.view(&[m, nh, hd])?,
+            k.view(&[m, nkv, hd])?,
+            v.view(&[m, nkv, hd])?,
+        );
         let att3 = s.att.view(&[m, nh, hd])?;
         let att = s.att.view(&[m, nh * hd])?;
         let proj = s.proj.view(&[m, d])?;
-        let (gate, up, act) = (s.gate.view(&[m, ffn])?, s.up.view(&[m, ffn])?, s.act.view(&[m, ffn])?);
+        let (gate, up, act) = (
+            s.gate.view(&[m, ffn])?,
+            s.up.view(&[m, ffn])?,
+            s.act.view(&[m, ffn])?,
+        );
 
         let mut rec = gpu.recorder();
         let r = &mut rec;
@@ -284,8 +370,22 @@ impl Llama {
                     elementwise::add_bias(r, t, b)?;
                 }
             }
-            rope::rope(r, &q3, pos0 as u32, self.rope_theta, self.rope_mode, self.rot_dim)?;
-            rope::rope(r, &k3, pos0 as u32, self.rope_theta, self.rope_mode, self.rot_dim)?;
+            rope::rope(
+                r,
+                &q3,
+                pos0 as u32,
+                self.rope_theta,
+                self.rope_mode,
+                self.rot_dim,
+            )?;
+            rope::rope(
+                r,
+                &k3,
+                pos0 as u32,
+                self.rope_theta,
+                self.rope_mode,
+                self.rot_dim,
+            )?;
             attention::store(r, &s.kv[l], &k3, &v3, pos0)?;
             attention::attention(r, &q3, &s.kv[l], pos0, scale, &att3)?;
             matmul::matmul(r, &lw.wo, &att, &proj)?; // (m, d)
@@ -311,7 +411,13 @@ impl Llama {
             x.clone()
         } else {
             let row = s.proj.view(&[1, d])?;
-            r.copy(&x.buf, ((m - 1) * d * 4) as u64, &row.buf, 0, (d * 4) as u64)?;
+            r.copy(
+                &x.buf,
+                ((m - 1) * d * 4) as u64,
+                &row.buf,
+                0,
+                (d * 4) as u64,
+            )?;
             row
         };
         let xn = s.xb.view(&[n_out, d])?;
@@ -341,23 +447,38 @@ impl crate::model::generate::CausalLm for Llama {
         let layers: u64 = w
             .layers
             .iter()
-            .map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.bytes()).sum::<u64>())
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|m| m.bytes())
+                    .sum::<u64>()
+            })
             .sum();
         layers + w.output.as_ref().unwrap_or(&w.embed).bytes()
     }
     fn kv_bytes_per_token(&self, pos: usize) -> u64 {
-        let per = crate::kernels::attention::bytes_per_token(self.opts.kv_dtype, self.cfg.n_kv_heads, self.cfg.head_dim);
+        let per = crate::kernels::attention::bytes_per_token(
+            self.opts.kv_dtype,
+            self.cfg.n_kv_heads,
+            self.cfg.head_dim,
+        );
         per * self.cfg.n_layers as u64 * (pos as u64 + 1)
     }
     fn set_profiling(&mut self, on: bool) {
         self.profile = if on { Some(Vec::new()) } else { None };
     }
     fn take_profile(&mut self) -> Vec<crate::gpu::record::DispatchTime> {
-        self.profile.as_mut().map(std::mem::take).unwrap_or_default()
+        self.profile
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 }
 
-fn submit(profile: &mut Option<Vec<crate::gpu::record::DispatchTime>>, rec: crate::gpu::Recorder) -> Result<()> {
+fn submit(
+    profile: &mut Option<Vec<crate::gpu::record::DispatchTime>>,
+    rec: crate::gpu::Recorder,
+) -> Result<()> {
     match profile.as_mut() {
         Some(p) => p.extend(rec.submit_timed()?),
         None => rec.submit()?,
@@ -369,23 +490,49 @@ impl RunState {
     /// Allocates the activations exactly as the memory planner shares them
     /// ([`crate::plan::activations::llama_activation_plan`]): one buffer per planned buffer, each
     /// role a prefix view of its buffer, so `wgllm plan` and the ledger agree byte for byte.
-    fn new(gpu: &Gpu, cfg: &ModelConfig, opts: &RunOptions, kv: Option<Vec<KvCache>>) -> Result<RunState> {
+    fn new(
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        opts: &RunOptions,
+        kv: Option<Vec<KvCache>>,
+    ) -> Result<RunState> {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let plan = crate::plan::activations::llama_activation_plan(cfg, c, opts.all_logits);
         let buffers = plan
             .buffers
             .iter()
-            .map(|b| gpu.alloc(&format!("act.{}", b.label), BufferClass::Activations, b.bytes))
+            .map(|b| {
+                gpu.alloc(
+                    &format!("act.{}", b.label),
+                    BufferClass::Activations,
+                    b.bytes,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let role = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let i = *plan.role_to_buffer.get(name).ok_or_else(|| Error::invalid("activation plan", format!("no buffer for '{name}'")))?;
-            Tensor { buf: buffers[i].clone(), shape: vec![buffers[i].size() as usize / 4] }.view(shape)
+            let i = *plan.role_to_buffer.get(name).ok_or_else(|| {
+                Error::invalid("activation plan", format!("no buffer for '{name}'"))
+            })?;
+            Tensor {
+                buf: buffers[i].clone(),
+                shape: vec![buffers[i].size() as usize / 4],
+            }
+            .view(shape)
         };
         let kv = match kv {
             Some(kv) => kv,
             None => (0..cfg.n_layers)
-                .map(|l| KvCache::new(gpu, &format!("layer.{l}.kv"), opts.kv_dtype, opts.ctx, cfg.n_kv_heads, hd))
+                .map(|l| {
+                    KvCache::new(
+                        gpu,
+                        &format!("layer.{l}.kv"),
+                        opts.kv_dtype,
+                        opts.ctx,
+                        cfg.n_kv_heads,
+                        hd,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?,
         };
         let n_logits = if opts.all_logits { c } else { 1 };

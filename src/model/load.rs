@@ -35,36 +35,63 @@ pub fn resolve(path: Option<&Path>, log: &mut dyn FnMut(&str)) -> Result<PathBuf
 
 /// Loads a causal LM from a GGUF file or a Hugging Face directory. `precision` quantises
 /// safetensors weights on load (GGUF files keep their own formats).
-pub fn load_lm(gpu: &Gpu, path: &Path, precision: Option<WeightFormat>, opts: RunOptions) -> Result<LoadedLm> {
+pub fn load_lm(
+    gpu: &Gpu,
+    path: &Path,
+    precision: Option<WeightFormat>,
+    opts: RunOptions,
+) -> Result<LoadedLm> {
     if path.is_dir() {
         return load_hf(gpu, path, precision, opts);
     }
     let g = Gguf::open(path)?;
     if precision.is_some() {
-        log::warn!("--precision applies to safetensors models; {} keeps the formats stored in it", path.display());
+        log::warn!(
+            "--precision applies to safetensors models; {} keeps the formats stored in it",
+            path.display()
+        );
     }
     let arch = g.architecture()?.to_string();
     let tokenizer = Tokenizer::from_gguf(&GgufVocab::from_gguf(&g)?)?;
-    let chat_template = g.get_str("tokenizer.chat_template").ok().map(str::to_string);
+    let chat_template = g
+        .get_str("tokenizer.chat_template")
+        .ok()
+        .map(str::to_string);
     let mut formats: Vec<&str> = g.tensors().iter().map(|t| t.ggml_type.name()).collect();
     formats.sort();
     formats.dedup();
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let description = format!("{name} ({arch}, {})", formats.join("/"));
     match arch.as_str() {
         "llama" | "mistral" | "qwen2" => {
             let (config, rot) = llama::config_from_gguf(&g)?;
             let model = Llama::load(gpu, config.clone(), rot, &Source::Gguf(&g), opts)?;
-            Ok(LoadedLm { model: Box::new(model), tokenizer, chat_template, config, description })
+            Ok(LoadedLm {
+                model: Box::new(model),
+                tokenizer,
+                chat_template,
+                config,
+                description,
+            })
         }
         other => Err(Error::BadFile {
             file: path.display().to_string(),
-            reason: format!("GGUF architecture '{other}' is not supported (llama, mistral and qwen2 are)"),
+            reason: format!(
+                "GGUF architecture '{other}' is not supported (llama, mistral and qwen2 are)"
+            ),
         }),
     }
 }
 
-fn load_hf(gpu: &Gpu, dir: &Path, precision: Option<WeightFormat>, opts: RunOptions) -> Result<LoadedLm> {
+fn load_hf(
+    gpu: &Gpu,
+    dir: &Path,
+    precision: Option<WeightFormat>,
+    opts: RunOptions,
+) -> Result<LoadedLm> {
     let hf = HfModel::open(dir)?;
     let config = ModelConfig::from_hf_json(hf.config())?;
     let tok_path = dir.join("tokenizer.json");
@@ -72,18 +99,41 @@ fn load_hf(gpu: &Gpu, dir: &Path, precision: Option<WeightFormat>, opts: RunOpti
     let chat_template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
         .ok()
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string));
+        .and_then(|v| {
+            v.get("chat_template")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+        });
     let src = Source::Hf(&hf, precision);
-    let description = format!("{} ({:?}, {})", dir.display(), config.arch, precision.map_or("f32", |p| p.name()));
+    let description = format!(
+        "{} ({:?}, {})",
+        dir.display(),
+        config.arch,
+        precision.map_or("f32", |p| p.name())
+    );
     let model: Box<dyn CausalLm> = match config.arch {
         Arch::Llama => {
             let rot = config.head_dim;
             Box::new(Llama::load(gpu, config.clone(), rot, &src, opts)?)
         }
-        Arch::Gpt2 => Box::new(crate::model::gpt2::Gpt2::load(gpu, config.clone(), &src, opts)?),
+        Arch::Gpt2 => Box::new(crate::model::gpt2::Gpt2::load(
+            gpu,
+            config.clone(),
+            &src,
+            opts,
+        )?),
         Arch::Bert => {
-            return Err(Error::invalid("load", "BERT is an encoder: use `wgllm embed` for it"));
+            return Err(Error::invalid(
+                "load",
+                "BERT is an encoder: use `wgllm embed` for it",
+            ));
         }
     };
-    Ok(LoadedLm { model, tokenizer, chat_template, config, description })
+    Ok(LoadedLm {
+        model,
+        tokenizer,
+        chat_template,
+        config,
+        description,
+    })
 }

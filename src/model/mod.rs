@@ -3,8 +3,8 @@
 
 pub mod bert;
 pub mod config;
-pub mod gpt2;
 pub mod generate;
+pub mod gpt2;
 pub mod llama;
 pub mod load;
 pub mod params;

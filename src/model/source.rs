@@ -17,7 +17,10 @@ pub enum Source<'a> {
     /// No file: pseudo-random weights of the real shapes in `format` (norm weights are ones), for
     /// benchmarks and memory proofs of models that are not on disk. The bytes are generated in
     /// bounded chunks and uploaded, so host memory stays small.
-    Synthetic { format: WeightFormat, seed: u64 },
+    Synthetic {
+        format: WeightFormat,
+        seed: u64,
+    },
 }
 
 impl Source<'_> {
@@ -34,12 +37,19 @@ impl Source<'_> {
             Source::Gguf(g) => g.tensor(name).is_ok(),
             Source::Hf(h, _) => h.tensor_shape(name).is_ok(),
             // Synthetic models have no biases and no separate output head.
-            Source::Synthetic { .. } => !(name.contains("bias") || name == "output.weight" || name == "lm_head.weight"),
+            Source::Synthetic { .. } => {
+                !(name.contains("bias") || name == "output.weight" || name == "lm_head.weight")
+            }
         }
     }
 
     fn shape_err(&self, name: &str, expected: String, got: String) -> Error {
-        Error::TensorShape { file: self.file(), tensor: name.into(), expected, got }
+        Error::TensorShape {
+            file: self.file(),
+            tensor: name.into(),
+            expected,
+            got,
+        }
     }
 
     /// A `rows x cols` matrix (`rows` outputs). GGUF stores it as `[cols, rows]` (row length first),
@@ -49,8 +59,12 @@ impl Source<'_> {
             Source::Gguf(g) => {
                 g.expect_shape(name, &[cols, rows])?;
                 let (format, bytes) = g.tensor_weight(name)?;
-                if format.is_quantized() && cols % 32 != 0 {
-                    return Err(self.shape_err(name, "a row length that is a multiple of 32".into(), format!("{cols}")));
+                if format.is_quantized() && !cols.is_multiple_of(32) {
+                    return Err(self.shape_err(
+                        name,
+                        "a row length that is a multiple of 32".into(),
+                        format!("{cols}"),
+                    ));
                 }
                 gpu.upload_weights(name, format, rows, cols, &bytes)
             }
@@ -58,7 +72,7 @@ impl Source<'_> {
                 h.expect_shape(name, &[rows, cols])?;
                 let w = h.tensor_f32(name)?;
                 let format = match precision {
-                    Some(f) if !f.is_quantized() || cols % 32 == 0 => *f,
+                    Some(f) if !f.is_quantized() || cols.is_multiple_of(32) => *f,
                     Some(f) => {
                         log::warn!("{name}: {cols} columns are not a multiple of 32; kept as f16 instead of {f}");
                         WeightFormat::F16
@@ -68,8 +82,15 @@ impl Source<'_> {
                 gpu.upload_weights_f32(name, format, rows, cols, &w)
             }
             Source::Synthetic { format, seed } => {
-                let format = if format.is_quantized() && cols % 32 != 0 { WeightFormat::F16 } else { *format };
-                let seed = seed ^ name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+                let format = if format.is_quantized() && !cols.is_multiple_of(32) {
+                    WeightFormat::F16
+                } else {
+                    *format
+                };
+                let seed = seed
+                    ^ name
+                        .bytes()
+                        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
                 let bytes = crate::quant::synthetic(format, rows * cols, seed)?;
                 gpu.upload_weights(name, format, rows, cols, &bytes)
             }

@@ -462,7 +462,8 @@ impl MemoryPlan {
     pub fn set_parameter_bytes(&mut self, bytes: u64) {
         let rest = self.buffers_sum() - self.parameters_bytes;
         self.parameters_bytes = bytes;
-        self.other_weight_bytes = bytes.saturating_sub(self.cfg.n_layers as u64 * self.layer_weight_bytes);
+        self.other_weight_bytes =
+            bytes.saturating_sub(self.cfg.n_layers as u64 * self.layer_weight_bytes);
         self.overhead_bytes = overhead(rest + bytes);
         self.total_bytes = rest + bytes + self.overhead_bytes;
     }

@@ -129,7 +129,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 
 fn check_len(format: WeightFormat, n: usize) -> Result<()> {
-    if n % format.block_len() != 0 {
+    if !n.is_multiple_of(format.block_len()) {
         return Err(Error::invalid(
             format!("quantize {format}"),
             format!(
@@ -267,7 +267,9 @@ pub fn synthetic(format: WeightFormat, n: usize, seed: u64) -> Result<Vec<u8>> {
         }
         WeightFormat::F16 => {
             for c in out.chunks_exact_mut(2) {
-                c.copy_from_slice(&f16::from_f32((next() % 2001) as f32 * 1e-5 - 0.01).to_le_bytes());
+                c.copy_from_slice(
+                    &f16::from_f32((next() % 2001) as f32 * 1e-5 - 0.01).to_le_bytes(),
+                );
             }
         }
         WeightFormat::Q8_0 | WeightFormat::Q4_0 => {

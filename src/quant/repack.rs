@@ -57,7 +57,7 @@ pub fn check_shape(format: WeightFormat, rows: usize, cols: usize) -> Result<()>
             format!("empty matrix {rows}x{cols}"),
         ));
     }
-    if format.is_quantized() && cols % 32 != 0 {
+    if format.is_quantized() && !cols.is_multiple_of(32) {
         return Err(Error::invalid(
             "weights",
             format!("{format} needs a row length that is a multiple of 32, got {cols}"),
