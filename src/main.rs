@@ -1046,6 +1046,7 @@ fn profile(
                     chunk: m.chunk.max(1),
                     budget,
                     max_binding: gpu.max_binding(),
+                    param_align: gpu.limits.min_uniform_buffer_offset_alignment as u64,
                     ..Default::default()
                 };
                 let mut plan = wgllm::plan::MemoryPlan::new(&cfg, opts)?;

@@ -6,7 +6,8 @@ mod common;
 use std::sync::RwLock;
 
 use common::*;
-use wgllm::kernels::{matmul, Tensor, WeightMatrix};
+use wgllm::kernels::matmul::{self, MatmulKernel};
+use wgllm::kernels::{Tensor, WeightMatrix};
 use wgllm::quant::{dequantize, quantize, WeightFormat};
 use wgllm::BufferClass::Activations;
 use wgllm::Gpu;
@@ -54,8 +55,8 @@ fn weights(
 enum Op {
     /// matvec, with the rows per workgroup forced or left to the policy
     Matvec(Option<u32>),
-    /// matmul over this many tokens
-    Matmul(usize),
+    /// matmul over this many tokens, with the kernel forced or left to the policy
+    Matmul(usize, Option<MatmulKernel>),
 }
 
 /// Runs `op` on random inputs and compares with the reference.
@@ -63,19 +64,19 @@ fn check(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], op: Op, seed: u64) {
     let (rows, cols) = (wm.rows, wm.cols);
     let m = match op {
         Op::Matvec(_) => 1,
-        Op::Matmul(m) => m,
+        Op::Matmul(m, _) => m,
     };
     let xd = randn(m * cols, seed, 1.0);
     let (xs, ys) = match op {
         Op::Matvec(_) => (vec![cols], vec![rows]),
-        Op::Matmul(m) => (vec![m, cols], vec![m, rows]),
+        Op::Matmul(m, _) => (vec![m, cols], vec![m, rows]),
     };
     let x = gpu.tensor_from("x", Activations, &xs, &xd).unwrap();
     let y = gpu.tensor("y", Activations, &ys).unwrap();
     let mut rec = gpu.recorder();
     match op {
         Op::Matvec(r) => matmul::matvec_with_rows(&mut rec, wm, &x, &y, r).unwrap(),
-        Op::Matmul(_) => matmul::matmul(&mut rec, wm, &x, &y).unwrap(),
+        Op::Matmul(_, k) => matmul::matmul_with(&mut rec, wm, &x, &y, k).unwrap(),
     }
     assert_eq!(rec.len(), wm.shards.len(), "one dispatch per shard");
     rec.submit().unwrap();
@@ -122,11 +123,26 @@ fn matmul_matches_reference_in_every_format() {
         let k = awkward_cols(f);
         let (wm, deq) = weights(gpu, f, 67, k, 30);
         for m in [1, 7, 33] {
-            check(gpu, &wm, &deq, Op::Matmul(m), 40 + m as u64);
+            for kernel in [
+                None,
+                Some(MatmulKernel::Tiled),
+                Some(MatmulKernel::Rows { tokens: 4 }),
+            ] {
+                check(gpu, &wm, &deq, Op::Matmul(m, kernel), 40 + m as u64);
+            }
         }
+        let two = Some(MatmulKernel::Rows { tokens: 2 });
+        check(gpu, &wm, &deq, Op::Matmul(7, two), 48);
         // Several tiles both ways, partial at both edges.
         let (wm, deq) = weights(gpu, f, 130, 96, 31);
-        check(gpu, &wm, &deq, Op::Matmul(70), 50);
+        check(
+            gpu,
+            &wm,
+            &deq,
+            Op::Matmul(70, Some(MatmulKernel::Tiled)),
+            50,
+        );
+        check(gpu, &wm, &deq, Op::Matmul(70, None), 51);
     }
 }
 
@@ -148,7 +164,14 @@ fn sharded_weights_match_reference() {
             wm.shards.len()
         );
         check(gpu, wm, deq, Op::Matvec(None), 61);
-        check(gpu, wm, deq, Op::Matmul(7), 62);
+        check(gpu, wm, deq, Op::Matmul(7, Some(MatmulKernel::Tiled)), 62);
+        check(
+            gpu,
+            wm,
+            deq,
+            Op::Matmul(7, Some(MatmulKernel::Rows { tokens: 4 })),
+            63,
+        );
     }
 }
 
@@ -189,6 +212,9 @@ fn shape_mismatches_are_refused_before_dispatch() {
     refused(matmul::matmul(&mut rec, &wm, &t(&[3, 64]), &t(&[4, 8])));
     refused(matmul::matmul(&mut rec, &wm, &t(&[3, 64]), &t(&[3, 7])));
     let e = matmul::matvec_with_rows(&mut rec, &wm, &t(&[64]), &t(&[8]), Some(5)).unwrap_err();
+    assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    let bad = Some(MatmulKernel::Rows { tokens: 3 });
+    let e = matmul::matmul_with(&mut rec, &wm, &t(&[3, 64]), &t(&[3, 8]), bad).unwrap_err();
     assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
     assert!(rec.is_empty());
 }

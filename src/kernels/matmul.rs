@@ -1,6 +1,12 @@
 //! Matrix kernels over [`WeightMatrix`] in every weight format: the decode matrix-vector product
-//! (`shaders/matvec.wgsl`) and the prefill matrix product (`shaders/matmul.wgsl`), one dispatch per
-//! row shard of the weights. Activations and accumulation are f32.
+//! (`shaders/matvec.wgsl`) and the prefill matrix product, one dispatch per row shard of the
+//! weights. Activations and accumulation are f32.
+//!
+//! The prefill product has two kernels ([`MatmulKernel`]): the shared-memory tiled one
+//! (`shaders/matmul.wgsl`, for GPUs and many tokens) and the matvec kernel run over a few tokens
+//! per workgroup (for small batches, and for CPU devices such as lavapipe, where every load is
+//! expensive and the matvec kernel needs about a third of the tiled kernel's loads per
+//! multiply-add).
 
 use crate::error::{Error, Result};
 use crate::gpu::record::View;
@@ -12,6 +18,8 @@ use crate::quant::QK;
 
 /// The rows per matvec workgroup the shader supports (its `ROWS` override).
 pub const MATVEC_ROWS: [u32; 3] = [4, 8, 16];
+/// The tokens per matvec workgroup the shader supports (its `TOK` override).
+pub const MATVEC_TOKENS: [u32; 3] = [1, 2, 4];
 /// Edge of the square output tile of a matmul workgroup (`T` in matmul.wgsl).
 const MATMUL_TILE: usize = 64;
 
@@ -23,7 +31,9 @@ struct MatvecParams {
     row_start: u32,
     row_words: u32,
     blocks: u32,
-    _pad: [u32; 3],
+    m: u32,
+    ld: u32,
+    _pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<MatvecParams>() == 32);
 
@@ -114,6 +124,26 @@ pub fn matvec_rows(gpu: &Gpu, rows: usize) -> u32 {
     }
 }
 
+/// Which kernel computes a prefill product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulKernel {
+    /// 64 x 64 output tiles through workgroup memory (`shaders/matmul.wgsl`).
+    Tiled,
+    /// The matvec kernel, `tokens` (one of [`MATVEC_TOKENS`]) tokens per workgroup.
+    Rows { tokens: u32 },
+}
+
+/// The kernel for a product over `m` tokens: on a CPU device always the matvec kernel, four tokens
+/// at a time (it needs fewer loads per multiply-add, which is what lavapipe is bound by); on a GPU
+/// the matvec kernel up to 8 tokens (a 64-token tile would be mostly padding), tiles beyond.
+pub fn matmul_kernel(gpu: &Gpu, m: usize) -> MatmulKernel {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu || m <= 8 {
+        MatmulKernel::Rows { tokens: 4 }
+    } else {
+        MatmulKernel::Tiled
+    }
+}
+
 /// `y = W x` for one token: `x` is `[cols]` or `[1, cols]`, `y` is `[rows]` or `[1, rows]`.
 pub fn matvec(rec: &mut Recorder, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> Result<()> {
     matvec_with_rows(rec, w, x, y, None)
@@ -129,12 +159,6 @@ pub fn matvec_with_rows(
     rows_per_group: Option<u32>,
 ) -> Result<()> {
     let op = format!("matvec {}", w.label);
-    if let Some(r) = rows_per_group.filter(|r| !MATVEC_ROWS.contains(r)) {
-        return Err(Error::invalid(
-            op,
-            format!("{r} rows per workgroup; the kernel takes {MATVEC_ROWS:?}"),
-        ));
-    }
     let vec_ok = |t: &Tensor, n: usize| t.shape == [n] || t.shape == [1, n];
     if !vec_ok(x, w.cols) {
         return Err(Error::shape(
@@ -150,39 +174,23 @@ pub fn matvec_with_rows(
             format!("{:?}", y.shape),
         ));
     }
-    check_shards(&op, w)?;
-    let (xv, yv) = (bound(&op, x)?, bound(&op, y)?);
-    let gpu = rec.gpu();
-    let entry = format!("matvec_{}", w.format.name());
-    let cols = u32_of(&op, "cols", w.cols)?;
-    let rw = u32_of(&op, "row words", row_words(w.format, w.cols))?;
-    for s in &w.shards {
-        let r = rows_per_group.unwrap_or_else(|| matvec_rows(gpu, s.rows));
-        let k = gpu.kernel("matvec", &entry, &BINDS, 32, &[("ROWS", r as f64)])?;
-        let p = MatvecParams {
-            rows: u32_of(&op, "rows", s.rows)?,
-            cols,
-            row_start: u32_of(&op, "row", s.row_start)?,
-            row_words: rw,
-            blocks: (w.cols / QK) as u32,
-            _pad: [0; 3],
-        };
-        let groups = gpu.groups(u32_of(&op, "rows", s.rows.div_ceil(r as usize))?);
-        let [data, scales] = weight_views(s);
-        rec.dispatch(
-            &k,
-            &format!("matvec.{}", s.data.label),
-            &[data, scales, xv.clone(), yv.clone()],
-            params(&p),
-            groups,
-        )?;
-    }
-    Ok(())
+    rows_kernel(rec, w, x, y, 1, rows_per_group, 1, &op)
 }
 
 /// `Y = X Wᵀ` for `m` tokens: `x` is `[.., cols]` (m = all leading dimensions), `y` has the same
-/// leading dimensions and `rows` last. One token goes through [`matvec`], which is faster for it.
+/// leading dimensions and `rows` last. One token goes through [`matvec`].
 pub fn matmul(rec: &mut Recorder, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> Result<()> {
+    matmul_with(rec, w, x, y, None)
+}
+
+/// [`matmul`] with the kernel forced (for tests and tuning); `None` picks [`matmul_kernel`].
+pub fn matmul_with(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    x: &Tensor,
+    y: &Tensor,
+    kernel: Option<MatmulKernel>,
+) -> Result<()> {
     let op = format!("matmul {}", w.label);
     let Some((_, lead)) = x.shape.split_last().filter(|(&c, _)| c == w.cols) else {
         return Err(Error::shape(
@@ -198,40 +206,108 @@ pub fn matmul(rec: &mut Recorder, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> R
     if m == 0 {
         return Ok(());
     }
-    if m == 1 {
-        let xs = Tensor {
-            buf: x.buf.clone(),
-            shape: vec![w.cols],
-        };
-        let ys = Tensor {
-            buf: y.buf.clone(),
-            shape: vec![w.rows],
-        };
-        return matvec(rec, w, &xs, &ys);
+    match kernel.unwrap_or_else(|| matmul_kernel(rec.gpu(), m)) {
+        _ if m == 1 => rows_kernel(rec, w, x, y, 1, None, 1, &op),
+        MatmulKernel::Rows { tokens } => rows_kernel(rec, w, x, y, m, None, tokens, &op),
+        MatmulKernel::Tiled => tiled_kernel(rec, w, x, y, m, &op),
     }
-    check_shards(&op, w)?;
-    let (xv, yv) = (bound(&op, x)?, bound(&op, y)?);
+}
+
+/// Dispatches `matvec.wgsl` over `m` tokens, `tokens` per workgroup; shapes already checked.
+#[allow(clippy::too_many_arguments)]
+fn rows_kernel(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    x: &Tensor,
+    y: &Tensor,
+    m: usize,
+    rows_per_group: Option<u32>,
+    tokens: u32,
+    op: &str,
+) -> Result<()> {
+    if let Some(r) = rows_per_group.filter(|r| !MATVEC_ROWS.contains(r)) {
+        return Err(Error::invalid(
+            op,
+            format!("{r} rows per workgroup; the kernel takes {MATVEC_ROWS:?}"),
+        ));
+    }
+    if !MATVEC_TOKENS.contains(&tokens) {
+        return Err(Error::invalid(
+            op,
+            format!("{tokens} tokens per workgroup; the kernel takes {MATVEC_TOKENS:?}"),
+        ));
+    }
+    check_shards(op, w)?;
+    let (xv, yv) = (bound(op, x)?, bound(op, y)?);
+    let gpu = rec.gpu();
+    let entry = format!("matvec_{}", w.format.name());
+    let cols = u32_of(op, "cols", w.cols)?;
+    let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
+    let token_groups = m.div_ceil(tokens as usize);
+    for s in &w.shards {
+        let r = rows_per_group.unwrap_or_else(|| matvec_rows(gpu, s.rows));
+        let k = gpu.kernel(
+            "matvec",
+            &entry,
+            &BINDS,
+            32,
+            &[("ROWS", r as f64), ("TOK", tokens as f64)],
+        )?;
+        let p = MatvecParams {
+            rows: u32_of(op, "rows", s.rows)?,
+            cols,
+            row_start: u32_of(op, "row", s.row_start)?,
+            row_words: rw,
+            blocks: (w.cols / QK) as u32,
+            m: u32_of(op, "tokens", m)?,
+            ld: u32_of(op, "rows", w.rows)?,
+            _pad: 0,
+        };
+        let n = s.rows.div_ceil(r as usize) * token_groups;
+        let [data, scales] = weight_views(s);
+        rec.dispatch(
+            &k,
+            &format!("matvec.{}", s.data.label),
+            &[data, scales, xv.clone(), yv.clone()],
+            params(&p),
+            gpu.groups(u32_of(op, "workgroups", n)?),
+        )?;
+    }
+    Ok(())
+}
+
+/// Dispatches `matmul.wgsl` over `m` tokens; shapes already checked.
+fn tiled_kernel(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    x: &Tensor,
+    y: &Tensor,
+    m: usize,
+    op: &str,
+) -> Result<()> {
+    check_shards(op, w)?;
+    let (xv, yv) = (bound(op, x)?, bound(op, y)?);
     let gpu = rec.gpu();
     let entry = format!("matmul_{}", w.format.name());
     let k = gpu.kernel("matmul", &entry, &BINDS, 32, &[])?;
-    let mu = u32_of(&op, "tokens", m)?;
-    let cols = u32_of(&op, "cols", w.cols)?;
-    let ld = u32_of(&op, "rows", w.rows)?;
-    let rw = u32_of(&op, "row words", row_words(w.format, w.cols))?;
+    let mu = u32_of(op, "tokens", m)?;
+    let cols = u32_of(op, "cols", w.cols)?;
+    let ld = u32_of(op, "rows", w.rows)?;
+    let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
     let tiles_m = m.div_ceil(MATMUL_TILE);
     for s in &w.shards {
         let tiles_n = s.rows.div_ceil(MATMUL_TILE);
         let p = MatmulParams {
             m: mu,
-            rows: u32_of(&op, "rows", s.rows)?,
+            rows: u32_of(op, "rows", s.rows)?,
             cols,
-            row_start: u32_of(&op, "row", s.row_start)?,
+            row_start: u32_of(op, "row", s.row_start)?,
             ld,
             row_words: rw,
             blocks: (w.cols / QK) as u32,
-            tiles_n: u32_of(&op, "tiles", tiles_n)?,
+            tiles_n: u32_of(op, "tiles", tiles_n)?,
         };
-        let groups = gpu.groups(u32_of(&op, "tiles", tiles_n * tiles_m)?);
+        let groups = gpu.groups(u32_of(op, "tiles", tiles_n * tiles_m)?);
         let [data, scales] = weight_views(s);
         rec.dispatch(
             &k,

@@ -73,6 +73,9 @@ pub struct PlanOptions {
     pub all_logits: bool,
     /// Storage binding limit weights are sharded to (it sets the dispatch count).
     pub max_binding: u64,
+    /// The device's uniform-buffer offset alignment: each dispatch's params take a slot of this
+    /// granularity (256 by default, WebGPU's; lavapipe's is 32).
+    pub param_align: u64,
 }
 
 impl Default for PlanOptions {
@@ -87,6 +90,7 @@ impl Default for PlanOptions {
             train: None,
             all_logits: false,
             max_binding: DEFAULT_MAX_BINDING,
+            param_align: PARAM_SLOT,
         }
     }
 }
@@ -214,7 +218,8 @@ impl MemoryPlan {
                 _ => 1,
             } * times;
             dispatches += n;
-            kernel_params_bytes += n * k.params_bytes().div_ceil(PARAM_SLOT) * PARAM_SLOT;
+            let slot = opts.param_align.max(1);
+            kernel_params_bytes += n * k.params_bytes().div_ceil(slot) * slot;
             Ok(())
         };
         for s in sched.prologue.iter().chain(&sched.epilogue) {

@@ -1,0 +1,84 @@
+//! The memory planner keeps its word: for SmolLM2 at several contexts, the bytes `wgllm plan`
+//! predicts per class equal (within 1%) what the VRAM ledger measures when the model runs, and the
+//! KV cache equals llama.cpp's published formula.
+mod common;
+use common::*;
+use wgllm::gpu::ledger::BufferClass;
+use wgllm::kernels::attention::KvDtype;
+use wgllm::model::llama::RunOptions;
+use wgllm::plan::{MemoryPlan, PlanOptions};
+use wgllm::{Gpu, GpuOptions};
+
+#[test]
+fn smollm2_planned_bytes_match_the_ledger() {
+    if gpu().is_none() {
+        return;
+    }
+    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
+        return;
+    };
+    let g = wgllm::loader::gguf::Gguf::open(&path).unwrap();
+    let (cfg, _) = wgllm::model::llama::config_from_gguf(&g).unwrap();
+    for (ctx, kv) in [
+        (128usize, KvDtype::F16),
+        (512, KvDtype::Q8_0),
+        (2048, KvDtype::F32),
+    ] {
+        // A device of its own, so the ledger holds only this model.
+        let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+        let chunk = 32;
+        let opts = RunOptions {
+            ctx,
+            kv_dtype: kv,
+            chunk,
+            all_logits: false,
+            ..Default::default()
+        };
+        let mut lm = wgllm::model::load::load_lm(&gpu, &path, None, opts).unwrap();
+        lm.model.forward(&gpu, &[1, 2, 3], 0).unwrap();
+        let r = gpu.ledger.report();
+
+        let popts = PlanOptions {
+            kv,
+            ctx,
+            chunk,
+            max_binding: gpu.max_binding(),
+            param_align: gpu.limits.min_uniform_buffer_offset_alignment as u64,
+            ..Default::default()
+        };
+        let mut plan = MemoryPlan::new(&cfg, popts).unwrap();
+        plan.set_parameter_bytes(wgllm::plan::gguf_parameter_bytes(&g, gpu.max_binding()).unwrap());
+
+        let check = |class: &str, planned: u64, measured: u64| {
+            let rel = (measured as f64 - planned as f64).abs() / planned as f64;
+            eprintln!("ctx {ctx} kv {kv}: {class:<12} planned {planned:>12} measured {measured:>12} ({:+.3}%)", 100.0 * rel);
+            assert!(
+                rel <= 0.01,
+                "ctx {ctx} {class}: planned {planned}, measured {measured}"
+            );
+        };
+        check(
+            "parameters",
+            plan.parameters_bytes,
+            r.class(BufferClass::Parameters).current_bytes,
+        );
+        check(
+            "kv-cache",
+            plan.kv_cache_bytes,
+            r.class(BufferClass::KvCache).current_bytes,
+        );
+        eprintln!(
+            "activation buffers {} kernel params {} ({} dispatches)",
+            plan.activation_bytes, plan.kernel_params_bytes, plan.dispatches_per_chunk
+        );
+        check(
+            "activations",
+            plan.activation_bytes + plan.kernel_params_bytes,
+            r.class(BufferClass::Activations).peak_bytes,
+        );
+        // llama.cpp: n_layer * n_ctx * n_embd_k_gqa * 2 (K and V) * bytes per element.
+        if kv == KvDtype::F16 {
+            assert_eq!(plan.kv_cache_bytes, 30 * ctx as u64 * 192 * 2 * 2);
+        }
+    }
+}
