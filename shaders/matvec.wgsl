@@ -37,11 +37,10 @@ struct Params {
 @group(0) @binding(4) var<uniform> p: Params;
 
 const WG: u32 = 64u;
-// The largest ROWS and TOK: they size the accumulators and workgroup arrays. Loops run to ROWS and
-// TOK, which pipeline creation makes constants, so the drivers unroll them and keep only the
-// accumulators in use.
+// ROWS is 4, 8 or 16 and TOK 1, 2 or 4; pipeline creation makes them constants, so the branches
+// on them below fold away. Accumulators are named variables, one vec4 (over tokens) per row: as an
+// array indexed in a loop, lavapipe keeps them in memory, which costs more than all the arithmetic.
 const R: u32 = 16u;
-const TM: u32 = 4u;
 override ROWS: u32 = 16u;
 override TOK: u32 = 1u;
 
@@ -66,13 +65,13 @@ fn tok_of(tok0: u32, t: u32) -> u32 {
     return min(tok0 + t, p.m - 1u);
 }
 
-// Reduces every thread's partial sums (acc[r * TM + t]) and writes y, one token at a time: thread
-// i first adds 8 of row i / 8's WG partials, then thread r < ROWS adds row r's 8 results. Two
-// barriers per token rather than log2(WG).
-fn finish(lid: u32, row0: u32, tok0: u32, acc: array<f32, R * TM>) {
+// Reduces every thread's partial sums (acc[r][t] for row r, token t) and writes y, one token at a
+// time: thread i first adds 8 of row i / 8's WG partials, then thread r < ROWS adds row r's 8
+// results. Two barriers per token rather than log2(WG).
+fn finish(lid: u32, row0: u32, tok0: u32, acc: array<vec4<f32>, R>) {
     for (var t = 0u; t < TOK; t++) {
         for (var r = 0u; r < ROWS; r++) {
-            part[r * WG + lid] = acc[r * TM + t];
+            part[r * WG + lid] = acc[r][t];
         }
         workgroupBarrier();
         for (var i = lid; i < ROWS * 8u; i += WG) {
@@ -94,60 +93,49 @@ fn finish(lid: u32, row0: u32, tok0: u32, acc: array<f32, R * TM>) {
     }
 }
 
-@compute @workgroup_size(64)
-fn matvec_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let at = tile_of(wid, nwg);
-    if (at.x >= p.rows) {
-        return;
-    }
-    var acc: array<f32, R * TM>;
-    for (var c = lid; c < p.cols; c += WG) {
-        var xv: array<f32, TM>;
-        for (var t = 0u; t < TOK; t++) {
-            xv[t] = x[tok_of(at.y, t) * p.cols + c];
-        }
-        for (var r = 0u; r < ROWS; r++) {
-            let w = bitcast<f32>(wq[row_of(at.x, r) * p.row_words + c]);
-            for (var t = 0u; t < TOK; t++) {
-                acc[r * TM + t] += w * xv[t];
-            }
-        }
-    }
-    finish(lid, at.x, at.y, acc);
+// x under one unit of work (a word of f32/f16 weights, a block of quantised ones) for each of the
+// TOK tokens: token t's values in vt (f32: vt[0].x; f16: vt[0].xy; blocks: all 32; zero for t >=
+// TOK), and each token's block sum in `sum`. Named fields, not an array, for the same reason as the
+// accumulators.
+struct Xs {
+    v0: array<vec4<f32>, 8>,
+    v1: array<vec4<f32>, 8>,
+    v2: array<vec4<f32>, 8>,
+    v3: array<vec4<f32>, 8>,
+    sum: vec4<f32>,
 }
 
-@compute @workgroup_size(64)
-fn matvec_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let at = tile_of(wid, nwg);
-    if (at.x >= p.rows) {
-        return;
+// The formats; `fmt` is a constant at every call site, so each entry point compiles to its own
+// straight-line code.
+const F32: u32 = 0u;
+const F16: u32 = 1u;
+const Q8_0: u32 = 2u;
+const Q4_0: u32 = 3u;
+const Q4_1: u32 = 4u;
+
+// Units (data words or blocks) per row.
+fn units(fmt: u32) -> u32 {
+    if (fmt == F32 || fmt == F16) {
+        return p.row_words;
     }
-    var acc: array<f32, R * TM>;
-    for (var w = lid; w < p.row_words; w += WG) {
-        let c = 2u * w;
-        var xv: array<vec2<f32>, TM>;
-        for (var t = 0u; t < TOK; t++) {
-            // An odd row ends in a zero pad weight; x has no value there, so use 0 rather than
-            // read the next token's first value.
-            let xt = tok_of(at.y, t) * p.cols + c;
-            xv[t] = vec2<f32>(x[xt], select(0.0, x[xt + 1u], c + 1u < p.cols));
-        }
-        for (var r = 0u; r < ROWS; r++) {
-            let wv = qh_pair(wq[row_of(at.x, r) * p.row_words + w]);
-            for (var t = 0u; t < TOK; t++) {
-                acc[r * TM + t] += dot(wv, xv[t]);
-            }
-        }
-    }
-    finish(lid, at.x, at.y, acc);
+    return p.blocks;
 }
 
-// The 32 x values of token `tok`'s block b, four per vec4.
-fn x_block(tok: u32, b: u32) -> array<vec4<f32>, 8> {
+fn load_token(fmt: u32, tok: u32, u: u32) -> array<vec4<f32>, 8> {
     var v: array<vec4<f32>, 8>;
-    for (var i = 0u; i < 8u; i++) {
-        let c = tok * p.cols + 32u * b + 4u * i;
-        v[i] = vec4<f32>(x[c], x[c + 1u], x[c + 2u], x[c + 3u]);
+    let base = tok * p.cols;
+    if (fmt == F32) {
+        v[0].x = x[base + u];
+    } else if (fmt == F16) {
+        // An odd row ends in a zero pad weight; x has no value there, so use 0 rather than read
+        // the next token's first value.
+        let c = 2u * u;
+        v[0] = vec4<f32>(x[base + c], select(0.0, x[base + c + 1u], c + 1u < p.cols), 0.0, 0.0);
+    } else {
+        for (var i = 0u; i < 8u; i++) {
+            let c = base + 32u * u + 4u * i;
+            v[i] = vec4<f32>(x[c], x[c + 1u], x[c + 2u], x[c + 3u]);
+        }
     }
     return v;
 }
@@ -160,6 +148,22 @@ fn sum8(v: array<vec4<f32>, 8>) -> f32 {
     return dot(s, vec4<f32>(1.0));
 }
 
+fn load_xs(fmt: u32, tok0: u32, u: u32) -> Xs {
+    var xs: Xs;
+    xs.v0 = load_token(fmt, tok0, u);
+    if (TOK > 1u) {
+        xs.v1 = load_token(fmt, tok_of(tok0, 1u), u);
+    }
+    if (TOK > 2u) {
+        xs.v2 = load_token(fmt, tok_of(tok0, 2u), u);
+        xs.v3 = load_token(fmt, tok_of(tok0, 3u), u);
+    }
+    if (fmt != F32 && fmt != F16) {
+        xs.sum = vec4<f32>(sum8(xs.v0), sum8(xs.v1), sum8(xs.v2), sum8(xs.v3));
+    }
+    return xs;
+}
+
 fn dot8(a: array<vec4<f32>, 8>, b: array<vec4<f32>, 8>) -> f32 {
     var s = 0.0;
     for (var i = 0u; i < 8u; i++) {
@@ -168,83 +172,128 @@ fn dot8(a: array<vec4<f32>, 8>, b: array<vec4<f32>, 8>) -> f32 {
     return s;
 }
 
-// The unscaled quants of the block whose data starts at word `at`, in the order of x_block.
-fn q8_block(at: u32) -> array<vec4<f32>, 8> {
-    var q: array<vec4<f32>, 8>;
-    for (var i = 0u; i < 8u; i++) {
-        q[i] = q8_unpack(wq[at + i]);
+// sum_j w_j x_j over one unit of one row, for each token (lanes t >= TOK are left zero).
+fn unit_row(fmt: u32, row: u32, u: u32, xs: Xs) -> vec4<f32> {
+    // The unit's weights in the order of load_token; for blocks, unscaled quants.
+    var w: array<vec4<f32>, 8>;
+    var d = 1.0;
+    var m = 0.0;
+    let g = row * p.blocks + u;
+    if (fmt == F32) {
+        w[0].x = bitcast<f32>(wq[row * p.row_words + u]);
+    } else if (fmt == F16) {
+        w[0] = vec4<f32>(qh_pair(wq[row * p.row_words + u]), 0.0, 0.0);
+    } else if (fmt == Q8_0) {
+        d = qh_scale(ws[g >> 1u], g);
+        for (var i = 0u; i < 8u; i++) {
+            w[i] = q8_unpack(wq[row * p.row_words + 8u * u + i]);
+        }
+    } else {
+        if (fmt == Q4_0) {
+            // d * sum (q - 8) x = d * (sum q x - 8 sum x): the -8 costs one term per block.
+            d = qh_scale(ws[g >> 1u], g);
+            m = -8.0 * d;
+        } else {
+            // sum (d q + m) x = d * sum q x + m * sum x.
+            let dm = qh_pair(ws[g]);
+            d = dm.x;
+            m = dm.y;
+        }
+        for (var i = 0u; i < 4u; i++) {
+            let q = wq[row * p.row_words + 4u * u + i];
+            w[i] = q4_lo(q);
+            w[i + 4u] = q4_hi(q);
+        }
     }
-    return q;
-}
-fn q4_block(at: u32) -> array<vec4<f32>, 8> {
-    var q: array<vec4<f32>, 8>;
-    for (var i = 0u; i < 4u; i++) {
-        let w = wq[at + i];
-        q[i] = q4_lo(w);
-        q[i + 4u] = q4_hi(w);
+    // One or two weights: skip dot8 so the compiler need not prove the other lanes zero.
+    if (fmt == F32) {
+        return w[0].x * vec4<f32>(xs.v0[0].x, xs.v1[0].x, xs.v2[0].x, xs.v3[0].x);
     }
-    return q;
+    if (fmt == F16) {
+        return w[0].x * vec4<f32>(xs.v0[0].x, xs.v1[0].x, xs.v2[0].x, xs.v3[0].x)
+            + w[0].y * vec4<f32>(xs.v0[0].y, xs.v1[0].y, xs.v2[0].y, xs.v3[0].y);
+    }
+    var s = vec4<f32>(dot8(w, xs.v0), 0.0, 0.0, 0.0);
+    if (TOK > 1u) {
+        s.y = dot8(w, xs.v1);
+    }
+    if (TOK > 2u) {
+        s.z = dot8(w, xs.v2);
+        s.w = dot8(w, xs.v3);
+    }
+    return d * s + m * xs.sum;
 }
 
-// The quantised kernels differ only in how a block's scale applies; `fmt` is a constant at every
-// call site, so each entry point compiles to its own straight-line code.
-const Q8_0: u32 = 0u;
-const Q4_0: u32 = 1u;
-const Q4_1: u32 = 2u;
-
-fn matvec_quant(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
+fn matvec_any(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     let at = tile_of(wid, nwg);
     if (at.x >= p.rows) {
         return;
     }
-    var acc: array<f32, R * TM>;
-    for (var b = lid; b < p.blocks; b += WG) {
-        var xb: array<array<vec4<f32>, 8>, TM>;
-        var sx: array<f32, TM>;
-        for (var t = 0u; t < TOK; t++) {
-            xb[t] = x_block(tok_of(at.y, t), b);
-            sx[t] = sum8(xb[t]);
+    let r0 = at.x;
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    var a4 = vec4<f32>(0.0);
+    var a5 = vec4<f32>(0.0);
+    var a6 = vec4<f32>(0.0);
+    var a7 = vec4<f32>(0.0);
+    var a8 = vec4<f32>(0.0);
+    var a9 = vec4<f32>(0.0);
+    var a10 = vec4<f32>(0.0);
+    var a11 = vec4<f32>(0.0);
+    var a12 = vec4<f32>(0.0);
+    var a13 = vec4<f32>(0.0);
+    var a14 = vec4<f32>(0.0);
+    var a15 = vec4<f32>(0.0);
+    for (var u = lid; u < units(fmt); u += WG) {
+        let xs = load_xs(fmt, at.y, u);
+        a0 += unit_row(fmt, row_of(r0, 0u), u, xs);
+        a1 += unit_row(fmt, row_of(r0, 1u), u, xs);
+        a2 += unit_row(fmt, row_of(r0, 2u), u, xs);
+        a3 += unit_row(fmt, row_of(r0, 3u), u, xs);
+        if (ROWS > 4u) {
+            a4 += unit_row(fmt, row_of(r0, 4u), u, xs);
+            a5 += unit_row(fmt, row_of(r0, 5u), u, xs);
+            a6 += unit_row(fmt, row_of(r0, 6u), u, xs);
+            a7 += unit_row(fmt, row_of(r0, 7u), u, xs);
         }
-        for (var r = 0u; r < ROWS; r++) {
-            let row = row_of(at.x, r);
-            let g = row * p.blocks + b;
-            if (fmt == Q8_0) {
-                let d = qh_scale(ws[g >> 1u], g);
-                let q = q8_block(row * p.row_words + 8u * b);
-                for (var t = 0u; t < TOK; t++) {
-                    acc[r * TM + t] += d * dot8(q, xb[t]);
-                }
-            } else if (fmt == Q4_0) {
-                // d * sum (q - 8) x = d * (sum q x - 8 sum x): the -8 costs one term per block.
-                let d = qh_scale(ws[g >> 1u], g);
-                let q = q4_block(row * p.row_words + 4u * b);
-                for (var t = 0u; t < TOK; t++) {
-                    acc[r * TM + t] += d * (dot8(q, xb[t]) - 8.0 * sx[t]);
-                }
-            } else {
-                // sum (d q + m) x = d * sum q x + m * sum x.
-                let dm = qh_pair(ws[g]);
-                let q = q4_block(row * p.row_words + 4u * b);
-                for (var t = 0u; t < TOK; t++) {
-                    acc[r * TM + t] += dm.x * dot8(q, xb[t]) + dm.y * sx[t];
-                }
-            }
+        if (ROWS > 8u) {
+            a8 += unit_row(fmt, row_of(r0, 8u), u, xs);
+            a9 += unit_row(fmt, row_of(r0, 9u), u, xs);
+            a10 += unit_row(fmt, row_of(r0, 10u), u, xs);
+            a11 += unit_row(fmt, row_of(r0, 11u), u, xs);
+            a12 += unit_row(fmt, row_of(r0, 12u), u, xs);
+            a13 += unit_row(fmt, row_of(r0, 13u), u, xs);
+            a14 += unit_row(fmt, row_of(r0, 14u), u, xs);
+            a15 += unit_row(fmt, row_of(r0, 15u), u, xs);
         }
     }
-    finish(lid, at.x, at.y, acc);
+    let acc = array<vec4<f32>, R>(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15);
+    finish(lid, r0, at.y, acc);
+}
+
+@compute @workgroup_size(64)
+fn matvec_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matvec_any(F32, wid, nwg, lid);
+}
+
+@compute @workgroup_size(64)
+fn matvec_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matvec_any(F16, wid, nwg, lid);
 }
 
 @compute @workgroup_size(64)
 fn matvec_q8_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    matvec_quant(Q8_0, wid, nwg, lid);
+    matvec_any(Q8_0, wid, nwg, lid);
 }
 
 @compute @workgroup_size(64)
 fn matvec_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    matvec_quant(Q4_0, wid, nwg, lid);
+    matvec_any(Q4_0, wid, nwg, lid);
 }
 
 @compute @workgroup_size(64)
 fn matvec_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    matvec_quant(Q4_1, wid, nwg, lid);
+    matvec_any(Q4_1, wid, nwg, lid);
 }

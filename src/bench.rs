@@ -264,11 +264,14 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 }
 
 /// Runs the pp and tg tests on a loaded model. `progress` gets a line per step.
+/// `copy_gb_per_s` is the device's copy bandwidth, measured by the caller with [`copy_bandwidth`]
+/// before the model was loaded (so its scratch buffers never share the ledger with the model).
 pub fn bench_model(
     gpu: &Gpu,
     model: &mut dyn crate::model::generate::CausalLm,
     name: &str,
     opts: &ModelBenchOptions,
+    copy_gb_per_s: f64,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ModelBenchReport> {
     let vocab = model.vocab_size() as u32;
@@ -277,8 +280,9 @@ pub fn bench_model(
         .map(|i| (i * 7919 + 13) % vocab)
         .collect();
     let mut rates = Vec::new();
-    // One untimed warm-up creates every pipeline.
-    model.forward(gpu, &tokens[..tokens.len().min(8)], 0)?;
+    // One untimed warm-up creates every pipeline (decode's only, when there is no pp test).
+    let warm = if opts.pp > 0 { tokens.len().min(8) } else { 1 };
+    model.forward(gpu, &tokens[..warm], 0)?;
     if opts.pp > 0 {
         let mut samples = Vec::new();
         for r in 0..opts.reps {
@@ -315,8 +319,7 @@ pub fn bench_model(
             samples,
         });
     }
-    progress("measuring copy bandwidth");
-    let copy = copy_bandwidth(gpu)?;
+    let copy = copy_gb_per_s;
     let bytes = model.weight_bytes_per_token() + model.kv_bytes_per_token(opts.tg / 2);
     let tg = rates
         .iter()

@@ -225,6 +225,11 @@ struct ModelArgs {
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 64)]
     chunk: usize,
+    /// Layers kept on the GPU; the rest stream from host memory through two layer slots, so a
+    /// model larger than --budget still runs. A number, "all", or "auto": all unless --budget is
+    /// given and the memory plan says the model does not fit it, then as many as the plan fits.
+    #[arg(long, default_value = "auto")]
+    resident_layers: String,
 }
 
 /// Sampling flags, named as llama.cpp names them.
@@ -265,6 +270,7 @@ fn load_model(gpu: &Gpu, m: &ModelArgs, all_logits: bool) -> Result<wgllm::model
         kv_dtype: kv,
         chunk: m.chunk.max(1),
         all_logits,
+        resident_layers: resident_layers(gpu, m, all_logits, || auto_model_plan(gpu, m, &path))?,
     };
     let t = std::time::Instant::now();
     let lm = wgllm::model::load::load_lm(gpu, &path, precision, opts)
@@ -276,6 +282,107 @@ fn load_model(gpu: &Gpu, m: &ModelArgs, all_logits: bool) -> Result<wgllm::model
         gpu.info.name
     );
     Ok(lm)
+}
+
+/// What `--resident-layers auto` plans with: the config, the weight precision that sizes a layer,
+/// and the parameter bytes when known exactly (a GGUF file's own formats).
+type AutoPlan = Option<(
+    wgllm::model::config::ModelConfig,
+    wgllm::model::params::Precision,
+    Option<u64>,
+)>;
+
+/// `--resident-layers`: `None` keeps every layer on the GPU. "auto" asks the memory plan only when
+/// there is a budget: if the model does not fit it resident, the plan's streaming suggestion (or,
+/// when not even that fits, every layer streamed, the least the GPU can hold).
+fn resident_layers(
+    gpu: &Gpu,
+    m: &ModelArgs,
+    all_logits: bool,
+    model: impl FnOnce() -> Result<AutoPlan>,
+) -> Result<Option<usize>> {
+    use wgllm::gpu::ledger::human_bytes;
+    use wgllm::plan::{MemoryPlan, PlanOptions};
+    match m.resident_layers.as_str() {
+        "all" => return Ok(None),
+        "auto" => {}
+        n => {
+            return n.parse().map(Some).map_err(|_| {
+                anyhow::anyhow!("--resident-layers {n}: give a number of layers, all or auto")
+            })
+        }
+    }
+    let Some(budget) = gpu.ledger.budget() else {
+        return Ok(None);
+    };
+    let Some((cfg, precision, param_bytes)) = model()? else {
+        return Ok(None);
+    };
+    let opts = PlanOptions {
+        precision,
+        kv: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
+        ctx: m.ctx,
+        chunk: m.chunk.max(1),
+        budget: Some(budget),
+        all_logits,
+        max_binding: gpu.max_binding(),
+        ..Default::default()
+    };
+    let mut plan = MemoryPlan::new(&cfg, opts)?;
+    if let Some(b) = param_bytes {
+        plan.set_parameter_bytes(b);
+    }
+    if plan.fits() {
+        return Ok(None);
+    }
+    let resident = match plan.suggestions().and_then(|s| s.streaming) {
+        Some(st) => {
+            eprintln!(
+                "the model takes {} resident, over the {} budget: streaming {} of {} layers ({} planned)",
+                human_bytes(plan.total_bytes),
+                human_bytes(budget),
+                st.streamed_layers,
+                cfg.n_layers,
+                human_bytes(st.total_bytes)
+            );
+            st.resident_layers
+        }
+        None => {
+            eprintln!(
+                "warning: the model does not fit the {} budget even with every layer streamed; trying that",
+                human_bytes(budget)
+            );
+            0
+        }
+    };
+    Ok(Some(resident))
+}
+
+/// [`AutoPlan`] of a model file: LLaMA-family models only (the others do not stream).
+fn auto_model_plan(gpu: &Gpu, m: &ModelArgs, path: &std::path::Path) -> Result<AutoPlan> {
+    use wgllm::model::config::{Arch, ModelConfig};
+    use wgllm::model::params::Precision;
+    if path.is_dir() {
+        let hf = wgllm::loader::safetensors::HfModel::open(path)?;
+        let cfg = ModelConfig::from_hf_json(hf.config())?;
+        let precision = match m.precision.as_deref() {
+            Some(p) => plan_precision(p)?,
+            None => Precision::F32,
+        };
+        return Ok((cfg.arch == Arch::Llama).then_some((cfg, precision, None)));
+    }
+    let g = wgllm::loader::gguf::Gguf::open(path)?;
+    let Ok((cfg, _)) = wgllm::model::llama::config_from_gguf(&g) else {
+        return Ok(None);
+    };
+    // A layer is sized at the format of its FFN matrices (a mixed file's other formats are close).
+    let format = g
+        .tensor("blk.0.ffn_up.weight")
+        .ok()
+        .and_then(|t| wgllm::loader::gguf::weight_format(t.ggml_type))
+        .unwrap_or(wgllm::quant::WeightFormat::F16);
+    let bytes = wgllm::plan::gguf_parameter_bytes(&g, gpu.max_binding())?;
+    Ok(Some((cfg, Precision::parse(format.name())?, Some(bytes))))
 }
 
 fn gpu_options(cli: &Cli) -> GpuOptions {
@@ -763,11 +870,12 @@ fn load_for_bench(
     use wgllm::model::llama::{Llama, RunOptions};
     use wgllm::model::source::Source;
     let kv = wgllm::kernels::attention::KvDtype::parse(&m.kv)?;
-    let opts = RunOptions {
+    let mut opts = RunOptions {
         ctx: m.ctx,
         kv_dtype: kv,
         chunk: m.chunk.max(1),
         all_logits: false,
+        resident_layers: None,
     };
     if synthetic || preset.is_some() {
         let Some(name) = preset else {
@@ -793,6 +901,10 @@ fn load_for_bench(
             "building {name} with synthetic {format} weights on {} ...",
             gpu.info.name
         );
+        opts.resident_layers = resident_layers(gpu, m, false, || {
+            let precision = wgllm::model::params::Precision::parse(format.name())?;
+            Ok(Some((cfg.clone(), precision, None)))
+        })?;
         let t = std::time::Instant::now();
         let rot = cfg.head_dim;
         let model = Llama::load(gpu, cfg, rot, &Source::Synthetic { format, seed: 1 }, opts)?;
@@ -817,15 +929,13 @@ fn bench_model(
     let mut m = m.clone();
     m.ctx = m.ctx.max(pp + 8).max(tg + 8);
     m.chunk = m.chunk.max(pp.min(512));
-    let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
+    eprintln!("measuring the copy bandwidth of {}", gpu.info.name);
+    let copy = wgllm::bench::copy_bandwidth(gpu)?;
+    // The ledger's peak from here on covers loading and running the model only.
     gpu.ledger.reset_peaks();
-    let opts = wgllm::bench::ModelBenchOptions {
-        pp,
-        tg,
-        reps: reps.max(1),
-    };
-    let report =
-        wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, &mut |s| eprintln!("{s}"))?;
+    let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
+    let opts = wgllm::bench::ModelBenchOptions { pp, tg, reps: reps.max(1) };
+    let report = wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, copy, &mut |s| eprintln!("{s}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

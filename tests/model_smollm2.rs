@@ -24,6 +24,7 @@ fn model(kv: KvDtype, ctx: usize) -> Option<(&'static wgllm::Gpu, LoadedLm)> {
             kv_dtype: kv,
             chunk: 64,
             all_logits: false,
+            resident_layers: None,
         },
     )
     .expect("load SmolLM2");

@@ -347,7 +347,16 @@ impl<'g> Recorder<'g> {
 
     /// Submits all dispatches in one compute pass and waits for them.
     pub fn submit(self) -> Result<()> {
-        self.run(false).map(|_| ())
+        self.run(false, true).map(|_| ())
+    }
+
+    /// Submits like [`Recorder::submit`] but returns without waiting, so the CPU can prepare the
+    /// next work while the GPU runs this. Queue order keeps later submissions (and uploads) after
+    /// it; the buffers it uses (its kernel-params block included) stay alive in wgpu until the GPU
+    /// is done with them, even when their handles are dropped now. Returns the submission, to wait
+    /// for with `PollType::Wait` (`None` when nothing was recorded).
+    pub fn submit_no_wait(self) -> Result<Option<wgpu::SubmissionIndex>> {
+        self.run(false, false).map(|(_, index)| index)
     }
 
     /// Submits with a timestamp pair around every dispatch and returns the GPU time of each.
@@ -359,13 +368,19 @@ impl<'g> Recorder<'g> {
                 needed_by: "timed submission".into(),
             });
         }
-        self.run(true)
+        self.run(true, true).map(|(times, _)| times)
     }
 
-    fn run(self, timed: bool) -> Result<Vec<DispatchTime>> {
+    /// Records and submits; with `wait`, waits for completion and returns the dispatch times of a
+    /// `timed` run (which needs the wait to read them back).
+    fn run(
+        self,
+        timed: bool,
+        wait: bool,
+    ) -> Result<(Vec<DispatchTime>, Option<wgpu::SubmissionIndex>)> {
         let gpu = self.gpu;
         if self.items.is_empty() && self.copies.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         let params = gpu.alloc_with_usage(
             "kernel-params",
@@ -400,7 +415,7 @@ impl<'g> Recorder<'g> {
             self.items.len(),
             self.items.first().map_or("copy", |p| p.label.as_str())
         );
-        scoped(&gpu.device, &context, || {
+        let index = scoped(&gpu.device, &context, || {
             let bind_groups: Vec<wgpu::BindGroup> = self
                 .items
                 .iter()
@@ -492,16 +507,19 @@ impl<'g> Recorder<'g> {
                     i = end.max(i + 1);
                 }
             }
-            gpu.queue.submit([enc.finish()]);
+            gpu.queue.submit([enc.finish()])
         })?;
+        if !wait {
+            return Ok((Vec::new(), Some(index)));
+        }
         gpu.wait()?;
         let Some(resolve) = resolve else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         };
         let raw = gpu.read_bytes(&resolve, 0, resolve.size())?;
         let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
         let period = gpu.queue.get_timestamp_period() as f64;
-        Ok(self
+        let times = self
             .items
             .iter()
             .enumerate()
@@ -510,6 +528,7 @@ impl<'g> Recorder<'g> {
                 kernel: p.kernel.name.clone(),
                 nanos: ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period,
             })
-            .collect())
+            .collect();
+        Ok((times, None))
     }
 }

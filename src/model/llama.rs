@@ -3,34 +3,148 @@
 //! separate output head. `forward` reads like the architecture: one kernel call a line.
 
 use crate::error::{Error, Result};
-use crate::gpu::{BufferClass, Gpu, GpuBuffer};
+use crate::gpu::{BufferClass, Gpu, GpuBuffer, Recorder};
 use crate::kernels::attention::{self, KvCache, KvDtype};
 use crate::kernels::rope::{self, RopeMode};
 use crate::kernels::{activation, elementwise, embedding, matmul, norm, Tensor, WeightMatrix};
 use crate::loader::gguf::Gguf;
 use crate::model::config::{Arch, Ffn, ModelConfig, Norm, Positions};
 use crate::model::source::Source;
+use crate::model::stream::{read_vector, HostLayer, HostMatrix, StreamedLayers};
 
-/// One layer's parameters.
-pub struct LayerWeights {
-    pub attn_norm: Tensor,
-    pub wq: WeightMatrix,
-    pub wk: WeightMatrix,
-    pub wv: WeightMatrix,
-    pub bq: Option<Tensor>,
-    pub bk: Option<Tensor>,
-    pub bv: Option<Tensor>,
-    pub wo: WeightMatrix,
-    pub ffn_norm: Tensor,
-    pub w_gate: WeightMatrix,
-    pub w_up: WeightMatrix,
-    pub w_down: WeightMatrix,
+/// One layer's parameters: `M` a matrix, `V` a vector (norm weights, biases). On the GPU that is
+/// [`LayerWeights`]; a streamed layer waits in host memory as a [`HostLayer`] and runs from a GPU
+/// slot ([`crate::model::stream`]).
+pub struct Layer<M, V> {
+    pub attn_norm: V,
+    pub wq: M,
+    pub wk: M,
+    pub wv: M,
+    pub bq: Option<V>,
+    pub bk: Option<V>,
+    pub bv: Option<V>,
+    pub wo: M,
+    pub ffn_norm: V,
+    pub w_gate: M,
+    pub w_up: M,
+    pub w_down: M,
+}
+
+/// One layer's parameters on the GPU.
+pub type LayerWeights = Layer<WeightMatrix, Tensor>;
+
+/// Two layers' fields side by side ([`Layer::zip`]).
+pub type LayerPair<'a, M, V, M2, V2> = Layer<(&'a M, &'a M2), (&'a V, &'a V2)>;
+
+impl<M, V> Layer<M, V> {
+    /// Reads layer `i` with `matrix(name, rows, cols)` and `vector(name, len)` at the shapes `cfg`
+    /// gives (the readers check them against the file).
+    fn read(
+        cfg: &ModelConfig,
+        names: &Names,
+        i: usize,
+        mut matrix: impl FnMut(&str, usize, usize) -> Result<M>,
+        mut vector: impl FnMut(&str, usize) -> Result<V>,
+    ) -> Result<Self> {
+        let (d, ffn) = (cfg.hidden_size, cfg.ffn_size);
+        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let n = |r: &str| names.layer(i, r);
+        let bias = cfg.attn_bias;
+        Ok(Layer {
+            attn_norm: vector(&n("attn_norm.weight"), d)?,
+            wq: matrix(&n("attn_q.weight"), qd, d)?,
+            wk: matrix(&n("attn_k.weight"), kvd, d)?,
+            wv: matrix(&n("attn_v.weight"), kvd, d)?,
+            bq: bias.then(|| vector(&n("attn_q.bias"), qd)).transpose()?,
+            bk: bias.then(|| vector(&n("attn_k.bias"), kvd)).transpose()?,
+            bv: bias.then(|| vector(&n("attn_v.bias"), kvd)).transpose()?,
+            wo: matrix(&n("attn_output.weight"), d, qd)?,
+            ffn_norm: vector(&n("ffn_norm.weight"), d)?,
+            w_gate: matrix(&n("ffn_gate.weight"), ffn, d)?,
+            w_up: matrix(&n("ffn_up.weight"), ffn, d)?,
+            w_down: matrix(&n("ffn_down.weight"), d, ffn)?,
+        })
+    }
+
+    /// Maps every field, in declaration order, with its role ("attn_q", "ffn_norm", ...).
+    pub fn try_map<M2, V2>(
+        &self,
+        mut m: impl FnMut(&'static str, &M) -> Result<M2>,
+        mut v: impl FnMut(&'static str, &V) -> Result<V2>,
+    ) -> Result<Layer<M2, V2>> {
+        Ok(Layer {
+            attn_norm: v("attn_norm", &self.attn_norm)?,
+            wq: m("attn_q", &self.wq)?,
+            wk: m("attn_k", &self.wk)?,
+            wv: m("attn_v", &self.wv)?,
+            bq: self.bq.as_ref().map(|b| v("attn_q_bias", b)).transpose()?,
+            bk: self.bk.as_ref().map(|b| v("attn_k_bias", b)).transpose()?,
+            bv: self.bv.as_ref().map(|b| v("attn_v_bias", b)).transpose()?,
+            wo: m("attn_output", &self.wo)?,
+            ffn_norm: v("ffn_norm", &self.ffn_norm)?,
+            w_gate: m("ffn_gate", &self.w_gate)?,
+            w_up: m("ffn_up", &self.w_up)?,
+            w_down: m("ffn_down", &self.w_down)?,
+        })
+    }
+
+    /// Pairs each field with the same field of `other`; both must have the same biases.
+    pub fn zip<'a, M2, V2>(
+        &'a self,
+        other: &'a Layer<M2, V2>,
+    ) -> Result<LayerPair<'a, M, V, M2, V2>> {
+        let pair = |a: &'a Option<V>, b: &'a Option<V2>| match (a, b) {
+            (Some(a), Some(b)) => Ok(Some((a, b))),
+            (None, None) => Ok(None),
+            _ => Err(Error::invalid(
+                "layer",
+                "one layer has biases the other lacks",
+            )),
+        };
+        Ok(Layer {
+            attn_norm: (&self.attn_norm, &other.attn_norm),
+            wq: (&self.wq, &other.wq),
+            wk: (&self.wk, &other.wk),
+            wv: (&self.wv, &other.wv),
+            bq: pair(&self.bq, &other.bq)?,
+            bk: pair(&self.bk, &other.bk)?,
+            bv: pair(&self.bv, &other.bv)?,
+            wo: (&self.wo, &other.wo),
+            ffn_norm: (&self.ffn_norm, &other.ffn_norm),
+            w_gate: (&self.w_gate, &other.w_gate),
+            w_up: (&self.w_up, &other.w_up),
+            w_down: (&self.w_down, &other.w_down),
+        })
+    }
+
+    /// The seven matrices.
+    pub fn matrices(&self) -> [&M; 7] {
+        [
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]
+    }
+
+    /// The norm weights and the biases present.
+    pub fn vectors(&self) -> Vec<&V> {
+        let mut v = vec![&self.attn_norm, &self.ffn_norm];
+        v.extend([&self.bq, &self.bk, &self.bv].into_iter().flatten());
+        v
+    }
 }
 
 /// All parameters.
 pub struct LlamaWeights {
     pub embed: WeightMatrix,
+    /// The resident layers, `0..layers.len()`.
     pub layers: Vec<LayerWeights>,
+    /// The rest, streamed from host memory (`RunOptions::resident_layers`).
+    pub streamed: Option<StreamedLayers>,
     pub norm: Tensor,
     /// `None` when the output head is the token embedding (tied).
     pub output: Option<WeightMatrix>,
@@ -67,6 +181,10 @@ pub struct RunOptions {
     pub chunk: usize,
     /// Keep logits for every token of a chunk (perplexity, `wgllm logits`), not only the last.
     pub all_logits: bool,
+    /// Layers kept on the GPU; the later ones are streamed from host memory through
+    /// [`crate::model::stream::STREAM_SLOTS`] layer slots, for models larger than the VRAM budget.
+    /// `None` keeps all resident.
+    pub resident_layers: Option<usize>,
 }
 
 impl Default for RunOptions {
@@ -76,6 +194,7 @@ impl Default for RunOptions {
             kv_dtype: KvDtype::F32,
             chunk: 64,
             all_logits: false,
+            resident_layers: None,
         }
     }
 }
@@ -226,34 +345,47 @@ impl Llama {
         } else {
             RopeMode::Half
         };
-        let (d, hd, ffn) = (cfg.hidden_size, cfg.head_dim, cfg.ffn_size);
-        let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+        let d = cfg.hidden_size;
         let embed = src.matrix(gpu, names.global("embed"), cfg.vocab_size, d)?;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let n = |r: &str| names.layer(i, r);
-            let bias = |r: &str, len: usize| {
-                if cfg.attn_bias {
-                    src.vector(gpu, &n(r), len).map(Some)
-                } else {
-                    Ok(None)
-                }
-            };
-            layers.push(LayerWeights {
-                attn_norm: src.vector(gpu, &n("attn_norm.weight"), d)?,
-                wq: src.matrix(gpu, &n("attn_q.weight"), qd, d)?,
-                wk: src.matrix(gpu, &n("attn_k.weight"), kvd, d)?,
-                wv: src.matrix(gpu, &n("attn_v.weight"), kvd, d)?,
-                bq: bias("attn_q.bias", qd)?,
-                bk: bias("attn_k.bias", kvd)?,
-                bv: bias("attn_v.bias", kvd)?,
-                wo: src.matrix(gpu, &n("attn_output.weight"), d, qd)?,
-                ffn_norm: src.vector(gpu, &n("ffn_norm.weight"), d)?,
-                w_gate: src.matrix(gpu, &n("ffn_gate.weight"), ffn, d)?,
-                w_up: src.matrix(gpu, &n("ffn_up.weight"), ffn, d)?,
-                w_down: src.matrix(gpu, &n("ffn_down.weight"), d, ffn)?,
-            });
-        }
+        let resident = opts
+            .resident_layers
+            .unwrap_or(cfg.n_layers)
+            .min(cfg.n_layers);
+        let layers = (0..resident)
+            .map(|i| {
+                LayerWeights::read(
+                    &cfg,
+                    &names,
+                    i,
+                    |n, rows, cols| src.matrix(gpu, n, rows, cols),
+                    |n, len| src.vector(gpu, n, len),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Streamed layers are repacked once, here, into host memory.
+        let host = (resident..cfg.n_layers)
+            .map(|i| {
+                HostLayer::read(
+                    &cfg,
+                    &names,
+                    i,
+                    |n, rows, cols| HostMatrix::read(src, n, rows, cols, gpu.max_binding()),
+                    |n, len| read_vector(src, n, len),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let streamed = if host.is_empty() {
+            None
+        } else {
+            let st = StreamedLayers::new(gpu, resident, host)?;
+            log::info!(
+                "streaming layers {resident}..{} from host memory ({} there, {} of GPU slots)",
+                cfg.n_layers,
+                crate::gpu::ledger::human_bytes(st.host_bytes()),
+                crate::gpu::ledger::human_bytes(st.slot_bytes())
+            );
+            Some(st)
+        };
         let norm = src.vector(gpu, names.global("norm"), d)?;
         let output = if cfg.tied_embeddings && !src.has(names.global("output")) {
             None
@@ -263,6 +395,7 @@ impl Llama {
         let weights = LlamaWeights {
             embed,
             layers,
+            streamed,
             norm,
             output,
         };
@@ -315,7 +448,9 @@ impl Llama {
         Ok(out)
     }
 
-    /// One chunk of `m <= chunk` tokens, recorded as one command buffer.
+    /// One chunk of `m <= chunk` tokens: the embedding and the resident layers in one command
+    /// buffer; each streamed layer in its own, submitted without waiting so the next layer's upload
+    /// overlaps it. Waits once, at the end.
     fn forward_chunk(
         &mut self,
         gpu: &Gpu,
@@ -323,96 +458,60 @@ impl Llama {
         pos0: usize,
         want_logits: bool,
     ) -> Result<Vec<f32>> {
-        let cfg = &self.cfg;
-        let s = &self.state;
-        let w = &self.weights;
+        let (cfg, s, profile) = (&self.cfg, &self.state, &mut self.profile);
+        let LlamaWeights {
+            embed,
+            layers,
+            streamed,
+            norm: final_norm,
+            output,
+        } = &mut self.weights;
         let m = tokens.len();
-        let (d, hd, nh, nkv, ffn) = (
-            cfg.hidden_size,
-            cfg.head_dim,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            cfg.ffn_size,
-        );
+        let d = cfg.hidden_size;
         let eps = cfg.norm_eps as f32;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let a = ChunkViews::new(s, cfg, m)?;
+        let args = LayerArgs {
+            pos0,
+            eps,
+            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            rope_theta: self.rope_theta,
+            rope_mode: self.rope_mode,
+            rot_dim: self.rot_dim,
+        };
         gpu.write(&s.ids, 0, bytemuck::cast_slice(tokens))?;
-        let (mut x, mut x2) = (s.x.view(&[m, d])?, s.x2.view(&[m, d])?);
-        let xb = s.xb.view(&[m, d])?;
-        let q = s.q.view(&[m, nh * hd])?;
-        let k = s.k.view(&[m, nkv * hd])?;
-        let v = s.v.view(&[m, nkv * hd])?;
-        let (q3, k3, v3) = (
-            q.view(&[m, nh, hd])?,
-            k.view(&[m, nkv, hd])?,
-            v.view(&[m, nkv, hd])?,
-        );
-        let att3 = s.att.view(&[m, nh, hd])?;
-        let att = s.att.view(&[m, nh * hd])?;
-        let proj = s.proj.view(&[m, d])?;
-        let (gate, up, act) = (
-            s.gate.view(&[m, ffn])?,
-            s.up.view(&[m, ffn])?,
-            s.act.view(&[m, ffn])?,
-        );
 
         let mut rec = gpu.recorder();
-        let r = &mut rec;
-        embedding::lookup(r, &w.embed, &s.ids, m, &x)?;
-        for (l, lw) in w.layers.iter().enumerate() {
-            // attention block
-            norm::rms_norm(r, &x, &lw.attn_norm, eps, &xb)?;
-            matmul::matmul(r, &lw.wq, &xb, &q)?; // (m, nh * hd)
-            matmul::matmul(r, &lw.wk, &xb, &k)?; // (m, nkv * hd)
-            matmul::matmul(r, &lw.wv, &xb, &v)?; // (m, nkv * hd)
-            for (t, b) in [(&q, &lw.bq), (&k, &lw.bk), (&v, &lw.bv)] {
-                if let Some(b) = b {
-                    elementwise::add_bias(r, t, b)?;
-                }
+        embedding::lookup(&mut rec, embed, &s.ids, m, &a.x)?;
+        for (l, kv) in s.kv.iter().enumerate() {
+            if let Some(lw) = layers.get(l) {
+                layer(&mut rec, &a, lw, kv, &args)?;
+                continue;
             }
-            rope::rope(
-                r,
-                &q3,
-                pos0 as u32,
-                self.rope_theta,
-                self.rope_mode,
-                self.rot_dim,
-            )?;
-            rope::rope(
-                r,
-                &k3,
-                pos0 as u32,
-                self.rope_theta,
-                self.rope_mode,
-                self.rot_dim,
-            )?;
-            attention::store(r, &s.kv[l], &k3, &v3, pos0)?;
-            attention::attention(r, &q3, &s.kv[l], pos0, scale, &att3)?;
-            matmul::matmul(r, &lw.wo, &att, &proj)?; // (m, d)
-            elementwise::add(r, &x, &proj, &x2)?; // residual
-            std::mem::swap(&mut x, &mut x2);
-            // FFN block
-            norm::rms_norm(r, &x, &lw.ffn_norm, eps, &xb)?;
-            matmul::matmul(r, &lw.w_gate, &xb, &gate)?; // (m, ffn)
-            matmul::matmul(r, &lw.w_up, &xb, &up)?; // (m, ffn)
-            activation::swiglu(r, &gate, &up, &act)?; // silu(gate) * up
-            matmul::matmul(r, &lw.w_down, &act, &proj)?; // (m, d)
-            elementwise::add(r, &x, &proj, &x2)?; // residual
-            std::mem::swap(&mut x, &mut x2);
+            let st = streamed
+                .as_mut()
+                .ok_or_else(|| Error::invalid("llama", format!("layer {l} has no weights")))?;
+            // Hand the GPU what is recorded (up to layer l - 1), and upload layer l while it runs.
+            let index = submit(profile, std::mem::replace(&mut rec, gpu.recorder()), false)?;
+            if l > st.first() {
+                st.submitted(l - 1, index);
+            }
+            let lw = st.fetch(gpu, l)?;
+            layer(&mut rec, &a, &lw, kv, &args)?;
         }
         if !want_logits {
-            return submit(&mut self.profile, rec).map(|_| Vec::new());
+            return submit(profile, rec, true).map(|_| Vec::new());
         }
-        let head = w.output.as_ref().unwrap_or(&w.embed);
+        let r = &mut rec;
+        let head = output.as_ref().unwrap_or(embed);
         let vocab = cfg.vocab_size;
         let n_out = if self.opts.all_logits { m } else { 1 };
         // Only the rows whose logits are wanted go through the final norm and the head.
         let last = if n_out == m {
-            x.clone()
+            a.x.clone()
         } else {
             let row = s.proj.view(&[1, d])?;
             r.copy(
-                &x.buf,
+                &a.x.buf,
                 ((m - 1) * d * 4) as u64,
                 &row.buf,
                 0,
@@ -421,12 +520,111 @@ impl Llama {
             row
         };
         let xn = s.xb.view(&[n_out, d])?;
-        norm::rms_norm(r, &last, &w.norm, eps, &xn)?;
+        norm::rms_norm(r, &last, final_norm, eps, &xn)?;
         let logits = s.logits.view(&[n_out, vocab])?;
         matmul::matmul(r, head, &xn, &logits)?;
-        submit(&mut self.profile, rec)?;
+        submit(profile, rec, true)?;
         gpu.read_f32(&logits.buf, 0, n_out * vocab)
     }
+
+    /// Layers on the GPU; the rest are streamed.
+    pub fn resident_layers(&self) -> usize {
+        self.weights.layers.len()
+    }
+}
+
+/// What every layer of a chunk shares besides the activations.
+struct LayerArgs {
+    pos0: usize,
+    eps: f32,
+    /// Attention scale, 1/sqrt(head_dim).
+    scale: f32,
+    rope_theta: f32,
+    rope_mode: RopeMode,
+    rot_dim: usize,
+}
+
+/// The activation buffers viewed at the chunk's `m` tokens.
+struct ChunkViews {
+    x: Tensor,  // (m, d) residual stream, entering and leaving each layer
+    x2: Tensor, // (m, d) residual stream between the attention and the FFN block
+    xb: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q3: Tensor, // (m, nh, hd)
+    k3: Tensor, // (m, nkv, hd)
+    v3: Tensor,
+    att3: Tensor,
+    att: Tensor,
+    proj: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+impl ChunkViews {
+    fn new(s: &RunState, cfg: &ModelConfig, m: usize) -> Result<ChunkViews> {
+        let (d, hd, nh, nkv, ffn) = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.ffn_size,
+        );
+        Ok(ChunkViews {
+            x: s.x.view(&[m, d])?,
+            x2: s.x2.view(&[m, d])?,
+            xb: s.xb.view(&[m, d])?,
+            q: s.q.view(&[m, nh * hd])?,
+            k: s.k.view(&[m, nkv * hd])?,
+            v: s.v.view(&[m, nkv * hd])?,
+            q3: s.q.view(&[m, nh, hd])?,
+            k3: s.k.view(&[m, nkv, hd])?,
+            v3: s.v.view(&[m, nkv, hd])?,
+            att3: s.att.view(&[m, nh, hd])?,
+            att: s.att.view(&[m, nh * hd])?,
+            proj: s.proj.view(&[m, d])?,
+            gate: s.gate.view(&[m, ffn])?,
+            up: s.up.view(&[m, ffn])?,
+            act: s.act.view(&[m, ffn])?,
+        })
+    }
+}
+
+/// One decoder layer over the chunk; the residual stream enters and leaves in `a.x`.
+fn layer(
+    r: &mut Recorder,
+    a: &ChunkViews,
+    lw: &LayerWeights,
+    kv: &KvCache,
+    p: &LayerArgs,
+) -> Result<()> {
+    // attention block
+    norm::rms_norm(r, &a.x, &lw.attn_norm, p.eps, &a.xb)?;
+    matmul::matmul(r, &lw.wq, &a.xb, &a.q)?; // (m, nh * hd)
+    matmul::matmul(r, &lw.wk, &a.xb, &a.k)?; // (m, nkv * hd)
+    matmul::matmul(r, &lw.wv, &a.xb, &a.v)?; // (m, nkv * hd)
+    for (t, b) in [(&a.q, &lw.bq), (&a.k, &lw.bk), (&a.v, &lw.bv)] {
+        if let Some(b) = b {
+            elementwise::add_bias(r, t, b)?;
+        }
+    }
+    let pos0 = p.pos0 as u32;
+    rope::rope(r, &a.q3, pos0, p.rope_theta, p.rope_mode, p.rot_dim)?;
+    rope::rope(r, &a.k3, pos0, p.rope_theta, p.rope_mode, p.rot_dim)?;
+    attention::store(r, kv, &a.k3, &a.v3, p.pos0)?;
+    attention::attention(r, &a.q3, kv, p.pos0, p.scale, &a.att3)?;
+    matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)
+    elementwise::add(r, &a.x, &a.proj, &a.x2)?; // residual
+                                                // FFN block
+    norm::rms_norm(r, &a.x2, &lw.ffn_norm, p.eps, &a.xb)?;
+    matmul::matmul(r, &lw.w_gate, &a.xb, &a.gate)?; // (m, ffn)
+    matmul::matmul(r, &lw.w_up, &a.xb, &a.up)?; // (m, ffn)
+    activation::swiglu(r, &a.gate, &a.up, &a.act)?; // silu(gate) * up
+    matmul::matmul(r, &lw.w_down, &a.act, &a.proj)?; // (m, d)
+    elementwise::add(r, &a.x2, &a.proj, &a.x)?; // residual
+    Ok(())
 }
 
 impl crate::model::generate::CausalLm for Llama {
@@ -447,14 +645,11 @@ impl crate::model::generate::CausalLm for Llama {
         let layers: u64 = w
             .layers
             .iter()
-            .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                    .iter()
-                    .map(|m| m.bytes())
-                    .sum::<u64>()
-            })
+            .flat_map(|l| l.matrices())
+            .map(|m| m.bytes())
             .sum();
-        layers + w.output.as_ref().unwrap_or(&w.embed).bytes()
+        let streamed = w.streamed.as_ref().map_or(0, |s| s.matrix_bytes());
+        layers + streamed + w.output.as_ref().unwrap_or(&w.embed).bytes()
     }
     fn kv_bytes_per_token(&self, pos: usize) -> u64 {
         let per = crate::kernels::attention::bytes_per_token(
@@ -475,15 +670,19 @@ impl crate::model::generate::CausalLm for Llama {
     }
 }
 
+/// Submits `rec`, timed when profiling (which waits). Otherwise with `wait` false it returns at
+/// once, with the submission to wait for.
 fn submit(
     profile: &mut Option<Vec<crate::gpu::record::DispatchTime>>,
-    rec: crate::gpu::Recorder,
-) -> Result<()> {
+    rec: Recorder,
+    wait: bool,
+) -> Result<Option<wgpu::SubmissionIndex>> {
     match profile.as_mut() {
         Some(p) => p.extend(rec.submit_timed()?),
-        None => rec.submit()?,
+        None if wait => rec.submit()?,
+        None => return rec.submit_no_wait(),
     }
-    Ok(())
+    Ok(None)
 }
 
 impl RunState {

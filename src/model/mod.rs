@@ -9,3 +9,4 @@ pub mod llama;
 pub mod load;
 pub mod params;
 pub mod source;
+pub mod stream;
