@@ -94,14 +94,10 @@ fn finish(lid: u32, row0: u32, tok0: u32, acc: array<vec4<f32>, R>) {
 }
 
 // x under one unit of work (a word of f32/f16 weights, a block of quantised ones) for each of the
-// TOK tokens: token t's values in vt (f32: vt[0].x; f16: vt[0].xy; blocks: all 32; zero for t >=
-// TOK), and each token's block sum in `sum`. Named fields, not an array, for the same reason as the
-// accumulators.
+// TOK tokens: token t's values in v[t] (f32: v[t][0].x; f16: v[t][0].xy; blocks: all 32), and each
+// token's block sum in `sum`.
 struct Xs {
-    v0: array<vec4<f32>, 8>,
-    v1: array<vec4<f32>, 8>,
-    v2: array<vec4<f32>, 8>,
-    v3: array<vec4<f32>, 8>,
+    v: array<array<vec4<f32>, 8>, 4>,
     sum: vec4<f32>,
 }
 
@@ -150,16 +146,9 @@ fn sum8(v: array<vec4<f32>, 8>) -> f32 {
 
 fn load_xs(fmt: u32, tok0: u32, u: u32) -> Xs {
     var xs: Xs;
-    xs.v0 = load_token(fmt, tok0, u);
-    if (TOK > 1u) {
-        xs.v1 = load_token(fmt, tok_of(tok0, 1u), u);
-    }
-    if (TOK > 2u) {
-        xs.v2 = load_token(fmt, tok_of(tok0, 2u), u);
-        xs.v3 = load_token(fmt, tok_of(tok0, 3u), u);
-    }
-    if (fmt != F32 && fmt != F16) {
-        xs.sum = vec4<f32>(sum8(xs.v0), sum8(xs.v1), sum8(xs.v2), sum8(xs.v3));
+    for (var t = 0u; t < TOK; t++) {
+        xs.v[t] = load_token(fmt, tok_of(tok0, t), u);
+        xs.sum[t] = sum8(xs.v[t]);
     }
     return xs;
 }
@@ -205,21 +194,22 @@ fn unit_row(fmt: u32, row: u32, u: u32, xs: Xs) -> vec4<f32> {
             w[i + 4u] = q4_hi(q);
         }
     }
-    // One or two weights: skip dot8 so the compiler need not prove the other lanes zero.
+    var s = vec4<f32>(0.0);
     if (fmt == F32) {
-        return w[0].x * vec4<f32>(xs.v0[0].x, xs.v1[0].x, xs.v2[0].x, xs.v3[0].x);
+        // One weight: skip dot8 so the compiler need not prove the other lanes zero.
+        for (var t = 0u; t < TOK; t++) {
+            s[t] = w[0].x * xs.v[t][0].x;
+        }
+        return s;
     }
     if (fmt == F16) {
-        return w[0].x * vec4<f32>(xs.v0[0].x, xs.v1[0].x, xs.v2[0].x, xs.v3[0].x)
-            + w[0].y * vec4<f32>(xs.v0[0].y, xs.v1[0].y, xs.v2[0].y, xs.v3[0].y);
+        for (var t = 0u; t < TOK; t++) {
+            s[t] = dot(w[0].xy, xs.v[t][0].xy);
+        }
+        return s;
     }
-    var s = vec4<f32>(dot8(w, xs.v0), 0.0, 0.0, 0.0);
-    if (TOK > 1u) {
-        s.y = dot8(w, xs.v1);
-    }
-    if (TOK > 2u) {
-        s.z = dot8(w, xs.v2);
-        s.w = dot8(w, xs.v3);
+    for (var t = 0u; t < TOK; t++) {
+        s[t] = dot8(w, xs.v[t]);
     }
     return d * s + m * xs.sum;
 }

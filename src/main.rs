@@ -934,8 +934,14 @@ fn bench_model(
     // The ledger's peak from here on covers loading and running the model only.
     gpu.ledger.reset_peaks();
     let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
-    let opts = wgllm::bench::ModelBenchOptions { pp, tg, reps: reps.max(1) };
-    let report = wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, copy, &mut |s| eprintln!("{s}"))?;
+    let opts = wgllm::bench::ModelBenchOptions {
+        pp,
+        tg,
+        reps: reps.max(1),
+    };
+    let report = wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, copy, &mut |s| {
+        eprintln!("{s}")
+    })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
