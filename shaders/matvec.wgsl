@@ -37,9 +37,8 @@ struct Params {
 @group(0) @binding(4) var<uniform> p: Params;
 
 const WG: u32 = 64u;
-// ROWS is 4, 8 or 16 and TOK 1, 2 or 4; pipeline creation makes them constants, so the branches
-// on them below fold away. Accumulators are named variables, one vec4 (over tokens) per row: as an
-// array indexed in a loop, lavapipe keeps them in memory, which costs more than all the arithmetic.
+// ROWS is 4, 8 or 16 and TOK 1, 2 or 4; pipeline creation makes them constants, so the loops to
+// them unroll and the branches on them fold away.
 const R: u32 = 16u;
 override ROWS: u32 = 16u;
 override TOK: u32 = 1u;
@@ -95,7 +94,8 @@ fn finish(lid: u32, row0: u32, tok0: u32, acc: array<vec4<f32>, R>) {
 
 // x under one unit of work (a word of f32/f16 weights, a block of quantised ones) for each of the
 // TOK tokens: token t's values in v[t] (f32: v[t][0].x; f16: v[t][0].xy; blocks: all 32), and each
-// token's block sum in `sum`.
+// token's block sum in `sum`. (The row loop below stays a loop: spelling out the rows by hand made
+// lavapipe compile these kernels six times slower, for no speed.)
 struct Xs {
     v: array<array<vec4<f32>, 8>, 4>,
     sum: vec4<f32>,
@@ -208,8 +208,13 @@ fn unit_row(fmt: u32, row: u32, u: u32, xs: Xs) -> vec4<f32> {
         }
         return s;
     }
-    for (var t = 0u; t < TOK; t++) {
-        s[t] = dot8(w, xs.v[t]);
+    s.x = dot8(w, xs.v[0]);
+    if (TOK > 1u) {
+        s.y = dot8(w, xs.v[1]);
+    }
+    if (TOK > 2u) {
+        s.z = dot8(w, xs.v[2]);
+        s.w = dot8(w, xs.v[3]);
     }
     return d * s + m * xs.sum;
 }
@@ -220,46 +225,26 @@ fn matvec_any(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         return;
     }
     let r0 = at.x;
-    var a0 = vec4<f32>(0.0);
-    var a1 = vec4<f32>(0.0);
-    var a2 = vec4<f32>(0.0);
-    var a3 = vec4<f32>(0.0);
-    var a4 = vec4<f32>(0.0);
-    var a5 = vec4<f32>(0.0);
-    var a6 = vec4<f32>(0.0);
-    var a7 = vec4<f32>(0.0);
-    var a8 = vec4<f32>(0.0);
-    var a9 = vec4<f32>(0.0);
-    var a10 = vec4<f32>(0.0);
-    var a11 = vec4<f32>(0.0);
-    var a12 = vec4<f32>(0.0);
-    var a13 = vec4<f32>(0.0);
-    var a14 = vec4<f32>(0.0);
-    var a15 = vec4<f32>(0.0);
+    // Per row, the sums of the TOK tokens. With one token, plain f32: lavapipe keeps the 16 in
+    // registers, but moves 16 vec4 to memory, which costs 15% of a matvec.
+    var acc1: array<f32, R>;
+    var acc: array<vec4<f32>, R>;
     for (var u = lid; u < units(fmt); u += WG) {
         let xs = load_xs(fmt, at.y, u);
-        a0 += unit_row(fmt, row_of(r0, 0u), u, xs);
-        a1 += unit_row(fmt, row_of(r0, 1u), u, xs);
-        a2 += unit_row(fmt, row_of(r0, 2u), u, xs);
-        a3 += unit_row(fmt, row_of(r0, 3u), u, xs);
-        if (ROWS > 4u) {
-            a4 += unit_row(fmt, row_of(r0, 4u), u, xs);
-            a5 += unit_row(fmt, row_of(r0, 5u), u, xs);
-            a6 += unit_row(fmt, row_of(r0, 6u), u, xs);
-            a7 += unit_row(fmt, row_of(r0, 7u), u, xs);
-        }
-        if (ROWS > 8u) {
-            a8 += unit_row(fmt, row_of(r0, 8u), u, xs);
-            a9 += unit_row(fmt, row_of(r0, 9u), u, xs);
-            a10 += unit_row(fmt, row_of(r0, 10u), u, xs);
-            a11 += unit_row(fmt, row_of(r0, 11u), u, xs);
-            a12 += unit_row(fmt, row_of(r0, 12u), u, xs);
-            a13 += unit_row(fmt, row_of(r0, 13u), u, xs);
-            a14 += unit_row(fmt, row_of(r0, 14u), u, xs);
-            a15 += unit_row(fmt, row_of(r0, 15u), u, xs);
+        for (var r = 0u; r < ROWS; r++) {
+            let s = unit_row(fmt, row_of(r0, r), u, xs);
+            if (TOK == 1u) {
+                acc1[r] += s.x;
+            } else {
+                acc[r] += s;
+            }
         }
     }
-    let acc = array<vec4<f32>, R>(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15);
+    if (TOK == 1u) {
+        for (var r = 0u; r < ROWS; r++) {
+            acc[r].x = acc1[r];
+        }
+    }
     finish(lid, r0, at.y, acc);
 }
 

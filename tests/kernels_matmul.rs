@@ -133,6 +133,7 @@ fn matmul_matches_reference_in_every_format() {
                 check(gpu, &wm, &deq, Op::Matmul(m, kernel), 40 + m as u64);
             }
         }
+        // Two tokens per workgroup: no policy picks it, so one quantised format checks it.
         if matches!(f, WeightFormat::F32 | WeightFormat::Q8_0) {
             let two = Some(MatmulKernel::Rows { tokens: 2 });
             check(gpu, &wm, &deq, Op::Matmul(7, two), 48);
