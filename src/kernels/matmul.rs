@@ -1,12 +1,17 @@
 //! Matrix kernels over [`WeightMatrix`] in every weight format: the decode matrix-vector product
-//! (`shaders/matvec.wgsl`) and the prefill matrix product, one dispatch per row shard of the
-//! weights. Activations and accumulation are f32.
+//! and the prefill matrix product, one dispatch per row shard of the weights. Activations and
+//! accumulation are f32.
 //!
-//! The prefill product has two kernels ([`MatmulKernel`]): the shared-memory tiled one
-//! (`shaders/matmul.wgsl`, for GPUs and many tokens) and the matvec kernel run over a few tokens
-//! per workgroup (for small batches, and for CPU devices such as lavapipe, where every load is
-//! expensive and the matvec kernel, with fewer loads per multiply-add, is 1.4 to 1.8 times faster
-//! on quantised weights).
+//! The matrix-vector product has two kernels ([`MatvecKernel`]): `shaders/matvec.wgsl`, rows per
+//! workgroup with the partial sums reduced in workgroup memory (every device), and
+//! `shaders/matvec_sg.wgsl`, rows per invocation with x shared through `subgroupBroadcast` (CPU
+//! devices with 8-lane subgroups, i.e. lavapipe, where every load costs a loop over the lanes and
+//! that kernel needs several times fewer loads per weight).
+//!
+//! The prefill product has three ([`MatmulKernel`]): the shared-memory tiled one
+//! (`shaders/matmul.wgsl`, for GPUs and many tokens) and either matvec kernel run over a few
+//! tokens per workgroup or invocation (for small batches, and for CPU devices, where the matvec
+//! kernels, with fewer loads per multiply-add, beat the tiled one on quantised weights).
 
 use crate::error::{Error, Result};
 use crate::gpu::record::View;
@@ -20,6 +25,13 @@ use crate::quant::QK;
 pub const MATVEC_ROWS: [u32; 3] = [4, 8, 16];
 /// The tokens per matvec workgroup the shader supports (its `TOK` override).
 pub const MATVEC_TOKENS: [u32; 3] = [1, 2, 4];
+/// Rows per invocation the subgroup matvec supports (its `R` override); a workgroup is one
+/// 8-lane subgroup, so it computes 8 times as many rows.
+pub const MATVEC_SG_ROWS: [u32; 4] = [2, 4, 8, 16];
+/// Tokens per invocation the subgroup matvec supports (its `TOK` override).
+pub const MATVEC_SG_TOKENS: [u32; 4] = [1, 2, 3, 4];
+/// Lanes of the subgroup (= workgroup) of `matvec_sg.wgsl`; the kernel needs exactly this size.
+const SG_LANES: usize = 8;
 /// Edge of the square output tile of a matmul workgroup (`T` in matmul.wgsl).
 const MATMUL_TILE: usize = 64;
 
@@ -124,6 +136,52 @@ pub fn matvec_rows(gpu: &Gpu, rows: usize) -> u32 {
     }
 }
 
+/// Whether the device runs `matvec_sg.wgsl` and is one it is meant for: subgroup operations with
+/// subgroups of exactly 8 lanes, on a CPU (lavapipe). GPUs keep `matvec.wgsl`, which is tuned for
+/// them and needs no optional feature.
+pub fn subgroup_matvec_ok(gpu: &Gpu) -> bool {
+    let c = &gpu.caps;
+    c.subgroups
+        && c.subgroup_min_size == SG_LANES as u32
+        && c.subgroup_max_size == SG_LANES as u32
+        && gpu.info.device_type == wgpu::DeviceType::Cpu
+}
+
+/// Rows per invocation of the subgroup matvec for a shard of `rows` rows: 8 (measured fastest on
+/// lavapipe: 16 runs out of registers), 4 below 64 workgroups so that both CPU cores get
+/// balanced work on small matrices.
+pub fn matvec_sg_rows(rows: usize) -> u32 {
+    if rows >= 8 * SG_LANES * 64 {
+        8
+    } else {
+        4
+    }
+}
+
+/// Which kernel computes a matrix-vector product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatvecKernel {
+    /// `shaders/matvec.wgsl`, `rows` (one of [`MATVEC_ROWS`]) rows per workgroup.
+    Workgroup { rows: u32 },
+    /// `shaders/matvec_sg.wgsl`, `rows` (one of [`MATVEC_SG_ROWS`]) rows per invocation; needs
+    /// [`subgroup_matvec_ok`].
+    Subgroup { rows: u32 },
+}
+
+/// The matvec kernel for a shard of `rows` rows: the subgroup one where [`subgroup_matvec_ok`],
+/// else the workgroup one with [`matvec_rows`].
+pub fn matvec_kernel(gpu: &Gpu, rows: usize) -> MatvecKernel {
+    if subgroup_matvec_ok(gpu) {
+        MatvecKernel::Subgroup {
+            rows: matvec_sg_rows(rows),
+        }
+    } else {
+        MatvecKernel::Workgroup {
+            rows: matvec_rows(gpu, rows),
+        }
+    }
+}
+
 /// Which kernel computes a prefill product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatmulKernel {
@@ -131,13 +189,23 @@ pub enum MatmulKernel {
     Tiled,
     /// The matvec kernel, `tokens` (one of [`MATVEC_TOKENS`]) tokens per workgroup.
     Rows { tokens: u32 },
+    /// The subgroup matvec kernel, `tokens` (one of [`MATVEC_SG_TOKENS`]) tokens per invocation,
+    /// `rows` per invocation forced or (`None`) picked per shard by [`matvec_sg_rows`]; needs
+    /// [`subgroup_matvec_ok`].
+    Subgroup { rows: Option<u32>, tokens: u32 },
 }
 
-/// The kernel for a product over `m` tokens: on a CPU device always the matvec kernel, four tokens
-/// at a time (it needs fewer loads per multiply-add, which is what lavapipe is bound by); on a GPU
-/// the matvec kernel up to 8 tokens (a 64-token tile would be mostly padding), tiles beyond.
+/// The kernel for a product over `m` tokens: on a CPU device always a matvec kernel, four tokens
+/// at a time (it needs fewer loads per multiply-add, which is what lavapipe is bound by), the
+/// subgroup one where [`subgroup_matvec_ok`]; on a GPU the matvec kernel up to 8 tokens (a
+/// 64-token tile would be mostly padding), tiles beyond.
 pub fn matmul_kernel(gpu: &Gpu, m: usize) -> MatmulKernel {
-    if gpu.info.device_type == wgpu::DeviceType::Cpu || m <= 8 {
+    if subgroup_matvec_ok(gpu) {
+        MatmulKernel::Subgroup {
+            rows: None,
+            tokens: 4,
+        }
+    } else if gpu.info.device_type == wgpu::DeviceType::Cpu || m <= 8 {
         MatmulKernel::Rows { tokens: 4 }
     } else {
         MatmulKernel::Tiled
@@ -146,17 +214,30 @@ pub fn matmul_kernel(gpu: &Gpu, m: usize) -> MatmulKernel {
 
 /// `y = W x` for one token: `x` is `[cols]` or `[1, cols]`, `y` is `[rows]` or `[1, rows]`.
 pub fn matvec(rec: &mut Recorder, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> Result<()> {
-    matvec_with_rows(rec, w, x, y, None)
+    matvec_with(rec, w, x, y, None)
 }
 
-/// [`matvec`] with the rows per workgroup forced to one of [`MATVEC_ROWS`] (for tests and
-/// tuning); `None` picks [`matvec_rows`] per shard.
+/// [`matvec`] with the workgroup kernel forced to one of [`MATVEC_ROWS`] rows per workgroup (for
+/// tests and tuning); `None` picks [`matvec_kernel`] per shard.
 pub fn matvec_with_rows(
     rec: &mut Recorder,
     w: &WeightMatrix,
     x: &Tensor,
     y: &Tensor,
     rows_per_group: Option<u32>,
+) -> Result<()> {
+    let kernel = rows_per_group.map(|rows| MatvecKernel::Workgroup { rows });
+    matvec_with(rec, w, x, y, kernel)
+}
+
+/// [`matvec`] with the kernel forced (for tests and tuning); `None` picks [`matvec_kernel`] per
+/// shard.
+pub fn matvec_with(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    x: &Tensor,
+    y: &Tensor,
+    kernel: Option<MatvecKernel>,
 ) -> Result<()> {
     let op = format!("matvec {}", w.label);
     let vec_ok = |t: &Tensor, n: usize| t.shape == [n] || t.shape == [1, n];
@@ -174,7 +255,18 @@ pub fn matvec_with_rows(
             format!("{:?}", y.shape),
         ));
     }
-    rows_kernel(rec, w, x, y, 1, rows_per_group, 1, &op)
+    let kind = match kernel {
+        None => Rows::Auto { tokens: 1 },
+        Some(MatvecKernel::Workgroup { rows }) => Rows::Workgroup {
+            rows: Some(rows),
+            tokens: 1,
+        },
+        Some(MatvecKernel::Subgroup { rows }) => Rows::Subgroup {
+            rows: Some(rows),
+            tokens: 1,
+        },
+    };
+    rows_kernel(rec, w, x, y, 1, kind, &op)
 }
 
 /// `Y = X Wᵀ` for `m` tokens: `x` is `[.., cols]` (m = all leading dimensions), `y` has the same
@@ -206,52 +298,118 @@ pub fn matmul_with(
     if m == 0 {
         return Ok(());
     }
-    match kernel.unwrap_or_else(|| matmul_kernel(rec.gpu(), m)) {
-        _ if m == 1 => rows_kernel(rec, w, x, y, 1, None, 1, &op),
-        MatmulKernel::Rows { tokens } => rows_kernel(rec, w, x, y, m, None, tokens, &op),
-        MatmulKernel::Tiled => tiled_kernel(rec, w, x, y, m, &op),
-    }
+    let kind = match kernel.unwrap_or_else(|| matmul_kernel(rec.gpu(), m)) {
+        // One token: a plain matvec (a forced subgroup kernel stays forced).
+        MatmulKernel::Subgroup { rows, .. } if m == 1 => Rows::Subgroup { rows, tokens: 1 },
+        _ if m == 1 => Rows::Auto { tokens: 1 },
+        MatmulKernel::Rows { tokens } => Rows::Workgroup { rows: None, tokens },
+        MatmulKernel::Subgroup { rows, tokens } => Rows::Subgroup { rows, tokens },
+        MatmulKernel::Tiled => return tiled_kernel(rec, w, x, y, m, &op),
+    };
+    rows_kernel(rec, w, x, y, m, kind, &op)
 }
 
-/// Dispatches `matvec.wgsl` over `m` tokens, `tokens` per workgroup; shapes already checked.
-#[allow(clippy::too_many_arguments)]
+/// A matvec kernel for [`rows_kernel`]: rows per workgroup (workgroup kernel) or per invocation
+/// (subgroup kernel) forced or `None` (the policy's per shard), and tokens per workgroup.
+#[derive(Debug, Clone, Copy)]
+enum Rows {
+    /// [`matvec_kernel`] decides per shard.
+    Auto {
+        tokens: u32,
+    },
+    Workgroup {
+        rows: Option<u32>,
+        tokens: u32,
+    },
+    Subgroup {
+        rows: Option<u32>,
+        tokens: u32,
+    },
+}
+
+/// Dispatches `matvec.wgsl` or `matvec_sg.wgsl` over `m` tokens; shapes already checked.
 fn rows_kernel(
     rec: &mut Recorder,
     w: &WeightMatrix,
     x: &Tensor,
     y: &Tensor,
     m: usize,
-    rows_per_group: Option<u32>,
-    tokens: u32,
+    kind: Rows,
     op: &str,
 ) -> Result<()> {
-    if let Some(r) = rows_per_group.filter(|r| !MATVEC_ROWS.contains(r)) {
-        return Err(Error::invalid(
-            op,
-            format!("{r} rows per workgroup; the kernel takes {MATVEC_ROWS:?}"),
-        ));
-    }
-    if !MATVEC_TOKENS.contains(&tokens) {
-        return Err(Error::invalid(
-            op,
-            format!("{tokens} tokens per workgroup; the kernel takes {MATVEC_TOKENS:?}"),
-        ));
+    let gpu = rec.gpu();
+    let bad = |what: String| Err(Error::invalid(op, what));
+    match kind {
+        Rows::Auto { .. } => {}
+        Rows::Workgroup { rows, tokens } => {
+            if let Some(r) = rows.filter(|r| !MATVEC_ROWS.contains(r)) {
+                return bad(format!(
+                    "{r} rows per workgroup; the kernel takes {MATVEC_ROWS:?}"
+                ));
+            }
+            if !MATVEC_TOKENS.contains(&tokens) {
+                return bad(format!(
+                    "{tokens} tokens per workgroup; the kernel takes {MATVEC_TOKENS:?}"
+                ));
+            }
+        }
+        Rows::Subgroup { rows, tokens } => {
+            if !subgroup_matvec_ok(gpu) {
+                return bad(format!(
+                    "the subgroup matvec needs a CPU device with {SG_LANES}-lane subgroups; {} \
+                     has subgroups {} (size {}-{})",
+                    gpu.info.name,
+                    gpu.caps.subgroups,
+                    gpu.caps.subgroup_min_size,
+                    gpu.caps.subgroup_max_size
+                ));
+            }
+            if let Some(r) = rows.filter(|r| !MATVEC_SG_ROWS.contains(r)) {
+                return bad(format!(
+                    "{r} rows per invocation; the kernel takes {MATVEC_SG_ROWS:?}"
+                ));
+            }
+            if !MATVEC_SG_TOKENS.contains(&tokens) {
+                return bad(format!(
+                    "{tokens} tokens per invocation; the kernel takes {MATVEC_SG_TOKENS:?}"
+                ));
+            }
+        }
     }
     check_shards(op, w)?;
     let (xv, yv) = (bound(op, x)?, bound(op, y)?);
-    let gpu = rec.gpu();
     let entry = format!("matvec_{}", w.format.name());
     let cols = u32_of(op, "cols", w.cols)?;
     let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
-    let token_groups = m.div_ceil(tokens as usize);
     for s in &w.shards {
-        let r = rows_per_group.unwrap_or_else(|| matvec_rows(gpu, s.rows));
+        // (shader, its rows and tokens overrides, rows and tokens per workgroup)
+        let (shader, (rn, r), (tn, t), rows_per_group) = match kind {
+            Rows::Auto { tokens } => match matvec_kernel(gpu, s.rows) {
+                MatvecKernel::Workgroup { rows } => {
+                    ("matvec", ("ROWS", rows), ("TOK", tokens), rows)
+                }
+                MatvecKernel::Subgroup { rows } => (
+                    "matvec_sg",
+                    ("R", rows),
+                    ("TOK", tokens),
+                    rows * SG_LANES as u32,
+                ),
+            },
+            Rows::Workgroup { rows, tokens } => {
+                let r = rows.unwrap_or_else(|| matvec_rows(gpu, s.rows));
+                ("matvec", ("ROWS", r), ("TOK", tokens), r)
+            }
+            Rows::Subgroup { rows, tokens } => {
+                let r = rows.unwrap_or_else(|| matvec_sg_rows(s.rows));
+                ("matvec_sg", ("R", r), ("TOK", tokens), r * SG_LANES as u32)
+            }
+        };
         let k = gpu.kernel(
-            "matvec",
+            shader,
             &entry,
             &BINDS,
             32,
-            &[("ROWS", r as f64), ("TOK", tokens as f64)],
+            &[(rn, r as f64), (tn, t as f64)],
         )?;
         let p = MatvecParams {
             rows: u32_of(op, "rows", s.rows)?,
@@ -263,11 +421,11 @@ fn rows_kernel(
             ld: u32_of(op, "rows", w.rows)?,
             _pad: 0,
         };
-        let n = s.rows.div_ceil(r as usize) * token_groups;
+        let n = s.rows.div_ceil(rows_per_group as usize) * m.div_ceil(t as usize);
         let [data, scales] = weight_views(s);
         rec.dispatch(
             &k,
-            &format!("matvec.{}", s.data.label),
+            &format!("{shader}.{}", s.data.label),
             &[data, scales, xv.clone(), yv.clone()],
             params(&p),
             gpu.groups(u32_of(op, "workgroups", n)?),

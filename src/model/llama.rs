@@ -337,6 +337,14 @@ impl Llama {
         let Positions::Rotary { theta } = cfg.positions else {
             return Err(Error::invalid("llama", "LLaMA models use rotary positions"));
         };
+        // Q/K/V biases (qwen2) run; output-projection and MLP biases (`attention_bias` on o_proj,
+        // `mlp_bias`) are refused rather than silently dropped.
+        if cfg.attn_out_bias || cfg.ffn_bias {
+            return Err(Error::invalid(
+                "llama",
+                "checkpoints with an o_proj bias or MLP biases (attention_bias / mlp_bias) are not supported yet",
+            ));
+        }
         let names = Names {
             gguf: matches!(src, Source::Gguf(_) | Source::Synthetic { .. }),
         };
