@@ -2,23 +2,28 @@
 // sum_c W[r, c] * x[c] over one shard of W, for TOK tokens at once (rows of x and y, row length
 // `cols` and `ld`), one entry point per weight format (repack layout, see common/quant.wgsl).
 // Bindings: 0 = weight data words, 1 = block scales (a dummy word for f32/f16), 2 = x (f32),
-// 3 = y (f32, read_write), 4 = params. Needs subgroup operations and a subgroup of exactly 8 lanes
-// (the host checks); `enable subgroups;` is left out because naga rejects it.
+// 3 = y (f32, read_write), 4 = params. Needs subgroup operations with exactly 8 lanes (the host
+// checks); `enable subgroups;` is left out because naga rejects it.
 //
 // A workgroup is one subgroup of 8 invocations; each invocation owns R consecutive rows and walks
 // all of K, one 32-weight block at a time. x of a block is loaded once per subgroup: lane l loads
 // values 4l..4l+3 and eight `subgroupBroadcast`s give every lane the whole block. Each weight word
 // is read once and serves TOK tokens; each x value serves R rows.
 //
-// Why: llvmpipe runs a subgroup as one 8-wide SIMD vector and every load from a storage buffer as a
-// loop over the lanes, so loads per weight are what the kernel costs, whether the address is uniform
-// or not. Here a Q4 block of one row costs 5 loads (4 data words and 1 scale word) plus 4 * TOK / R
-// for x, against 32 x loads per block per thread in matvec.wgsl. Private arrays are kept out
-// (llvmpipe puts them in memory, where each access is another per-lane loop): x, weights and sums
-// live in structs of vec4 whose members are named, and the loops over rows and tokens are spelled
-// out under `if (R > i)`, which pipeline creation folds away. No workgroup memory, no barriers.
-// Every subgroup operation is in uniform control flow: rows past the end are clamped (their sums
-// never written), and only whole workgroups past the end return early.
+// Why: llvmpipe runs a subgroup as one 8-wide SIMD vector, and a load from a storage buffer as a
+// loop over the active lanes that inserts each lane's value into the vector through the stack (a
+// failed store-to-load forward: about 8 ns of CPU time a lane and component on the 2-core EPYC it
+// was measured on), uniform address or not. Those loads are three quarters of the time; arithmetic,
+// broadcasts and spills to the stack are the rest. So the kernel counts loads: per block and row,
+// Q4 weights cost their 4 data words and 1 scale word (Q4_0 and Q8_0: half a scale word, two blocks
+// sharing one), plus 4 x loads per token shared by R rows, against 32 x loads per block and thread
+// in matvec.wgsl. A load that no lane takes (tokens past the end of a group) costs nothing. Arrays
+// are kept out (llvmpipe keeps arrays it cannot resolve in memory): x, weights and sums live in
+// structs of vec4 whose members are named, and the loops over rows and tokens are spelled out under
+// `if (R > i)`, which pipeline creation folds away. No workgroup memory, no barriers. Every
+// subgroup operation is in uniform control flow: rows past the end are clamped (their sums never
+// written), tokens past the end skipped under a uniform condition, and only whole workgroups past
+// the end return early.
 
 // #include "common/quant.wgsl"
 
@@ -39,7 +44,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
-// Rows per invocation (1..16) and tokens per invocation (1..4), chosen per matrix by the host.
+// Rows per invocation (1..16) and tokens per invocation (1..8), chosen per matrix by the host.
 override R: u32 = 8u;
 override TOK: u32 = 1u;
 
@@ -55,19 +60,38 @@ struct V8 {
     a4: vec4<f32>, a5: vec4<f32>, a6: vec4<f32>, a7: vec4<f32>,
 }
 
-// x of one block for each token, and each token's block sum (lane t of `sum`).
+// x of one block for each token, and each token's block sum (lane t of `lo` for tokens 0..3,
+// lane t - 4 of `hi` for tokens 4..7).
 struct XT {
     t0: V8, t1: V8, t2: V8, t3: V8,
-    sum: vec4<f32>,
+    t4: V8, t5: V8, t6: V8, t7: V8,
+    sum: T8,
 }
 
-// Per row, the sums of the TOK tokens (lane t = token t).
-struct Acc {
-    r0: vec4<f32>, r1: vec4<f32>, r2: vec4<f32>, r3: vec4<f32>,
-    r4: vec4<f32>, r5: vec4<f32>, r6: vec4<f32>, r7: vec4<f32>,
-    r8: vec4<f32>, r9: vec4<f32>, r10: vec4<f32>, r11: vec4<f32>,
-    r12: vec4<f32>, r13: vec4<f32>, r14: vec4<f32>, r15: vec4<f32>,
+// Eight per-token values: token t in lane t of `lo` (t < 4) or lane t - 4 of `hi`.
+struct T8 {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
 }
+
+// Per row of the invocation, the sums of its TOK tokens.
+struct Acc {
+    r0: T8, r1: T8, r2: T8, r3: T8, r4: T8, r5: T8, r6: T8, r7: T8,
+    r8: T8, r9: T8, r10: T8, r11: T8, r12: T8, r13: T8, r14: T8, r15: T8,
+}
+
+// Per row of the invocation, the word of two f16 block scales (Q8_0, Q4_0) that an even block
+// loaded for the odd one after it.
+struct Scales {
+    r0: u32, r1: u32, r2: u32, r3: u32, r4: u32, r5: u32, r6: u32, r7: u32,
+    r8: u32, r9: u32, r10: u32, r11: u32, r12: u32, r13: u32, r14: u32, r15: u32,
+}
+
+// The invocation's state, as module-scope private variables so that no function takes or returns
+// these large structs by value (each inlined copy would slow down lavapipe's shader compiler).
+var<private> xt: XT;
+var<private> acc: Acc;
+var<private> scales: Scales;
 
 fn quantised(fmt: u32) -> bool {
     return fmt >= Q8_0;
@@ -83,91 +107,131 @@ fn spread(v: vec4<f32>) -> V8 {
     );
 }
 
-// This lane's four x values of block `blk` for token `tok`. In the tail block of an f32/f16 row
-// (`tail`), columns past the end read as zero.
-fn x4(tok: u32, blk: u32, lane: u32, tail: bool) -> vec4<f32> {
-    let c = 32u * blk + 4u * lane;
-    let base = tok * p.cols;
-    if (tail) {
-        let last = p.cols - 1u;
-        let cs = vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u);
-        let v = vec4<f32>(x[base + min(cs.x, last)], x[base + min(cs.y, last)],
-                          x[base + min(cs.z, last)], x[base + min(cs.w, last)]);
-        return select(vec4<f32>(0.0), v, cs < vec4<u32>(p.cols));
-    }
-    let i = base + c;
-    return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
+// This lane's four x values of block `blk` for token `tok`; columns past the end of an f32/f16 row
+// read as zero.
+fn x4(tok: u32, blk: u32, lane: u32) -> vec4<f32> {
+    let last = p.cols - 1u;
+    let c = vec4<u32>(32u * blk + 4u * lane) + vec4<u32>(0u, 1u, 2u, 3u);
+    let i = vec4<u32>(tok * p.cols) + min(c, vec4<u32>(last));
+    let v = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
+    return select(vec4<f32>(0.0), v, c <= vec4<u32>(last));
 }
 
-fn load_x(fmt: u32, tok0: u32, blk: u32, lane: u32, tail: bool) -> XT {
-    var xt: XT;
-    // Q4 formats need each token's block sum; tokens past the end repeat the last one.
-    let sums = fmt == Q4_0 || fmt == Q4_1;
-    var v = x4(min(tok0, p.m - 1u), blk, lane, tail);
-    xt.t0 = spread(v);
-    if (sums) {
-        xt.sum.x = subgroupAdd(dot(v, vec4<f32>(1.0)));
-    }
-    if (TOK > 1u) {
-        v = x4(min(tok0 + 1u, p.m - 1u), blk, lane, tail);
-        xt.t1 = spread(v);
-        if (sums) {
-            xt.sum.y = subgroupAdd(dot(v, vec4<f32>(1.0)));
+// Q4 nibbles are taken out of a word in place (see q4_lo_in_place), as q * 256^i for byte i, so
+// x is scaled by 256^-i once per block instead of every weight being shifted down. Powers of two:
+// the products are exactly those of the unscaled values.
+const NIBBLE_SCALE = vec4<f32>(1.0, 1.0 / 256.0, 1.0 / 65536.0, 1.0 / 16777216.0);
+
+// One token's x of a block, spread to every lane, and its sum (Q4 formats only, which fold their
+// offset into it).
+struct XB {
+    v: V8,
+    sum: f32,
+}
+
+fn x_block(fmt: u32, tok: u32, blk: u32, lane: u32) -> XB {
+    var r: XB;
+    // Uniform: tokens past the end of a partial token group load nothing and stay zero.
+    if (tok < p.m) {
+        let v = x4(tok, blk, lane);
+        if (fmt == Q4_0 || fmt == Q4_1) {
+            r.sum = subgroupAdd(dot(v, vec4<f32>(1.0)));
+            r.v = spread(v * NIBBLE_SCALE);
+        } else {
+            r.v = spread(v);
         }
+    }
+    return r;
+}
+
+// Loads block `blk` of x for the TOK tokens from `tok0` into `xt`.
+fn load_x(fmt: u32, tok0: u32, blk: u32, lane: u32) {
+    var b = x_block(fmt, tok0, blk, lane);
+    xt.t0 = b.v;
+    xt.sum.lo.x = b.sum;
+    if (TOK > 1u) {
+        b = x_block(fmt, tok0 + 1u, blk, lane);
+        xt.t1 = b.v;
+        xt.sum.lo.y = b.sum;
     }
     if (TOK > 2u) {
-        v = x4(min(tok0 + 2u, p.m - 1u), blk, lane, tail);
-        xt.t2 = spread(v);
-        if (sums) {
-            xt.sum.z = subgroupAdd(dot(v, vec4<f32>(1.0)));
-        }
+        b = x_block(fmt, tok0 + 2u, blk, lane);
+        xt.t2 = b.v;
+        xt.sum.lo.z = b.sum;
     }
     if (TOK > 3u) {
-        v = x4(min(tok0 + 3u, p.m - 1u), blk, lane, tail);
-        xt.t3 = spread(v);
-        if (sums) {
-            xt.sum.w = subgroupAdd(dot(v, vec4<f32>(1.0)));
-        }
+        b = x_block(fmt, tok0 + 3u, blk, lane);
+        xt.t3 = b.v;
+        xt.sum.lo.w = b.sum;
     }
-    return xt;
+    if (TOK > 4u) {
+        b = x_block(fmt, tok0 + 4u, blk, lane);
+        xt.t4 = b.v;
+        xt.sum.hi.x = b.sum;
+    }
+    if (TOK > 5u) {
+        b = x_block(fmt, tok0 + 5u, blk, lane);
+        xt.t5 = b.v;
+        xt.sum.hi.y = b.sum;
+    }
+    if (TOK > 6u) {
+        b = x_block(fmt, tok0 + 6u, blk, lane);
+        xt.t6 = b.v;
+        xt.sum.hi.z = b.sum;
+    }
+    if (TOK > 7u) {
+        b = x_block(fmt, tok0 + 7u, blk, lane);
+        xt.t7 = b.v;
+        xt.sum.hi.w = b.sum;
+    }
 }
 
-// Data word i of the matrix; in a tail block, clamped to the row's last word `last`.
-fn word(i: u32, last: u32, tail: bool) -> u32 {
-    if (tail) {
-        return wq[min(i, last)];
-    }
-    return wq[i];
+// The low nibbles of a Q4 word (weights 4j..4j+3 of data word j) in place: nibble i as q * 256^i.
+// One AND and a conversion per weight, where shifting each down costs a shift more.
+fn q4_lo_in_place(w: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(w) & vec4<u32>(0xfu, 0xf00u, 0xf0000u, 0xf000000u));
 }
 
-// f32 weights at word i..i+3.
-fn f32x4(i: u32, last: u32, tail: bool) -> vec4<f32> {
-    return bitcast<vec4<f32>>(vec4<u32>(word(i, last, tail), word(i + 1u, last, tail),
-                                        word(i + 2u, last, tail), word(i + 3u, last, tail)));
+// The high nibbles (weights 16+4j..16+4j+3), shifted down by 4 first so that the top one stays
+// below 2^31 (a signed conversion).
+fn q4_hi_in_place(w: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(w >> 4u) & vec4<u32>(0xfu, 0xf00u, 0xf0000u, 0xf000000u));
+}
+
+// Data word i of an f32/f16 row whose last word is `last`: the tail block of a row whose length is
+// not a multiple of 32 reaches past it (those weights meet zero x).
+fn word(i: u32, last: u32) -> u32 {
+    return wq[min(i, last)];
+}
+
+// f32 weights at words i..i+3.
+fn f32x4(i: u32, last: u32) -> vec4<f32> {
+    return bitcast<vec4<f32>>(vec4<u32>(word(i, last), word(i + 1u, last),
+                                        word(i + 2u, last), word(i + 3u, last)));
 }
 
 // f16 weights in words i, i + 1.
-fn f16x4(i: u32, last: u32, tail: bool) -> vec4<f32> {
-    return vec4<f32>(qh_pair(word(i, last, tail)), qh_pair(word(i + 1u, last, tail)));
+fn f16x4(i: u32, last: u32) -> vec4<f32> {
+    return vec4<f32>(qh_pair(word(i, last)), qh_pair(word(i + 1u, last)));
 }
 
 // The 32 weights of block `blk` of `row` in the order of V8; for quantised formats, the quants.
-fn weights(fmt: u32, row: u32, blk: u32, tail: bool) -> V8 {
+fn weights(fmt: u32, row: u32, blk: u32) -> V8 {
     let start = row * p.row_words;
     let last = start + p.row_words - 1u;
     if (fmt == F32) {
         let i = start + 32u * blk;
-        return V8(f32x4(i, last, tail), f32x4(i + 4u, last, tail),
-                  f32x4(i + 8u, last, tail), f32x4(i + 12u, last, tail),
-                  f32x4(i + 16u, last, tail), f32x4(i + 20u, last, tail),
-                  f32x4(i + 24u, last, tail), f32x4(i + 28u, last, tail));
+        return V8(f32x4(i, last), f32x4(i + 4u, last),
+                  f32x4(i + 8u, last), f32x4(i + 12u, last),
+                  f32x4(i + 16u, last), f32x4(i + 20u, last),
+                  f32x4(i + 24u, last), f32x4(i + 28u, last));
     }
     if (fmt == F16) {
         let i = start + 16u * blk;
-        return V8(f16x4(i, last, tail), f16x4(i + 2u, last, tail),
-                  f16x4(i + 4u, last, tail), f16x4(i + 6u, last, tail),
-                  f16x4(i + 8u, last, tail), f16x4(i + 10u, last, tail),
-                  f16x4(i + 12u, last, tail), f16x4(i + 14u, last, tail));
+        return V8(f16x4(i, last), f16x4(i + 2u, last),
+                  f16x4(i + 4u, last), f16x4(i + 6u, last),
+                  f16x4(i + 8u, last), f16x4(i + 10u, last),
+                  f16x4(i + 12u, last), f16x4(i + 14u, last));
     }
     if (fmt == Q8_0) {
         let i = start + 8u * blk;
@@ -181,8 +245,8 @@ fn weights(fmt: u32, row: u32, blk: u32, tail: bool) -> V8 {
     let w1 = wq[i + 1u];
     let w2 = wq[i + 2u];
     let w3 = wq[i + 3u];
-    return V8(q4_lo(w0), q4_lo(w1), q4_lo(w2), q4_lo(w3),
-              q4_hi(w0), q4_hi(w1), q4_hi(w2), q4_hi(w3));
+    return V8(q4_lo_in_place(w0), q4_lo_in_place(w1), q4_lo_in_place(w2), q4_lo_in_place(w3),
+              q4_hi_in_place(w0), q4_hi_in_place(w1), q4_hi_in_place(w2), q4_hi_in_place(w3));
 }
 
 fn dot8(w: V8, v: V8) -> f32 {
@@ -190,35 +254,58 @@ fn dot8(w: V8, v: V8) -> f32 {
          + dot(w.a4, v.a4) + dot(w.a5, v.a5) + dot(w.a6, v.a6) + dot(w.a7, v.a7);
 }
 
+// The word holding the f16 scale of block `g` = (row, blk) for Q8_0 and Q4_0, which keep two
+// scales in a word. When rows have an even number of blocks, blocks 2k and 2k + 1 of a row share a
+// word: the even block loads it and the odd one reuses it (`kept`), saving a tenth of Q4_0's loads.
+// (The conditions are uniform, and a load that no lane takes costs lavapipe no per-lane work.)
+fn scale_word(g: u32, blk: u32, kept: u32) -> u32 {
+    if ((p.blocks & 1u) == 0u && (blk & 1u) == 1u) {
+        return kept;
+    }
+    return ws[g >> 1u];
+}
+
+// One row's sums of a block for the TOK tokens, and the scale word it used.
+struct RowSums {
+    s: T8,
+    word: u32,
+}
+
 // One row's sums over block `blk` for the TOK tokens.
-fn row_block(fmt: u32, row: u32, blk: u32, xt: XT, tail: bool) -> vec4<f32> {
-    let w = weights(fmt, row, blk, tail);
-    var s = vec4<f32>(0.0);
-    s.x = dot8(w, xt.t0);
-    if (TOK > 1u) {
-        s.y = dot8(w, xt.t1);
-    }
-    if (TOK > 2u) {
-        s.z = dot8(w, xt.t2);
-    }
-    if (TOK > 3u) {
-        s.w = dot8(w, xt.t3);
-    }
+fn row_block(fmt: u32, row: u32, blk: u32, kept: u32) -> RowSums {
+    let w = weights(fmt, row, blk);
+    var s: T8;
+    s.lo.x = dot8(w, xt.t0);
+    if (TOK > 1u) { s.lo.y = dot8(w, xt.t1); }
+    if (TOK > 2u) { s.lo.z = dot8(w, xt.t2); }
+    if (TOK > 3u) { s.lo.w = dot8(w, xt.t3); }
+    if (TOK > 4u) { s.hi.x = dot8(w, xt.t4); }
+    if (TOK > 5u) { s.hi.y = dot8(w, xt.t5); }
+    if (TOK > 6u) { s.hi.z = dot8(w, xt.t6); }
+    if (TOK > 7u) { s.hi.w = dot8(w, xt.t7); }
     if (!quantised(fmt)) {
-        return s;
+        return RowSums(s, 0u);
     }
     let g = row * p.blocks + blk;
+    if (fmt == Q4_1) {
+        // sum (d q + m) x = d * sum q x + m * sum x.
+        let dm = qh_pair(ws[g]);
+        return RowSums(T8(dm.x * s.lo + dm.y * xt.sum.lo, dm.x * s.hi + dm.y * xt.sum.hi), 0u);
+    }
+    let word = scale_word(g, blk, kept);
+    let d = qh_scale(word, g);
     if (fmt == Q8_0) {
-        return qh_scale(ws[g >> 1u], g) * s;
+        return RowSums(T8(d * s.lo, d * s.hi), word);
     }
-    if (fmt == Q4_0) {
-        // d * sum (q - 8) x = d * (sum q x - 8 sum x): the -8 costs one term per block.
-        let d = qh_scale(ws[g >> 1u], g);
-        return d * (s - 8.0 * xt.sum);
+    // Q4_0: d * sum (q - 8) x = d * (sum q x - 8 sum x), the -8 one term per block.
+    return RowSums(T8(d * (s.lo - 8.0 * xt.sum.lo), d * (s.hi - 8.0 * xt.sum.hi)), word);
+}
+
+fn add(a: T8, b: T8) -> T8 {
+    if (TOK > 4u) {
+        return T8(a.lo + b.lo, a.hi + b.hi);
     }
-    // sum (d q + m) x = d * sum q x + m * sum x.
-    let dm = qh_pair(ws[g]);
-    return dm.x * s + dm.y * xt.sum;
+    return T8(a.lo + b.lo, a.hi);
 }
 
 // Row i of the invocation, clamped into the shard so that surplus rows read valid memory.
@@ -226,34 +313,103 @@ fn row_at(first: u32, i: u32) -> u32 {
     return min(first + i, p.rows - 1u);
 }
 
-fn step(acc: ptr<function, Acc>, fmt: u32, first: u32, blk: u32, xt: XT, tail: bool) {
-    (*acc).r0 += row_block(fmt, row_at(first, 0u), blk, xt, tail);
-    if (R > 1u) { (*acc).r1 += row_block(fmt, row_at(first, 1u), blk, xt, tail); }
-    if (R > 2u) { (*acc).r2 += row_block(fmt, row_at(first, 2u), blk, xt, tail); }
-    if (R > 3u) { (*acc).r3 += row_block(fmt, row_at(first, 3u), blk, xt, tail); }
-    if (R > 4u) { (*acc).r4 += row_block(fmt, row_at(first, 4u), blk, xt, tail); }
-    if (R > 5u) { (*acc).r5 += row_block(fmt, row_at(first, 5u), blk, xt, tail); }
-    if (R > 6u) { (*acc).r6 += row_block(fmt, row_at(first, 6u), blk, xt, tail); }
-    if (R > 7u) { (*acc).r7 += row_block(fmt, row_at(first, 7u), blk, xt, tail); }
-    if (R > 8u) { (*acc).r8 += row_block(fmt, row_at(first, 8u), blk, xt, tail); }
-    if (R > 9u) { (*acc).r9 += row_block(fmt, row_at(first, 9u), blk, xt, tail); }
-    if (R > 10u) { (*acc).r10 += row_block(fmt, row_at(first, 10u), blk, xt, tail); }
-    if (R > 11u) { (*acc).r11 += row_block(fmt, row_at(first, 11u), blk, xt, tail); }
-    if (R > 12u) { (*acc).r12 += row_block(fmt, row_at(first, 12u), blk, xt, tail); }
-    if (R > 13u) { (*acc).r13 += row_block(fmt, row_at(first, 13u), blk, xt, tail); }
-    if (R > 14u) { (*acc).r14 += row_block(fmt, row_at(first, 14u), blk, xt, tail); }
-    if (R > 15u) { (*acc).r15 += row_block(fmt, row_at(first, 15u), blk, xt, tail); }
+// Adds block `blk` of every row of the invocation to `acc`.
+fn step(fmt: u32, first: u32, blk: u32) {
+    var b: RowSums;
+    b = row_block(fmt, row_at(first, 0u), blk, scales.r0);
+    acc.r0 = add(acc.r0, b.s);
+    scales.r0 = b.word;
+    if (R > 1u) {
+        b = row_block(fmt, row_at(first, 1u), blk, scales.r1);
+        acc.r1 = add(acc.r1, b.s);
+        scales.r1 = b.word;
+    }
+    if (R > 2u) {
+        b = row_block(fmt, row_at(first, 2u), blk, scales.r2);
+        acc.r2 = add(acc.r2, b.s);
+        scales.r2 = b.word;
+    }
+    if (R > 3u) {
+        b = row_block(fmt, row_at(first, 3u), blk, scales.r3);
+        acc.r3 = add(acc.r3, b.s);
+        scales.r3 = b.word;
+    }
+    if (R > 4u) {
+        b = row_block(fmt, row_at(first, 4u), blk, scales.r4);
+        acc.r4 = add(acc.r4, b.s);
+        scales.r4 = b.word;
+    }
+    if (R > 5u) {
+        b = row_block(fmt, row_at(first, 5u), blk, scales.r5);
+        acc.r5 = add(acc.r5, b.s);
+        scales.r5 = b.word;
+    }
+    if (R > 6u) {
+        b = row_block(fmt, row_at(first, 6u), blk, scales.r6);
+        acc.r6 = add(acc.r6, b.s);
+        scales.r6 = b.word;
+    }
+    if (R > 7u) {
+        b = row_block(fmt, row_at(first, 7u), blk, scales.r7);
+        acc.r7 = add(acc.r7, b.s);
+        scales.r7 = b.word;
+    }
+    if (R > 8u) {
+        b = row_block(fmt, row_at(first, 8u), blk, scales.r8);
+        acc.r8 = add(acc.r8, b.s);
+        scales.r8 = b.word;
+    }
+    if (R > 9u) {
+        b = row_block(fmt, row_at(first, 9u), blk, scales.r9);
+        acc.r9 = add(acc.r9, b.s);
+        scales.r9 = b.word;
+    }
+    if (R > 10u) {
+        b = row_block(fmt, row_at(first, 10u), blk, scales.r10);
+        acc.r10 = add(acc.r10, b.s);
+        scales.r10 = b.word;
+    }
+    if (R > 11u) {
+        b = row_block(fmt, row_at(first, 11u), blk, scales.r11);
+        acc.r11 = add(acc.r11, b.s);
+        scales.r11 = b.word;
+    }
+    if (R > 12u) {
+        b = row_block(fmt, row_at(first, 12u), blk, scales.r12);
+        acc.r12 = add(acc.r12, b.s);
+        scales.r12 = b.word;
+    }
+    if (R > 13u) {
+        b = row_block(fmt, row_at(first, 13u), blk, scales.r13);
+        acc.r13 = add(acc.r13, b.s);
+        scales.r13 = b.word;
+    }
+    if (R > 14u) {
+        b = row_block(fmt, row_at(first, 14u), blk, scales.r14);
+        acc.r14 = add(acc.r14, b.s);
+        scales.r14 = b.word;
+    }
+    if (R > 15u) {
+        b = row_block(fmt, row_at(first, 15u), blk, scales.r15);
+        acc.r15 = add(acc.r15, b.s);
+        scales.r15 = b.word;
+    }
 }
 
 // Writes row `first + i` for the TOK tokens from `tok0`, skipping rows and tokens past the end.
-fn put(first: u32, i: u32, tok0: u32, s: vec4<f32>) {
+fn put(first: u32, i: u32, tok0: u32, s: T8) {
     let row = first + i;
     if (i >= R || row >= p.rows) {
         return;
     }
-    for (var t = 0u; t < TOK; t++) {
+    for (var t = 0u; t < min(TOK, 4u); t++) {
         if (tok0 + t < p.m) {
-            y[(tok0 + t) * p.ld + p.row_start + row] = s[t];
+            y[(tok0 + t) * p.ld + p.row_start + row] = s.lo[t];
+        }
+    }
+    for (var t = 4u; t < TOK; t++) {
+        if (tok0 + t < p.m) {
+            y[(tok0 + t) * p.ld + p.row_start + row] = s.hi[t - 4u];
         }
     }
 }
@@ -269,17 +425,14 @@ fn matvec_any(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lane: u32) {
     }
     let tok0 = g % token_groups * TOK;
     let first = row0 + lane * R;
-    var acc: Acc;
-    // Quantised rows are whole blocks; f32/f16 rows may end in a partial block (the tail).
-    var full = p.blocks;
+    // Quantised rows are whole blocks; f32/f16 rows may end in a partial block.
+    var blocks = p.blocks;
     if (!quantised(fmt)) {
-        full = p.cols / 32u;
+        blocks = (p.cols + 31u) / 32u;
     }
-    for (var b = 0u; b < full; b++) {
-        step(&acc, fmt, first, b, load_x(fmt, tok0, b, lane, false), false);
-    }
-    if (!quantised(fmt) && full * 32u < p.cols) {
-        step(&acc, fmt, first, full, load_x(fmt, tok0, full, lane, true), true);
+    for (var b = 0u; b < blocks; b++) {
+        load_x(fmt, tok0, b, lane);
+        step(fmt, first, b);
     }
     put(first, 0u, tok0, acc.r0);
     put(first, 1u, tok0, acc.r1);

@@ -1,16 +1,18 @@
 //! The matrix kernels (decode matvec, prefill matmul) in every weight format against the CPU
 //! reference on the dequantised weights: awkward shapes, sharded weights, one f32 weight larger
-//! than the device's binding limit, and shape checks before dispatch.
+//! than the device's binding limit, and shape checks before dispatch. The subgroup matvec
+//! (`matvec_sg.wgsl`) is forced where the device runs it (lavapipe), and a device opened without
+//! subgroups must fall back to the workgroup kernel.
 
 mod common;
 use std::sync::RwLock;
 
 use common::*;
-use wgllm::kernels::matmul::{self, MatmulKernel};
+use wgllm::kernels::matmul::{self, MatmulKernel, MatvecKernel};
 use wgllm::kernels::{Tensor, WeightMatrix};
 use wgllm::quant::{dequantize, quantize, WeightFormat};
 use wgllm::BufferClass::Activations;
-use wgllm::Gpu;
+use wgllm::{Gpu, GpuOptions};
 
 /// Lowering the binding limit changes how every upload in this process is sharded: tests that
 /// upload take it shared, the test that lowers it takes it exclusively.
@@ -53,8 +55,8 @@ fn weights(
 /// What [`check`] runs.
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    /// matvec, with the rows per workgroup forced or left to the policy
-    Matvec(Option<u32>),
+    /// matvec, with the kernel forced or left to the policy
+    Matvec(Option<MatvecKernel>),
     /// matmul over this many tokens, with the kernel forced or left to the policy
     Matmul(usize, Option<MatmulKernel>),
 }
@@ -75,7 +77,7 @@ fn check(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], op: Op, seed: u64) {
     let y = gpu.tensor("y", Activations, &ys).unwrap();
     let mut rec = gpu.recorder();
     match op {
-        Op::Matvec(r) => matmul::matvec_with_rows(&mut rec, wm, &x, &y, r).unwrap(),
+        Op::Matvec(k) => matmul::matvec_with(&mut rec, wm, &x, &y, k).unwrap(),
         Op::Matmul(_, k) => matmul::matmul_with(&mut rec, wm, &x, &y, k).unwrap(),
     }
     assert_eq!(rec.len(), wm.shards.len(), "one dispatch per shard");
@@ -109,8 +111,9 @@ fn matvec_matches_reference_in_every_format() {
             // Every rows-per-workgroup variant (the code is the same for all formats but f32/f16
             // vs blocks; each variant is a pipeline to compile, so two formats cover it).
             if rows == 13 && matches!(f, WeightFormat::F16 | WeightFormat::Q4_1) {
-                for r in matmul::MATVEC_ROWS {
-                    check(gpu, &wm, &deq, Op::Matvec(Some(r)), 30 + r as u64);
+                for rows in matmul::MATVEC_ROWS {
+                    let k = Some(MatvecKernel::Workgroup { rows });
+                    check(gpu, &wm, &deq, Op::Matvec(k), 30 + rows as u64);
                 }
             }
         }
@@ -199,6 +202,105 @@ fn f32_weight_past_the_binding_limit_is_sharded() {
     check(gpu, &wm, &w, Op::Matvec(None), 71);
 }
 
+/// The test device where it runs the subgroup matvec, else a printed skip.
+fn subgroup_gpu() -> Option<&'static Gpu> {
+    let gpu = gpu()?;
+    if matmul::subgroup_matvec_ok(gpu) {
+        return Some(gpu);
+    }
+    eprintln!(
+        "SKIPPED: {} is not a CPU device with 8-lane subgroups; the subgroup matvec is unused",
+        gpu.describe()
+    );
+    None
+}
+
+#[test]
+fn subgroup_matvec_matches_reference_in_every_format() {
+    let Some(gpu) = subgroup_gpu() else { return };
+    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
+    for f in WeightFormat::ALL {
+        let k = awkward_cols(f);
+        // One row (every lane's rows clamp to it); 13 rows, fewer than one lane's 16; 130 rows,
+        // one full workgroup of 8 x 16 and a partial one.
+        for (i, rows) in [1, 13, 130].into_iter().enumerate() {
+            let (wm, deq) = weights(gpu, f, rows, k, 100 + i as u64);
+            let sixteen = Some(MatvecKernel::Subgroup { rows: 16 });
+            check(gpu, &wm, &deq, Op::Matvec(sixteen), 110 + i as u64);
+            // An odd rows-per-invocation (each is a pipeline to compile: one format covers it).
+            if rows == 130 && f == WeightFormat::Q4_1 {
+                let three = Some(MatvecKernel::Subgroup { rows: 3 });
+                check(gpu, &wm, &deq, Op::Matvec(three), 120);
+            }
+        }
+    }
+}
+
+#[test]
+fn subgroup_prefill_matches_reference_for_1_to_8_tokens() {
+    let Some(gpu) = subgroup_gpu() else { return };
+    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
+    for f in WeightFormat::ALL {
+        // 70 rows: one workgroup of 8 x 8 rows and a partial one. (8 rows and 8 tokens is what
+        // the policy picks in matmul_matches_reference_in_every_format too: one pipeline less to
+        // compile, and those of 8 tokens take seconds where Mesa's shader cache is cold.)
+        let (wm, deq) = weights(gpu, f, 70, awkward_cols(f), 130);
+        let eight = Some(MatmulKernel::Subgroup {
+            rows: Some(8),
+            tokens: 8,
+        });
+        // 1..8 tokens in one partial or full group; 11 = a full group and a partial one.
+        for m in (1..=8).chain([11]) {
+            check(gpu, &wm, &deq, Op::Matmul(m, eight), 140 + m as u64);
+        }
+        // Q8_0 and Q4_0 share a scale word between blocks 2k and 2k + 1 where rows have an even
+        // number of blocks (the rows above have 37).
+        if matches!(f, WeightFormat::Q8_0 | WeightFormat::Q4_0) {
+            let (wm, deq) = weights(gpu, f, 70, 32 * 38, 131);
+            check(gpu, &wm, &deq, Op::Matmul(5, eight), 149);
+        }
+        // An odd tokens-per-invocation: groups of 3, 3 and 1.
+        if f == WeightFormat::Q4_0 {
+            let three = Some(MatmulKernel::Subgroup {
+                rows: Some(5),
+                tokens: 3,
+            });
+            check(gpu, &wm, &deq, Op::Matmul(7, three), 150);
+        }
+    }
+}
+
+#[test]
+fn without_subgroups_the_workgroup_kernel_is_used_and_the_subgroup_one_refused() {
+    if gpu().is_none() {
+        return;
+    }
+    let opts = GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    };
+    let plain = Gpu::new(&opts).unwrap();
+    assert!(!matmul::subgroup_matvec_ok(&plain));
+    assert!(matches!(
+        matmul::matvec_kernel(&plain, WeightFormat::Q4_1, 576),
+        MatvecKernel::Workgroup { .. }
+    ));
+    assert!(!matches!(
+        matmul::matmul_kernel(&plain, 32),
+        MatmulKernel::Subgroup { .. }
+    ));
+    let (wm, deq) = weights(&plain, WeightFormat::Q4_1, 21, 64, 160);
+    check(&plain, &wm, &deq, Op::Matvec(None), 161);
+    check(&plain, &wm, &deq, Op::Matmul(5, None), 162);
+    let x = plain.tensor("x", Activations, &[64]).unwrap();
+    let y = plain.tensor("y", Activations, &[21]).unwrap();
+    let mut rec = plain.recorder();
+    let sg = Some(MatvecKernel::Subgroup { rows: 8 });
+    let e = matmul::matvec_with(&mut rec, &wm, &x, &y, sg).unwrap_err();
+    assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    assert!(rec.is_empty());
+}
+
 #[test]
 fn shape_mismatches_are_refused_before_dispatch() {
     let Some(gpu) = gpu() else { return };
@@ -221,5 +323,16 @@ fn shape_mismatches_are_refused_before_dispatch() {
     let bad = Some(MatmulKernel::Rows { tokens: 3 });
     let e = matmul::matmul_with(&mut rec, &wm, &t(&[3, 64]), &t(&[3, 8]), bad).unwrap_err();
     assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    // Subgroup kernel: rows per invocation 1..=16, tokens 1..=8 (refused, whatever the device).
+    for rows in [0, 17] {
+        let bad = Some(MatvecKernel::Subgroup { rows });
+        let e = matmul::matvec_with(&mut rec, &wm, &t(&[64]), &t(&[8]), bad).unwrap_err();
+        assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    }
+    for tokens in [0, 9] {
+        let bad = Some(MatmulKernel::Subgroup { rows: None, tokens });
+        let e = matmul::matmul_with(&mut rec, &wm, &t(&[3, 64]), &t(&[3, 8]), bad).unwrap_err();
+        assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    }
     assert!(rec.is_empty());
 }

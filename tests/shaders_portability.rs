@@ -1,5 +1,7 @@
 //! Every WGSL kernel is validated by naga without a device and translated to SPIR-V (Vulkan), MSL
-//! (Metal) and HLSL (DX12), so portability is checked even where no such GPU is at hand.
+//! (Metal) and HLSL (DX12), so portability is checked even where no such GPU is at hand. Kernels
+//! whose name ends in `_sg` are the subgroup variants, which the host only picks where the device
+//! has subgroups: they are validated with that capability (and f16-in-f32) instead of none.
 
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use wgllm::gpu::shaders::SHADERS;
@@ -9,18 +11,23 @@ fn translate(name: &str, src: &str) -> Result<(), String> {
         .map_err(|e| format!("parse: {}", e.emit_to_string(src)))?;
     // Validate as a WebGPU device without optional features would: no f16, no subgroups. Only
     // `unpack2x16float`/`pack2x16float` need a capability in naga's terms, and every WebGPU-compliant
-    // device has it (wgpu's downlevel flag SHADER_F16_IN_F32).
-    let info = Validator::new(
-        ValidationFlags::all(),
-        Capabilities::SHADER_FLOAT16_IN_FLOAT32,
-    )
-    .validate(&module)
-    .map_err(|e| {
-        format!(
-            "validate (no optional capabilities): {}",
-            e.emit_to_string(src)
+    // device has it (wgpu's downlevel flag SHADER_F16_IN_F32). Subgroup variants get SUBGROUP too,
+    // and nothing else.
+    let subgroups = name.ends_with("_sg");
+    let (caps, what) = if subgroups {
+        (
+            Capabilities::SHADER_FLOAT16_IN_FLOAT32 | Capabilities::SUBGROUP,
+            "subgroups only",
         )
-    })?;
+    } else {
+        (
+            Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+            "no optional capabilities",
+        )
+    };
+    let info = Validator::new(ValidationFlags::all(), caps)
+        .validate(&module)
+        .map_err(|e| format!("validate ({what}): {}", e.emit_to_string(src)))?;
     let (module, info) = naga::back::pipeline_constants::process_overrides(
         &module,
         &info,
@@ -46,8 +53,15 @@ fn translate(name: &str, src: &str) -> Result<(), String> {
         &naga::back::msl::PipelineOptions::default(),
     )
     .map_err(|e| format!("MSL: {e}"))?;
+    // Subgroup operations become wave intrinsics, which exist from shader model 6.0 on (naga's
+    // writer does not check the model, DXC does), and wgpu enables SUBGROUP on DX12 only there.
     let hlsl_opts = naga::back::hlsl::Options {
         fake_missing_bindings: true,
+        shader_model: if subgroups {
+            naga::back::hlsl::ShaderModel::V6_0
+        } else {
+            naga::back::hlsl::Options::default().shader_model
+        },
         ..Default::default()
     };
     let pipe = naga::back::hlsl::PipelineOptions { entry_point: None };
@@ -55,7 +69,6 @@ fn translate(name: &str, src: &str) -> Result<(), String> {
     naga::back::hlsl::Writer::new(&mut out, &hlsl_opts, &pipe)
         .write(&module, &info, None)
         .map_err(|e| format!("HLSL: {e}"))?;
-    let _ = name;
     Ok(())
 }
 

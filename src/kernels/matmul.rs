@@ -19,17 +19,17 @@ use crate::gpu::{Bind, Gpu, Recorder};
 use crate::kernels::weights::Shard;
 use crate::kernels::{params, Tensor, WeightMatrix};
 use crate::quant::repack::row_words;
-use crate::quant::QK;
+use crate::quant::{WeightFormat, QK};
 
 /// The rows per matvec workgroup the shader supports (its `ROWS` override).
 pub const MATVEC_ROWS: [u32; 3] = [4, 8, 16];
 /// The tokens per matvec workgroup the shader supports (its `TOK` override).
 pub const MATVEC_TOKENS: [u32; 3] = [1, 2, 4];
-/// Rows per invocation the subgroup matvec supports (its `R` override); a workgroup is one
-/// 8-lane subgroup, so it computes 8 times as many rows.
-pub const MATVEC_SG_ROWS: [u32; 4] = [2, 4, 8, 16];
-/// Tokens per invocation the subgroup matvec supports (its `TOK` override).
-pub const MATVEC_SG_TOKENS: [u32; 4] = [1, 2, 3, 4];
+/// Most rows per invocation of the subgroup matvec (its `R` override takes 1 to 16); a workgroup
+/// is one 8-lane subgroup, so it computes 8 times as many rows.
+pub const MATVEC_SG_MAX_ROWS: u32 = 16;
+/// Most tokens per invocation of the subgroup matvec (its `TOK` override takes 1 to 8).
+pub const MATVEC_SG_MAX_TOKENS: u32 = 8;
 /// Lanes of the subgroup (= workgroup) of `matvec_sg.wgsl`; the kernel needs exactly this size.
 const SG_LANES: usize = 8;
 /// Edge of the square output tile of a matmul workgroup (`T` in matmul.wgsl).
@@ -147,15 +147,54 @@ pub fn subgroup_matvec_ok(gpu: &Gpu) -> bool {
         && gpu.info.device_type == wgpu::DeviceType::Cpu
 }
 
-/// Rows per invocation of the subgroup matvec for a shard of `rows` rows: 8 (measured fastest on
-/// lavapipe: 16 runs out of registers), 4 below 64 workgroups so that both CPU cores get
-/// balanced work on small matrices.
-pub fn matvec_sg_rows(rows: usize) -> u32 {
-    if rows >= 8 * SG_LANES * 64 {
-        8
-    } else {
-        4
+/// Tokens per invocation of the subgroup matvec for a product over `m` tokens: 1, 2, 4 or 8, few
+/// sizes because each is a pipeline to compile (a token past `m` costs no loads, only arithmetic).
+pub fn matvec_sg_tokens(m: usize) -> u32 {
+    match m {
+        0 | 1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
     }
+}
+
+/// The threads lavapipe runs workgroups on: `LP_NUM_THREADS` where set, else one per CPU.
+fn cpu_threads() -> usize {
+    std::env::var("LP_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
+/// Rows per invocation of the subgroup matvec for a shard of `rows` rows in `format`, `m` tokens
+/// taken `tokens` at a time. On lavapipe a workgroup costs its loads: per block, each lane loads
+/// 4 x values per token and the block's words of each of its R rows (9 for Q8_0, 5 for Q4, 16 or
+/// 32 for f16/f32), so more rows cost fewer loads per weight; but the workgroups must also share
+/// out evenly over the CPU threads (576 rows are 4.5 workgroups of 8 x 16 rows). So 16 from 4096
+/// rows on, below that the one of 12, 8 and 4 with the fewest loads per thread, the largest on a
+/// tie. Every R is a pipeline to compile (0.2-0.4 s, and 0.5-4 s for LLVM when Mesa's shader cache
+/// is cold), so the choice is kept coarse: a small model's matrices all get R = 12, where 16 would
+/// save 1-2% of the decode loads of its larger matrices.
+pub fn matvec_sg_rows(format: WeightFormat, rows: usize, m: usize, tokens: u32) -> u32 {
+    if rows >= 4096 {
+        return MATVEC_SG_MAX_ROWS;
+    }
+    let words = match format {
+        WeightFormat::F32 => 32,
+        WeightFormat::F16 => 16,
+        WeightFormat::Q8_0 => 9,
+        WeightFormat::Q4_0 | WeightFormat::Q4_1 => 5,
+    };
+    let (threads, tokens) = (cpu_threads(), tokens.max(1) as usize);
+    let groups = m.div_ceil(tokens).max(1);
+    [12, 8, 4]
+        .into_iter()
+        .min_by_key(|&r| {
+            let workgroups = rows.div_ceil(SG_LANES * r) * groups;
+            workgroups.div_ceil(threads) * (4 * tokens + words * r)
+        })
+        .map_or(MATVEC_SG_MAX_ROWS, |r| r as u32)
 }
 
 /// Which kernel computes a matrix-vector product.
@@ -163,17 +202,17 @@ pub fn matvec_sg_rows(rows: usize) -> u32 {
 pub enum MatvecKernel {
     /// `shaders/matvec.wgsl`, `rows` (one of [`MATVEC_ROWS`]) rows per workgroup.
     Workgroup { rows: u32 },
-    /// `shaders/matvec_sg.wgsl`, `rows` (one of [`MATVEC_SG_ROWS`]) rows per invocation; needs
+    /// `shaders/matvec_sg.wgsl`, `rows` (1 to [`MATVEC_SG_MAX_ROWS`]) rows per invocation; needs
     /// [`subgroup_matvec_ok`].
     Subgroup { rows: u32 },
 }
 
-/// The matvec kernel for a shard of `rows` rows: the subgroup one where [`subgroup_matvec_ok`],
-/// else the workgroup one with [`matvec_rows`].
-pub fn matvec_kernel(gpu: &Gpu, rows: usize) -> MatvecKernel {
+/// The matvec kernel for a shard of `rows` rows in `format`: the subgroup one where
+/// [`subgroup_matvec_ok`], else the workgroup one with [`matvec_rows`].
+pub fn matvec_kernel(gpu: &Gpu, format: WeightFormat, rows: usize) -> MatvecKernel {
     if subgroup_matvec_ok(gpu) {
         MatvecKernel::Subgroup {
-            rows: matvec_sg_rows(rows),
+            rows: matvec_sg_rows(format, rows, 1, 1),
         }
     } else {
         MatvecKernel::Workgroup {
@@ -189,21 +228,21 @@ pub enum MatmulKernel {
     Tiled,
     /// The matvec kernel, `tokens` (one of [`MATVEC_TOKENS`]) tokens per workgroup.
     Rows { tokens: u32 },
-    /// The subgroup matvec kernel, `tokens` (one of [`MATVEC_SG_TOKENS`]) tokens per invocation,
-    /// `rows` per invocation forced or (`None`) picked per shard by [`matvec_sg_rows`]; needs
-    /// [`subgroup_matvec_ok`].
+    /// The subgroup matvec kernel, `tokens` (1 to [`MATVEC_SG_MAX_TOKENS`]) tokens per
+    /// invocation, `rows` per invocation forced or (`None`) picked per shard by
+    /// [`matvec_sg_rows`]; needs [`subgroup_matvec_ok`].
     Subgroup { rows: Option<u32>, tokens: u32 },
 }
 
-/// The kernel for a product over `m` tokens: on a CPU device always a matvec kernel, four tokens
-/// at a time (it needs fewer loads per multiply-add, which is what lavapipe is bound by), the
-/// subgroup one where [`subgroup_matvec_ok`]; on a GPU the matvec kernel up to 8 tokens (a
-/// 64-token tile would be mostly padding), tiles beyond.
+/// The kernel for a product over `m` tokens: on a CPU device always a matvec kernel (it needs
+/// fewer loads per multiply-add, which is what lavapipe is bound by), the subgroup one with
+/// [`matvec_sg_tokens`] where [`subgroup_matvec_ok`], else four tokens per workgroup; on a GPU
+/// the matvec kernel up to 8 tokens (a 64-token tile would be mostly padding), tiles beyond.
 pub fn matmul_kernel(gpu: &Gpu, m: usize) -> MatmulKernel {
     if subgroup_matvec_ok(gpu) {
         MatmulKernel::Subgroup {
             rows: None,
-            tokens: 4,
+            tokens: matvec_sg_tokens(m),
         }
     } else if gpu.info.device_type == wgpu::DeviceType::Cpu || m <= 8 {
         MatmulKernel::Rows { tokens: 4 }
@@ -256,15 +295,9 @@ pub fn matvec_with(
         ));
     }
     let kind = match kernel {
-        None => Rows::Auto { tokens: 1 },
-        Some(MatvecKernel::Workgroup { rows }) => Rows::Workgroup {
-            rows: Some(rows),
-            tokens: 1,
-        },
-        Some(MatvecKernel::Subgroup { rows }) => Rows::Subgroup {
-            rows: Some(rows),
-            tokens: 1,
-        },
+        None => Rows::Auto,
+        Some(MatvecKernel::Workgroup { rows }) => Rows::Workgroup(Some(rows), 1),
+        Some(MatvecKernel::Subgroup { rows }) => Rows::Subgroup(Some(rows), 1),
     };
     rows_kernel(rec, w, x, y, 1, kind, &op)
 }
@@ -300,31 +333,63 @@ pub fn matmul_with(
     }
     let kind = match kernel.unwrap_or_else(|| matmul_kernel(rec.gpu(), m)) {
         // One token: a plain matvec (a forced subgroup kernel stays forced).
-        MatmulKernel::Subgroup { rows, .. } if m == 1 => Rows::Subgroup { rows, tokens: 1 },
-        _ if m == 1 => Rows::Auto { tokens: 1 },
-        MatmulKernel::Rows { tokens } => Rows::Workgroup { rows: None, tokens },
-        MatmulKernel::Subgroup { rows, tokens } => Rows::Subgroup { rows, tokens },
+        MatmulKernel::Subgroup { rows, .. } if m == 1 => Rows::Subgroup(rows, 1),
+        _ if m == 1 => Rows::Auto,
+        MatmulKernel::Rows { tokens } => Rows::Workgroup(None, tokens),
+        MatmulKernel::Subgroup { rows, tokens } => Rows::Subgroup(rows, tokens),
         MatmulKernel::Tiled => return tiled_kernel(rec, w, x, y, m, &op),
     };
     rows_kernel(rec, w, x, y, m, kind, &op)
 }
 
 /// A matvec kernel for [`rows_kernel`]: rows per workgroup (workgroup kernel) or per invocation
-/// (subgroup kernel) forced or `None` (the policy's per shard), and tokens per workgroup.
+/// (subgroup kernel), forced or `None` (the policy's, per shard), and tokens per workgroup.
 #[derive(Debug, Clone, Copy)]
 enum Rows {
-    /// [`matvec_kernel`] decides per shard.
-    Auto {
-        tokens: u32,
-    },
-    Workgroup {
-        rows: Option<u32>,
-        tokens: u32,
-    },
-    Subgroup {
-        rows: Option<u32>,
-        tokens: u32,
-    },
+    /// One token, the kernel [`matvec_kernel`] picks per shard.
+    Auto,
+    Workgroup(Option<u32>, u32),
+    Subgroup(Option<u32>, u32),
+}
+
+/// Why a forced kernel cannot run here, if it cannot.
+fn refusal(gpu: &Gpu, kind: Rows) -> Option<String> {
+    match kind {
+        Rows::Auto => None,
+        Rows::Workgroup(rows, tokens) => {
+            if let Some(r) = rows.filter(|r| !MATVEC_ROWS.contains(r)) {
+                Some(format!(
+                    "{r} rows per workgroup; the kernel takes {MATVEC_ROWS:?}"
+                ))
+            } else if !MATVEC_TOKENS.contains(&tokens) {
+                Some(format!(
+                    "{tokens} tokens per workgroup; the kernel takes {MATVEC_TOKENS:?}"
+                ))
+            } else {
+                None
+            }
+        }
+        Rows::Subgroup(rows, tokens) => {
+            let c = &gpu.caps;
+            if !subgroup_matvec_ok(gpu) {
+                Some(format!(
+                    "the subgroup matvec needs a CPU device with {SG_LANES}-lane subgroups; {} \
+                     has subgroups: {} (size {}-{})",
+                    gpu.info.name, c.subgroups, c.subgroup_min_size, c.subgroup_max_size
+                ))
+            } else if let Some(r) = rows.filter(|r| !(1..=MATVEC_SG_MAX_ROWS).contains(r)) {
+                Some(format!(
+                    "{r} rows per invocation; the kernel takes 1 to {MATVEC_SG_MAX_ROWS}"
+                ))
+            } else if !(1..=MATVEC_SG_MAX_TOKENS).contains(&tokens) {
+                Some(format!(
+                    "{tokens} tokens per invocation; the kernel takes 1 to {MATVEC_SG_MAX_TOKENS}"
+                ))
+            } else {
+                None
+            }
+        }
+    }
 }
 
 /// Dispatches `matvec.wgsl` or `matvec_sg.wgsl` over `m` tokens; shapes already checked.
@@ -338,71 +403,30 @@ fn rows_kernel(
     op: &str,
 ) -> Result<()> {
     let gpu = rec.gpu();
-    let bad = |what: String| Err(Error::invalid(op, what));
-    match kind {
-        Rows::Auto { .. } => {}
-        Rows::Workgroup { rows, tokens } => {
-            if let Some(r) = rows.filter(|r| !MATVEC_ROWS.contains(r)) {
-                return bad(format!(
-                    "{r} rows per workgroup; the kernel takes {MATVEC_ROWS:?}"
-                ));
-            }
-            if !MATVEC_TOKENS.contains(&tokens) {
-                return bad(format!(
-                    "{tokens} tokens per workgroup; the kernel takes {MATVEC_TOKENS:?}"
-                ));
-            }
-        }
-        Rows::Subgroup { rows, tokens } => {
-            if !subgroup_matvec_ok(gpu) {
-                return bad(format!(
-                    "the subgroup matvec needs a CPU device with {SG_LANES}-lane subgroups; {} \
-                     has subgroups {} (size {}-{})",
-                    gpu.info.name,
-                    gpu.caps.subgroups,
-                    gpu.caps.subgroup_min_size,
-                    gpu.caps.subgroup_max_size
-                ));
-            }
-            if let Some(r) = rows.filter(|r| !MATVEC_SG_ROWS.contains(r)) {
-                return bad(format!(
-                    "{r} rows per invocation; the kernel takes {MATVEC_SG_ROWS:?}"
-                ));
-            }
-            if !MATVEC_SG_TOKENS.contains(&tokens) {
-                return bad(format!(
-                    "{tokens} tokens per invocation; the kernel takes {MATVEC_SG_TOKENS:?}"
-                ));
-            }
-        }
+    if let Some(why) = refusal(gpu, kind) {
+        return Err(Error::invalid(op, why));
     }
     check_shards(op, w)?;
     let (xv, yv) = (bound(op, x)?, bound(op, y)?);
     let entry = format!("matvec_{}", w.format.name());
     let cols = u32_of(op, "cols", w.cols)?;
     let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
+    let sg = |r: u32, tokens: u32| ("matvec_sg", ("R", r), ("TOK", tokens), r * SG_LANES as u32);
     for s in &w.shards {
-        // (shader, its rows and tokens overrides, rows and tokens per workgroup)
+        // (shader, its rows and tokens overrides, rows per workgroup)
         let (shader, (rn, r), (tn, t), rows_per_group) = match kind {
-            Rows::Auto { tokens } => match matvec_kernel(gpu, s.rows) {
-                MatvecKernel::Workgroup { rows } => {
-                    ("matvec", ("ROWS", rows), ("TOK", tokens), rows)
-                }
-                MatvecKernel::Subgroup { rows } => (
-                    "matvec_sg",
-                    ("R", rows),
-                    ("TOK", tokens),
-                    rows * SG_LANES as u32,
-                ),
+            Rows::Auto => match matvec_kernel(gpu, w.format, s.rows) {
+                MatvecKernel::Workgroup { rows } => ("matvec", ("ROWS", rows), ("TOK", 1), rows),
+                MatvecKernel::Subgroup { rows } => sg(rows, 1),
             },
-            Rows::Workgroup { rows, tokens } => {
+            Rows::Workgroup(rows, tokens) => {
                 let r = rows.unwrap_or_else(|| matvec_rows(gpu, s.rows));
                 ("matvec", ("ROWS", r), ("TOK", tokens), r)
             }
-            Rows::Subgroup { rows, tokens } => {
-                let r = rows.unwrap_or_else(|| matvec_sg_rows(s.rows));
-                ("matvec_sg", ("R", r), ("TOK", tokens), r * SG_LANES as u32)
-            }
+            Rows::Subgroup(rows, tokens) => sg(
+                rows.unwrap_or_else(|| matvec_sg_rows(w.format, s.rows, m, tokens)),
+                tokens,
+            ),
         };
         let k = gpu.kernel(
             shader,
