@@ -37,20 +37,18 @@ pub(crate) fn plan(
 ) -> Result<bool> {
     use wgllm::model::config::ModelConfig;
     use wgllm::plan::{MemoryPlan, PlanOptions, TrainOptions};
-    let mut gguf_bytes = None;
+    let mut gguf = None;
     let cfg = match (model, config, preset) {
         (Some(p), None, None) if p.is_dir() => {
             ModelConfig::from_hf_json(wgllm::loader::safetensors::HfModel::open(p)?.config())?
         }
         (Some(p), None, None) => {
             let g = wgllm::loader::gguf::Gguf::open(p)?;
+            let cfg = wgllm::model::llama::config_from_gguf(&g)?.0;
             if a.precision.is_none() {
-                gguf_bytes = Some(wgllm::plan::gguf_parameter_bytes(
-                    &g,
-                    wgllm::plan::DEFAULT_MAX_BINDING,
-                )?);
+                gguf = Some(g);
             }
-            wgllm::model::llama::config_from_gguf(&g)?.0
+            cfg
         }
         (None, Some(c), None) => {
             let text =
@@ -81,8 +79,8 @@ pub(crate) fn plan(
         ..Default::default()
     };
     let mut plan = MemoryPlan::new(&cfg, opts)?;
-    if let Some(b) = gguf_bytes {
-        plan.set_parameter_bytes(b);
+    if let Some(g) = &gguf {
+        plan.use_gguf_weights(g, wgllm::plan::DEFAULT_MAX_BINDING)?;
     }
     if let Some(path) = svg {
         std::fs::write(path, wgllm::plan::svg::stacked_bar(&plan))
@@ -92,7 +90,15 @@ pub(crate) fn plan(
         println!("{}", serde_json::to_string_pretty(&plan.to_json())?);
     } else {
         print!("{}", plan.to_table());
-        if let Some(b) = gguf_bytes {
+        print_parameter_breakdown(&cfg);
+        let decode = wgllm::plan::activations::llama_activation_plan(&cfg, 1, false);
+        println!(
+            "activations for decode (1 token): {} in {} shared buffers (the run allocates for the prefill chunk)",
+            wgllm::gpu::ledger::human_bytes(decode.total_bytes),
+            decode.buffers.len()
+        );
+        if gguf.is_some() {
+            let b = plan.parameters_bytes;
             println!(
                 "(parameters: the GGUF file's own tensor formats, {} on the GPU)",
                 wgllm::gpu::ledger::human_bytes(b)
@@ -117,56 +123,8 @@ pub(crate) fn profile(
     let mut m = m.clone();
     m.ctx = m.ctx.max(prompt + n + 1);
     let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
-    // The plan of the same configuration.
-    let cfg_plan = {
-        let cfg = match (preset, m.model.as_deref()) {
-            (Some(p), _) => Some(wgllm::model::config::ModelConfig::preset(p)?),
-            (None, path) => {
-                let path = wgllm::model::load::resolve(path, &mut |s| eprintln!("{s}"))?;
-                if path.is_dir() {
-                    None
-                } else {
-                    let g = wgllm::loader::gguf::Gguf::open(&path)?;
-                    let bytes = wgllm::plan::gguf_parameter_bytes(&g, gpu.max_binding())?;
-                    Some((wgllm::model::llama::config_from_gguf(&g)?.0, bytes)).map(|(c, b)| {
-                        let _ = b;
-                        c
-                    })
-                }
-            }
-        };
-        match cfg {
-            Some(cfg) => {
-                let precision = match m.precision.as_deref() {
-                    Some(p) => plan_precision(p)?,
-                    None if synthetic => wgllm::model::params::Precision::Q4_0,
-                    None => wgllm::model::params::Precision::F16,
-                };
-                let opts = wgllm::plan::PlanOptions {
-                    precision,
-                    kv: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
-                    ctx: m.ctx,
-                    chunk: m.chunk.max(1),
-                    budget,
-                    max_binding: gpu.max_binding(),
-                    param_align: gpu.limits.min_uniform_buffer_offset_alignment as u64,
-                    ..Default::default()
-                };
-                let mut plan = wgllm::plan::MemoryPlan::new(&cfg, opts)?;
-                if !synthetic && preset.is_none() {
-                    let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |_| {})?;
-                    let g = wgllm::loader::gguf::Gguf::open(&path)?;
-                    plan.set_parameter_bytes(wgllm::plan::gguf_parameter_bytes(
-                        &g,
-                        gpu.max_binding(),
-                    )?);
-                }
-                Some(plan)
-            }
-            None => None,
-        }
-    };
-    gpu.ledger.reset_peaks();
+    let cfg_plan = profile_plan(gpu, budget, &m, preset, synthetic)?;
+    // The ledger's peaks cover loading (staging) and the run.
     model.set_profiling(true);
     let vocab = model.vocab_size() as u32;
     let ids: Vec<u32> = (0..prompt.max(1) as u32)
@@ -289,4 +247,79 @@ pub(crate) fn profile(
         1e3 * decode / n.max(1) as f64
     );
     Ok(())
+}
+
+/// Parameters per module (all layers together), per layer and in total.
+fn print_parameter_breakdown(cfg: &wgllm::model::config::ModelConfig) {
+    let count = wgllm::model::params::count(cfg);
+    println!(
+        "\nparameters by module ({} layers; `layers.*` rows are summed over all layers):",
+        cfg.n_layers
+    );
+    for (name, n) in &count.modules {
+        println!("  {name:<28} {n:>18}", n = group_digits(*n));
+    }
+    println!(
+        "  {:<28} {:>18}",
+        "per layer",
+        group_digits(count.per_layer)
+    );
+    println!("  {:<28} {:>18}", "total", group_digits(count.total));
+}
+
+fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The plan `wgllm profile` compares the ledger with: the same model, precision and options (a
+/// GGUF file's own weight formats; none for safetensors directories, which are not planned here).
+fn profile_plan(
+    gpu: &Gpu,
+    budget: Option<u64>,
+    m: &ModelArgs,
+    preset: Option<&str>,
+    synthetic: bool,
+) -> Result<Option<wgllm::plan::MemoryPlan>> {
+    let mut gguf = None;
+    let cfg = match preset {
+        Some(p) => wgllm::model::config::ModelConfig::preset(p)?,
+        None => {
+            let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |s| eprintln!("{s}"))?;
+            if path.is_dir() {
+                return Ok(None);
+            }
+            let g = wgllm::loader::gguf::Gguf::open(&path)?;
+            let cfg = wgllm::model::llama::config_from_gguf(&g)?.0;
+            gguf = Some(g);
+            cfg
+        }
+    };
+    let precision = match m.precision.as_deref() {
+        Some(p) => plan_precision(p)?,
+        None if synthetic => wgllm::model::params::Precision::Q4_0,
+        None => wgllm::model::params::Precision::F16,
+    };
+    let opts = wgllm::plan::PlanOptions {
+        precision,
+        kv: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
+        ctx: m.ctx,
+        chunk: m.chunk.max(1),
+        budget,
+        max_binding: gpu.max_binding(),
+        param_align: gpu.limits.min_uniform_buffer_offset_alignment as u64,
+        ..Default::default()
+    };
+    let mut plan = wgllm::plan::MemoryPlan::new(&cfg, opts)?;
+    if let Some(g) = &gguf {
+        plan.use_gguf_weights(g, gpu.max_binding())?;
+    }
+    Ok(Some(plan))
 }

@@ -477,8 +477,34 @@ impl MemoryPlan {
 /// GPU bytes of every tensor of a GGUF file as wgllm uploads it (repacked, sharded at
 /// `max_binding`, each buffer rounded up to 4 bytes): what the ledger's parameters class will hold.
 pub fn gguf_parameter_bytes(g: &crate::loader::gguf::Gguf, max_binding: u64) -> Result<u64> {
+    Ok(gguf_weight_bytes(g, max_binding)?.0)
+}
+
+impl MemoryPlan {
+    /// Takes a GGUF file's real weights: its parameter bytes and its largest single upload (which
+    /// sizes the staging chunk), in place of the estimate for one precision.
+    pub fn use_gguf_weights(
+        &mut self,
+        g: &crate::loader::gguf::Gguf,
+        max_binding: u64,
+    ) -> Result<()> {
+        let (total, largest) = gguf_weight_bytes(g, max_binding)?;
+        self.set_parameter_bytes(total);
+        let upload = largest.min(STAGING_CHUNK).div_ceil(4) * 4;
+        let rest = self.buffers_sum() - self.staging_bytes;
+        self.staging_upload_bytes = upload;
+        self.staging_bytes = upload + self.staging_readback_bytes;
+        self.overhead_bytes = overhead(rest + self.staging_bytes);
+        self.total_bytes = rest + self.staging_bytes + self.overhead_bytes;
+        Ok(())
+    }
+}
+
+/// (total GPU bytes, largest single buffer) of a GGUF file's tensors as wgllm uploads them.
+fn gguf_weight_bytes(g: &crate::loader::gguf::Gguf, max_binding: u64) -> Result<(u64, u64)> {
     let align4 = |b: u64| b.div_ceil(4).max(1) * 4;
     let mut total = 0u64;
+    let mut largest = 0u64;
     for t in g.tensors() {
         let format = crate::loader::gguf::weight_format(t.ggml_type).unwrap_or(WeightFormat::F32);
         match t.shape[..] {
@@ -487,16 +513,22 @@ pub fn gguf_parameter_bytes(g: &crate::loader::gguf::Gguf, max_binding: u64) -> 
                 let mut r0 = 0;
                 while r0 < rows {
                     let n = per.min(rows - r0);
-                    total += align4(n as u64 * row_words(format, cols) as u64 * 4);
+                    let data = align4(n as u64 * row_words(format, cols) as u64 * 4);
+                    total += data;
+                    largest = largest.max(data);
                     let s = scale_words(format, n, cols) as u64 * 4;
                     if s > 0 {
                         total += align4(s);
+                        largest = largest.max(align4(s));
                     }
                     r0 += n;
                 }
             }
-            _ => total += align4(t.n_elements as u64 * 4),
+            _ => {
+                total += align4(t.n_elements as u64 * 4);
+                largest = largest.max(align4(t.n_elements as u64 * 4));
+            }
         }
     }
-    Ok(total)
+    Ok((total, largest))
 }
