@@ -2,6 +2,8 @@
 //! answer the same questions (is this tensor there, upload it as a weight matrix or as an f32
 //! vector) so that the architectures are written once.
 
+use std::borrow::Cow;
+
 use crate::error::{Error, Result};
 use crate::gpu::{BufferClass, Gpu};
 use crate::kernels::{Tensor, WeightMatrix};
@@ -52,64 +54,92 @@ impl Source<'_> {
         }
     }
 
-    /// A `rows x cols` matrix (`rows` outputs). GGUF stores it as `[cols, rows]` (row length first),
-    /// safetensors as `[rows, cols]`; both are checked against the config before any upload.
-    pub fn matrix(&self, gpu: &Gpu, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
+    /// The GGUF-layout bytes of a `rows x cols` matrix (`rows` outputs) and their format: a GGUF
+    /// tensor as stored (borrowed from the map when its type runs natively), a safetensors tensor
+    /// quantised to the requested precision, or synthetic bytes. GGUF stores the matrix as
+    /// `[cols, rows]` (row length first), safetensors as `[rows, cols]`; both are checked against
+    /// the config before any byte is read.
+    pub fn matrix_bytes(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(WeightFormat, Cow<'_, [u8]>)> {
+        // Block formats need whole blocks per row; other shapes keep f16 (or the file's own type).
+        let fits = |f: WeightFormat| !f.is_quantized() || cols.is_multiple_of(crate::quant::QK);
         match self {
             Source::Gguf(g) => {
                 g.expect_shape(name, &[cols, rows])?;
                 let (format, bytes) = g.tensor_weight(name)?;
-                if format.is_quantized() && !cols.is_multiple_of(32) {
+                if !fits(format) {
                     return Err(self.shape_err(
                         name,
                         "a row length that is a multiple of 32".into(),
                         format!("{cols}"),
                     ));
                 }
-                gpu.upload_weights(name, format, rows, cols, &bytes)
+                Ok((format, bytes))
             }
             Source::Hf(h, precision) => {
                 h.expect_shape(name, &[rows, cols])?;
                 let w = h.tensor_f32(name)?;
                 let format = match precision {
-                    Some(f) if !f.is_quantized() || cols.is_multiple_of(32) => *f,
+                    Some(f) if fits(*f) => *f,
                     Some(f) => {
                         log::warn!("{name}: {cols} columns are not a multiple of 32; kept as f16 instead of {f}");
                         WeightFormat::F16
                     }
                     None => WeightFormat::F32,
                 };
-                gpu.upload_weights_f32(name, format, rows, cols, &w)
+                crate::quant::repack::check_shape(format, rows, cols)?;
+                let mut bytes = Vec::with_capacity(format.bytes_for(w.len()));
+                for row in w.chunks(cols) {
+                    bytes.extend(crate::quant::quantize(format, row)?);
+                }
+                Ok((format, Cow::Owned(bytes)))
             }
             Source::Synthetic { format, seed } => {
-                let format = if format.is_quantized() && !cols.is_multiple_of(32) {
-                    WeightFormat::F16
-                } else {
+                let format = if fits(*format) {
                     *format
+                } else {
+                    WeightFormat::F16
                 };
                 let seed = seed
                     ^ name
                         .bytes()
                         .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-                let bytes = crate::quant::synthetic(format, rows * cols, seed)?;
-                gpu.upload_weights(name, format, rows, cols, &bytes)
+                Ok((
+                    format,
+                    Cow::Owned(crate::quant::synthetic(format, rows * cols, seed)?),
+                ))
             }
         }
     }
 
-    /// A 1-D f32 tensor of `n` values (norm weights, biases).
-    pub fn vector(&self, gpu: &Gpu, name: &str, n: usize) -> Result<Tensor> {
-        let v = match self {
+    /// A `rows x cols` matrix uploaded to the GPU (see [`Source::matrix_bytes`]).
+    pub fn matrix(&self, gpu: &Gpu, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
+        let (format, bytes) = self.matrix_bytes(name, rows, cols)?;
+        gpu.upload_weights(name, format, rows, cols, &bytes)
+    }
+
+    /// The f32 values of a 1-D tensor of `n` values (norm weights, biases; ones when synthetic).
+    pub fn vector_f32(&self, name: &str, n: usize) -> Result<Vec<f32>> {
+        match self {
             Source::Gguf(g) => {
                 g.expect_shape(name, &[n])?;
-                g.tensor_f32(name)?
+                g.tensor_f32(name)
             }
             Source::Hf(h, _) => {
                 h.expect_shape(name, &[n])?;
-                h.tensor_f32(name)?
+                h.tensor_f32(name)
             }
-            Source::Synthetic { .. } => vec![1.0; n],
-        };
+            Source::Synthetic { .. } => Ok(vec![1.0; n]),
+        }
+    }
+
+    /// A 1-D f32 tensor of `n` values on the GPU.
+    pub fn vector(&self, gpu: &Gpu, name: &str, n: usize) -> Result<Tensor> {
+        let v = self.vector_f32(name, n)?;
         gpu.tensor_from(name, BufferClass::Parameters, &[n], &v)
     }
 

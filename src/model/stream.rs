@@ -14,7 +14,6 @@
 //! to overwrite, so at most two layers' uploads (and their staging buffers, which wgpu keeps alive
 //! until their copies ran) are ever in flight.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
@@ -103,52 +102,7 @@ impl HostMatrix {
         cols: usize,
         max_binding: u64,
     ) -> Result<HostMatrix> {
-        let (format, gguf): (WeightFormat, Cow<[u8]>) = match src {
-            Source::Gguf(g) => {
-                g.expect_shape(name, &[cols, rows])?;
-                let (format, bytes) = g.tensor_weight(name)?;
-                if format.is_quantized() && !cols.is_multiple_of(32) {
-                    return Err(Error::TensorShape {
-                        file: src.file(),
-                        tensor: name.into(),
-                        expected: "a row length that is a multiple of 32".into(),
-                        got: format!("{cols}"),
-                    });
-                }
-                (format, bytes)
-            }
-            Source::Hf(h, precision) => {
-                h.expect_shape(name, &[rows, cols])?;
-                let w = h.tensor_f32(name)?;
-                let format = match precision {
-                    Some(f) if !f.is_quantized() || cols.is_multiple_of(32) => *f,
-                    Some(f) => {
-                        log::warn!("{name}: {cols} columns are not a multiple of 32; kept as f16 instead of {f}");
-                        WeightFormat::F16
-                    }
-                    None => WeightFormat::F32,
-                };
-                repack::check_shape(format, rows, cols)?;
-                let mut bytes = Vec::with_capacity(format.bytes_for(w.len()));
-                for row in w.chunks(cols) {
-                    bytes.extend(crate::quant::quantize(format, row)?);
-                }
-                (format, Cow::Owned(bytes))
-            }
-            Source::Synthetic { format, seed } => {
-                let format = if format.is_quantized() && !cols.is_multiple_of(32) {
-                    WeightFormat::F16
-                } else {
-                    *format
-                };
-                let seed = seed
-                    ^ name
-                        .bytes()
-                        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-                let bytes = crate::quant::synthetic(format, rows * cols, seed)?;
-                (format, Cow::Owned(bytes))
-            }
-        };
+        let (format, gguf) = src.matrix_bytes(name, rows, cols)?;
         HostMatrix::pack(name, format, rows, cols, &gguf, max_binding)
     }
 
@@ -163,17 +117,7 @@ impl HostMatrix {
 
 /// The f32 vector `name` of `n` values, as [`Source::vector`] reads it.
 pub fn read_vector(src: &Source, name: &str, n: usize) -> Result<Vec<f32>> {
-    match src {
-        Source::Gguf(g) => {
-            g.expect_shape(name, &[n])?;
-            g.tensor_f32(name)
-        }
-        Source::Hf(h, _) => {
-            h.expect_shape(name, &[n])?;
-            h.tensor_f32(name)
-        }
-        Source::Synthetic { .. } => Ok(vec![1.0; n]),
-    }
+    src.vector_f32(name, n)
 }
 
 /// Shard buffers of one matrix role in a slot: for each shard index, data (and scales) buffers
