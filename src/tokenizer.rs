@@ -177,6 +177,21 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Sets the longest encoding (special tokens included); longer input is cut, as
+    /// sentence-transformers cuts at its `max_seq_length`. `None` never cuts. Only tokenizer.json
+    /// tokenizers carry such a limit.
+    pub fn set_max_length(&mut self, max: Option<usize>) -> Result<()> {
+        if let Inner::Hf(t) = &mut self.inner {
+            let params = max.map(|max_length| tokenizers::TruncationParams {
+                max_length,
+                ..Default::default()
+            });
+            t.with_truncation(params)
+                .map_err(|e| tok_err("setting the truncation", e))?;
+        }
+        Ok(())
+    }
+
     /// Like [`Tokenizer::encode`], but with `parse_special = false` special-token strings are
     /// tokenized as plain text (for untrusted input that must not inject control tokens).
     pub fn encode_with(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<u32>> {

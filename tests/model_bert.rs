@@ -227,3 +227,19 @@ fn cosine_of_simple_vectors() {
     assert_eq!(mean_pool(&[1.0, 2.0, 3.0, 4.0], 2, false), vec![2.0, 3.0]);
     assert_eq!(mean_pool(&[3.0, 0.0, 3.0, 8.0], 2, true), vec![0.6, 0.8]);
 }
+
+/// sentence-transformers cuts MiniLM input at 256 tokens (sentence_bert_config.json), not at the
+/// 128 its tokenizer.json says; wgllm follows sentence-transformers.
+#[test]
+fn sentence_length_follows_sentence_transformers() {
+    let Some(dir) = common::packaged_model(&wgllm::fetch::MINILM) else {
+        return;
+    };
+    assert_eq!(wgllm::model::bert::sentence_max_length(&dir), Some(256));
+    let mut tok = wgllm::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let text = vec!["word"; 300].join(" ");
+    tok.set_max_length(Some(256)).unwrap();
+    assert_eq!(tok.encode(&text, true).unwrap().len(), 256);
+    tok.set_max_length(None).unwrap();
+    assert_eq!(tok.encode(&text, true).unwrap().len(), 302);
+}

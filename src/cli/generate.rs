@@ -204,7 +204,11 @@ pub(crate) fn embed(
     let hf = wgllm::loader::safetensors::HfModel::open(&dir)?;
     let cfg = wgllm::model::config::ModelConfig::from_hf_json(hf.config())?;
     let precision = precision.map(parse_precision).transpose()?;
-    let tok = wgllm::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let mut tok = wgllm::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    // Cut where sentence-transformers cuts (256 for MiniLM, not tokenizer.json's 128); without
+    // that file, never cut and let the model refuse what is past its positions.
+    let max_len = wgllm::model::bert::sentence_max_length(&dir).map(|n| n.min(cfg.max_positions));
+    tok.set_max_length(max_len)?;
     let max = cfg.max_positions;
     let mut bert = Bert::load(
         gpu,

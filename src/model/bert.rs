@@ -177,6 +177,14 @@ fn table(src: &Source, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>>
     }
 }
 
+/// sentence-transformers' `max_seq_length` (from `sentence_bert_config.json`), the length its
+/// tokenizer cuts input to; `None` when the file is absent.
+pub fn sentence_max_length(dir: &std::path::Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("sentence_bert_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("max_seq_length")?.as_u64().map(|n| n as usize)
+}
+
 /// The GELU form of a Hugging Face `hidden_act` (`gelu` is the exact erf form).
 fn gelu_form(src: &Source) -> Result<GeluForm> {
     let Source::Hf(h, _) = src else {
