@@ -24,10 +24,16 @@ pub struct Layer<M, V> {
     pub bk: Option<V>,
     pub bv: Option<V>,
     pub wo: M,
+    /// Output-projection bias (`attention_bias` llama checkpoints).
+    pub bo: Option<V>,
     pub ffn_norm: V,
     pub w_gate: M,
     pub w_up: M,
     pub w_down: M,
+    /// MLP biases (`mlp_bias` llama checkpoints).
+    pub b_gate: Option<V>,
+    pub b_up: Option<V>,
+    pub b_down: Option<V>,
 }
 
 /// One layer's parameters on the GPU.
@@ -59,10 +65,26 @@ impl<M, V> Layer<M, V> {
             bk: bias.then(|| vector(&n("attn_k.bias"), kvd)).transpose()?,
             bv: bias.then(|| vector(&n("attn_v.bias"), kvd)).transpose()?,
             wo: matrix(&n("attn_output.weight"), d, qd)?,
+            bo: cfg
+                .attn_out_bias
+                .then(|| vector(&n("attn_output.bias"), d))
+                .transpose()?,
             ffn_norm: vector(&n("ffn_norm.weight"), d)?,
             w_gate: matrix(&n("ffn_gate.weight"), ffn, d)?,
             w_up: matrix(&n("ffn_up.weight"), ffn, d)?,
             w_down: matrix(&n("ffn_down.weight"), d, ffn)?,
+            b_gate: cfg
+                .ffn_bias
+                .then(|| vector(&n("ffn_gate.bias"), ffn))
+                .transpose()?,
+            b_up: cfg
+                .ffn_bias
+                .then(|| vector(&n("ffn_up.bias"), ffn))
+                .transpose()?,
+            b_down: cfg
+                .ffn_bias
+                .then(|| vector(&n("ffn_down.bias"), d))
+                .transpose()?,
         })
     }
 
@@ -81,10 +103,30 @@ impl<M, V> Layer<M, V> {
             bk: self.bk.as_ref().map(|b| v("attn_k_bias", b)).transpose()?,
             bv: self.bv.as_ref().map(|b| v("attn_v_bias", b)).transpose()?,
             wo: m("attn_output", &self.wo)?,
+            bo: self
+                .bo
+                .as_ref()
+                .map(|b| v("attn_output_bias", b))
+                .transpose()?,
             ffn_norm: v("ffn_norm", &self.ffn_norm)?,
             w_gate: m("ffn_gate", &self.w_gate)?,
             w_up: m("ffn_up", &self.w_up)?,
             w_down: m("ffn_down", &self.w_down)?,
+            b_gate: self
+                .b_gate
+                .as_ref()
+                .map(|b| v("ffn_gate_bias", b))
+                .transpose()?,
+            b_up: self
+                .b_up
+                .as_ref()
+                .map(|b| v("ffn_up_bias", b))
+                .transpose()?,
+            b_down: self
+                .b_down
+                .as_ref()
+                .map(|b| v("ffn_down_bias", b))
+                .transpose()?,
         })
     }
 
@@ -110,10 +152,14 @@ impl<M, V> Layer<M, V> {
             bk: pair(&self.bk, &other.bk)?,
             bv: pair(&self.bv, &other.bv)?,
             wo: (&self.wo, &other.wo),
+            bo: pair(&self.bo, &other.bo)?,
             ffn_norm: (&self.ffn_norm, &other.ffn_norm),
             w_gate: (&self.w_gate, &other.w_gate),
             w_up: (&self.w_up, &other.w_up),
             w_down: (&self.w_down, &other.w_down),
+            b_gate: pair(&self.b_gate, &other.b_gate)?,
+            b_up: pair(&self.b_up, &other.b_up)?,
+            b_down: pair(&self.b_down, &other.b_down)?,
         })
     }
 
@@ -133,7 +179,19 @@ impl<M, V> Layer<M, V> {
     /// The norm weights and the biases present.
     pub fn vectors(&self) -> Vec<&V> {
         let mut v = vec![&self.attn_norm, &self.ffn_norm];
-        v.extend([&self.bq, &self.bk, &self.bv].into_iter().flatten());
+        v.extend(
+            [
+                &self.bq,
+                &self.bk,
+                &self.bv,
+                &self.bo,
+                &self.b_gate,
+                &self.b_up,
+                &self.b_down,
+            ]
+            .into_iter()
+            .flatten(),
+        );
         v
     }
 }
@@ -306,6 +364,10 @@ impl Names {
                 "attn_k.bias" => "self_attn.k_proj.bias",
                 "attn_v.bias" => "self_attn.v_proj.bias",
                 "attn_output.weight" => "self_attn.o_proj.weight",
+                "attn_output.bias" => "self_attn.o_proj.bias",
+                "ffn_gate.bias" => "mlp.gate_proj.bias",
+                "ffn_up.bias" => "mlp.up_proj.bias",
+                "ffn_down.bias" => "mlp.down_proj.bias",
                 "ffn_norm.weight" => "post_attention_layernorm.weight",
                 "ffn_gate.weight" => "mlp.gate_proj.weight",
                 "ffn_up.weight" => "mlp.up_proj.weight",
@@ -337,14 +399,6 @@ impl Llama {
         let Positions::Rotary { theta } = cfg.positions else {
             return Err(Error::invalid("llama", "LLaMA models use rotary positions"));
         };
-        // Q/K/V biases (qwen2) run; output-projection and MLP biases (`attention_bias` on o_proj,
-        // `mlp_bias`) are refused rather than silently dropped.
-        if cfg.attn_out_bias || cfg.ffn_bias {
-            return Err(Error::invalid(
-                "llama",
-                "checkpoints with an o_proj bias or MLP biases (attention_bias / mlp_bias) are not supported yet",
-            ));
-        }
         let names = Names {
             gguf: matches!(src, Source::Gguf(_) | Source::Synthetic { .. }),
         };
@@ -624,15 +678,27 @@ fn layer(
     attention::store(r, kv, &a.k3, &a.v3, p.pos0)?;
     attention::attention(r, &a.q3, kv, p.pos0, p.scale, &a.att3)?;
     matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)
+    bias(r, &a.proj, &lw.bo)?;
     elementwise::add(r, &a.x, &a.proj, &a.x2)?; // residual
                                                 // FFN block
     norm::rms_norm(r, &a.x2, &lw.ffn_norm, p.eps, &a.xb)?;
     matmul::matmul(r, &lw.w_gate, &a.xb, &a.gate)?; // (m, ffn)
+    bias(r, &a.gate, &lw.b_gate)?;
     matmul::matmul(r, &lw.w_up, &a.xb, &a.up)?; // (m, ffn)
+    bias(r, &a.up, &lw.b_up)?;
     activation::swiglu(r, &a.gate, &a.up, &a.act)?; // silu(gate) * up
     matmul::matmul(r, &lw.w_down, &a.act, &a.proj)?; // (m, d)
+    bias(r, &a.proj, &lw.b_down)?;
     elementwise::add(r, &a.x2, &a.proj, &a.x)?; // residual
     Ok(())
+}
+
+/// Adds an optional bias to every row of `y`.
+fn bias(r: &mut Recorder, y: &Tensor, b: &Option<Tensor>) -> Result<()> {
+    match b {
+        Some(b) => elementwise::add_bias(r, y, b),
+        None => Ok(()),
+    }
 }
 
 impl crate::model::generate::CausalLm for Llama {

@@ -147,6 +147,15 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool) -> Schedule {
         step("kv store", Kernel::KvStore, &["k", "v"], &[]),
         step("attention", Kernel::Attention, &["q"], &["att"]),
         step("matmul wo", mm(d, q), &["att"], &["proj"]),
+    ]);
+    // Biases that `attention_bias` (o_proj) and `mlp_bias` checkpoints add after their matmuls.
+    let bias = |on: bool, layer: &mut Vec<Step>, r: &str| {
+        if on {
+            layer.push(step(&format!("bias {r}"), Kernel::AddBias, &[r], &[r]));
+        }
+    };
+    bias(cfg.attn_out_bias, &mut layer, "proj");
+    layer.extend([
         step(
             "residual add (attention)",
             Kernel::Add,
@@ -155,11 +164,21 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool) -> Schedule {
         ),
         step("ffn_norm", Kernel::RmsNorm, &["x2"], &["xb"]),
         step("matmul w_gate", mm(f, d), &["xb"], &["gate"]),
-        step("matmul w_up", mm(f, d), &["xb"], &["up"]),
+    ]);
+    bias(cfg.ffn_bias, &mut layer, "gate");
+    layer.push(step("matmul w_up", mm(f, d), &["xb"], &["up"]));
+    bias(cfg.ffn_bias, &mut layer, "up");
+    layer.extend([
         step("swiglu", Kernel::Swiglu, &["gate", "up"], &["act"]),
         step("matmul w_down", mm(d, f), &["act"], &["proj"]),
-        step("residual add (ffn)", Kernel::Add, &["x2", "proj"], &["x"]),
     ]);
+    bias(cfg.ffn_bias, &mut layer, "proj");
+    layer.push(step(
+        "residual add (ffn)",
+        Kernel::Add,
+        &["x2", "proj"],
+        &["x"],
+    ));
     let mut epilogue = Vec::new();
     let norm_in: &[&str] = if all_logits {
         &["x"]
