@@ -37,6 +37,32 @@ pub trait CausalLm {
     }
 }
 
+/// Runs `tokens` (at positions `pos0..`) through `run_chunk(chunk, pos, want_logits)` in chunks of
+/// at most `chunk` tokens and gathers the logits: every chunk's with `all_logits`, else only the
+/// last chunk's (the others are run without asking for logits).
+pub fn in_chunks(
+    tokens: &[u32],
+    pos0: usize,
+    chunk: usize,
+    all_logits: bool,
+    mut run_chunk: impl FnMut(&[u32], usize, bool) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    let mut done = 0;
+    while done < tokens.len() {
+        let m = (tokens.len() - done).min(chunk.max(1));
+        let last = done + m == tokens.len();
+        let logits = run_chunk(&tokens[done..done + m], pos0 + done, all_logits || last)?;
+        if all_logits {
+            out.extend(logits);
+        } else if last {
+            out = logits;
+        }
+        done += m;
+    }
+    Ok(out)
+}
+
 /// Timings of one generation.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GenStats {

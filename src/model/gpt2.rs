@@ -306,25 +306,10 @@ impl Gpt2 {
             // Logits for every token were asked for after loading: grow the buffer.
             self.state.logits = gpu.tensor("logits", BufferClass::Activations, &shape)?;
         }
-        let mut out = Vec::new();
-        let mut done = 0;
-        while done < tokens.len() {
-            let m = (tokens.len() - done).min(self.state.chunk);
-            let last = done + m == tokens.len();
-            let logits = self.forward_chunk(
-                gpu,
-                &tokens[done..done + m],
-                pos0 + done,
-                self.opts.all_logits || last,
-            )?;
-            if self.opts.all_logits {
-                out.extend(logits);
-            } else if last {
-                out = logits;
-            }
-            done += m;
-        }
-        Ok(out)
+        let (chunk, all) = (self.state.chunk, self.opts.all_logits);
+        crate::model::generate::in_chunks(tokens, pos0, chunk, all, |c, pos, want| {
+            self.forward_chunk(gpu, c, pos, want)
+        })
     }
 
     /// One chunk of `m <= chunk` tokens, recorded as one command buffer.

@@ -492,22 +492,10 @@ impl Llama {
             let kv = std::mem::take(&mut self.state.kv);
             self.state = RunState::new(gpu, &self.cfg, &self.opts, Some(kv))?;
         }
-        let mut out = Vec::new();
-        let mut done = 0;
-        while done < tokens.len() {
-            let m = (tokens.len() - done).min(self.state.chunk);
-            let chunk = &tokens[done..done + m];
-            let last = done + m == tokens.len();
-            let logits =
-                self.forward_chunk(gpu, chunk, pos0 + done, self.opts.all_logits || last)?;
-            if self.opts.all_logits {
-                out.extend(logits);
-            } else if last {
-                out = logits;
-            }
-            done += m;
-        }
-        Ok(out)
+        let (chunk, all) = (self.state.chunk, self.opts.all_logits);
+        crate::model::generate::in_chunks(tokens, pos0, chunk, all, |c, pos, want| {
+            self.forward_chunk(gpu, c, pos, want)
+        })
     }
 
     /// One chunk of `m <= chunk` tokens: the embedding and the resident layers in one command
