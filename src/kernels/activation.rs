@@ -15,8 +15,8 @@
 //! `gelu_relative_error_is_bounded` in tests/kernels_activation.rs checks these bounds.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Recorder};
-use crate::kernels::{params, Tensor};
+use crate::gpu::Recorder;
+use crate::kernels::{dispatch_elementwise, params, Tensor};
 
 /// Which GELU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +35,6 @@ struct Params {
 }
 const _: () = assert!(std::mem::size_of::<Params>() == 16);
 
-const WG: u32 = 256;
-
 fn run(rec: &mut Recorder, entry: &str, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<()> {
     for t in [a, b] {
         if t.buf.buffer == out.buf.buffer {
@@ -50,21 +48,15 @@ fn run(rec: &mut Recorder, entry: &str, a: &Tensor, b: &Tensor, out: &Tensor) ->
     if n == 0 {
         return Ok(());
     }
-    let gpu = rec.gpu();
-    let k = gpu.kernel(
+    let p = Params { n, _pad: [0; 3] };
+    dispatch_elementwise(
+        rec,
         "activation",
         entry,
-        &[Bind::Input, Bind::Input, Bind::Output],
-        16,
-        &[],
-    )?;
-    let groups = gpu.groups(n.div_ceil(WG));
-    rec.dispatch(
-        &k,
-        &format!("{entry}.{}", out.buf.label),
-        &[a.buf.view(), b.buf.view(), out.buf.view()],
-        params(&Params { n, _pad: [0; 3] }),
-        groups,
+        [&a.buf, &b.buf],
+        out,
+        n,
+        params(&p),
     )
 }
 

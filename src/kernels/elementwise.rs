@@ -2,8 +2,8 @@
 //! the scaled copy.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Recorder};
-use crate::kernels::{params, Tensor};
+use crate::gpu::Recorder;
+use crate::kernels::{dispatch_elementwise, params, Tensor};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -13,28 +13,20 @@ struct Params {
 }
 const _: () = assert!(std::mem::size_of::<Params>() == 16);
 
-const WG: u32 = 256;
-
 /// `out = a + b`, elementwise (out may alias neither input; use a separate buffer).
 pub fn add(rec: &mut Recorder, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<()> {
     b.expect("add", &a.shape)?;
     out.expect("add", &a.shape)?;
     let n = u32::try_from(a.len()).map_err(|_| Error::invalid("add", "tensor too large"))?;
-    let gpu = rec.gpu();
-    let k = gpu.kernel(
+    let p = Params { n, _pad: [0; 3] };
+    dispatch_elementwise(
+        rec,
         "elementwise",
         "add",
-        &[Bind::Input, Bind::Input, Bind::Output],
-        16,
-        &[],
-    )?;
-    let groups = gpu.groups(n.div_ceil(WG));
-    rec.dispatch(
-        &k,
-        &format!("add.{}", out.buf.label),
-        &[a.buf.view(), b.buf.view(), out.buf.view()],
-        params(&Params { n, _pad: [0; 3] }),
-        groups,
+        [&a.buf, &b.buf],
+        out,
+        n,
+        params(&p),
     )
 }
 
@@ -76,27 +68,21 @@ pub fn add_bias(rec: &mut Recorder, y: &Tensor, bias: &Tensor) -> Result<()> {
     let too_big = || Error::invalid("add_bias", "tensor too large");
     let n = u32::try_from(y.len()).map_err(|_| too_big())?;
     let cols = u32::try_from(cols).map_err(|_| too_big())?;
-    let gpu = rec.gpu();
-    let k = gpu.kernel(
+    let p = BiasScaleParams {
+        n,
+        cols,
+        s: 0.0,
+        _pad: 0,
+    };
+    // The shader does not read binding 1; the bias fills it.
+    dispatch_elementwise(
+        rec,
         "elementwise",
         "add_bias",
-        &[Bind::Input, Bind::Input, Bind::Output],
-        16,
-        &[],
-    )?;
-    let groups = gpu.groups(n.div_ceil(WG));
-    // The shader does not read binding 1; the bias fills it.
-    rec.dispatch(
-        &k,
-        &format!("add_bias.{}", y.buf.label),
-        &[bias.buf.view(), bias.buf.view(), y.buf.view()],
-        params(&BiasScaleParams {
-            n,
-            cols,
-            s: 0.0,
-            _pad: 0,
-        }),
-        groups,
+        [&bias.buf, &bias.buf],
+        y,
+        n,
+        params(&p),
     )
 }
 
@@ -110,27 +96,21 @@ pub fn scale(rec: &mut Recorder, x: &Tensor, s: f32, out: &Tensor) -> Result<()>
     if n == 0 {
         return Ok(());
     }
-    let gpu = rec.gpu();
-    let k = gpu.kernel(
+    let p = BiasScaleParams {
+        n,
+        cols: 1,
+        s,
+        _pad: 0,
+    };
+    // The shader does not read binding 1; x fills it.
+    dispatch_elementwise(
+        rec,
         "elementwise",
         "scale",
-        &[Bind::Input, Bind::Input, Bind::Output],
-        16,
-        &[],
-    )?;
-    let groups = gpu.groups(n.div_ceil(WG));
-    // The shader does not read binding 1; x fills it.
-    rec.dispatch(
-        &k,
-        &format!("scale.{}", out.buf.label),
-        &[x.buf.view(), x.buf.view(), out.buf.view()],
-        params(&BiasScaleParams {
-            n,
-            cols: 1,
-            s,
-            _pad: 0,
-        }),
-        groups,
+        [&x.buf, &x.buf],
+        out,
+        n,
+        params(&p),
     )
 }
 

@@ -99,6 +99,39 @@ impl Gpu {
     }
 }
 
+/// Workgroup size of the elementwise shaders (`elementwise.wgsl`, `activation.wgsl`).
+const ELEMENTWISE_WG: u32 = 256;
+
+/// One dispatch of an elementwise kernel over `n` values, one invocation each: bindings
+/// `inputs[0]`, `inputs[1]` (read), `out` (read-write) and a 16-byte parameter block.
+pub(crate) fn dispatch_elementwise(
+    rec: &mut crate::gpu::Recorder,
+    shader: &str,
+    entry: &str,
+    inputs: [&GpuBuffer; 2],
+    out: &Tensor,
+    n: u32,
+    params: &[u8],
+) -> Result<()> {
+    use crate::gpu::Bind;
+    let gpu = rec.gpu();
+    let k = gpu.kernel(
+        shader,
+        entry,
+        &[Bind::Input, Bind::Input, Bind::Output],
+        16,
+        &[],
+    )?;
+    let groups = gpu.groups(n.div_ceil(ELEMENTWISE_WG));
+    rec.dispatch(
+        &k,
+        &format!("{entry}.{}", out.buf.label),
+        &[inputs[0].view(), inputs[1].view(), out.buf.view()],
+        params,
+        groups,
+    )
+}
+
 /// Bytes of a `#[repr(C)]` parameter block.
 pub(crate) fn params<T: bytemuck::Pod>(p: &T) -> &[u8] {
     bytemuck::bytes_of(p)
