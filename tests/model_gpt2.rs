@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use common::TempModel;
 
 use serde_json::Value;
 use wgllm::loader::HfModel;
@@ -138,42 +138,15 @@ fn write_model(
     edit_cfg: impl FnOnce(&mut Value),
     edit_w: impl FnOnce(&mut Tensors),
 ) -> TempModel {
-    let dir = std::env::temp_dir().join(format!("wgllm-gpt2-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
     let mut cfg = golden()["config"].clone();
     edit_cfg(&mut cfg);
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec_pretty(&cfg).unwrap(),
-    )
-    .unwrap();
     let mut w = tiny_weights();
     edit_w(&mut w);
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = w
+    let w: Vec<_> = w
         .into_iter()
-        .map(|(n, s, v)| (format!("{prefix}{n}"), s, bytemuck::cast_slice(&v).to_vec()))
+        .map(|(n, s, v)| (format!("{prefix}{n}"), s, v))
         .collect();
-    let views = bytes.iter().map(|(n, s, b)| {
-        (
-            n.clone(),
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
-        )
-    });
-    std::fs::write(
-        dir.join("model.safetensors"),
-        safetensors::tensor::serialize(views, &None).unwrap(),
-    )
-    .unwrap();
-    TempModel(dir)
-}
-
-struct TempModel(PathBuf);
-
-impl Drop for TempModel {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    common::write_hf_model(&format!("gpt2-{name}"), &cfg, &w)
 }
 
 fn opts(chunk: usize, all_logits: bool) -> RunOptions {

@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use common::TempModel;
 
 use serde_json::{json, Value};
 use wgllm::loader::HfModel;
@@ -150,35 +150,14 @@ fn write_model(
     edit_cfg: impl FnOnce(&mut Value),
     edit_w: impl FnOnce(&mut Tensors),
 ) -> TempModel {
-    let dir = std::env::temp_dir().join(format!("wgllm-qwen2-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
     let mut cfg = golden()["config"].clone();
     edit_cfg(&mut cfg);
-    let json = |v: &Value| serde_json::to_vec_pretty(v).unwrap();
-    std::fs::write(dir.join("config.json"), json(&cfg)).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), json(&tokenizer_json())).unwrap();
     let mut w = tiny_weights();
     edit_w(&mut w);
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = w
-        .into_iter()
-        .map(|(n, s, v)| (n, s, bytemuck::cast_slice(&v).to_vec()))
-        .collect();
-    let views = bytes.iter().map(|(n, s, b)| {
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
-        (n.clone(), view.unwrap())
-    });
-    let file = safetensors::tensor::serialize(views, &None).unwrap();
-    std::fs::write(dir.join("model.safetensors"), file).unwrap();
-    TempModel(dir)
-}
-
-struct TempModel(PathBuf);
-
-impl Drop for TempModel {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    let dir = common::write_hf_model(&format!("qwen2-{name}"), &cfg, &w);
+    let json = serde_json::to_vec_pretty(&tokenizer_json()).unwrap();
+    std::fs::write(dir.0.join("tokenizer.json"), json).unwrap();
+    dir
 }
 
 fn opts(chunk: usize, all_logits: bool) -> RunOptions {

@@ -118,3 +118,43 @@ pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
 }
+
+/// A model directory written by a test, removed when dropped.
+pub struct TempModel(pub std::path::PathBuf);
+
+impl Drop for TempModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `config` as `config.json` and `tensors` (name, shape, f32 values) as
+/// `model.safetensors` into a fresh temporary directory named after `name`.
+pub fn write_hf_model(
+    name: &str,
+    config: &serde_json::Value,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> TempModel {
+    let dir = std::env::temp_dir().join(format!("wgllm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(config).unwrap(),
+    )
+    .unwrap();
+    let views = tensors.iter().map(|(n, s, v)| {
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            s.clone(),
+            bytemuck::cast_slice(v),
+        );
+        (n.clone(), view.unwrap())
+    });
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::tensor::serialize(views, &None).unwrap(),
+    )
+    .unwrap();
+    TempModel(dir)
+}
