@@ -68,6 +68,8 @@ pub struct KernelBenchRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelBenchReport {
     pub device: String,
+    /// Where the weights were (`buffers` or `textures`, the device's [`crate::gpu::WeightLayout`]).
+    pub weights: &'static str,
     /// Buffer-to-buffer copy bandwidth counting bytes read plus bytes written, like the kernels.
     pub copy_gb_per_s: f64,
     pub rows: Vec<KernelBenchRow>,
@@ -178,6 +180,7 @@ pub fn bench_kernels(
     }
     Ok(KernelBenchReport {
         device: gpu.describe(),
+        weights: crate::kernels::weights::weight_layout(gpu).name(),
         copy_gb_per_s: copy,
         rows,
     })
@@ -209,8 +212,8 @@ impl KernelBenchReport {
     /// A markdown table, as BENCHMARKS.md holds it.
     pub fn to_table(&self) -> String {
         let mut s = format!(
-            "device: {}\ncopy bandwidth: {:.1} GB/s (read + write)\n\n",
-            self.device, self.copy_gb_per_s
+            "device: {}\nweights in {}\ncopy bandwidth: {:.1} GB/s (read + write)\n\n",
+            self.device, self.weights, self.copy_gb_per_s
         );
         s += "| format | k x n | tokens | median | GB/s | GFLOP/s | of copy |\n|---|---|---:|---:|---:|---:|---:|\n";
         for r in &self.rows {

@@ -1,14 +1,18 @@
 //! Embedding lookup in every weight format, whole and sharded, against the CPU reference over the
-//! dequantised table; out-of-range ids give zero rows on the GPU and a typed error from check_ids.
+//! dequantised table, with the table in buffers and in textures; out-of-range ids give zero rows on
+//! the GPU and a typed error from check_ids.
 mod common;
 use common::*;
 use wgllm::kernels::embedding;
+use wgllm::kernels::weights::WeightStorage;
 use wgllm::quant::{dequantize, quantize, WeightFormat};
 use wgllm::BufferClass::Activations;
 
-/// Uploads a random `vocab x dim` table in `format`; returns it with its dequantised values.
+/// Uploads a random `vocab x dim` table in `format`, stored as `storage` says; returns it with its
+/// dequantised values.
 fn table(
     gpu: &wgllm::Gpu,
+    storage: WeightStorage,
     format: WeightFormat,
     vocab: usize,
     dim: usize,
@@ -17,7 +21,14 @@ fn table(
     let q = quantize(format, &w).unwrap();
     let deq = dequantize(format, &q, w.len()).unwrap();
     let t = gpu
-        .upload_weights(&format!("tok_embd.{format}"), format, vocab, dim, &q)
+        .upload_weights_as(
+            &format!("tok_embd.{format}"),
+            format,
+            vocab,
+            dim,
+            &q,
+            storage,
+        )
         .unwrap();
     (t, deq)
 }
@@ -53,7 +64,10 @@ fn ids_for(vocab: usize, n: usize) -> Vec<u32> {
 #[test]
 fn lookup_matches_reference_in_every_format() {
     let Some(gpu) = gpu() else { return };
-    for format in WeightFormat::ALL {
+    for (format, storage) in WeightFormat::ALL
+        .into_iter()
+        .flat_map(|f| [buffers(gpu), textures_at_device_limits(gpu)].map(|s| (f, s)))
+    {
         let dims: &[usize] = if format.is_quantized() {
             &[32, 96]
         } else {
@@ -61,13 +75,17 @@ fn lookup_matches_reference_in_every_format() {
         };
         for &dim in dims {
             let vocab = 50;
-            let (t, deq) = table(gpu, format, vocab, dim);
+            let (t, deq) = table(gpu, storage, format, vocab, dim);
             for n in [1, 5, 300] {
                 let ids = ids_for(vocab, n);
                 let got = lookup(gpu, &t, &ids);
                 let want = embedding::lookup_reference(&deq, dim, &ids);
                 // A lookup copies (dequantised) weights: exact.
-                assert_eq!(got, want, "{format} dim={dim} n={n}");
+                assert_eq!(
+                    got, want,
+                    "{format} dim={dim} n={n} in {:?}",
+                    storage.layout
+                );
             }
         }
     }
@@ -76,12 +94,16 @@ fn lookup_matches_reference_in_every_format() {
 #[test]
 fn lookup_handles_sharded_tables_and_bad_ids() {
     let Some(gpu) = gpu() else { return };
-    gpu.set_max_binding(4096);
+    // Limits lowered so that 300 rows take several shards: 4 KiB bindings, 64-row textures.
+    let mut small = [buffers(gpu), textures_at_device_limits(gpu)];
+    for s in &mut small {
+        s.max_binding = 4096;
+        s.max_texture_dim = 64;
+    }
     let tables: Vec<_> = WeightFormat::ALL
         .into_iter()
-        .map(|f| (f, table(gpu, f, 300, 64)))
+        .flat_map(|f| small.map(|s| (f, table(gpu, s, f, 300, 64))))
         .collect();
-    gpu.set_max_binding(u64::MAX);
     for (format, (t, deq)) in &tables {
         assert!(t.shards.len() > 1, "{format}: not sharded");
         let mut ids = ids_for(300, 40);
@@ -111,7 +133,7 @@ fn check_ids_refuses_out_of_range_ids() {
 #[test]
 fn lookup_refuses_bad_shapes_before_dispatch() {
     let Some(gpu) = gpu() else { return };
-    let (t, _) = table(gpu, WeightFormat::Q8_0, 10, 32);
+    let (t, _) = table(gpu, buffers(gpu), WeightFormat::Q8_0, 10, 32);
     let ids = gpu
         .upload("ids", Activations, bytemuck::cast_slice(&[1u32, 2]))
         .unwrap();

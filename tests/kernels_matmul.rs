@@ -1,22 +1,19 @@
 //! The matrix kernels (decode matvec, prefill matmul) in every weight format against the CPU
 //! reference on the dequantised weights: awkward shapes, sharded weights, one f32 weight larger
 //! than the device's binding limit, and shape checks before dispatch. The subgroup matvec
-//! (`matvec_sg.wgsl`) is forced where the device runs it (lavapipe), and a device opened without
-//! subgroups must fall back to the workgroup kernel.
+//! (`matvec_sg.wgsl`) is forced where the device runs it (lavapipe), with the weights in buffers
+//! and in textures (`matvec_sg_tex.wgsl`), and a device opened without subgroups must fall back to
+//! the workgroup kernel.
 
 mod common;
-use std::sync::RwLock;
-
 use common::*;
+use wgllm::gpu::WeightLayout;
 use wgllm::kernels::matmul::{self, MatmulKernel, MatvecKernel};
+use wgllm::kernels::weights::WeightStorage;
 use wgllm::kernels::{Tensor, WeightMatrix};
 use wgllm::quant::{dequantize, quantize, WeightFormat};
 use wgllm::BufferClass::Activations;
 use wgllm::{Gpu, GpuOptions};
-
-/// Lowering the binding limit changes how every upload in this process is sharded: tests that
-/// upload take it shared, the test that lowers it takes it exclusively.
-static BINDING_LIMIT: RwLock<()> = RwLock::new(());
 
 fn tolerance(f: WeightFormat) -> f64 {
     match f {
@@ -35,20 +32,27 @@ fn awkward_cols(f: WeightFormat) -> usize {
     }
 }
 
-/// Random weights uploaded in `f`, and the same weights dequantised for the reference.
+/// Random weights uploaded in `f` as `storage` says, and the same weights dequantised for the
+/// reference.
 fn weights(
     gpu: &Gpu,
+    storage: WeightStorage,
     f: WeightFormat,
     rows: usize,
     cols: usize,
     seed: u64,
 ) -> (WeightMatrix, Vec<f32>) {
     let w = randn(rows * cols, seed, 1.0);
-    let wm = gpu.upload_weights_f32("w", f, rows, cols, &w).unwrap();
+    let mut q = Vec::new();
     let mut deq = Vec::with_capacity(w.len());
     for row in w.chunks(cols) {
-        deq.extend(dequantize(f, &quantize(f, row).unwrap(), cols).unwrap());
+        let b = quantize(f, row).unwrap();
+        deq.extend(dequantize(f, &b, cols).unwrap());
+        q.extend(b);
     }
+    let wm = gpu
+        .upload_weights_as("w", f, rows, cols, &q, storage)
+        .unwrap();
     (wm, deq)
 }
 
@@ -98,19 +102,22 @@ fn check(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], op: Op, seed: u64) {
 #[test]
 fn matvec_matches_reference_in_every_format() {
     let Some(gpu) = gpu() else { return };
-    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
-    for f in WeightFormat::ALL {
+    for (f, storage) in WeightFormat::ALL
+        .into_iter()
+        .flat_map(|f| layouts(gpu).into_iter().map(move |s| (f, s)))
+    {
         let k = awkward_cols(f);
         // One row; rows not a multiple of any rows-per-workgroup; a small model's square matrix.
         for (i, (rows, cols)) in [(1, k), (13, k), (67, 64), (576, 576)]
             .into_iter()
             .enumerate()
         {
-            let (wm, deq) = weights(gpu, f, rows, cols, 10 + i as u64);
+            let (wm, deq) = weights(gpu, storage, f, rows, cols, 10 + i as u64);
             check(gpu, &wm, &deq, Op::Matvec(None), 20 + i as u64);
             // Every rows-per-workgroup variant (the code is the same for all formats but f32/f16
             // vs blocks; each variant is a pipeline to compile, so two formats cover it).
-            if rows == 13 && matches!(f, WeightFormat::F16 | WeightFormat::Q4_1) {
+            let buffers = storage.layout == WeightLayout::Buffers;
+            if buffers && rows == 13 && matches!(f, WeightFormat::F16 | WeightFormat::Q4_1) {
                 for rows in matmul::MATVEC_ROWS {
                     let k = Some(MatvecKernel::Workgroup { rows });
                     check(gpu, &wm, &deq, Op::Matvec(k), 30 + rows as u64);
@@ -123,10 +130,19 @@ fn matvec_matches_reference_in_every_format() {
 #[test]
 fn matmul_matches_reference_in_every_format() {
     let Some(gpu) = gpu() else { return };
-    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
+    // Textures: the policy's kernel (the subgroup matvec) on them.
+    for storage in layouts(gpu).into_iter().skip(1) {
+        for f in WeightFormat::ALL {
+            let (wm, deq) = weights(gpu, storage, f, 67, awkward_cols(f), 30);
+            for m in [1, 7, 33] {
+                check(gpu, &wm, &deq, Op::Matmul(m, None), 40 + m as u64);
+            }
+        }
+    }
+    let buffers = buffers(gpu);
     for f in WeightFormat::ALL {
         let k = awkward_cols(f);
-        let (wm, deq) = weights(gpu, f, 67, k, 30);
+        let (wm, deq) = weights(gpu, buffers, f, 67, k, 30);
         for m in [1, 7, 33] {
             for kernel in [
                 None,
@@ -142,7 +158,7 @@ fn matmul_matches_reference_in_every_format() {
             check(gpu, &wm, &deq, Op::Matmul(7, two), 48);
         }
         // Several tiles both ways, partial at both edges.
-        let (wm, deq) = weights(gpu, f, 130, 96, 31);
+        let (wm, deq) = weights(gpu, buffers, f, 130, 96, 31);
         check(
             gpu,
             &wm,
@@ -157,41 +173,45 @@ fn matmul_matches_reference_in_every_format() {
 #[test]
 fn sharded_weights_match_reference() {
     let Some(gpu) = gpu() else { return };
-    let _exclusive = BINDING_LIMIT.write().unwrap_or_else(|e| e.into_inner());
-    gpu.set_max_binding(8 << 10);
-    let uploaded: Vec<_> = WeightFormat::ALL
-        .into_iter()
-        .map(|f| weights(gpu, f, 150, 320, 60))
-        .collect();
-    gpu.set_max_binding(u64::MAX);
-    for (wm, deq) in &uploaded {
-        assert!(
-            wm.shards.len() > 2,
-            "{}: {} shards",
-            wm.format,
-            wm.shards.len()
-        );
-        check(gpu, wm, deq, Op::Matvec(None), 61);
-        check(gpu, wm, deq, Op::Matmul(7, Some(MatmulKernel::Tiled)), 62);
-        check(
-            gpu,
-            wm,
-            deq,
-            Op::Matmul(7, Some(MatmulKernel::Rows { tokens: 4 })),
-            63,
-        );
+    // Limits lowered so that 150 rows take several shards: 8 KiB bindings (3 to 19 shards),
+    // 96-texel textures (96 rows a shard; a row of 320 f32 weights is 80 texels).
+    for mut storage in layouts(gpu) {
+        storage.max_binding = 8 << 10;
+        storage.max_texture_dim = 96;
+        for f in WeightFormat::ALL {
+            let (wm, deq) = weights(gpu, storage, f, 150, 320, 60);
+            assert!(
+                wm.shards.len() >= 2,
+                "{f} in {:?}: {} shards",
+                storage.layout,
+                wm.shards.len()
+            );
+            check(gpu, &wm, &deq, Op::Matvec(None), 61);
+            check(gpu, &wm, &deq, Op::Matmul(7, None), 62);
+            if storage.layout == WeightLayout::Buffers {
+                let rows = Some(MatmulKernel::Rows { tokens: 4 });
+                check(gpu, &wm, &deq, Op::Matmul(7, Some(MatmulKernel::Tiled)), 63);
+                check(gpu, &wm, &deq, Op::Matmul(7, rows), 64);
+            }
+        }
     }
 }
 
 #[test]
 fn f32_weight_past_the_binding_limit_is_sharded() {
     let Some(gpu) = gpu() else { return };
-    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
     let (rows, cols) = (8320, 4096);
     let w = randn(rows * cols, 70, 1.0);
     let bytes = (rows * cols * 4) as u64;
     let wm = gpu
-        .upload_weights_f32("big", WeightFormat::F32, rows, cols, &w)
+        .upload_weights_as(
+            "big",
+            WeightFormat::F32,
+            rows,
+            cols,
+            bytemuck::cast_slice(&w),
+            buffers(gpu),
+        )
         .unwrap();
     assert!(
         bytes > gpu.limits.max_storage_buffer_binding_size && wm.shards.len() >= 2,
@@ -218,13 +238,15 @@ fn subgroup_gpu() -> Option<&'static Gpu> {
 #[test]
 fn subgroup_matvec_matches_reference_in_every_format() {
     let Some(gpu) = subgroup_gpu() else { return };
-    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
-    for f in WeightFormat::ALL {
+    for (f, storage) in WeightFormat::ALL
+        .into_iter()
+        .flat_map(|f| layouts(gpu).into_iter().map(move |s| (f, s)))
+    {
         let k = awkward_cols(f);
         // One row (every lane's rows clamp to it); 13 rows, fewer than one lane's 16; 130 rows,
         // one full workgroup of 8 x 16 and a partial one.
         for (i, rows) in [1, 13, 130].into_iter().enumerate() {
-            let (wm, deq) = weights(gpu, f, rows, k, 100 + i as u64);
+            let (wm, deq) = weights(gpu, storage, f, rows, k, 100 + i as u64);
             let sixteen = Some(MatvecKernel::Subgroup { rows: 16 });
             check(gpu, &wm, &deq, Op::Matvec(sixteen), 110 + i as u64);
             // An odd rows-per-invocation (each is a pipeline to compile: one format covers it).
@@ -239,12 +261,14 @@ fn subgroup_matvec_matches_reference_in_every_format() {
 #[test]
 fn subgroup_prefill_matches_reference_for_1_to_8_tokens() {
     let Some(gpu) = subgroup_gpu() else { return };
-    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
-    for f in WeightFormat::ALL {
+    for (f, storage) in WeightFormat::ALL
+        .into_iter()
+        .flat_map(|f| layouts(gpu).into_iter().map(move |s| (f, s)))
+    {
         // 70 rows: one workgroup of 8 x 8 rows and a partial one. (8 rows and 8 tokens is what
         // the policy picks in matmul_matches_reference_in_every_format too: one pipeline less to
         // compile, and those of 8 tokens take seconds where Mesa's shader cache is cold.)
-        let (wm, deq) = weights(gpu, f, 70, awkward_cols(f), 130);
+        let (wm, deq) = weights(gpu, storage, f, 70, awkward_cols(f), 130);
         let eight = Some(MatmulKernel::Subgroup {
             rows: Some(8),
             tokens: 8,
@@ -256,7 +280,7 @@ fn subgroup_prefill_matches_reference_for_1_to_8_tokens() {
         // Q8_0 and Q4_0 share a scale word between blocks 2k and 2k + 1 where rows have an even
         // number of blocks (the rows above have 37).
         if matches!(f, WeightFormat::Q8_0 | WeightFormat::Q4_0) {
-            let (wm, deq) = weights(gpu, f, 70, 32 * 38, 131);
+            let (wm, deq) = weights(gpu, storage, f, 70, 32 * 38, 131);
             check(gpu, &wm, &deq, Op::Matmul(5, eight), 149);
         }
         // An odd tokens-per-invocation: groups of 3, 3 and 1.
@@ -289,7 +313,7 @@ fn without_subgroups_the_workgroup_kernel_is_used_and_the_subgroup_one_refused()
         matmul::matmul_kernel(&plain, 32),
         MatmulKernel::Subgroup { .. }
     ));
-    let (wm, deq) = weights(&plain, WeightFormat::Q4_1, 21, 64, 160);
+    let (wm, deq) = weights(&plain, buffers(&plain), WeightFormat::Q4_1, 21, 64, 160);
     check(&plain, &wm, &deq, Op::Matvec(None), 161);
     check(&plain, &wm, &deq, Op::Matmul(5, None), 162);
     let x = plain.tensor("x", Activations, &[64]).unwrap();
@@ -298,14 +322,21 @@ fn without_subgroups_the_workgroup_kernel_is_used_and_the_subgroup_one_refused()
     let sg = Some(MatvecKernel::Subgroup { rows: 8 });
     let e = matmul::matvec_with(&mut rec, &wm, &x, &y, sg).unwrap_err();
     assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    // Weights in textures have no kernel here: a typed refusal, not a failed pipeline.
+    let tex = WeightStorage {
+        layout: WeightLayout::Textures,
+        ..textures_at_device_limits(&plain)
+    };
+    let (wt, _) = weights(&plain, tex, WeightFormat::Q4_1, 21, 64, 163);
+    let e = matmul::matvec(&mut rec, &wt, &x, &y).unwrap_err();
+    assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
     assert!(rec.is_empty());
 }
 
 #[test]
 fn shape_mismatches_are_refused_before_dispatch() {
     let Some(gpu) = gpu() else { return };
-    let _shared = BINDING_LIMIT.read().unwrap_or_else(|e| e.into_inner());
-    let (wm, _) = weights(gpu, WeightFormat::Q4_0, 8, 64, 80);
+    let (wm, _) = weights(gpu, buffers(gpu), WeightFormat::Q4_0, 8, 64, 80);
     let t = |shape: &[usize]| -> Tensor { gpu.tensor("t", Activations, shape).unwrap() };
     let refused = |r: wgllm::Result<()>| {
         let e = r.unwrap_err();

@@ -1,7 +1,8 @@
 //! Every WGSL kernel is validated by naga without a device and translated to SPIR-V (Vulkan), MSL
 //! (Metal) and HLSL (DX12), so portability is checked even where no such GPU is at hand. Kernels
-//! whose name ends in `_sg` are the subgroup variants, which the host only picks where the device
-//! has subgroups: they are validated with that capability (and f16-in-f32) instead of none.
+//! whose name has an `_sg` part (`matvec_sg`, `matvec_sg_tex`) are the subgroup variants, which
+//! the host only picks where the device has subgroups: they are validated with that capability
+//! (and f16-in-f32) instead of none.
 
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use wgllm::gpu::shaders::SHADERS;
@@ -13,7 +14,7 @@ fn translate(name: &str, src: &str) -> Result<(), String> {
     // `unpack2x16float`/`pack2x16float` need a capability in naga's terms, and every WebGPU-compliant
     // device has it (wgpu's downlevel flag SHADER_F16_IN_F32). Subgroup variants get SUBGROUP too,
     // and nothing else.
-    let subgroups = name.ends_with("_sg");
+    let subgroups = name.split('_').any(|part| part == "sg");
     let (caps, what) = if subgroups {
         (
             Capabilities::SHADER_FLOAT16_IN_FLOAT32 | Capabilities::SUBGROUP,

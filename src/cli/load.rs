@@ -85,9 +85,9 @@ pub(crate) fn resident_layers(
         chunk: m.chunk.max(1),
         budget: Some(budget),
         all_logits,
-        max_binding: gpu.max_binding(),
         ..Default::default()
-    };
+    }
+    .for_device(gpu);
     let mut plan = MemoryPlan::new(&cfg, opts)?;
     if let Some(b) = param_bytes {
         plan.set_parameter_bytes(b);
@@ -145,7 +145,8 @@ pub(crate) fn auto_model_plan(
         .ok()
         .and_then(|t| wgllm::loader::gguf::weight_format(t.ggml_type))
         .unwrap_or(wgllm::quant::WeightFormat::F16);
-    let bytes = wgllm::plan::gguf_parameter_bytes(&g, gpu.max_binding())?;
+    let bytes =
+        wgllm::plan::gguf_parameter_bytes(&g, wgllm::kernels::weights::weight_storage(gpu))?;
     Ok(Some((cfg, Precision::parse(format.name())?, Some(bytes))))
 }
 

@@ -80,7 +80,10 @@ pub(crate) fn plan(
     };
     let mut plan = MemoryPlan::new(&cfg, opts)?;
     if let Some(g) = &gguf {
-        plan.use_gguf_weights(g, wgllm::plan::DEFAULT_MAX_BINDING)?;
+        plan.use_gguf_weights(
+            g,
+            wgllm::kernels::weights::WeightStorage::buffers(wgllm::plan::DEFAULT_MAX_BINDING),
+        )?;
     }
     if let Some(path) = svg {
         std::fs::write(path, wgllm::plan::svg::stacked_bar(&plan))
@@ -313,13 +316,13 @@ fn profile_plan(
         ctx: m.ctx,
         chunk: m.chunk.max(1),
         budget,
-        max_binding: gpu.max_binding(),
-        param_align: gpu.limits.min_uniform_buffer_offset_alignment as u64,
         ..Default::default()
-    };
+    }
+    .for_device(gpu);
+    let storage = opts.weight_storage();
     let mut plan = wgllm::plan::MemoryPlan::new(&cfg, opts)?;
     if let Some(g) = &gguf {
-        plan.use_gguf_weights(g, gpu.max_binding())?;
+        plan.use_gguf_weights(g, storage)?;
     }
     Ok(Some(plan))
 }

@@ -6,6 +6,7 @@ pub mod ledger;
 pub mod memory;
 pub mod record;
 pub mod shaders;
+pub mod texture;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +17,7 @@ use serde::Serialize;
 pub use buffer::GpuBuffer;
 pub use ledger::{BufferClass, Ledger, LedgerReport};
 pub use record::{Bind, Kernel, Recorder};
+pub use texture::GpuTexture;
 
 use crate::error::{Error, Result};
 
@@ -130,6 +132,41 @@ pub struct Gpu {
     kernels: Mutex<HashMap<String, Arc<Kernel>>>,
     /// The largest storage binding kernels may use; the device limit unless lowered for tests.
     max_binding: AtomicU64,
+    /// Where weight matrices go, once chosen (`WGLLM_WEIGHTS`, a test, or
+    /// [`crate::kernels::weights::weight_layout`]'s measurement).
+    weight_layout: Mutex<Option<WeightLayout>>,
+}
+
+/// Where weight matrices live on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightLayout {
+    /// Storage buffers, which every kernel reads.
+    Buffers,
+    /// 2D textures, read with `textureLoad` by the subgroup matvec and the embedding lookup (CPU
+    /// devices, where a texture fetch is a vectorised gather and a storage load is not).
+    Textures,
+}
+
+impl WeightLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightLayout::Buffers => "buffers",
+            WeightLayout::Textures => "textures",
+        }
+    }
+
+    /// `WGLLM_WEIGHTS=buffers|textures`, if set to one of those.
+    fn from_env() -> Option<WeightLayout> {
+        match std::env::var("WGLLM_WEIGHTS").ok()?.as_str() {
+            "buffers" => Some(WeightLayout::Buffers),
+            "textures" => Some(WeightLayout::Textures),
+            other => {
+                log::warn!("WGLLM_WEIGHTS={other} ignored: use buffers or textures");
+                None
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Gpu {
@@ -228,6 +265,7 @@ impl Gpu {
             limits,
             ledger: Ledger::new(opts.budget),
             kernels: Mutex::new(HashMap::new()),
+            weight_layout: Mutex::new(WeightLayout::from_env()),
         })
     }
 
@@ -257,6 +295,16 @@ impl Gpu {
             .min(self.limits.max_buffer_size);
         self.max_binding
             .store(bytes.clamp(256, dev), Ordering::Relaxed);
+    }
+
+    /// The weight layout chosen so far, if any (see [`crate::kernels::weights::weight_layout`]).
+    pub fn chosen_weight_layout(&self) -> Option<WeightLayout> {
+        *self.weight_layout.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fixes where weight matrices uploaded from now on go (tests, tuning, `WGLLM_WEIGHTS`).
+    pub fn set_weight_layout(&self, layout: WeightLayout) {
+        *self.weight_layout.lock().unwrap_or_else(|e| e.into_inner()) = Some(layout);
     }
 
     /// Waits until the queue is idle.

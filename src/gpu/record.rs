@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::buffer::GpuBuffer;
 use super::ledger::BufferClass;
+use super::texture::GpuTexture;
 use super::{scoped, shaders, Gpu};
 use crate::error::{Error, Result};
 
@@ -19,6 +20,8 @@ pub enum Bind {
     Input,
     /// `var<storage, read_write>`
     Output,
+    /// `texture_2d<u32>` (read with `textureLoad`)
+    Texture,
 }
 
 /// A compute pipeline and its bind-group layout.
@@ -62,12 +65,19 @@ impl Gpu {
             .map(|(i, b)| wgpu::BindGroupLayoutEntry {
                 binding: i as u32,
                 visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Storage {
-                        read_only: *b == Bind::Input,
+                ty: match b {
+                    Bind::Texture => wgpu::BindingType::Texture {
+                        sample_type: wgpu::TextureSampleType::Uint,
+                        view_dimension: wgpu::TextureViewDimension::D2,
+                        multisampled: false,
                     },
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
+                    _ => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage {
+                            read_only: *b == Bind::Input,
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
                 },
                 count: None,
             })
@@ -154,31 +164,46 @@ impl Gpu {
     }
 }
 
-/// A byte range of a buffer bound to one kernel binding.
+/// What one kernel binding binds: a byte range of a buffer, or a whole texture.
 #[derive(Debug, Clone)]
 pub struct View {
-    buffer: wgpu::Buffer,
-    offset: u64,
-    size: u64,
+    resource: Resource,
     label: Arc<str>,
+}
+
+#[derive(Debug, Clone)]
+enum Resource {
+    Buffer {
+        buffer: wgpu::Buffer,
+        offset: u64,
+        size: u64,
+    },
+    Texture(wgpu::TextureView),
 }
 
 impl GpuBuffer {
     /// The whole buffer as a binding.
     pub fn view(&self) -> View {
-        View {
-            buffer: self.buffer.clone(),
-            offset: 0,
-            size: self.size(),
-            label: self.label.clone(),
-        }
+        self.range(0, self.size())
     }
     /// Bytes `offset..offset+size` as a binding.
     pub fn range(&self, offset: u64, size: u64) -> View {
         View {
-            buffer: self.buffer.clone(),
-            offset,
-            size,
+            resource: Resource::Buffer {
+                buffer: self.buffer.clone(),
+                offset,
+                size,
+            },
+            label: self.label.clone(),
+        }
+    }
+}
+
+impl GpuTexture {
+    /// The texture as a binding.
+    pub fn bind(&self) -> View {
+        View {
+            resource: Resource::Texture(self.view.clone()),
             label: self.label.clone(),
         }
     }
@@ -263,20 +288,40 @@ impl<'g> Recorder<'g> {
             ));
         }
         let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
-        for v in views {
-            if v.size == 0
-                || v.size > gpu.limits.max_storage_buffer_binding_size
-                || v.offset % align != 0
+        for (v, bind) in views.iter().zip(&kernel.binds) {
+            let (offset, size, buffer) = match (&v.resource, bind) {
+                (Resource::Texture(_), Bind::Texture) => continue,
+                (
+                    Resource::Buffer {
+                        buffer,
+                        offset,
+                        size,
+                    },
+                    Bind::Input | Bind::Output,
+                ) => (*offset, *size, buffer),
+                _ => {
+                    return Err(Error::invalid(
+                        &kernel.name,
+                        format!(
+                            "'{}' is not the kind of resource its binding takes ({bind:?})",
+                            v.label
+                        ),
+                    ))
+                }
+            };
+            if size == 0
+                || size > gpu.limits.max_storage_buffer_binding_size
+                || !offset.is_multiple_of(align)
             {
                 return Err(Error::invalid(
                     &kernel.name,
                     format!(
                         "binding of '{}' at {}+{} is empty, unaligned or larger than one binding",
-                        v.label, v.offset, v.size
+                        v.label, offset, size
                     ),
                 ));
             }
-            if v.offset + v.size > v.buffer.size() {
+            if offset + size > buffer.size() {
                 return Err(Error::invalid(
                     &kernel.name,
                     format!("binding range past the end of '{}'", v.label),
@@ -426,11 +471,18 @@ impl<'g> Recorder<'g> {
                         .enumerate()
                         .map(|(i, v)| wgpu::BindGroupEntry {
                             binding: i as u32,
-                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: &v.buffer,
-                                offset: v.offset,
-                                size: std::num::NonZeroU64::new(v.size),
-                            }),
+                            resource: match &v.resource {
+                                Resource::Buffer {
+                                    buffer,
+                                    offset,
+                                    size,
+                                } => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                    buffer,
+                                    offset: *offset,
+                                    size: std::num::NonZeroU64::new(*size),
+                                }),
+                                Resource::Texture(t) => wgpu::BindingResource::TextureView(t),
+                            },
                         })
                         .collect();
                     entries.push(wgpu::BindGroupEntry {

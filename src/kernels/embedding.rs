@@ -5,7 +5,7 @@
 //! Callers that want bad ids refused rather than zeroed check them with [`check_ids`] first.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, GpuBuffer, Recorder};
+use crate::gpu::{Bind, GpuBuffer, Recorder, WeightLayout};
 use crate::kernels::{params, Tensor, WeightMatrix};
 use crate::quant::repack::row_words;
 use crate::quant::WeightFormat;
@@ -79,10 +79,19 @@ pub fn lookup(
         WeightFormat::Q4_1 => "lookup_q4_1",
     };
     let gpu = rec.gpu();
+    let textures = table
+        .shards
+        .iter()
+        .any(|s| s.data.layout() == WeightLayout::Textures);
+    let (shader, weights) = if textures {
+        ("embedding_tex", Bind::Texture)
+    } else {
+        ("embedding", Bind::Input)
+    };
     let k = gpu.kernel(
-        "embedding",
+        shader,
         entry,
-        &[Bind::Input, Bind::Input, Bind::Input, Bind::Output],
+        &[Bind::Input, weights, weights, Bind::Output],
         32,
         &[],
     )?;
@@ -99,8 +108,13 @@ pub fn lookup(
             row_words: row_words(table.format, dim) as u32,
             _pad: 0,
         };
-        // Float formats have no scales: their data fills the unused binding.
-        let scales = s.scales.as_ref().unwrap_or(&s.data);
+        if (s.data.layout() == WeightLayout::Textures) != textures {
+            return Err(Error::invalid(
+                op,
+                "shards in both buffers and textures".to_string(),
+            ));
+        }
+        let [data, scales] = s.views();
         rec.dispatch(
             &k,
             &format!(
@@ -109,7 +123,7 @@ pub fn lookup(
                 s.row_start,
                 s.row_start + s.rows
             ),
-            &[ids.view(), s.data.view(), scales.view(), out.buf.view()],
+            &[ids.view(), data, scales, out.buf.view()],
             params(&p),
             groups,
         )?;

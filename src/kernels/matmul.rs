@@ -15,8 +15,8 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::record::View;
+use crate::gpu::WeightLayout;
 use crate::gpu::{Bind, Gpu, Recorder};
-use crate::kernels::weights::Shard;
 use crate::kernels::{params, Tensor, WeightMatrix};
 use crate::quant::repack::row_words;
 use crate::quant::{WeightFormat, QK};
@@ -64,6 +64,8 @@ struct MatmulParams {
 const _: () = assert!(std::mem::size_of::<MatmulParams>() == 32);
 
 const BINDS: [Bind; 4] = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
+/// Bindings of the kernels that read weights from textures.
+const TEX_BINDS: [Bind; 4] = [Bind::Texture, Bind::Texture, Bind::Input, Bind::Output];
 
 fn u32_of(op: &str, what: &str, n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::invalid(op, format!("{what} {n} exceeds u32")))
@@ -111,16 +113,6 @@ fn check_shards(op: &str, w: &WeightMatrix) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// The shard's data and scales as bindings; f32/f16 have no scales, so their first data word is
-/// bound in that slot instead (the shaders never read it).
-fn weight_views(s: &Shard) -> [View; 2] {
-    let scales = s
-        .scales
-        .as_ref()
-        .map_or_else(|| s.data.range(0, 4), |b| b.view());
-    [s.data.view(), scales]
 }
 
 /// Rows per matvec workgroup for a shard of `rows` rows. More rows means fewer loads per weight
@@ -413,6 +405,16 @@ fn rows_kernel(
     let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
     let sg = |r: u32, tokens: u32| ("matvec_sg", ("R", r), ("TOK", tokens), r * SG_LANES as u32);
     for s in &w.shards {
+        let textures = s.data.layout() == WeightLayout::Textures;
+        if textures && matches!(kind, Rows::Workgroup(..)) {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "'{}' is in textures, which only the subgroup matvec reads",
+                    w.label
+                ),
+            ));
+        }
         // (shader, its rows and tokens overrides, rows per workgroup)
         let (shader, (rn, r), (tn, t), rows_per_group) = match kind {
             Rows::Auto => match matvec_kernel(gpu, w.format, s.rows) {
@@ -428,13 +430,17 @@ fn rows_kernel(
                 tokens,
             ),
         };
-        let k = gpu.kernel(
-            shader,
-            &entry,
-            &BINDS,
-            32,
-            &[(rn, r as f64), (tn, t as f64)],
-        )?;
+        let (shader, binds) = match shader {
+            "matvec_sg" if textures => ("matvec_sg_tex", &TEX_BINDS),
+            _ if textures => {
+                return Err(Error::invalid(
+                    op,
+                    format!("'{}' is in textures, which {shader} cannot read", w.label),
+                ))
+            }
+            _ => (shader, &BINDS),
+        };
+        let k = gpu.kernel(shader, &entry, binds, 32, &[(rn, r as f64), (tn, t as f64)])?;
         let p = MatvecParams {
             rows: u32_of(op, "rows", s.rows)?,
             cols,
@@ -446,10 +452,10 @@ fn rows_kernel(
             _pad: 0,
         };
         let n = s.rows.div_ceil(rows_per_group as usize) * m.div_ceil(t as usize);
-        let [data, scales] = weight_views(s);
+        let [data, scales] = s.views();
         rec.dispatch(
             &k,
-            &format!("{shader}.{}", s.data.label),
+            &format!("{shader}.{}", s.data.label()),
             &[data, scales, xv.clone(), yv.clone()],
             params(&p),
             gpu.groups(u32_of(op, "workgroups", n)?),
@@ -468,6 +474,18 @@ fn tiled_kernel(
     op: &str,
 ) -> Result<()> {
     check_shards(op, w)?;
+    if w.shards
+        .iter()
+        .any(|s| s.data.layout() == WeightLayout::Textures)
+    {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "'{}' is in textures, which the tiled matmul cannot read",
+                w.label
+            ),
+        ));
+    }
     let (xv, yv) = (bound(op, x)?, bound(op, y)?);
     let gpu = rec.gpu();
     let entry = format!("matmul_{}", w.format.name());
@@ -490,10 +508,10 @@ fn tiled_kernel(
             tiles_n: u32_of(op, "tiles", tiles_n)?,
         };
         let groups = gpu.groups(u32_of(op, "tiles", tiles_n * tiles_m)?);
-        let [data, scales] = weight_views(s);
+        let [data, scales] = s.views();
         rec.dispatch(
             &k,
-            &format!("matmul.{}", s.data.label),
+            &format!("matmul.{}", s.data.label()),
             &[data, scales, xv.clone(), yv.clone()],
             params(&p),
             groups,

@@ -10,6 +10,7 @@ pub mod matmul;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
+pub mod tune;
 pub mod weights;
 
 pub use weights::WeightMatrix;

@@ -1,19 +1,254 @@
 //! Weight matrices on the GPU, in the layout of [`crate::quant::repack`], split by rows into shards
-//! that each fit one storage binding (128 MiB on lavapipe). Kernels dispatch once per shard.
+//! that each fit one storage binding (128 MiB on lavapipe) or one texture. Kernels dispatch once
+//! per shard.
+//!
+//! Two layouts ([`WeightLayout`]): storage buffers, the repack arrays as they are; or 2D textures,
+//! one texture row per matrix row: data as `rgba32uint` texels (a Q4 block is one texel, a Q8_0
+//! block two, 4 f32 or 8 f16 weights one, rows padded with zeros to whole texels), scales one
+//! texel per block (`r16uint` holding the f16 `d` of Q8_0/Q4_0, `r32uint` holding Q4_1's `d`
+//! and `m`). [`WeightStorage`] says which, and how many rows a shard takes; the upload and the
+//! memory plan both ask it, so the plan counts the bytes the ledger books.
+
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::{BufferClass, Gpu, GpuBuffer};
+use crate::gpu::record::View;
+use crate::gpu::texture::texel_bytes;
+use crate::gpu::{BufferClass, Gpu, GpuBuffer, GpuTexture, WeightLayout};
 use crate::quant::repack::{self, row_words, scale_words};
 use crate::quant::WeightFormat;
 
-/// A row range of a weight matrix, in its own buffers.
+/// Where one array of a shard lives.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Buffer(GpuBuffer),
+    Texture(Arc<GpuTexture>),
+}
+
+impl Store {
+    pub fn label(&self) -> &str {
+        match self {
+            Store::Buffer(b) => &b.label,
+            Store::Texture(t) => &t.label,
+        }
+    }
+    /// Bytes on the device (as the ledger booked them).
+    pub fn size(&self) -> u64 {
+        match self {
+            Store::Buffer(b) => b.size(),
+            Store::Texture(t) => t.size(),
+        }
+    }
+    /// The whole array as a kernel binding.
+    pub fn view(&self) -> View {
+        match self {
+            Store::Buffer(b) => b.view(),
+            Store::Texture(t) => t.bind(),
+        }
+    }
+    /// The first word as a binding (bound where a kernel has a slot it does not read).
+    pub fn dummy(&self) -> View {
+        match self {
+            Store::Buffer(b) => b.range(0, 4),
+            Store::Texture(t) => t.bind(),
+        }
+    }
+    pub fn layout(&self) -> WeightLayout {
+        match self {
+            Store::Buffer(_) => WeightLayout::Buffers,
+            Store::Texture(_) => WeightLayout::Textures,
+        }
+    }
+}
+
+/// A row range of a weight matrix, in its own buffers or textures.
 #[derive(Debug, Clone)]
 pub struct Shard {
     pub row_start: usize,
     pub rows: usize,
-    pub data: GpuBuffer,
-    /// Block scales; absent for f32/f16 (a 4-byte dummy is bound instead).
-    pub scales: Option<GpuBuffer>,
+    pub data: Store,
+    /// Block scales; absent for f32/f16 (kernels bind the data again in that slot).
+    pub scales: Option<Store>,
+}
+
+impl Shard {
+    /// The shard's data and scales as bindings; f32/f16 have no scales, so their data is bound in
+    /// that slot as well (the shaders never read it).
+    pub fn views(&self) -> [View; 2] {
+        let scales = self
+            .scales
+            .as_ref()
+            .map_or_else(|| self.data.dummy(), Store::view);
+        [self.data.view(), scales]
+    }
+}
+
+/// The size and format of one texture of a texture-layout shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextureShape {
+    pub format: wgpu::TextureFormat,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl TextureShape {
+    pub fn bytes(&self) -> u64 {
+        self.width as u64 * self.height as u64 * texel_bytes(self.format) as u64
+    }
+    /// Bytes of one texture row padded to wgpu's copy alignment (a staging row).
+    pub fn padded_row(&self) -> u64 {
+        (self.width as u64 * texel_bytes(self.format) as u64)
+            .next_multiple_of(wgpu::COPY_BYTES_PER_ROW_ALIGNMENT as u64)
+    }
+}
+
+/// The data and (quantised formats) scales textures of `rows` rows of a `cols`-wide matrix.
+pub fn texture_shapes(
+    format: WeightFormat,
+    rows: usize,
+    cols: usize,
+) -> (TextureShape, Option<TextureShape>) {
+    let height = rows as u32;
+    let data = TextureShape {
+        format: wgpu::TextureFormat::Rgba32Uint,
+        width: row_words(format, cols).div_ceil(4) as u32,
+        height,
+    };
+    let blocks = (cols / crate::quant::QK) as u32;
+    let scales = match format {
+        WeightFormat::F32 | WeightFormat::F16 => None,
+        WeightFormat::Q8_0 | WeightFormat::Q4_0 => Some(wgpu::TextureFormat::R16Uint),
+        WeightFormat::Q4_1 => Some(wgpu::TextureFormat::R32Uint),
+    }
+    .map(|format| TextureShape {
+        format,
+        width: blocks,
+        height,
+    });
+    (data, scales)
+}
+
+/// How a device stores weight matrices: the layout and the limits that set the shard size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightStorage {
+    pub layout: WeightLayout,
+    /// Largest storage binding (buffer layout).
+    pub max_binding: u64,
+    /// Largest texture side (texture layout).
+    pub max_texture_dim: u32,
+}
+
+impl WeightStorage {
+    /// Buffers sharded at `max_binding` bytes.
+    pub fn buffers(max_binding: u64) -> WeightStorage {
+        WeightStorage {
+            layout: WeightLayout::Buffers,
+            max_binding,
+            max_texture_dim: 0,
+        }
+    }
+
+    /// Rows per shard of a `rows x cols` matrix.
+    pub fn rows_per_shard(&self, format: WeightFormat, rows: usize, cols: usize) -> Result<usize> {
+        match self.layout {
+            WeightLayout::Buffers => rows_per_shard(format, rows, cols, self.max_binding),
+            WeightLayout::Textures => {
+                let max = self.max_texture_dim as usize;
+                let (data, scales) = texture_shapes(format, 1, cols);
+                let width = data.width.max(scales.map_or(0, |s| s.width)) as usize;
+                if width > max {
+                    return Err(Error::invalid(
+                        "weights",
+                        format!("a row of {cols} {format} weights needs {width} texels; textures take {max}"),
+                    ));
+                }
+                Ok(rows.min(max & !1).max(1))
+            }
+        }
+    }
+
+    /// Device bytes of a shard of `rows` rows: (data, scales), as the ledger books them.
+    pub fn shard_bytes(&self, format: WeightFormat, rows: usize, cols: usize) -> (u64, u64) {
+        match self.layout {
+            WeightLayout::Buffers => {
+                let align4 = |b: u64| b.div_ceil(4).max(1) * 4;
+                let s = scale_words(format, rows, cols) as u64 * 4;
+                (
+                    align4(rows as u64 * row_words(format, cols) as u64 * 4),
+                    if s > 0 { align4(s) } else { 0 },
+                )
+            }
+            WeightLayout::Textures => {
+                let (d, s) = texture_shapes(format, rows, cols);
+                (d.bytes(), s.map_or(0, |s| s.bytes()))
+            }
+        }
+    }
+
+    /// The largest staging chunk the upload of a shard of `rows` rows books.
+    pub fn shard_upload_bytes(&self, format: WeightFormat, rows: usize, cols: usize) -> u64 {
+        let chunk = crate::gpu::buffer::STAGING_CHUNK;
+        match self.layout {
+            WeightLayout::Buffers => {
+                let (d, s) = self.shard_bytes(format, rows, cols);
+                d.max(s).min(chunk)
+            }
+            WeightLayout::Textures => {
+                let (d, s) = texture_shapes(format, rows, cols);
+                [Some(d), s]
+                    .into_iter()
+                    .flatten()
+                    .map(|t| t.padded_row() * (chunk / t.padded_row()).max(1).min(rows as u64))
+                    .max()
+                    .unwrap_or(0)
+            }
+        }
+    }
+
+    /// Total device bytes of a `rows x cols` matrix, all shards.
+    pub fn matrix_bytes(&self, format: WeightFormat, rows: usize, cols: usize) -> Result<u64> {
+        let per = self.rows_per_shard(format, rows, cols)?;
+        let mut total = 0;
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = per.min(rows - r0);
+            let (d, s) = self.shard_bytes(format, n, cols);
+            total += d + s;
+            r0 += n;
+        }
+        Ok(total)
+    }
+}
+
+/// Where this device puts weight matrices: `WGLLM_WEIGHTS` or an earlier choice if there is one;
+/// buffers where only buffer kernels run; else the faster layout as measured and cached by
+/// [`crate::kernels::tune`] (buffers if that measurement fails).
+pub fn weight_layout(gpu: &Gpu) -> WeightLayout {
+    if let Some(l) = gpu.chosen_weight_layout() {
+        return l;
+    }
+    let l = if !crate::kernels::matmul::subgroup_matvec_ok(gpu) {
+        WeightLayout::Buffers
+    } else {
+        match crate::kernels::tune::weight_layout_choice(gpu) {
+            Ok(c) => c.layout,
+            Err(e) => {
+                log::warn!("measuring the weight layouts failed ({e}); weights go in buffers");
+                WeightLayout::Buffers
+            }
+        }
+    };
+    gpu.set_weight_layout(l);
+    l
+}
+
+/// The device's [`WeightStorage`].
+pub fn weight_storage(gpu: &Gpu) -> WeightStorage {
+    WeightStorage {
+        layout: weight_layout(gpu),
+        max_binding: gpu.max_binding(),
+        max_texture_dim: gpu.limits.max_texture_dimension_2d,
+    }
 }
 
 /// A `rows x cols` weight matrix (`y = W x` maps `cols` inputs to `rows` outputs).
@@ -31,7 +266,7 @@ impl WeightMatrix {
     pub fn bytes(&self) -> u64 {
         self.shards
             .iter()
-            .map(|s| s.data.size() + s.scales.as_ref().map_or(0, |b| b.size()))
+            .map(|s| s.data.size() + s.scales.as_ref().map_or(0, Store::size))
             .sum()
     }
 }
@@ -69,6 +304,19 @@ impl Gpu {
         cols: usize,
         gguf: &[u8],
     ) -> Result<WeightMatrix> {
+        self.upload_weights_as(label, format, rows, cols, gguf, weight_storage(self))
+    }
+
+    /// [`Gpu::upload_weights`] stored as `storage` says rather than as the device prefers.
+    pub fn upload_weights_as(
+        &self,
+        label: &str,
+        format: WeightFormat,
+        rows: usize,
+        cols: usize,
+        gguf: &[u8],
+        storage: WeightStorage,
+    ) -> Result<WeightMatrix> {
         repack::check_shape(format, rows, cols)?;
         let need = format.bytes_for(rows * cols);
         if gguf.len() != need {
@@ -78,7 +326,7 @@ impl Gpu {
                 format!("{} bytes", gguf.len()),
             ));
         }
-        let per = rows_per_shard(format, rows, cols, self.max_binding())?;
+        let per = storage.rows_per_shard(format, rows, cols)?;
         let row_bytes = format.bytes_for(cols);
         let mut shards = Vec::new();
         let mut r0 = 0;
@@ -90,19 +338,10 @@ impl Gpu {
             } else {
                 String::new()
             };
-            let data = self.upload(
-                &format!("{label}{suffix}"),
-                BufferClass::Parameters,
-                bytemuck::cast_slice(&p.data),
-            )?;
-            let scales = if p.scales.is_empty() {
-                None
-            } else {
-                Some(self.upload(
-                    &format!("{label}{suffix}.scales"),
-                    BufferClass::Parameters,
-                    bytemuck::cast_slice(&p.scales),
-                )?)
+            let name = format!("{label}{suffix}");
+            let (data, scales) = match storage.layout {
+                WeightLayout::Buffers => self.upload_shard_buffers(&name, &p)?,
+                WeightLayout::Textures => self.upload_shard_textures(&name, format, n, cols, &p)?,
             };
             shards.push(Shard {
                 row_start: r0,
@@ -119,6 +358,77 @@ impl Gpu {
             cols,
             shards,
         })
+    }
+
+    fn upload_shard_buffers(
+        &self,
+        name: &str,
+        p: &repack::Packed,
+    ) -> Result<(Store, Option<Store>)> {
+        let data = self.upload(name, BufferClass::Parameters, bytemuck::cast_slice(&p.data))?;
+        let scales = if p.scales.is_empty() {
+            None
+        } else {
+            Some(Store::Buffer(self.upload(
+                &format!("{name}.scales"),
+                BufferClass::Parameters,
+                bytemuck::cast_slice(&p.scales),
+            )?))
+        };
+        Ok((Store::Buffer(data), scales))
+    }
+
+    /// Uploads a repacked shard of `rows` rows as textures ([`texture_shapes`]).
+    fn upload_shard_textures(
+        &self,
+        name: &str,
+        format: WeightFormat,
+        rows: usize,
+        cols: usize,
+        p: &repack::Packed,
+    ) -> Result<(Store, Option<Store>)> {
+        let (dshape, sshape) = texture_shapes(format, rows, cols);
+        let rw = row_words(format, cols);
+        let tw = dshape.width as usize * 4;
+        // Rows padded with zero words to whole texels (f32/f16 rows whose length is not a multiple
+        // of 4 or 8); the quantised formats' rows are whole texels already.
+        let data: Vec<u32> = if rw == tw {
+            p.data.clone()
+        } else {
+            p.data
+                .chunks_exact(rw)
+                .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, tw - rw)))
+                .collect()
+        };
+        let upload = |label: &str, shape: TextureShape, bytes: &[u8]| -> Result<Store> {
+            let t = self.upload_texture(
+                label,
+                BufferClass::Parameters,
+                shape.format,
+                shape.width,
+                shape.height,
+                bytes,
+            )?;
+            Ok(Store::Texture(Arc::new(t)))
+        };
+        let data = upload(name, dshape, bytemuck::cast_slice(&data))?;
+        let scales = match sshape {
+            None => None,
+            Some(shape) => {
+                let label = format!("{name}.scales");
+                Some(if shape.format == wgpu::TextureFormat::R16Uint {
+                    // One f16 per block, out of the repack layout's pairs.
+                    let n = rows * (cols / crate::quant::QK);
+                    let halves: Vec<u16> = (0..n)
+                        .map(|g| (p.scales[g / 2] >> (16 * (g % 2))) as u16)
+                        .collect();
+                    upload(&label, shape, bytemuck::cast_slice(&halves))?
+                } else {
+                    upload(&label, shape, bytemuck::cast_slice(&p.scales))?
+                })
+            }
+        };
+        Ok((data, scales))
     }
 
     /// Quantises `w` (row-major `rows x cols` f32) to `format` on the CPU and uploads it.

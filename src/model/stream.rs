@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::gpu::{BufferClass, Gpu, GpuBuffer};
-use crate::kernels::weights::{rows_per_shard, Shard};
+use crate::kernels::weights::{rows_per_shard, Shard, Store};
 use crate::kernels::{Tensor, WeightMatrix};
 use crate::model::llama::{Layer, LayerWeights};
 use crate::model::source::Source;
@@ -188,8 +188,8 @@ impl SlotMatrix {
             shards.push(Shard {
                 row_start: h.row_start,
                 rows: h.rows,
-                data: data.clone(),
-                scales,
+                data: Store::Buffer(data.clone()),
+                scales: scales.map(Store::Buffer),
             });
         }
         Ok(WeightMatrix {

@@ -30,11 +30,11 @@ use serde::{Serialize, Serializer};
 
 use crate::error::{Error, Result};
 use crate::gpu::buffer::STAGING_CHUNK;
+use crate::gpu::WeightLayout;
 use crate::kernels::attention::{bytes_per_token, KvDtype};
-use crate::kernels::weights::rows_per_shard;
+use crate::kernels::weights::WeightStorage;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::params::{self, ParamClass, ParamTensor, Precision, WeightBytes};
-use crate::quant::repack::{row_words, scale_words};
 use crate::quant::WeightFormat;
 use activations::Kernel;
 
@@ -73,6 +73,11 @@ pub struct PlanOptions {
     pub all_logits: bool,
     /// Storage binding limit weights are sharded to (it sets the dispatch count).
     pub max_binding: u64,
+    /// Where the device keeps weight matrices (textures are sharded by rows at
+    /// `max_texture_dim`, and pad f32/f16 rows to whole texels).
+    pub weight_layout: WeightLayout,
+    /// The device's largest texture side (texture layout only).
+    pub max_texture_dim: u32,
     /// The device's uniform-buffer offset alignment: each dispatch's params take a slot of this
     /// granularity (256 by default, WebGPU's; lavapipe's is 32).
     pub param_align: u64,
@@ -90,8 +95,32 @@ impl Default for PlanOptions {
             train: None,
             all_logits: false,
             max_binding: DEFAULT_MAX_BINDING,
+            weight_layout: WeightLayout::Buffers,
+            max_texture_dim: 8192,
             param_align: PARAM_SLOT,
         }
+    }
+}
+
+impl PlanOptions {
+    /// How weight matrices are stored and sharded under these options.
+    pub fn weight_storage(&self) -> WeightStorage {
+        WeightStorage {
+            layout: self.weight_layout,
+            max_binding: self.max_binding,
+            max_texture_dim: self.max_texture_dim,
+        }
+    }
+
+    /// Sets the device-dependent fields (binding limit, weight layout, texture size, uniform
+    /// alignment) from an open device.
+    pub fn for_device(mut self, gpu: &crate::gpu::Gpu) -> PlanOptions {
+        let w = crate::kernels::weights::weight_storage(gpu);
+        self.max_binding = w.max_binding;
+        self.weight_layout = w.layout;
+        self.max_texture_dim = w.max_texture_dim;
+        self.param_align = gpu.limits.min_uniform_buffer_offset_alignment as u64;
+        self
     }
 }
 
@@ -183,21 +212,21 @@ impl MemoryPlan {
         let kv_cache_bytes = l.saturating_mul(opts.ctx as u64).saturating_mul(kv_bpt);
         let activations = llama_activation_plan(cfg, opts.chunk, opts.all_logits);
 
-        // Largest single upload: a shard's data or scales, or a norm/bias vector.
+        // Largest single upload chunk: of a shard's data or scales, or of a norm/bias vector.
+        let storage = opts.weight_storage();
         let mut largest = 0u64;
         for t in &tensors {
             let b = match t.class {
-                ParamClass::NormOrBias => tensor_bytes(t, p),
+                ParamClass::NormOrBias => tensor_bytes(t, p).min(STAGING_CHUNK),
                 _ => {
-                    let per = rows_per_shard(fmt, t.rows, t.cols, opts.max_binding)?.min(t.rows);
-                    let data = (per as u64).saturating_mul(row_words(fmt, t.cols) as u64 * 4);
-                    data.max(scale_words(fmt, per, t.cols) as u64 * 4)
+                    let per = storage.rows_per_shard(fmt, t.rows, t.cols)?.min(t.rows);
+                    storage.shard_upload_bytes(fmt, per, t.cols)
                 }
             };
             largest = largest.max(b);
         }
         let align4 = |b: u64| b.div_ceil(4) * 4;
-        let staging_upload_bytes = align4(largest.min(STAGING_CHUNK));
+        let staging_upload_bytes = align4(largest);
         let logits = activations
             .roles
             .iter()
@@ -213,7 +242,7 @@ impl MemoryPlan {
             let n = match k {
                 Kernel::Host | Kernel::Copy => 0,
                 Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
-                    rows.div_ceil(rows_per_shard(fmt, rows, cols, opts.max_binding)?) as u64
+                    rows.div_ceil(storage.rows_per_shard(fmt, rows, cols)?) as u64
                 }
                 _ => 1,
             } * times;
@@ -474,10 +503,11 @@ impl MemoryPlan {
     }
 }
 
-/// GPU bytes of every tensor of a GGUF file as wgllm uploads it (repacked, sharded at
-/// `max_binding`, each buffer rounded up to 4 bytes): what the ledger's parameters class will hold.
-pub fn gguf_parameter_bytes(g: &crate::loader::gguf::Gguf, max_binding: u64) -> Result<u64> {
-    Ok(gguf_weight_bytes(g, max_binding)?.0)
+/// GPU bytes of every tensor of a GGUF file as wgllm uploads it (repacked, sharded and stored as
+/// `storage` says, vectors in buffers rounded up to 4 bytes): what the ledger's parameters class
+/// will hold.
+pub fn gguf_parameter_bytes(g: &crate::loader::gguf::Gguf, storage: WeightStorage) -> Result<u64> {
+    Ok(gguf_weight_bytes(g, storage)?.0)
 }
 
 impl MemoryPlan {
@@ -486,9 +516,9 @@ impl MemoryPlan {
     pub fn use_gguf_weights(
         &mut self,
         g: &crate::loader::gguf::Gguf,
-        max_binding: u64,
+        storage: WeightStorage,
     ) -> Result<()> {
-        let (total, largest) = gguf_weight_bytes(g, max_binding)?;
+        let (total, largest) = gguf_weight_bytes(g, storage)?;
         self.set_parameter_bytes(total);
         let upload = largest.min(STAGING_CHUNK).div_ceil(4) * 4;
         let rest = self.buffers_sum() - self.staging_bytes;
@@ -500,8 +530,8 @@ impl MemoryPlan {
     }
 }
 
-/// (total GPU bytes, largest single buffer) of a GGUF file's tensors as wgllm uploads them.
-fn gguf_weight_bytes(g: &crate::loader::gguf::Gguf, max_binding: u64) -> Result<(u64, u64)> {
+/// (total GPU bytes, largest single upload chunk) of a GGUF file's tensors as wgllm uploads them.
+fn gguf_weight_bytes(g: &crate::loader::gguf::Gguf, storage: WeightStorage) -> Result<(u64, u64)> {
     let align4 = |b: u64| b.div_ceil(4).max(1) * 4;
     let mut total = 0u64;
     let mut largest = 0u64;
@@ -509,18 +539,13 @@ fn gguf_weight_bytes(g: &crate::loader::gguf::Gguf, max_binding: u64) -> Result<
         let format = crate::loader::gguf::weight_format(t.ggml_type).unwrap_or(WeightFormat::F32);
         match t.shape[..] {
             [cols, rows] if rows > 1 => {
-                let per = rows_per_shard(format, rows, cols, max_binding)?;
+                let per = storage.rows_per_shard(format, rows, cols)?;
                 let mut r0 = 0;
                 while r0 < rows {
                     let n = per.min(rows - r0);
-                    let data = align4(n as u64 * row_words(format, cols) as u64 * 4);
-                    total += data;
-                    largest = largest.max(data);
-                    let s = scale_words(format, n, cols) as u64 * 4;
-                    if s > 0 {
-                        total += align4(s);
-                        largest = largest.max(align4(s));
-                    }
+                    let (data, scales) = storage.shard_bytes(format, n, cols);
+                    total += data + scales;
+                    largest = largest.max(storage.shard_upload_bytes(format, n, cols));
                     r0 += n;
                 }
             }

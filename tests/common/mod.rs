@@ -158,3 +158,30 @@ pub fn write_hf_model(
     .unwrap();
     TempModel(dir)
 }
+
+/// Weight storage in buffers at the device's binding limit.
+#[allow(dead_code)]
+pub fn buffers(gpu: &Gpu) -> wgllm::kernels::weights::WeightStorage {
+    wgllm::kernels::weights::WeightStorage::buffers(gpu.max_binding())
+}
+
+/// Weight storage in textures at the device's texture limit (whether or not a kernel reads them).
+#[allow(dead_code)]
+pub fn textures_at_device_limits(gpu: &Gpu) -> wgllm::kernels::weights::WeightStorage {
+    wgllm::kernels::weights::WeightStorage {
+        layout: wgllm::gpu::WeightLayout::Textures,
+        max_binding: gpu.max_binding(),
+        max_texture_dim: gpu.limits.max_texture_dimension_2d,
+    }
+}
+
+/// The layouts the device's matvec reads: buffers first, then textures where the subgroup matvec
+/// runs (its only reader).
+#[allow(dead_code)]
+pub fn layouts(gpu: &Gpu) -> Vec<wgllm::kernels::weights::WeightStorage> {
+    let mut v = vec![buffers(gpu)];
+    if wgllm::kernels::matmul::subgroup_matvec_ok(gpu) {
+        v.push(textures_at_device_limits(gpu));
+    }
+    v
+}

@@ -1,0 +1,400 @@
+// The body of the subgroup matrix-vector product, shared by matvec_sg.wgsl (weights in storage
+// buffers) and matvec_sg_tex.wgsl (weights in textures). Each front file declares bindings 0 (`wq`,
+// weight data) and 1 (`ws`, block scales) and defines how to read them:
+//   fn weights(fmt: u32, row: u32, blk: u32) -> V8   the 32 weights (or quants) of a block;
+//   fn q4_1_scales(row: u32, blk: u32) -> vec2<f32>  Q4_1's d and m of a block;
+//   fn block_scale(row: u32, blk: u32, kept: u32) -> Scale   Q8_0/Q4_0's d of a block.
+// The design is described in matvec_sg.wgsl.
+
+// #include "common/quant.wgsl"
+struct Params {
+    rows: u32,      // rows of this shard
+    cols: u32,      // weights per row, and length of a token's row of x
+    row_start: u32, // where the shard's row 0 goes in a row of y
+    row_words: u32, // u32 data words per row
+    blocks: u32,    // 32-weight blocks per row (quantised formats)
+    m: u32,         // tokens
+    ld: u32,        // length of a token's row of y (all rows of W)
+    _pad: u32,
+}
+
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+// Rows per invocation (1..16) and tokens per invocation (1..8), chosen per matrix by the host.
+override R: u32 = 8u;
+override TOK: u32 = 1u;
+
+const F32: u32 = 0u;
+const F16: u32 = 1u;
+const Q8_0: u32 = 2u;
+const Q4_0: u32 = 3u;
+const Q4_1: u32 = 4u;
+
+// 32 values of one block: a_i holds values 4i..4i+3 (x: the values lane i loaded).
+struct V8 {
+    a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>,
+    a4: vec4<f32>, a5: vec4<f32>, a6: vec4<f32>, a7: vec4<f32>,
+}
+
+// x of one block for each token, and each token's block sum (lane t of `lo` for tokens 0..3,
+// lane t - 4 of `hi` for tokens 4..7).
+struct XT {
+    t0: V8, t1: V8, t2: V8, t3: V8,
+    t4: V8, t5: V8, t6: V8, t7: V8,
+    sum: T8,
+}
+
+// Eight per-token values: token t in lane t of `lo` (t < 4) or lane t - 4 of `hi`.
+struct T8 {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+// Per row of the invocation, the sums of its TOK tokens.
+struct Acc {
+    r0: T8, r1: T8, r2: T8, r3: T8, r4: T8, r5: T8, r6: T8, r7: T8,
+    r8: T8, r9: T8, r10: T8, r11: T8, r12: T8, r13: T8, r14: T8, r15: T8,
+}
+
+// Per row of the invocation, the word of two f16 block scales (Q8_0, Q4_0) that an even block
+// loaded for the odd one after it.
+struct Scales {
+    r0: u32, r1: u32, r2: u32, r3: u32, r4: u32, r5: u32, r6: u32, r7: u32,
+    r8: u32, r9: u32, r10: u32, r11: u32, r12: u32, r13: u32, r14: u32, r15: u32,
+}
+
+// The invocation's state, as module-scope private variables so that no function takes or returns
+// these large structs by value (each inlined copy would slow down lavapipe's shader compiler).
+var<private> xt: XT;
+var<private> acc: Acc;
+var<private> scales: Scales;
+
+fn quantised(fmt: u32) -> bool {
+    return fmt >= Q8_0;
+}
+
+// Every lane's four values, spread to all lanes.
+fn spread(v: vec4<f32>) -> V8 {
+    return V8(
+        subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u),
+        subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u),
+        subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u),
+        subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u),
+    );
+}
+
+// This lane's four x values of block `blk` for token `tok`; columns past the end of an f32/f16 row
+// read as zero.
+fn x4(tok: u32, blk: u32, lane: u32) -> vec4<f32> {
+    let last = p.cols - 1u;
+    let c = vec4<u32>(32u * blk + 4u * lane) + vec4<u32>(0u, 1u, 2u, 3u);
+    let i = vec4<u32>(tok * p.cols) + min(c, vec4<u32>(last));
+    let v = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
+    return select(vec4<f32>(0.0), v, c <= vec4<u32>(last));
+}
+
+// Q4 nibbles are taken out of a word in place (see q4_lo_in_place), as q * 256^i for byte i, so
+// x is scaled by 256^-i once per block instead of every weight being shifted down. Powers of two:
+// the products are exactly those of the unscaled values.
+const NIBBLE_SCALE = vec4<f32>(1.0, 1.0 / 256.0, 1.0 / 65536.0, 1.0 / 16777216.0);
+
+// One token's x of a block, spread to every lane, and its sum (Q4 formats only, which fold their
+// offset into it).
+struct XB {
+    v: V8,
+    sum: f32,
+}
+
+fn x_block(fmt: u32, tok: u32, blk: u32, lane: u32) -> XB {
+    var r: XB;
+    // Uniform: tokens past the end of a partial token group load nothing and stay zero.
+    if (tok < p.m) {
+        let v = x4(tok, blk, lane);
+        if (fmt == Q4_0 || fmt == Q4_1) {
+            r.sum = subgroupAdd(dot(v, vec4<f32>(1.0)));
+            r.v = spread(v * NIBBLE_SCALE);
+        } else {
+            r.v = spread(v);
+        }
+    }
+    return r;
+}
+
+// Loads block `blk` of x for the TOK tokens from `tok0` into `xt`.
+fn load_x(fmt: u32, tok0: u32, blk: u32, lane: u32) {
+    var b = x_block(fmt, tok0, blk, lane);
+    xt.t0 = b.v;
+    xt.sum.lo.x = b.sum;
+    if (TOK > 1u) {
+        b = x_block(fmt, tok0 + 1u, blk, lane);
+        xt.t1 = b.v;
+        xt.sum.lo.y = b.sum;
+    }
+    if (TOK > 2u) {
+        b = x_block(fmt, tok0 + 2u, blk, lane);
+        xt.t2 = b.v;
+        xt.sum.lo.z = b.sum;
+    }
+    if (TOK > 3u) {
+        b = x_block(fmt, tok0 + 3u, blk, lane);
+        xt.t3 = b.v;
+        xt.sum.lo.w = b.sum;
+    }
+    if (TOK > 4u) {
+        b = x_block(fmt, tok0 + 4u, blk, lane);
+        xt.t4 = b.v;
+        xt.sum.hi.x = b.sum;
+    }
+    if (TOK > 5u) {
+        b = x_block(fmt, tok0 + 5u, blk, lane);
+        xt.t5 = b.v;
+        xt.sum.hi.y = b.sum;
+    }
+    if (TOK > 6u) {
+        b = x_block(fmt, tok0 + 6u, blk, lane);
+        xt.t6 = b.v;
+        xt.sum.hi.z = b.sum;
+    }
+    if (TOK > 7u) {
+        b = x_block(fmt, tok0 + 7u, blk, lane);
+        xt.t7 = b.v;
+        xt.sum.hi.w = b.sum;
+    }
+}
+
+// The low nibbles of a Q4 word (weights 4j..4j+3 of data word j) in place: nibble i as q * 256^i.
+// One AND and a conversion per weight, where shifting each down costs a shift more.
+fn q4_lo_in_place(w: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(w) & vec4<u32>(0xfu, 0xf00u, 0xf0000u, 0xf000000u));
+}
+
+// The high nibbles (weights 16+4j..16+4j+3), shifted down by 4 first so that the top one stays
+// below 2^31 (a signed conversion).
+fn q4_hi_in_place(w: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(w >> 4u) & vec4<u32>(0xfu, 0xf00u, 0xf0000u, 0xf000000u));
+}
+
+fn dot8(w: V8, v: V8) -> f32 {
+    return dot(w.a0, v.a0) + dot(w.a1, v.a1) + dot(w.a2, v.a2) + dot(w.a3, v.a3)
+         + dot(w.a4, v.a4) + dot(w.a5, v.a5) + dot(w.a6, v.a6) + dot(w.a7, v.a7);
+}
+
+// The f16 scale `d` of a Q8_0/Q4_0 block, and the word it came from (for `kept`; see the front
+// files' block_scale).
+struct Scale {
+    d: f32,
+    word: u32,
+}
+
+// One row's sums of a block for the TOK tokens, and the scale word it used.
+struct RowSums {
+    s: T8,
+    word: u32,
+}
+
+// One row's sums over block `blk` for the TOK tokens.
+fn row_block(fmt: u32, row: u32, blk: u32, kept: u32) -> RowSums {
+    let w = weights(fmt, row, blk);
+    var s: T8;
+    s.lo.x = dot8(w, xt.t0);
+    if (TOK > 1u) { s.lo.y = dot8(w, xt.t1); }
+    if (TOK > 2u) { s.lo.z = dot8(w, xt.t2); }
+    if (TOK > 3u) { s.lo.w = dot8(w, xt.t3); }
+    if (TOK > 4u) { s.hi.x = dot8(w, xt.t4); }
+    if (TOK > 5u) { s.hi.y = dot8(w, xt.t5); }
+    if (TOK > 6u) { s.hi.z = dot8(w, xt.t6); }
+    if (TOK > 7u) { s.hi.w = dot8(w, xt.t7); }
+    if (!quantised(fmt)) {
+        return RowSums(s, 0u);
+    }
+    if (fmt == Q4_1) {
+        // sum (d q + m) x = d * sum q x + m * sum x.
+        let dm = q4_1_scales(row, blk);
+        return RowSums(T8(dm.x * s.lo + dm.y * xt.sum.lo, dm.x * s.hi + dm.y * xt.sum.hi), 0u);
+    }
+    let sc = block_scale(row, blk, kept);
+    let d = sc.d;
+    if (fmt == Q8_0) {
+        return RowSums(T8(d * s.lo, d * s.hi), sc.word);
+    }
+    // Q4_0: d * sum (q - 8) x = d * (sum q x - 8 sum x), the -8 one term per block.
+    return RowSums(T8(d * (s.lo - 8.0 * xt.sum.lo), d * (s.hi - 8.0 * xt.sum.hi)), sc.word);
+}
+
+fn add(a: T8, b: T8) -> T8 {
+    if (TOK > 4u) {
+        return T8(a.lo + b.lo, a.hi + b.hi);
+    }
+    return T8(a.lo + b.lo, a.hi);
+}
+
+// Row i of the invocation, clamped into the shard so that surplus rows read valid memory.
+fn row_at(first: u32, i: u32) -> u32 {
+    return min(first + i, p.rows - 1u);
+}
+
+// Adds block `blk` of every row of the invocation to `acc`.
+fn step(fmt: u32, first: u32, blk: u32) {
+    var b: RowSums;
+    b = row_block(fmt, row_at(first, 0u), blk, scales.r0);
+    acc.r0 = add(acc.r0, b.s);
+    scales.r0 = b.word;
+    if (R > 1u) {
+        b = row_block(fmt, row_at(first, 1u), blk, scales.r1);
+        acc.r1 = add(acc.r1, b.s);
+        scales.r1 = b.word;
+    }
+    if (R > 2u) {
+        b = row_block(fmt, row_at(first, 2u), blk, scales.r2);
+        acc.r2 = add(acc.r2, b.s);
+        scales.r2 = b.word;
+    }
+    if (R > 3u) {
+        b = row_block(fmt, row_at(first, 3u), blk, scales.r3);
+        acc.r3 = add(acc.r3, b.s);
+        scales.r3 = b.word;
+    }
+    if (R > 4u) {
+        b = row_block(fmt, row_at(first, 4u), blk, scales.r4);
+        acc.r4 = add(acc.r4, b.s);
+        scales.r4 = b.word;
+    }
+    if (R > 5u) {
+        b = row_block(fmt, row_at(first, 5u), blk, scales.r5);
+        acc.r5 = add(acc.r5, b.s);
+        scales.r5 = b.word;
+    }
+    if (R > 6u) {
+        b = row_block(fmt, row_at(first, 6u), blk, scales.r6);
+        acc.r6 = add(acc.r6, b.s);
+        scales.r6 = b.word;
+    }
+    if (R > 7u) {
+        b = row_block(fmt, row_at(first, 7u), blk, scales.r7);
+        acc.r7 = add(acc.r7, b.s);
+        scales.r7 = b.word;
+    }
+    if (R > 8u) {
+        b = row_block(fmt, row_at(first, 8u), blk, scales.r8);
+        acc.r8 = add(acc.r8, b.s);
+        scales.r8 = b.word;
+    }
+    if (R > 9u) {
+        b = row_block(fmt, row_at(first, 9u), blk, scales.r9);
+        acc.r9 = add(acc.r9, b.s);
+        scales.r9 = b.word;
+    }
+    if (R > 10u) {
+        b = row_block(fmt, row_at(first, 10u), blk, scales.r10);
+        acc.r10 = add(acc.r10, b.s);
+        scales.r10 = b.word;
+    }
+    if (R > 11u) {
+        b = row_block(fmt, row_at(first, 11u), blk, scales.r11);
+        acc.r11 = add(acc.r11, b.s);
+        scales.r11 = b.word;
+    }
+    if (R > 12u) {
+        b = row_block(fmt, row_at(first, 12u), blk, scales.r12);
+        acc.r12 = add(acc.r12, b.s);
+        scales.r12 = b.word;
+    }
+    if (R > 13u) {
+        b = row_block(fmt, row_at(first, 13u), blk, scales.r13);
+        acc.r13 = add(acc.r13, b.s);
+        scales.r13 = b.word;
+    }
+    if (R > 14u) {
+        b = row_block(fmt, row_at(first, 14u), blk, scales.r14);
+        acc.r14 = add(acc.r14, b.s);
+        scales.r14 = b.word;
+    }
+    if (R > 15u) {
+        b = row_block(fmt, row_at(first, 15u), blk, scales.r15);
+        acc.r15 = add(acc.r15, b.s);
+        scales.r15 = b.word;
+    }
+}
+
+// Writes row `first + i` for the TOK tokens from `tok0`, skipping rows and tokens past the end.
+fn put(first: u32, i: u32, tok0: u32, s: T8) {
+    let row = first + i;
+    if (i >= R || row >= p.rows) {
+        return;
+    }
+    for (var t = 0u; t < min(TOK, 4u); t++) {
+        if (tok0 + t < p.m) {
+            y[(tok0 + t) * p.ld + p.row_start + row] = s.lo[t];
+        }
+    }
+    for (var t = 4u; t < TOK; t++) {
+        if (tok0 + t < p.m) {
+            y[(tok0 + t) * p.ld + p.row_start + row] = s.hi[t - 4u];
+        }
+    }
+}
+
+fn matvec_any(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lane: u32) {
+    let g = wid.x + wid.y * nwg.x;
+    let token_groups = (p.m + TOK - 1u) / TOK;
+    // Consecutive workgroups take the token groups of the same rows, so their weights are still in
+    // cache.
+    let row0 = g / token_groups * 8u * R;
+    if (row0 >= p.rows) {
+        return; // the whole workgroup (one subgroup): uniform
+    }
+    let tok0 = g % token_groups * TOK;
+    let first = row0 + lane * R;
+    // Quantised rows are whole blocks; f32/f16 rows may end in a partial block.
+    var blocks = p.blocks;
+    if (!quantised(fmt)) {
+        blocks = (p.cols + 31u) / 32u;
+    }
+    for (var b = 0u; b < blocks; b++) {
+        load_x(fmt, tok0, b, lane);
+        step(fmt, first, b);
+    }
+    put(first, 0u, tok0, acc.r0);
+    put(first, 1u, tok0, acc.r1);
+    put(first, 2u, tok0, acc.r2);
+    put(first, 3u, tok0, acc.r3);
+    put(first, 4u, tok0, acc.r4);
+    put(first, 5u, tok0, acc.r5);
+    put(first, 6u, tok0, acc.r6);
+    put(first, 7u, tok0, acc.r7);
+    put(first, 8u, tok0, acc.r8);
+    put(first, 9u, tok0, acc.r9);
+    put(first, 10u, tok0, acc.r10);
+    put(first, 11u, tok0, acc.r11);
+    put(first, 12u, tok0, acc.r12);
+    put(first, 13u, tok0, acc.r13);
+    put(first, 14u, tok0, acc.r14);
+    put(first, 15u, tok0, acc.r15);
+}
+
+@compute @workgroup_size(8)
+fn matvec_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    matvec_any(F32, wid, nwg, lane);
+}
+
+@compute @workgroup_size(8)
+fn matvec_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    matvec_any(F16, wid, nwg, lane);
+}
+
+@compute @workgroup_size(8)
+fn matvec_q8_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    matvec_any(Q8_0, wid, nwg, lane);
+}
+
+@compute @workgroup_size(8)
+fn matvec_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    matvec_any(Q4_0, wid, nwg, lane);
+}
+
+@compute @workgroup_size(8)
+fn matvec_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    matvec_any(Q4_1, wid, nwg, lane);
+}
