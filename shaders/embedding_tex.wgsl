@@ -20,7 +20,8 @@ struct Params {
     zero_oob: u32,
     // u32 words of `data` per row.
     row_words: u32,
-    _pad: u32,
+    // The texture row of shard row 0 (matrices may share a texture).
+    row0: u32,
 }
 
 @group(0) @binding(0) var<storage, read> ids: array<u32>;
@@ -29,12 +30,12 @@ struct Params {
 
 // Data word w of shard row r.
 fn data_word(r: u32, w: u32) -> u32 {
-    return textureLoad(data_tex, vec2<u32>(w / 4u, r), 0)[w % 4u];
+    return textureLoad(data_tex, vec2<u32>(w / 4u, p.row0 + r), 0)[w % 4u];
 }
 
 // The scale texel of block b of shard row r: Q8_0/Q4_0's f16 d in the low half, Q4_1's d and m.
 fn scale_texel(r: u32, b: u32) -> u32 {
-    return textureLoad(scales_tex, vec2<u32>(b, r), 0).x;
+    return textureLoad(scales_tex, vec2<u32>(b, p.row0 + r), 0).x;
 }
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;

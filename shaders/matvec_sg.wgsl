@@ -52,8 +52,8 @@ fn f16x4(i: u32, last: u32) -> vec4<f32> {
 
 // The 32 weights of block `blk` of `row` in the order of V8; for quantised formats, the quants.
 fn weights(fmt: u32, row: u32, blk: u32) -> V8 {
-    let start = row * p.row_words;
-    let last = start + p.row_words - 1u;
+    let start = row * row_words(fmt);
+    let last = start + row_words(fmt) - 1u;
     if (fmt == F32) {
         let i = start + 32u * blk;
         return V8(f32x4(i, last), f32x4(i + 4u, last),
@@ -89,19 +89,19 @@ fn weights(fmt: u32, row: u32, blk: u32) -> V8 {
 // word: the even block loads it and the odd one reuses it (`kept`), saving a tenth of Q4_0's loads.
 // (The conditions are uniform, and a load that no lane takes costs lavapipe no per-lane work.)
 fn scale_word(g: u32, blk: u32, kept: u32) -> u32 {
-    if ((p.blocks & 1u) == 0u && (blk & 1u) == 1u) {
+    if (((p.cols / 32u) & 1u) == 0u && (blk & 1u) == 1u) {
         return kept;
     }
     return ws[g >> 1u];
 }
 
 fn block_scale(row: u32, blk: u32, kept: u32) -> Scale {
-    let g = row * p.blocks + blk;
+    let g = row * (p.cols / 32u) + blk;
     let word = scale_word(g, blk, kept);
     return Scale(qh_scale(word, g), word);
 }
 
 fn q4_1_scales(row: u32, blk: u32) -> vec2<f32> {
-    return qh_pair(ws[row * p.blocks + blk]);
+    return qh_pair(ws[row * (p.cols / 32u) + blk]);
 }
 

@@ -6,8 +6,8 @@
 // Why: on llvmpipe a textureLoad is a vectorised gather, about 2 ns a lane for 16 bytes, where a
 // storage load is a loop over the lanes at about 8 ns a lane for 4 bytes (BENCHMARKS.md). x stays
 // in a storage buffer: it is written by the kernel before, and each x load serves R rows.
-// Bindings: 0 = data texture, 1 = scales texture (the data texture again for f32/f16), 2 = x,
-// 3 = y, 4 = params.
+// Bindings as in common/matvec_sg_body.wgsl, the weights as textures (the scales slot of f32/f16
+// binds the data texture again). Several matrices may share a texture (stacked rows; `p.row0`).
 
 // #include "common/matvec_sg_body.wgsl"
 
@@ -17,7 +17,7 @@
 // Texel i of `row`, clamped to the row: the tail block of an f32/f16 row whose length is not a
 // multiple of 32 reaches past it (those weights meet zero x).
 fn texel(row: u32, i: u32) -> vec4<u32> {
-    let last = (p.row_words + 3u) / 4u - 1u;
+    let last = textureDimensions(wq).x - 1u;
     return textureLoad(wq, vec2<u32>(min(i, last), row), 0);
 }
 

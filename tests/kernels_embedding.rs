@@ -148,3 +148,26 @@ fn lookup_refuses_bad_shapes_before_dispatch() {
     shape(embedding::lookup(&mut rec, &t, &ids, 3, &big).unwrap_err());
     assert!(rec.is_empty());
 }
+
+#[test]
+fn lookup_reads_a_slice_of_a_shared_texture() {
+    let Some(gpu) = gpu() else { return };
+    // Two tables stacked in one texture: the second starts at texture row 10.
+    let (dim, format) = (64, WeightFormat::Q4_1);
+    let (w1, w2) = (randn(10 * dim, 43, 1.0), randn(20 * dim, 44, 1.0));
+    let (q1, q2) = (
+        quantize(format, &w1).unwrap(),
+        quantize(format, &w2).unwrap(),
+    );
+    let spec = [
+        ("a", format, 10, q1.as_slice()),
+        ("b", format, 20, q2.as_slice()),
+    ];
+    let tables = gpu
+        .upload_weights_stacked_as(dim, &spec, textures_at_device_limits(gpu))
+        .unwrap();
+    assert_eq!(tables[1].shards[0].data.row0(), 10);
+    let ids = ids_for(20, 30);
+    let want = embedding::lookup_reference(&dequantize(format, &q2, w2.len()).unwrap(), dim, &ids);
+    assert_eq!(lookup(gpu, &tables[1], &ids), want);
+}

@@ -367,3 +367,123 @@ fn shape_mismatches_are_refused_before_dispatch() {
     }
     assert!(rec.is_empty());
 }
+
+/// Random `rows x cols` weights per part in `f`, quantised: (GGUF bytes, dequantised values).
+fn quantised_parts(
+    f: WeightFormat,
+    rows: &[usize],
+    cols: usize,
+    seed: u64,
+) -> Vec<(Vec<u8>, Vec<f32>)> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, &r)| {
+            let w = randn(r * cols, seed + i as u64, 1.0);
+            let mut q = Vec::new();
+            let mut deq = Vec::new();
+            for row in w.chunks(cols) {
+                let b = quantize(f, row).unwrap();
+                deq.extend(dequantize(f, &b, cols).unwrap());
+                q.extend(b);
+            }
+            (q, deq)
+        })
+        .collect()
+}
+
+#[test]
+fn stacked_projections_run_as_one_dispatch_and_match_reference() {
+    let Some(gpu) = subgroup_gpu() else { return };
+    let tex = textures_at_device_limits(gpu);
+    for f in WeightFormat::ALL {
+        let cols = awkward_cols(f);
+        // Q, K, V of unequal heights (a lane's 12-16 rows cross the splits), then gate and up.
+        for rows in [vec![100, 36, 36], vec![70, 70]] {
+            let parts = quantised_parts(f, &rows, cols, 200);
+            let labels = ["a", "b", "c"];
+            let spec: Vec<_> = rows
+                .iter()
+                .zip(&parts)
+                .zip(labels)
+                .map(|((&r, (q, _)), l)| (l, f, r, q.as_slice()))
+                .collect();
+            let ws = gpu.upload_weights_stacked_as(cols, &spec, tex).unwrap();
+            let refs: Vec<&WeightMatrix> = ws.iter().collect();
+            assert!(matmul::fusable(gpu, &refs), "{f} {rows:?} not stacked");
+            for m in [1, 5, 11] {
+                let xd = randn(m * cols, 210 + m as u64, 1.0);
+                let x = gpu.tensor_from("x", Activations, &[m, cols], &xd).unwrap();
+                let ys: Vec<Tensor> = rows
+                    .iter()
+                    .map(|&r| gpu.tensor("y", Activations, &[m, r]).unwrap())
+                    .collect();
+                let yrefs: Vec<&Tensor> = ys.iter().collect();
+                let mut rec = gpu.recorder();
+                matmul::matmul_fused(&mut rec, &refs, &x, &yrefs).unwrap();
+                assert_eq!(rec.len(), 1, "one dispatch for {rows:?}");
+                rec.submit().unwrap();
+                for ((y, &r), (_, deq)) in ys.iter().zip(&rows).zip(&parts) {
+                    assert_close(
+                        &format!("stacked {f} {rows:?} part of {r} rows, {m} tokens"),
+                        &gpu.read(y).unwrap(),
+                        &matmul::reference(deq, r, cols, &xd, m),
+                        tolerance(f),
+                    );
+                }
+            }
+            // Each slice alone (rows from row0 > 0 of the shared texture) is a plain matrix too.
+            let last = ws.len() - 1;
+            check(gpu, &ws[last], &parts[last].1, Op::Matvec(None), 220);
+            check(gpu, &ws[last], &parts[last].1, Op::Matmul(3, None), 221);
+        }
+    }
+}
+
+#[test]
+fn stacking_falls_back_to_separate_matrices_where_it_cannot_apply() {
+    let Some(gpu) = gpu() else { return };
+    let parts = quantised_parts(WeightFormat::Q4_0, &[40, 24], 64, 230);
+    let spec = [
+        ("a", WeightFormat::Q4_0, 40, parts[0].0.as_slice()),
+        ("b", WeightFormat::Q4_0, 24, parts[1].0.as_slice()),
+    ];
+    // In buffers: two matrices of their own, computed one dispatch each.
+    let ws = gpu
+        .upload_weights_stacked_as(64, &spec, buffers(gpu))
+        .unwrap();
+    let refs: Vec<&WeightMatrix> = ws.iter().collect();
+    assert!(!matmul::fusable(gpu, &refs));
+    let x = gpu
+        .tensor_from("x", Activations, &[2, 64], &randn(128, 231, 1.0))
+        .unwrap();
+    let ys = [
+        gpu.tensor("y0", Activations, &[2, 40]).unwrap(),
+        gpu.tensor("y1", Activations, &[2, 24]).unwrap(),
+    ];
+    let mut rec = gpu.recorder();
+    matmul::matmul_fused(&mut rec, &refs, &x, &[&ys[0], &ys[1]]).unwrap();
+    assert_eq!(rec.len(), 2);
+    rec.submit().unwrap();
+    for ((y, &r), (_, deq)) in ys.iter().zip(&[40, 24]).zip(&parts) {
+        let xd = gpu.read(&x).unwrap();
+        assert_close(
+            "fallback",
+            &gpu.read(y).unwrap(),
+            &matmul::reference(deq, r, 64, &xd, 2),
+            tol::NMSE_QUANT,
+        );
+    }
+    // Textures but mixed formats: not stacked.
+    let q8 = quantised_parts(WeightFormat::Q8_0, &[24], 64, 232);
+    let mixed = [spec[0], ("b", WeightFormat::Q8_0, 24, q8[0].0.as_slice())];
+    let ws = gpu
+        .upload_weights_stacked_as(64, &mixed, textures_at_device_limits(gpu))
+        .unwrap();
+    let refs: Vec<&WeightMatrix> = ws.iter().collect();
+    assert!(!matmul::fusable(gpu, &refs));
+    // Outputs that disagree with the matrices are refused before anything is recorded.
+    let mut rec = gpu.recorder();
+    let e = matmul::matmul_fused(&mut rec, &refs, &x, &[&ys[0]]).unwrap_err();
+    assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    assert!(rec.is_empty());
+}

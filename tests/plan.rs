@@ -8,7 +8,7 @@ use wgllm::kernels::attention::KvDtype;
 use wgllm::model::config::ModelConfig;
 use wgllm::model::params::{self, Precision};
 use wgllm::plan::activations::{
-    llama_role_bytes, share, Kernel, Schedule, Step, LLAMA_PINNED, LLAMA_ROLES,
+    llama_role_bytes, llama_schedule, share, Kernel, Schedule, Step, LLAMA_PINNED, LLAMA_ROLES,
 };
 use wgllm::plan::{
     llama_activation_plan, overhead, svg, ActivationPlan, MemoryPlan, PlanOptions, TrainOptions,
@@ -244,6 +244,63 @@ fn kernel_params_count_every_dispatch_and_shard() {
     };
     let small = MemoryPlan::new(&preset("smollm2-135m"), opts).expect("plan");
     assert_eq!(small.dispatches_per_chunk, 483 + 2 * 13);
+}
+
+#[test]
+fn stacked_projections_save_three_dispatches_a_layer_and_share_the_same_buffers() {
+    for name in ["smollm2-135m", "qwen2.5-0.5b", "llama-2-13b"] {
+        let cfg = preset(name);
+        let opts = |stacked_projections| PlanOptions {
+            precision: Precision::Q4_0,
+            stacked_projections,
+            ..Default::default()
+        };
+        let (a, b) = (
+            MemoryPlan::new(&cfg, opts(false)).unwrap(),
+            MemoryPlan::new(&cfg, opts(true)).unwrap(),
+        );
+        // Q, K, V: 3 dispatches become 1; gate, up: 2 become 1.
+        let saved = 3 * cfg.n_layers as u64;
+        assert_eq!(
+            a.dispatches_per_chunk - b.dispatches_per_chunk,
+            saved,
+            "{name}"
+        );
+        assert_eq!(
+            a.kernel_params_bytes - b.kernel_params_bytes,
+            saved * 256,
+            "{name}"
+        );
+        assert_eq!(a.activation_bytes, b.activation_bytes, "{name}");
+        // The runtime allocates the sharing of the unstacked schedule; it must be valid for the
+        // stacked one too: no two roles of one buffer live together there (intervals are
+        // inclusive step ranges), and no bigger than the stacked schedule's own sharing.
+        for chunk in [1, 64] {
+            let sizes = llama_role_bytes(&cfg, chunk, false);
+            let sched = llama_schedule(&cfg, false, true);
+            let stacked = share(&sched, &sizes, &LLAMA_PINNED, chunk);
+            let runtime = llama_activation_plan(&cfg, chunk, false);
+            assert_eq!(
+                stacked.total_bytes, runtime.total_bytes,
+                "{name} chunk {chunk}"
+            );
+            let live = |r: &str| &stacked.roles.iter().find(|p| p.name == r).unwrap().live;
+            for b in &runtime.buffers {
+                for (i, r1) in b.roles.iter().enumerate() {
+                    for r2 in &b.roles[i + 1..] {
+                        let clash = live(r1)
+                            .iter()
+                            .any(|&(s1, e1)| live(r2).iter().any(|&(s2, e2)| s1 <= e2 && s2 <= e1));
+                        assert!(
+                            !clash,
+                            "{name} chunk {chunk}: {r1} and {r2} in '{}'",
+                            b.label
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]

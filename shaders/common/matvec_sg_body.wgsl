@@ -1,6 +1,14 @@
 // The body of the subgroup matrix-vector product, shared by matvec_sg.wgsl (weights in storage
-// buffers) and matvec_sg_tex.wgsl (weights in textures). Each front file declares bindings 0 (`wq`,
-// weight data) and 1 (`ws`, block scales) and defines how to read them:
+// buffers) and matvec_sg_tex.wgsl (weights in textures).
+//
+// One dispatch computes `rows` rows of the bound weights from row `row0` on. Its outputs may be
+// split in up to three (Q, K and V; gate and up, stacked in one texture and sharing x): rows
+// before `split1` go to y (rows of length `ld`, from `row_start`), rows from `split1` to `split2`
+// to y1, the rest to y2 (each with its own row length). Bindings: 0 = weight data, 1 = block
+// scales, 2 = x, 3 = y, 4 = y1, 5 = y2, 6 = params; unsplit products bind y in all three slots.
+//
+// Each front file declares bindings 0 (`wq`) and 1 (`ws`) and defines how to read them (`row` is
+// a row of the binding, `p.row0` already added):
 //   fn weights(fmt: u32, row: u32, blk: u32) -> V8   the 32 weights (or quants) of a block;
 //   fn q4_1_scales(row: u32, blk: u32) -> vec2<f32>  Q4_1's d and m of a block;
 //   fn block_scale(row: u32, blk: u32, kept: u32) -> Scale   Q8_0/Q4_0's d of a block.
@@ -8,19 +16,21 @@
 
 // #include "common/quant.wgsl"
 struct Params {
-    rows: u32,      // rows of this shard
+    rows: u32,      // rows computed
     cols: u32,      // weights per row, and length of a token's row of x
-    row_start: u32, // where the shard's row 0 goes in a row of y
-    row_words: u32, // u32 data words per row
-    blocks: u32,    // 32-weight blocks per row (quantised formats)
+    row_start: u32, // where computed row 0 goes in a row of y
+    row0: u32,      // the binding's row of computed row 0
+    split1: u32,    // computed rows from here on go to y1 (= rows: none)
+    split2: u32,    // computed rows from here on go to y2 (= rows: none)
     m: u32,         // tokens
-    ld: u32,        // length of a token's row of y (all rows of W)
-    _pad: u32,
+    ld: u32,        // length of a token's row of y
 }
 
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
-@group(0) @binding(4) var<uniform> p: Params;
+@group(0) @binding(4) var<storage, read_write> y1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> y2: array<f32>;
+@group(0) @binding(6) var<uniform> p: Params;
 
 // Rows per invocation (1..16) and tokens per invocation (1..8), chosen per matrix by the host.
 override R: u32 = 8u;
@@ -73,6 +83,21 @@ var<private> scales: Scales;
 
 fn quantised(fmt: u32) -> bool {
     return fmt >= Q8_0;
+}
+
+// 32-weight blocks per row: quantised rows are whole blocks, f32/f16 rows may end in a partial one.
+fn row_blocks() -> u32 {
+    return (p.cols + 31u) / 32u;
+}
+
+// u32 data words per row in the repack layout (src/quant/repack.rs).
+fn row_words(fmt: u32) -> u32 {
+    switch fmt {
+        case F32: { return p.cols; }
+        case F16: { return (p.cols + 1u) / 2u; }
+        case Q8_0: { return p.cols / 32u * 8u; }
+        default: { return p.cols / 32u * 4u; }
+    }
 }
 
 // Every lane's four values, spread to all lanes.
@@ -230,9 +255,10 @@ fn add(a: T8, b: T8) -> T8 {
     return T8(a.lo + b.lo, a.hi);
 }
 
-// Row i of the invocation, clamped into the shard so that surplus rows read valid memory.
+// The binding row of row i of the invocation, clamped to the computed rows so that surplus rows
+// read valid memory.
 fn row_at(first: u32, i: u32) -> u32 {
-    return min(first + i, p.rows - 1u);
+    return p.row0 + min(first + i, p.rows - 1u);
 }
 
 // Adds block `blk` of every row of the invocation to `acc`.
@@ -318,6 +344,18 @@ fn step(fmt: u32, first: u32, blk: u32) {
     }
 }
 
+// Stores computed row `row` of token `tok` in y, y1 or y2 (per lane: a lane's rows may cross a
+// split; this runs once per row, outside the loop over the blocks).
+fn store(tok: u32, row: u32, v: f32) {
+    if (row < p.split1) {
+        y[tok * p.ld + p.row_start + row] = v;
+    } else if (row < p.split2) {
+        y1[tok * (p.split2 - p.split1) + row - p.split1] = v;
+    } else {
+        y2[tok * (p.rows - p.split2) + row - p.split2] = v;
+    }
+}
+
 // Writes row `first + i` for the TOK tokens from `tok0`, skipping rows and tokens past the end.
 fn put(first: u32, i: u32, tok0: u32, s: T8) {
     let row = first + i;
@@ -326,12 +364,12 @@ fn put(first: u32, i: u32, tok0: u32, s: T8) {
     }
     for (var t = 0u; t < min(TOK, 4u); t++) {
         if (tok0 + t < p.m) {
-            y[(tok0 + t) * p.ld + p.row_start + row] = s.lo[t];
+            store(tok0 + t, row, s.lo[t]);
         }
     }
     for (var t = 4u; t < TOK; t++) {
         if (tok0 + t < p.m) {
-            y[(tok0 + t) * p.ld + p.row_start + row] = s.hi[t - 4u];
+            store(tok0 + t, row, s.hi[t - 4u]);
         }
     }
 }
@@ -347,11 +385,7 @@ fn matvec_any(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lane: u32) {
     }
     let tok0 = g % token_groups * TOK;
     let first = row0 + lane * R;
-    // Quantised rows are whole blocks; f32/f16 rows may end in a partial block.
-    var blocks = p.blocks;
-    if (!quantised(fmt)) {
-        blocks = (p.cols + 31u) / 32u;
-    }
+    let blocks = row_blocks();
     for (var b = 0u; b < blocks; b++) {
         load_x(fmt, tok0, b, lane);
         step(fmt, first, b);

@@ -38,8 +38,7 @@ impl GpuTexture {
 
 impl Gpu {
     /// Creates a `width x height` texture of `format` holding `data` (tight rows of `width`
-    /// texels), uploaded through booked staging chunks whose rows are padded to wgpu's 256-byte
-    /// copy alignment. The ledger is asked first.
+    /// texels). The ledger is asked first.
     pub fn upload_texture(
         &self,
         label: &str,
@@ -49,6 +48,20 @@ impl Gpu {
         height: u32,
         data: &[u8],
     ) -> Result<GpuTexture> {
+        let t = self.create_texture(label, class, format, width, height)?;
+        self.write_texture_rows(&t, 0, data)?;
+        Ok(t)
+    }
+
+    /// Creates a `width x height` texture of `format`, zero-filled, booked in the ledger first.
+    pub fn create_texture(
+        &self,
+        label: &str,
+        class: BufferClass,
+        format: wgpu::TextureFormat,
+        width: u32,
+        height: u32,
+    ) -> Result<GpuTexture> {
         let max = self.limits.max_texture_dimension_2d;
         if width == 0 || height == 0 || width > max || height > max {
             return Err(Error::invalid(
@@ -56,21 +69,8 @@ impl Gpu {
                 format!("'{label}' of {width}x{height} texels: each side must be 1 to {max}"),
             ));
         }
-        let texel = texel_bytes(format) as usize;
-        let row = width as usize * texel;
-        if data.len() != row * height as usize {
-            return Err(Error::shape(
-                format!("texture '{label}'"),
-                format!(
-                    "{} bytes ({width}x{height} texels of {texel} bytes)",
-                    row * height as usize
-                ),
-                format!("{} bytes", data.len()),
-            ));
-        }
-        let booking = self
-            .ledger
-            .reserve(label, class, (row * height as usize) as u64)?;
+        let bytes = width as u64 * height as u64 * texel_bytes(format) as u64;
+        let booking = self.ledger.reserve(label, class, bytes)?;
         let texture = scoped(&self.device, &format!("creating texture '{label}'"), || {
             self.device.create_texture(&wgpu::TextureDescriptor {
                 label: Some(label),
@@ -87,11 +87,39 @@ impl Gpu {
                 view_formats: &[],
             })
         })?;
+        let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+        Ok(GpuTexture {
+            texture,
+            view,
+            label: label.into(),
+            width,
+            height,
+            _booking: booking,
+        })
+    }
+
+    /// Writes whole rows from row `y0` on: `data` holds tight rows of the texture's width, and
+    /// goes through booked staging chunks whose rows are padded to wgpu's 256-byte copy alignment.
+    pub fn write_texture_rows(&self, t: &GpuTexture, y0: u32, data: &[u8]) -> Result<()> {
+        let label = &t.label;
+        let texel = texel_bytes(t.texture.format()) as usize;
+        let row = t.width as usize * texel;
+        let rows = data.len() / row;
+        if !data.len().is_multiple_of(row) || y0 as usize + rows > t.height as usize {
+            return Err(Error::shape(
+                format!("texture '{label}'"),
+                format!(
+                    "whole rows of {row} bytes within its {} rows from row {y0}",
+                    t.height
+                ),
+                format!("{} bytes", data.len()),
+            ));
+        }
         let padded = row.next_multiple_of(wgpu::COPY_BYTES_PER_ROW_ALIGNMENT as usize);
         let rows_per_chunk = (STAGING_CHUNK as usize / padded).max(1);
         let mut y = 0usize;
-        while y < height as usize {
-            let n = rows_per_chunk.min(height as usize - y);
+        while y < rows {
+            let n = rows_per_chunk.min(rows - y);
             let staging = self.alloc_with_usage(
                 &format!("{label}.upload"),
                 BufferClass::Staging,
@@ -130,17 +158,17 @@ impl Gpu {
                     },
                 },
                 wgpu::TexelCopyTextureInfo {
-                    texture: &texture,
+                    texture: &t.texture,
                     mip_level: 0,
                     origin: wgpu::Origin3d {
                         x: 0,
-                        y: y as u32,
+                        y: y0 + y as u32,
                         z: 0,
                     },
                     aspect: wgpu::TextureAspect::All,
                 },
                 wgpu::Extent3d {
-                    width,
+                    width: t.width,
                     height: n as u32,
                     depth_or_array_layers: 1,
                 },
@@ -150,14 +178,6 @@ impl Gpu {
             })?;
             y += n;
         }
-        let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
-        Ok(GpuTexture {
-            texture,
-            view,
-            label: label.into(),
-            width,
-            height,
-            _booking: booking,
-        })
+        Ok(())
     }
 }

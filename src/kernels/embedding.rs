@@ -20,7 +20,8 @@ struct Params {
     vocab: u32,
     zero_oob: u32,
     row_words: u32,
-    _pad: u32,
+    /// Texture row of shard row 0 (textures only).
+    row0: u32,
 }
 const _: () = assert!(std::mem::size_of::<Params>() == 32);
 
@@ -106,7 +107,7 @@ pub fn lookup(
             vocab,
             zero_oob: u32::from(i == last),
             row_words: row_words(table.format, dim) as u32,
-            _pad: 0,
+            row0: s.data.row0(),
         };
         if (s.data.layout() == WeightLayout::Textures) != textures {
             return Err(Error::invalid(

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::gpu::record::View;
 use crate::gpu::WeightLayout;
 use crate::gpu::{Bind, Gpu, Recorder};
+use crate::kernels::weights::Shard;
 use crate::kernels::{params, Tensor, WeightMatrix};
 use crate::quant::repack::row_words;
 use crate::quant::{WeightFormat, QK};
@@ -64,8 +65,31 @@ struct MatmulParams {
 const _: () = assert!(std::mem::size_of::<MatmulParams>() == 32);
 
 const BINDS: [Bind; 4] = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
-/// Bindings of the kernels that read weights from textures.
-const TEX_BINDS: [Bind; 4] = [Bind::Texture, Bind::Texture, Bind::Input, Bind::Output];
+/// Bindings of the subgroup matvec (see shaders/common/matvec_sg_body.wgsl): weight data and
+/// scales (buffers or textures), x, y, y1, y2.
+const SG_BINDS: [Bind; 6] = sg_binds(Bind::Input);
+const SG_TEX_BINDS: [Bind; 6] = sg_binds(Bind::Texture);
+
+const fn sg_binds(w: Bind) -> [Bind; 6] {
+    use Bind::{Input, Output};
+    [w, w, Input, Output, Output, Output]
+}
+
+/// The params of `matvec_sg.wgsl`: the rows computed, from which row of the binding, and where
+/// the outputs split between y, y1 and y2.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct SgParams {
+    rows: u32,
+    cols: u32,
+    row_start: u32,
+    row0: u32,
+    split1: u32,
+    split2: u32,
+    m: u32,
+    ld: u32,
+}
+const _: () = assert!(std::mem::size_of::<SgParams>() == 32);
 
 fn u32_of(op: &str, what: &str, n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::invalid(op, format!("{what} {n} exceeds u32")))
@@ -403,10 +427,35 @@ fn rows_kernel(
     let entry = format!("matvec_{}", w.format.name());
     let cols = u32_of(op, "cols", w.cols)?;
     let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
-    let sg = |r: u32, tokens: u32| ("matvec_sg", ("R", r), ("TOK", tokens), r * SG_LANES as u32);
     for s in &w.shards {
-        let textures = s.data.layout() == WeightLayout::Textures;
-        if textures && matches!(kind, Rows::Workgroup(..)) {
+        let rows = match kind {
+            Rows::Auto => match matvec_kernel(gpu, w.format, s.rows) {
+                MatvecKernel::Workgroup { rows } => Some((rows, 1)),
+                MatvecKernel::Subgroup { rows } => {
+                    let part = SgPart {
+                        shard: s,
+                        y: yv.clone(),
+                        ld: w.rows,
+                    };
+                    subgroup_kernel(rec, w.format, w.cols, &[part], &xv, m, Some(rows), 1, op)?;
+                    None
+                }
+            },
+            Rows::Workgroup(rows, tokens) => {
+                Some((rows.unwrap_or_else(|| matvec_rows(gpu, s.rows)), tokens))
+            }
+            Rows::Subgroup(rows, tokens) => {
+                let part = SgPart {
+                    shard: s,
+                    y: yv.clone(),
+                    ld: w.rows,
+                };
+                subgroup_kernel(rec, w.format, w.cols, &[part], &xv, m, rows, tokens, op)?;
+                None
+            }
+        };
+        let Some((r, t)) = rows else { continue };
+        if s.data.layout() == WeightLayout::Textures {
             return Err(Error::invalid(
                 op,
                 format!(
@@ -415,32 +464,13 @@ fn rows_kernel(
                 ),
             ));
         }
-        // (shader, its rows and tokens overrides, rows per workgroup)
-        let (shader, (rn, r), (tn, t), rows_per_group) = match kind {
-            Rows::Auto => match matvec_kernel(gpu, w.format, s.rows) {
-                MatvecKernel::Workgroup { rows } => ("matvec", ("ROWS", rows), ("TOK", 1), rows),
-                MatvecKernel::Subgroup { rows } => sg(rows, 1),
-            },
-            Rows::Workgroup(rows, tokens) => {
-                let r = rows.unwrap_or_else(|| matvec_rows(gpu, s.rows));
-                ("matvec", ("ROWS", r), ("TOK", tokens), r)
-            }
-            Rows::Subgroup(rows, tokens) => sg(
-                rows.unwrap_or_else(|| matvec_sg_rows(w.format, s.rows, m, tokens)),
-                tokens,
-            ),
-        };
-        let (shader, binds) = match shader {
-            "matvec_sg" if textures => ("matvec_sg_tex", &TEX_BINDS),
-            _ if textures => {
-                return Err(Error::invalid(
-                    op,
-                    format!("'{}' is in textures, which {shader} cannot read", w.label),
-                ))
-            }
-            _ => (shader, &BINDS),
-        };
-        let k = gpu.kernel(shader, &entry, binds, 32, &[(rn, r as f64), (tn, t as f64)])?;
+        let k = gpu.kernel(
+            "matvec",
+            &entry,
+            &BINDS,
+            32,
+            &[("ROWS", r as f64), ("TOK", t as f64)],
+        )?;
         let p = MatvecParams {
             rows: u32_of(op, "rows", s.rows)?,
             cols,
@@ -451,17 +481,184 @@ fn rows_kernel(
             ld: u32_of(op, "rows", w.rows)?,
             _pad: 0,
         };
-        let n = s.rows.div_ceil(rows_per_group as usize) * m.div_ceil(t as usize);
+        let n = s.rows.div_ceil(r as usize) * m.div_ceil(t as usize);
         let [data, scales] = s.views();
         rec.dispatch(
             &k,
-            &format!("{shader}.{}", s.data.label()),
+            &format!("matvec.{}", s.data.label()),
             &[data, scales, xv.clone(), yv.clone()],
             params(&p),
             gpu.groups(u32_of(op, "workgroups", n)?),
         )?;
     }
     Ok(())
+}
+
+/// One matrix of a subgroup-matvec dispatch: a shard, where its rows go (`y`, rows of length
+/// `ld`, starting at the shard's `row_start`).
+struct SgPart<'a> {
+    shard: &'a Shard,
+    y: View,
+    ld: usize,
+}
+
+/// Dispatches `matvec_sg.wgsl` (or `matvec_sg_tex.wgsl`) once over 1 to 3 shards that share x,
+/// the weight format and one binding (stacked rows of one texture, in order: see
+/// [`matmul_fused`]); `rows` per invocation forced or (`None`) by [`matvec_sg_rows`] over all
+/// their rows, `tokens` per invocation. Parts after the first go to row 0 of their own `y`.
+#[allow(clippy::too_many_arguments)]
+fn subgroup_kernel(
+    rec: &mut Recorder,
+    format: WeightFormat,
+    cols: usize,
+    parts: &[SgPart],
+    x: &View,
+    m: usize,
+    rows: Option<u32>,
+    tokens: u32,
+    op: &str,
+) -> Result<()> {
+    let gpu = rec.gpu();
+    let first = parts
+        .first()
+        .filter(|_| parts.len() <= 3)
+        .ok_or_else(|| Error::invalid(op, "the subgroup matvec takes 1 to 3 matrices"))?;
+    let total: usize = parts.iter().map(|p| p.shard.rows).sum();
+    let r = rows.unwrap_or_else(|| matvec_sg_rows(format, total, m, tokens));
+    let (shader, binds) = match first.shard.data.layout() {
+        WeightLayout::Buffers => ("matvec_sg", &SG_BINDS),
+        WeightLayout::Textures => ("matvec_sg_tex", &SG_TEX_BINDS),
+    };
+    let k = gpu.kernel(
+        shader,
+        &format!("matvec_{}", format.name()),
+        binds,
+        32,
+        &[("R", r as f64), ("TOK", tokens as f64)],
+    )?;
+    // Where the outputs switch to y1 and y2 (at the end when there is no such part; the unused
+    // slots bind y again).
+    let split = |i: usize| -> Result<u32> {
+        let rows: usize = parts.iter().take(i).map(|p| p.shard.rows).sum();
+        u32_of(op, "rows", if i < parts.len() { rows } else { total })
+    };
+    let p = SgParams {
+        rows: u32_of(op, "rows", total)?,
+        cols: u32_of(op, "cols", cols)?,
+        row_start: u32_of(op, "row", first.shard.row_start)?,
+        row0: first.shard.data.row0(),
+        split1: split(1)?,
+        split2: split(2)?,
+        m: u32_of(op, "tokens", m)?,
+        ld: u32_of(op, "rows", first.ld)?,
+    };
+    let per = r as usize * SG_LANES;
+    let n = total.div_ceil(per) * m.div_ceil(tokens as usize);
+    let y = |i: usize| parts.get(i).unwrap_or(first).y.clone();
+    let [data, scales] = first.shard.views();
+    let label = parts
+        .iter()
+        .map(|p| p.shard.data.label())
+        .collect::<Vec<_>>()
+        .join("+");
+    rec.dispatch(
+        &k,
+        &format!("{shader}.{label}"),
+        &[data, scales, x.clone(), y(0), y(1), y(2)],
+        params(&p),
+        gpu.groups(u32_of(op, "workgroups", n)?),
+    )
+}
+
+/// `ys[i] = xs W_iᵀ` for 1 to 3 matrices that read the same `x` (Q, K and V; gate and up): one
+/// dispatch where [`fusable`] says so, else one [`matmul`] each. `x` is `[.., cols]`, each `ys[i]`
+/// has the same leading dimensions and `ws[i].rows` last.
+pub fn matmul_fused(
+    rec: &mut Recorder,
+    ws: &[&WeightMatrix],
+    x: &Tensor,
+    ys: &[&Tensor],
+) -> Result<()> {
+    let op = format!(
+        "fused matmul {}",
+        ws.iter()
+            .map(|w| w.label.as_str())
+            .collect::<Vec<_>>()
+            .join("+")
+    );
+    if ws.len() != ys.len() || ws.is_empty() {
+        return Err(Error::invalid(
+            &op,
+            format!("{} matrices and {} outputs", ws.len(), ys.len()),
+        ));
+    }
+    if !fusable(rec.gpu(), ws) {
+        for (w, y) in ws.iter().zip(ys) {
+            matmul(rec, w, x, y)?;
+        }
+        return Ok(());
+    }
+    let cols = ws[0].cols;
+    let Some((_, lead)) = x.shape.split_last().filter(|(&c, _)| c == cols) else {
+        return Err(Error::shape(
+            format!("{op} ({})", x.buf.label),
+            format!("[.., {cols}]"),
+            format!("{:?}", x.shape),
+        ));
+    };
+    let m: usize = lead.iter().product();
+    let mut parts = Vec::with_capacity(ws.len());
+    for (w, y) in ws.iter().zip(ys) {
+        let mut want = lead.to_vec();
+        want.push(w.rows);
+        y.expect(&op, &want)?;
+        parts.push(SgPart {
+            shard: &w.shards[0],
+            y: bound(&op, y)?,
+            ld: w.rows,
+        });
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let xv = bound(&op, x)?;
+    subgroup_kernel(
+        rec,
+        ws[0].format,
+        cols,
+        &parts,
+        &xv,
+        m,
+        None,
+        matvec_sg_tokens(m),
+        &op,
+    )
+}
+
+/// Whether [`matmul_fused`] runs `ws` as one dispatch: the device runs the subgroup matvec, and
+/// the matrices (2 or 3) are slices of one texture, in order, one shard each, in one format
+/// ([`Gpu::upload_weights_stacked`] makes them).
+pub fn fusable(gpu: &Gpu, ws: &[&WeightMatrix]) -> bool {
+    let Some(w0) = ws.first() else { return false };
+    let Some(tex) = w0.shards.first().and_then(|s| s.data.texture()) else {
+        return false;
+    };
+    let mut next = w0.shards[0].data.row0();
+    subgroup_matvec_ok(gpu)
+        && (2..=3).contains(&ws.len())
+        && ws.iter().all(|w| {
+            let ok = w.shards.len() == 1
+                && w.format == w0.format
+                && w.cols == w0.cols
+                && w.shards[0].row_start == 0
+                && w.shards[0].data.row0() == next
+                && w.shards[0]
+                    .data
+                    .texture()
+                    .is_some_and(|t| std::sync::Arc::ptr_eq(t, tex));
+            next += w.rows as u32;
+            ok
+        })
 }
 
 /// Dispatches `matmul.wgsl` over `m` tokens; shapes already checked.

@@ -18,45 +18,64 @@ use crate::gpu::{BufferClass, Gpu, GpuBuffer, GpuTexture, WeightLayout};
 use crate::quant::repack::{self, row_words, scale_words};
 use crate::quant::WeightFormat;
 
-/// Where one array of a shard lives.
+/// Where one array of a shard lives: a buffer of its own, or rows `row0..row0 + rows` of a
+/// texture that may hold other matrices' rows too ([`Gpu::upload_weights_stacked`]).
 #[derive(Debug, Clone)]
 pub enum Store {
     Buffer(GpuBuffer),
-    Texture(Arc<GpuTexture>),
+    Texture {
+        tex: Arc<GpuTexture>,
+        row0: u32,
+        rows: u32,
+    },
 }
 
 impl Store {
     pub fn label(&self) -> &str {
         match self {
             Store::Buffer(b) => &b.label,
-            Store::Texture(t) => &t.label,
+            Store::Texture { tex, .. } => &tex.label,
         }
     }
-    /// Bytes on the device (as the ledger booked them).
+    /// Bytes on the device (a texture slice: its rows' share of the texture).
     pub fn size(&self) -> u64 {
         match self {
             Store::Buffer(b) => b.size(),
-            Store::Texture(t) => t.size(),
+            Store::Texture { tex, rows, .. } => tex.size() / tex.height as u64 * *rows as u64,
         }
     }
-    /// The whole array as a kernel binding.
+    /// The whole buffer or texture as a kernel binding.
     pub fn view(&self) -> View {
         match self {
             Store::Buffer(b) => b.view(),
-            Store::Texture(t) => t.bind(),
+            Store::Texture { tex, .. } => tex.bind(),
         }
     }
     /// The first word as a binding (bound where a kernel has a slot it does not read).
     pub fn dummy(&self) -> View {
         match self {
             Store::Buffer(b) => b.range(0, 4),
-            Store::Texture(t) => t.bind(),
+            Store::Texture { tex, .. } => tex.bind(),
+        }
+    }
+    /// The texture row of the shard's row 0 (0 for buffers).
+    pub fn row0(&self) -> u32 {
+        match self {
+            Store::Buffer(_) => 0,
+            Store::Texture { row0, .. } => *row0,
+        }
+    }
+    /// The texture, if any.
+    pub fn texture(&self) -> Option<&Arc<GpuTexture>> {
+        match self {
+            Store::Buffer(_) => None,
+            Store::Texture { tex, .. } => Some(tex),
         }
     }
     pub fn layout(&self) -> WeightLayout {
         match self {
             Store::Buffer(_) => WeightLayout::Buffers,
-            Store::Texture(_) => WeightLayout::Textures,
+            Store::Texture { .. } => WeightLayout::Textures,
         }
     }
 }
@@ -387,48 +406,108 @@ impl Gpu {
         cols: usize,
         p: &repack::Packed,
     ) -> Result<(Store, Option<Store>)> {
+        let (data, scales) = self.create_weight_textures(name, format, rows, cols)?;
+        let (d, s) = texture_rows(format, cols, p);
+        self.write_texture_rows(&data, 0, &d)?;
+        if let Some(t) = &scales {
+            self.write_texture_rows(t, 0, &s)?;
+        }
+        let slice = |t: GpuTexture| Store::Texture {
+            tex: Arc::new(t),
+            row0: 0,
+            rows: rows as u32,
+        };
+        Ok((slice(data), scales.map(slice)))
+    }
+
+    /// The (empty) data and scales textures for `rows` rows of `format`.
+    fn create_weight_textures(
+        &self,
+        name: &str,
+        format: WeightFormat,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(GpuTexture, Option<GpuTexture>)> {
         let (dshape, sshape) = texture_shapes(format, rows, cols);
-        let rw = row_words(format, cols);
-        let tw = dshape.width as usize * 4;
-        // Rows padded with zero words to whole texels (f32/f16 rows whose length is not a multiple
-        // of 4 or 8); the quantised formats' rows are whole texels already.
-        let data: Vec<u32> = if rw == tw {
-            p.data.clone()
-        } else {
-            p.data
-                .chunks_exact(rw)
-                .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, tw - rw)))
-                .collect()
+        let make = |label: &str, s: TextureShape| {
+            self.create_texture(label, BufferClass::Parameters, s.format, s.width, s.height)
         };
-        let upload = |label: &str, shape: TextureShape, bytes: &[u8]| -> Result<Store> {
-            let t = self.upload_texture(
-                label,
-                BufferClass::Parameters,
-                shape.format,
-                shape.width,
-                shape.height,
-                bytes,
-            )?;
-            Ok(Store::Texture(Arc::new(t)))
-        };
-        let data = upload(name, dshape, bytemuck::cast_slice(&data))?;
-        let scales = match sshape {
-            None => None,
-            Some(shape) => {
-                let label = format!("{name}.scales");
-                Some(if shape.format == wgpu::TextureFormat::R16Uint {
-                    // One f16 per block, out of the repack layout's pairs.
-                    let n = rows * (cols / crate::quant::QK);
-                    let halves: Vec<u16> = (0..n)
-                        .map(|g| (p.scales[g / 2] >> (16 * (g % 2))) as u16)
-                        .collect();
-                    upload(&label, shape, bytemuck::cast_slice(&halves))?
-                } else {
-                    upload(&label, shape, bytemuck::cast_slice(&p.scales))?
-                })
-            }
-        };
+        let data = make(name, dshape)?;
+        let scales = sshape
+            .map(|s| make(&format!("{name}.scales"), s))
+            .transpose()?;
         Ok((data, scales))
+    }
+
+    /// Uploads matrices that share `cols` and read the same input (Q, K and V; gate and up), each
+    /// `(label, format, rows, GGUF bytes)`. With weights in textures and one format, their rows are
+    /// stacked in one texture (one data and one scales texture, each matrix a slice of rows), so
+    /// that one dispatch computes them all ([`crate::kernels::matmul::matmul_fused`]); otherwise,
+    /// or when the stack would not fit one texture, each is uploaded on its own. The bytes are the
+    /// same either way.
+    pub fn upload_weights_stacked(
+        &self,
+        cols: usize,
+        parts: &[(&str, WeightFormat, usize, &[u8])],
+    ) -> Result<Vec<WeightMatrix>> {
+        self.upload_weights_stacked_as(cols, parts, weight_storage(self))
+    }
+
+    /// [`Gpu::upload_weights_stacked`] stored as `storage` says rather than as the device prefers.
+    pub fn upload_weights_stacked_as(
+        &self,
+        cols: usize,
+        parts: &[(&str, WeightFormat, usize, &[u8])],
+        storage: WeightStorage,
+    ) -> Result<Vec<WeightMatrix>> {
+        let total: usize = parts.iter().map(|p| p.2).sum();
+        let format = parts.first().map(|p| p.1);
+        let stack = storage.layout == WeightLayout::Textures
+            && parts.len() > 1
+            && parts.iter().all(|p| Some(p.1) == format && p.2 > 0)
+            && format.is_some_and(|f| storage.rows_per_shard(f, total, cols).ok() == Some(total));
+        let Some(format) = format.filter(|_| stack) else {
+            return parts
+                .iter()
+                .map(|&(label, format, rows, gguf)| {
+                    self.upload_weights_as(label, format, rows, cols, gguf, storage)
+                })
+                .collect();
+        };
+        let name = parts.iter().map(|p| p.0).collect::<Vec<_>>().join("+");
+        let (data, scales) = self.create_weight_textures(&name, format, total, cols)?;
+        let data = Arc::new(data);
+        let scales = scales.map(Arc::new);
+        let mut out = Vec::with_capacity(parts.len());
+        let mut row0 = 0;
+        for &(label, f, rows, gguf) in parts {
+            repack::check_shape(f, rows, cols)?;
+            let p = repack::repack(f, rows, cols, gguf)?;
+            let (d, s) = texture_rows(f, cols, &p);
+            self.write_texture_rows(&data, row0 as u32, &d)?;
+            if let Some(t) = &scales {
+                self.write_texture_rows(t, row0 as u32, &s)?;
+            }
+            let slice = |tex: &Arc<GpuTexture>| Store::Texture {
+                tex: tex.clone(),
+                row0: row0 as u32,
+                rows: rows as u32,
+            };
+            out.push(WeightMatrix {
+                label: label.to_string(),
+                format: f,
+                rows,
+                cols,
+                shards: vec![Shard {
+                    row_start: 0,
+                    rows,
+                    data: slice(&data),
+                    scales: scales.as_ref().map(slice),
+                }],
+            });
+            row0 += rows;
+        }
+        Ok(out)
     }
 
     /// Quantises `w` (row-major `rows x cols` f32) to `format` on the CPU and uploads it.
@@ -454,4 +533,32 @@ impl Gpu {
         }
         self.upload_weights(label, format, rows, cols, &gguf)
     }
+}
+
+/// The tight texture rows of a repacked shard: data rows padded with zero words to whole texels
+/// (f32/f16 rows whose length is not a multiple of 4 or 8; quantised rows are whole texels), and
+/// the scales one texel a block (Q8_0/Q4_0: the f16 out of the repack layout's pairs).
+fn texture_rows(format: WeightFormat, cols: usize, p: &repack::Packed) -> (Vec<u8>, Vec<u8>) {
+    let rw = row_words(format, cols);
+    let tw = texture_shapes(format, 1, cols).0.width as usize * 4;
+    let data: Vec<u32> = if rw == tw {
+        p.data.clone()
+    } else {
+        p.data
+            .chunks_exact(rw)
+            .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, tw - rw)))
+            .collect()
+    };
+    let scales = match format {
+        WeightFormat::F32 | WeightFormat::F16 => Vec::new(),
+        WeightFormat::Q4_1 => bytemuck::cast_slice(&p.scales).to_vec(),
+        WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
+            let n = p.data.len() / rw * (cols / crate::quant::QK);
+            let halves: Vec<u16> = (0..n)
+                .map(|g| (p.scales[g / 2] >> (16 * (g % 2))) as u16)
+                .collect();
+            bytemuck::cast_slice(&halves).to_vec()
+        }
+    };
+    (bytemuck::cast_slice(&data).to_vec(), scales)
 }

@@ -414,15 +414,7 @@ impl Llama {
             .unwrap_or(cfg.n_layers)
             .min(cfg.n_layers);
         let layers = (0..resident)
-            .map(|i| {
-                LayerWeights::read(
-                    &cfg,
-                    &names,
-                    i,
-                    |n, rows, cols| src.matrix(gpu, n, rows, cols),
-                    |n, len| src.vector(gpu, n, len),
-                )
-            })
+            .map(|i| upload_layer(gpu, src, &cfg, &names, i))
             .collect::<Result<Vec<_>>>()?;
         // Streamed layers are repacked once, here, into host memory.
         let host = (resident..cfg.n_layers)
@@ -642,6 +634,75 @@ impl ChunkViews {
     }
 }
 
+/// A matrix read from the source (its GGUF bytes, borrowed from the mapped file where they can
+/// be) and not yet on the GPU.
+struct PendingMatrix<'a> {
+    name: String,
+    format: crate::quant::WeightFormat,
+    rows: usize,
+    cols: usize,
+    gguf: std::borrow::Cow<'a, [u8]>,
+}
+
+/// Reads layer `i` and uploads it, Q/K/V and gate/up each stacked where the device keeps weights
+/// in textures ([`Gpu::upload_weights_stacked`]), so that each group runs as one dispatch.
+fn upload_layer(
+    gpu: &Gpu,
+    src: &Source,
+    cfg: &ModelConfig,
+    names: &Names,
+    i: usize,
+) -> Result<LayerWeights> {
+    let l = Layer::<PendingMatrix, Tensor>::read(
+        cfg,
+        names,
+        i,
+        |n, rows, cols| {
+            let (format, gguf) = src.matrix_bytes(n, rows, cols)?;
+            Ok(PendingMatrix {
+                name: n.to_string(),
+                format,
+                rows,
+                cols,
+                gguf,
+            })
+        },
+        |n, len| src.vector(gpu, n, len),
+    )?;
+    let one = |p: &PendingMatrix| gpu.upload_weights(&p.name, p.format, p.rows, p.cols, &p.gguf);
+    let stacked = |ps: &[&PendingMatrix]| -> Result<std::vec::IntoIter<WeightMatrix>> {
+        let parts: Vec<_> = ps
+            .iter()
+            .map(|p| (p.name.as_str(), p.format, p.rows, &p.gguf[..]))
+            .collect();
+        Ok(gpu.upload_weights_stacked(ps[0].cols, &parts)?.into_iter())
+    };
+    let mut qkv = stacked(&[&l.wq, &l.wk, &l.wv])?;
+    let mut gate_up = stacked(&[&l.w_gate, &l.w_up])?;
+    let next = |it: &mut std::vec::IntoIter<WeightMatrix>| {
+        it.next()
+            .ok_or_else(|| Error::invalid("llama", "a stacked upload lost a matrix"))
+    };
+    Ok(Layer {
+        attn_norm: l.attn_norm,
+        wq: next(&mut qkv)?,
+        wk: next(&mut qkv)?,
+        wv: next(&mut qkv)?,
+        bq: l.bq,
+        bk: l.bk,
+        bv: l.bv,
+        wo: one(&l.wo)?,
+        bo: l.bo,
+        ffn_norm: l.ffn_norm,
+        w_gate: next(&mut gate_up)?,
+        w_up: next(&mut gate_up)?,
+        w_down: one(&l.w_down)?,
+        b_gate: l.b_gate,
+        b_up: l.b_up,
+        b_down: l.b_down,
+    })
+}
+
 /// One decoder layer over the chunk; the residual stream enters and leaves in `a.x`.
 fn layer(
     r: &mut Recorder,
@@ -652,9 +713,8 @@ fn layer(
 ) -> Result<()> {
     // attention block
     norm::rms_norm(r, &a.x, &lw.attn_norm, p.eps, &a.xb)?;
-    matmul::matmul(r, &lw.wq, &a.xb, &a.q)?; // (m, nh * hd)
-    matmul::matmul(r, &lw.wk, &a.xb, &a.k)?; // (m, nkv * hd)
-    matmul::matmul(r, &lw.wv, &a.xb, &a.v)?; // (m, nkv * hd)
+    // q (m, nh * hd), k and v (m, nkv * hd): one dispatch where the weights are stacked
+    matmul::matmul_fused(r, &[&lw.wq, &lw.wk, &lw.wv], &a.xb, &[&a.q, &a.k, &a.v])?;
     for (t, b) in [(&a.q, &lw.bq), (&a.k, &lw.bk), (&a.v, &lw.bv)] {
         if let Some(b) = b {
             elementwise::add_bias(r, t, b)?;
@@ -670,9 +730,8 @@ fn layer(
     elementwise::add(r, &a.x, &a.proj, &a.x2)?; // residual
                                                 // FFN block
     norm::rms_norm(r, &a.x2, &lw.ffn_norm, p.eps, &a.xb)?;
-    matmul::matmul(r, &lw.w_gate, &a.xb, &a.gate)?; // (m, ffn)
+    matmul::matmul_fused(r, &[&lw.w_gate, &lw.w_up], &a.xb, &[&a.gate, &a.up])?; // (m, ffn) each
     bias(r, &a.gate, &lw.b_gate)?;
-    matmul::matmul(r, &lw.w_up, &a.xb, &a.up)?; // (m, ffn)
     bias(r, &a.up, &lw.b_up)?;
     activation::swiglu(r, &a.gate, &a.up, &a.act)?; // silu(gate) * up
     matmul::matmul(r, &lw.w_down, &a.act, &a.proj)?; // (m, d)

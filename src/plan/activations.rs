@@ -48,6 +48,8 @@ pub enum Kernel {
         rows: usize,
         cols: usize,
     },
+    /// One dispatch for matrices stacked in one texture (Q, K, V; gate, up).
+    StackedMatmul,
     RmsNorm,
     AddBias,
     Rope,
@@ -68,7 +70,10 @@ impl Kernel {
         match self {
             Kernel::Host | Kernel::Copy => 0,
             Kernel::RmsNorm | Kernel::AddBias | Kernel::Add | Kernel::Swiglu => 16,
-            Kernel::Embedding { .. } | Kernel::Matmul { .. } | Kernel::KvStore => 32,
+            Kernel::Embedding { .. }
+            | Kernel::Matmul { .. }
+            | Kernel::StackedMatmul
+            | Kernel::KvStore => 32,
             Kernel::Attention => 48,
             Kernel::Rope => ROPE_PARAMS_BYTES,
         }
@@ -115,7 +120,12 @@ impl Schedule {
 /// `Llama::forward_chunk` step by step. Q/K/V bias adds appear when `cfg.attn_bias`. Without
 /// `all_logits` the last row is copied into `proj` before the final norm (the code skips the copy
 /// when the chunk is one token and normalises `x` directly; the schedule lists both reads).
-pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool) -> Schedule {
+///
+/// `stacked`: Q, K and V, and gate and up, each run as one dispatch (weights stacked in one
+/// texture, [`crate::kernels::matmul::matmul_fused`]). That changes the dispatch count, not the
+/// sharing: the stacked step writes the roles the separate ones wrote, all of them live together
+/// in either case.
+pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, stacked: bool) -> Schedule {
     let (d, v) = (cfg.hidden_size, cfg.vocab_size);
     let q = cfg.n_heads.saturating_mul(cfg.head_dim);
     let kv = cfg.n_kv_heads.saturating_mul(cfg.head_dim);
@@ -130,12 +140,17 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool) -> Schedule {
             &["x"],
         ),
     ];
-    let mut layer = vec![
-        step("attn_norm", Kernel::RmsNorm, &["x"], &["xb"]),
-        step("matmul wq", mm(q, d), &["xb"], &["q"]),
-        step("matmul wk", mm(kv, d), &["xb"], &["k"]),
-        step("matmul wv", mm(kv, d), &["xb"], &["v"]),
-    ];
+    let mut layer = vec![step("attn_norm", Kernel::RmsNorm, &["x"], &["xb"])];
+    if stacked {
+        let qkv = Kernel::StackedMatmul;
+        layer.push(step("matmul wq+wk+wv", qkv, &["xb"], &["q", "k", "v"]));
+    } else {
+        layer.extend([
+            step("matmul wq", mm(q, d), &["xb"], &["q"]),
+            step("matmul wk", mm(kv, d), &["xb"], &["k"]),
+            step("matmul wv", mm(kv, d), &["xb"], &["v"]),
+        ]);
+    }
     if cfg.attn_bias {
         for r in ["q", "k", "v"] {
             layer.push(step(&format!("bias {r}"), Kernel::AddBias, &[r], &[r]));
@@ -163,11 +178,18 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool) -> Schedule {
             &["x2"],
         ),
         step("ffn_norm", Kernel::RmsNorm, &["x2"], &["xb"]),
-        step("matmul w_gate", mm(f, d), &["xb"], &["gate"]),
     ]);
-    bias(cfg.ffn_bias, &mut layer, "gate");
-    layer.push(step("matmul w_up", mm(f, d), &["xb"], &["up"]));
-    bias(cfg.ffn_bias, &mut layer, "up");
+    if stacked {
+        let gu = Kernel::StackedMatmul;
+        layer.push(step("matmul w_gate+w_up", gu, &["xb"], &["gate", "up"]));
+        bias(cfg.ffn_bias, &mut layer, "gate");
+        bias(cfg.ffn_bias, &mut layer, "up");
+    } else {
+        layer.push(step("matmul w_gate", mm(f, d), &["xb"], &["gate"]));
+        bias(cfg.ffn_bias, &mut layer, "gate");
+        layer.push(step("matmul w_up", mm(f, d), &["xb"], &["up"]));
+        bias(cfg.ffn_bias, &mut layer, "up");
+    }
     layer.extend([
         step("swiglu", Kernel::Swiglu, &["gate", "up"], &["act"]),
         step("matmul w_down", mm(d, f), &["act"], &["proj"]),
@@ -272,7 +294,7 @@ pub fn llama_role_bytes(
 /// 1). `all_logits` keeps logits for every token of a chunk rather than the last.
 pub fn llama_activation_plan(cfg: &ModelConfig, chunk: usize, all_logits: bool) -> ActivationPlan {
     let chunk = chunk.max(1);
-    let sched = llama_schedule(cfg, all_logits);
+    let sched = llama_schedule(cfg, all_logits, false);
     let sizes = llama_role_bytes(cfg, chunk, all_logits);
     share(&sched, &sizes, &LLAMA_PINNED, chunk)
 }

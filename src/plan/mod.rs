@@ -78,6 +78,9 @@ pub struct PlanOptions {
     pub weight_layout: WeightLayout,
     /// The device's largest texture side (texture layout only).
     pub max_texture_dim: u32,
+    /// Q/K/V and gate/up run as one dispatch each (weights stacked in textures; see
+    /// [`crate::kernels::matmul::matmul_fused`]): fewer kernel parameter blocks.
+    pub stacked_projections: bool,
     /// The device's uniform-buffer offset alignment: each dispatch's params take a slot of this
     /// granularity (256 by default, WebGPU's; lavapipe's is 32).
     pub param_align: u64,
@@ -97,6 +100,7 @@ impl Default for PlanOptions {
             max_binding: DEFAULT_MAX_BINDING,
             weight_layout: WeightLayout::Buffers,
             max_texture_dim: 8192,
+            stacked_projections: false,
             param_align: PARAM_SLOT,
         }
     }
@@ -119,6 +123,8 @@ impl PlanOptions {
         self.max_binding = w.max_binding;
         self.weight_layout = w.layout;
         self.max_texture_dim = w.max_texture_dim;
+        self.stacked_projections =
+            w.layout == WeightLayout::Textures && crate::kernels::matmul::subgroup_matvec_ok(gpu);
         self.param_align = gpu.limits.min_uniform_buffer_offset_alignment as u64;
         self
     }
@@ -235,7 +241,7 @@ impl MemoryPlan {
         let staging_readback_bytes = align4(logits.min(STAGING_CHUNK));
 
         // Kernel params: every dispatch of one chunk, layers unrolled.
-        let sched = activations::llama_schedule(cfg, opts.all_logits);
+        let sched = activations::llama_schedule(cfg, opts.all_logits, opts.stacked_projections);
         let mut dispatches = 0u64;
         let mut kernel_params_bytes = 0u64;
         let mut count = |k: Kernel, times: u64| -> Result<()> {
