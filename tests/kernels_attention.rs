@@ -2,7 +2,7 @@
 //! MHA and GQA, all KV dtypes, awkward key counts, continued prefill, huge scores and refusals.
 mod common;
 use common::*;
-use wgllm::kernels::attention::{self, bytes_per_token, KvCache, KvDtype};
+use wgllm::kernels::attention::{self, bytes_per_token, AttentionKernel, KvCache, KvDtype};
 use wgllm::kernels::Tensor;
 use wgllm::BufferClass::Activations;
 use wgllm::Gpu;
@@ -13,6 +13,8 @@ enum Entry {
     Auto,
     Decode,
     Prefill,
+    /// attention_sg.wgsl (CPU devices with 8-lane subgroups)
+    Subgroup,
 }
 
 fn tensor(gpu: &Gpu, label: &str, shape: &[usize], data: &[f32]) -> Tensor {
@@ -99,6 +101,7 @@ fn check(gpu: &Gpu, c: Case) {
         Entry::Auto => attention::attention(&mut rec, &qt, &cache, pos0, scale, &out),
         Entry::Decode => attention::attention_decode(&mut rec, &qt, &cache, pos0, scale, &out),
         Entry::Prefill => attention::attention_prefill(&mut rec, &qt, &cache, pos0, scale, &out),
+        Entry::Subgroup => attention::attention_subgroup(&mut rec, &qt, &cache, pos0, scale, &out),
     }
     .unwrap();
     rec.submit().unwrap();
@@ -230,10 +233,58 @@ fn prefill_matches_reference_every_dtype() {
     }
 }
 
+/// Whether the test device runs attention_sg.wgsl (else a printed skip).
+fn subgroup_device(gpu: &Gpu) -> bool {
+    let ok = wgllm::kernels::matmul::subgroup_matvec_ok(gpu);
+    if !ok {
+        eprintln!("SKIPPED: {} runs no subgroup attention", gpu.describe());
+    }
+    ok
+}
+
+#[test]
+fn subgroup_kernel_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    if !subgroup_device(gpu) {
+        return;
+    }
+    // Groups of 1 (MHA), 3 (SmolLM2) and 8 (the most it takes); every head_dim it takes.
+    for (heads, hd) in [
+        ((4, 4), 64),
+        ((9, 3), 64),
+        ((16, 2), 32),
+        ((2, 1), 128),
+        ((3, 1), 96),
+    ] {
+        for (n_keys, m) in [(1, 1), (37, 1), (300, 1), (37, 37), (40, 35), (6, 2)] {
+            check(
+                gpu,
+                case(Entry::Subgroup, KvDtype::F32, heads, hd, n_keys, m),
+            );
+        }
+    }
+    for dtype in KvDtype::ALL {
+        for (hd, n_keys, m) in [(32, 50, 19), (64, 70, 1), (96, 129, 3), (128, 33, 33)] {
+            check(gpu, case(Entry::Subgroup, dtype, (6, 2), hd, n_keys, m));
+        }
+    }
+    // What it does not take is refused before dispatch: head_dim 48 and 256, groups of 9.
+    for (heads, hd) in [((2, 1), 48), ((2, 1), 256), ((9, 1), 64)] {
+        let cache = KvCache::new(gpu, "kv", KvDtype::F32, 8, heads.1, hd).unwrap();
+        let q = gpu.tensor("q", Activations, &[1, heads.0, hd]).unwrap();
+        let out = gpu.tensor("out", Activations, &[1, heads.0, hd]).unwrap();
+        let mut rec = gpu.recorder();
+        let e = attention::attention_subgroup(&mut rec, &q, &cache, 0, 1.0, &out).unwrap_err();
+        assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+        assert!(rec.is_empty());
+    }
+}
+
 #[test]
 fn huge_scores_stay_finite() {
     let Some(gpu) = gpu() else { return };
-    for entry in [Entry::Decode, Entry::Prefill] {
+    let subgroup = subgroup_device(gpu).then_some(Entry::Subgroup);
+    for entry in [Entry::Decode, Entry::Prefill].into_iter().chain(subgroup) {
         for dtype in [KvDtype::F32, KvDtype::F16] {
             let base = Case {
                 tol: NMSE_HUGE_SCORES,
@@ -328,6 +379,7 @@ fn check_bidirectional(
     hd: usize,
     (n_keys, m): (usize, usize),
     over_tensors: bool,
+    kernel: Option<AttentionKernel>,
 ) {
     let what = format!(
         "bidirectional {dtype} heads {n_heads}/{n_kv} hd {hd} keys {n_keys} m {m} over_tensors \
@@ -351,7 +403,8 @@ fn check_bidirectional(
     let qt = tensor(gpu, "q", &[m, n_heads, hd], &q);
     let out = gpu.tensor("out", Activations, &[m, n_heads, hd]).unwrap();
     let scale = 1.0 / (hd as f32).sqrt();
-    attention::attention_bidirectional(&mut rec, &qt, &cache, n_keys, scale, &out).unwrap();
+    attention::attention_bidirectional_with(&mut rec, &qt, &cache, n_keys, scale, &out, kernel)
+        .unwrap();
     rec.submit().unwrap();
     let got = gpu.read(&out).unwrap();
     assert!(
@@ -365,30 +418,39 @@ fn check_bidirectional(
 }
 
 #[test]
-fn bidirectional_matches_reference_both_kernels() {
+fn bidirectional_matches_reference_every_kernel() {
     let Some(gpu) = gpu() else { return };
-    for heads in HEADS {
-        // (n_keys, m): below TILED_MIN_TOKENS the decode kernel runs (one with keys past its
-        // 64-key tile), from it the tiled one: ragged 16-query tiles, more queries than keys and
-        // more keys than queries.
-        for shape in [
-            (1, 1),
-            (5, 5),
-            (70, 3),
-            (20, 20),
-            (37, 37),
-            (9, 17),
-            (100, 8),
-        ] {
-            check_bidirectional(gpu, KvDtype::F32, heads, 32, shape, false);
+    let mut kernels = vec![
+        None,
+        Some(AttentionKernel::Rows),
+        Some(AttentionKernel::Tiled),
+    ];
+    if wgllm::kernels::matmul::subgroup_matvec_ok(gpu) {
+        kernels.push(Some(AttentionKernel::Subgroup));
+    }
+    for kernel in kernels {
+        for heads in HEADS {
+            // (n_keys, m): keys past the decode kernel's 64-key tile, ragged 16-query tiles, more
+            // queries than keys and more keys than queries.
+            for shape in [
+                (1, 1),
+                (5, 5),
+                (70, 3),
+                (20, 20),
+                (37, 37),
+                (9, 17),
+                (100, 8),
+            ] {
+                check_bidirectional(gpu, KvDtype::F32, heads, 32, shape, false, kernel);
+            }
+        }
+        for dtype in KvDtype::ALL {
+            check_bidirectional(gpu, dtype, (4, 2), 64, (33, 19), false, kernel);
+            check_bidirectional(gpu, dtype, (4, 2), 64, (33, 3), false, kernel);
         }
     }
-    for dtype in KvDtype::ALL {
-        check_bidirectional(gpu, dtype, (4, 2), 64, (33, 19), false);
-        check_bidirectional(gpu, dtype, (4, 2), 64, (33, 3), false);
-    }
-    // head_dim over the tiled kernel's limit: the decode kernel at any m.
-    check_bidirectional(gpu, KvDtype::F32, (2, 1), 256, (20, 9), false);
+    // head_dim over the tiled and subgroup kernels' limits: the decode kernel at any m.
+    check_bidirectional(gpu, KvDtype::F32, (2, 1), 256, (20, 9), false, None);
 }
 
 #[test]
@@ -396,7 +458,7 @@ fn bidirectional_over_projection_tensors() {
     let Some(gpu) = gpu() else { return };
     // MiniLM's shape (12 heads of 32) and a GQA one, with the K/V tensors as the cache.
     for (heads, shape) in [((12, 12), (8, 8)), ((12, 12), (14, 14)), ((6, 2), (3, 3))] {
-        check_bidirectional(gpu, KvDtype::F32, heads, 32, shape, true);
+        check_bidirectional(gpu, KvDtype::F32, heads, 32, shape, true, None);
     }
 }
 

@@ -1,5 +1,8 @@
-//! Attention over one layer's KV cache, with grouped-query attention (`shaders/attention.wgsl`):
-//! causal for decoders ([`attention`]), bidirectional for encoders ([`attention_bidirectional`]).
+//! Attention over one layer's KV cache, with grouped-query attention: causal for decoders
+//! ([`attention`]), bidirectional for encoders ([`attention_bidirectional`]). Three kernels:
+//! `shaders/attention.wgsl`'s decode (`attend_rows`) and tiled prefill (`attend_tiled`) kernels,
+//! and `shaders/attention_sg.wgsl` for CPU devices with 8-lane subgroups (one subgroup per token
+//! and kv head, no workgroup memory or barriers; see [`subgroup_fits`]).
 //! The cache, its layouts and byte costs: [`kv_cache`].
 
 pub mod kv_cache;
@@ -40,6 +43,20 @@ struct AttnParams {
 }
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 48);
 
+/// Most query heads per kv head `attention_sg.wgsl` takes (its `G`).
+pub const MAX_GROUP_SG: usize = 8;
+
+/// Whether `attention_sg.wgsl` runs here and is the one to pick: the device runs the subgroup
+/// matvec (a CPU device with 8-lane subgroups, where storage and workgroup loads are per-lane
+/// loops), head_dim is a multiple of 32 up to 128 (1 to 4 vec4s a lane), and at most
+/// [`MAX_GROUP_SG`] query heads share a kv head.
+pub fn subgroup_fits(gpu: &Gpu, head_dim: usize, group: usize) -> bool {
+    crate::kernels::matmul::subgroup_matvec_ok(gpu)
+        && head_dim.is_multiple_of(32)
+        && (32..=128).contains(&head_dim)
+        && (1..=MAX_GROUP_SG).contains(&group)
+}
+
 /// Whether the tiled kernel can run: head_dim and the device's workgroup memory.
 fn tiled_fits(gpu: &Gpu, head_dim: usize) -> bool {
     head_dim <= MAX_HEAD_DIM_TILED
@@ -57,6 +74,10 @@ enum Keys {
 
 /// The tiled kernel from [`TILED_MIN_TOKENS`] tokens on, when it fits; the decode kernel otherwise.
 fn auto_path(gpu: &Gpu, q: &Tensor, cache: &KvCache) -> Path {
+    let group = q.shape.get(1).map_or(0, |&h| h / cache.n_kv_heads.max(1));
+    if subgroup_fits(gpu, cache.head_dim, group) {
+        return Path::Subgroup;
+    }
     let many = q.shape.first().is_some_and(|&m| m >= TILED_MIN_TOKENS);
     if many && tiled_fits(gpu, cache.head_dim) {
         Path::Tiled
@@ -67,16 +88,21 @@ fn auto_path(gpu: &Gpu, q: &Tensor, cache: &KvCache) -> Path {
 
 /// Which attention kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Path {
+pub enum AttentionKernel {
+    /// `attend_rows`: one workgroup per token and head.
     Rows,
+    /// `attend_tiled`: one workgroup per 16 tokens and head, K/V tiles in workgroup memory.
     Tiled,
+    /// `attend_sg`: one 8-lane subgroup per token and kv head.
+    Subgroup,
 }
+use AttentionKernel as Path;
 
 /// `out = softmax(scale * q K^T, causal) V` for `m` query tokens at positions `pos0..pos0+m`
 /// (`q`, `out`: `[m, n_heads, head_dim]`; query head h reads kv head `h / (n_heads / n_kv_heads)`).
-/// Keys `0..pos0+m` must have been stored. Picks the tiled prefill kernel from
-/// [`TILED_MIN_TOKENS`] tokens on (if head_dim and the device's workgroup memory allow) and the
-/// decode kernel otherwise.
+/// Keys `0..pos0+m` must have been stored. Picks the subgroup kernel where [`subgroup_fits`],
+/// else the tiled prefill kernel from [`TILED_MIN_TOKENS`] tokens on (if head_dim and the
+/// device's workgroup memory allow) and the decode kernel otherwise.
 pub fn attention(
     rec: &mut Recorder,
     q: &Tensor,
@@ -101,13 +127,44 @@ pub fn attention_bidirectional(
     scale: f32,
     out: &Tensor,
 ) -> Result<()> {
+    attention_bidirectional_with(rec, q, cache, n_keys, scale, out, None)
+}
+
+/// [`attention_bidirectional`] with the kernel forced (tests; refused where it cannot run), or
+/// (`None`) picked as [`attention`] does.
+pub fn attention_bidirectional_with(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    n_keys: usize,
+    scale: f32,
+    out: &Tensor,
+    kernel: Option<AttentionKernel>,
+) -> Result<()> {
     if n_keys == 0 {
         return Err(Error::invalid(
             format!("bidirectional attention ({})", cache.k.label),
             "no keys to attend to",
         ));
     }
-    let path = auto_path(rec.gpu(), q, cache);
+    let gpu = rec.gpu();
+    let group = q.shape.get(1).map_or(0, |&h| h / cache.n_kv_heads.max(1));
+    let path = match kernel {
+        None => auto_path(gpu, q, cache),
+        Some(AttentionKernel::Tiled) if !tiled_fits(gpu, cache.head_dim) => {
+            return Err(Error::invalid(
+                "attention",
+                "the tiled kernel does not fit here",
+            ))
+        }
+        Some(AttentionKernel::Subgroup) if !subgroup_fits(gpu, cache.head_dim, group) => {
+            return Err(Error::invalid(
+                "attention",
+                "the subgroup kernel does not run here",
+            ))
+        }
+        Some(k) => k,
+    };
     dispatch_attention(rec, path, q, cache, Keys::All { n_keys }, scale, out)
 }
 
@@ -122,6 +179,38 @@ pub fn attention_decode(
     out: &Tensor,
 ) -> Result<()> {
     dispatch_attention(rec, Path::Rows, q, cache, Keys::Causal { pos0 }, scale, out)
+}
+
+/// [`attention`] with the subgroup kernel (`attention_sg.wgsl`, one subgroup per token and kv
+/// head); refused unless [`subgroup_fits`].
+pub fn attention_subgroup(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    pos0: usize,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
+    let group = q.shape.get(1).map_or(0, |&h| h / cache.n_kv_heads.max(1));
+    if !subgroup_fits(rec.gpu(), cache.head_dim, group) {
+        return Err(Error::invalid(
+            "attention",
+            format!(
+                "the subgroup kernel needs a CPU device with 8-lane subgroups, head_dim a multiple \
+                 of 32 up to 128 (got {}) and at most {MAX_GROUP_SG} query heads per kv head (got {group})",
+                cache.head_dim
+            ),
+        ));
+    }
+    dispatch_attention(
+        rec,
+        Path::Subgroup,
+        q,
+        cache,
+        Keys::Causal { pos0 },
+        scale,
+        out,
+    )
 }
 
 /// [`attention`] with the tiled prefill kernel (one workgroup per 16 tokens and head; K/V tiles
@@ -198,9 +287,11 @@ fn dispatch_attention(
             (0, 0, n_keys)
         }
     };
-    let (entry, n_wg) = match path {
-        Path::Rows => ("attend_rows", m * n_heads),
-        Path::Tiled => ("attend_tiled", m.div_ceil(TQ) * n_heads),
+    let group = n_heads / cache.n_kv_heads;
+    let (shader, entry, n_wg) = match path {
+        Path::Rows => ("attention", "attend_rows", m * n_heads),
+        Path::Tiled => ("attention", "attend_tiled", m.div_ceil(TQ) * n_heads),
+        Path::Subgroup => ("attention_sg", "attend_sg", m * cache.n_kv_heads),
     };
     let p = AttnParams {
         m: to_u32("attention", m)?,
@@ -208,7 +299,7 @@ fn dispatch_attention(
         n_kv_heads: cache.n_kv_heads as u32,
         head_dim: cache.head_dim as u32,
         pos0: to_u32("attention", pos0)?,
-        group: (n_heads / cache.n_kv_heads) as u32,
+        group: group as u32,
         row_words: cache.row_words as u32,
         n_wg: to_u32("attention", n_wg)?,
         scale,
@@ -218,13 +309,14 @@ fn dispatch_attention(
     };
     let gpu = rec.gpu();
     let binds = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
-    let kernel = gpu.kernel(
-        "attention",
-        entry,
-        &binds,
-        48,
-        &[("KV_DTYPE", cache.dtype.code())],
-    )?;
+    let dtype = ("KV_DTYPE", cache.dtype.code());
+    let kernel = match path {
+        Path::Subgroup => {
+            let shape = [("G", group as f64), ("HD4", (cache.head_dim / 32) as f64)];
+            gpu.kernel(shader, entry, &binds, 48, &[dtype, shape[0], shape[1]])?
+        }
+        _ => gpu.kernel(shader, entry, &binds, 48, &[dtype])?,
+    };
     rec.dispatch(
         &kernel,
         &match keys {

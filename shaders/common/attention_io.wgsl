@@ -1,0 +1,73 @@
+// What the attention kernels share (attention.wgsl, attention_sg.wgsl): params, bindings and the
+// reading of K and V rows in the cache layout of shaders/kv_cache.wgsl.
+// Bindings: 0 = q (read, f32 [m, n_heads, head_dim]), 1 = k_cache, 2 = v_cache (read, u32 words),
+// 3 = out (read_write, f32 like q), 4 = params.
+
+struct Params {
+    m: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    pos0: u32,
+    group: u32,       // n_heads / n_kv_heads
+    row_words: u32,   // u32 words of one cache row (one position, one kv head)
+    n_wg: u32,        // workgroups that do work
+    scale: f32,
+    causal: u32,      // 1: keys 0..=pos0+t; 0: keys 0..n_keys for every query
+    n_keys: u32,      // keys every query sees when causal == 0
+    _pad0: u32,
+}
+
+@group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> k_cache: array<u32>;
+@group(0) @binding(2) var<storage, read> v_cache: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+// 0 = f32, 1 = f16, 2 = q8_0 (set per pipeline, so the branches below fold away).
+override KV_DTYPE: u32 = 0u;
+
+// Stands in for -inf: exp(NEG - finite) is 0 and NEG - NEG is 0, where -inf would give NaN.
+const NEG: f32 = -3.0e38;
+
+fn row_base(pos: u32, kvh: u32) -> u32 {
+    return (pos * p.n_kv_heads + kvh) * p.row_words;
+}
+
+fn q8_scale(w: u32, b: u32) -> f32 {
+    return unpack2x16float(w)[b & 1u];
+}
+
+fn q8_quads(w: u32) -> vec4<f32> {
+    let s = vec4<i32>(bitcast<i32>(w << 24u), bitcast<i32>(w << 16u), bitcast<i32>(w << 8u), bitcast<i32>(w));
+    return vec4<f32>(s >> vec4<u32>(24u));
+}
+
+// Elements 4*d4 .. 4*d4+3 of the K row starting at word `base`.
+fn k_load4(base: u32, d4: u32) -> vec4<f32> {
+    if (KV_DTYPE == 0u) {
+        let o = base + 4u * d4;
+        return bitcast<vec4<f32>>(vec4<u32>(k_cache[o], k_cache[o + 1u], k_cache[o + 2u], k_cache[o + 3u]));
+    } else if (KV_DTYPE == 1u) {
+        let o = base + 2u * d4;
+        return vec4<f32>(unpack2x16float(k_cache[o]), unpack2x16float(k_cache[o + 1u]));
+    }
+    let b = d4 / 8u;
+    let nsw = (p.head_dim / 32u + 1u) / 2u;
+    return q8_scale(k_cache[base + b / 2u], b) * q8_quads(k_cache[base + nsw + d4]);
+}
+
+// The same for V.
+fn v_load4(base: u32, d4: u32) -> vec4<f32> {
+    if (KV_DTYPE == 0u) {
+        let o = base + 4u * d4;
+        return bitcast<vec4<f32>>(vec4<u32>(v_cache[o], v_cache[o + 1u], v_cache[o + 2u], v_cache[o + 3u]));
+    } else if (KV_DTYPE == 1u) {
+        let o = base + 2u * d4;
+        return vec4<f32>(unpack2x16float(v_cache[o]), unpack2x16float(v_cache[o + 1u]));
+    }
+    let b = d4 / 8u;
+    let nsw = (p.head_dim / 32u + 1u) / 2u;
+    return q8_scale(v_cache[base + b / 2u], b) * q8_quads(v_cache[base + nsw + d4]);
+}
+
