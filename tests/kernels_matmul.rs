@@ -487,3 +487,67 @@ fn stacking_falls_back_to_separate_matrices_where_it_cannot_apply() {
     assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
     assert!(rec.is_empty());
 }
+
+/// `silu(gate) * up`, in f64 like the activation kernel's reference.
+fn swiglu_ref(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| {
+            let g = g as f64;
+            (g / (1.0 + (-g).exp()) * u as f64) as f32
+        })
+        .collect()
+}
+
+/// Runs matmul_swiglu on `gpu` over `m` tokens and compares with SwiGLU then the matmul
+/// reference; returns the dispatches it recorded.
+fn check_swiglu(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], m: usize, seed: u64) -> usize {
+    let (rows, cols) = (wm.rows, wm.cols);
+    let (g, u) = (randn(m * cols, seed, 2.0), randn(m * cols, seed + 1, 1.0));
+    let gate = gpu
+        .tensor_from("gate", Activations, &[m, cols], &g)
+        .unwrap();
+    let up = gpu.tensor_from("up", Activations, &[m, cols], &u).unwrap();
+    let act = gpu.tensor("act", Activations, &[m, cols]).unwrap();
+    let y = gpu.tensor("y", Activations, &[m, rows]).unwrap();
+    let mut rec = gpu.recorder();
+    matmul::matmul_swiglu(&mut rec, wm, &gate, &up, &act, &y).unwrap();
+    let n = rec.len();
+    rec.submit().unwrap();
+    let want = matmul::reference(deq, rows, cols, &swiglu_ref(&g, &u), m);
+    let what = format!("swiglu matmul {} {rows}x{cols} x{m}", wm.format);
+    assert_close(&what, &gpu.read(&y).unwrap(), &want, tolerance(wm.format));
+    n
+}
+
+#[test]
+fn swiglu_folds_into_the_down_projection() {
+    let Some(gpu) = gpu() else { return };
+    let folded = matmul::swiglu_fused(gpu);
+    // Every format in the device's own layout; two (one float, one quantised) in the other, each
+    // variant being pipelines to compile.
+    let own = wgllm::kernels::weights::weight_layout(gpu);
+    for storage in layouts(gpu) {
+        for f in WeightFormat::ALL {
+            if storage.layout != own && !matches!(f, WeightFormat::F16 | WeightFormat::Q4_1) {
+                continue;
+            }
+            let (wm, deq) = weights(gpu, storage, f, 70, awkward_cols(f), 240);
+            for m in [1, 11] {
+                let n = check_swiglu(gpu, &wm, &deq, m, 241);
+                // Folded (one token): the matmul's dispatches only; else the swiglu pass too.
+                let pass = usize::from(!(folded && m == 1));
+                assert_eq!(n, wm.shards.len() + pass, "{f} x{m}");
+            }
+        }
+    }
+    // Where SwiGLU cannot fold (no subgroups), the separate pass gives the same result.
+    let plain = Gpu::new(&GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(!matmul::swiglu_fused(&plain));
+    let (wm, deq) = weights(&plain, buffers(&plain), WeightFormat::Q4_0, 21, 64, 242);
+    assert_eq!(check_swiglu(&plain, &wm, &deq, 3, 243), 2);
+}

@@ -277,7 +277,11 @@ fn stacked_projections_save_three_dispatches_a_layer_and_share_the_same_buffers(
         // inclusive step ranges), and no bigger than the stacked schedule's own sharing.
         for chunk in [1, 64] {
             let sizes = llama_role_bytes(&cfg, chunk, false);
-            let sched = llama_schedule(&cfg, false, true);
+            let fusions = wgllm::plan::activations::Fusions {
+                stacked_projections: true,
+                swiglu_in_matmul: false,
+            };
+            let sched = llama_schedule(&cfg, false, fusions);
             let stacked = share(&sched, &sizes, &LLAMA_PINNED, chunk);
             let runtime = llama_activation_plan(&cfg, chunk, false);
             assert_eq!(
@@ -554,4 +558,28 @@ fn bad_requests_are_refused() {
     // Past the trained context is planned, with a warning.
     let long = MemoryPlan::new(&preset("llama-2-7b"), with(8192, 64)).expect("plan");
     assert!(long.warnings.iter().any(|w| w.contains("trained context")));
+}
+
+#[test]
+fn swiglu_folded_for_single_tokens_drops_a_dispatch_a_layer_in_decode_only() {
+    let cfg = preset("smollm2-135m");
+    let opts = |chunk, swiglu_in_matmul| PlanOptions {
+        precision: Precision::Q4_0,
+        chunk,
+        swiglu_in_matmul,
+        ..Default::default()
+    };
+    let plan = |chunk, fold| MemoryPlan::new(&cfg, opts(chunk, fold)).unwrap();
+    let layers = cfg.n_layers as u64;
+    assert_eq!(
+        plan(1, false).dispatches_per_chunk - plan(1, true).dispatches_per_chunk,
+        layers
+    );
+    assert_eq!(
+        plan(64, false).dispatches_per_chunk,
+        plan(64, true).dispatches_per_chunk
+    );
+    // The down projection reads gate and up as well as act, so they cannot share with proj: the
+    // folded schedule's sharing is valid for both forms, and takes at least as much.
+    assert!(plan(64, true).activation_bytes >= plan(64, false).activation_bytes);
 }

@@ -4,8 +4,10 @@
 // One dispatch computes `rows` rows of the bound weights from row `row0` on. Its outputs may be
 // split in up to three (Q, K and V; gate and up, stacked in one texture and sharing x): rows
 // before `split1` go to y (rows of length `ld`, from `row_start`), rows from `split1` to `split2`
-// to y1, the rest to y2 (each with its own row length). Bindings: 0 = weight data, 1 = block
-// scales, 2 = x, 3 = y, 4 = y1, 5 = y2, 6 = params; unsplit products bind y in all three slots.
+// to y1, the rest to y2 (each with its own row length). With XFN = 1 the input is SwiGLU of two
+// tensors, x = silu(x) * x2 (the FFN's down projection reads gate and up without a pass of its
+// own). Bindings: 0 = weight data, 1 = block scales, 2 = x, 3 = y, 4 = y1, 5 = y2, 6 = x2,
+// 7 = params; unsplit products bind y in all three output slots, XFN = 0 binds x as x2.
 //
 // Each front file declares bindings 0 (`wq`) and 1 (`ws`) and defines how to read them (`row` is
 // a row of the binding, `p.row0` already added):
@@ -30,7 +32,11 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y1: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y2: array<f32>;
-@group(0) @binding(6) var<uniform> p: Params;
+@group(0) @binding(6) var<storage, read> x2: array<f32>;
+@group(0) @binding(7) var<uniform> p: Params;
+
+// 0: the input is x; 1: the input is silu(x) * x2 (SwiGLU).
+override XFN: u32 = 0u;
 
 // Rows per invocation (1..16) and tokens per invocation (1..8), chosen per matrix by the host.
 override R: u32 = 8u;
@@ -116,7 +122,11 @@ fn x4(tok: u32, blk: u32, lane: u32) -> vec4<f32> {
     let last = p.cols - 1u;
     let c = vec4<u32>(32u * blk + 4u * lane) + vec4<u32>(0u, 1u, 2u, 3u);
     let i = vec4<u32>(tok * p.cols) + min(c, vec4<u32>(last));
-    let v = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
+    var v = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
+    if (XFN == 1u) {
+        let up = vec4<f32>(x2[i.x], x2[i.y], x2[i.z], x2[i.w]);
+        v = v / (1.0 + exp(-v)) * up;
+    }
     return select(vec4<f32>(0.0), v, c <= vec4<u32>(last));
 }
 

@@ -66,13 +66,13 @@ const _: () = assert!(std::mem::size_of::<MatmulParams>() == 32);
 
 const BINDS: [Bind; 4] = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
 /// Bindings of the subgroup matvec (see shaders/common/matvec_sg_body.wgsl): weight data and
-/// scales (buffers or textures), x, y, y1, y2.
-const SG_BINDS: [Bind; 6] = sg_binds(Bind::Input);
-const SG_TEX_BINDS: [Bind; 6] = sg_binds(Bind::Texture);
+/// scales (buffers or textures), x, y, y1, y2, x2.
+const SG_BINDS: [Bind; 7] = sg_binds(Bind::Input);
+const SG_TEX_BINDS: [Bind; 7] = sg_binds(Bind::Texture);
 
-const fn sg_binds(w: Bind) -> [Bind; 6] {
+const fn sg_binds(w: Bind) -> [Bind; 7] {
     use Bind::{Input, Output};
-    [w, w, Input, Output, Output, Output]
+    [w, w, Input, Output, Output, Output, Input]
 }
 
 /// The params of `matvec_sg.wgsl`: the rows computed, from which row of the binding, and where
@@ -315,7 +315,7 @@ pub fn matvec_with(
         Some(MatvecKernel::Workgroup { rows }) => Rows::Workgroup(Some(rows), 1),
         Some(MatvecKernel::Subgroup { rows }) => Rows::Subgroup(Some(rows), 1),
     };
-    rows_kernel(rec, w, x, y, 1, kind, &op)
+    rows_kernel(rec, w, x, None, y, 1, kind, &op)
 }
 
 /// `Y = X Wᵀ` for `m` tokens: `x` is `[.., cols]` (m = all leading dimensions), `y` has the same
@@ -355,7 +355,7 @@ pub fn matmul_with(
         MatmulKernel::Subgroup { rows, tokens } => Rows::Subgroup(rows, tokens),
         MatmulKernel::Tiled => return tiled_kernel(rec, w, x, y, m, &op),
     };
-    rows_kernel(rec, w, x, y, m, kind, &op)
+    rows_kernel(rec, w, x, None, y, m, kind, &op)
 }
 
 /// A matvec kernel for [`rows_kernel`]: rows per workgroup (workgroup kernel) or per invocation
@@ -409,10 +409,12 @@ fn refusal(gpu: &Gpu, kind: Rows) -> Option<String> {
 }
 
 /// Dispatches `matvec.wgsl` or `matvec_sg.wgsl` over `m` tokens; shapes already checked.
+#[allow(clippy::too_many_arguments)]
 fn rows_kernel(
     rec: &mut Recorder,
     w: &WeightMatrix,
     x: &Tensor,
+    x2: Option<&Tensor>,
     y: &Tensor,
     m: usize,
     kind: Rows,
@@ -424,6 +426,7 @@ fn rows_kernel(
     }
     check_shards(op, w)?;
     let (xv, yv) = (bound(op, x)?, bound(op, y)?);
+    let x2 = x2.map(|t| bound(op, t)).transpose()?;
     let entry = format!("matvec_{}", w.format.name());
     let cols = u32_of(op, "cols", w.cols)?;
     let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
@@ -437,7 +440,19 @@ fn rows_kernel(
                         y: yv.clone(),
                         ld: w.rows,
                     };
-                    subgroup_kernel(rec, w.format, w.cols, &[part], &xv, m, Some(rows), 1, op)?;
+                    let x2 = x2.as_ref();
+                    subgroup_kernel(
+                        rec,
+                        w.format,
+                        w.cols,
+                        &[part],
+                        &xv,
+                        x2,
+                        m,
+                        Some(rows),
+                        1,
+                        op,
+                    )?;
                     None
                 }
             },
@@ -450,11 +465,18 @@ fn rows_kernel(
                     y: yv.clone(),
                     ld: w.rows,
                 };
-                subgroup_kernel(rec, w.format, w.cols, &[part], &xv, m, rows, tokens, op)?;
+                let x2 = x2.as_ref();
+                subgroup_kernel(rec, w.format, w.cols, &[part], &xv, x2, m, rows, tokens, op)?;
                 None
             }
         };
         let Some((r, t)) = rows else { continue };
+        if x2.is_some() {
+            return Err(Error::invalid(
+                op,
+                "only the subgroup matvec takes SwiGLU input",
+            ));
+        }
         if s.data.layout() == WeightLayout::Textures {
             return Err(Error::invalid(
                 op,
@@ -513,6 +535,7 @@ fn subgroup_kernel(
     cols: usize,
     parts: &[SgPart],
     x: &View,
+    x2: Option<&View>,
     m: usize,
     rows: Option<u32>,
     tokens: u32,
@@ -534,7 +557,11 @@ fn subgroup_kernel(
         &format!("matvec_{}", format.name()),
         binds,
         32,
-        &[("R", r as f64), ("TOK", tokens as f64)],
+        &[
+            ("R", r as f64),
+            ("TOK", tokens as f64),
+            ("XFN", u32::from(x2.is_some()) as f64),
+        ],
     )?;
     // Where the outputs switch to y1 and y2 (at the end when there is no such part; the unused
     // slots bind y again).
@@ -564,7 +591,15 @@ fn subgroup_kernel(
     rec.dispatch(
         &k,
         &format!("{shader}.{label}"),
-        &[data, scales, x.clone(), y(0), y(1), y(2)],
+        &[
+            data,
+            scales,
+            x.clone(),
+            y(0),
+            y(1),
+            y(2),
+            x2.unwrap_or(x).clone(),
+        ],
         params(&p),
         gpu.groups(u32_of(op, "workgroups", n)?),
     )
@@ -622,17 +657,74 @@ pub fn matmul_fused(
         return Ok(());
     }
     let xv = bound(&op, x)?;
+    let tokens = matvec_sg_tokens(m);
     subgroup_kernel(
         rec,
         ws[0].format,
         cols,
         &parts,
         &xv,
+        None,
         m,
         None,
-        matvec_sg_tokens(m),
+        tokens,
         &op,
     )
+}
+
+/// `y = swiglu(gate, up) Wᵀ`, SwiGLU (`silu(gate) * up`) feeding a projection (the FFN's down
+/// projection): for a single token where [`swiglu_fused`], the subgroup matvec computes SwiGLU as
+/// it loads its input, so there is no pass of its own and `act` is not touched; otherwise
+/// [`crate::kernels::activation::swiglu`] into `act`, then [`matmul`] (at 8 tokens a pass, the
+/// folded form's doubled input loads cost lavapipe more than the separate pass saves).
+/// `gate`, `up` and `act` are `[.., cols]`, `y` `[.., rows]`.
+pub fn matmul_swiglu(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    gate: &Tensor,
+    up: &Tensor,
+    act: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
+    let tokens: usize = gate.shape.iter().rev().skip(1).product();
+    if !swiglu_fused(rec.gpu()) || tokens != 1 {
+        crate::kernels::activation::swiglu(rec, gate, up, act)?;
+        return matmul(rec, w, act, y);
+    }
+    let op = format!("matmul {} (SwiGLU input)", w.label);
+    up.expect(&op, &gate.shape)?;
+    let Some((_, lead)) = gate.shape.split_last().filter(|(&c, _)| c == w.cols) else {
+        return Err(Error::shape(
+            format!("{op} ({})", gate.buf.label),
+            format!("[.., {}]", w.cols),
+            format!("{:?}", gate.shape),
+        ));
+    };
+    let mut want = lead.to_vec();
+    want.push(w.rows);
+    y.expect(&op, &want)?;
+    let m: usize = lead.iter().product();
+    if m == 0 {
+        return Ok(());
+    }
+    let tokens = matvec_sg_tokens(m);
+    rows_kernel(
+        rec,
+        w,
+        gate,
+        Some(up),
+        y,
+        m,
+        Rows::Subgroup(None, tokens),
+        &op,
+    )
+}
+
+/// Whether [`matmul_swiglu`] folds SwiGLU into the projection of a single token: where the
+/// subgroup matvec runs (the memory plan's schedule follows:
+/// [`crate::plan::PlanOptions::swiglu_in_matmul`]).
+pub fn swiglu_fused(gpu: &Gpu) -> bool {
+    subgroup_matvec_ok(gpu)
 }
 
 /// Whether [`matmul_fused`] runs `ws` as one dispatch: the device runs the subgroup matvec, and

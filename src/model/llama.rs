@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{BufferClass, Gpu, GpuBuffer, Recorder};
 use crate::kernels::attention::{self, KvCache, KvDtype};
 use crate::kernels::rope::{self, RopeMode};
-use crate::kernels::{activation, elementwise, embedding, matmul, norm, Tensor, WeightMatrix};
+use crate::kernels::{elementwise, embedding, matmul, norm, Tensor, WeightMatrix};
 use crate::loader::gguf::Gguf;
 use crate::model::config::{Arch, Ffn, ModelConfig, Norm, Positions};
 use crate::model::source::Source;
@@ -733,8 +733,8 @@ fn layer(
     matmul::matmul_fused(r, &[&lw.w_gate, &lw.w_up], &a.xb, &[&a.gate, &a.up])?; // (m, ffn) each
     bias(r, &a.gate, &lw.b_gate)?;
     bias(r, &a.up, &lw.b_up)?;
-    activation::swiglu(r, &a.gate, &a.up, &a.act)?; // silu(gate) * up
-    matmul::matmul(r, &lw.w_down, &a.act, &a.proj)?; // (m, d)
+    // (m, d) = (silu(gate) * up) w_downᵀ; SwiGLU folded into the matmul where it can be
+    matmul::matmul_swiglu(r, &lw.w_down, &a.gate, &a.up, &a.act, &a.proj)?;
     bias(r, &a.proj, &lw.b_down)?;
     elementwise::add(r, &a.x2, &a.proj, &a.x)?; // residual
     Ok(())
@@ -818,7 +818,9 @@ impl RunState {
     ) -> Result<RunState> {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
-        let plan = crate::plan::activations::llama_activation_plan(cfg, c, opts.all_logits);
+        let swiglu = crate::kernels::matmul::swiglu_fused(gpu);
+        let plan =
+            crate::plan::activations::llama_activation_plan_with(cfg, c, opts.all_logits, swiglu);
         let buffers = plan
             .buffers
             .iter()

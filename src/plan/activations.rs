@@ -57,6 +57,9 @@ pub enum Kernel {
     Attention,
     Add,
     Swiglu,
+    /// The SwiGLU pass of a device that folds SwiGLU into the down projection for single
+    /// tokens ([`Fusions::swiglu_in_matmul`]): a dispatch only in chunks of several tokens.
+    SwigluPrefill,
 }
 
 /// Bytes of the uniform params block of the RoPE kernel: 32 bytes of fields and `MAX_ROT_DIM` (512)
@@ -69,7 +72,11 @@ impl Kernel {
     pub fn params_bytes(self) -> u64 {
         match self {
             Kernel::Host | Kernel::Copy => 0,
-            Kernel::RmsNorm | Kernel::AddBias | Kernel::Add | Kernel::Swiglu => 16,
+            Kernel::RmsNorm
+            | Kernel::AddBias
+            | Kernel::Add
+            | Kernel::Swiglu
+            | Kernel::SwigluPrefill => 16,
             Kernel::Embedding { .. }
             | Kernel::Matmul { .. }
             | Kernel::StackedMatmul
@@ -120,12 +127,26 @@ impl Schedule {
 /// `Llama::forward_chunk` step by step. Q/K/V bias adds appear when `cfg.attn_bias`. Without
 /// `all_logits` the last row is copied into `proj` before the final norm (the code skips the copy
 /// when the chunk is one token and normalises `x` directly; the schedule lists both reads).
+/// The fusions the forward pass runs on a device; they change the schedule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Fusions {
+    /// Q, K and V, and gate and up, each one dispatch (weights stacked in one texture,
+    /// [`crate::kernels::matmul::matmul_fused`]). That changes the dispatch count, not the
+    /// sharing: the stacked step writes the roles the separate ones wrote, live together anyway.
+    pub stacked_projections: bool,
+    /// SwiGLU computed by the down projection as it loads its input, for single tokens
+    /// ([`crate::kernels::matmul::matmul_swiglu`]); chunks of several tokens keep the SwiGLU
+    /// pass (on lavapipe the folded form doubles the input loads, which cost more than the pass
+    /// once a matvec serves 8 tokens). One schedule serves both, so the down projection reads
+    /// gate, up and act (gate and up live until it: the sharing changes), and the SwiGLU step
+    /// dispatches only in chunks of several tokens.
+    pub swiglu_in_matmul: bool,
+}
+
 ///
-/// `stacked`: Q, K and V, and gate and up, each run as one dispatch (weights stacked in one
-/// texture, [`crate::kernels::matmul::matmul_fused`]). That changes the dispatch count, not the
-/// sharing: the stacked step writes the roles the separate ones wrote, all of them live together
-/// in either case.
-pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, stacked: bool) -> Schedule {
+/// `fusions`: see [`Fusions`].
+pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> Schedule {
+    let stacked = fusions.stacked_projections;
     let (d, v) = (cfg.hidden_size, cfg.vocab_size);
     let q = cfg.n_heads.saturating_mul(cfg.head_dim);
     let kv = cfg.n_kv_heads.saturating_mul(cfg.head_dim);
@@ -190,10 +211,23 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, stacked: bool) -> Sch
         layer.push(step("matmul w_up", mm(f, d), &["xb"], &["up"]));
         bias(cfg.ffn_bias, &mut layer, "up");
     }
-    layer.extend([
-        step("swiglu", Kernel::Swiglu, &["gate", "up"], &["act"]),
-        step("matmul w_down", mm(d, f), &["act"], &["proj"]),
-    ]);
+    if fusions.swiglu_in_matmul {
+        let gate_up = ["gate", "up"];
+        layer.extend([
+            step(
+                "swiglu (several tokens)",
+                Kernel::SwigluPrefill,
+                &gate_up,
+                &["act"],
+            ),
+            step("matmul w_down", mm(d, f), &["gate", "up", "act"], &["proj"]),
+        ]);
+    } else {
+        layer.extend([
+            step("swiglu", Kernel::Swiglu, &["gate", "up"], &["act"]),
+            step("matmul w_down", mm(d, f), &["act"], &["proj"]),
+        ]);
+    }
     bias(cfg.ffn_bias, &mut layer, "proj");
     layer.push(step(
         "residual add (ffn)",
@@ -293,8 +327,23 @@ pub fn llama_role_bytes(
 /// The shared activation buffers of the LLaMA forward pass for chunks of `chunk` tokens (at least
 /// 1). `all_logits` keeps logits for every token of a chunk rather than the last.
 pub fn llama_activation_plan(cfg: &ModelConfig, chunk: usize, all_logits: bool) -> ActivationPlan {
+    llama_activation_plan_with(cfg, chunk, all_logits, false)
+}
+
+/// [`llama_activation_plan`] for a forward pass that folds SwiGLU into the down projection or not
+/// (the one fusion that changes the sharing; see [`Fusions`]). The runtime allocates this.
+pub fn llama_activation_plan_with(
+    cfg: &ModelConfig,
+    chunk: usize,
+    all_logits: bool,
+    swiglu_in_matmul: bool,
+) -> ActivationPlan {
     let chunk = chunk.max(1);
-    let sched = llama_schedule(cfg, all_logits, false);
+    let fusions = Fusions {
+        stacked_projections: false,
+        swiglu_in_matmul,
+    };
+    let sched = llama_schedule(cfg, all_logits, fusions);
     let sizes = llama_role_bytes(cfg, chunk, all_logits);
     share(&sched, &sizes, &LLAMA_PINNED, chunk)
 }

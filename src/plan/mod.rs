@@ -81,6 +81,9 @@ pub struct PlanOptions {
     /// Q/K/V and gate/up run as one dispatch each (weights stacked in textures; see
     /// [`crate::kernels::matmul::matmul_fused`]): fewer kernel parameter blocks.
     pub stacked_projections: bool,
+    /// SwiGLU folded into the down projection ([`crate::kernels::matmul::matmul_swiglu`]): one
+    /// dispatch less a layer, and a different sharing of the activations.
+    pub swiglu_in_matmul: bool,
     /// The device's uniform-buffer offset alignment: each dispatch's params take a slot of this
     /// granularity (256 by default, WebGPU's; lavapipe's is 32).
     pub param_align: u64,
@@ -101,6 +104,7 @@ impl Default for PlanOptions {
             weight_layout: WeightLayout::Buffers,
             max_texture_dim: 8192,
             stacked_projections: false,
+            swiglu_in_matmul: false,
             param_align: PARAM_SLOT,
         }
     }
@@ -125,6 +129,7 @@ impl PlanOptions {
         self.max_texture_dim = w.max_texture_dim;
         self.stacked_projections =
             w.layout == WeightLayout::Textures && crate::kernels::matmul::subgroup_matvec_ok(gpu);
+        self.swiglu_in_matmul = crate::kernels::matmul::swiglu_fused(gpu);
         self.param_align = gpu.limits.min_uniform_buffer_offset_alignment as u64;
         self
     }
@@ -216,7 +221,12 @@ impl MemoryPlan {
 
         let kv_bpt = bytes_per_token(opts.kv, cfg.n_kv_heads, cfg.head_dim);
         let kv_cache_bytes = l.saturating_mul(opts.ctx as u64).saturating_mul(kv_bpt);
-        let activations = llama_activation_plan(cfg, opts.chunk, opts.all_logits);
+        let activations = activations::llama_activation_plan_with(
+            cfg,
+            opts.chunk,
+            opts.all_logits,
+            opts.swiglu_in_matmul,
+        );
 
         // Largest single upload chunk: of a shard's data or scales, or of a norm/bias vector.
         let storage = opts.weight_storage();
@@ -241,12 +251,17 @@ impl MemoryPlan {
         let staging_readback_bytes = align4(logits.min(STAGING_CHUNK));
 
         // Kernel params: every dispatch of one chunk, layers unrolled.
-        let sched = activations::llama_schedule(cfg, opts.all_logits, opts.stacked_projections);
+        let fusions = activations::Fusions {
+            stacked_projections: opts.stacked_projections,
+            swiglu_in_matmul: opts.swiglu_in_matmul,
+        };
+        let sched = activations::llama_schedule(cfg, opts.all_logits, fusions);
         let mut dispatches = 0u64;
         let mut kernel_params_bytes = 0u64;
         let mut count = |k: Kernel, times: u64| -> Result<()> {
             let n = match k {
                 Kernel::Host | Kernel::Copy => 0,
+                Kernel::SwigluPrefill if opts.chunk == 1 => 0,
                 Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
                     rows.div_ceil(storage.rows_per_shard(fmt, rows, cols)?) as u64
                 }
