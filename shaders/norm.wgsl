@@ -1,8 +1,11 @@
 // Row normalisations over the last dimension, one workgroup per row (token):
-//   rms_norm:   out = x / sqrt(mean(x^2) + eps) * gamma
-//   layer_norm: out = (x - mean) / sqrt(var + eps) * gamma + beta   (two-pass variance)
-// Bindings: 0 = x [m, n] (read), 1 = gamma [n] (read), 2 = beta [n] (read; rms_norm does not use it,
-// the host binds gamma there), 3 = out [m, n] (read_write), 4 = params.
+//   rms_norm:     out = x / sqrt(mean(x^2) + eps) * gamma
+//   add_rms_norm: sum = x + b; out = rms_norm(sum)   (a residual add and the norm after it)
+//   layer_norm:   out = (x - mean) / sqrt(var + eps) * gamma + beta   (two-pass variance)
+// Bindings: 0 = x [m, n] (read), 1 = gamma [n] (read), 2 = beta [n], or b [m, n] for add_rms_norm
+// (read; rms_norm does not use it, the host binds gamma there), 3 = out [m, n] (read_write),
+// 4 = sum [m, n] (read_write; only add_rms_norm writes it, the others get out bound again),
+// 5 = params. norm_sg.wgsl has the same bindings.
 
 struct Params {
     m: u32,
@@ -15,7 +18,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read> gamma: array<f32>;
 @group(0) @binding(2) var<storage, read> beta: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<uniform> p: Params;
+@group(0) @binding(4) var<storage, read_write> sum: array<f32>;
+@group(0) @binding(5) var<uniform> p: Params;
 
 const WG: u32 = 256u;
 
@@ -55,6 +59,27 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let inv = 1.0 / sqrt(total / f32(p.n) + p.eps);
     for (var i = lid; i < p.n; i = i + WG) {
         out[base + i] = x[base + i] * inv * gamma[i];
+    }
+}
+
+@compute @workgroup_size(256)
+fn add_rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.m) {
+        return;
+    }
+    let base = row * p.n;
+    var ss = 0.0;
+    for (var i = lid; i < p.n; i = i + WG) {
+        let v = x[base + i] + beta[base + i];
+        sum[base + i] = v;
+        ss = ss + v * v;
+    }
+    let total = wg_sum(lid, ss);
+    let inv = 1.0 / sqrt(total / f32(p.n) + p.eps);
+    // Each invocation reads back only the sums it wrote itself.
+    for (var i = lid; i < p.n; i = i + WG) {
+        out[base + i] = sum[base + i] * inv * gamma[i];
     }
 }
 

@@ -1,4 +1,5 @@
-//! RMSNorm and LayerNorm against their f64 CPU references on awkward row lengths, plus shape checks.
+//! RMSNorm (alone and after a residual add) and LayerNorm against their f64 CPU references on
+//! awkward row lengths, plus shape checks. On lavapipe the RMSNorm kernels are norm_sg.wgsl's.
 mod common;
 use common::*;
 use wgllm::kernels::norm;
@@ -30,6 +31,37 @@ fn rms_norm_matches_reference() {
             &format!("rms_norm {m}x{n}"),
             &gpu.read(&out).unwrap(),
             &norm::rms_norm_reference(&x, &g, 1e-6),
+            tol::NMSE_F32,
+        );
+    }
+}
+
+#[test]
+fn add_rms_norm_matches_the_add_then_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (m, n) in SIZES {
+        let (x, b) = (randn(m * n, 3, 2.0), randn(m * n, 4, 1.0));
+        let g = randn(n, 5, 1.0);
+        let tx = gpu.tensor_from("x", Activations, &[m, n], &x).unwrap();
+        let tb = gpu.tensor_from("b", Activations, &[m, n], &b).unwrap();
+        let tg = gpu.tensor_from("gamma", Activations, &[n], &g).unwrap();
+        let sum = gpu.tensor("sum", Activations, &[m, n]).unwrap();
+        let out = gpu.tensor("out", Activations, &[m, n]).unwrap();
+        let mut rec = gpu.recorder();
+        norm::add_rms_norm(&mut rec, &tx, &tb, &tg, 1e-6, &sum, &out).unwrap();
+        assert_eq!(rec.len(), 1);
+        rec.submit().unwrap();
+        let want_sum: Vec<f32> = x.iter().zip(&b).map(|(a, b)| a + b).collect();
+        // The sum is one f32 addition: exact.
+        assert_eq!(
+            gpu.read(&sum).unwrap(),
+            want_sum,
+            "add_rms_norm sum {m}x{n}"
+        );
+        assert_close(
+            &format!("add_rms_norm {m}x{n}"),
+            &gpu.read(&out).unwrap(),
+            &norm::rms_norm_reference(&want_sum, &g, 1e-6),
             tol::NMSE_F32,
         );
     }
@@ -105,5 +137,13 @@ fn norms_refuse_bad_shapes_before_dispatch() {
     // In place is refused (one buffer cannot be bound read-only and read-write at once).
     assert!(norm::rms_norm(&mut rec, &x, &g8, 1e-6, &x).is_err());
     assert!(norm::rms_norm(&mut rec, &x, &g8, f32::NAN, &out).is_err());
+    // add_rms_norm: shapes, and no output aliasing an input or the other output.
+    let b = gpu.tensor("b", Activations, &[2, 8]).unwrap();
+    let sum = gpu.tensor("sum", Activations, &[2, 8]).unwrap();
+    shape(norm::add_rms_norm(&mut rec, &x, &out_bad, &g8, 1e-6, &sum, &out).unwrap_err());
+    shape(norm::add_rms_norm(&mut rec, &x, &b, &g7, 1e-6, &sum, &out).unwrap_err());
+    assert!(norm::add_rms_norm(&mut rec, &x, &b, &g8, 1e-6, &b, &out).is_err());
+    assert!(norm::add_rms_norm(&mut rec, &x, &b, &g8, 1e-6, &sum, &x).is_err());
+    assert!(norm::add_rms_norm(&mut rec, &x, &b, &g8, 1e-6, &out, &out).is_err());
     assert!(rec.is_empty());
 }

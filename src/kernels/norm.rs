@@ -1,7 +1,9 @@
-//! Row normalisations (`shaders/norm.wgsl`): RMSNorm and LayerNorm over the last dimension of an
-//! `[m, n]` activation, one workgroup per row with shared-memory (pairwise) reductions. LayerNorm
-//! uses two passes (mean, then the mean of squared deviations), so a large mean does not cancel the
-//! variance away.
+//! Row normalisations (`shaders/norm.wgsl`): RMSNorm (alone, or with the residual add before it)
+//! and LayerNorm over the last dimension of an `[m, n]` activation, one workgroup per row with
+//! shared-memory (pairwise) reductions. LayerNorm uses two passes (mean, then the mean of squared
+//! deviations), so a large mean does not cancel the variance away. On CPU devices with 8-lane
+//! subgroups, the RMSNorm kernels come from `shaders/norm_sg.wgsl` (one subgroup per row, no
+//! barriers), which llvmpipe runs several times faster.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Recorder};
@@ -59,6 +61,8 @@ fn check_eps(op: &str, eps: f32) -> Result<()> {
     Ok(())
 }
 
+/// Dispatches `entry`; `sum` is add_rms_norm's second output (the others bind `out` there).
+#[allow(clippy::too_many_arguments)]
 fn run(
     rec: &mut Recorder,
     entry: &str,
@@ -66,13 +70,22 @@ fn run(
     gamma: &Tensor,
     beta: &Tensor,
     out: &Tensor,
+    sum: Option<&Tensor>,
     p: Params,
 ) -> Result<()> {
     let gpu = rec.gpu();
+    let sg = entry != "layer_norm" && crate::kernels::matmul::subgroup_matvec_ok(gpu);
+    let shader = if sg { "norm_sg" } else { "norm" };
     let k = gpu.kernel(
-        "norm",
+        shader,
         entry,
-        &[Bind::Input, Bind::Input, Bind::Input, Bind::Output],
+        &[
+            Bind::Input,
+            Bind::Input,
+            Bind::Input,
+            Bind::Output,
+            Bind::Output,
+        ],
         16,
         &[],
     )?;
@@ -85,6 +98,7 @@ fn run(
             gamma.buf.view(),
             beta.buf.view(),
             out.buf.view(),
+            sum.unwrap_or(out).buf.view(),
         ],
         params(&p),
         groups,
@@ -104,7 +118,38 @@ pub fn rms_norm(
     check_eps("rms_norm", eps)?;
     // The shader's beta binding is unused by rms_norm; gamma fills the slot.
     let p = Params { m, n, eps, _pad: 0 };
-    run(rec, "rms_norm", x, gamma, gamma, out, p)
+    run(rec, "rms_norm", x, gamma, gamma, out, None, p)
+}
+
+/// The residual add and the RMSNorm after it in one pass: `sum = x + b`, then
+/// `out = sum / sqrt(mean(sum^2) + eps) * gamma` per row (`x`, `b`, `sum`, `out` `[.., n]`,
+/// `gamma` `[n]`). `sum` and `out` must be buffers other than `x`'s and `b`'s, and each other's.
+pub fn add_rms_norm(
+    rec: &mut Recorder,
+    x: &Tensor,
+    b: &Tensor,
+    gamma: &Tensor,
+    eps: f32,
+    sum: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    let op = "add_rms_norm";
+    let (m, n) = rows_cols(op, x, out, &[gamma])?;
+    b.expect(op, &x.shape)?;
+    sum.expect(op, &x.shape)?;
+    check_eps(op, eps)?;
+    let outputs = [&sum.buf.buffer, &out.buf.buffer];
+    if outputs.contains(&&b.buf.buffer)
+        || outputs.contains(&&x.buf.buffer)
+        || sum.buf.buffer == out.buf.buffer
+    {
+        return Err(Error::invalid(
+            op,
+            "sum and out must be two buffers other than the inputs' (a binding cannot be read-only and read-write at once)",
+        ));
+    }
+    let p = Params { m, n, eps, _pad: 0 };
+    run(rec, op, x, gamma, b, out, Some(sum), p)
 }
 
 /// `out = (x - mean) / sqrt(var + eps) * gamma + beta` per row of `x` (`[.., n]`; `gamma`, `beta`
@@ -120,7 +165,7 @@ pub fn layer_norm(
     let (m, n) = rows_cols("layer_norm", x, out, &[gamma, beta])?;
     check_eps("layer_norm", eps)?;
     let p = Params { m, n, eps, _pad: 0 };
-    run(rec, "layer_norm", x, gamma, beta, out, p)
+    run(rec, "layer_norm", x, gamma, beta, out, None, p)
 }
 
 /// CPU reference of [`rms_norm`] (f64 accumulation), `x` row-major with rows of `gamma.len()`.

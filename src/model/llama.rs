@@ -727,9 +727,8 @@ fn layer(
     attention::attention(r, &a.q3, kv, p.pos0, p.scale, &a.att3)?;
     matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)
     bias(r, &a.proj, &lw.bo)?;
-    elementwise::add(r, &a.x, &a.proj, &a.x2)?; // residual
-                                                // FFN block
-    norm::rms_norm(r, &a.x2, &lw.ffn_norm, p.eps, &a.xb)?;
+    // residual, and the FFN block's norm, in one pass
+    norm::add_rms_norm(r, &a.x, &a.proj, &lw.ffn_norm, p.eps, &a.x2, &a.xb)?;
     matmul::matmul_fused(r, &[&lw.w_gate, &lw.w_up], &a.xb, &[&a.gate, &a.up])?; // (m, ffn) each
     bias(r, &a.gate, &lw.b_gate)?;
     bias(r, &a.up, &lw.b_up)?;

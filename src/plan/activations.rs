@@ -51,6 +51,8 @@ pub enum Kernel {
     /// One dispatch for matrices stacked in one texture (Q, K, V; gate, up).
     StackedMatmul,
     RmsNorm,
+    /// The residual add and the RMSNorm after it, one dispatch.
+    AddRmsNorm,
     AddBias,
     Rope,
     KvStore,
@@ -73,6 +75,7 @@ impl Kernel {
         match self {
             Kernel::Host | Kernel::Copy => 0,
             Kernel::RmsNorm
+            | Kernel::AddRmsNorm
             | Kernel::AddBias
             | Kernel::Add
             | Kernel::Swiglu
@@ -191,15 +194,12 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
         }
     };
     bias(cfg.attn_out_bias, &mut layer, "proj");
-    layer.extend([
-        step(
-            "residual add (attention)",
-            Kernel::Add,
-            &["x", "proj"],
-            &["x2"],
-        ),
-        step("ffn_norm", Kernel::RmsNorm, &["x2"], &["xb"]),
-    ]);
+    layer.push(step(
+        "residual add (attention) + ffn_norm",
+        Kernel::AddRmsNorm,
+        &["x", "proj"],
+        &["x2", "xb"],
+    ));
     if stacked {
         let gu = Kernel::StackedMatmul;
         layer.push(step("matmul w_gate+w_up", gu, &["xb"], &["gate", "up"]));
