@@ -4,7 +4,9 @@
 //   mode 0 (interleaved, GGUF/llama.cpp "normal"): elements (2i, 2i + 1) of each head;
 //   mode 1 (half, HF rotate_half / NeoX):          elements (i, i + rot_dim / 2).
 // Elements from rot_dim to head_dim (partial rotary) are left untouched.
-// Bindings: 0 = x (read_write), 1 = params.
+// One dispatch may rotate two tensors of the same tokens (Q and K): pairs of x first, then those of
+// x2 [m, n_heads2, head_dim]; n_heads2 = 0 rotates x alone (the host binds x in both slots).
+// Bindings: 0 = x (read_write), 1 = x2 (read_write), 2 = params.
 
 struct Params {
     m: u32,
@@ -13,7 +15,7 @@ struct Params {
     rot_dim: u32,
     pos0: u32,
     mode: u32,
-    _pad0: u32,
+    n_heads2: u32,
     _pad1: u32,
     // freq_i / 2pi (turns per position) as an unevaluated sum hi + lo of two f32, computed in f64
     // on the host: q[k] = (hi, lo) of pair 2k, then (hi, lo) of pair 2k + 1. Up to 256 pairs.
@@ -21,7 +23,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
-@group(0) @binding(1) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> x2: array<f32>;
+@group(0) @binding(2) var<uniform> p: Params;
 
 const WG: u32 = 256u;
 const TWO_PI: f32 = 6.283185307179586;
@@ -47,13 +50,17 @@ fn turns(pos: u32, hi: f32, lo: f32) -> f32 {
 @compute @workgroup_size(256)
 fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let half = p.rot_dim / 2u;
-    let k = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (k >= p.m * p.n_heads * half) {
+    let g = (wid.x + wid.y * nwg.x) * WG + lid;
+    let n1 = p.m * p.n_heads * half;
+    let second = g >= n1;
+    if (g >= n1 + p.m * p.n_heads2 * half) {
         return;
     }
+    let k = select(g, g - n1, second);
+    let heads = select(p.n_heads, p.n_heads2, second);
     let i = k % half;
-    let th = k / half; // token * n_heads + head
-    let t = th / p.n_heads;
+    let th = k / half; // token * heads + head
+    let t = th / heads;
     let base = th * p.head_dim;
     var a = base + i;
     var b = base + i + half;
@@ -67,8 +74,15 @@ fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let angle = turns(p.pos0 + t, q.x, q.y) * TWO_PI;
     let c = cos(angle);
     let s = sin(angle);
-    let x0 = x[a];
-    let x1 = x[b];
-    x[a] = x0 * c - x1 * s;
-    x[b] = x0 * s + x1 * c;
+    if (second) {
+        let x0 = x2[a];
+        let x1 = x2[b];
+        x2[a] = x0 * c - x1 * s;
+        x2[b] = x0 * s + x1 * c;
+    } else {
+        let x0 = x[a];
+        let x1 = x[b];
+        x[a] = x0 * c - x1 * s;
+        x[b] = x0 * s + x1 * c;
+    }
 }

@@ -112,3 +112,47 @@ fn rope_refuses_bad_arguments_before_dispatch() {
     assert!(rope::rope_with_freqs(&mut rec, &x, 0, &bad, RopeMode::Half).is_err());
     assert!(rec.is_empty());
 }
+
+#[test]
+fn rope_qk_rotates_both_tensors_in_one_dispatch() {
+    let Some(gpu) = gpu() else { return };
+    for mode in [RopeMode::Interleaved, RopeMode::Half] {
+        // SmolLM2's 9 query and 3 kv heads of 64; MHA; partial rotary on a GQA shape.
+        for ((m, nh, nkv, hd), rot) in [
+            ((5, 9, 3, 64), 64),
+            ((1, 4, 4, 32), 32),
+            ((3, 6, 2, 80), 40),
+        ] {
+            let (q, k) = (randn(m * nh * hd, 60, 1.0), randn(m * nkv * hd, 61, 1.0));
+            let tq = gpu.tensor_from("q", Activations, &[m, nh, hd], &q).unwrap();
+            let tk = gpu
+                .tensor_from("k", Activations, &[m, nkv, hd], &k)
+                .unwrap();
+            let mut rec = gpu.recorder();
+            rope::rope_qk(&mut rec, &tq, &tk, 77, 10000.0, mode, rot).unwrap();
+            assert_eq!(rec.len(), 1);
+            rec.submit().unwrap();
+            let freqs = rope::rope_freqs(10000.0, rot);
+            for (t, x, heads, name) in [(&tq, &q, nh, "q"), (&tk, &k, nkv, "k")] {
+                assert_close(
+                    &format!("rope_qk {name} {mode:?} {m}x{heads}x{hd} rot {rot}"),
+                    &gpu.read(t).unwrap(),
+                    &rope::rope_reference(x, heads, hd, 77, &freqs, mode),
+                    tol::NMSE_TRANSCENDENTAL,
+                );
+            }
+        }
+    }
+    // Tokens or head_dim that disagree, or one buffer for both, are refused before dispatch.
+    let q = gpu.tensor("q", Activations, &[2, 4, 64]).unwrap();
+    let mut rec = gpu.recorder();
+    for k in [
+        gpu.tensor("k", Activations, &[3, 2, 64]).unwrap(),
+        gpu.tensor("k", Activations, &[2, 2, 32]).unwrap(),
+        q.clone(),
+    ] {
+        let e = rope::rope_qk(&mut rec, &q, &k, 0, 10000.0, RopeMode::Half, 64).unwrap_err();
+        assert!(matches!(e, wgllm::Error::ShapeMismatch { .. }), "{e}");
+    }
+    assert!(rec.is_empty());
+}

@@ -35,7 +35,9 @@ struct Params {
     rot_dim: u32,
     pos0: u32,
     mode: u32,
-    _pad: [u32; 2],
+    /// Heads of the second tensor (0: none).
+    n_heads2: u32,
+    _pad: u32,
     /// `freq_i / 2pi` as `(hi, lo)` f32 pairs, pair `i` at `q[2i..2i + 2]`.
     q: [f32; MAX_ROT_DIM],
 }
@@ -86,12 +88,58 @@ pub fn rope_with_freqs(
     freqs: &[f64],
     mode: RopeMode,
 ) -> Result<()> {
+    rope_dispatch(rec, x, None, pos0, freqs, mode)
+}
+
+/// [`rope`] of `q` (`[m, n_heads, head_dim]`) and `k` (`[m, n_kv_heads, head_dim]`, the same
+/// tokens) in one dispatch.
+pub fn rope_qk(
+    rec: &mut Recorder,
+    q: &Tensor,
+    k: &Tensor,
+    pos0: u32,
+    theta: f32,
+    mode: RopeMode,
+    rot_dim: usize,
+) -> Result<()> {
+    if !(theta.is_finite() && theta > 0.0 && rot_dim.is_multiple_of(2)) {
+        return Err(Error::invalid(
+            "rope",
+            format!("theta must be finite and > 0 and rot_dim even, got {theta} and {rot_dim}"),
+        ));
+    }
+    let freqs = rope_freqs(theta as f64, rot_dim);
+    rope_dispatch(rec, q, Some(k), pos0, &freqs, mode)
+}
+
+/// One dispatch rotating `x` and, if given, `x2` (the same tokens and head_dim).
+fn rope_dispatch(
+    rec: &mut Recorder,
+    x: &Tensor,
+    x2: Option<&Tensor>,
+    pos0: u32,
+    freqs: &[f64],
+    mode: RopeMode,
+) -> Result<()> {
     let [m, n_heads, head_dim] = x.shape[..] else {
         return Err(Error::shape(
             format!("rope ({})", x.buf.label),
             "[tokens, heads, head_dim]",
             format!("{:?}", x.shape),
         ));
+    };
+    let n_heads2 = match x2 {
+        None => 0,
+        Some(t) => match t.shape[..] {
+            [m2, h2, d2] if m2 == m && d2 == head_dim && t.buf.buffer != x.buf.buffer => h2,
+            _ => {
+                return Err(Error::shape(
+                    format!("rope ({}, in another buffer)", t.buf.label),
+                    format!("[{m}, heads, {head_dim}]"),
+                    format!("{:?}", t.shape),
+                ))
+            }
+        },
     };
     let rot_dim = 2 * freqs.len();
     if rot_dim == 0 || rot_dim > head_dim || rot_dim > MAX_ROT_DIM {
@@ -109,7 +157,7 @@ pub fn rope_with_freqs(
             format!("frequency {f} is not finite and >= 0"),
         ));
     }
-    let pairs = m * n_heads * (rot_dim / 2);
+    let pairs = m * (n_heads + n_heads2) * (rot_dim / 2);
     if pairs == 0 {
         return Ok(());
     }
@@ -122,7 +170,7 @@ pub fn rope_with_freqs(
         ));
     }
     let too_big = || Error::invalid("rope", "tensor too large");
-    u32::try_from(x.len()).map_err(|_| too_big())?;
+    u32::try_from(x.len() + x2.map_or(0, Tensor::len)).map_err(|_| too_big())?;
     let pairs = u32::try_from(pairs).map_err(|_| too_big())?;
     let mut p = Params {
         m: m as u32,
@@ -134,7 +182,8 @@ pub fn rope_with_freqs(
             RopeMode::Interleaved => 0,
             RopeMode::Half => 1,
         },
-        _pad: [0; 2],
+        n_heads2: n_heads2 as u32,
+        _pad: 0,
         q: [0.0; MAX_ROT_DIM],
     };
     for (i, f) in freqs.iter().enumerate() {
@@ -144,12 +193,14 @@ pub fn rope_with_freqs(
         p.q[2 * i + 1] = (q - hi as f64) as f32;
     }
     let gpu = rec.gpu();
-    let k = gpu.kernel("rope", "rope", &[Bind::Output], PARAMS_SIZE as u64, &[])?;
+    let binds = [Bind::Output, Bind::Output];
+    let k = gpu.kernel("rope", "rope", &binds, PARAMS_SIZE as u64, &[])?;
     let groups = gpu.groups(pairs.div_ceil(WG));
+    let second = x2.unwrap_or(x);
     rec.dispatch(
         &k,
         &format!("rope.{}", x.buf.label),
-        &[x.buf.view()],
+        &[x.buf.view(), second.buf.view()],
         params(&p),
         groups,
     )

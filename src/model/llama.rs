@@ -721,8 +721,7 @@ fn layer(
         }
     }
     let pos0 = p.pos0 as u32;
-    rope::rope(r, &a.q3, pos0, p.rope_theta, p.rope_mode, p.rot_dim)?;
-    rope::rope(r, &a.k3, pos0, p.rope_theta, p.rope_mode, p.rot_dim)?;
+    rope::rope_qk(r, &a.q3, &a.k3, pos0, p.rope_theta, p.rope_mode, p.rot_dim)?;
     attention::store(r, kv, &a.k3, &a.v3, p.pos0)?;
     attention::attention(r, &a.q3, kv, p.pos0, p.scale, &a.att3)?;
     matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)

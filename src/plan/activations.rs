@@ -181,8 +181,7 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
         }
     }
     layer.extend([
-        step("rope q", Kernel::Rope, &["q"], &["q"]),
-        step("rope k", Kernel::Rope, &["k"], &["k"]),
+        step("rope q, k", Kernel::Rope, &["q", "k"], &["q", "k"]),
         step("kv store", Kernel::KvStore, &["k", "v"], &[]),
         step("attention", Kernel::Attention, &["q"], &["att"]),
         step("matmul wo", mm(d, q), &["att"], &["proj"]),
