@@ -7,140 +7,21 @@
 // formats do not use it, the host binds data there), 3 = out [n_tokens, dim] f32 (read_write),
 // 4 = params.
 
-struct Params {
-    n_tokens: u32,
-    dim: u32,
-    row_start: u32,
-    rows: u32,
-    vocab: u32,
-    zero_oob: u32,
-    // u32 words of `data` per row.
-    row_words: u32,
-    _pad: u32,
-}
+// #include "common/embedding_body.wgsl"
 
-@group(0) @binding(0) var<storage, read> ids: array<u32>;
 @group(0) @binding(1) var<storage, read> data: array<u32>;
 @group(0) @binding(2) var<storage, read> scales: array<u32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<uniform> p: Params;
 
-const WG: u32 = 256u;
-
-// The shard-local row of this workgroup's token, or -1 when another dispatch owns the token;
-// writes the zero row itself for an out-of-range id when this dispatch is the one that does so.
-fn local_row(t: u32, lid: u32) -> i32 {
-    let id = ids[t];
-    if (id >= p.row_start && id - p.row_start < p.rows) {
-        return i32(id - p.row_start);
-    }
-    if (p.zero_oob == 1u && id >= p.vocab) {
-        for (var c = lid; c < p.dim; c = c + WG) {
-            out[t * p.dim + c] = 0.0;
-        }
-    }
-    return -1;
+fn data_word(r: u32, w: u32) -> u32 {
+    return data[r * p.row_words + w];
 }
 
-// Half `h` (0 = low) of word w as f32; f16 is read as packed u32 so no `enable f16` is needed.
-fn half_of(w: u32, h: u32) -> f32 {
-    return unpack2x16float(w)[h];
+// Scale index g = r * (dim / 32) + b (shard-local); Q8_0/Q4_0 keep two f16 scales a word.
+fn block_d(r: u32, b: u32) -> f32 {
+    let g = r * (p.dim / 32u) + b;
+    return half_of(scales[g / 2u], g % 2u);
 }
 
-@compute @workgroup_size(256)
-fn lookup_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = wid.x + wid.y * nwg.x;
-    if (t >= p.n_tokens) {
-        return;
-    }
-    let r = local_row(t, lid);
-    if (r < 0) {
-        return;
-    }
-    let base = u32(r) * p.row_words;
-    for (var c = lid; c < p.dim; c = c + WG) {
-        out[t * p.dim + c] = bitcast<f32>(data[base + c]);
-    }
-}
-
-@compute @workgroup_size(256)
-fn lookup_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = wid.x + wid.y * nwg.x;
-    if (t >= p.n_tokens) {
-        return;
-    }
-    let r = local_row(t, lid);
-    if (r < 0) {
-        return;
-    }
-    let base = u32(r) * p.row_words;
-    for (var c = lid; c < p.dim; c = c + WG) {
-        out[t * p.dim + c] = half_of(data[base + c / 2u], c % 2u);
-    }
-}
-
-// Block quants: block b = c / 32 of row r is scale index g = r * (dim / 32) + b (shard-local).
-@compute @workgroup_size(256)
-fn lookup_q8_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = wid.x + wid.y * nwg.x;
-    if (t >= p.n_tokens) {
-        return;
-    }
-    let r = local_row(t, lid);
-    if (r < 0) {
-        return;
-    }
-    let nb = p.dim / 32u;
-    for (var c = lid; c < p.dim; c = c + WG) {
-        let b = c / 32u;
-        let j = c % 32u;
-        let g = u32(r) * nb + b;
-        let w = data[u32(r) * p.row_words + b * 8u + j / 4u];
-        let q = extractBits(bitcast<i32>(w), 8u * (j % 4u), 8u); // sign-extended i8
-        out[t * p.dim + c] = half_of(scales[g / 2u], g % 2u) * f32(q);
-    }
-}
-
-@compute @workgroup_size(256)
-fn lookup_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = wid.x + wid.y * nwg.x;
-    if (t >= p.n_tokens) {
-        return;
-    }
-    let r = local_row(t, lid);
-    if (r < 0) {
-        return;
-    }
-    let nb = p.dim / 32u;
-    for (var c = lid; c < p.dim; c = c + WG) {
-        let b = c / 32u;
-        let j = c % 32u;
-        let g = u32(r) * nb + b;
-        // Weight j sits in byte j % 16: the low nibble for j < 16, the high one for j >= 16.
-        let w = data[u32(r) * p.row_words + b * 4u + (j % 16u) / 4u];
-        let q = extractBits(w, 8u * (j % 4u) + 4u * (j / 16u), 4u);
-        out[t * p.dim + c] = half_of(scales[g / 2u], g % 2u) * (f32(q) - 8.0);
-    }
-}
-
-@compute @workgroup_size(256)
-fn lookup_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = wid.x + wid.y * nwg.x;
-    if (t >= p.n_tokens) {
-        return;
-    }
-    let r = local_row(t, lid);
-    if (r < 0) {
-        return;
-    }
-    let nb = p.dim / 32u;
-    for (var c = lid; c < p.dim; c = c + WG) {
-        let b = c / 32u;
-        let j = c % 32u;
-        let g = u32(r) * nb + b;
-        let w = data[u32(r) * p.row_words + b * 4u + (j % 16u) / 4u];
-        let q = extractBits(w, 8u * (j % 4u) + 4u * (j / 16u), 4u);
-        let dm = unpack2x16float(scales[g]);
-        out[t * p.dim + c] = dm.x * f32(q) + dm.y;
-    }
+fn block_dm(r: u32, b: u32) -> vec2<f32> {
+    return unpack2x16float(scales[r * (p.dim / 32u) + b]);
 }

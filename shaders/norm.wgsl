@@ -7,19 +7,7 @@
 // 4 = sum [m, n] (read_write; only add_rms_norm writes it, the others get out bound again),
 // 5 = params. norm_sg.wgsl has the same bindings.
 
-struct Params {
-    m: u32,
-    n: u32,
-    eps: f32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> gamma: array<f32>;
-@group(0) @binding(2) var<storage, read> beta: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<storage, read_write> sum: array<f32>;
-@group(0) @binding(5) var<uniform> p: Params;
+// #include "common/norm_io.wgsl"
 
 const WG: u32 = 256u;
 

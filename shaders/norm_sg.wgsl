@@ -4,19 +4,7 @@
 // their nine barriers are what llvmpipe runs slowest (a barrier switches between the workgroup's
 // 32 SIMD groups); here there is no workgroup memory and no barrier.
 
-struct Params {
-    m: u32,
-    n: u32,
-    eps: f32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> gamma: array<f32>;
-@group(0) @binding(2) var<storage, read> beta: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<storage, read_write> sum: array<f32>;
-@group(0) @binding(5) var<uniform> p: Params;
+// #include "common/norm_io.wgsl"
 
 const LANES: u32 = 8u;
 

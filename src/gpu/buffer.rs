@@ -112,26 +112,9 @@ impl Gpu {
         while done < data.len() {
             let n = (data.len() - done).min(STAGING_CHUNK as usize);
             let padded = align4(n as u64);
-            let staging = self.alloc_with_usage(
-                &format!("{}.upload", dst.label),
-                BufferClass::Staging,
-                padded,
-                wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
-                true,
-            )?;
-            {
-                let mut view = staging
-                    .buffer
-                    .slice(..)
-                    .get_mapped_range_mut()
-                    .map_err(|e| Error::Gpu {
-                        kind: "map",
-                        context: format!("mapping the upload of '{}'", dst.label),
-                        message: e.to_string(),
-                    })?;
+            let staging = self.staging_upload(&dst.label, padded, |view| {
                 view.slice(..n).copy_from_slice(&data[done..done + n]);
-            }
-            staging.buffer.unmap();
+            })?;
             // Copies need 4-byte multiples: a ragged tail is padded with zeros in the staging buffer
             // and may only overwrite padding in `dst` (its size is a multiple of 4 too).
             let copy = padded.min(dst.size() - offset - done as u64);
@@ -147,6 +130,37 @@ impl Gpu {
             done += n;
         }
         Ok(())
+    }
+
+    /// A staging buffer of `size` bytes (booked as staging) for an upload to `label`, filled by
+    /// `fill` while mapped (it starts zeroed) and unmapped, ready to copy from.
+    pub(crate) fn staging_upload(
+        &self,
+        label: &str,
+        size: u64,
+        fill: impl FnOnce(&mut wgpu::BufferViewMut),
+    ) -> Result<GpuBuffer> {
+        let staging = self.alloc_with_usage(
+            &format!("{label}.upload"),
+            BufferClass::Staging,
+            size,
+            wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+            true,
+        )?;
+        {
+            let mut view = staging
+                .buffer
+                .slice(..)
+                .get_mapped_range_mut()
+                .map_err(|e| Error::Gpu {
+                    kind: "map",
+                    context: format!("mapping the upload of '{label}'"),
+                    message: e.to_string(),
+                })?;
+            fill(&mut view);
+        }
+        staging.buffer.unmap();
+        Ok(staging)
     }
 
     /// Reads `size` bytes of `src` from byte `offset`.

@@ -120,29 +120,12 @@ impl Gpu {
         let mut y = 0usize;
         while y < rows {
             let n = rows_per_chunk.min(rows - y);
-            let staging = self.alloc_with_usage(
-                &format!("{label}.upload"),
-                BufferClass::Staging,
-                (n * padded) as u64,
-                wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
-                true,
-            )?;
-            {
-                let mut view = staging
-                    .buffer
-                    .slice(..)
-                    .get_mapped_range_mut()
-                    .map_err(|e| Error::Gpu {
-                        kind: "map",
-                        context: format!("mapping the upload of '{label}'"),
-                        message: e.to_string(),
-                    })?;
+            let staging = self.staging_upload(label, (n * padded) as u64, |view| {
                 for (i, src) in data[y * row..(y + n) * row].chunks_exact(row).enumerate() {
                     view.slice(i * padded..i * padded + row)
                         .copy_from_slice(src);
                 }
-            }
-            staging.buffer.unmap();
+            })?;
             let mut enc = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {

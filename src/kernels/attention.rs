@@ -43,6 +43,12 @@ struct AttnParams {
 }
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 48);
 
+/// Query heads per kv head of `q` (`[m, n_heads, head_dim]`) over `cache` (0 when `q` has no
+/// heads dimension; the dispatch checks shapes).
+fn query_group(q: &Tensor, cache: &KvCache) -> usize {
+    q.shape.get(1).map_or(0, |&h| h / cache.n_kv_heads.max(1))
+}
+
 /// Most query heads per kv head `attention_sg.wgsl` takes (its `G`).
 pub const MAX_GROUP_SG: usize = 8;
 
@@ -74,7 +80,7 @@ enum Keys {
 
 /// The tiled kernel from [`TILED_MIN_TOKENS`] tokens on, when it fits; the decode kernel otherwise.
 fn auto_path(gpu: &Gpu, q: &Tensor, cache: &KvCache) -> Path {
-    let group = q.shape.get(1).map_or(0, |&h| h / cache.n_kv_heads.max(1));
+    let group = query_group(q, cache);
     if subgroup_fits(gpu, cache.head_dim, group) {
         return Path::Subgroup;
     }
@@ -148,7 +154,7 @@ pub fn attention_bidirectional_with(
         ));
     }
     let gpu = rec.gpu();
-    let group = q.shape.get(1).map_or(0, |&h| h / cache.n_kv_heads.max(1));
+    let group = query_group(q, cache);
     let path = match kernel {
         None => auto_path(gpu, q, cache),
         Some(AttentionKernel::Tiled) if !tiled_fits(gpu, cache.head_dim) => {
@@ -191,7 +197,7 @@ pub fn attention_subgroup(
     scale: f32,
     out: &Tensor,
 ) -> Result<()> {
-    let group = q.shape.get(1).map_or(0, |&h| h / cache.n_kv_heads.max(1));
+    let group = query_group(q, cache);
     if !subgroup_fits(rec.gpu(), cache.head_dim, group) {
         return Err(Error::invalid(
             "attention",

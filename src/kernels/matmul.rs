@@ -333,17 +333,7 @@ pub fn matmul_with(
     kernel: Option<MatmulKernel>,
 ) -> Result<()> {
     let op = format!("matmul {}", w.label);
-    let Some((_, lead)) = x.shape.split_last().filter(|(&c, _)| c == w.cols) else {
-        return Err(Error::shape(
-            format!("{op} ({})", x.buf.label),
-            format!("[.., {}]", w.cols),
-            format!("{:?}", x.shape),
-        ));
-    };
-    let mut want = lead.to_vec();
-    want.push(w.rows);
-    y.expect(&op, &want)?;
-    let m: usize = lead.iter().product();
+    let m = tokens(&op, w, x, y)?;
     if m == 0 {
         return Ok(());
     }
@@ -356,6 +346,22 @@ pub fn matmul_with(
         MatmulKernel::Tiled => return tiled_kernel(rec, w, x, y, m, &op),
     };
     rows_kernel(rec, w, x, None, y, m, kind, &op)
+}
+
+/// Checks that `x` is `[.., w.cols]` and `y` the same leading dimensions and `w.rows`; returns
+/// the tokens (the product of the leading dimensions).
+fn tokens(op: &str, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> Result<usize> {
+    let Some((_, lead)) = x.shape.split_last().filter(|(&c, _)| c == w.cols) else {
+        return Err(Error::shape(
+            format!("{op} ({})", x.buf.label),
+            format!("[.., {}]", w.cols),
+            format!("{:?}", x.shape),
+        ));
+    };
+    let mut want = lead.to_vec();
+    want.push(w.rows);
+    y.expect(op, &want)?;
+    Ok(lead.iter().product())
 }
 
 /// A matvec kernel for [`rows_kernel`]: rows per workgroup (workgroup kernel) or per invocation
@@ -634,19 +640,10 @@ pub fn matmul_fused(
         return Ok(());
     }
     let cols = ws[0].cols;
-    let Some((_, lead)) = x.shape.split_last().filter(|(&c, _)| c == cols) else {
-        return Err(Error::shape(
-            format!("{op} ({})", x.buf.label),
-            format!("[.., {cols}]"),
-            format!("{:?}", x.shape),
-        ));
-    };
-    let m: usize = lead.iter().product();
+    let mut m = 0;
     let mut parts = Vec::with_capacity(ws.len());
     for (w, y) in ws.iter().zip(ys) {
-        let mut want = lead.to_vec();
-        want.push(w.rows);
-        y.expect(&op, &want)?;
+        m = tokens(&op, w, x, y)?;
         parts.push(SgPart {
             shard: &w.shards[0],
             y: bound(&op, y)?,
@@ -657,7 +654,7 @@ pub fn matmul_fused(
         return Ok(());
     }
     let xv = bound(&op, x)?;
-    let tokens = matvec_sg_tokens(m);
+    let per_pass = matvec_sg_tokens(m);
     subgroup_kernel(
         rec,
         ws[0].format,
@@ -667,7 +664,7 @@ pub fn matmul_fused(
         None,
         m,
         None,
-        tokens,
+        per_pass,
         &op,
     )
 }
@@ -686,28 +683,18 @@ pub fn matmul_swiglu(
     act: &Tensor,
     y: &Tensor,
 ) -> Result<()> {
-    let tokens: usize = gate.shape.iter().rev().skip(1).product();
-    if !swiglu_fused(rec.gpu()) || tokens != 1 {
+    let n_tokens: usize = gate.shape.iter().rev().skip(1).product();
+    if !swiglu_fused(rec.gpu()) || n_tokens != 1 {
         crate::kernels::activation::swiglu(rec, gate, up, act)?;
         return matmul(rec, w, act, y);
     }
     let op = format!("matmul {} (SwiGLU input)", w.label);
     up.expect(&op, &gate.shape)?;
-    let Some((_, lead)) = gate.shape.split_last().filter(|(&c, _)| c == w.cols) else {
-        return Err(Error::shape(
-            format!("{op} ({})", gate.buf.label),
-            format!("[.., {}]", w.cols),
-            format!("{:?}", gate.shape),
-        ));
-    };
-    let mut want = lead.to_vec();
-    want.push(w.rows);
-    y.expect(&op, &want)?;
-    let m: usize = lead.iter().product();
+    let m = tokens(&op, w, gate, y)?;
     if m == 0 {
         return Ok(());
     }
-    let tokens = matvec_sg_tokens(m);
+    let per_pass = matvec_sg_tokens(m);
     rows_kernel(
         rec,
         w,
@@ -715,7 +702,7 @@ pub fn matmul_swiglu(
         Some(up),
         y,
         m,
-        Rows::Subgroup(None, tokens),
+        Rows::Subgroup(None, per_pass),
         &op,
     )
 }
