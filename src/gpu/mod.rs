@@ -297,9 +297,12 @@ impl Gpu {
             .store(bytes.clamp(256, dev), Ordering::Relaxed);
     }
 
-    /// The weight layout chosen so far, if any (see [`crate::kernels::weights::weight_layout`]).
-    pub fn chosen_weight_layout(&self) -> Option<WeightLayout> {
-        *self.weight_layout.lock().unwrap_or_else(|e| e.into_inner())
+    /// The weight layout chosen so far, or `choose()`'s, which is kept. The choice is made under a
+    /// lock, so threads sharing the device measure once (see
+    /// [`crate::kernels::weights::weight_layout`]); `choose` must not ask for the layout itself.
+    pub fn weight_layout_or(&self, choose: impl FnOnce() -> WeightLayout) -> WeightLayout {
+        let mut chosen = self.weight_layout.lock().unwrap_or_else(|e| e.into_inner());
+        *chosen.get_or_insert_with(choose)
     }
 
     /// Fixes where weight matrices uploaded from now on go (tests, tuning, `WGLLM_WEIGHTS`).

@@ -243,12 +243,11 @@ impl WeightStorage {
 /// buffers where only buffer kernels run; else the faster layout as measured and cached by
 /// [`crate::kernels::tune`] (buffers if that measurement fails).
 pub fn weight_layout(gpu: &Gpu) -> WeightLayout {
-    if let Some(l) = gpu.chosen_weight_layout() {
-        return l;
-    }
-    let l = if !crate::kernels::matmul::subgroup_matvec_ok(gpu) {
-        WeightLayout::Buffers
-    } else {
+    gpu.weight_layout_or(|| {
+        if !crate::kernels::matmul::subgroup_matvec_ok(gpu) {
+            return WeightLayout::Buffers;
+        }
+        // The measurement uploads with explicit storage, so it never asks for the layout itself.
         match crate::kernels::tune::weight_layout_choice(gpu) {
             Ok(c) => c.layout,
             Err(e) => {
@@ -256,9 +255,7 @@ pub fn weight_layout(gpu: &Gpu) -> WeightLayout {
                 WeightLayout::Buffers
             }
         }
-    };
-    gpu.set_weight_layout(l);
-    l
+    })
 }
 
 /// The device's [`WeightStorage`].
