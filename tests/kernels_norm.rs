@@ -147,3 +147,45 @@ fn norms_refuse_bad_shapes_before_dispatch() {
     assert!(norm::add_rms_norm(&mut rec, &x, &b, &g8, 1e-6, &out, &out).is_err());
     assert!(rec.is_empty());
 }
+
+#[test]
+fn the_portable_rms_norm_kernels_match_reference_too() {
+    // Where the device has 8-lane subgroups (lavapipe) the RMSNorm kernels are norm_sg.wgsl's; a
+    // device opened without subgroups runs norm.wgsl's, which every GPU gets.
+    if gpu().is_none() {
+        return;
+    }
+    let plain = wgllm::Gpu::new(&wgllm::GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    for (m, n) in SIZES {
+        let (x, b) = (randn(m * n, 6, 2.0), randn(m * n, 7, 1.0));
+        let g = randn(n, 8, 1.0);
+        let tx = plain.tensor_from("x", Activations, &[m, n], &x).unwrap();
+        let tb = plain.tensor_from("b", Activations, &[m, n], &b).unwrap();
+        let tg = plain.tensor_from("gamma", Activations, &[n], &g).unwrap();
+        let (sum, out, alone) = (
+            plain.tensor("sum", Activations, &[m, n]).unwrap(),
+            plain.tensor("out", Activations, &[m, n]).unwrap(),
+            plain.tensor("alone", Activations, &[m, n]).unwrap(),
+        );
+        let mut rec = plain.recorder();
+        norm::add_rms_norm(&mut rec, &tx, &tb, &tg, 1e-6, &sum, &out).unwrap();
+        norm::rms_norm(&mut rec, &tx, &tg, 1e-6, &alone).unwrap();
+        rec.submit().unwrap();
+        let want_sum: Vec<f32> = x.iter().zip(&b).map(|(a, b)| a + b).collect();
+        assert_eq!(
+            plain.read(&sum).unwrap(),
+            want_sum,
+            "portable add_rms_norm sum {m}x{n}"
+        );
+        let what = format!("portable add_rms_norm {m}x{n}");
+        let want = norm::rms_norm_reference(&want_sum, &g, 1e-6);
+        assert_close(&what, &plain.read(&out).unwrap(), &want, tol::NMSE_F32);
+        let what = format!("portable rms_norm {m}x{n}");
+        let want = norm::rms_norm_reference(&x, &g, 1e-6);
+        assert_close(&what, &plain.read(&alone).unwrap(), &want, tol::NMSE_F32);
+    }
+}

@@ -450,3 +450,38 @@ fn llama_attention_bias_is_not_silently_dropped() {
     let e = common::max_abs_diff(&got, &want[want.len() - 1]);
     assert!(e > 0.1, "the o_proj bias of 1.0 changed no logit ({e:.1e})");
 }
+
+#[test]
+fn the_portable_kernels_match_golden_too() {
+    // On lavapipe the default device runs the CPU variants (subgroup matvec and attention, weights
+    // in textures, stacked projections, folded SwiGLU); a device opened without subgroups runs the
+    // kernels every GPU gets, through the same forward pass.
+    if common::gpu().is_none() {
+        return;
+    }
+    let plain = Gpu::new(&wgllm::GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let g = golden();
+    let (toks, want) = (ids(&g["prompt"]), golden_logits(&g));
+    let dir = write_model("portable", |_| {}, |_| {});
+    for chunk in [64, 4] {
+        let mut m = load(&plain, &dir, None, opts(chunk, true)).unwrap();
+        let got = m.forward(&plain, &toks, 0).unwrap();
+        let e = common::max_abs_diff(&got, &want.concat());
+        assert!(
+            e <= F32_LOGITS,
+            "portable prefill chunk {chunk}: max |diff| {e:.3e}"
+        );
+    }
+    let mut m = load(&plain, &dir, None, opts(64, false)).unwrap();
+    for (i, &t) in toks.iter().enumerate() {
+        let e = common::max_abs_diff(&m.forward(&plain, &[t], i).unwrap(), &want[i]);
+        assert!(
+            e <= F32_LOGITS,
+            "portable decode at {i}: max |diff| {e:.3e}"
+        );
+    }
+}
