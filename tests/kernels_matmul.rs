@@ -488,17 +488,6 @@ fn stacking_falls_back_to_separate_matrices_where_it_cannot_apply() {
     assert!(rec.is_empty());
 }
 
-/// `silu(gate) * up`, in f64 like the activation kernel's reference.
-fn swiglu_ref(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.iter()
-        .zip(up)
-        .map(|(&g, &u)| {
-            let g = g as f64;
-            (g / (1.0 + (-g).exp()) * u as f64) as f32
-        })
-        .collect()
-}
-
 /// Runs matmul_swiglu on `gpu` over `m` tokens and compares with SwiGLU then the matmul
 /// reference; returns the dispatches it recorded.
 fn check_swiglu(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], m: usize, seed: u64) -> usize {
@@ -514,7 +503,13 @@ fn check_swiglu(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], m: usize, seed: u64) 
     matmul::matmul_swiglu(&mut rec, wm, &gate, &up, &act, &y).unwrap();
     let n = rec.len();
     rec.submit().unwrap();
-    let want = matmul::reference(deq, rows, cols, &swiglu_ref(&g, &u), m);
+    let want = matmul::reference(
+        deq,
+        rows,
+        cols,
+        &wgllm::kernels::activation::swiglu_reference(&g, &u),
+        m,
+    );
     let what = format!("swiglu matmul {} {rows}x{cols} x{m}", wm.format);
     assert_close(&what, &gpu.read(&y).unwrap(), &want, tolerance(wm.format));
     n

@@ -9,7 +9,6 @@ pub mod shaders;
 pub mod texture;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -130,9 +129,9 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub ledger: Ledger,
     kernels: Mutex<HashMap<String, Arc<Kernel>>>,
-    /// The largest storage binding kernels may use; the device limit unless lowered for tests.
-    max_binding: AtomicU64,
-    /// Where weight matrices go, once chosen (`WGLLM_WEIGHTS`, a test, or
+    /// The largest storage binding kernels may use: the device's, within its largest buffer.
+    max_binding: u64,
+    /// Where weight matrices go, once chosen (`WGLLM_WEIGHTS`, or
     /// [`crate::kernels::weights::weight_layout`]'s measurement).
     weight_layout: Mutex<Option<WeightLayout>>,
 }
@@ -252,11 +251,9 @@ impl Gpu {
             caps
         );
         Ok(Gpu {
-            max_binding: AtomicU64::new(
-                limits
-                    .max_storage_buffer_binding_size
-                    .min(limits.max_buffer_size),
-            ),
+            max_binding: limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size),
             adapter,
             device,
             queue,
@@ -283,18 +280,7 @@ impl Gpu {
 
     /// The largest storage binding (bytes) a kernel may use. Tensors larger than this are split.
     pub fn max_binding(&self) -> u64 {
-        self.max_binding.load(Ordering::Relaxed)
-    }
-
-    /// Lowers the binding limit wgllm plans with, so tests can exercise tensor splitting on small
-    /// tensors. It can only go down from the device limit.
-    pub fn set_max_binding(&self, bytes: u64) {
-        let dev = self
-            .limits
-            .max_storage_buffer_binding_size
-            .min(self.limits.max_buffer_size);
         self.max_binding
-            .store(bytes.clamp(256, dev), Ordering::Relaxed);
     }
 
     /// The weight layout chosen so far, or `choose()`'s, which is kept. The choice is made under a
@@ -303,11 +289,6 @@ impl Gpu {
     pub fn weight_layout_or(&self, choose: impl FnOnce() -> WeightLayout) -> WeightLayout {
         let mut chosen = self.weight_layout.lock().unwrap_or_else(|e| e.into_inner());
         *chosen.get_or_insert_with(choose)
-    }
-
-    /// Fixes where weight matrices uploaded from now on go (tests, tuning, `WGLLM_WEIGHTS`).
-    pub fn set_weight_layout(&self, layout: WeightLayout) {
-        *self.weight_layout.lock().unwrap_or_else(|e| e.into_inner()) = Some(layout);
     }
 
     /// Waits until the queue is idle.

@@ -37,22 +37,6 @@ impl GpuTexture {
 }
 
 impl Gpu {
-    /// Creates a `width x height` texture of `format` holding `data` (tight rows of `width`
-    /// texels). The ledger is asked first.
-    pub fn upload_texture(
-        &self,
-        label: &str,
-        class: BufferClass,
-        format: wgpu::TextureFormat,
-        width: u32,
-        height: u32,
-        data: &[u8],
-    ) -> Result<GpuTexture> {
-        let t = self.create_texture(label, class, format, width, height)?;
-        self.write_texture_rows(&t, 0, data)?;
-        Ok(t)
-    }
-
     /// Creates a `width x height` texture of `format`, zero-filled, booked in the ledger first.
     pub fn create_texture(
         &self,

@@ -64,6 +64,12 @@ pub fn rope(
     mode: RopeMode,
     rot_dim: usize,
 ) -> Result<()> {
+    let freqs = standard_freqs(theta, rot_dim)?;
+    rope_with_freqs(rec, x, pos0, &freqs, mode)
+}
+
+/// [`rope_freqs`] for `theta` and `rot_dim`, once both are checked.
+fn standard_freqs(theta: f32, rot_dim: usize) -> Result<Vec<f64>> {
     if !(theta.is_finite() && theta > 0.0) {
         return Err(Error::invalid(
             "rope",
@@ -76,7 +82,7 @@ pub fn rope(
             format!("rot_dim must be even, got {rot_dim}"),
         ));
     }
-    rope_with_freqs(rec, x, pos0, &rope_freqs(theta as f64, rot_dim), mode)
+    Ok(rope_freqs(theta as f64, rot_dim))
 }
 
 /// Rotates `x` in place with pair `i` turning by `pos * freqs[i]` radians; `rot_dim` is
@@ -102,13 +108,7 @@ pub fn rope_qk(
     mode: RopeMode,
     rot_dim: usize,
 ) -> Result<()> {
-    if !(theta.is_finite() && theta > 0.0 && rot_dim.is_multiple_of(2)) {
-        return Err(Error::invalid(
-            "rope",
-            format!("theta must be finite and > 0 and rot_dim even, got {theta} and {rot_dim}"),
-        ));
-    }
-    let freqs = rope_freqs(theta as f64, rot_dim);
+    let freqs = standard_freqs(theta, rot_dim)?;
     rope_dispatch(rec, q, Some(k), pos0, &freqs, mode)
 }
 

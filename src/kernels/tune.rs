@@ -120,8 +120,7 @@ pub fn measure_layouts(gpu: &Gpu) -> Result<LayoutChoice> {
                 times.push(t);
             }
         }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+        Ok(crate::bench::median(&mut times))
     };
     let buffers_us = time(WeightLayout::Buffers)?;
     let textures_us = time(WeightLayout::Textures)?;

@@ -223,20 +223,6 @@ impl WeightStorage {
             }
         }
     }
-
-    /// Total device bytes of a `rows x cols` matrix, all shards.
-    pub fn matrix_bytes(&self, format: WeightFormat, rows: usize, cols: usize) -> Result<u64> {
-        let per = self.rows_per_shard(format, rows, cols)?;
-        let mut total = 0;
-        let mut r0 = 0;
-        while r0 < rows {
-            let n = per.min(rows - r0);
-            let (d, s) = self.shard_bytes(format, n, cols);
-            total += d + s;
-            r0 += n;
-        }
-        Ok(total)
-    }
 }
 
 /// Where this device puts weight matrices: `WGLLM_WEIGHTS` or an earlier choice if there is one;
