@@ -2,8 +2,8 @@
 // sum_c W[r, c] * x[c] over one shard of W, for TOK tokens at once (rows of x and y, row length
 // `cols` and `ld`), one entry point per weight format (repack layout, see common/quant.wgsl).
 // Bindings: 0 = weight data words, 1 = block scales (a dummy word for f32/f16), 2 = x (f32),
-// 3 = y (f32, read_write), 4 = params. Needs subgroup operations with exactly 8 lanes (the host
-// checks); `enable subgroups;` is left out because naga rejects it.
+// 3 = y (f32, read_write), the rest as in common/matvec_sg_body.wgsl. Needs subgroup operations
+// with exactly 8 lanes (the host checks); `enable subgroups;` is left out because naga rejects it.
 //
 // A workgroup is one subgroup of 8 invocations; each invocation owns R consecutive rows and walks
 // all of K, one 32-weight block at a time. x of a block is loaded once per subgroup: lane l loads

@@ -518,7 +518,7 @@ fn check_swiglu(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], m: usize, seed: u64) 
 #[test]
 fn swiglu_folds_into_the_down_projection() {
     let Some(gpu) = gpu() else { return };
-    let folded = matmul::swiglu_fused(gpu);
+    let folded = matmul::single_token_folds(gpu);
     // Every format in the device's own layout; two (one float, one quantised) in the other, each
     // variant being pipelines to compile.
     let own = wgllm::kernels::weights::weight_layout(gpu);
@@ -542,7 +542,136 @@ fn swiglu_folds_into_the_down_projection() {
         ..Default::default()
     })
     .unwrap();
-    assert!(!matmul::swiglu_fused(&plain));
+    assert!(!matmul::single_token_folds(&plain));
     let (wm, deq) = weights(&plain, buffers(&plain), WeightFormat::Q4_0, 21, 64, 242);
     assert_eq!(check_swiglu(&plain, &wm, &deq, 3, 243), 2);
+}
+
+/// Runs `matmul_fused_norm` over `m` tokens and compares with RMSNorm then the matmul reference;
+/// returns the dispatches it recorded.
+fn check_norm_fold(gpu: &Gpu, ws: &[&WeightMatrix], deqs: &[&[f32]], m: usize, seed: u64) -> usize {
+    let cols = ws[0].cols;
+    let (xd, gd) = (randn(m * cols, seed, 3.0), randn(cols, seed + 1, 1.0));
+    let eps = 1e-5;
+    let x = gpu.tensor_from("x", Activations, &[m, cols], &xd).unwrap();
+    let gamma = gpu.tensor_from("gamma", Activations, &[cols], &gd).unwrap();
+    let xb = gpu.tensor("xb", Activations, &[m, cols]).unwrap();
+    let ys: Vec<Tensor> = ws
+        .iter()
+        .map(|w| gpu.tensor("y", Activations, &[m, w.rows]).unwrap())
+        .collect();
+    let yrefs: Vec<&Tensor> = ys.iter().collect();
+    let mut rec = gpu.recorder();
+    matmul::matmul_fused_norm(&mut rec, ws, &x, &gamma, eps, &xb, &yrefs).unwrap();
+    let n = rec.len();
+    rec.submit().unwrap();
+    let normed = wgllm::kernels::norm::rms_norm_reference(&xd, &gd, eps);
+    for ((y, w), deq) in ys.iter().zip(ws).zip(deqs) {
+        let what = format!("rms_norm matmul {} {}x{} x{m}", w.format, w.rows, cols);
+        let want = matmul::reference(deq, w.rows, cols, &normed, m);
+        assert_close(&what, &gpu.read(y).unwrap(), &want, tolerance(w.format));
+    }
+    n
+}
+
+#[test]
+fn rms_norm_folds_into_the_projections_for_single_tokens() {
+    let Some(gpu) = gpu() else { return };
+    let folded = matmul::single_token_folds(gpu);
+    let tex = textures_at_device_limits(gpu);
+    for f in WeightFormat::ALL {
+        let cols = awkward_cols(f);
+        // Stacked Q/K/V (the attention block's input): one dispatch for a single token.
+        let rows = [100, 36, 36];
+        let parts = quantised_parts(f, &rows, cols, 250);
+        let spec: Vec<_> = rows
+            .iter()
+            .zip(&parts)
+            .zip(["q", "k", "v"])
+            .map(|((&r, (q, _)), l)| (l, f, r, q.as_slice()))
+            .collect();
+        let ws = gpu.upload_weights_stacked_as(cols, &spec, tex).unwrap();
+        let refs: Vec<&WeightMatrix> = ws.iter().collect();
+        let deqs: Vec<&[f32]> = parts.iter().map(|(_, d)| d.as_slice()).collect();
+        let stacked = matmul::fusable(gpu, &refs);
+        for m in [1, 5] {
+            let n = check_norm_fold(gpu, &refs, &deqs, m, 251);
+            let want = match (folded && m == 1, stacked) {
+                (true, true) => 1,
+                (true, false) => 3,
+                (false, true) => 2,
+                (false, false) => 4,
+            };
+            assert_eq!(n, want, "{f} x{m}");
+        }
+    }
+    // One matrix in shards (the output head): each shard's dispatch takes the norm itself.
+    let storage = WeightStorage {
+        max_texture_dim: 64,
+        ..tex
+    };
+    let (wm, deq) = weights(gpu, storage, WeightFormat::Q8_0, 150, 64, 252);
+    assert!(wm.shards.len() > 1);
+    let n = check_norm_fold(gpu, &[&wm], &[&deq], 1, 253);
+    assert_eq!(n, wm.shards.len() + usize::from(!folded));
+}
+
+#[test]
+fn residual_adds_fold_into_the_projections_for_single_tokens() {
+    let Some(gpu) = gpu() else { return };
+    let folded = matmul::single_token_folds(gpu);
+    for storage in layouts(gpu) {
+        for f in [WeightFormat::F32, WeightFormat::Q4_1, WeightFormat::Q8_0] {
+            let (rows, cols) = (70, awkward_cols(f));
+            let (wm, deq) = weights(gpu, storage, f, rows, cols, 260);
+            for m in [1, 3] {
+                let fold = usize::from(!(folded && m == 1));
+                let (xd, rd) = (randn(m * cols, 261, 1.0), randn(m * rows, 262, 1.0));
+                let x = gpu.tensor_from("x", Activations, &[m, cols], &xd).unwrap();
+                let up_d = randn(m * cols, 263, 1.0);
+                let up = gpu
+                    .tensor_from("up", Activations, &[m, cols], &up_d)
+                    .unwrap();
+                let act = gpu.tensor("act", Activations, &[m, cols]).unwrap();
+                let res = gpu
+                    .tensor_from("res", Activations, &[m, rows], &rd)
+                    .unwrap();
+                let proj = gpu.tensor("proj", Activations, &[m, rows]).unwrap();
+                let y = gpu.tensor("y", Activations, &[m, rows]).unwrap();
+                let what = format!("{f} {:?} x{m}", storage.layout);
+                // y = res + x Wᵀ
+                let mut rec = gpu.recorder();
+                matmul::matmul_add(&mut rec, &wm, &x, &res, &proj, &y).unwrap();
+                assert_eq!(rec.len(), wm.shards.len() + fold, "{what}");
+                rec.submit().unwrap();
+                let plain = matmul::reference(&deq, rows, cols, &xd, m);
+                let want = wgllm::kernels::elementwise::add_reference(&rd, &plain);
+                assert_close(&what, &gpu.read(&y).unwrap(), &want, tolerance(f));
+                // y = res + swiglu(x, up) Wᵀ
+                let mut rec = gpu.recorder();
+                matmul::matmul_swiglu_add(&mut rec, &wm, &x, &up, &act, &res, &proj, &y).unwrap();
+                assert_eq!(rec.len(), wm.shards.len() + 2 * fold, "swiglu {what}");
+                rec.submit().unwrap();
+                let act_d = wgllm::kernels::activation::swiglu_reference(&xd, &up_d);
+                let plain = matmul::reference(&deq, rows, cols, &act_d, m);
+                let want = wgllm::kernels::elementwise::add_reference(&rd, &plain);
+                assert_close(
+                    &format!("swiglu {what}"),
+                    &gpu.read(&y).unwrap(),
+                    &want,
+                    tolerance(f),
+                );
+            }
+        }
+    }
+    // A residual that is the output itself is refused before anything runs, as is a mismatch.
+    let (wm, _) = weights(gpu, buffers(gpu), WeightFormat::Q4_0, 16, 64, 264);
+    let x = gpu.tensor("x", Activations, &[1, 64]).unwrap();
+    let y = gpu.tensor("y", Activations, &[1, 16]).unwrap();
+    let proj = gpu.tensor("proj", Activations, &[1, 16]).unwrap();
+    let mut rec = gpu.recorder();
+    assert!(matmul::matmul_add(&mut rec, &wm, &x, &y, &proj, &y).is_err());
+    let short = gpu.tensor("res", Activations, &[1, 8]).unwrap();
+    assert!(matmul::matmul_add(&mut rec, &wm, &x, &short, &proj, &y).is_err());
+    assert!(rec.is_empty());
 }

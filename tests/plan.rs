@@ -279,7 +279,7 @@ fn stacked_projections_save_three_dispatches_a_layer_and_share_the_same_buffers(
             let sizes = llama_role_bytes(&cfg, chunk, false);
             let fusions = wgllm::plan::activations::Fusions {
                 stacked_projections: true,
-                swiglu_in_matmul: false,
+                single_token_folds: false,
             };
             let sched = llama_schedule(&cfg, false, fusions);
             let stacked = share(&sched, &sizes, &LLAMA_PINNED, chunk);
@@ -407,6 +407,7 @@ fn a_role_live_across_the_loop_boundary_is_not_shared_inside_the_body() {
         kernel: Kernel::Add,
         reads: reads.iter().map(|s| s.to_string()).collect(),
         writes: writes.iter().map(|s| s.to_string()).collect(),
+        folds: wgllm::plan::activations::Folds::Never,
     };
     let sched = Schedule {
         prologue: vec![st("init", &[], &["h", "c"])],
@@ -561,23 +562,32 @@ fn bad_requests_are_refused() {
 }
 
 #[test]
-fn swiglu_folded_for_single_tokens_drops_a_dispatch_a_layer_in_decode_only() {
+fn single_token_folds_drop_four_dispatches_a_layer_in_decode_only() {
     let cfg = preset("smollm2-135m");
-    let opts = |chunk, swiglu_in_matmul| PlanOptions {
+    let opts = |chunk, single_token_folds, all_logits| PlanOptions {
         precision: Precision::Q4_0,
         chunk,
-        swiglu_in_matmul,
+        single_token_folds,
+        all_logits,
         ..Default::default()
     };
-    let plan = |chunk, fold| MemoryPlan::new(&cfg, opts(chunk, fold)).unwrap();
+    let plan = |chunk, fold| MemoryPlan::new(&cfg, opts(chunk, fold, false)).unwrap();
     let layers = cfg.n_layers as u64;
+    // attn_norm, the attention residual add + ffn_norm, SwiGLU and the FFN residual add a layer,
+    // and the final norm (the head normalises the one row it sees)
     assert_eq!(
         plan(1, false).dispatches_per_chunk - plan(1, true).dispatches_per_chunk,
-        layers
+        4 * layers + 1
     );
     assert_eq!(
-        plan(64, false).dispatches_per_chunk,
-        plan(64, true).dispatches_per_chunk
+        plan(64, false).dispatches_per_chunk - plan(64, true).dispatches_per_chunk,
+        1
+    );
+    // With every row's logits the final norm of a chunk is a pass again.
+    let all = |chunk, fold| MemoryPlan::new(&cfg, opts(chunk, fold, true)).unwrap();
+    assert_eq!(
+        all(64, false).dispatches_per_chunk,
+        all(64, true).dispatches_per_chunk
     );
     // The down projection reads gate and up as well as act, so they cannot share with proj: the
     // folded schedule's sharing is valid for both forms, and takes at least as much.

@@ -6,8 +6,13 @@
 // before `split1` go to y (rows of length `ld`, from `row_start`), rows from `split1` to `split2`
 // to y1, the rest to y2 (each with its own row length). With XFN = 1 the input is SwiGLU of two
 // tensors, x = silu(x) * x2 (the FFN's down projection reads gate and up without a pass of its
-// own). Bindings: 0 = weight data, 1 = block scales, 2 = x, 3 = y, 4 = y1, 5 = y2, 6 = x2,
-// 7 = params; unsplit products bind y in all three output slots, XFN = 0 binds x as x2.
+// own). With XFN = 2 the input is RMSNorm of x, x2 its gamma ([cols]): the sum of squares of a
+// token's x is taken in the same loop as the products, and scales the sums at the end (the norm's
+// 1 / rms is one factor of the whole row, so the attention and FFN norms need no pass of their
+// own). With RES = 1 each output is added to the same element of res (the residual stream:
+// y = res + W x, no add pass after the projection). Bindings: 0 = weight data, 1 = block scales,
+// 2 = x, 3 = y, 4 = y1, 5 = y2, 6 = x2, 7 = res, 8 = params; unsplit products bind y in all three
+// output slots, XFN = 0 binds x as x2, RES = 0 binds x as res.
 //
 // Each front file declares bindings 0 (`wq`) and 1 (`ws`) and defines how to read them (`row` is
 // a row of the binding, `p.row0` already added):
@@ -33,10 +38,14 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> y1: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y2: array<f32>;
 @group(0) @binding(6) var<storage, read> x2: array<f32>;
-@group(0) @binding(7) var<uniform> p: Params;
+@group(0) @binding(7) var<storage, read> res: array<f32>;
+@group(0) @binding(8) var<uniform> p: Params;
 
-// 0: the input is x; 1: the input is silu(x) * x2 (SwiGLU).
+// 0: the input is x; 1: the input is silu(x) * x2 (SwiGLU); 2: RMSNorm of x with gamma x2 and EPS.
 override XFN: u32 = 0u;
+override EPS: f32 = 1e-5;
+// 1: outputs are res + W x.
+override RES: u32 = 0u;
 
 // Rows per invocation (1..16) and tokens per invocation (1..8), chosen per matrix by the host.
 override R: u32 = 8u;
@@ -86,6 +95,8 @@ struct Scales {
 var<private> xt: XT;
 var<private> acc: Acc;
 var<private> scales: Scales;
+// XFN = 2: this lane's share of each token's sum of squares of x.
+var<private> sumsq: T8;
 
 fn quantised(fmt: u32) -> bool {
     return fmt >= Q8_0;
@@ -127,7 +138,36 @@ fn x4(tok: u32, blk: u32, lane: u32) -> vec4<f32> {
         let up = vec4<f32>(x2[i.x], x2[i.y], x2[i.z], x2[i.w]);
         v = v / (1.0 + exp(-v)) * up;
     }
-    return select(vec4<f32>(0.0), v, c <= vec4<u32>(last));
+    v = select(vec4<f32>(0.0), v, c <= vec4<u32>(last));
+    if (XFN == 2u) {
+        let j = min(c, vec4<u32>(last));
+        add_sumsq(tok, dot(v, v));
+        v *= vec4<f32>(x2[j.x], x2[j.y], x2[j.z], x2[j.w]);
+    }
+    return v;
+}
+
+// Adds to token `tok`'s sum of squares (a lane's share; reduced over the subgroup at the end).
+fn add_sumsq(tok: u32, s: f32) {
+    let t = tok % TOK; // the token's place in its group (groups start at multiples of TOK)
+    if (t < 4u) {
+        sumsq.lo[t] += s;
+    } else {
+        sumsq.hi[t - 4u] += s;
+    }
+}
+
+// XFN = 2: each token's 1 / rms (1 otherwise), from the lanes' shares. Uniform control flow.
+fn norm_scales() -> T8 {
+    if (XFN != 2u) {
+        return T8(vec4<f32>(1.0), vec4<f32>(1.0));
+    }
+    let n = f32(p.cols);
+    let lo = inverseSqrt(subgroupAdd(sumsq.lo) / n + EPS);
+    if (TOK > 4u) {
+        return T8(lo, inverseSqrt(subgroupAdd(sumsq.hi) / n + EPS));
+    }
+    return T8(lo, vec4<f32>(1.0));
 }
 
 // Q4 nibbles are taken out of a word in place (see q4_lo_in_place), as q * 256^i for byte i, so
@@ -358,7 +398,12 @@ fn step(fmt: u32, first: u32, blk: u32) {
 // split; this runs once per row, outside the loop over the blocks).
 fn store(tok: u32, row: u32, v: f32) {
     if (row < p.split1) {
-        y[tok * p.ld + p.row_start + row] = v;
+        let i = tok * p.ld + p.row_start + row;
+        if (RES == 1u) {
+            y[i] = res[i] + v;
+        } else {
+            y[i] = v;
+        }
     } else if (row < p.split2) {
         y1[tok * (p.split2 - p.split1) + row - p.split1] = v;
     } else {
@@ -400,22 +445,30 @@ fn matvec_any(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lane: u32) {
         load_x(fmt, tok0, b, lane);
         step(fmt, first, b);
     }
-    put(first, 0u, tok0, acc.r0);
-    put(first, 1u, tok0, acc.r1);
-    put(first, 2u, tok0, acc.r2);
-    put(first, 3u, tok0, acc.r3);
-    put(first, 4u, tok0, acc.r4);
-    put(first, 5u, tok0, acc.r5);
-    put(first, 6u, tok0, acc.r6);
-    put(first, 7u, tok0, acc.r7);
-    put(first, 8u, tok0, acc.r8);
-    put(first, 9u, tok0, acc.r9);
-    put(first, 10u, tok0, acc.r10);
-    put(first, 11u, tok0, acc.r11);
-    put(first, 12u, tok0, acc.r12);
-    put(first, 13u, tok0, acc.r13);
-    put(first, 14u, tok0, acc.r14);
-    put(first, 15u, tok0, acc.r15);
+    let k = norm_scales();
+    put(first, 0u, tok0, mul(acc.r0, k));
+    put(first, 1u, tok0, mul(acc.r1, k));
+    put(first, 2u, tok0, mul(acc.r2, k));
+    put(first, 3u, tok0, mul(acc.r3, k));
+    put(first, 4u, tok0, mul(acc.r4, k));
+    put(first, 5u, tok0, mul(acc.r5, k));
+    put(first, 6u, tok0, mul(acc.r6, k));
+    put(first, 7u, tok0, mul(acc.r7, k));
+    put(first, 8u, tok0, mul(acc.r8, k));
+    put(first, 9u, tok0, mul(acc.r9, k));
+    put(first, 10u, tok0, mul(acc.r10, k));
+    put(first, 11u, tok0, mul(acc.r11, k));
+    put(first, 12u, tok0, mul(acc.r12, k));
+    put(first, 13u, tok0, mul(acc.r13, k));
+    put(first, 14u, tok0, mul(acc.r14, k));
+    put(first, 15u, tok0, mul(acc.r15, k));
+}
+
+fn mul(a: T8, k: T8) -> T8 {
+    if (XFN != 2u) {
+        return a;
+    }
+    return T8(a.lo * k.lo, a.hi * k.hi);
 }
 
 @compute @workgroup_size(8)

@@ -328,6 +328,28 @@ impl<'g> Recorder<'g> {
                 ));
             }
         }
+        // WebGPU refuses a buffer bound read-only and read-write in one dispatch (a usage
+        // conflict that would surface as a device error later): say which, now.
+        let buffer_of = |v: &View| match &v.resource {
+            Resource::Buffer { buffer, .. } => Some(buffer.clone()),
+            Resource::Texture(_) => None,
+        };
+        let bound = views.iter().zip(&kernel.binds);
+        for (out, _) in bound.clone().filter(|(_, b)| **b == Bind::Output) {
+            let Some(ob) = buffer_of(out) else { continue };
+            if let Some((inp, _)) = bound
+                .clone()
+                .find(|(v, b)| **b == Bind::Input && buffer_of(v).as_ref() == Some(&ob))
+            {
+                return Err(Error::invalid(
+                    &kernel.name,
+                    format!(
+                        "'{}' is bound as an output and '{}' as an input of the same buffer",
+                        out.label, inp.label
+                    ),
+                ));
+            }
+        }
         let maxg = gpu.limits.max_compute_workgroups_per_dimension;
         if groups.iter().any(|&g| g > maxg) {
             return Err(Error::invalid(

@@ -66,13 +66,39 @@ const _: () = assert!(std::mem::size_of::<MatmulParams>() == 32);
 
 const BINDS: [Bind; 4] = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
 /// Bindings of the subgroup matvec (see shaders/common/matvec_sg_body.wgsl): weight data and
-/// scales (buffers or textures), x, y, y1, y2, x2.
-const SG_BINDS: [Bind; 7] = sg_binds(Bind::Input);
-const SG_TEX_BINDS: [Bind; 7] = sg_binds(Bind::Texture);
+/// scales (buffers or textures), x, y, y1, y2, x2, res.
+const SG_BINDS: [Bind; 8] = sg_binds(Bind::Input);
+const SG_TEX_BINDS: [Bind; 8] = sg_binds(Bind::Texture);
 
-const fn sg_binds(w: Bind) -> [Bind; 7] {
+const fn sg_binds(w: Bind) -> [Bind; 8] {
     use Bind::{Input, Output};
-    [w, w, Input, Output, Output, Output, Input]
+    [w, w, Input, Output, Output, Output, Input, Input]
+}
+
+/// What the subgroup matvec does besides `y = W x` (its XFN and RES overrides): how it makes its
+/// input from x, and whether it adds a residual to its output.
+#[derive(Clone, Copy, Default)]
+struct Extras<'a> {
+    input: Input<'a>,
+    /// `y = res + W x` (same shape as y; unsplit products only).
+    res: Option<&'a Tensor>,
+}
+
+/// The input of a subgroup matvec.
+#[derive(Clone, Copy, Default)]
+enum Input<'a> {
+    #[default]
+    Plain,
+    /// `silu(x) * up`.
+    Swiglu(&'a Tensor),
+    /// `rms_norm(x) * gamma`, with `eps`.
+    RmsNorm(&'a Tensor, f32),
+}
+
+impl Extras<'_> {
+    fn is_plain(&self) -> bool {
+        matches!(self.input, Input::Plain) && self.res.is_none()
+    }
 }
 
 /// The params of `matvec_sg.wgsl`: the rows computed, from which row of the binding, and where
@@ -315,7 +341,7 @@ pub fn matvec_with(
         Some(MatvecKernel::Workgroup { rows }) => Rows::Workgroup(Some(rows), 1),
         Some(MatvecKernel::Subgroup { rows }) => Rows::Subgroup(Some(rows), 1),
     };
-    rows_kernel(rec, w, x, None, y, 1, kind, &op)
+    rows_kernel(rec, w, x, Extras::default(), y, 1, kind, &op)
 }
 
 /// `Y = X Wᵀ` for `m` tokens: `x` is `[.., cols]` (m = all leading dimensions), `y` has the same
@@ -345,7 +371,7 @@ pub fn matmul_with(
         MatmulKernel::Subgroup { rows, tokens } => Rows::Subgroup(rows, tokens),
         MatmulKernel::Tiled => return tiled_kernel(rec, w, x, y, m, &op),
     };
-    rows_kernel(rec, w, x, None, y, m, kind, &op)
+    rows_kernel(rec, w, x, Extras::default(), y, m, kind, &op)
 }
 
 /// Checks that `x` is `[.., w.cols]` and `y` the same leading dimensions and `w.rows`; returns
@@ -420,7 +446,7 @@ fn rows_kernel(
     rec: &mut Recorder,
     w: &WeightMatrix,
     x: &Tensor,
-    x2: Option<&Tensor>,
+    extras: Extras,
     y: &Tensor,
     m: usize,
     kind: Rows,
@@ -432,7 +458,6 @@ fn rows_kernel(
     }
     check_shards(op, w)?;
     let (xv, yv) = (bound(op, x)?, bound(op, y)?);
-    let x2 = x2.map(|t| bound(op, t)).transpose()?;
     let entry = format!("matvec_{}", w.format.name());
     let cols = u32_of(op, "cols", w.cols)?;
     let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
@@ -446,14 +471,13 @@ fn rows_kernel(
                         y: yv.clone(),
                         ld: w.rows,
                     };
-                    let x2 = x2.as_ref();
                     subgroup_kernel(
                         rec,
                         w.format,
                         w.cols,
                         &[part],
                         &xv,
-                        x2,
+                        extras,
                         m,
                         Some(rows),
                         1,
@@ -471,16 +495,26 @@ fn rows_kernel(
                     y: yv.clone(),
                     ld: w.rows,
                 };
-                let x2 = x2.as_ref();
-                subgroup_kernel(rec, w.format, w.cols, &[part], &xv, x2, m, rows, tokens, op)?;
+                subgroup_kernel(
+                    rec,
+                    w.format,
+                    w.cols,
+                    &[part],
+                    &xv,
+                    extras,
+                    m,
+                    rows,
+                    tokens,
+                    op,
+                )?;
                 None
             }
         };
         let Some((r, t)) = rows else { continue };
-        if x2.is_some() {
+        if !extras.is_plain() {
             return Err(Error::invalid(
                 op,
-                "only the subgroup matvec takes SwiGLU input",
+                "only the subgroup matvec folds SwiGLU, RMSNorm or a residual in",
             ));
         }
         if s.data.layout() == WeightLayout::Textures {
@@ -541,7 +575,7 @@ fn subgroup_kernel(
     cols: usize,
     parts: &[SgPart],
     x: &View,
-    x2: Option<&View>,
+    extras: Extras,
     m: usize,
     rows: Option<u32>,
     tokens: u32,
@@ -554,6 +588,22 @@ fn subgroup_kernel(
         .ok_or_else(|| Error::invalid(op, "the subgroup matvec takes 1 to 3 matrices"))?;
     let total: usize = parts.iter().map(|p| p.shard.rows).sum();
     let r = rows.unwrap_or_else(|| matvec_sg_rows(format, total, m, tokens));
+    let (xfn, x2, eps) = match extras.input {
+        Input::Plain => (0, None, 0.0),
+        Input::Swiglu(up) => (1, Some(bound(op, up)?), 0.0),
+        Input::RmsNorm(gamma, eps) => {
+            gamma.expect(op, &[cols])?;
+            crate::kernels::norm::check_eps(op, eps)?;
+            (2, Some(bound(op, gamma)?), eps)
+        }
+    };
+    let res = match extras.res {
+        Some(_) if parts.len() > 1 => {
+            return Err(Error::invalid(op, "a residual needs an unsplit product"));
+        }
+        Some(t) => Some(bound(op, t)?),
+        None => None,
+    };
     let (shader, binds) = match first.shard.data.layout() {
         WeightLayout::Buffers => ("matvec_sg", &SG_BINDS),
         WeightLayout::Textures => ("matvec_sg_tex", &SG_TEX_BINDS),
@@ -566,7 +616,9 @@ fn subgroup_kernel(
         &[
             ("R", r as f64),
             ("TOK", tokens as f64),
-            ("XFN", u32::from(x2.is_some()) as f64),
+            ("XFN", xfn as f64),
+            ("EPS", eps as f64),
+            ("RES", u32::from(res.is_some()) as f64),
         ],
     )?;
     // Where the outputs switch to y1 and y2 (at the end when there is no such part; the unused
@@ -604,7 +656,8 @@ fn subgroup_kernel(
             y(0),
             y(1),
             y(2),
-            x2.unwrap_or(x).clone(),
+            x2.unwrap_or_else(|| x.clone()),
+            res.unwrap_or_else(|| x.clone()),
         ],
         params(&p),
         gpu.groups(u32_of(op, "workgroups", n)?),
@@ -620,40 +673,123 @@ pub fn matmul_fused(
     x: &Tensor,
     ys: &[&Tensor],
 ) -> Result<()> {
-    let op = format!(
-        "fused matmul {}",
-        ws.iter()
-            .map(|w| w.label.as_str())
-            .collect::<Vec<_>>()
-            .join("+")
-    );
-    if ws.len() != ys.len() || ws.is_empty() {
-        return Err(Error::invalid(
-            &op,
-            format!("{} matrices and {} outputs", ws.len(), ys.len()),
-        ));
-    }
+    let op = fused_op("fused matmul", ws);
     if !fusable(rec.gpu(), ws) {
+        check_fused(&op, ws, ys)?;
         for (w, y) in ws.iter().zip(ys) {
             matmul(rec, w, x, y)?;
         }
         return Ok(());
     }
+    fused_kernel(rec, ws, x, ys, Extras::default(), &op)
+}
+
+/// `ys[i] = rms_norm(x) W_iᵀ` (the norm with `gamma` and `eps`): [`matmul_fused`] of the
+/// attention or FFN block after its RMSNorm. For a single token where [`single_token_folds`],
+/// the subgroup matvec normalises x as it loads it (the norm's `1 / rms` scales each finished
+/// row), so there is no norm pass and `xb` is not touched; otherwise
+/// [`crate::kernels::norm::rms_norm`] into `xb`, then [`matmul_fused`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_fused_norm(
+    rec: &mut Recorder,
+    ws: &[&WeightMatrix],
+    x: &Tensor,
+    gamma: &Tensor,
+    eps: f32,
+    xb: &Tensor,
+    ys: &[&Tensor],
+) -> Result<()> {
+    if !single_token_folds(rec.gpu()) || lead(x) != 1 {
+        crate::kernels::norm::rms_norm(rec, x, gamma, eps, xb)?;
+        return matmul_fused(rec, ws, xb, ys);
+    }
+    let op = fused_op("fused matmul (RMSNorm input)", ws);
+    let extras = Extras {
+        input: Input::RmsNorm(gamma, eps),
+        res: None,
+    };
+    if fusable(rec.gpu(), ws) {
+        return fused_kernel(rec, ws, x, ys, extras, &op);
+    }
+    // Matrices apart (streamed layers, the output head): each dispatch takes the norm itself.
+    check_fused(&op, ws, ys)?;
+    for (w, y) in ws.iter().zip(ys) {
+        let m = tokens(&op, w, x, y)?;
+        rows_kernel(rec, w, x, extras, y, m, Rows::Subgroup(None, 1), &op)?;
+    }
+    Ok(())
+}
+
+/// `y = res + x Wᵀ`, a projection added to the residual stream (`res` and `y` the same shape):
+/// for a single token where [`single_token_folds`], the subgroup matvec adds `res` as it stores
+/// (no add pass); otherwise [`matmul`] into `proj`, then [`crate::kernels::elementwise::add`].
+pub fn matmul_add(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    x: &Tensor,
+    res: &Tensor,
+    proj: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
+    let op = format!("matmul {} (+ residual)", w.label);
+    res.expect(&op, &y.shape)?;
+    let m = tokens(&op, w, x, y)?;
+    if !single_token_folds(rec.gpu()) || m != 1 {
+        matmul(rec, w, x, proj)?;
+        return crate::kernels::elementwise::add(rec, res, proj, y);
+    }
+    let extras = Extras {
+        input: Input::Plain,
+        res: Some(res),
+    };
+    rows_kernel(rec, w, x, extras, y, m, Rows::Subgroup(None, 1), &op)
+}
+
+/// The tokens of `x` (`[.., cols]`: the product of its leading dimensions).
+fn lead(x: &Tensor) -> usize {
+    x.shape.iter().rev().skip(1).product()
+}
+
+fn fused_op(what: &str, ws: &[&WeightMatrix]) -> String {
+    let names = ws.iter().map(|w| w.label.as_str()).collect::<Vec<_>>();
+    format!("{what} {}", names.join("+"))
+}
+
+fn check_fused(op: &str, ws: &[&WeightMatrix], ys: &[&Tensor]) -> Result<()> {
+    if ws.len() != ys.len() || ws.is_empty() {
+        return Err(Error::invalid(
+            op,
+            format!("{} matrices and {} outputs", ws.len(), ys.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// One subgroup-matvec dispatch over the stacked matrices `ws` ([`fusable`]).
+fn fused_kernel(
+    rec: &mut Recorder,
+    ws: &[&WeightMatrix],
+    x: &Tensor,
+    ys: &[&Tensor],
+    extras: Extras,
+    op: &str,
+) -> Result<()> {
+    check_fused(op, ws, ys)?;
     let cols = ws[0].cols;
     let mut m = 0;
     let mut parts = Vec::with_capacity(ws.len());
     for (w, y) in ws.iter().zip(ys) {
-        m = tokens(&op, w, x, y)?;
+        m = tokens(op, w, x, y)?;
         parts.push(SgPart {
             shard: &w.shards[0],
-            y: bound(&op, y)?,
+            y: bound(op, y)?,
             ld: w.rows,
         });
     }
     if m == 0 {
         return Ok(());
     }
-    let xv = bound(&op, x)?;
+    let xv = bound(op, x)?;
     let per_pass = matvec_sg_tokens(m);
     subgroup_kernel(
         rec,
@@ -661,19 +797,19 @@ pub fn matmul_fused(
         cols,
         &parts,
         &xv,
-        None,
+        extras,
         m,
         None,
         per_pass,
-        &op,
+        op,
     )
 }
 
 /// `y = swiglu(gate, up) Wᵀ`, SwiGLU (`silu(gate) * up`) feeding a projection (the FFN's down
-/// projection): for a single token where [`swiglu_fused`], the subgroup matvec computes SwiGLU as
-/// it loads its input, so there is no pass of its own and `act` is not touched; otherwise
-/// [`crate::kernels::activation::swiglu`] into `act`, then [`matmul`] (at 8 tokens a pass, the
-/// folded form's doubled input loads cost lavapipe more than the separate pass saves).
+/// projection): for a single token where [`single_token_folds`], the subgroup matvec computes
+/// SwiGLU as it loads its input, so there is no pass of its own and `act` is not touched;
+/// otherwise [`crate::kernels::activation::swiglu`] into `act`, then [`matmul`] (at 8 tokens a
+/// pass, the folded form's doubled input loads cost lavapipe more than the separate pass saves).
 /// `gate`, `up` and `act` are `[.., cols]`, `y` `[.., rows]`.
 pub fn matmul_swiglu(
     rec: &mut Recorder,
@@ -683,34 +819,60 @@ pub fn matmul_swiglu(
     act: &Tensor,
     y: &Tensor,
 ) -> Result<()> {
-    let n_tokens: usize = gate.shape.iter().rev().skip(1).product();
-    if !swiglu_fused(rec.gpu()) || n_tokens != 1 {
+    swiglu_kernel(rec, w, gate, up, act, None, y)
+}
+
+/// `y = res + swiglu(gate, up) Wᵀ`: [`matmul_swiglu`] added to the residual stream, folded like
+/// [`matmul_add`] (else the product goes to `proj` and an add pass follows).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_swiglu_add(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    gate: &Tensor,
+    up: &Tensor,
+    act: &Tensor,
+    res: &Tensor,
+    proj: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
+    res.expect(&format!("matmul {} (+ residual)", w.label), &y.shape)?;
+    if !single_token_folds(rec.gpu()) || lead(gate) != 1 {
+        swiglu_kernel(rec, w, gate, up, act, None, proj)?;
+        return crate::kernels::elementwise::add(rec, res, proj, y);
+    }
+    swiglu_kernel(rec, w, gate, up, act, Some(res), y)
+}
+
+fn swiglu_kernel(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    gate: &Tensor,
+    up: &Tensor,
+    act: &Tensor,
+    res: Option<&Tensor>,
+    y: &Tensor,
+) -> Result<()> {
+    if !single_token_folds(rec.gpu()) || lead(gate) != 1 {
         crate::kernels::activation::swiglu(rec, gate, up, act)?;
         return matmul(rec, w, act, y);
     }
     let op = format!("matmul {} (SwiGLU input)", w.label);
     up.expect(&op, &gate.shape)?;
     let m = tokens(&op, w, gate, y)?;
-    if m == 0 {
-        return Ok(());
-    }
-    let per_pass = matvec_sg_tokens(m);
-    rows_kernel(
-        rec,
-        w,
-        gate,
-        Some(up),
-        y,
-        m,
-        Rows::Subgroup(None, per_pass),
-        &op,
-    )
+    let extras = Extras {
+        input: Input::Swiglu(up),
+        res,
+    };
+    rows_kernel(rec, w, gate, extras, y, m, Rows::Subgroup(None, 1), &op)
 }
 
-/// Whether [`matmul_swiglu`] folds SwiGLU into the projection of a single token: where the
-/// subgroup matvec runs (the memory plan's schedule follows:
-/// [`crate::plan::PlanOptions::swiglu_in_matmul`]).
-pub fn swiglu_fused(gpu: &Gpu) -> bool {
+/// Whether a single token's products fold in what runs around them: SwiGLU into the down
+/// projection's input ([`matmul_swiglu`]), RMSNorm into the next projections' input
+/// ([`matmul_fused_norm`]) and the residual adds into the projections' output ([`matmul_add`],
+/// [`matmul_swiglu_add`]). Where the subgroup matvec runs; the memory plan's schedule follows
+/// ([`crate::plan::PlanOptions::single_token_folds`]). Chunks of several tokens keep the passes:
+/// each fold reloads its input per token, where a pass over 8 tokens costs lavapipe less.
+pub fn single_token_folds(gpu: &Gpu) -> bool {
     subgroup_matvec_ok(gpu)
 }
 

@@ -51,7 +51,7 @@ fn rows_cols(op: &str, x: &Tensor, out: &Tensor, vecs: &[&Tensor]) -> Result<(u3
     Ok((m as u32, n as u32))
 }
 
-fn check_eps(op: &str, eps: f32) -> Result<()> {
+pub(crate) fn check_eps(op: &str, eps: f32) -> Result<()> {
     if !(eps.is_finite() && eps >= 0.0) {
         return Err(Error::invalid(
             op,

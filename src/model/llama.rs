@@ -562,9 +562,8 @@ impl Llama {
             row
         };
         let xn = s.xb.view(&[n_out, d])?;
-        norm::rms_norm(r, &last, final_norm, eps, &xn)?;
         let logits = s.logits.view(&[n_out, vocab])?;
-        matmul::matmul(r, head, &xn, &logits)?;
+        matmul::matmul_fused_norm(r, &[head], &last, final_norm, eps, &xn, &[&logits])?;
         submit(profile, rec, true)?;
         gpu.read_f32(&logits.buf, 0, n_out * vocab)
     }
@@ -588,6 +587,7 @@ struct LayerArgs {
 
 /// The activation buffers viewed at the chunk's `m` tokens.
 struct ChunkViews {
+    m: usize,   // tokens
     x: Tensor,  // (m, d) residual stream, entering and leaving each layer
     x2: Tensor, // (m, d) residual stream between the attention and the FFN block
     xb: Tensor,
@@ -615,6 +615,7 @@ impl ChunkViews {
             cfg.ffn_size,
         );
         Ok(ChunkViews {
+            m,
             x: s.x.view(&[m, d])?,
             x2: s.x2.view(&[m, d])?,
             xb: s.xb.view(&[m, d])?,
@@ -711,10 +712,18 @@ fn layer(
     kv: &KvCache,
     p: &LayerArgs,
 ) -> Result<()> {
-    // attention block
-    norm::rms_norm(r, &a.x, &lw.attn_norm, p.eps, &a.xb)?;
-    // q (m, nh * hd), k and v (m, nkv * hd): one dispatch where the weights are stacked
-    matmul::matmul_fused(r, &[&lw.wq, &lw.wk, &lw.wv], &a.xb, &[&a.q, &a.k, &a.v])?;
+    // attention block: q (m, nh * hd), k and v (m, nkv * hd) of the normalised stream, one
+    // dispatch where the weights are stacked (and the norm folded in for a single token)
+    let qkv = [&lw.wq, &lw.wk, &lw.wv];
+    matmul::matmul_fused_norm(
+        r,
+        &qkv,
+        &a.x,
+        &lw.attn_norm,
+        p.eps,
+        &a.xb,
+        &[&a.q, &a.k, &a.v],
+    )?;
     for (t, b) in [(&a.q, &lw.bq), (&a.k, &lw.bk), (&a.v, &lw.bv)] {
         if let Some(b) = b {
             elementwise::add_bias(r, t, b)?;
@@ -724,17 +733,29 @@ fn layer(
     rope::rope_qk(r, &a.q3, &a.k3, pos0, p.rope_theta, p.rope_mode, p.rot_dim)?;
     attention::store(r, kv, &a.k3, &a.v3, p.pos0)?;
     attention::attention(r, &a.q3, kv, p.pos0, p.scale, &a.att3)?;
-    matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)
-    bias(r, &a.proj, &lw.bo)?;
-    // residual, and the FFN block's norm, in one pass
-    norm::add_rms_norm(r, &a.x, &a.proj, &lw.ffn_norm, p.eps, &a.x2, &a.xb)?;
-    matmul::matmul_fused(r, &[&lw.w_gate, &lw.w_up], &a.xb, &[&a.gate, &a.up])?; // (m, ffn) each
+    // residual, then the FFN block's norm: a single token folds the add into the output
+    // projection and the norm into gate/up; chunks add and normalise in one pass
+    let (gate_up, gu_out) = ([&lw.w_gate, &lw.w_up], [&a.gate, &a.up]);
+    if matmul::single_token_folds(r.gpu()) && a.m == 1 && lw.bo.is_none() {
+        matmul::matmul_add(r, &lw.wo, &a.att, &a.x, &a.proj, &a.x2)?;
+        matmul::matmul_fused_norm(r, &gate_up, &a.x2, &lw.ffn_norm, p.eps, &a.xb, &gu_out)?;
+    } else {
+        matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)
+        bias(r, &a.proj, &lw.bo)?;
+        norm::add_rms_norm(r, &a.x, &a.proj, &lw.ffn_norm, p.eps, &a.x2, &a.xb)?;
+        matmul::matmul_fused(r, &gate_up, &a.xb, &gu_out)?; // (m, ffn) each
+    }
     bias(r, &a.gate, &lw.b_gate)?;
     bias(r, &a.up, &lw.b_up)?;
-    // (m, d) = (silu(gate) * up) w_downᵀ; SwiGLU folded into the matmul where it can be
-    matmul::matmul_swiglu(r, &lw.w_down, &a.gate, &a.up, &a.act, &a.proj)?;
-    bias(r, &a.proj, &lw.b_down)?;
-    elementwise::add(r, &a.x2, &a.proj, &a.x)?; // residual
+    // x = x2 + (silu(gate) * up) w_downᵀ; SwiGLU and the residual add folded in where they can be
+    let (gate, up, act) = (&a.gate, &a.up, &a.act);
+    if lw.b_down.is_none() {
+        matmul::matmul_swiglu_add(r, &lw.w_down, gate, up, act, &a.x2, &a.proj, &a.x)?;
+    } else {
+        matmul::matmul_swiglu(r, &lw.w_down, gate, up, act, &a.proj)?;
+        bias(r, &a.proj, &lw.b_down)?;
+        elementwise::add(r, &a.x2, &a.proj, &a.x)?;
+    }
     Ok(())
 }
 
@@ -816,7 +837,7 @@ impl RunState {
     ) -> Result<RunState> {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
-        let swiglu = crate::kernels::matmul::swiglu_fused(gpu);
+        let swiglu = crate::kernels::matmul::single_token_folds(gpu);
         let plan =
             crate::plan::activations::llama_activation_plan_with(cfg, c, opts.all_logits, swiglu);
         let buffers = plan

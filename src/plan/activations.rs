@@ -59,9 +59,6 @@ pub enum Kernel {
     Attention,
     Add,
     Swiglu,
-    /// The SwiGLU pass of a device that folds SwiGLU into the down projection for single
-    /// tokens ([`Fusions::swiglu_in_matmul`]): a dispatch only in chunks of several tokens.
-    SwigluPrefill,
 }
 
 /// Bytes of the uniform params block of the RoPE kernel: 32 bytes of fields and `MAX_ROT_DIM` (512)
@@ -78,8 +75,7 @@ impl Kernel {
             | Kernel::AddRmsNorm
             | Kernel::AddBias
             | Kernel::Add
-            | Kernel::Swiglu
-            | Kernel::SwigluPrefill => 16,
+            | Kernel::Swiglu => 16,
             Kernel::Embedding { .. }
             | Kernel::Matmul { .. }
             | Kernel::StackedMatmul
@@ -97,6 +93,32 @@ pub struct Step {
     pub kernel: Kernel,
     pub reads: Vec<String>,
     pub writes: Vec<String>,
+    /// Whether the pass folds into a projection when it sees a single token
+    /// ([`Fusions::single_token_folds`]).
+    pub folds: Folds,
+}
+
+/// When a step's pass folds into the projection after or before it, so that it does not dispatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Folds {
+    /// Never: the pass always dispatches.
+    Never,
+    /// In a chunk of one token; chunks of several dispatch the pass.
+    SingleToken,
+    /// Always: the pass always sees one row (the final norm of the last row alone).
+    Always,
+}
+
+impl Folds {
+    /// Whether the step dispatches in a chunk of `chunk` tokens.
+    pub fn dispatches(self, chunk: usize) -> bool {
+        match self {
+            Folds::Never => true,
+            Folds::SingleToken => chunk > 1,
+            Folds::Always => false,
+        }
+    }
 }
 
 fn step(label: &str, kernel: Kernel, reads: &[&str], writes: &[&str]) -> Step {
@@ -106,6 +128,17 @@ fn step(label: &str, kernel: Kernel, reads: &[&str], writes: &[&str]) -> Step {
         kernel,
         reads: own(reads),
         writes: own(writes),
+        folds: Folds::Never,
+    }
+}
+
+impl Step {
+    /// The step folds into a projection for single tokens when `on`.
+    fn folded(mut self, on: bool) -> Step {
+        if on {
+            self.folds = Folds::SingleToken;
+        }
+        self
     }
 }
 
@@ -137,15 +170,17 @@ pub struct Fusions {
     /// [`crate::kernels::matmul::matmul_fused`]). That changes the dispatch count, not the
     /// sharing: the stacked step writes the roles the separate ones wrote, live together anyway.
     pub stacked_projections: bool,
-    /// SwiGLU computed by the down projection as it loads its input, for single tokens
-    /// ([`crate::kernels::matmul::matmul_swiglu`]); chunks of several tokens keep the SwiGLU
-    /// pass (on lavapipe the folded form doubles the input loads, which cost more than the pass
-    /// once a matvec serves 8 tokens). One schedule serves both, so the down projection reads
-    /// gate, up and act (gate and up live until it: the sharing changes), and the SwiGLU step
-    /// dispatches only in chunks of several tokens.
-    pub swiglu_in_matmul: bool,
+    /// For single tokens, the passes around the projections fold into them
+    /// ([`crate::kernels::matmul::single_token_folds`]): the RMSNorms into the next projections'
+    /// input, SwiGLU into the down projection's, the residual adds into the output of the
+    /// attention's and the FFN's last projection (the attention residual and FFN norm, one pass
+    /// otherwise, become the output projection's add and the gate/up input), and the final norm
+    /// into the head. Chunks of several tokens keep the passes, so one schedule serves both: those
+    /// steps say when they fold ([`Step::folds`]), and the projections read what the folded forms read.
+    /// Only the down projection's reading gate and up changes the sharing (they live until it);
+    /// the rest are the pinned `x` and `x2`.
+    pub single_token_folds: bool,
 }
-
 ///
 /// `fusions`: see [`Fusions`].
 pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> Schedule {
@@ -164,15 +199,27 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
             &["x"],
         ),
     ];
-    let mut layer = vec![step("attn_norm", Kernel::RmsNorm, &["x"], &["xb"])];
+    let f1 = fusions.single_token_folds;
+    // Folded residual adds need no bias after the projection (the code keeps the passes then).
+    let (fold_wo, fold_down) = (f1 && !cfg.attn_out_bias, f1 && !cfg.ffn_bias);
+    // What the projections read (and write) beyond the unfolded forms, when they fold.
+    let also = |on: bool, base: &[&'static str], more: &[&'static str]| -> Vec<&'static str> {
+        let mut v = base.to_vec();
+        if on {
+            v.extend_from_slice(more);
+        }
+        v
+    };
+    let mut layer = vec![step("attn_norm", Kernel::RmsNorm, &["x"], &["xb"]).folded(f1)];
+    let qkv_in = also(f1, &["xb"], &["x"]);
     if stacked {
         let qkv = Kernel::StackedMatmul;
-        layer.push(step("matmul wq+wk+wv", qkv, &["xb"], &["q", "k", "v"]));
+        layer.push(step("matmul wq+wk+wv", qkv, &qkv_in, &["q", "k", "v"]));
     } else {
         layer.extend([
-            step("matmul wq", mm(q, d), &["xb"], &["q"]),
-            step("matmul wk", mm(kv, d), &["xb"], &["k"]),
-            step("matmul wv", mm(kv, d), &["xb"], &["v"]),
+            step("matmul wq", mm(q, d), &qkv_in, &["q"]),
+            step("matmul wk", mm(kv, d), &qkv_in, &["k"]),
+            step("matmul wv", mm(kv, d), &qkv_in, &["v"]),
         ]);
     }
     if cfg.attn_bias {
@@ -184,7 +231,12 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
         step("rope q, k", Kernel::Rope, &["q", "k"], &["q", "k"]),
         step("kv store", Kernel::KvStore, &["k", "v"], &[]),
         step("attention", Kernel::Attention, &["q"], &["att"]),
-        step("matmul wo", mm(d, q), &["att"], &["proj"]),
+        step(
+            "matmul wo",
+            mm(d, q),
+            &also(fold_wo, &["att"], &["x"]),
+            &also(fold_wo, &["proj"], &["x2"]),
+        ),
     ]);
     // Biases that `attention_bias` (o_proj) and `mlp_bias` checkpoints add after their matmuls.
     let bias = |on: bool, layer: &mut Vec<Step>, r: &str| {
@@ -193,47 +245,44 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
         }
     };
     bias(cfg.attn_out_bias, &mut layer, "proj");
-    layer.push(step(
-        "residual add (attention) + ffn_norm",
-        Kernel::AddRmsNorm,
-        &["x", "proj"],
-        &["x2", "xb"],
-    ));
+    layer.push(
+        step(
+            "residual add (attention) + ffn_norm",
+            Kernel::AddRmsNorm,
+            &["x", "proj"],
+            &["x2", "xb"],
+        )
+        .folded(fold_wo),
+    );
+    // Without the folded residual the single token still has the add+norm pass; with it, gate/up
+    // normalise x2 themselves.
+    let gu_in = also(fold_wo, &["xb"], &["x2"]);
     if stacked {
         let gu = Kernel::StackedMatmul;
-        layer.push(step("matmul w_gate+w_up", gu, &["xb"], &["gate", "up"]));
+        layer.push(step("matmul w_gate+w_up", gu, &gu_in, &["gate", "up"]));
         bias(cfg.ffn_bias, &mut layer, "gate");
         bias(cfg.ffn_bias, &mut layer, "up");
     } else {
-        layer.push(step("matmul w_gate", mm(f, d), &["xb"], &["gate"]));
+        layer.push(step("matmul w_gate", mm(f, d), &gu_in, &["gate"]));
         bias(cfg.ffn_bias, &mut layer, "gate");
-        layer.push(step("matmul w_up", mm(f, d), &["xb"], &["up"]));
+        layer.push(step("matmul w_up", mm(f, d), &gu_in, &["up"]));
         bias(cfg.ffn_bias, &mut layer, "up");
     }
-    if fusions.swiglu_in_matmul {
-        let gate_up = ["gate", "up"];
-        layer.extend([
-            step(
-                "swiglu (several tokens)",
-                Kernel::SwigluPrefill,
-                &gate_up,
-                &["act"],
-            ),
-            step("matmul w_down", mm(d, f), &["gate", "up", "act"], &["proj"]),
-        ]);
-    } else {
-        layer.extend([
-            step("swiglu", Kernel::Swiglu, &["gate", "up"], &["act"]),
-            step("matmul w_down", mm(d, f), &["act"], &["proj"]),
-        ]);
+    let mut down_in = also(f1, &["act"], &["gate", "up"]);
+    if fold_down {
+        down_in.push("x2");
     }
+    layer.extend([
+        step("swiglu", Kernel::Swiglu, &["gate", "up"], &["act"]).folded(f1),
+        step(
+            "matmul w_down",
+            mm(d, f),
+            &down_in,
+            &also(fold_down, &["proj"], &["x"]),
+        ),
+    ]);
     bias(cfg.ffn_bias, &mut layer, "proj");
-    layer.push(step(
-        "residual add (ffn)",
-        Kernel::Add,
-        &["x2", "proj"],
-        &["x"],
-    ));
+    layer.push(step("residual add (ffn)", Kernel::Add, &["x2", "proj"], &["x"]).folded(fold_down));
     let mut epilogue = Vec::new();
     let norm_in: &[&str] = if all_logits {
         &["x"]
@@ -242,8 +291,21 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
         &["x", "proj"]
     };
     epilogue.extend([
-        step("final_norm", Kernel::RmsNorm, norm_in, &["xb"]),
-        step("matmul head", mm(v, d), &["xb"], &["logits"]),
+        // Without all logits the head sees the last row alone, so the norm always folds.
+        Step {
+            folds: match (f1, all_logits) {
+                (false, _) => Folds::Never,
+                (true, true) => Folds::SingleToken,
+                (true, false) => Folds::Always,
+            },
+            ..step("final_norm", Kernel::RmsNorm, norm_in, &["xb"])
+        },
+        step(
+            "matmul head",
+            mm(v, d),
+            &also(f1, &["xb"], &["x"]),
+            &["logits"],
+        ),
         step("read back logits", Kernel::Host, &["logits"], &[]),
     ]);
     Schedule {
@@ -335,12 +397,12 @@ pub fn llama_activation_plan_with(
     cfg: &ModelConfig,
     chunk: usize,
     all_logits: bool,
-    swiglu_in_matmul: bool,
+    single_token_folds: bool,
 ) -> ActivationPlan {
     let chunk = chunk.max(1);
     let fusions = Fusions {
         stacked_projections: false,
-        swiglu_in_matmul,
+        single_token_folds,
     };
     let sched = llama_schedule(cfg, all_logits, fusions);
     let sizes = llama_role_bytes(cfg, chunk, all_logits);

@@ -81,9 +81,10 @@ pub struct PlanOptions {
     /// Q/K/V and gate/up run as one dispatch each (weights stacked in textures; see
     /// [`crate::kernels::matmul::matmul_fused`]): fewer kernel parameter blocks.
     pub stacked_projections: bool,
-    /// SwiGLU folded into the down projection ([`crate::kernels::matmul::matmul_swiglu`]): one
-    /// dispatch less a layer, and a different sharing of the activations.
-    pub swiglu_in_matmul: bool,
+    /// A single token's norms, SwiGLU and residual adds folded into the projections
+    /// ([`crate::kernels::matmul::single_token_folds`]): four dispatches less a layer in decode,
+    /// and a different sharing of the activations (see [`activations::Fusions`]).
+    pub single_token_folds: bool,
     /// The device's uniform-buffer offset alignment: each dispatch's params take a slot of this
     /// granularity (256 by default, WebGPU's; lavapipe's is 32).
     pub param_align: u64,
@@ -104,7 +105,7 @@ impl Default for PlanOptions {
             weight_layout: WeightLayout::Buffers,
             max_texture_dim: 8192,
             stacked_projections: false,
-            swiglu_in_matmul: false,
+            single_token_folds: false,
             param_align: PARAM_SLOT,
         }
     }
@@ -129,7 +130,7 @@ impl PlanOptions {
         self.max_texture_dim = w.max_texture_dim;
         self.stacked_projections =
             w.layout == WeightLayout::Textures && crate::kernels::matmul::subgroup_matvec_ok(gpu);
-        self.swiglu_in_matmul = crate::kernels::matmul::swiglu_fused(gpu);
+        self.single_token_folds = crate::kernels::matmul::single_token_folds(gpu);
         self.param_align = gpu.limits.min_uniform_buffer_offset_alignment as u64;
         self
     }
@@ -225,7 +226,7 @@ impl MemoryPlan {
             cfg,
             opts.chunk,
             opts.all_logits,
-            opts.swiglu_in_matmul,
+            opts.single_token_folds,
         );
 
         // Largest single upload chunk: of a shard's data or scales, or of a norm/bias vector.
@@ -253,15 +254,16 @@ impl MemoryPlan {
         // Kernel params: every dispatch of one chunk, layers unrolled.
         let fusions = activations::Fusions {
             stacked_projections: opts.stacked_projections,
-            swiglu_in_matmul: opts.swiglu_in_matmul,
+            single_token_folds: opts.single_token_folds,
         };
         let sched = activations::llama_schedule(cfg, opts.all_logits, fusions);
         let mut dispatches = 0u64;
         let mut kernel_params_bytes = 0u64;
-        let mut count = |k: Kernel, times: u64| -> Result<()> {
+        let mut count = |s: &activations::Step, times: u64| -> Result<()> {
+            let k = s.kernel;
             let n = match k {
                 Kernel::Host | Kernel::Copy => 0,
-                Kernel::SwigluPrefill if opts.chunk == 1 => 0,
+                _ if !s.folds.dispatches(opts.chunk) => 0,
                 Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
                     rows.div_ceil(storage.rows_per_shard(fmt, rows, cols)?) as u64
                 }
@@ -273,10 +275,10 @@ impl MemoryPlan {
             Ok(())
         };
         for s in sched.prologue.iter().chain(&sched.epilogue) {
-            count(s.kernel, 1)?;
+            count(s, 1)?;
         }
         for s in &sched.layer {
-            count(s.kernel, l)?;
+            count(s, l)?;
         }
 
         let mut warnings = Vec::new();
