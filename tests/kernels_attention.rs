@@ -169,6 +169,96 @@ fn store_round_trips_every_dtype() {
     }
 }
 
+/// RoPE + store in one dispatch equals RoPE, then the store: queries rotated in place, keys rotated
+/// into the cache (every dtype, both pair layouts, GQA, partial rotary), k itself untouched.
+#[test]
+fn rope_store_equals_rope_then_store() {
+    use wgllm::kernels::rope::{self, RopeMode};
+    let Some(gpu) = gpu() else { return };
+    for dtype in KvDtype::ALL {
+        for mode in [RopeMode::Interleaved, RopeMode::Half] {
+            // SmolLM2's 9 query and 3 kv heads of 64; MHA; partial rotary at head_dim 96.
+            for ((m, nh, nkv, hd), rot) in [
+                ((5, 9, 3, 64), 64),
+                ((1, 4, 4, 32), 32),
+                ((3, 6, 2, 96), 48),
+            ] {
+                if dtype == KvDtype::Q8_0 && hd % 32 != 0 {
+                    continue;
+                }
+                let (ctx, pos0) = (12, 4);
+                let cache = KvCache::new(gpu, "kv", dtype, ctx, nkv, hd).unwrap();
+                let q = randn(m * nh * hd, 70, 1.0);
+                let (k, v) = (randn(m * nkv * hd, 71, 2.0), randn(m * nkv * hd, 72, 0.5));
+                let (qt, kt, vt) = (
+                    tensor(gpu, "q", &[m, nh, hd], &q),
+                    tensor(gpu, "k", &[m, nkv, hd], &k),
+                    tensor(gpu, "v", &[m, nkv, hd], &v),
+                );
+                let mut rec = gpu.recorder();
+                attention::rope_store(&mut rec, &cache, &qt, &kt, &vt, pos0, 1e4, mode, rot)
+                    .unwrap();
+                assert_eq!(rec.len(), 1);
+                rec.submit().unwrap();
+                let what = format!("rope_store {dtype} {mode:?} {m}x{nh}/{nkv}x{hd} rot {rot}");
+                let freqs = rope::rope_freqs(1e4, rot);
+                let (q_rot, k_rot) = (
+                    rope::rope_reference(&q, nh, hd, pos0 as u32, &freqs, mode),
+                    rope::rope_reference(&k, nkv, hd, pos0 as u32, &freqs, mode),
+                );
+                assert_close(
+                    &what,
+                    &gpu.read(&qt).unwrap(),
+                    &q_rot,
+                    tol::NMSE_TRANSCENDENTAL,
+                );
+                assert_eq!(gpu.read(&kt).unwrap(), k, "{what}: k changed");
+                let (kc, vc) = cache.read(gpu, ctx).unwrap();
+                let row = nkv * hd;
+                for (name, all, src) in [("k", &kc, &k_rot), ("v", &vc, &v)] {
+                    let held = &all[pos0 * row..(pos0 + m) * row];
+                    let enc = attention::encode(dtype, src, hd).unwrap();
+                    let cpu = attention::decode(dtype, &enc, hd).unwrap();
+                    let t = match dtype {
+                        KvDtype::Q8_0 => tol::NMSE_QUANT,
+                        _ => tol::NMSE_TRANSCENDENTAL,
+                    };
+                    assert_close(&format!("{what} {name}"), held, &cpu, t);
+                    assert!(
+                        all[..pos0 * row].iter().all(|&x| x == 0.0),
+                        "{what}: prefix"
+                    );
+                    assert!(
+                        all[(pos0 + m) * row..].iter().all(|&x| x == 0.0),
+                        "{what}: suffix"
+                    );
+                }
+            }
+        }
+    }
+    // Shapes that disagree, positions past the cache, a bad rot_dim, or q in k's buffer: refused
+    // before anything is recorded.
+    let cache = KvCache::new(gpu, "kv", KvDtype::F16, 8, 2, 64).unwrap();
+    let t = |shape: &[usize]| {
+        gpu.tensor("t", wgllm::BufferClass::Activations, shape)
+            .unwrap()
+    };
+    let (q, k) = (t(&[2, 4, 64]), t(&[2, 2, 64]));
+    let il = RopeMode::Interleaved;
+    let mut rec = gpu.recorder();
+    assert!(
+        attention::rope_store(&mut rec, &cache, &q, &t(&[2, 2, 32]), &k, 0, 1e4, il, 64).is_err()
+    );
+    assert!(
+        attention::rope_store(&mut rec, &cache, &t(&[3, 4, 64]), &k, &k, 0, 1e4, il, 64).is_err()
+    );
+    assert!(attention::rope_store(&mut rec, &cache, &q, &k, &k, 7, 1e4, il, 64).is_err());
+    assert!(attention::rope_store(&mut rec, &cache, &q, &k, &k, 0, 1e4, il, 66).is_err());
+    assert!(attention::rope_store(&mut rec, &cache, &q, &k, &k, 0, f32::NAN, il, 64).is_err());
+    assert!(attention::rope_store(&mut rec, &cache, &k, &k, &k, 0, 1e4, il, 64).is_err());
+    assert!(rec.is_empty());
+}
+
 #[test]
 fn bytes_per_token_is_exact() {
     assert_eq!(bytes_per_token(KvDtype::F32, 3, 64), 2 * 3 * 64 * 4);

@@ -225,16 +225,17 @@ fn parameters_split_into_layers_and_the_rest_exactly() {
     }
 }
 
-/// 16 dispatches a layer (2 norms, 7 matmuls, 2 rope, store, attention, 2 adds, swiglu) plus
-/// embedding, final norm and head; one 256-byte slot each, nine for RoPE's 2080-byte block.
+/// 13 dispatches a layer (attn_norm, 7 matmuls, RoPE + KV store, attention, add + ffn_norm,
+/// swiglu, add) plus embedding, final norm and head; one 256-byte slot each, nine for the
+/// 2096-byte block of RoPE + KV store.
 #[test]
 fn kernel_params_count_every_dispatch_and_shard() {
     let p = plan("smollm2-135m", Precision::Q4_0, KvDtype::F16, 256, None);
-    assert_eq!(p.dispatches_per_chunk, 14 * 30 + 3);
-    assert_eq!(p.kernel_params_bytes, (423 - 30) * 256 + 30 * 9 * 256);
+    assert_eq!(p.dispatches_per_chunk, 13 * 30 + 3);
+    assert_eq!(p.kernel_params_bytes, (393 - 30) * 256 + 30 * 9 * 256);
     // qwen2 adds three bias dispatches a layer.
     let q = plan("qwen2.5-0.5b", Precision::Q4_0, KvDtype::F16, 256, None);
-    assert_eq!(q.dispatches_per_chunk, 17 * 24 + 3);
+    assert_eq!(q.dispatches_per_chunk, 16 * 24 + 3);
     // A 1 MiB binding limit splits the 49152 x 576 q4_0 embedding (288-byte rows) into 14 shards,
     // used by both the lookup and the tied head.
     let opts = PlanOptions {
@@ -243,7 +244,7 @@ fn kernel_params_count_every_dispatch_and_shard() {
         ..Default::default()
     };
     let small = MemoryPlan::new(&preset("smollm2-135m"), opts).expect("plan");
-    assert_eq!(small.dispatches_per_chunk, 423 + 2 * 13);
+    assert_eq!(small.dispatches_per_chunk, 393 + 2 * 13);
 }
 
 #[test]

@@ -7,7 +7,9 @@
 
 pub mod kv_cache;
 
-pub use kv_cache::{bytes_per_token, decode, encode, store, KvCache, KvDtype, MAX_HEAD_DIM};
+pub use kv_cache::{
+    bytes_per_token, decode, encode, rope_store, store, KvCache, KvDtype, MAX_HEAD_DIM,
+};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Gpu, Recorder};

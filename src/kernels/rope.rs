@@ -35,9 +35,7 @@ struct Params {
     rot_dim: u32,
     pos0: u32,
     mode: u32,
-    /// Heads of the second tensor (0: none).
-    n_heads2: u32,
-    _pad: u32,
+    _pad: [u32; 2],
     /// `freq_i / 2pi` as `(hi, lo)` f32 pairs, pair `i` at `q[2i..2i + 2]`.
     q: [f32; MAX_ROT_DIM],
 }
@@ -69,7 +67,7 @@ pub fn rope(
 }
 
 /// [`rope_freqs`] for `theta` and `rot_dim`, once both are checked.
-fn standard_freqs(theta: f32, rot_dim: usize) -> Result<Vec<f64>> {
+pub(crate) fn standard_freqs(theta: f32, rot_dim: usize) -> Result<Vec<f64>> {
     if !(theta.is_finite() && theta > 0.0) {
         return Err(Error::invalid(
             "rope",
@@ -94,33 +92,6 @@ pub fn rope_with_freqs(
     freqs: &[f64],
     mode: RopeMode,
 ) -> Result<()> {
-    rope_dispatch(rec, x, None, pos0, freqs, mode)
-}
-
-/// [`rope`] of `q` (`[m, n_heads, head_dim]`) and `k` (`[m, n_kv_heads, head_dim]`, the same
-/// tokens) in one dispatch.
-pub fn rope_qk(
-    rec: &mut Recorder,
-    q: &Tensor,
-    k: &Tensor,
-    pos0: u32,
-    theta: f32,
-    mode: RopeMode,
-    rot_dim: usize,
-) -> Result<()> {
-    let freqs = standard_freqs(theta, rot_dim)?;
-    rope_dispatch(rec, q, Some(k), pos0, &freqs, mode)
-}
-
-/// One dispatch rotating `x` and, if given, `x2` (the same tokens and head_dim).
-fn rope_dispatch(
-    rec: &mut Recorder,
-    x: &Tensor,
-    x2: Option<&Tensor>,
-    pos0: u32,
-    freqs: &[f64],
-    mode: RopeMode,
-) -> Result<()> {
     let [m, n_heads, head_dim] = x.shape[..] else {
         return Err(Error::shape(
             format!("rope ({})", x.buf.label),
@@ -128,23 +99,60 @@ fn rope_dispatch(
             format!("{:?}", x.shape),
         ));
     };
-    let n_heads2 = match x2 {
-        None => 0,
-        Some(t) => match t.shape[..] {
-            [m2, h2, d2] if m2 == m && d2 == head_dim && t.buf.buffer != x.buf.buffer => h2,
-            _ => {
-                return Err(Error::shape(
-                    format!("rope ({}, in another buffer)", t.buf.label),
-                    format!("[{m}, heads, {head_dim}]"),
-                    format!("{:?}", t.shape),
-                ))
-            }
-        },
+    let table = table("rope", freqs, head_dim, m, pos0)?;
+    let pairs = m * n_heads * freqs.len();
+    if pairs == 0 {
+        return Ok(());
+    }
+    let too_big = || Error::invalid("rope", "tensor too large");
+    u32::try_from(x.len()).map_err(|_| too_big())?;
+    let pairs = u32::try_from(pairs).map_err(|_| too_big())?;
+    let p = Params {
+        m: m as u32,
+        n_heads: n_heads as u32,
+        head_dim: head_dim as u32,
+        rot_dim: 2 * freqs.len() as u32,
+        pos0,
+        mode: mode.code(),
+        _pad: [0; 2],
+        q: table,
     };
+    let gpu = rec.gpu();
+    let k = gpu.kernel("rope", "rope", &[Bind::Output], PARAMS_SIZE as u64, &[])?;
+    rec.dispatch(
+        &k,
+        &format!("rope.{}", x.buf.label),
+        &[x.buf.view()],
+        params(&p),
+        gpu.groups(pairs.div_ceil(WG)),
+    )
+}
+
+impl RopeMode {
+    /// The shaders' `mode`.
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            RopeMode::Interleaved => 0,
+            RopeMode::Half => 1,
+        }
+    }
+}
+
+/// The shaders' frequency table for `freqs` (`freq_i / 2pi` as `(hi, lo)` f32 pairs, pair `i` at
+/// `[2i..2i + 2]`), once `freqs` (`rot_dim / 2` of them, finite, >= 0; `rot_dim <= head_dim`) and
+/// the positions `pos0..pos0 + m` (below 2^24: the shader splits them in two 12-bit halves) are
+/// checked.
+pub(crate) fn table(
+    op: &str,
+    freqs: &[f64],
+    head_dim: usize,
+    m: usize,
+    pos0: u32,
+) -> Result<[f32; MAX_ROT_DIM]> {
     let rot_dim = 2 * freqs.len();
     if rot_dim == 0 || rot_dim > head_dim || rot_dim > MAX_ROT_DIM {
         return Err(Error::invalid(
-            "rope",
+            op,
             format!(
                 "rot_dim must be even and in 2..={}, got {rot_dim}",
                 head_dim.min(MAX_ROT_DIM)
@@ -153,57 +161,27 @@ fn rope_dispatch(
     }
     if let Some(f) = freqs.iter().find(|f| !(f.is_finite() && **f >= 0.0)) {
         return Err(Error::invalid(
-            "rope",
+            op,
             format!("frequency {f} is not finite and >= 0"),
         ));
     }
-    let pairs = m * (n_heads + n_heads2) * (rot_dim / 2);
-    if pairs == 0 {
-        return Ok(());
-    }
-    let last = u32::try_from(m - 1).ok().and_then(|t| pos0.checked_add(t));
-    // The shader splits positions into two 12-bit halves.
+    let last = u32::try_from(m.max(1) - 1)
+        .ok()
+        .and_then(|t| pos0.checked_add(t));
     if last.is_none_or(|p| p >= 1 << 24) {
         return Err(Error::invalid(
-            "rope",
+            op,
             format!("positions {pos0}..{pos0}+{m} exceed 2^24"),
         ));
     }
-    let too_big = || Error::invalid("rope", "tensor too large");
-    u32::try_from(x.len() + x2.map_or(0, Tensor::len)).map_err(|_| too_big())?;
-    let pairs = u32::try_from(pairs).map_err(|_| too_big())?;
-    let mut p = Params {
-        m: m as u32,
-        n_heads: n_heads as u32,
-        head_dim: head_dim as u32,
-        rot_dim: rot_dim as u32,
-        pos0,
-        mode: match mode {
-            RopeMode::Interleaved => 0,
-            RopeMode::Half => 1,
-        },
-        n_heads2: n_heads2 as u32,
-        _pad: 0,
-        q: [0.0; MAX_ROT_DIM],
-    };
+    let mut q = [0.0; MAX_ROT_DIM];
     for (i, f) in freqs.iter().enumerate() {
-        let q = f / std::f64::consts::TAU;
-        let hi = q as f32;
-        p.q[2 * i] = hi;
-        p.q[2 * i + 1] = (q - hi as f64) as f32;
+        let turns = f / std::f64::consts::TAU;
+        let hi = turns as f32;
+        q[2 * i] = hi;
+        q[2 * i + 1] = (turns - hi as f64) as f32;
     }
-    let gpu = rec.gpu();
-    let binds = [Bind::Output, Bind::Output];
-    let k = gpu.kernel("rope", "rope", &binds, PARAMS_SIZE as u64, &[])?;
-    let groups = gpu.groups(pairs.div_ceil(WG));
-    let second = x2.unwrap_or(x);
-    rec.dispatch(
-        &k,
-        &format!("rope.{}", x.buf.label),
-        &[x.buf.view(), second.buf.view()],
-        params(&p),
-        groups,
-    )
+    Ok(q)
 }
 
 /// CPU reference of [`rope_with_freqs`] (angles in f64): the rotated copy of `x` (`[m, n_heads,

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::{BufferClass, Gpu, GpuBuffer, Recorder};
 use crate::kernels::attention::{self, KvCache, KvDtype};
-use crate::kernels::rope::{self, RopeMode};
+use crate::kernels::rope::RopeMode;
 use crate::kernels::{elementwise, embedding, matmul, norm, Tensor, WeightMatrix};
 use crate::loader::gguf::Gguf;
 use crate::model::config::{Arch, Ffn, ModelConfig, Norm, Positions};
@@ -729,9 +729,9 @@ fn layer(
             elementwise::add_bias(r, t, b)?;
         }
     }
-    let pos0 = p.pos0 as u32;
-    rope::rope_qk(r, &a.q3, &a.k3, pos0, p.rope_theta, p.rope_mode, p.rot_dim)?;
-    attention::store(r, kv, &a.k3, &a.v3, p.pos0)?;
+    // RoPE of q and k, and k and v into the cache, in one pass
+    let (theta, mode) = (p.rope_theta, p.rope_mode);
+    attention::rope_store(r, kv, &a.q3, &a.k3, &a.v3, p.pos0, theta, mode, p.rot_dim)?;
     attention::attention(r, &a.q3, kv, p.pos0, p.scale, &a.att3)?;
     // residual, then the FFN block's norm: a single token folds the add into the output
     // projection and the norm into gate/up; chunks add and normalise in one pass

@@ -54,17 +54,18 @@ pub enum Kernel {
     /// The residual add and the RMSNorm after it, one dispatch.
     AddRmsNorm,
     AddBias,
-    Rope,
-    KvStore,
+    /// RoPE of q and k and the KV-cache store, one dispatch.
+    RopeStore,
     Attention,
     Add,
     Swiglu,
 }
 
-/// Bytes of the uniform params block of the RoPE kernel: 32 bytes of fields and `MAX_ROT_DIM` (512)
-/// f32 frequency words, mirroring `kernels::rope` (kept here as a number, since it is the one
-/// params block far from 16-32 bytes and the planner must not break when that module changes).
-pub const ROPE_PARAMS_BYTES: u64 = 32 + 512 * 4;
+/// Bytes of the uniform params block of the RoPE + KV-store kernel: 48 bytes of fields and
+/// `MAX_ROT_DIM` (512) f32 frequency words, mirroring `kernels::attention::kv_cache` (kept here as
+/// a number, since it is the one params block far from 16-32 bytes and the planner must not break
+/// when that module changes).
+pub const ROPE_STORE_PARAMS_BYTES: u64 = 48 + 512 * 4;
 
 impl Kernel {
     /// Size of the kernel's uniform params struct (the `size_of` asserts in src/kernels).
@@ -76,12 +77,9 @@ impl Kernel {
             | Kernel::AddBias
             | Kernel::Add
             | Kernel::Swiglu => 16,
-            Kernel::Embedding { .. }
-            | Kernel::Matmul { .. }
-            | Kernel::StackedMatmul
-            | Kernel::KvStore => 32,
+            Kernel::Embedding { .. } | Kernel::Matmul { .. } | Kernel::StackedMatmul => 32,
             Kernel::Attention => 48,
-            Kernel::Rope => ROPE_PARAMS_BYTES,
+            Kernel::RopeStore => ROPE_STORE_PARAMS_BYTES,
         }
     }
 }
@@ -228,8 +226,12 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
         }
     }
     layer.extend([
-        step("rope q, k", Kernel::Rope, &["q", "k"], &["q", "k"]),
-        step("kv store", Kernel::KvStore, &["k", "v"], &[]),
+        step(
+            "rope q, k + kv store",
+            Kernel::RopeStore,
+            &["q", "k", "v"],
+            &["q"],
+        ),
         step("attention", Kernel::Attention, &["q"], &["att"]),
         step(
             "matmul wo",

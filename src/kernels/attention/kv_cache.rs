@@ -1,4 +1,5 @@
-//! One layer's KV cache ([`KvCache`]), its store kernel (`shaders/kv_cache.wgsl`) and the CPU
+//! One layer's KV cache ([`KvCache`]), its store kernels (`shaders/kv_cache.wgsl`, and
+//! `shaders/rope_store.wgsl` that rotates keys and queries on the way: [`rope_store`]) and the CPU
 //! encoding of its rows ([`encode`], [`decode`]).
 //!
 //! A [`KvCache`] holds K and V of one layer, each `[ctx, n_kv_heads, head_dim]` as rows of `u32`
@@ -20,6 +21,7 @@ use half::f16;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, BufferClass, Gpu, GpuBuffer, Recorder};
+use crate::kernels::rope::{RopeMode, MAX_ROT_DIM};
 use crate::kernels::{params, Tensor};
 use crate::quant::{quantize, WeightFormat, QK};
 
@@ -326,6 +328,106 @@ struct StoreParams {
 }
 const _: () = assert!(std::mem::size_of::<StoreParams>() == 32);
 
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RopeStoreParams {
+    m: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    rot_dim: u32,
+    pos0: u32,
+    mode: u32,
+    row_words: u32,
+    units_per_row: u32,
+    dst_row0: u32,
+    _pad: [u32; 2],
+    /// The frequency table ([`crate::kernels::rope`]'s).
+    q: [f32; MAX_ROT_DIM],
+}
+/// Bytes of [`rope_store`]'s params (the memory planner's `Kernel::RopeStore`).
+pub const ROPE_STORE_PARAMS_BYTES: usize = 48 + MAX_ROT_DIM * 4;
+const _: () = assert!(std::mem::size_of::<RopeStoreParams>() == ROPE_STORE_PARAMS_BYTES);
+
+/// Store units per cache row: a word for f32/f16, a scale word (two blocks) for q8_0.
+fn units_per_row(cache: &KvCache) -> usize {
+    match cache.dtype {
+        KvDtype::F32 | KvDtype::F16 => cache.row_words,
+        KvDtype::Q8_0 => (cache.head_dim / QK).div_ceil(2),
+    }
+}
+
+/// RoPE of `q` (`[m, n_heads, head_dim]`, in place) and `k`, and the store of K and V (`[m,
+/// n_kv_heads, head_dim]`) at positions `pos0..pos0+m`, in one dispatch: [`crate::kernels::rope::
+/// rope`] of q and k with the standard frequencies of `theta`, then [`store`], except that `k`
+/// itself is left unrotated (only its cached copy is rotated: attention reads keys from the cache).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_store(
+    rec: &mut Recorder,
+    cache: &KvCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos0: usize,
+    theta: f32,
+    mode: RopeMode,
+    rot_dim: usize,
+) -> Result<()> {
+    let op = "rope + kv store";
+    let m = k.shape.first().copied().unwrap_or(0);
+    k.expect(op, &[m.max(1), cache.n_kv_heads, cache.head_dim])?;
+    v.expect(op, &k.shape)?;
+    let n_heads = q.shape.get(1).copied().unwrap_or(0);
+    q.expect(op, &[m.max(1), n_heads.max(1), cache.head_dim])?;
+    check_positions(op, cache, pos0, m)?;
+    let freqs = crate::kernels::rope::standard_freqs(theta, rot_dim)?;
+    let pos0_u32 = to_u32(op, pos0)?;
+    let table = crate::kernels::rope::table(op, &freqs, cache.head_dim, m, pos0_u32)?;
+    let units = units_per_row(cache);
+    let work = m * (n_heads * rot_dim / 2 + cache.n_kv_heads * units);
+    if work == 0 {
+        return Ok(());
+    }
+    let p = RopeStoreParams {
+        m: to_u32(op, m)?,
+        n_heads: to_u32(op, n_heads)?,
+        n_kv_heads: cache.n_kv_heads as u32,
+        head_dim: cache.head_dim as u32,
+        rot_dim: rot_dim as u32,
+        pos0: pos0_u32,
+        mode: mode.code(),
+        row_words: cache.row_words as u32,
+        units_per_row: units as u32,
+        dst_row0: to_u32(op, pos0 * cache.n_kv_heads)?,
+        _pad: [0; 2],
+        q: table,
+    };
+    let gpu = rec.gpu();
+    use Bind::{Input, Output};
+    let binds = [Output, Input, Input, Output, Output];
+    let kernel = gpu.kernel(
+        "rope_store",
+        "rope_store",
+        &binds,
+        ROPE_STORE_PARAMS_BYTES as u64,
+        &[("KV_DTYPE", cache.dtype.code())],
+    )?;
+    let groups = gpu.groups(to_u32(op, work.div_ceil(WG))?);
+    rec.dispatch(
+        &kernel,
+        &format!("rope_store.{}@{pos0}+{m}", cache.k.label),
+        &[
+            q.buf.view(),
+            k.buf.view(),
+            v.buf.view(),
+            cache.k.view(),
+            cache.v.view(),
+        ],
+        params(&p),
+        groups,
+    )
+}
+
 /// Writes K and V of `m` tokens (`[m, n_kv_heads, head_dim]` f32 each) into positions
 /// `pos0..pos0+m` of the cache, converting to its dtype. One dispatch.
 pub fn store(
@@ -340,10 +442,7 @@ pub fn store(
     v.expect("kv store", &k.shape)?;
     check_positions("kv store", cache, pos0, m)?;
     let hd = cache.head_dim;
-    let units_per_row = match cache.dtype {
-        KvDtype::F32 | KvDtype::F16 => cache.row_words,
-        KvDtype::Q8_0 => (hd / QK).div_ceil(2),
-    };
+    let units_per_row = units_per_row(cache);
     let rows = m * cache.n_kv_heads;
     let p = StoreParams {
         rows: to_u32("kv store", rows)?,
