@@ -11,6 +11,13 @@
 // per-query state lives in module-scope structs with named members (llvmpipe keeps arrays it
 // cannot resolve in memory), and the loops over queries and vec4s are spelled out under
 // `if (G > i)` / `if (HD4 > j)`, which pipeline creation folds away.
+//
+// Split keys (decode over a long context, where one token has only n_kv_heads subgroups of work):
+// attend_sg_split gives each (token, kv head) `splits` subgroups, each over its share of the keys,
+// and writes each query's partial state (running maximum m, sum l and unnormalised V sum) in the
+// `out` binding, laid out per query row and split as one vec4 (m, l, 0, 0) and head_dim / 4
+// vec4s of sums. attend_combine then merges a row's splits (each rescaled by exp(m_s - max m)) into
+// the real output, binding the partials in q's slot: the same softmax, summed in another order.
 
 // #include "common/attention_io.wgsl"
 
@@ -113,17 +120,12 @@ fn put(row: u32, lane: u32, s: Query) {
     if (HD4 > 3u) { out[i + 3u] = s.acc.a3 * inv; }
 }
 
-@compute @workgroup_size(8)
-fn attend_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-    let wg = wid.x + wid.y * nwg.x;
-    if (wg >= p.n_wg) {
-        return; // the whole workgroup (one subgroup): uniform
-    }
-    let t = wg / p.n_kv_heads;
-    let kvh = wg % p.n_kv_heads;
-    // Rows of q and out of this token's query heads kvh * G .. kvh * G + G - 1.
+// One token's G queries over keys first..end (clamped to the token's keys), left in q0..q7.
+fn attend(t: u32, kvh: u32, lane: u32, part: u32, parts: u32) {
     let row = t * p.n_heads + kvh * G;
     let n_keys = select(p.n_keys, p.pos0 + t + 1u, p.causal != 0u);
+    let per = (n_keys + parts - 1u) / parts;
+    let end = min(n_keys, (part + 1u) * per);
     q0 = init(row, lane);
     if (G > 1u) { q1 = init(row + 1u, lane); }
     if (G > 2u) { q2 = init(row + 2u, lane); }
@@ -132,7 +134,7 @@ fn attend_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if (G > 5u) { q5 = init(row + 5u, lane); }
     if (G > 6u) { q6 = init(row + 6u, lane); }
     if (G > 7u) { q7 = init(row + 7u, lane); }
-    for (var j = 0u; j < n_keys; j++) {
+    for (var j = part * per; j < end; j++) {
         let base = row_base(j, kvh);
         kr = k_slice(base, lane);
         vr = v_slice(base, lane);
@@ -145,6 +147,19 @@ fn attend_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         if (G > 6u) { update(&q6); }
         if (G > 7u) { update(&q7); }
     }
+}
+
+@compute @workgroup_size(8)
+fn attend_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let wg = wid.x + wid.y * nwg.x;
+    if (wg >= p.n_wg) {
+        return; // the whole workgroup (one subgroup): uniform
+    }
+    let t = wg / p.n_kv_heads;
+    let kvh = wg % p.n_kv_heads;
+    attend(t, kvh, lane, 0u, 1u);
+    // Rows of q and out of this token's query heads kvh * G .. kvh * G + G - 1.
+    let row = t * p.n_heads + kvh * G;
     put(row, lane, q0);
     if (G > 1u) { put(row + 1u, lane, q1); }
     if (G > 2u) { put(row + 2u, lane, q2); }
@@ -153,4 +168,70 @@ fn attend_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if (G > 5u) { put(row + 5u, lane, q5); }
     if (G > 6u) { put(row + 6u, lane, q6); }
     if (G > 7u) { put(row + 7u, lane, q7); }
+}
+
+// vec4s of one query row's partial state of one split.
+fn partial_len() -> u32 {
+    return p.head_dim / 4u + 1u;
+}
+
+// Writes query row `row`'s partial state of split `part` (see the top of the file).
+fn put_partial(row: u32, part: u32, lane: u32, s: Query) {
+    let base = (row * p.splits + part) * partial_len();
+    if (lane == 0u) {
+        out[base] = vec4<f32>(s.m, s.l, 0.0, 0.0);
+    }
+    let i = base + 1u + lane * HD4;
+    out[i] = s.acc.a0;
+    if (HD4 > 1u) { out[i + 1u] = s.acc.a1; }
+    if (HD4 > 2u) { out[i + 2u] = s.acc.a2; }
+    if (HD4 > 3u) { out[i + 3u] = s.acc.a3; }
+}
+
+@compute @workgroup_size(8)
+fn attend_sg_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let wg = wid.x + wid.y * nwg.x;
+    if (wg >= p.n_wg) {
+        return; // the whole workgroup (one subgroup): uniform
+    }
+    let part = wg % p.splits;
+    let tk = wg / p.splits;
+    let t = tk / p.n_kv_heads;
+    let kvh = tk % p.n_kv_heads;
+    attend(t, kvh, lane, part, p.splits);
+    let row = t * p.n_heads + kvh * G;
+    put_partial(row, part, lane, q0);
+    if (G > 1u) { put_partial(row + 1u, part, lane, q1); }
+    if (G > 2u) { put_partial(row + 2u, part, lane, q2); }
+    if (G > 3u) { put_partial(row + 3u, part, lane, q3); }
+    if (G > 4u) { put_partial(row + 4u, part, lane, q4); }
+    if (G > 5u) { put_partial(row + 5u, part, lane, q5); }
+    if (G > 6u) { put_partial(row + 6u, part, lane, q6); }
+    if (G > 7u) { put_partial(row + 7u, part, lane, q7); }
+}
+
+// One invocation per query row and vec4 of head_dim: merges the row's splits (partials bound as q).
+@compute @workgroup_size(64)
+fn attend_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let hd4 = p.head_dim / 4u;
+    let i = gid.x + gid.y * nwg.x * 64u;
+    if (i >= p.m * p.n_heads * hd4) {
+        return;
+    }
+    let row = i / hd4;
+    let d4 = i % hd4;
+    let base = row * p.splits * partial_len();
+    var m = NEG;
+    for (var s = 0u; s < p.splits; s++) {
+        m = max(m, q[base + s * partial_len()].x);
+    }
+    var l = 0.0;
+    var acc = vec4<f32>(0.0);
+    for (var s = 0u; s < p.splits; s++) {
+        let o = base + s * partial_len();
+        let w = exp(q[o].x - m);
+        l += q[o].y * w;
+        acc += q[o + 1u + d4] * w;
+    }
+    out[row * hd4 + d4] = acc / l;
 }

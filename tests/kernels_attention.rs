@@ -15,6 +15,9 @@ enum Entry {
     Prefill,
     /// attention_sg.wgsl (CPU devices with 8-lane subgroups)
     Subgroup,
+    /// attention_sg.wgsl with the keys split in this many parts and merged; 0: `attention_split`'s
+    /// own choice.
+    Split(usize),
 }
 
 fn tensor(gpu: &Gpu, label: &str, shape: &[usize], data: &[f32]) -> Tensor {
@@ -102,6 +105,17 @@ fn check(gpu: &Gpu, c: Case) {
         Entry::Decode => attention::attention_decode(&mut rec, &qt, &cache, pos0, scale, &out),
         Entry::Prefill => attention::attention_prefill(&mut rec, &qt, &cache, pos0, scale, &out),
         Entry::Subgroup => attention::attention_subgroup(&mut rec, &qt, &cache, pos0, scale, &out),
+        Entry::Split(parts) => {
+            let bytes = attention::partials_bytes(n_heads, hd) as usize * m;
+            let part = gpu.tensor("partials", Activations, &[bytes / 4]).unwrap();
+            keep.push((part.clone(), part.clone()));
+            if parts == 0 {
+                attention::attention_split(&mut rec, &qt, &cache, pos0, scale, &part, &out)
+            } else {
+                let (q, c) = (&qt, &cache);
+                attention::attention_split_with(&mut rec, q, c, pos0, scale, &part, &out, parts)
+            }
+        }
     }
     .unwrap();
     rec.submit().unwrap();
@@ -368,6 +382,58 @@ fn subgroup_kernel_matches_reference() {
         assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
         assert!(rec.is_empty());
     }
+}
+
+/// Split keys (decode over long contexts): every part count, parts empty or of one key, every
+/// dtype, groups of 1 to 8, and the automatic choice; huge scores stay finite across parts.
+#[test]
+fn split_keys_match_reference() {
+    let Some(gpu) = gpu() else { return };
+    if !subgroup_device(gpu) {
+        return;
+    }
+    for (heads, hd) in [((9, 3), 64), ((4, 4), 32), ((16, 2), 128)] {
+        for (n_keys, parts) in [(1, 2), (5, 8), (37, 2), (37, 3), (300, 16), (129, 5)] {
+            check(
+                gpu,
+                case(Entry::Split(parts), KvDtype::F32, heads, hd, n_keys, 1),
+            );
+        }
+    }
+    for dtype in KvDtype::ALL {
+        check(gpu, case(Entry::Split(4), dtype, (6, 2), 64, 200, 1));
+        // The automatic choice: one part below 2 * KEYS_PER_SPLIT keys, then several.
+        for n_keys in [100, 1000] {
+            check(gpu, case(Entry::Split(0), dtype, (9, 3), 64, n_keys, 1));
+        }
+    }
+    let huge = Case {
+        mag: 30.0,
+        k_shift: 30.0,
+        tol: NMSE_HUGE_SCORES,
+        ..case(Entry::Split(7), KvDtype::F32, (4, 2), 64, 90, 1)
+    };
+    check(gpu, huge);
+    // Too little scratch, or scratch that is the output, is refused before dispatch.
+    let cache = KvCache::new(gpu, "kv", KvDtype::F32, 8, 1, 64).unwrap();
+    let q = gpu.tensor("q", Activations, &[1, 2, 64]).unwrap();
+    let out = gpu.tensor("out", Activations, &[1, 2, 64]).unwrap();
+    let small = gpu.tensor("partials", Activations, &[100]).unwrap();
+    let mut rec = gpu.recorder();
+    assert!(
+        attention::attention_split_with(&mut rec, &q, &cache, 4, 1.0, &small, &out, 2).is_err()
+    );
+    assert!(attention::attention_split_with(&mut rec, &q, &cache, 4, 1.0, &out, &out, 1).is_err());
+    assert!(attention::attention_split_with(&mut rec, &q, &cache, 4, 1.0, &out, &q, 0).is_err());
+    assert!(rec.is_empty());
+    assert_eq!(attention::key_splits(true, 1, 127), 1);
+    assert_eq!(attention::key_splits(true, 1, 128), 2);
+    assert_eq!(
+        attention::key_splits(true, 1, 1 << 20),
+        attention::MAX_KEY_SPLITS
+    );
+    assert_eq!(attention::key_splits(true, 2, 1 << 20), 1);
+    assert_eq!(attention::key_splits(false, 1, 1 << 20), 1);
 }
 
 #[test]

@@ -90,7 +90,9 @@ fn smollm2_planned_bytes_match_the_ledger() {
 
 /// The decode-only plan (chunk of one token) counts the dispatches a single token runs, which
 /// fold norms, SwiGLU and residual adds into the projections where the device does
-/// (`PlanOptions::single_token_folds`): its kernel-params bytes equal the ledger's.
+/// (`PlanOptions::single_token_folds`), and split a long context's attention in two passes
+/// (`PlanOptions::split_attention`, counted for the token at the context's end): its
+/// activation and kernel-params bytes equal the ledger's.
 #[test]
 fn smollm2_decode_plan_matches_the_ledger() {
     if gpu().is_none() {
@@ -101,30 +103,32 @@ fn smollm2_decode_plan_matches_the_ledger() {
     };
     let g = wgllm::loader::gguf::Gguf::open(&path).unwrap();
     let (cfg, _) = wgllm::model::llama::config_from_gguf(&g).unwrap();
-    let gpu = Gpu::new(&GpuOptions::default()).unwrap();
-    let opts = RunOptions {
-        ctx: 64,
-        chunk: 1,
-        ..Default::default()
-    };
-    let mut lm = wgllm::model::load::load_lm(&gpu, &path, None, opts).unwrap();
-    lm.model.forward(&gpu, &[1], 0).unwrap();
-    let measured = gpu
-        .ledger
-        .report()
-        .class(BufferClass::Activations)
-        .peak_bytes;
-    let popts = PlanOptions {
-        ctx: 64,
-        chunk: 1,
-        kv: RunOptions::default().kv_dtype,
-        ..Default::default()
+    for ctx in [64, 512] {
+        let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+        let opts = RunOptions {
+            ctx,
+            chunk: 1,
+            ..Default::default()
+        };
+        let mut lm = wgllm::model::load::load_lm(&gpu, &path, None, opts).unwrap();
+        lm.model.forward(&gpu, &[1], ctx - 1).unwrap();
+        let measured = gpu
+            .ledger
+            .report()
+            .class(BufferClass::Activations)
+            .peak_bytes;
+        let popts = PlanOptions {
+            ctx,
+            chunk: 1,
+            kv: RunOptions::default().kv_dtype,
+            ..Default::default()
+        }
+        .for_device(&gpu);
+        let plan = MemoryPlan::new(&cfg, popts).unwrap();
+        eprintln!(
+            "decode at ctx {ctx}: planned {} + {} params, measured {measured}, {} dispatches",
+            plan.activation_bytes, plan.kernel_params_bytes, plan.dispatches_per_chunk
+        );
+        assert_eq!(plan.activation_bytes + plan.kernel_params_bytes, measured);
     }
-    .for_device(&gpu);
-    let plan = MemoryPlan::new(&cfg, popts).unwrap();
-    eprintln!(
-        "decode: planned {} + {} params, measured {measured}, {} dispatches",
-        plan.activation_bytes, plan.kernel_params_bytes, plan.dispatches_per_chunk
-    );
-    assert_eq!(plan.activation_bytes + plan.kernel_params_bytes, measured);
 }

@@ -15,7 +15,7 @@ struct Params {
     scale: f32,
     causal: u32,      // 1: keys 0..=pos0+t; 0: keys 0..n_keys for every query
     n_keys: u32,      // keys every query sees when causal == 0
-    _pad0: u32,
+    splits: u32,      // attention_sg.wgsl's split entries: parts the keys are split in
 }
 
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;

@@ -41,9 +41,35 @@ struct AttnParams {
     scale: f32,
     causal: u32,
     n_keys: u32,
-    _pad: u32,
+    /// Parts the keys are split in (the split subgroup kernel and its combine pass).
+    splits: u32,
 }
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 48);
+
+/// Most parts [`attention_split`] splits a token's keys in; the partials scratch
+/// ([`partials_bytes`]) holds that many.
+pub const MAX_KEY_SPLITS: usize = 16;
+/// Keys per part: [`key_splits`] splits a token's keys once it has two parts of this many.
+/// Measured on lavapipe (BENCHMARKS.md, "Split-K decode attention").
+pub const KEYS_PER_SPLIT: usize = 64;
+
+/// Bytes of the partials scratch of [`attention_split`] for one token of `n_heads` query heads:
+/// each head's running maximum, sum (one vec4 with them) and V sum per part.
+pub fn partials_bytes(n_heads: usize, head_dim: usize) -> u64 {
+    (n_heads * MAX_KEY_SPLITS * (head_dim + 4) * 4) as u64
+}
+
+/// Parts [`attention_split`] splits the `n_keys` keys of `m` query tokens in: a single token on
+/// the subgroup kernel (`subgroup`: [`subgroup_fits`]) gets one part per [`KEYS_PER_SPLIT`] keys,
+/// up to [`MAX_KEY_SPLITS`], so that a decode step has more than `n_kv_heads` subgroups of work;
+/// otherwise 1 (a chunk of tokens has a subgroup per token and kv head already).
+pub fn key_splits(subgroup: bool, m: usize, n_keys: usize) -> usize {
+    if subgroup && m == 1 {
+        (n_keys / KEYS_PER_SPLIT).clamp(1, MAX_KEY_SPLITS)
+    } else {
+        1
+    }
+}
 
 /// Query heads per kv head of `q` (`[m, n_heads, head_dim]`) over `cache` (0 when `q` has no
 /// heads dimension; the dispatch checks shapes).
@@ -59,8 +85,13 @@ pub const MAX_GROUP_SG: usize = 8;
 /// loops), head_dim is a multiple of 32 up to 128 (1 to 4 vec4s a lane), and at most
 /// [`MAX_GROUP_SG`] query heads share a kv head.
 pub fn subgroup_fits(gpu: &Gpu, head_dim: usize, group: usize) -> bool {
-    crate::kernels::matmul::subgroup_matvec_ok(gpu)
-        && head_dim.is_multiple_of(32)
+    crate::kernels::matmul::subgroup_matvec_ok(gpu) && subgroup_shape_fits(head_dim, group)
+}
+
+/// The shapes `attention_sg.wgsl` takes: head_dim a multiple of 32 up to 128, groups of 1 to
+/// [`MAX_GROUP_SG`] query heads per kv head.
+pub fn subgroup_shape_fits(head_dim: usize, group: usize) -> bool {
+    head_dim.is_multiple_of(32)
         && (32..=128).contains(&head_dim)
         && (1..=MAX_GROUP_SG).contains(&group)
 }
@@ -121,6 +152,73 @@ pub fn attention(
 ) -> Result<()> {
     let path = auto_path(rec.gpu(), q, cache);
     dispatch_attention(rec, path, q, cache, Keys::Causal { pos0 }, scale, out)
+}
+
+/// [`attention`] where a single token's keys may be split across subgroups ([`key_splits`]): each
+/// part's partial softmax state goes to `partials` (at least [`partials_bytes`] of a token), and a
+/// second pass merges them into `out`. Otherwise exactly [`attention`].
+pub fn attention_split(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    pos0: usize,
+    scale: f32,
+    partials: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    let path = auto_path(rec.gpu(), q, cache);
+    let m = q.shape.first().copied().unwrap_or(0);
+    let splits = key_splits(path == Path::Subgroup, m, pos0.saturating_add(m));
+    if splits == 1 {
+        return dispatch_attention(rec, path, q, cache, Keys::Causal { pos0 }, scale, out);
+    }
+    attention_split_with(rec, q, cache, pos0, scale, partials, out, splits)
+}
+
+/// [`attention_split`] with the subgroup kernel and the keys in `splits` parts forced (for tests
+/// and benchmarks); refused unless [`subgroup_fits`] and `partials` holds `m` tokens' partial
+/// states of `splits` parts.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_split_with(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    pos0: usize,
+    scale: f32,
+    partials: &Tensor,
+    out: &Tensor,
+    splits: usize,
+) -> Result<()> {
+    let group = query_group(q, cache);
+    if !subgroup_fits(rec.gpu(), cache.head_dim, group) {
+        return Err(Error::invalid(
+            "split attention",
+            "split keys need the subgroup kernel (see subgroup_fits)",
+        ));
+    }
+    let (m, n_heads) = (q.shape[0], q.shape.get(1).copied().unwrap_or(0));
+    let need = m * n_heads * splits * (cache.head_dim + 4);
+    if splits == 0 || partials.len() < need || partials.buf.buffer == out.buf.buffer {
+        return Err(Error::invalid(
+            "split attention",
+            format!(
+                "{splits} parts need {need} f32 of partials apart from out; '{}' has {}",
+                partials.buf.label,
+                partials.len()
+            ),
+        ));
+    }
+    let keys = Keys::Causal { pos0 };
+    dispatch(
+        rec,
+        Path::Subgroup,
+        q,
+        cache,
+        keys,
+        scale,
+        out,
+        Some((partials, splits)),
+    )
 }
 
 /// Bidirectional (encoder) attention: `out = softmax(scale * q K^T) V` where every one of the `m`
@@ -261,6 +359,22 @@ fn dispatch_attention(
     scale: f32,
     out: &Tensor,
 ) -> Result<()> {
+    dispatch(rec, path, q, cache, keys, scale, out, None)
+}
+
+/// The attention dispatch; with `split` (partials, parts), the subgroup kernel's split entry into
+/// the partials and the combine pass into `out`.
+#[allow(clippy::too_many_arguments)]
+fn dispatch(
+    rec: &mut Recorder,
+    path: Path,
+    q: &Tensor,
+    cache: &KvCache,
+    keys: Keys,
+    scale: f32,
+    out: &Tensor,
+    split: Option<(&Tensor, usize)>,
+) -> Result<()> {
     let (m, n_heads) = match q.shape[..] {
         [m, h, d] if m > 0 && h > 0 && d == cache.head_dim => (m, h),
         _ => {
@@ -299,7 +413,14 @@ fn dispatch_attention(
     let (shader, entry, n_wg) = match path {
         Path::Rows => ("attention", "attend_rows", m * n_heads),
         Path::Tiled => ("attention", "attend_tiled", m.div_ceil(TQ) * n_heads),
+        Path::Subgroup if split.is_some() => ("attention_sg", "attend_sg_split", 0),
         Path::Subgroup => ("attention_sg", "attend_sg", m * cache.n_kv_heads),
+    };
+    let splits = split.map_or(1, |(_, s)| s);
+    let n_wg = if split.is_some() {
+        m * cache.n_kv_heads * splits
+    } else {
+        n_wg
     };
     let p = AttnParams {
         m: to_u32("attention", m)?,
@@ -313,27 +434,43 @@ fn dispatch_attention(
         scale,
         causal,
         n_keys: to_u32("attention", n_keys)?,
-        _pad: 0,
+        splits: to_u32("attention", splits)?,
     };
     let gpu = rec.gpu();
     let binds = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
     let dtype = ("KV_DTYPE", cache.dtype.code());
-    let kernel = match path {
-        Path::Subgroup => {
-            let shape = [("G", group as f64), ("HD4", (cache.head_dim / 32) as f64)];
-            gpu.kernel(shader, entry, &binds, 48, &[dtype, shape[0], shape[1]])?
-        }
-        _ => gpu.kernel(shader, entry, &binds, 48, &[dtype])?,
+    let shape = [
+        dtype,
+        ("G", group as f64),
+        ("HD4", (cache.head_dim / 32) as f64),
+    ];
+    let overrides = match path {
+        Path::Subgroup => &shape[..],
+        _ => &shape[..1],
     };
+    let kernel = gpu.kernel(shader, entry, &binds, 48, overrides)?;
+    let label = match keys {
+        Keys::Causal { .. } => format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label),
+        Keys::All { .. } => format!("attention.{entry}.{}.all{n_keys}x{m}", out.buf.label),
+    };
+    let (k, v) = (cache.k.view(), cache.v.view());
+    let Some((partials, _)) = split else {
+        let views = [q.buf.view(), k, v, out.buf.view()];
+        return rec.dispatch(&kernel, &label, &views, params(&p), gpu.groups(p.n_wg));
+    };
+    let views = [q.buf.view(), k.clone(), v.clone(), partials.buf.view()];
+    rec.dispatch(&kernel, &label, &views, params(&p), gpu.groups(p.n_wg))?;
+    // The combine pass reads the partials in q's slot; one invocation per row and vec4.
+    let combine = gpu.kernel(shader, "attend_combine", &binds, 48, overrides)?;
+    let n = to_u32("attention", m * n_heads * cache.head_dim / 4)?;
+    let views = [partials.buf.view(), k, v, out.buf.view()];
+    let label = format!("attention.attend_combine.{}@{pos0}+{m}", out.buf.label);
     rec.dispatch(
-        &kernel,
-        &match keys {
-            Keys::Causal { .. } => format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label),
-            Keys::All { .. } => format!("attention.{entry}.{}.all{n_keys}x{m}", out.buf.label),
-        },
-        &[q.buf.view(), cache.k.view(), cache.v.view(), out.buf.view()],
+        &combine,
+        &label,
+        &views,
         params(&p),
-        gpu.groups(p.n_wg),
+        gpu.groups(n.div_ceil(64)),
     )
 }
 

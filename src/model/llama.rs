@@ -214,18 +214,19 @@ pub struct RunState {
     /// Whether the logits buffer holds a row per token of a chunk.
     all_logits: bool,
     ids: GpuBuffer,
-    x: Tensor,      // (chunk, d) residual stream
-    x2: Tensor,     // (chunk, d) the residual after an add (ping-pong with x)
-    xb: Tensor,     // (chunk, d) normed input of a block
-    q: Tensor,      // (chunk, n_heads * head_dim)
-    k: Tensor,      // (chunk, n_kv_heads * head_dim)
-    v: Tensor,      // (chunk, n_kv_heads * head_dim)
-    att: Tensor,    // (chunk, n_heads * head_dim)
-    proj: Tensor,   // (chunk, d) output of attention / FFN projections
-    gate: Tensor,   // (chunk, ffn)
-    up: Tensor,     // (chunk, ffn)
-    act: Tensor,    // (chunk, ffn) silu(gate) * up
-    logits: Tensor, // (chunk, vocab) or (1, vocab)
+    x: Tensor,        // (chunk, d) residual stream
+    x2: Tensor,       // (chunk, d) the residual after an add (ping-pong with x)
+    xb: Tensor,       // (chunk, d) normed input of a block
+    q: Tensor,        // (chunk, n_heads * head_dim)
+    k: Tensor,        // (chunk, n_kv_heads * head_dim)
+    v: Tensor,        // (chunk, n_kv_heads * head_dim)
+    att: Tensor,      // (chunk, n_heads * head_dim)
+    proj: Tensor,     // (chunk, d) output of attention / FFN projections
+    gate: Tensor,     // (chunk, ffn)
+    up: Tensor,       // (chunk, ffn)
+    act: Tensor,      // (chunk, ffn) silu(gate) * up
+    logits: Tensor,   // (chunk, vocab) or (1, vocab)
+    partials: Tensor, // a decode step's split attention state (attention::partials_bytes)
     pub kv: Vec<KvCache>,
 }
 
@@ -603,6 +604,7 @@ struct ChunkViews {
     gate: Tensor,
     up: Tensor,
     act: Tensor,
+    partials: Tensor,
 }
 
 impl ChunkViews {
@@ -631,6 +633,7 @@ impl ChunkViews {
             gate: s.gate.view(&[m, ffn])?,
             up: s.up.view(&[m, ffn])?,
             act: s.act.view(&[m, ffn])?,
+            partials: s.partials.clone(),
         })
     }
 }
@@ -732,7 +735,7 @@ fn layer(
     // RoPE of q and k, and k and v into the cache, in one pass
     let (theta, mode) = (p.rope_theta, p.rope_mode);
     attention::rope_store(r, kv, &a.q3, &a.k3, &a.v3, p.pos0, theta, mode, p.rot_dim)?;
-    attention::attention(r, &a.q3, kv, p.pos0, p.scale, &a.att3)?;
+    attention::attention_split(r, &a.q3, kv, p.pos0, p.scale, &a.partials, &a.att3)?;
     // residual, then the FFN block's norm: a single token folds the add into the output
     // projection and the norm into gate/up; chunks add and normalise in one pass
     let (gate_up, gu_out) = ([&lw.w_gate, &lw.w_up], [&a.gate, &a.up]);
@@ -893,6 +896,10 @@ impl RunState {
             up: role("up", &[c, cfg.ffn_size])?,
             act: role("act", &[c, cfg.ffn_size])?,
             logits: role("logits", &[n_logits, cfg.vocab_size])?,
+            partials: role(
+                "partials",
+                &[crate::kernels::attention::partials_bytes(cfg.n_heads, hd) as usize / 4],
+            )?,
             kv,
         })
     }

@@ -21,8 +21,8 @@ use serde::Serialize;
 use crate::model::config::ModelConfig;
 
 /// The roles of [`llama_schedule`], in the order the forward pass first touches them.
-pub const LLAMA_ROLES: [&str; 13] = [
-    "ids", "x", "x2", "xb", "q", "k", "v", "att", "proj", "gate", "up", "act", "logits",
+pub const LLAMA_ROLES: [&str; 14] = [
+    "ids", "x", "x2", "xb", "q", "k", "v", "att", "proj", "gate", "up", "act", "logits", "partials",
 ];
 
 /// Roles kept apart from every other: the residual stream ping-pongs between `x` and `x2` by
@@ -232,7 +232,8 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
             &["q", "k", "v"],
             &["q"],
         ),
-        step("attention", Kernel::Attention, &["q"], &["att"]),
+        // a single token may split its keys: partial states in `partials`, then merged
+        step("attention", Kernel::Attention, &["q"], &["att", "partials"]),
         step(
             "matmul wo",
             mm(d, q),
@@ -375,10 +376,11 @@ pub fn llama_role_bytes(
     let f = cfg.ffn_size as u64;
     let n_logits = if all_logits { m } else { 1 };
     // Saturating: an absurd chunk or config gives an absurd plan, not an overflow.
+    let partials = crate::kernels::attention::partials_bytes(cfg.n_heads, cfg.head_dim) / 4;
     let sizes: Vec<u64> = [1, d, d, d, q, kv, kv, q, d, f, f, f]
         .iter()
         .map(|&w| m.saturating_mul(w))
-        .chain([n_logits.saturating_mul(cfg.vocab_size as u64)])
+        .chain([n_logits.saturating_mul(cfg.vocab_size as u64), partials])
         .collect();
     LLAMA_ROLES
         .iter()

@@ -85,6 +85,11 @@ pub struct PlanOptions {
     /// ([`crate::kernels::matmul::single_token_folds`]): four dispatches less a layer in decode,
     /// and a different sharing of the activations (see [`activations::Fusions`]).
     pub single_token_folds: bool,
+    /// The device runs the subgroup attention, whose decode steps split long contexts' keys
+    /// ([`crate::kernels::attention::key_splits`]): a decode chunk's attention is two dispatches
+    /// (the split and the merge) once the context allows it (the plan counts the step at the
+    /// context's end).
+    pub split_attention: bool,
     /// The device's uniform-buffer offset alignment: each dispatch's params take a slot of this
     /// granularity (256 by default, WebGPU's; lavapipe's is 32).
     pub param_align: u64,
@@ -106,6 +111,7 @@ impl Default for PlanOptions {
             max_texture_dim: 8192,
             stacked_projections: false,
             single_token_folds: false,
+            split_attention: false,
             param_align: PARAM_SLOT,
         }
     }
@@ -131,6 +137,7 @@ impl PlanOptions {
         self.stacked_projections =
             w.layout == WeightLayout::Textures && crate::kernels::matmul::subgroup_matvec_ok(gpu);
         self.single_token_folds = crate::kernels::matmul::single_token_folds(gpu);
+        self.split_attention = crate::kernels::matmul::subgroup_matvec_ok(gpu);
         self.param_align = gpu.limits.min_uniform_buffer_offset_alignment as u64;
         self
     }
@@ -257,6 +264,13 @@ impl MemoryPlan {
             single_token_folds: opts.single_token_folds,
         };
         let sched = activations::llama_schedule(cfg, opts.all_logits, fusions);
+        let split_keys = {
+            use crate::kernels::attention::{key_splits, subgroup_shape_fits};
+            let group = cfg.n_heads / cfg.n_kv_heads.max(1);
+            opts.split_attention
+                && subgroup_shape_fits(cfg.head_dim, group)
+                && key_splits(true, opts.chunk, opts.ctx) > 1
+        };
         let mut dispatches = 0u64;
         let mut kernel_params_bytes = 0u64;
         let mut count = |s: &activations::Step, times: u64| -> Result<()> {
@@ -264,6 +278,7 @@ impl MemoryPlan {
             let n = match k {
                 Kernel::Host | Kernel::Copy => 0,
                 _ if !s.folds.dispatches(opts.chunk) => 0,
+                Kernel::Attention if split_keys => 2,
                 Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
                     rows.div_ceil(storage.rows_per_shard(fmt, rows, cols)?) as u64
                 }
