@@ -228,12 +228,25 @@ impl KernelBenchReport {
 }
 
 /// `wgllm bench model`, in llama-bench's shape: prompt processing of `pp` tokens and text
-/// generation of `tg` tokens, each repeated `reps` times from an empty context.
+/// generation of `tg` tokens, each repeated `reps` times from a context of `depth` tokens (0: an
+/// empty one; the depth's prompt runs once, untimed).
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelBenchOptions {
     pub pp: usize,
     pub tg: usize,
     pub reps: usize,
+    pub depth: usize,
+}
+
+impl ModelBenchOptions {
+    /// A test's name as llama-bench prints it: `pp512`, `tg128 @ d1024`.
+    fn test_name(&self, test: &str, n: usize) -> String {
+        if self.depth == 0 {
+            format!("{test}{n}")
+        } else {
+            format!("{test}{n} @ d{}", self.depth)
+        }
+    }
 }
 
 /// Mean and standard deviation of tokens per second over the repetitions.
@@ -280,24 +293,30 @@ pub fn bench_model(
 ) -> Result<ModelBenchReport> {
     let vocab = model.vocab_size() as u32;
     model.set_all_logits(false);
-    let tokens: Vec<u32> = (0..opts.pp.max(1) as u32)
+    let d = opts.depth;
+    let tokens: Vec<u32> = (0..(opts.pp.max(1) + d) as u32)
         .map(|i| (i * 7919 + 13) % vocab)
         .collect();
+    let (context, tokens) = tokens.split_at(d);
     let mut rates = Vec::new();
+    if d > 0 {
+        progress(&format!("filling a context of {d} tokens"));
+        model.forward(gpu, context, 0)?;
+    }
     // One untimed warm-up creates every pipeline (decode's only, when there is no pp test).
     let warm = if opts.pp > 0 { tokens.len().min(8) } else { 1 };
-    model.forward(gpu, &tokens[..warm], 0)?;
+    model.forward(gpu, &tokens[..warm], d)?;
     if opts.pp > 0 {
         let mut samples = Vec::new();
         for r in 0..opts.reps {
             progress(&format!("pp{} run {}/{}", opts.pp, r + 1, opts.reps));
             let t = Instant::now();
-            model.forward(gpu, &tokens, 0)?;
+            model.forward(gpu, tokens, d)?;
             samples.push(opts.pp as f64 / t.elapsed().as_secs_f64());
         }
         let (m, s) = mean_std(&samples);
         rates.push(Rate {
-            test: format!("pp{}", opts.pp),
+            test: opts.test_name("pp", opts.pp),
             tokens_per_s: m,
             std: s,
             samples,
@@ -309,7 +328,7 @@ pub fn bench_model(
             progress(&format!("tg{} run {}/{}", opts.tg, r + 1, opts.reps));
             let t = Instant::now();
             let mut next = tokens[0];
-            for pos in 0..opts.tg {
+            for pos in d..d + opts.tg {
                 let logits = model.forward(gpu, &[next], pos)?;
                 next = crate::sampler::argmax(&logits);
             }
@@ -317,14 +336,14 @@ pub fn bench_model(
         }
         let (m, s) = mean_std(&samples);
         rates.push(Rate {
-            test: format!("tg{}", opts.tg),
+            test: opts.test_name("tg", opts.tg),
             tokens_per_s: m,
             std: s,
             samples,
         });
     }
     let copy = copy_gb_per_s;
-    let bytes = model.weight_bytes_per_token() + model.kv_bytes_per_token(opts.tg / 2);
+    let bytes = model.weight_bytes_per_token() + model.kv_bytes_per_token(d + opts.tg / 2);
     let tg = rates
         .iter()
         .find(|r| r.test.starts_with("tg"))

@@ -205,6 +205,10 @@ enum BenchCmd {
         /// Repetitions of each test.
         #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
         reps: usize,
+        /// Context depth: both tests run after this many tokens already in the KV cache (a prompt
+        /// processed once, untimed), like llama-bench's -d.
+        #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+        depth: usize,
         #[arg(long)]
         json: bool,
     },
@@ -304,6 +308,7 @@ fn main() -> Result<()> {
                     pp,
                     tg,
                     reps,
+                    depth,
                     json,
                 },
         } => {
@@ -313,9 +318,12 @@ fn main() -> Result<()> {
                 model,
                 preset.as_deref(),
                 *synthetic,
-                *pp,
-                *tg,
-                *reps,
+                wgllm::bench::ModelBenchOptions {
+                    pp: *pp,
+                    tg: *tg,
+                    reps: (*reps).max(1),
+                    depth: *depth,
+                },
                 *json,
             )
         }

@@ -56,24 +56,18 @@ pub(crate) fn bench_model(
     m: &ModelArgs,
     preset: Option<&str>,
     synthetic: bool,
-    pp: usize,
-    tg: usize,
-    reps: usize,
+    opts: wgllm::bench::ModelBenchOptions,
     json: bool,
 ) -> Result<()> {
     let mut m = m.clone();
-    m.ctx = m.ctx.max(pp + 8).max(tg + 8);
-    m.chunk = m.chunk.max(pp.min(512));
+    let d = opts.depth;
+    m.ctx = m.ctx.max(d + opts.pp + 8).max(d + opts.tg + 8);
+    m.chunk = m.chunk.max(opts.pp.min(512));
     eprintln!("measuring the copy bandwidth of {}", gpu.info.name);
     let copy = wgllm::bench::copy_bandwidth(gpu)?;
     // The ledger's peak from here on covers loading and running the model only.
     gpu.ledger.reset_peaks();
     let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
-    let opts = wgllm::bench::ModelBenchOptions {
-        pp,
-        tg,
-        reps: reps.max(1),
-    };
     let report = wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, copy, &mut |s| {
         eprintln!("{s}")
     })?;
