@@ -1,9 +1,10 @@
-//! The per-device weight-layout choice: measured once, cached under the device's key, read back
-//! from the cache without measuring again, and remeasured (no panic) over a corrupt cache file.
+//! The per-device choices (weight layout; rows per workgroup of the workgroup matvec): measured
+//! once, cached under the device's key, read back from the cache without measuring again, and
+//! remeasured (no panic) over a corrupt cache file.
 mod common;
 use common::*;
 use wgllm::gpu::WeightLayout;
-use wgllm::kernels::tune::{self, LayoutChoice};
+use wgllm::kernels::tune::{self, DeviceTuning, LayoutChoice, RowsChoice};
 
 #[test]
 fn layout_choice_is_measured_once_and_cached_per_device() {
@@ -25,9 +26,10 @@ fn layout_choice_is_measured_once_and_cached_per_device() {
         WeightLayout::Buffers
     };
     assert_eq!(measured.layout, faster, "{measured:?}");
-    let cached: std::collections::BTreeMap<String, LayoutChoice> =
+    let cached: std::collections::BTreeMap<String, DeviceTuning> =
         serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-    assert_eq!(cached.get(&tune::device_key(gpu)), Some(&measured));
+    let entry = cached.get(&tune::device_key(gpu)).unwrap();
+    assert_eq!(entry.layout.as_ref(), Some(&measured));
 
     // A cached entry is taken as it is: this one could not come from a measurement.
     let planted = LayoutChoice {
@@ -36,9 +38,31 @@ fn layout_choice_is_measured_once_and_cached_per_device() {
         textures_us: 1e9,
     };
     let mut all = cached;
-    all.insert(tune::device_key(gpu), planted.clone());
+    all.get_mut(&tune::device_key(gpu)).unwrap().layout = Some(planted.clone());
     std::fs::write(&file, serde_json::to_vec(&all).unwrap()).unwrap();
     assert_eq!(tune::weight_layout_choice(gpu).unwrap(), planted);
+
+    // The matvec's rows per workgroup: each candidate timed, the fastest taken, cached in the
+    // same entry beside the layout.
+    let rows = tune::matvec_rows_choice(gpu).unwrap();
+    let ours: Vec<u32> = rows.us.iter().map(|&(r, _)| r).collect();
+    assert_eq!(ours, wgllm::kernels::matmul::MATVEC_ROWS, "{rows:?}");
+    assert!(rows.us.iter().all(|&(_, t)| t > 0.0), "{rows:?}");
+    let best = rows.us.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    assert_eq!(rows.rows, best);
+    let all: std::collections::BTreeMap<String, DeviceTuning> =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let entry = &all[&tune::device_key(gpu)];
+    assert_eq!(entry.layout.as_ref(), Some(&planted));
+    assert_eq!(entry.matvec_rows.as_ref(), Some(&rows));
+    let planted_rows = RowsChoice {
+        rows: 8,
+        us: vec![(8, 1.0)],
+    };
+    let mut all = all;
+    all.get_mut(&tune::device_key(gpu)).unwrap().matvec_rows = Some(planted_rows.clone());
+    std::fs::write(&file, serde_json::to_vec(&all).unwrap()).unwrap();
+    assert_eq!(tune::matvec_rows_choice(gpu).unwrap(), planted_rows);
 
     // A corrupt file is measured over and rewritten.
     std::fs::write(&file, b"{ not json").unwrap();

@@ -134,6 +134,9 @@ pub struct Gpu {
     /// Where weight matrices go, once chosen (`WGLLM_WEIGHTS`, or
     /// [`crate::kernels::weights::weight_layout`]'s measurement).
     weight_layout: Mutex<Option<WeightLayout>>,
+    /// The workgroup matvec's rows per workgroup, once measured
+    /// ([`crate::kernels::matmul::matvec_rows`]).
+    pub(crate) matvec_rows: std::sync::OnceLock<u32>,
 }
 
 /// Where weight matrices live on a device.
@@ -263,6 +266,7 @@ impl Gpu {
             ledger: Ledger::new(opts.budget),
             kernels: Mutex::new(HashMap::new()),
             weight_layout: Mutex::new(WeightLayout::from_env()),
+            matvec_rows: std::sync::OnceLock::new(),
         })
     }
 

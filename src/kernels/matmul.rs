@@ -167,14 +167,34 @@ fn check_shards(op: &str, w: &WeightMatrix) -> Result<()> {
 
 /// Rows per matvec workgroup for a shard of `rows` rows. More rows means fewer loads per weight
 /// (each x value serves every row), which is what lavapipe is bound by, so a CPU device always gets
-/// 16; a GPU gets 16 only while that still leaves at least 256 workgroups, then 8 or 4.
+/// 16. A GPU gets what the tuner measured fastest on its probe matrix
+/// ([`crate::kernels::tune::matvec_rows_choice`], once per device, cached), capped for shards
+/// smaller than the probe so that they keep enough workgroups: 16 only while that leaves at least
+/// 256, 8 while it leaves 128, else 4.
 pub fn matvec_rows(gpu: &Gpu, rows: usize) -> u32 {
-    if gpu.info.device_type == wgpu::DeviceType::Cpu || rows >= 16 * 256 {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        return 16;
+    }
+    let tuned = *gpu.matvec_rows.get_or_init(|| {
+        crate::kernels::tune::matvec_rows_choice(gpu).map_or_else(
+            |e| {
+                log::warn!("measuring the matvec rows failed ({e}); 16 rows per workgroup");
+                16
+            },
+            |c| c.rows,
+        )
+    });
+    let cap = if rows >= 16 * 256 {
         16
     } else if rows >= 8 * 128 {
         8
     } else {
         4
+    };
+    if rows >= crate::kernels::tune::PROBE_ROWS {
+        tuned
+    } else {
+        tuned.min(cap)
     }
 }
 

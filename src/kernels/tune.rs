@@ -1,14 +1,18 @@
 //! Per-device choice of kernel variants from measurements, cached on disk.
 //!
-//! What is chosen: the [`WeightLayout`] of weight matrices on devices where both layouts have a
-//! matvec (the subgroup matvec reads buffers and textures alike). The two are timed on a 2048 x
-//! 2048 Q4_0 matrix-vector product (GPU timestamps where the device has them, else wall clock;
-//! median of 5 after a warm-up) and textures are taken only when at least 10% faster, since
-//! buffers are the layout every kernel reads. The result is kept in `tuning.json` of the cache
-//! directory ([`crate::fetch::cache_dir`]) under the adapter, driver and wgllm version, so the
-//! measurement runs once per device; delete the file (or set `WGLLM_WEIGHTS`) to redo or override
-//! it. Rows per invocation stay a rule ([`super::matmul::matvec_sg_rows`]): measured on lavapipe
-//! they differed by less than the machine's noise (BENCHMARKS.md).
+//! What is chosen, each measured on a 2048 x 2048 Q4_0 matrix-vector product (GPU timestamps
+//! where the device has them, else wall clock; median of 5 after a warm-up):
+//! - the [`WeightLayout`] of weight matrices on devices where both layouts have a matvec (the
+//!   subgroup matvec reads buffers and textures alike). Textures are taken only when at least 10%
+//!   faster, since buffers are the layout every kernel reads;
+//! - rows per workgroup of the workgroup matvec (`matvec.wgsl`, what GPUs run), the fastest of
+//!   [`MATVEC_ROWS`] ([`matvec_rows_choice`]; [`super::matmul::matvec_rows`] uses it).
+//!
+//! The results are kept in `tuning.json` of the cache directory ([`crate::fetch::cache_dir`]) under
+//! the adapter, driver and wgllm version, so each measurement runs once per device; delete the
+//! file (or set `WGLLM_WEIGHTS`) to redo or override them. Rows per invocation of the subgroup
+//! matvec (CPU devices) stay a rule ([`super::matmul::matvec_sg_rows`]): measured on lavapipe they
+//! differed by less than the machine's noise (BENCHMARKS.md).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,11 +22,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::gpu::{BufferClass, Gpu, WeightLayout};
-use crate::kernels::matmul::matvec;
+use crate::kernels::matmul::{matvec, matvec_with_rows, MATVEC_ROWS};
 use crate::kernels::weights::WeightStorage;
 use crate::quant::{synthetic, WeightFormat};
 
-/// One device's measured choice, as cached.
+/// Rows of the probe matrix (and its columns).
+pub const PROBE_ROWS: usize = 2048;
+
+/// One device's measurements, as cached (each made when first needed).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeviceTuning {
+    #[serde(default)]
+    pub layout: Option<LayoutChoice>,
+    #[serde(default)]
+    pub matvec_rows: Option<RowsChoice>,
+}
+
+/// The workgroup matvec's fastest rows per workgroup, and the median microseconds of each.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RowsChoice {
+    pub rows: u32,
+    pub us: Vec<(u32, f64)>,
+}
+
+/// One device's measured layout choice.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LayoutChoice {
     pub layout: WeightLayout,
@@ -47,17 +70,18 @@ fn cache_file() -> PathBuf {
     crate::fetch::cache_dir().join("tuning.json")
 }
 
-fn read_cache() -> BTreeMap<String, LayoutChoice> {
+fn read_cache() -> BTreeMap<String, DeviceTuning> {
     std::fs::read(cache_file())
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
 }
 
-/// Adds `choice` under `key`, writing through a temporary file so readers never see half a file.
-fn write_cache(key: &str, choice: &LayoutChoice) -> std::io::Result<()> {
+/// Updates this device's entry with `update`, writing through a temporary file so readers never
+/// see half a file.
+fn write_cache(key: &str, update: impl FnOnce(&mut DeviceTuning)) -> std::io::Result<()> {
     let mut all = read_cache();
-    all.insert(key.to_string(), choice.clone());
+    update(all.entry(key.to_string()).or_default());
     let path = cache_file();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -67,13 +91,38 @@ fn write_cache(key: &str, choice: &LayoutChoice) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-/// The cached choice for this device, or a fresh measurement (then cached).
-pub fn weight_layout_choice(gpu: &Gpu) -> Result<LayoutChoice> {
+/// `get`'s part of this device's cached entry, or `measure`'s (then cached with `put`).
+fn cached<T: Clone>(
+    gpu: &Gpu,
+    what: &str,
+    get: impl Fn(&DeviceTuning) -> Option<T>,
+    measure: impl FnOnce(&Gpu) -> Result<T>,
+    put: impl FnOnce(&mut DeviceTuning, T),
+) -> Result<T> {
     let key = device_key(gpu);
-    if let Some(c) = read_cache().get(&key) {
-        return Ok(c.clone());
+    if let Some(c) = read_cache().get(&key).and_then(&get) {
+        return Ok(c);
     }
-    let choice = measure_layouts(gpu)?;
+    let choice = measure(gpu)?;
+    let kept = choice.clone();
+    if let Err(e) = write_cache(&key, |t| put(t, kept)) {
+        log::warn!(
+            "could not cache the {what} choice in {}: {e}",
+            cache_file().display()
+        );
+    }
+    Ok(choice)
+}
+
+/// The cached layout choice for this device, or a fresh measurement (then cached).
+pub fn weight_layout_choice(gpu: &Gpu) -> Result<LayoutChoice> {
+    let choice = cached(
+        gpu,
+        "layout",
+        |t| t.layout.clone(),
+        measure_layouts,
+        |t, c| t.layout = Some(c),
+    )?;
     log::info!(
         "weights in {} on {}: probe matvec {:.0} us in buffers, {:.0} us in textures",
         choice.layout.name(),
@@ -81,33 +130,81 @@ pub fn weight_layout_choice(gpu: &Gpu) -> Result<LayoutChoice> {
         choice.buffers_us,
         choice.textures_us
     );
-    if let Err(e) = write_cache(&key, &choice) {
-        log::warn!(
-            "could not cache the layout choice in {}: {e}",
-            cache_file().display()
-        );
-    }
     Ok(choice)
 }
 
-/// Times the probe matvec with the weights in each layout.
-pub fn measure_layouts(gpu: &Gpu) -> Result<LayoutChoice> {
-    const N: usize = 2048;
-    let gguf = synthetic(WeightFormat::Q4_0, N * N, 7)?;
-    let x: Vec<f32> = (0..N).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
-    let x = gpu.tensor_from("tune.x", BufferClass::Activations, &[1, N], &x)?;
-    let y = gpu.tensor("tune.y", BufferClass::Activations, &[1, N])?;
-    let time = |layout: WeightLayout| -> Result<f64> {
-        let storage = WeightStorage {
-            layout,
-            max_binding: gpu.max_binding(),
-            max_texture_dim: gpu.limits.max_texture_dimension_2d,
-        };
-        let w = gpu.upload_weights_as("tune.w", WeightFormat::Q4_0, N, N, &gguf, storage)?;
+/// The cached rows-per-workgroup choice of the workgroup matvec for this device, or a fresh
+/// measurement (then cached).
+pub fn matvec_rows_choice(gpu: &Gpu) -> Result<RowsChoice> {
+    let choice = cached(
+        gpu,
+        "matvec rows",
+        |t| t.matvec_rows.clone(),
+        measure_matvec_rows,
+        |t, c| t.matvec_rows = Some(c),
+    )?;
+    log::info!(
+        "workgroup matvec on {}: {} rows per workgroup (probe us: {:?})",
+        gpu.info.name,
+        choice.rows,
+        choice.us
+    );
+    Ok(choice)
+}
+
+/// Times the probe matvec over the rows per workgroup of [`MATVEC_ROWS`] (weights in buffers,
+/// the layout that kernel reads).
+pub fn measure_matvec_rows(gpu: &Gpu) -> Result<RowsChoice> {
+    let probe = Probe::new(gpu)?;
+    let storage = WeightStorage {
+        layout: WeightLayout::Buffers,
+        max_binding: gpu.max_binding(),
+        max_texture_dim: gpu.limits.max_texture_dimension_2d,
+    };
+    let w = probe.weights(storage)?;
+    let mut us = Vec::new();
+    for r in MATVEC_ROWS {
+        let t = probe.time(|rec| matvec_with_rows(rec, &w, &probe.x, &probe.y, Some(r)))?;
+        us.push((r, t));
+    }
+    let rows = us
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(MATVEC_ROWS[0], |&(r, _)| r);
+    Ok(RowsChoice { rows, us })
+}
+
+/// The probe: a Q4_0 matrix and its input and output.
+struct Probe<'a> {
+    gpu: &'a Gpu,
+    gguf: Vec<u8>,
+    x: crate::kernels::Tensor,
+    y: crate::kernels::Tensor,
+}
+
+impl<'a> Probe<'a> {
+    fn new(gpu: &'a Gpu) -> Result<Probe<'a>> {
+        const N: usize = PROBE_ROWS;
+        let gguf = synthetic(WeightFormat::Q4_0, N * N, 7)?;
+        let x: Vec<f32> = (0..N).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
+        let x = gpu.tensor_from("tune.x", BufferClass::Activations, &[1, N], &x)?;
+        let y = gpu.tensor("tune.y", BufferClass::Activations, &[1, N])?;
+        Ok(Probe { gpu, gguf, x, y })
+    }
+
+    fn weights(&self, storage: WeightStorage) -> Result<crate::kernels::WeightMatrix> {
+        const N: usize = PROBE_ROWS;
+        self.gpu
+            .upload_weights_as("tune.w", WeightFormat::Q4_0, N, N, &self.gguf, storage)
+    }
+
+    /// Median microseconds of what `record` records, over 5 runs after a warm-up.
+    fn time(&self, record: impl Fn(&mut crate::gpu::Recorder) -> Result<()>) -> Result<f64> {
+        let gpu = self.gpu;
         let mut times = Vec::new();
         for rep in 0..6 {
             let mut rec = gpu.recorder();
-            matvec(&mut rec, &w, &x, &y)?;
+            record(&mut rec)?;
             let t = if gpu.caps.timestamps {
                 rec.submit_timed()?.iter().map(|d| d.nanos).sum::<f64>() / 1e3
             } else {
@@ -121,6 +218,20 @@ pub fn measure_layouts(gpu: &Gpu) -> Result<LayoutChoice> {
             }
         }
         Ok(crate::bench::median(&mut times))
+    }
+}
+
+/// Times the probe matvec with the weights in each layout.
+pub fn measure_layouts(gpu: &Gpu) -> Result<LayoutChoice> {
+    let probe = Probe::new(gpu)?;
+    let time = |layout: WeightLayout| -> Result<f64> {
+        let storage = WeightStorage {
+            layout,
+            max_binding: gpu.max_binding(),
+            max_texture_dim: gpu.limits.max_texture_dimension_2d,
+        };
+        let w = probe.weights(storage)?;
+        probe.time(|rec| matvec(rec, &w, &probe.x, &probe.y))
     };
     let buffers_us = time(WeightLayout::Buffers)?;
     let textures_us = time(WeightLayout::Textures)?;
