@@ -614,6 +614,14 @@ fn rms_norm_folds_into_the_projections_for_single_tokens() {
     assert!(wm.shards.len() > 1);
     let n = check_norm_fold(gpu, &[&wm], &[&deq], 1, 253);
     assert_eq!(n, wm.shards.len() + usize::from(!folded));
+    // Past NORM_FOLD_MAX_WEIGHTS the norm stays a pass (every workgroup would reload gamma).
+    let rows = matmul::NORM_FOLD_MAX_WEIGHTS / 64 + 1;
+    let (big, deq) = weights(gpu, tex, WeightFormat::Q8_0, rows, 64, 254);
+    assert!(!matmul::norm_folds(gpu, &[&big], 1));
+    assert_eq!(
+        check_norm_fold(gpu, &[&big], &[&deq], 1, 255),
+        big.shards.len() + 1
+    );
 }
 
 #[test]

@@ -704,11 +704,27 @@ pub fn matmul_fused(
     fused_kernel(rec, ws, x, ys, Extras::default(), &op)
 }
 
+/// Most weights a single token's projections may have for [`matmul_fused_norm`] to fold the
+/// norm in. The fold saves a dispatch and the norm pass (about 130 us on lavapipe) but makes
+/// every workgroup load gamma beside x (about 8 ns a column and workgroup there, two threads):
+/// measured on SmolLM2, the fold wins at Q/K/V (0.55 M weights, 10 workgroups) and by a little at
+/// gate/up (1.8 M, 32 workgroups), and loses at the 28 M-weight head (BENCHMARKS.md); at R = 12
+/// rows per invocation the estimate breaks even near 3 M.
+pub const NORM_FOLD_MAX_WEIGHTS: usize = 1 << 22;
+
+/// Whether [`matmul_fused_norm`] folds the norm into the projections `ws` for `m` tokens: a
+/// single token where [`single_token_folds`], the projections together at most
+/// [`NORM_FOLD_MAX_WEIGHTS`].
+pub fn norm_folds(gpu: &Gpu, ws: &[&WeightMatrix], m: usize) -> bool {
+    let weights: usize = ws.iter().map(|w| w.rows * w.cols).sum();
+    single_token_folds(gpu) && m == 1 && weights <= NORM_FOLD_MAX_WEIGHTS
+}
+
 /// `ys[i] = rms_norm(x) W_iᵀ` (the norm with `gamma` and `eps`): [`matmul_fused`] of the
-/// attention or FFN block after its RMSNorm. For a single token where [`single_token_folds`],
-/// the subgroup matvec normalises x as it loads it (the norm's `1 / rms` scales each finished
-/// row), so there is no norm pass and `xb` is not touched; otherwise
-/// [`crate::kernels::norm::rms_norm`] into `xb`, then [`matmul_fused`].
+/// attention or FFN block after its RMSNorm. Where [`norm_folds`], the subgroup matvec
+/// normalises x as it loads it (the norm's `1 / rms` scales each finished row), so there is no
+/// norm pass and `xb` is not touched; otherwise [`crate::kernels::norm::rms_norm`] into `xb`,
+/// then [`matmul_fused`].
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_fused_norm(
     rec: &mut Recorder,
@@ -719,7 +735,7 @@ pub fn matmul_fused_norm(
     xb: &Tensor,
     ys: &[&Tensor],
 ) -> Result<()> {
-    if !single_token_folds(rec.gpu()) || lead(x) != 1 {
+    if !norm_folds(rec.gpu(), ws, lead(x)) {
         crate::kernels::norm::rms_norm(rec, x, gamma, eps, xb)?;
         return matmul_fused(rec, ws, xb, ys);
     }

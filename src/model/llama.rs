@@ -736,10 +736,10 @@ fn layer(
     let (theta, mode) = (p.rope_theta, p.rope_mode);
     attention::rope_store(r, kv, &a.q3, &a.k3, &a.v3, p.pos0, theta, mode, p.rot_dim)?;
     attention::attention_split(r, &a.q3, kv, p.pos0, p.scale, &a.partials, &a.att3)?;
-    // residual, then the FFN block's norm: a single token folds the add into the output
-    // projection and the norm into gate/up; chunks add and normalise in one pass
+    // residual, then the FFN block's norm: where the norm folds into gate/up (a single token),
+    // the add folds into the output projection; otherwise add and norm are one pass
     let (gate_up, gu_out) = ([&lw.w_gate, &lw.w_up], [&a.gate, &a.up]);
-    if matmul::single_token_folds(r.gpu()) && a.m == 1 && lw.bo.is_none() {
+    if matmul::norm_folds(r.gpu(), &gate_up, a.m) && lw.bo.is_none() {
         matmul::matmul_add(r, &lw.wo, &a.att, &a.x, &a.proj, &a.x2)?;
         matmul::matmul_fused_norm(r, &gate_up, &a.x2, &lw.ffn_norm, p.eps, &a.xb, &gu_out)?;
     } else {

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::kernels::matmul::NORM_FOLD_MAX_WEIGHTS;
 use crate::model::config::ModelConfig;
 
 /// The roles of [`llama_schedule`], in the order the forward pass first touches them.
@@ -170,10 +171,11 @@ pub struct Fusions {
     pub stacked_projections: bool,
     /// For single tokens, the passes around the projections fold into them
     /// ([`crate::kernels::matmul::single_token_folds`]): the RMSNorms into the next projections'
-    /// input, SwiGLU into the down projection's, the residual adds into the output of the
-    /// attention's and the FFN's last projection (the attention residual and FFN norm, one pass
-    /// otherwise, become the output projection's add and the gate/up input), and the final norm
-    /// into the head. Chunks of several tokens keep the passes, so one schedule serves both: those
+    /// input where those are small enough ([`crate::kernels::matmul::norm_folds`]: Q/K/V, gate/up,
+    /// the head), SwiGLU into the down projection's input, the residual adds into the output of
+    /// the attention's and the FFN's last projection (the attention residual and FFN norm, one
+    /// pass otherwise, become the output projection's add and the gate/up input, where the FFN
+    /// norm folds). Chunks of several tokens keep the passes, so one schedule serves both: those
     /// steps say when they fold ([`Step::folds`]), and the projections read what the folded forms read.
     /// Only the down projection's reading gate and up changes the sharing (they live until it);
     /// the rest are the pinned `x` and `x2`.
@@ -198,8 +200,14 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
         ),
     ];
     let f1 = fusions.single_token_folds;
-    // Folded residual adds need no bias after the projection (the code keeps the passes then).
-    let (fold_wo, fold_down) = (f1 && !cfg.attn_out_bias, f1 && !cfg.ffn_bias);
+    // Norms fold into projections of few enough weights (kernels::matmul::norm_folds).
+    let norm_folds = |weights: usize| f1 && weights <= NORM_FOLD_MAX_WEIGHTS;
+    let fold_attn_norm = norm_folds((q + 2 * kv).saturating_mul(d));
+    let fold_head = norm_folds(v.saturating_mul(d));
+    // The attention's residual folds into wo where the FFN norm folds into gate/up (else add and
+    // norm stay one pass); folded residual adds need no bias after the projection.
+    let fold_wo = norm_folds((2 * f).saturating_mul(d)) && !cfg.attn_out_bias;
+    let fold_down = f1 && !cfg.ffn_bias;
     // What the projections read (and write) beyond the unfolded forms, when they fold.
     let also = |on: bool, base: &[&'static str], more: &[&'static str]| -> Vec<&'static str> {
         let mut v = base.to_vec();
@@ -208,8 +216,9 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
         }
         v
     };
-    let mut layer = vec![step("attn_norm", Kernel::RmsNorm, &["x"], &["xb"]).folded(f1)];
-    let qkv_in = also(f1, &["xb"], &["x"]);
+    let attn_norm = step("attn_norm", Kernel::RmsNorm, &["x"], &["xb"]);
+    let mut layer = vec![attn_norm.folded(fold_attn_norm)];
+    let qkv_in = also(fold_attn_norm, &["xb"], &["x"]);
     if stacked {
         let qkv = Kernel::StackedMatmul;
         layer.push(step("matmul wq+wk+wv", qkv, &qkv_in, &["q", "k", "v"]));
@@ -296,7 +305,7 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
     epilogue.extend([
         // Without all logits the head sees the last row alone, so the norm always folds.
         Step {
-            folds: match (f1, all_logits) {
+            folds: match (fold_head, all_logits) {
                 (false, _) => Folds::Never,
                 (true, true) => Folds::SingleToken,
                 (true, false) => Folds::Always,

@@ -82,8 +82,8 @@ pub struct PlanOptions {
     /// [`crate::kernels::matmul::matmul_fused`]): fewer kernel parameter blocks.
     pub stacked_projections: bool,
     /// A single token's norms, SwiGLU and residual adds folded into the projections
-    /// ([`crate::kernels::matmul::single_token_folds`]): four dispatches less a layer in decode,
-    /// and a different sharing of the activations (see [`activations::Fusions`]).
+    /// ([`crate::kernels::matmul::single_token_folds`]): up to four dispatches less a layer in
+    /// decode, and a different sharing of the activations (see [`activations::Fusions`]).
     pub single_token_folds: bool,
     /// The device runs the subgroup attention, whose decode steps split long contexts' keys
     /// ([`crate::kernels::attention::key_splits`]): a decode chunk's attention is two dispatches
