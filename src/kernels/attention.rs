@@ -50,8 +50,10 @@ const _: () = assert!(std::mem::size_of::<AttnParams>() == 48);
 /// ([`partials_bytes`]) holds that many.
 pub const MAX_KEY_SPLITS: usize = 16;
 /// Keys per part: [`key_splits`] splits a token's keys once it has two parts of this many.
-/// Measured on lavapipe (BENCHMARKS.md, "Split-K decode attention").
-pub const KEYS_PER_SPLIT: usize = 64;
+/// Measured on lavapipe at 1024 keys (SmolLM2, 3 kv heads, 2 threads; BENCHMARKS.md): attention
+/// 52-55 ms a token unsplit, 41 ms in 4 parts, 44-50 ms in 2, 50 ms in 16 (each merge pass
+/// costs a dispatch, and more parts more partial state).
+pub const KEYS_PER_SPLIT: usize = 256;
 
 /// Bytes of the partials scratch of [`attention_split`] for one token of `n_heads` query heads:
 /// each head's running maximum, sum (one vec4 with them) and V sum per part.
@@ -60,12 +62,14 @@ pub fn partials_bytes(n_heads: usize, head_dim: usize) -> u64 {
 }
 
 /// Parts [`attention_split`] splits the `n_keys` keys of `m` query tokens in: a single token on
-/// the subgroup kernel (`subgroup`: [`subgroup_fits`]) gets one part per [`KEYS_PER_SPLIT`] keys,
-/// up to [`MAX_KEY_SPLITS`], so that a decode step has more than `n_kv_heads` subgroups of work;
-/// otherwise 1 (a chunk of tokens has a subgroup per token and kv head already).
+/// the subgroup kernel (`subgroup`: [`subgroup_fits`], a CPU device) gets one part per
+/// [`KEYS_PER_SPLIT`] keys, up to two per CPU thread (and [`MAX_KEY_SPLITS`]), so that a decode
+/// step has more than `n_kv_heads` subgroups to share out over the threads; otherwise 1 (a chunk
+/// of tokens has a subgroup per token and kv head already).
 pub fn key_splits(subgroup: bool, m: usize, n_keys: usize) -> usize {
     if subgroup && m == 1 {
-        (n_keys / KEYS_PER_SPLIT).clamp(1, MAX_KEY_SPLITS)
+        let most = (2 * crate::kernels::matmul::cpu_threads()).min(MAX_KEY_SPLITS);
+        (n_keys / KEYS_PER_SPLIT).clamp(1, most.max(2))
     } else {
         1
     }

@@ -221,7 +221,7 @@ pub fn matvec_sg_tokens(m: usize) -> u32 {
 }
 
 /// The threads lavapipe runs workgroups on: `LP_NUM_THREADS` where set, else one per CPU.
-fn cpu_threads() -> usize {
+pub(crate) fn cpu_threads() -> usize {
     std::env::var("LP_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
