@@ -29,6 +29,10 @@ fn kv_in(is_v: bool, i: u32) -> f32 {
     return select(k_in[i], v_in[i], is_v);
 }
 
+fn kv_pair(is_v: bool, i: u32) -> vec2<f32> {
+    return vec2<f32>(kv_in(is_v, i), kv_in(is_v, i + 1u));
+}
+
 @compute @workgroup_size(64)
 fn store(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = (wid.x + wid.y * nwg.x) * WG + lid;

@@ -68,6 +68,18 @@ fn kv_in(is_v: bool, i: u32) -> f32 {
     return k_in[partner] * cs.y + k_in[i] * cs.x;
 }
 
+// Elements i and i + 1 (i even): with interleaved pairs, one rotation gives both keys.
+fn kv_pair(is_v: bool, i: u32) -> vec2<f32> {
+    let e = i % p.head_dim;
+    if (is_v || p.mode != 0u || e >= p.rot_dim) {
+        return vec2<f32>(kv_in(is_v, i), kv_in(is_v, i + 1u));
+    }
+    let cs = rotation(p.pos0 + i / p.head_dim / p.n_kv_heads, e / 2u);
+    let x0 = k_in[i];
+    let x1 = k_in[i + 1u];
+    return vec2<f32>(x0 * cs.x - x1 * cs.y, x0 * cs.y + x1 * cs.x);
+}
+
 @compute @workgroup_size(64)
 fn rope_store(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = (wid.x + wid.y * nwg.x) * WG + lid;

@@ -1,7 +1,8 @@
 // Writing K and V rows into a layer's cache, shared by kv_cache.wgsl and rope_store.wgsl. The
 // front file defines `kv_in(is_v, i) -> f32`, element i of the new K (or V) rows (f32
-// [m, n_kv_heads, head_dim]), binds `k_cache` and `v_cache`, and has `head_dim`, `row_words`,
-// `dst_row0` and `units_per_row` in its params `p`.
+// [m, n_kv_heads, head_dim]), and `kv_pair(is_v, i) -> vec2<f32>`, elements i and i + 1 (i
+// even), binds `k_cache` and `v_cache`, and has `head_dim`, `row_words`, `dst_row0` and
+// `units_per_row` in its params `p`.
 //
 // Every cache row (one position, one kv head) is `row_words` u32 words:
 //   KV_DTYPE 0 (f32):  head_dim words, the f32 bits;
@@ -60,8 +61,8 @@ fn store_unit(r: u32, u: u32) {
         v_cache[dst + u] = bitcast<u32>(kv_in(true, src + u));
     } else if (KV_DTYPE == 1u) {
         let e = src + 2u * u;
-        k_cache[dst + u] = pack2x16float(vec2<f32>(kv_in(false, e), kv_in(false, e + 1u)));
-        v_cache[dst + u] = pack2x16float(vec2<f32>(kv_in(true, e), kv_in(true, e + 1u)));
+        k_cache[dst + u] = pack2x16float(kv_pair(false, e));
+        v_cache[dst + u] = pack2x16float(kv_pair(true, e));
     } else {
         // Unit u = scale word u: blocks 2u and 2u + 1 (the second may be past the row's end).
         let nb = p.head_dim / 32u;
