@@ -33,18 +33,9 @@ fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (g >= p.m * p.n_heads * half) {
         return;
     }
-    let i = g % half;
-    let th = g / half; // token * n_heads + head
-    let base = th * p.head_dim;
-    var a = base + i;
-    var b = base + i + half;
-    if (p.mode == 0u) {
-        a = base + 2u * i;
-        b = a + 1u;
-    }
-    let cs = rotation(p.pos0 + th / p.n_heads, i);
-    let x0 = x[a];
-    let x1 = x[b];
-    x[a] = x0 * cs.x - x1 * cs.y;
-    x[b] = x0 * cs.y + x1 * cs.x;
+    let r = pair_at(g, p.n_heads);
+    let x0 = x[r.a];
+    let x1 = x[r.b];
+    x[r.a] = x0 * r.cs.x - x1 * r.cs.y;
+    x[r.b] = x0 * r.cs.y + x1 * r.cs.x;
 }

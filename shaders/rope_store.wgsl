@@ -86,20 +86,11 @@ fn rope_store(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let half = p.rot_dim / 2u;
     let n_pairs = p.m * p.n_heads * half;
     if (g < n_pairs) {
-        let i = g % half;
-        let th = g / half; // token * n_heads + head
-        let base = th * p.head_dim;
-        var a = base + i;
-        var b = base + i + half;
-        if (p.mode == 0u) {
-            a = base + 2u * i;
-            b = a + 1u;
-        }
-        let cs = rotation(p.pos0 + th / p.n_heads, i);
-        let x0 = q[a];
-        let x1 = q[b];
-        q[a] = x0 * cs.x - x1 * cs.y;
-        q[b] = x0 * cs.y + x1 * cs.x;
+        let r = pair_at(g, p.n_heads);
+        let x0 = q[r.a];
+        let x1 = q[r.b];
+        q[r.a] = x0 * r.cs.x - x1 * r.cs.y;
+        q[r.b] = x0 * r.cs.y + x1 * r.cs.x;
         return;
     }
     let u = g - n_pairs;

@@ -9,16 +9,24 @@ use wgllm::model::llama::RunOptions;
 use wgllm::plan::{MemoryPlan, PlanOptions};
 use wgllm::{Gpu, GpuOptions};
 
-#[test]
-fn smollm2_planned_bytes_match_the_ledger() {
-    if gpu().is_none() {
-        return;
-    }
-    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
-        return;
-    };
+/// SmolLM2's file, its GGUF and config, where the device and the model are there.
+fn smollm2() -> Option<(
+    std::path::PathBuf,
+    wgllm::loader::gguf::Gguf,
+    wgllm::model::config::ModelConfig,
+)> {
+    gpu()?;
+    let path = packaged_model(&wgllm::fetch::SMOLLM2)?;
     let g = wgllm::loader::gguf::Gguf::open(&path).unwrap();
     let (cfg, _) = wgllm::model::llama::config_from_gguf(&g).unwrap();
+    Some((path, g, cfg))
+}
+
+#[test]
+fn smollm2_planned_bytes_match_the_ledger() {
+    let Some((path, g, cfg)) = smollm2() else {
+        return;
+    };
     for (ctx, kv) in [
         (128usize, KvDtype::F16),
         (512, KvDtype::Q8_0),
@@ -95,14 +103,9 @@ fn smollm2_planned_bytes_match_the_ledger() {
 /// activation and kernel-params bytes equal the ledger's.
 #[test]
 fn smollm2_decode_plan_matches_the_ledger() {
-    if gpu().is_none() {
-        return;
-    }
-    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
+    let Some((path, _, cfg)) = smollm2() else {
         return;
     };
-    let g = wgllm::loader::gguf::Gguf::open(&path).unwrap();
-    let (cfg, _) = wgllm::model::llama::config_from_gguf(&g).unwrap();
     for ctx in [64, 512] {
         let gpu = Gpu::new(&GpuOptions::default()).unwrap();
         let opts = RunOptions {

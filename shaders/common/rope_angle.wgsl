@@ -1,7 +1,7 @@
-// The rotation angle of RoPE, shared by rope.wgsl and rope_store.wgsl. The front file's params
-// `p` hold `q: array<vec4<f32>, 128>`: freq_i / 2pi (turns per position) as an unevaluated sum
-// hi + lo of two f32, computed in f64 on the host; q[k] = (hi, lo) of pair 2k, then (hi, lo) of
-// pair 2k + 1. Up to 256 pairs.
+// The rotation angle and pairs of RoPE, shared by rope.wgsl and rope_store.wgsl. The front file's
+// params `p` hold `head_dim`, `rot_dim`, `pos0`, `mode` and `q: array<vec4<f32>, 128>`:
+// freq_i / 2pi (turns per position) as an unevaluated sum hi + lo of two f32, computed in f64 on
+// the host; q[k] = (hi, lo) of pair 2k, then (hi, lo) of pair 2k + 1. Up to 256 pairs.
 
 const TWO_PI: f32 = 6.283185307179586;
 
@@ -29,4 +29,27 @@ fn rotation(pos: u32, i: u32) -> vec2<f32> {
     let q = select(qv.xy, qv.zw, (i % 2u) == 1u);
     let angle = turns(pos, q.x, q.y) * TWO_PI;
     return vec2<f32>(cos(angle), sin(angle));
+}
+
+// Rotated pair g of a tensor [m, heads, head_dim] (pairs numbered by token, head, then pair i <
+// rot_dim / 2): its elements a and b (mode 0: 2i and 2i + 1 of the head; mode 1: i and
+// i + rot_dim / 2) and the cos and sin it turns by. The rotation is
+// (x[a], x[b]) <- (x[a] c - x[b] s, x[a] s + x[b] c).
+struct Pair {
+    a: u32,
+    b: u32,
+    cs: vec2<f32>,
+}
+
+fn pair_at(g: u32, heads: u32) -> Pair {
+    let half = p.rot_dim / 2u;
+    let i = g % half;
+    let th = g / half; // token * heads + head
+    let base = th * p.head_dim;
+    var r = Pair(base + i, base + i + half, rotation(p.pos0 + th / heads, i));
+    if (p.mode == 0u) {
+        r.a = base + 2u * i;
+        r.b = r.a + 1u;
+    }
+    return r;
 }

@@ -482,55 +482,31 @@ fn rows_kernel(
     let cols = u32_of(op, "cols", w.cols)?;
     let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
     for s in &w.shards {
-        let rows = match kind {
+        // The subgroup kernel's rows per invocation (forced or its rule's) and tokens per pass.
+        let subgroup = match kind {
             Rows::Auto => match matvec_kernel(gpu, w.format, s.rows) {
-                MatvecKernel::Workgroup { rows } => Some((rows, 1)),
-                MatvecKernel::Subgroup { rows } => {
-                    let part = SgPart {
-                        shard: s,
-                        y: yv.clone(),
-                        ld: w.rows,
-                    };
-                    subgroup_kernel(
-                        rec,
-                        w.format,
-                        w.cols,
-                        &[part],
-                        &xv,
-                        extras,
-                        m,
-                        Some(rows),
-                        1,
-                        op,
-                    )?;
-                    None
-                }
+                MatvecKernel::Workgroup { .. } => None,
+                MatvecKernel::Subgroup { rows } => Some((Some(rows), 1)),
             },
-            Rows::Workgroup(rows, tokens) => {
-                Some((rows.unwrap_or_else(|| matvec_rows(gpu, s.rows)), tokens))
-            }
-            Rows::Subgroup(rows, tokens) => {
-                let part = SgPart {
-                    shard: s,
-                    y: yv.clone(),
-                    ld: w.rows,
-                };
-                subgroup_kernel(
-                    rec,
-                    w.format,
-                    w.cols,
-                    &[part],
-                    &xv,
-                    extras,
-                    m,
-                    rows,
-                    tokens,
-                    op,
-                )?;
-                None
-            }
+            Rows::Workgroup(..) => None,
+            Rows::Subgroup(rows, tokens) => Some((rows, tokens)),
         };
-        let Some((r, t)) = rows else { continue };
+        if let Some((rows, tokens)) = subgroup {
+            let part = SgPart {
+                shard: s,
+                y: yv.clone(),
+                ld: w.rows,
+            };
+            let (f, cols) = (w.format, w.cols);
+            subgroup_kernel(rec, f, cols, &[part], &xv, extras, m, rows, tokens, op)?;
+            continue;
+        }
+        let (r, t) = match kind {
+            Rows::Workgroup(rows, tokens) => {
+                (rows.unwrap_or_else(|| matvec_rows(gpu, s.rows)), tokens)
+            }
+            _ => (matvec_rows(gpu, s.rows), 1),
+        };
         if !extras.is_plain() {
             return Err(Error::invalid(
                 op,
