@@ -4,7 +4,7 @@
 //! gather, while every storage-buffer load is a loop over the SIMD lanes; reading 16 MiB with
 //! `textureLoad` of `rgba32uint` texels runs at 5.6-7.5 GB/s there against 0.9-1.1 GB/s through
 //! `array<u32>` or `array<vec4<u32>>` (BENCHMARKS.md). So weight matrices can live in textures
-//! ([`crate::kernels::weights::WeightLayout::Textures`]) on devices where that measures faster.
+//! ([`crate::gpu::WeightLayout::Textures`]) on devices where that measures faster.
 
 use std::sync::Arc;
 

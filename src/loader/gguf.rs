@@ -1,12 +1,12 @@
 //! GGUF v2/v3 reader (little-endian), memory-mapped. The layout: magic "GGUF", version u32,
 //! tensor count u64, metadata count u64, the metadata key/values, the tensor infos (name, n_dims
-//! u32, dims u64 each with dims[0] the row length, ggml type u32, offset u64 relative to the data
+//! u32, dims u64 each with `dims[0]` the row length, ggml type u32, offset u64 relative to the data
 //! section), padding to `general.alignment` (default 32), then the data section.
 //!
 //! Everything is checked against the file before it is used: every read is bounds-checked, counts
 //! and lengths must fit in the bytes left before anything is allocated for them (a hostile file
 //! claiming 2^60 entries fails at once), tensor shapes must not overflow, and tensor data must be
-//! aligned, inside the file and not overlapping. Metadata values live in [`super::value`].
+//! aligned, inside the file and not overlapping. Metadata values live in `loader::value`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

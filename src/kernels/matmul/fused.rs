@@ -1,0 +1,261 @@
+//! Products that run as one dispatch with what surrounds them: stacked Q/K/V and gate/up
+//! ([`matmul_fused`]), and for single tokens the RMSNorm before them ([`matmul_fused_norm`]),
+//! SwiGLU into the down projection ([`matmul_swiglu`]) and the residual add after them
+//! ([`matmul_add`], [`matmul_swiglu_add`]). Each falls back to separate passes where it cannot
+//! fold, so callers write the forward pass once.
+
+use super::subgroup::{Extras, Input, SgPart};
+use super::*;
+/// `ys[i] = xs W_iᵀ` for 1 to 3 matrices that read the same `x` (Q, K and V; gate and up): one
+/// dispatch where [`fusable`] says so, else one [`matmul`] each. `x` is `[.., cols]`, each `ys[i]`
+/// has the same leading dimensions and `ws[i].rows` last.
+pub fn matmul_fused(
+    rec: &mut Recorder,
+    ws: &[&WeightMatrix],
+    x: &Tensor,
+    ys: &[&Tensor],
+) -> Result<()> {
+    let op = fused_op("fused matmul", ws);
+    if !fusable(rec.gpu(), ws) {
+        check_fused(&op, ws, ys)?;
+        for (w, y) in ws.iter().zip(ys) {
+            matmul(rec, w, x, y)?;
+        }
+        return Ok(());
+    }
+    fused_kernel(rec, ws, x, ys, Extras::default(), &op)
+}
+
+/// Most weights a single token's projections may have for [`matmul_fused_norm`] to fold the
+/// norm in. The fold saves a dispatch and the norm pass (about 130 us on lavapipe) but makes
+/// every workgroup load gamma beside x (about 8 ns a column and workgroup there, two threads):
+/// measured on SmolLM2, the fold wins at Q/K/V (0.55 M weights, 10 workgroups) and by a little at
+/// gate/up (1.8 M, 32 workgroups), and loses at the 28 M-weight head (BENCHMARKS.md); at R = 12
+/// rows per invocation the estimate breaks even near 3 M.
+pub const NORM_FOLD_MAX_WEIGHTS: usize = 1 << 22;
+
+/// Whether [`matmul_fused_norm`] folds the norm into the projections `ws` for `m` tokens: a
+/// single token where [`single_token_folds`], the projections together at most
+/// [`NORM_FOLD_MAX_WEIGHTS`].
+pub fn norm_folds(gpu: &Gpu, ws: &[&WeightMatrix], m: usize) -> bool {
+    let weights: usize = ws.iter().map(|w| w.rows * w.cols).sum();
+    single_token_folds(gpu) && m == 1 && weights <= NORM_FOLD_MAX_WEIGHTS
+}
+
+/// `ys[i] = rms_norm(x) W_iᵀ` (the norm with `gamma` and `eps`): [`matmul_fused`] of the
+/// attention or FFN block after its RMSNorm. Where [`norm_folds`], the subgroup matvec
+/// normalises x as it loads it (the norm's `1 / rms` scales each finished row), so there is no
+/// norm pass and `xb` is not touched; otherwise [`crate::kernels::norm::rms_norm`] into `xb`,
+/// then [`matmul_fused`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_fused_norm(
+    rec: &mut Recorder,
+    ws: &[&WeightMatrix],
+    x: &Tensor,
+    gamma: &Tensor,
+    eps: f32,
+    xb: &Tensor,
+    ys: &[&Tensor],
+) -> Result<()> {
+    if !norm_folds(rec.gpu(), ws, lead(x)) {
+        crate::kernels::norm::rms_norm(rec, x, gamma, eps, xb)?;
+        return matmul_fused(rec, ws, xb, ys);
+    }
+    let op = fused_op("fused matmul (RMSNorm input)", ws);
+    let extras = Extras {
+        input: Input::RmsNorm(gamma, eps),
+        res: None,
+    };
+    if fusable(rec.gpu(), ws) {
+        return fused_kernel(rec, ws, x, ys, extras, &op);
+    }
+    // Matrices apart (streamed layers, the output head): each dispatch takes the norm itself.
+    check_fused(&op, ws, ys)?;
+    for (w, y) in ws.iter().zip(ys) {
+        let m = tokens(&op, w, x, y)?;
+        rows_kernel(rec, w, x, extras, y, m, Rows::Subgroup(None, 1), &op)?;
+    }
+    Ok(())
+}
+
+/// `y = res + x Wᵀ`, a projection added to the residual stream (`res` and `y` the same shape):
+/// for a single token where [`single_token_folds`], the subgroup matvec adds `res` as it stores
+/// (no add pass); otherwise [`matmul`] into `proj`, then [`crate::kernels::elementwise::add`].
+pub fn matmul_add(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    x: &Tensor,
+    res: &Tensor,
+    proj: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
+    let op = format!("matmul {} (+ residual)", w.label);
+    res.expect(&op, &y.shape)?;
+    let m = tokens(&op, w, x, y)?;
+    if !single_token_folds(rec.gpu()) || m != 1 {
+        matmul(rec, w, x, proj)?;
+        return crate::kernels::elementwise::add(rec, res, proj, y);
+    }
+    let extras = Extras {
+        input: Input::Plain,
+        res: Some(res),
+    };
+    rows_kernel(rec, w, x, extras, y, m, Rows::Subgroup(None, 1), &op)
+}
+
+/// The tokens of `x` (`[.., cols]`: the product of its leading dimensions).
+fn lead(x: &Tensor) -> usize {
+    x.shape.iter().rev().skip(1).product()
+}
+
+fn fused_op(what: &str, ws: &[&WeightMatrix]) -> String {
+    let names = ws.iter().map(|w| w.label.as_str()).collect::<Vec<_>>();
+    format!("{what} {}", names.join("+"))
+}
+
+fn check_fused(op: &str, ws: &[&WeightMatrix], ys: &[&Tensor]) -> Result<()> {
+    if ws.len() != ys.len() || ws.is_empty() {
+        return Err(Error::invalid(
+            op,
+            format!("{} matrices and {} outputs", ws.len(), ys.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// One subgroup-matvec dispatch over the stacked matrices `ws` ([`fusable`]).
+fn fused_kernel(
+    rec: &mut Recorder,
+    ws: &[&WeightMatrix],
+    x: &Tensor,
+    ys: &[&Tensor],
+    extras: Extras,
+    op: &str,
+) -> Result<()> {
+    check_fused(op, ws, ys)?;
+    let cols = ws[0].cols;
+    let mut m = 0;
+    let mut parts = Vec::with_capacity(ws.len());
+    for (w, y) in ws.iter().zip(ys) {
+        m = tokens(op, w, x, y)?;
+        parts.push(SgPart {
+            shard: &w.shards[0],
+            y: bound(op, y)?,
+            ld: w.rows,
+        });
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let xv = bound(op, x)?;
+    let per_pass = matvec_sg_tokens(m);
+    subgroup_kernel(
+        rec,
+        ws[0].format,
+        cols,
+        &parts,
+        &xv,
+        extras,
+        m,
+        None,
+        per_pass,
+        op,
+    )
+}
+
+/// `y = swiglu(gate, up) Wᵀ`, SwiGLU (`silu(gate) * up`) feeding a projection (the FFN's down
+/// projection): for a single token where [`single_token_folds`], the subgroup matvec computes
+/// SwiGLU as it loads its input, so there is no pass of its own and `act` is not touched;
+/// otherwise [`crate::kernels::activation::swiglu`] into `act`, then [`matmul`] (at 8 tokens a
+/// pass, the folded form's doubled input loads cost lavapipe more than the separate pass saves).
+/// `gate`, `up` and `act` are `[.., cols]`, `y` `[.., rows]`.
+pub fn matmul_swiglu(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    gate: &Tensor,
+    up: &Tensor,
+    act: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
+    swiglu_kernel(rec, w, gate, up, act, None, y)
+}
+
+/// `y = res + swiglu(gate, up) Wᵀ`: [`matmul_swiglu`] added to the residual stream, folded like
+/// [`matmul_add`] (else the product goes to `proj` and an add pass follows).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_swiglu_add(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    gate: &Tensor,
+    up: &Tensor,
+    act: &Tensor,
+    res: &Tensor,
+    proj: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
+    res.expect(&format!("matmul {} (+ residual)", w.label), &y.shape)?;
+    if !single_token_folds(rec.gpu()) || lead(gate) != 1 {
+        swiglu_kernel(rec, w, gate, up, act, None, proj)?;
+        return crate::kernels::elementwise::add(rec, res, proj, y);
+    }
+    swiglu_kernel(rec, w, gate, up, act, Some(res), y)
+}
+
+fn swiglu_kernel(
+    rec: &mut Recorder,
+    w: &WeightMatrix,
+    gate: &Tensor,
+    up: &Tensor,
+    act: &Tensor,
+    res: Option<&Tensor>,
+    y: &Tensor,
+) -> Result<()> {
+    if !single_token_folds(rec.gpu()) || lead(gate) != 1 {
+        crate::kernels::activation::swiglu(rec, gate, up, act)?;
+        return matmul(rec, w, act, y);
+    }
+    let op = format!("matmul {} (SwiGLU input)", w.label);
+    up.expect(&op, &gate.shape)?;
+    let m = tokens(&op, w, gate, y)?;
+    let extras = Extras {
+        input: Input::Swiglu(up),
+        res,
+    };
+    rows_kernel(rec, w, gate, extras, y, m, Rows::Subgroup(None, 1), &op)
+}
+
+/// Whether a single token's products fold in what runs around them: SwiGLU into the down
+/// projection's input ([`matmul_swiglu`]), RMSNorm into the next projections' input
+/// ([`matmul_fused_norm`]) and the residual adds into the projections' output ([`matmul_add`],
+/// [`matmul_swiglu_add`]). Where the subgroup matvec runs; the memory plan's schedule follows
+/// ([`crate::plan::PlanOptions::single_token_folds`]). Chunks of several tokens keep the passes:
+/// each fold reloads its input per token, where a pass over 8 tokens costs lavapipe less.
+pub fn single_token_folds(gpu: &Gpu) -> bool {
+    subgroup_matvec_ok(gpu)
+}
+
+/// Whether [`matmul_fused`] runs `ws` as one dispatch: the device runs the subgroup matvec, and
+/// the matrices (2 or 3) are slices of one texture, in order, one shard each, in one format
+/// ([`Gpu::upload_weights_stacked`] makes them).
+pub fn fusable(gpu: &Gpu, ws: &[&WeightMatrix]) -> bool {
+    let Some(w0) = ws.first() else { return false };
+    let Some(tex) = w0.shards.first().and_then(|s| s.data.texture()) else {
+        return false;
+    };
+    let mut next = w0.shards[0].data.row0();
+    subgroup_matvec_ok(gpu)
+        && (2..=3).contains(&ws.len())
+        && ws.iter().all(|w| {
+            let ok = w.shards.len() == 1
+                && w.format == w0.format
+                && w.cols == w0.cols
+                && w.shards[0].row_start == 0
+                && w.shards[0].data.row0() == next
+                && w.shards[0]
+                    .data
+                    .texture()
+                    .is_some_and(|t| std::sync::Arc::ptr_eq(t, tex));
+            next += w.rows as u32;
+            ok
+        })
+}
