@@ -840,9 +840,9 @@ impl RunState {
     ) -> Result<RunState> {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
-        let swiglu = crate::kernels::matmul::single_token_folds(gpu);
+        let folds = crate::kernels::matmul::single_token_folds(gpu);
         let plan =
-            crate::plan::activations::llama_activation_plan_with(cfg, c, opts.all_logits, swiglu);
+            crate::plan::activations::llama_activation_plan_with(cfg, c, opts.all_logits, folds);
         let buffers = plan
             .buffers
             .iter()

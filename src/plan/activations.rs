@@ -404,8 +404,9 @@ pub fn llama_activation_plan(cfg: &ModelConfig, chunk: usize, all_logits: bool) 
     llama_activation_plan_with(cfg, chunk, all_logits, false)
 }
 
-/// [`llama_activation_plan`] for a forward pass that folds SwiGLU into the down projection or not
-/// (the one fusion that changes the sharing; see [`Fusions`]). The runtime allocates this.
+/// [`llama_activation_plan`] for a forward pass with the single-token folds or without (the one
+/// fusion that changes the sharing: the down projection reads gate and up; see [`Fusions`]). The
+/// runtime allocates this.
 pub fn llama_activation_plan_with(
     cfg: &ModelConfig,
     chunk: usize,

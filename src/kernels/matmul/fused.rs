@@ -6,6 +6,7 @@
 
 use super::subgroup::{Extras, Input, SgPart};
 use super::*;
+
 /// `ys[i] = xs W_iᵀ` for 1 to 3 matrices that read the same `x` (Q, K and V; gate and up): one
 /// dispatch where [`fusable`] says so, else one [`matmul`] each. `x` is `[.., cols]`, each `ys[i]`
 /// has the same leading dimensions and `ws[i].rows` last.
@@ -39,7 +40,7 @@ pub const NORM_FOLD_MAX_WEIGHTS: usize = 1 << 22;
 /// [`NORM_FOLD_MAX_WEIGHTS`].
 pub fn norm_folds(gpu: &Gpu, ws: &[&WeightMatrix], m: usize) -> bool {
     let weights: usize = ws.iter().map(|w| w.rows * w.cols).sum();
-    single_token_folds(gpu) && m == 1 && weights <= NORM_FOLD_MAX_WEIGHTS
+    folds(gpu, m) && weights <= NORM_FOLD_MAX_WEIGHTS
 }
 
 /// `ys[i] = rms_norm(x) W_iᵀ` (the norm with `gamma` and `eps`): [`matmul_fused`] of the
@@ -92,7 +93,7 @@ pub fn matmul_add(
     let op = format!("matmul {} (+ residual)", w.label);
     res.expect(&op, &y.shape)?;
     let m = tokens(&op, w, x, y)?;
-    if !single_token_folds(rec.gpu()) || m != 1 {
+    if !folds(rec.gpu(), m) {
         matmul(rec, w, x, proj)?;
         return crate::kernels::elementwise::add(rec, res, proj, y);
     }
@@ -194,7 +195,7 @@ pub fn matmul_swiglu_add(
     y: &Tensor,
 ) -> Result<()> {
     res.expect(&format!("matmul {} (+ residual)", w.label), &y.shape)?;
-    if !single_token_folds(rec.gpu()) || lead(gate) != 1 {
+    if !folds(rec.gpu(), lead(gate)) {
         swiglu_kernel(rec, w, gate, up, act, None, proj)?;
         return crate::kernels::elementwise::add(rec, res, proj, y);
     }
@@ -210,7 +211,7 @@ fn swiglu_kernel(
     res: Option<&Tensor>,
     y: &Tensor,
 ) -> Result<()> {
-    if !single_token_folds(rec.gpu()) || lead(gate) != 1 {
+    if !folds(rec.gpu(), lead(gate)) {
         crate::kernels::activation::swiglu(rec, gate, up, act)?;
         return matmul(rec, w, act, y);
     }
@@ -232,6 +233,11 @@ fn swiglu_kernel(
 /// each fold reloads its input per token, where a pass over 8 tokens costs lavapipe less.
 pub fn single_token_folds(gpu: &Gpu) -> bool {
     subgroup_matvec_ok(gpu)
+}
+
+/// Whether a product over `m` tokens folds here: a single token where [`single_token_folds`].
+fn folds(gpu: &Gpu, m: usize) -> bool {
+    single_token_folds(gpu) && m == 1
 }
 
 /// Whether [`matmul_fused`] runs `ws` as one dispatch: the device runs the subgroup matvec, and
