@@ -69,7 +69,7 @@ pub fn partials_bytes(n_heads: usize, head_dim: usize) -> u64 {
 pub fn key_splits(subgroup: bool, m: usize, n_keys: usize) -> usize {
     if subgroup && m == 1 {
         let most = (2 * crate::kernels::matmul::cpu_threads()).min(MAX_KEY_SPLITS);
-        (n_keys / KEYS_PER_SPLIT).clamp(1, most.max(2))
+        (n_keys / KEYS_PER_SPLIT).clamp(1, most)
     } else {
         1
     }
@@ -200,7 +200,8 @@ pub fn attention_split_with(
             "split keys need the subgroup kernel (see subgroup_fits)",
         ));
     }
-    let (m, n_heads) = (q.shape[0], q.shape.get(1).copied().unwrap_or(0));
+    let dim = |i: usize| q.shape.get(i).copied().unwrap_or(0);
+    let (m, n_heads) = (dim(0), dim(1));
     let need = m * n_heads * splits * (cache.head_dim + 4);
     if splits == 0 || partials.len() < need || partials.buf.buffer == out.buf.buffer {
         return Err(Error::invalid(
