@@ -36,14 +36,16 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
-const WG: u32 = 64u;
-// ROWS is 4, 8 or 16 and TOK 1, 2 or 4; pipeline creation makes them constants, so the loops to
-// them unroll and the branches on them fold away.
+// ROWS is 4, 8 or 16, TOK 1, 2 or 4 and WG (threads per workgroup) 64, 128 or 256 with
+// ROWS * WG <= PART; pipeline creation makes them constants, so the loops to them unroll and the
+// branches on them fold away.
 const R: u32 = 16u;
+const PART: u32 = 2048u;
 override ROWS: u32 = 16u;
 override TOK: u32 = 1u;
+override WG: u32 = 64u;
 
-var<workgroup> part: array<f32, R * WG>; // one token's partial sums, row r at r * WG
+var<workgroup> part: array<f32, PART>; // one token's partial sums, row r at r * WG
 var<workgroup> part8: array<f32, R * 8u>; // row r's eight second-level sums at 8r
 
 // (first row, first token) of this workgroup; row past the end for the padding workgroups of a 2D
@@ -248,27 +250,27 @@ fn matvec_any(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     finish(lid, r0, at.y, acc);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn matvec_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matvec_any(F32, wid, nwg, lid);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn matvec_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matvec_any(F16, wid, nwg, lid);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn matvec_q8_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matvec_any(Q8_0, wid, nwg, lid);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn matvec_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matvec_any(Q4_0, wid, nwg, lid);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn matvec_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matvec_any(Q4_1, wid, nwg, lid);
 }

@@ -114,14 +114,30 @@ fn matvec_matches_reference_in_every_format() {
         {
             let (wm, deq) = weights(gpu, storage, f, rows, cols, 10 + i as u64);
             check(gpu, &wm, &deq, Op::Matvec(None), 20 + i as u64);
-            // Every rows-per-workgroup variant (the code is the same for all formats but f32/f16
-            // vs blocks; each variant is a pipeline to compile, so two formats cover it).
+            // Every rows- and threads-per-workgroup variant (the code is the same for all formats
+            // but f32/f16 vs blocks; each variant is a pipeline to compile, so two formats cover
+            // it).
             let buffers = storage.layout == WeightLayout::Buffers;
             if buffers && rows == 13 && matches!(f, WeightFormat::F16 | WeightFormat::Q4_1) {
                 for rows in matmul::MATVEC_ROWS {
-                    let k = Some(MatvecKernel::Workgroup { rows });
-                    check(gpu, &wm, &deq, Op::Matvec(k), 30 + rows as u64);
+                    for threads in matmul::MATVEC_THREADS {
+                        if rows * threads > matmul::MATVEC_PART {
+                            continue;
+                        }
+                        let k = Some(MatvecKernel::Workgroup { rows, threads });
+                        check(gpu, &wm, &deq, Op::Matvec(k), 30 + rows as u64);
+                    }
                 }
+                // A shape past the workgroup memory is refused before dispatch.
+                let x = gpu.tensor("x", Activations, &[wm.cols]).unwrap();
+                let y = gpu.tensor("y", Activations, &[wm.rows]).unwrap();
+                let mut rec = gpu.recorder();
+                let big = Some(MatvecKernel::Workgroup {
+                    rows: 16,
+                    threads: 256,
+                });
+                assert!(matmul::matvec_with(&mut rec, &wm, &x, &y, big).is_err());
+                assert!(rec.is_empty());
             }
         }
     }

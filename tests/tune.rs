@@ -1,10 +1,10 @@
-//! The per-device choices (weight layout; rows per workgroup of the workgroup matvec): measured
-//! once, cached under the device's key, read back from the cache without measuring again, and
-//! remeasured (no panic) over a corrupt cache file.
+//! The per-device choices (weight layout; rows and threads per workgroup of the workgroup
+//! matvec): measured once, cached under the device's key, read back from the cache without
+//! measuring again, and remeasured (no panic) over a corrupt cache file.
 mod common;
 use common::*;
 use wgllm::gpu::WeightLayout;
-use wgllm::kernels::tune::{self, DeviceTuning, LayoutChoice, RowsChoice};
+use wgllm::kernels::tune::{self, DeviceTuning, LayoutChoice, MatvecChoice};
 
 #[test]
 fn layout_choice_is_measured_once_and_cached_per_device() {
@@ -42,27 +42,34 @@ fn layout_choice_is_measured_once_and_cached_per_device() {
     std::fs::write(&file, serde_json::to_vec(&all).unwrap()).unwrap();
     assert_eq!(tune::weight_layout_choice(gpu).unwrap(), planted);
 
-    // The matvec's rows per workgroup: each candidate timed, the fastest taken, cached in the
-    // same entry beside the layout.
-    let rows = tune::matvec_rows_choice(gpu).unwrap();
-    let ours: Vec<u32> = rows.us.iter().map(|&(r, _)| r).collect();
-    assert_eq!(ours, wgllm::kernels::matmul::MATVEC_ROWS, "{rows:?}");
-    assert!(rows.us.iter().all(|&(_, t)| t > 0.0), "{rows:?}");
-    let best = rows.us.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
-    assert_eq!(rows.rows, best);
+    // The matvec's rows and threads per workgroup: every shape the kernel takes timed, the
+    // fastest taken, cached in the same entry beside the layout.
+    let mv = tune::matvec_choice(gpu).unwrap();
+    use wgllm::kernels::matmul::{MATVEC_PART, MATVEC_ROWS, MATVEC_THREADS};
+    let want: Vec<(u32, u32)> = MATVEC_ROWS
+        .iter()
+        .flat_map(|&r| MATVEC_THREADS.iter().map(move |&t| (r, t)))
+        .filter(|&(r, t)| r * t <= MATVEC_PART)
+        .collect();
+    let ours: Vec<(u32, u32)> = mv.us.iter().map(|&(r, t, _)| (r, t)).collect();
+    assert_eq!(ours, want, "{mv:?}");
+    assert!(mv.us.iter().all(|&(_, _, us)| us > 0.0), "{mv:?}");
+    let best = mv.us.iter().min_by(|a, b| a.2.total_cmp(&b.2)).unwrap();
+    assert_eq!((mv.rows, mv.threads), (best.0, best.1));
     let all: std::collections::BTreeMap<String, DeviceTuning> =
         serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     let entry = &all[&tune::device_key(gpu)];
     assert_eq!(entry.layout.as_ref(), Some(&planted));
-    assert_eq!(entry.matvec_rows.as_ref(), Some(&rows));
-    let planted_rows = RowsChoice {
+    assert_eq!(entry.matvec.as_ref(), Some(&mv));
+    let planted_mv = MatvecChoice {
         rows: 8,
-        us: vec![(8, 1.0)],
+        threads: 128,
+        us: vec![(8, 128, 1.0)],
     };
     let mut all = all;
-    all.get_mut(&tune::device_key(gpu)).unwrap().matvec_rows = Some(planted_rows.clone());
+    all.get_mut(&tune::device_key(gpu)).unwrap().matvec = Some(planted_mv.clone());
     std::fs::write(&file, serde_json::to_vec(&all).unwrap()).unwrap();
-    assert_eq!(tune::matvec_rows_choice(gpu).unwrap(), planted_rows);
+    assert_eq!(tune::matvec_choice(gpu).unwrap(), planted_mv);
 
     // A corrupt file is measured over and rewritten.
     std::fs::write(&file, b"{ not json").unwrap();

@@ -134,9 +134,9 @@ pub struct Gpu {
     /// Where weight matrices go, once chosen (`WGLLM_WEIGHTS`, or
     /// [`crate::kernels::weights::weight_layout`]'s measurement).
     weight_layout: Mutex<Option<WeightLayout>>,
-    /// The workgroup matvec's rows per workgroup, once measured
-    /// ([`crate::kernels::matmul::matvec_rows`]).
-    pub(crate) matvec_rows: std::sync::OnceLock<u32>,
+    /// The workgroup matvec's rows and threads per workgroup, once measured
+    /// ([`crate::kernels::matmul::matvec_rows`], [`crate::kernels::matmul::matvec_threads`]).
+    pub(crate) matvec_shape: std::sync::OnceLock<(u32, u32)>,
 }
 
 /// Where weight matrices live on a device.
@@ -266,7 +266,7 @@ impl Gpu {
             ledger: Ledger::new(opts.budget),
             kernels: Mutex::new(HashMap::new()),
             weight_layout: Mutex::new(WeightLayout::from_env()),
-            matvec_rows: std::sync::OnceLock::new(),
+            matvec_shape: std::sync::OnceLock::new(),
         })
     }
 

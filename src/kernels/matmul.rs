@@ -37,6 +37,11 @@ use subgroup::{subgroup_kernel, Extras, SgPart, SG_LANES};
 
 /// The rows per matvec workgroup the shader supports (its `ROWS` override).
 pub const MATVEC_ROWS: [u32; 3] = [4, 8, 16];
+/// The threads per matvec workgroup the shader supports (its `WG` override), with rows x threads
+/// at most [`MATVEC_PART`].
+pub const MATVEC_THREADS: [u32; 3] = [64, 128, 256];
+/// Partial sums a matvec workgroup keeps in workgroup memory (`PART` in matvec.wgsl).
+pub const MATVEC_PART: u32 = 2048;
 /// The tokens per matvec workgroup the shader supports (its `TOK` override).
 pub const MATVEC_TOKENS: [u32; 3] = [1, 2, 4];
 /// Edge of the square output tile of a matmul workgroup (`T` in matmul.wgsl).
@@ -122,22 +127,14 @@ fn check_shards(op: &str, w: &WeightMatrix) -> Result<()> {
 /// Rows per matvec workgroup for a shard of `rows` rows. More rows means fewer loads per weight
 /// (each x value serves every row), which is what lavapipe is bound by, so a CPU device always gets
 /// 16. A GPU gets what the tuner measured fastest on its probe matrix
-/// ([`crate::kernels::tune::matvec_rows_choice`], once per device, cached), capped for shards
-/// smaller than the probe so that they keep enough workgroups: 16 only while that leaves at least
-/// 256, 8 while it leaves 128, else 4.
+/// ([`crate::kernels::tune::matvec_choice`], once per device, cached), capped for shards smaller
+/// than the probe so that they keep enough workgroups: 16 only while that leaves at least 256,
+/// 8 while it leaves 128, else 4.
 pub fn matvec_rows(gpu: &Gpu, rows: usize) -> u32 {
     if gpu.info.device_type == wgpu::DeviceType::Cpu {
         return 16;
     }
-    let tuned = *gpu.matvec_rows.get_or_init(|| {
-        crate::kernels::tune::matvec_rows_choice(gpu).map_or_else(
-            |e| {
-                log::warn!("measuring the matvec rows failed ({e}); 16 rows per workgroup");
-                16
-            },
-            |c| c.rows,
-        )
-    });
+    let tuned = tuned_matvec(gpu).0;
     let cap = if rows >= 16 * 256 {
         16
     } else if rows >= 8 * 128 {
@@ -152,11 +149,45 @@ pub fn matvec_rows(gpu: &Gpu, rows: usize) -> u32 {
     }
 }
 
+/// Threads per matvec workgroup of `rows_per_group` rows: 64 on a CPU device, else what the tuner
+/// measured fastest, halved while rows x threads would pass [`MATVEC_PART`].
+pub fn matvec_threads(gpu: &Gpu, rows_per_group: u32) -> u32 {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        return 64;
+    }
+    let mut t = tuned_matvec(gpu).1;
+    while t > MATVEC_THREADS[0] && rows_per_group * t > MATVEC_PART {
+        t /= 2;
+    }
+    t
+}
+
+/// Rows and threads per workgroup for a shard of `rows` rows ([`matvec_rows`],
+/// [`matvec_threads`]).
+fn matvec_shape(gpu: &Gpu, rows: usize) -> (u32, u32) {
+    let r = matvec_rows(gpu, rows);
+    (r, matvec_threads(gpu, r))
+}
+
+/// The device's measured (rows, threads) per workgroup, measured on first use.
+fn tuned_matvec(gpu: &Gpu) -> (u32, u32) {
+    *gpu.matvec_shape.get_or_init(|| {
+        crate::kernels::tune::matvec_choice(gpu).map_or_else(
+            |e| {
+                log::warn!("measuring the matvec shapes failed ({e}); 16 rows, 64 threads");
+                (16, 64)
+            },
+            |c| (c.rows, c.threads),
+        )
+    })
+}
+
 /// Which kernel computes a matrix-vector product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatvecKernel {
-    /// `shaders/matvec.wgsl`, `rows` (one of [`MATVEC_ROWS`]) rows per workgroup.
-    Workgroup { rows: u32 },
+    /// `shaders/matvec.wgsl`, `rows` (one of [`MATVEC_ROWS`]) rows and `threads` (one of
+    /// [`MATVEC_THREADS`]) threads per workgroup.
+    Workgroup { rows: u32, threads: u32 },
     /// `shaders/matvec_sg.wgsl`, `rows` (1 to [`MATVEC_SG_MAX_ROWS`]) rows per invocation; needs
     /// [`subgroup_matvec_ok`].
     Subgroup { rows: u32 },
@@ -170,8 +201,10 @@ pub fn matvec_kernel(gpu: &Gpu, format: WeightFormat, rows: usize) -> MatvecKern
             rows: matvec_sg_rows(format, rows, 1, 1),
         }
     } else {
+        let r = matvec_rows(gpu, rows);
         MatvecKernel::Workgroup {
-            rows: matvec_rows(gpu, rows),
+            rows: r,
+            threads: matvec_threads(gpu, r),
         }
     }
 }
@@ -211,8 +244,8 @@ pub fn matvec(rec: &mut Recorder, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> R
     matvec_with(rec, w, x, y, None)
 }
 
-/// [`matvec`] with the workgroup kernel forced to one of [`MATVEC_ROWS`] rows per workgroup (for
-/// tests and tuning); `None` picks [`matvec_kernel`] per shard.
+/// [`matvec`] with the workgroup kernel forced to one of [`MATVEC_ROWS`] rows per workgroup and
+/// 64 threads (for tests); `None` picks [`matvec_kernel`] per shard.
 pub fn matvec_with_rows(
     rec: &mut Recorder,
     w: &WeightMatrix,
@@ -220,7 +253,7 @@ pub fn matvec_with_rows(
     y: &Tensor,
     rows_per_group: Option<u32>,
 ) -> Result<()> {
-    let kernel = rows_per_group.map(|rows| MatvecKernel::Workgroup { rows });
+    let kernel = rows_per_group.map(|rows| MatvecKernel::Workgroup { rows, threads: 64 });
     matvec_with(rec, w, x, y, kernel)
 }
 
@@ -251,7 +284,9 @@ pub fn matvec_with(
     }
     let kind = match kernel {
         None => Rows::Auto,
-        Some(MatvecKernel::Workgroup { rows }) => Rows::Workgroup(Some(rows), 1),
+        Some(MatvecKernel::Workgroup { rows, threads }) => {
+            Rows::Workgroup(Some((rows, threads)), 1)
+        }
         Some(MatvecKernel::Subgroup { rows }) => Rows::Subgroup(Some(rows), 1),
     };
     rows_kernel(rec, w, x, Extras::default(), y, 1, kind, &op)
@@ -303,13 +338,14 @@ fn tokens(op: &str, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> Result<usize> {
     Ok(lead.iter().product())
 }
 
-/// A matvec kernel for [`rows_kernel`]: rows per workgroup (workgroup kernel) or per invocation
-/// (subgroup kernel), forced or `None` (the policy's, per shard), and tokens per workgroup.
+/// A matvec kernel for [`rows_kernel`]: rows and threads per workgroup (workgroup kernel) or rows
+/// per invocation (subgroup kernel), forced or `None` (the policy's, per shard), and tokens per
+/// workgroup.
 #[derive(Debug, Clone, Copy)]
 enum Rows {
     /// One token, the kernel [`matvec_kernel`] picks per shard.
     Auto,
-    Workgroup(Option<u32>, u32),
+    Workgroup(Option<(u32, u32)>, u32),
     Subgroup(Option<u32>, u32),
 }
 
@@ -317,10 +353,13 @@ enum Rows {
 fn refusal(gpu: &Gpu, kind: Rows) -> Option<String> {
     match kind {
         Rows::Auto => None,
-        Rows::Workgroup(rows, tokens) => {
-            if let Some(r) = rows.filter(|r| !MATVEC_ROWS.contains(r)) {
+        Rows::Workgroup(shape, tokens) => {
+            if let Some((r, t)) = shape.filter(|&(r, t)| {
+                !MATVEC_ROWS.contains(&r) || !MATVEC_THREADS.contains(&t) || r * t > MATVEC_PART
+            }) {
                 Some(format!(
-                    "{r} rows per workgroup; the kernel takes {MATVEC_ROWS:?}"
+                    "{r} rows and {t} threads per workgroup; the kernel takes {MATVEC_ROWS:?} \
+                     rows and {MATVEC_THREADS:?} threads, rows x threads at most {MATVEC_PART}"
                 ))
             } else if !MATVEC_TOKENS.contains(&tokens) {
                 Some(format!(
@@ -394,11 +433,10 @@ fn rows_kernel(
             subgroup_kernel(rec, f, cols, &[part], &xv, extras, m, rows, tokens, op)?;
             continue;
         }
-        let (r, t) = match kind {
-            Rows::Workgroup(rows, tokens) => {
-                (rows.unwrap_or_else(|| matvec_rows(gpu, s.rows)), tokens)
-            }
-            _ => (matvec_rows(gpu, s.rows), 1),
+        let ((r, threads), t) = match kind {
+            Rows::Workgroup(Some(shape), tokens) => (shape, tokens),
+            Rows::Workgroup(None, tokens) => (matvec_shape(gpu, s.rows), tokens),
+            _ => (matvec_shape(gpu, s.rows), 1),
         };
         if !extras.is_plain() {
             return Err(Error::invalid(
@@ -420,7 +458,11 @@ fn rows_kernel(
             &entry,
             &BINDS,
             32,
-            &[("ROWS", r as f64), ("TOK", t as f64)],
+            &[
+                ("ROWS", r as f64),
+                ("TOK", t as f64),
+                ("WG", threads as f64),
+            ],
         )?;
         let p = MatvecParams {
             rows: u32_of(op, "rows", s.rows)?,

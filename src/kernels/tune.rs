@@ -5,8 +5,9 @@
 //! - the [`WeightLayout`] of weight matrices on devices where both layouts have a matvec (the
 //!   subgroup matvec reads buffers and textures alike). Textures are taken only when at least 10%
 //!   faster, since buffers are the layout every kernel reads;
-//! - rows per workgroup of the workgroup matvec (`matvec.wgsl`, what GPUs run), the fastest of
-//!   [`MATVEC_ROWS`] ([`matvec_rows_choice`]; [`super::matmul::matvec_rows`] uses it).
+//! - rows and threads per workgroup of the workgroup matvec (`matvec.wgsl`, what GPUs run), the
+//!   fastest of [`MATVEC_ROWS`] x [`MATVEC_THREADS`] ([`matvec_choice`];
+//!   [`super::matmul::matvec_rows`] and [`super::matmul::matvec_threads`] use it).
 //!
 //! The results are kept in `tuning.json` of the cache directory ([`crate::fetch::cache_dir`]) under
 //! the adapter, driver and wgllm version, so each measurement runs once per device; delete the
@@ -22,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::gpu::{BufferClass, Gpu, WeightLayout};
-use crate::kernels::matmul::{matvec, matvec_with_rows, MATVEC_ROWS};
+use crate::kernels::matmul::{
+    matvec, matvec_with, MatvecKernel, MATVEC_PART, MATVEC_ROWS, MATVEC_THREADS,
+};
 use crate::kernels::weights::WeightStorage;
 use crate::quant::{synthetic, WeightFormat};
 
@@ -35,14 +38,16 @@ pub struct DeviceTuning {
     #[serde(default)]
     pub layout: Option<LayoutChoice>,
     #[serde(default)]
-    pub matvec_rows: Option<RowsChoice>,
+    pub matvec: Option<MatvecChoice>,
 }
 
-/// The workgroup matvec's fastest rows per workgroup, and the median microseconds of each.
+/// The workgroup matvec's fastest rows and threads per workgroup, and the median microseconds of
+/// each (rows, threads) measured.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RowsChoice {
+pub struct MatvecChoice {
     pub rows: u32,
-    pub us: Vec<(u32, f64)>,
+    pub threads: u32,
+    pub us: Vec<(u32, u32, f64)>,
 }
 
 /// One device's measured layout choice.
@@ -133,28 +138,29 @@ pub fn weight_layout_choice(gpu: &Gpu) -> Result<LayoutChoice> {
     Ok(choice)
 }
 
-/// The cached rows-per-workgroup choice of the workgroup matvec for this device, or a fresh
+/// The cached rows-and-threads choice of the workgroup matvec for this device, or a fresh
 /// measurement (then cached).
-pub fn matvec_rows_choice(gpu: &Gpu) -> Result<RowsChoice> {
+pub fn matvec_choice(gpu: &Gpu) -> Result<MatvecChoice> {
     let choice = cached(
         gpu,
-        "matvec rows",
-        |t| t.matvec_rows.clone(),
-        measure_matvec_rows,
-        |t, c| t.matvec_rows = Some(c),
+        "matvec shape",
+        |t| t.matvec.clone(),
+        measure_matvec,
+        |t, c| t.matvec = Some(c),
     )?;
     log::info!(
-        "workgroup matvec on {}: {} rows per workgroup (probe us: {:?})",
+        "workgroup matvec on {}: {} rows, {} threads per workgroup (probe us: {:?})",
         gpu.info.name,
         choice.rows,
+        choice.threads,
         choice.us
     );
     Ok(choice)
 }
 
-/// Times the probe matvec over the rows per workgroup of [`MATVEC_ROWS`] (weights in buffers,
-/// the layout that kernel reads).
-pub fn measure_matvec_rows(gpu: &Gpu) -> Result<RowsChoice> {
+/// Times the probe matvec over every (rows, threads) per workgroup the kernel takes (weights in
+/// buffers, the layout that kernel reads).
+pub fn measure_matvec(gpu: &Gpu) -> Result<MatvecChoice> {
     let probe = Probe::new(gpu)?;
     let storage = WeightStorage {
         layout: WeightLayout::Buffers,
@@ -163,15 +169,21 @@ pub fn measure_matvec_rows(gpu: &Gpu) -> Result<RowsChoice> {
     };
     let w = probe.weights(storage)?;
     let mut us = Vec::new();
-    for r in MATVEC_ROWS {
-        let t = probe.time(|rec| matvec_with_rows(rec, &w, &probe.x, &probe.y, Some(r)))?;
-        us.push((r, t));
+    for rows in MATVEC_ROWS {
+        for threads in MATVEC_THREADS
+            .into_iter()
+            .filter(|t| rows * t <= MATVEC_PART)
+        {
+            let k = Some(MatvecKernel::Workgroup { rows, threads });
+            let t = probe.time(|rec| matvec_with(rec, &w, &probe.x, &probe.y, k))?;
+            us.push((rows, threads, t));
+        }
     }
-    let rows = us
+    let (rows, threads) = us
         .iter()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map_or(MATVEC_ROWS[0], |&(r, _)| r);
-    Ok(RowsChoice { rows, us })
+        .min_by(|a, b| a.2.total_cmp(&b.2))
+        .map_or((16, 64), |&(r, t, _)| (r, t));
+    Ok(MatvecChoice { rows, threads, us })
 }
 
 /// The probe: a Q4_0 matrix and its input and output.
