@@ -365,7 +365,11 @@ fn shape_mismatches_are_refused_before_dispatch() {
     refused(matmul::matmul(&mut rec, &wm, &t(&[3, 65]), &t(&[3, 8])));
     refused(matmul::matmul(&mut rec, &wm, &t(&[3, 64]), &t(&[4, 8])));
     refused(matmul::matmul(&mut rec, &wm, &t(&[3, 64]), &t(&[3, 7])));
-    let e = matmul::matvec_with_rows(&mut rec, &wm, &t(&[64]), &t(&[8]), Some(5)).unwrap_err();
+    let five = Some(MatvecKernel::Workgroup {
+        rows: 5,
+        threads: 64,
+    });
+    let e = matmul::matvec_with(&mut rec, &wm, &t(&[64]), &t(&[8]), five).unwrap_err();
     assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
     let bad = Some(MatmulKernel::Rows { tokens: 3 });
     let e = matmul::matmul_with(&mut rec, &wm, &t(&[3, 64]), &t(&[3, 8]), bad).unwrap_err();

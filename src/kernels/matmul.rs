@@ -244,19 +244,6 @@ pub fn matvec(rec: &mut Recorder, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> R
     matvec_with(rec, w, x, y, None)
 }
 
-/// [`matvec`] with the workgroup kernel forced to one of [`MATVEC_ROWS`] rows per workgroup and
-/// 64 threads (for tests); `None` picks [`matvec_kernel`] per shard.
-pub fn matvec_with_rows(
-    rec: &mut Recorder,
-    w: &WeightMatrix,
-    x: &Tensor,
-    y: &Tensor,
-    rows_per_group: Option<u32>,
-) -> Result<()> {
-    let kernel = rows_per_group.map(|rows| MatvecKernel::Workgroup { rows, threads: 64 });
-    matvec_with(rec, w, x, y, kernel)
-}
-
 /// [`matvec`] with the kernel forced (for tests and tuning); `None` picks [`matvec_kernel`] per
 /// shard.
 pub fn matvec_with(

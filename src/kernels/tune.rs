@@ -162,12 +162,7 @@ pub fn matvec_choice(gpu: &Gpu) -> Result<MatvecChoice> {
 /// buffers, the layout that kernel reads).
 pub fn measure_matvec(gpu: &Gpu) -> Result<MatvecChoice> {
     let probe = Probe::new(gpu)?;
-    let storage = WeightStorage {
-        layout: WeightLayout::Buffers,
-        max_binding: gpu.max_binding(),
-        max_texture_dim: gpu.limits.max_texture_dimension_2d,
-    };
-    let w = probe.weights(storage)?;
+    let w = probe.weights(WeightStorage::on_device(gpu, WeightLayout::Buffers))?;
     let mut us = Vec::new();
     for rows in MATVEC_ROWS {
         for threads in MATVEC_THREADS
@@ -237,12 +232,7 @@ impl<'a> Probe<'a> {
 pub fn measure_layouts(gpu: &Gpu) -> Result<LayoutChoice> {
     let probe = Probe::new(gpu)?;
     let time = |layout: WeightLayout| -> Result<f64> {
-        let storage = WeightStorage {
-            layout,
-            max_binding: gpu.max_binding(),
-            max_texture_dim: gpu.limits.max_texture_dimension_2d,
-        };
-        let w = probe.weights(storage)?;
+        let w = probe.weights(WeightStorage::on_device(gpu, layout))?;
         probe.time(|rec| matvec(rec, &w, &probe.x, &probe.y))
     };
     let buffers_us = time(WeightLayout::Buffers)?;

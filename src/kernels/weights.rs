@@ -167,6 +167,15 @@ impl WeightStorage {
         }
     }
 
+    /// `layout` at `gpu`'s binding and texture limits.
+    pub fn on_device(gpu: &Gpu, layout: WeightLayout) -> WeightStorage {
+        WeightStorage {
+            layout,
+            max_binding: gpu.max_binding(),
+            max_texture_dim: gpu.limits.max_texture_dimension_2d,
+        }
+    }
+
     /// Rows per shard of a `rows x cols` matrix.
     pub fn rows_per_shard(&self, format: WeightFormat, rows: usize, cols: usize) -> Result<usize> {
         match self.layout {
@@ -246,11 +255,7 @@ pub fn weight_layout(gpu: &Gpu) -> WeightLayout {
 
 /// The device's [`WeightStorage`].
 pub fn weight_storage(gpu: &Gpu) -> WeightStorage {
-    WeightStorage {
-        layout: weight_layout(gpu),
-        max_binding: gpu.max_binding(),
-        max_texture_dim: gpu.limits.max_texture_dimension_2d,
-    }
+    WeightStorage::on_device(gpu, weight_layout(gpu))
 }
 
 /// A `rows x cols` weight matrix (`y = W x` maps `cols` inputs to `rows` outputs).

@@ -168,11 +168,7 @@ pub fn buffers(gpu: &Gpu) -> wgllm::kernels::weights::WeightStorage {
 /// Weight storage in textures at the device's texture limit (whether or not a kernel reads them).
 #[allow(dead_code)]
 pub fn textures_at_device_limits(gpu: &Gpu) -> wgllm::kernels::weights::WeightStorage {
-    wgllm::kernels::weights::WeightStorage {
-        layout: wgllm::gpu::WeightLayout::Textures,
-        max_binding: gpu.max_binding(),
-        max_texture_dim: gpu.limits.max_texture_dimension_2d,
-    }
+    wgllm::kernels::weights::WeightStorage::on_device(gpu, wgllm::gpu::WeightLayout::Textures)
 }
 
 /// The layouts the device's matvec reads: buffers first, then textures where the subgroup matvec
