@@ -75,19 +75,6 @@ pub struct KernelBenchReport {
     pub rows: Vec<KernelBenchRow>,
 }
 
-/// The median of `v` (sorted in place); 0 when empty.
-pub(crate) fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
-
 /// Copy bandwidth of the device: a 256 MiB buffer-to-buffer copy (capped by the device's maximum
 /// buffer size), median of 5 after a warm-up, counting read + write bytes.
 pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
@@ -109,7 +96,7 @@ pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    Ok(2.0 * size as f64 / median(&mut times) / 1e9)
+    Ok(2.0 * size as f64 / crate::stats::median(&mut times) / 1e9)
 }
 
 /// Runs every (format, shape, tokens) case. `progress(done, total, case)` is called before each.
@@ -161,7 +148,7 @@ pub fn bench_kernels(
                     }
                 }
                 let min_us = times.iter().cloned().fold(f64::INFINITY, f64::min);
-                let median_us = median(&mut times);
+                let median_us = crate::stats::median(&mut times);
                 let bytes = w.bytes() + (m * (shape.k + shape.n) * 4) as u64;
                 let gb = bytes as f64 / (median_us * 1e-6) / 1e9;
                 rows.push(KernelBenchRow {

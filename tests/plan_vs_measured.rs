@@ -52,7 +52,7 @@ fn smollm2_planned_bytes_match_the_ledger() {
             chunk,
             ..Default::default()
         }
-        .for_device(&gpu);
+        .for_device(&wgllm::kernels::device_traits(&gpu));
         let storage = popts.weight_storage();
         let mut plan = MemoryPlan::new(&cfg, popts).unwrap();
         plan.use_gguf_weights(&g, storage).unwrap();
@@ -126,7 +126,7 @@ fn smollm2_decode_plan_matches_the_ledger() {
             kv: RunOptions::default().kv_dtype,
             ..Default::default()
         }
-        .for_device(&gpu);
+        .for_device(&wgllm::kernels::device_traits(&gpu));
         let plan = MemoryPlan::new(&cfg, popts).unwrap();
         eprintln!(
             "decode at ctx {ctx}: planned {} + {} params, measured {measured}, {} dispatches",

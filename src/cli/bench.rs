@@ -1,27 +1,95 @@
-//! `wgllm bench kernels` and `wgllm bench model`.
+//! `wgllm bench kernels` (the matrix kernels per precision) and `wgllm bench model` (llama-bench's
+//! pp/tg tables for a model).
 
 use anyhow::Result;
 use wgllm::gpu::Gpu;
 
-use super::*;
-use crate::ModelArgs;
+use super::load::load_for_bench;
+use super::{Global, ModelArgs};
 
-pub(crate) fn bench_kernels(
-    gpu: &Gpu,
-    formats: Option<&[String]>,
-    tokens: &[usize],
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum What {
+    /// Matrix-vector (1 token) and matrix-matrix (prefill) kernels per weight format on 7B/13B shapes.
+    Kernels(KernelsArgs),
+    /// Prompt processing (pp) and text generation (tg) tokens/s, like llama-bench.
+    Model(ModelBenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct KernelsArgs {
+    /// Formats to run (comma-separated: f32,f16,q8_0,q4_0,q4_1).
+    #[arg(long, value_delimiter = ',')]
+    formats: Option<Vec<String>>,
+    /// Token counts (comma-separated); 1 is decode, more is prefill.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 128])]
+    tokens: Vec<usize>,
+    /// Only the 4096x4096 shape.
+    #[arg(long)]
     quick: bool,
+    /// Timed repetitions per case (after one warm-up).
+    #[arg(long, default_value_t = 5)]
     reps: usize,
+    #[arg(long)]
     json: bool,
-) -> Result<()> {
+}
+
+#[derive(clap::Args, Debug)]
+struct ModelBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A built-in preset (see `wgllm plan --list`) instead of a file; needs --synthetic.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Random weights of the real shapes, made on the fly (no file).
+    #[arg(long)]
+    synthetic: bool,
+    /// Prompt tokens for the pp test (0 skips it).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    pp: usize,
+    /// Generated tokens for the tg test (0 skips it).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    tg: usize,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    reps: usize,
+    /// Context depth: both tests run after this many tokens already in the KV cache (a prompt
+    /// processed once, untimed), like llama-bench's -d.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    depth: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
+    let gpu = g.gpu()?;
+    match a.what {
+        What::Kernels(k) => bench_kernels(&gpu, k),
+        What::Model(m) => bench_model(&gpu, m),
+    }
+}
+
+fn bench_kernels(gpu: &Gpu, a: KernelsArgs) -> Result<()> {
+    let KernelsArgs {
+        formats,
+        tokens,
+        quick,
+        reps,
+        json,
+    } = a;
     use wgllm::bench::{bench_kernels, KernelBenchOptions, MODEL_SHAPES};
     use wgllm::quant::WeightFormat;
     let mut opts = KernelBenchOptions {
-        tokens: tokens.to_vec(),
+        tokens,
         reps: reps.max(1),
         ..Default::default()
     };
-    if let Some(f) = formats {
+    if let Some(f) = &formats {
         opts.formats = f
             .iter()
             .map(|s| WeightFormat::parse(s))
@@ -50,16 +118,15 @@ pub(crate) fn bench_kernels(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn bench_model(
-    gpu: &Gpu,
-    m: &ModelArgs,
-    preset: Option<&str>,
-    synthetic: bool,
-    opts: wgllm::bench::ModelBenchOptions,
-    json: bool,
-) -> Result<()> {
-    let mut m = m.clone();
+fn bench_model(gpu: &Gpu, a: ModelBenchArgs) -> Result<()> {
+    let (preset, synthetic, json) = (a.preset.as_deref(), a.synthetic, a.json);
+    let opts = wgllm::bench::ModelBenchOptions {
+        pp: a.pp,
+        tg: a.tg,
+        reps: a.reps.max(1),
+        depth: a.depth,
+    };
+    let mut m = a.model.clone();
     let d = opts.depth;
     m.ctx = m.ctx.max(d + opts.pp + 8).max(d + opts.tg + 8);
     m.chunk = m.chunk.max(opts.pp.min(512));

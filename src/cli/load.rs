@@ -4,8 +4,8 @@
 use anyhow::{Context, Result};
 use wgllm::gpu::Gpu;
 
-use super::*;
-use crate::ModelArgs;
+use super::plan::plan_precision;
+use super::ModelArgs;
 
 pub(crate) fn parse_precision(s: &str) -> Result<wgllm::quant::WeightFormat> {
     use wgllm::quant::WeightFormat;
@@ -87,7 +87,7 @@ pub(crate) fn resident_layers(
         all_logits,
         ..Default::default()
     }
-    .for_device(gpu);
+    .for_device(&wgllm::kernels::device_traits(gpu));
     let mut plan = MemoryPlan::new(&cfg, opts)?;
     if let Some(b) = param_bytes {
         plan.set_parameter_bytes(b);

@@ -5,6 +5,7 @@ pub mod buffer;
 pub mod ledger;
 pub mod memory;
 pub mod record;
+pub mod runtime_dir;
 pub mod shaders;
 pub mod texture;
 

@@ -15,6 +15,20 @@ pub mod weights;
 
 pub use weights::WeightMatrix;
 
+/// What the memory planner needs to know of `gpu` ([`crate::plan::DeviceTraits`]): its limits, its
+/// weight layout (measured once per device) and which kernel variants it runs.
+pub fn device_traits(gpu: &Gpu) -> crate::plan::DeviceTraits {
+    let w = weights::weight_storage(gpu);
+    crate::plan::DeviceTraits {
+        max_binding: w.max_binding,
+        weight_layout: w.layout,
+        max_texture_dim: w.max_texture_dim,
+        subgroup_matvec: matmul::subgroup_matvec_ok(gpu),
+        single_token_folds: matmul::single_token_folds(gpu),
+        param_align: gpu.limits.min_uniform_buffer_offset_alignment as u64,
+    }
+}
+
 use crate::error::{Error, Result};
 use crate::gpu::{BufferClass, Gpu, GpuBuffer};
 

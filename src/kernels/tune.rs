@@ -224,7 +224,7 @@ impl<'a> Probe<'a> {
                 times.push(t);
             }
         }
-        Ok(crate::bench::median(&mut times))
+        Ok(crate::stats::median(&mut times))
     }
 }
 

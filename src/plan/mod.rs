@@ -128,18 +128,45 @@ impl PlanOptions {
     }
 
     /// Sets the device-dependent fields (binding limit, weight layout, texture size, uniform
-    /// alignment) from an open device.
-    pub fn for_device(mut self, gpu: &crate::gpu::Gpu) -> PlanOptions {
-        let w = crate::kernels::weights::weight_storage(gpu);
-        self.max_binding = w.max_binding;
-        self.weight_layout = w.layout;
-        self.max_texture_dim = w.max_texture_dim;
-        self.stacked_projections =
-            w.layout == WeightLayout::Textures && crate::kernels::matmul::subgroup_matvec_ok(gpu);
-        self.single_token_folds = crate::kernels::matmul::single_token_folds(gpu);
-        self.split_attention = crate::kernels::matmul::subgroup_matvec_ok(gpu);
-        self.param_align = gpu.limits.min_uniform_buffer_offset_alignment as u64;
+    /// alignment, which kernel variants run) from what is known of a device.
+    pub fn for_device(mut self, d: &DeviceTraits) -> PlanOptions {
+        self.max_binding = d.max_binding;
+        self.weight_layout = d.weight_layout;
+        self.max_texture_dim = d.max_texture_dim;
+        self.stacked_projections = d.weight_layout == WeightLayout::Textures && d.subgroup_matvec;
+        self.single_token_folds = d.single_token_folds;
+        self.split_attention = d.subgroup_matvec;
+        self.param_align = d.param_align;
         self
+    }
+}
+
+/// What a memory plan needs to know of a device: its limits, where it keeps weight matrices and
+/// which kernel variants it runs. Plain data, so that planning never needs an open device:
+/// [`crate::kernels::device_traits`] reads them from one, and [`Default`] is a WebGPU-default
+/// device that runs the portable kernels from buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DeviceTraits {
+    pub max_binding: u64,
+    pub weight_layout: WeightLayout,
+    pub max_texture_dim: u32,
+    /// The device runs the subgroup matvec and attention (CPU Vulkan devices).
+    pub subgroup_matvec: bool,
+    /// A single token's norms, SwiGLU and residual adds fold into the projections.
+    pub single_token_folds: bool,
+    pub param_align: u64,
+}
+
+impl Default for DeviceTraits {
+    fn default() -> Self {
+        DeviceTraits {
+            max_binding: DEFAULT_MAX_BINDING,
+            weight_layout: WeightLayout::Buffers,
+            max_texture_dim: 8192,
+            subgroup_matvec: false,
+            single_token_folds: false,
+            param_align: PARAM_SLOT,
+        }
     }
 }
 

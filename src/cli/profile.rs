@@ -1,0 +1,206 @@
+//! `wgllm profile`: run a model for some tokens and print the plan against the ledger, class by
+//! class, and GPU time per op from timestamp queries.
+
+use anyhow::Result;
+use wgllm::gpu::Gpu;
+
+use super::load::load_for_bench;
+use super::plan::plan_precision;
+use super::{Global, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A built-in preset with --synthetic weights instead of a file.
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long)]
+    synthetic: bool,
+    /// Prompt tokens, then decoded tokens.
+    #[arg(short = 'p', long, default_value_t = 32)]
+    prompt_tokens: usize,
+    #[arg(short = 'n', long, default_value_t = 8)]
+    tokens: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
+    let gpu = &g.gpu()?;
+    let (budget, preset, synthetic) = (g.budget, a.preset.as_deref(), a.synthetic);
+    let (prompt, n, json) = (a.prompt_tokens, a.tokens, a.json);
+    use wgllm::gpu::ledger::{human_bytes, BufferClass};
+    let mut m = a.model;
+    m.ctx = m.ctx.max(prompt + n + 1);
+    let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
+    let cfg_plan = profile_plan(gpu, budget, &m, preset, synthetic)?;
+    // The ledger's peaks cover loading (staging) and the run.
+    model.set_profiling(true);
+    let vocab = model.vocab_size() as u32;
+    let ids: Vec<u32> = (0..prompt.max(1) as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let t = std::time::Instant::now();
+    let mut logits = model.forward(gpu, &ids, 0)?;
+    let prefill = t.elapsed().as_secs_f64();
+    let prefill_ops = model.take_profile();
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        let next = wgllm::sampler::argmax(&logits);
+        logits = model.forward(gpu, &[next], ids.len() + i)?;
+    }
+    let decode = t.elapsed().as_secs_f64();
+    let decode_ops = model.take_profile();
+    let report = gpu.ledger.report();
+    // Per-op GPU time, grouped by kernel.
+    let group = |ops: &[wgllm::gpu::record::DispatchTime], per: f64| {
+        let mut by: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+        for d in ops {
+            let e = by.entry(d.kernel.clone()).or_default();
+            e.0 += d.nanos;
+            e.1 += 1;
+        }
+        let mut v: Vec<(String, f64, f64)> = by
+            .into_iter()
+            .map(|(k, (ns, c))| (k, ns / 1e6 / per, c as f64 / per))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    };
+    let pre = group(&prefill_ops, 1.0);
+    let dec = group(&decode_ops, n.max(1) as f64);
+    let measured = |c: BufferClass| report.class(c).peak_bytes;
+    if json {
+        let planned = cfg_plan.as_ref().map(|p| p.to_json());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": name, "device": gpu.describe(), "ledger": report, "planned": planned,
+                "prefill": {"tokens": prompt, "seconds": prefill, "ops_ms": pre},
+                "decode": {"tokens": n, "seconds_per_token": decode / n.max(1) as f64, "ops_ms_per_token": dec},
+            }))?
+        );
+        return Ok(());
+    }
+    println!("{name} on {}", gpu.describe());
+    println!("\nmemory by class: planned (wgllm plan) vs measured (ledger peak)");
+    println!(
+        "{:<14} {:>14} {:>14} {:>8}",
+        "class", "planned", "measured", "diff"
+    );
+    let rows: Vec<(&str, Option<u64>, u64)> = vec![
+        (
+            "parameters",
+            cfg_plan.as_ref().map(|p| p.parameters_bytes),
+            measured(BufferClass::Parameters),
+        ),
+        (
+            "kv-cache",
+            cfg_plan.as_ref().map(|p| p.kv_cache_bytes),
+            measured(BufferClass::KvCache),
+        ),
+        (
+            "activations",
+            cfg_plan
+                .as_ref()
+                .map(|p| p.activation_bytes + p.kernel_params_bytes),
+            measured(BufferClass::Activations),
+        ),
+        (
+            "staging",
+            cfg_plan.as_ref().map(|p| p.staging_bytes),
+            measured(BufferClass::Staging),
+        ),
+    ];
+    for (c, p, mbytes) in rows {
+        let diff = p.map_or("-".to_string(), |p| {
+            format!(
+                "{:+.2}%",
+                100.0 * (mbytes as f64 - p as f64) / (p.max(1) as f64)
+            )
+        });
+        println!(
+            "{c:<14} {:>14} {:>14} {diff:>8}",
+            p.map_or("-".into(), human_bytes),
+            human_bytes(mbytes)
+        );
+    }
+    println!(
+        "{:<14} {:>14} {:>14}",
+        "peak total",
+        cfg_plan
+            .as_ref()
+            .map_or("-".into(), |p| human_bytes(p.total_bytes)),
+        human_bytes(report.peak_total_bytes)
+    );
+    println!(
+        "\nprefill of {prompt} tokens: {:.3} s wall; GPU time per op:",
+        prefill
+    );
+    for (k, ms, c) in &pre {
+        println!("  {k:<48} {ms:>10.3} ms  {c:>6.0} dispatches");
+    }
+    println!(
+        "\ndecode: {:.3} s per token wall; GPU time per op per token:",
+        decode / n.max(1) as f64
+    );
+    let total: f64 = dec.iter().map(|d| d.1).sum();
+    for (k, ms, c) in &dec {
+        println!(
+            "  {k:<48} {ms:>10.3} ms  {c:>6.0} dispatches  {:>5.1}%",
+            100.0 * ms / total.max(1e-12)
+        );
+    }
+    println!(
+        "  {:<48} {total:>10.3} ms  (wall {:.3} ms: the rest is submission and dispatch overhead)",
+        "GPU total",
+        1e3 * decode / n.max(1) as f64
+    );
+    Ok(())
+}
+
+/// The plan `wgllm profile` compares the ledger with: the same model, precision and options (a
+/// GGUF file's own weight formats; none for safetensors directories, which are not planned here).
+fn profile_plan(
+    gpu: &Gpu,
+    budget: Option<u64>,
+    m: &ModelArgs,
+    preset: Option<&str>,
+    synthetic: bool,
+) -> Result<Option<wgllm::plan::MemoryPlan>> {
+    let mut gguf = None;
+    let cfg = match preset {
+        Some(p) => wgllm::model::config::ModelConfig::preset(p)?,
+        None => {
+            let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |s| eprintln!("{s}"))?;
+            if path.is_dir() {
+                return Ok(None);
+            }
+            let g = wgllm::loader::gguf::Gguf::open(&path)?;
+            let cfg = wgllm::model::llama::config_from_gguf(&g)?.0;
+            gguf = Some(g);
+            cfg
+        }
+    };
+    let precision = match m.precision.as_deref() {
+        Some(p) => plan_precision(p)?,
+        None if synthetic => wgllm::model::params::Precision::Q4_0,
+        None => wgllm::model::params::Precision::F16,
+    };
+    let opts = wgllm::plan::PlanOptions {
+        precision,
+        kv: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
+        ctx: m.ctx,
+        chunk: m.chunk.max(1),
+        budget,
+        ..Default::default()
+    }
+    .for_device(&wgllm::kernels::device_traits(gpu));
+    let storage = opts.weight_storage();
+    let mut plan = wgllm::plan::MemoryPlan::new(&cfg, opts)?;
+    if let Some(g) = &gguf {
+        plan.use_gguf_weights(g, storage)?;
+    }
+    Ok(Some(plan))
+}

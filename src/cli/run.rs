@@ -1,0 +1,91 @@
+//! `wgllm run`: generate text from a prompt, streamed as it is sampled.
+
+use anyhow::{Context, Result};
+
+use super::load::load_model;
+use super::{Global, ModelArgs, SamplingArgs};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// The prompt.
+    prompt: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n_predict: usize,
+    /// Wrap the prompt in the model's chat template (from its metadata).
+    #[arg(long)]
+    chat: bool,
+}
+
+pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
+    let gpu = &g.gpu()?;
+    let Args {
+        prompt,
+        model: m,
+        sampling: s,
+        n_predict: n,
+        chat,
+    } = a;
+    use std::io::Write;
+    use wgllm::sampler::{Sampler, SamplerConfig};
+    let mut lm = load_model(gpu, &m, false)?;
+    let text = if chat {
+        let tmpl = lm
+            .chat_template
+            .as_deref()
+            .context("--chat: the model has no chat template in its metadata")?;
+        let tok = &lm.tokenizer;
+        let name = |id: Option<u32>| id.and_then(|i| tok.decode(&[i]).ok()).unwrap_or_default();
+        wgllm::model::generate::apply_chat_template(tmpl, &prompt, &name(tok.bos), &name(tok.eos))?
+    } else {
+        prompt
+    };
+    let ids = lm.tokenizer.encode(&text, true)?;
+    let seed = s.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n,
+        seed,
+    });
+    print!("{text}");
+    std::io::stdout().flush()?;
+    let (_, stats) = wgllm::model::generate::generate(
+        lm.model.as_mut(),
+        gpu,
+        &lm.tokenizer,
+        &ids,
+        n,
+        &mut sampler,
+        &mut |t| {
+            print!("{t}");
+            std::io::stdout().flush().is_ok()
+        },
+    )?;
+    println!();
+    eprintln!(
+        "\nprefill: {} tokens in {:.2} s ({:.2} tokens/s); decode: {} tokens in {:.2} s ({:.2} tokens/s){}",
+        stats.prompt_tokens,
+        stats.prefill_secs,
+        stats.prefill_tps(),
+        stats.generated_tokens,
+        stats.decode_secs,
+        stats.decode_tps(),
+        if stats.stopped_at_eos { "; stopped at EOS" } else { "" }
+    );
+    eprint!(
+        "GPU memory (VRAM ledger):\n{}",
+        gpu.ledger.report().to_table()
+    );
+    Ok(())
+}
