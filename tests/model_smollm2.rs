@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use wgllm::kernels::attention::KvDtype;
-use wgllm::model::generate::{generate, perplexity};
+use wgllm::model::generate::{generate, perplexity, Perplexity, PplMethod};
 use wgllm::model::llama::RunOptions;
 use wgllm::model::load::{load_lm, LoadedLm};
 use wgllm::sampler::{Sampler, SamplerConfig};
@@ -180,12 +180,8 @@ fn greedy_continuation_matches_with_f16_kv() {
     check_greedy(KvDtype::F16, 1);
 }
 
-#[test]
-fn perplexity_matches_reference() {
-    let Some((gpu, mut lm)) = model(KvDtype::F32, 128) else {
-        return;
-    };
-    let gold = golden("smollm2_perplexity.json");
+/// The committed perplexity text's ids, checked against the reference's.
+fn perplexity_ids(lm: &LoadedLm) -> Vec<u32> {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/models/goldens/perplexity.txt"
@@ -193,15 +189,76 @@ fn perplexity_matches_reference() {
     .unwrap();
     let text = text.strip_suffix('\n').unwrap_or(&text);
     let ids = lm.tokenizer.encode(text, true).unwrap();
-    assert_eq!(ids, ids_of(&gold["ids"]));
-    let (ppl, chunks) = perplexity(lm.model.as_mut(), gpu, &ids, 128).unwrap();
+    assert_eq!(ids, ids_of(&golden("smollm2_perplexity.json")["ids"]));
+    ids
+}
+
+/// `got` against a golden block's perplexity (0.1%), tokens scored and windows.
+fn check_perplexity(got: &Perplexity, gold: &serde_json::Value, method: PplMethod) {
     let want = gold["ppl"].as_f64().unwrap();
-    eprintln!("perplexity {ppl:.4} (reference {want}), chunks {chunks:?}");
-    assert!(
-        (ppl - want).abs() / want <= 1e-3,
-        "perplexity {ppl} vs reference {want}"
+    eprintln!(
+        "{method:?}: perplexity {:.4} (reference {want}), windows {:?}",
+        got.perplexity, got.window_mean_nll
     );
-    assert_eq!(chunks.len(), 3);
+    assert_eq!(got.method, method);
+    assert!(
+        (got.perplexity - want).abs() / want <= 1e-3,
+        "perplexity {} vs reference {want}",
+        got.perplexity
+    );
+    let windows = gold
+        .get("window_mean_nll")
+        .or(gold.get("chunk_mean_nll"))
+        .unwrap()
+        .as_array()
+        .unwrap();
+    assert_eq!(got.window_mean_nll.len(), windows.len());
+    for (g, w) in got.window_mean_nll.iter().zip(windows) {
+        assert!((g - w.as_f64().unwrap()).abs() <= 5e-3, "{g} vs {w}");
+    }
+}
+
+#[test]
+fn perplexity_matches_reference() {
+    let Some((gpu, mut lm)) = model(KvDtype::F32, 128) else {
+        return;
+    };
+    let ids = perplexity_ids(&lm);
+    let gold = golden("smollm2_perplexity.json");
+    let got = perplexity(lm.model.as_mut(), gpu, &ids, 128, None).unwrap();
+    check_perplexity(&got, &gold, PplMethod::Chunks);
+    assert_eq!(got.scored, 3 * 63);
+
+    // Strided: every token after the first scored once, with up to 128 tokens of context.
+    let gold = &golden("smollm2_perplexity_strided.json")["strided"];
+    let got = perplexity(lm.model.as_mut(), gpu, &ids, 128, Some(64)).unwrap();
+    check_perplexity(&got, gold, PplMethod::Strided);
+    assert_eq!(got.scored, ids.len() - 1);
+    assert_eq!(got.stride, Some(64));
+}
+
+/// A text shorter than the context (402 tokens, ctx 2048) is scored in one window, not refused.
+#[test]
+fn perplexity_of_a_short_text_is_one_window() {
+    let Some((gpu, mut lm)) = model(KvDtype::F32, 2048) else {
+        return;
+    };
+    let ids = perplexity_ids(&lm);
+    let gold = &golden("smollm2_perplexity_strided.json")["window"];
+    let got = perplexity(lm.model.as_mut(), gpu, &ids, 2048, None).unwrap();
+    check_perplexity(&got, gold, PplMethod::Window);
+    assert_eq!(got.scored, ids.len() - 1);
+
+    // What cannot be scored is refused with the reason, before anything runs.
+    for (tokens, ctx, stride) in [
+        (&ids[..1], 2048, None),
+        (&ids[..], 4096, None),
+        (&ids[..], 128, Some(128)),
+        (&ids[..], 128, Some(0)),
+    ] {
+        let e = perplexity(lm.model.as_mut(), gpu, tokens, ctx, stride).unwrap_err();
+        assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    }
 }
 
 #[test]

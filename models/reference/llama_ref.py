@@ -331,6 +331,51 @@ class LlamaRef:
             "n_tokens": len(tokens),
         }
 
+    def strided_perplexity(self, tokens, n_ctx: int, stride=None):
+        """Every token after the first scored exactly once, with up to n_ctx tokens of context
+        (Hugging Face's fixed-length / strided evaluation; wgllm's `--ppl-stride`).
+
+        * stride None: one window, tokens[0:n] (needs n <= n_ctx): every position j < n-1
+          scores token j+1.
+        * else windows begin at 0, stride, 2*stride, ... (stride < n_ctx) and cover
+          tokens[begin : min(begin+n_ctx, n)], each from an empty KV cache; a window scores the
+          tokens past the previous window's end (the first window all of its own after its first
+          token), so a scored token has between n_ctx-stride and n_ctx-1 tokens of context, except
+          in the first window. The last window is the one that reaches the end.
+        Returns dict(ppl, mean_nll, window_mean_nll, window_scored, n_tokens, scored).
+        """
+        tokens = list(tokens)
+        n = len(tokens)
+        if stride is None:
+            assert n <= n_ctx
+            stride = n_ctx
+        tot, cnt, prev_end, begin = 0.0, 0, 0, 0
+        win_nll, win_scored = [], []
+        while True:
+            end = min(begin + n_ctx, n)
+            lg = self.logits(tokens[begin:end])
+            s, c = 0.0, 0
+            for p in range(max(prev_end, begin + 1), end):
+                row = lg[p - 1 - begin]
+                s += logsumexp(row) - float(row[tokens[p]])
+                c += 1
+            win_nll.append(s / c)
+            win_scored.append(c)
+            tot += s
+            cnt += c
+            prev_end = end
+            if end == n:
+                break
+            begin += stride
+        return {
+            "ppl": math.exp(tot / cnt),
+            "mean_nll": tot / cnt,
+            "window_mean_nll": win_nll,
+            "window_scored": win_scored,
+            "n_tokens": n,
+            "scored": cnt,
+        }
+
 
 def logsumexp(x: np.ndarray) -> float:
     m = float(np.max(x))

@@ -318,6 +318,47 @@ def make_perplexity(model, tok, info) -> None:
     })
 
 
+def make_perplexity_strided(model, tok, info) -> None:
+    """The two definitions beside llama.cpp's chunks: one window for a text shorter than the
+    context, and strided evaluation (see LlamaRef.strided_perplexity)."""
+    with open(PPL_FILE, "rb") as f:
+        raw = f.read()
+    text = raw.decode("utf-8")
+    if text.endswith("\n"):
+        text = text[:-1]
+    ids = tok.encode(text, add_special_tokens=False).ids
+    out = {}
+    for name, n_ctx, stride in [("window", 2048, None), ("strided", PPL_CTX, PPL_CTX // 2)]:
+        t0 = time.time()
+        res = model.strided_perplexity(ids, n_ctx, stride)
+        print(f"perplexity {name}: ctx {n_ctx}, stride {stride}, PPL {res['ppl']:.4f} ({time.time() - t0:.0f}s)")
+        out[name] = {
+            "n_ctx": n_ctx,
+            "stride": stride,
+            "scored": res["scored"],
+            "window_scored": res["window_scored"],
+            "window_mean_nll": [r6(x) for x in res["window_mean_nll"]],
+            "mean_nll": r6(res["mean_nll"]),
+            "ppl": r6(res["ppl"]),
+        }
+    write("smollm2_perplexity_strided.json", {
+        "generator": gen_block({"model": info}),
+        "definition": (
+            "Same text and ids as smollm2_perplexity.json. Every token after the first is scored once: "
+            "windows begin at 0, stride, 2*stride, ... and cover ids[begin:min(begin+n_ctx, n)], each "
+            "evaluated alone from an empty KV cache; a window scores the tokens past the previous "
+            "window's end (the first window every token after its first), the logits at position p-1 "
+            "scoring token p: nll = logsumexp(logits) - logits[tok_p]. 'window': the whole text in one "
+            "window (n_tokens < n_ctx; stride null). 'strided': n_ctx 128, stride 64. ppl = exp(mean nll). "
+            "Natural log."
+        ),
+        "text_file": "models/goldens/perplexity.txt",
+        "text_sha256": hashlib.sha256(raw).hexdigest(),
+        "n_tokens": len(ids),
+        **out,
+    })
+
+
 def make_minilm(gsha: dict) -> None:
     tok = tokenizer_ref.minilm_tokenizer()
     m = bert_ref.BertRef()
@@ -363,14 +404,14 @@ def make_minilm(gsha: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="tokens,logits,greedy,perplexity,minilm")
+    ap.add_argument("--only", default="tokens,logits,greedy,perplexity,perplexity_strided,minilm")
     ap.add_argument("--skip-dequant-check", action="store_true")
     args = ap.parse_args()
     which = set(args.only.split(","))
     os.makedirs(GOLDENS, exist_ok=True)
     t0 = time.time()
 
-    need_llama = which & {"logits", "greedy", "perplexity"}
+    need_llama = which & {"logits", "greedy", "perplexity", "perplexity_strided"}
     if which & {"tokens"} or need_llama:
         gguf_sha = sha256(tokenizer_ref.SMOLLM2_GGUF)
         meta = tokenizer_ref.gguf_tokenizer_meta()
@@ -389,6 +430,8 @@ def main() -> None:
             make_greedy(model, tok, info, int(meta["eos_token_id"]))
         if "perplexity" in which:
             make_perplexity(model, tok, info)
+        if "perplexity_strided" in which:
+            make_perplexity_strided(model, tok, info)
         del model
     if "minilm" in which:
         d = tokenizer_ref.MINILM_DIR

@@ -128,7 +128,7 @@ fn bench_model(gpu: &Gpu, a: ModelBenchArgs) -> Result<()> {
     };
     let mut m = a.model.clone();
     let d = opts.depth;
-    m.ctx = m.ctx.max(d + opts.pp + 8).max(d + opts.tg + 8);
+    m.ctx = Some(m.ctx().max(d + opts.pp + 8).max(d + opts.tg + 8));
     m.chunk = m.chunk.max(opts.pp.min(512));
     eprintln!("measuring the copy bandwidth of {}", gpu.info.name);
     let copy = wgllm::bench::copy_bandwidth(gpu)?;

@@ -23,10 +23,18 @@ pub(crate) fn load_model(
 ) -> Result<wgllm::model::load::LoadedLm> {
     use wgllm::model::llama::RunOptions;
     let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |s| eprintln!("{s}"))?;
+    // Without -c the context follows the model: never past its own trained context.
+    let m = &ModelArgs {
+        ctx: Some(match m.ctx {
+            Some(c) => c,
+            None => wgllm::model::load::default_ctx(&wgllm::model::load::config_of(&path)?),
+        }),
+        ..m.clone()
+    };
     let precision = m.precision.as_deref().map(parse_precision).transpose()?;
     let kv = wgllm::kernels::attention::KvDtype::parse(&m.kv)?;
     let opts = RunOptions {
-        ctx: m.ctx,
+        ctx: m.ctx(),
         kv_dtype: kv,
         chunk: m.chunk.max(1),
         all_logits,
@@ -81,7 +89,7 @@ pub(crate) fn resident_layers(
     let opts = PlanOptions {
         precision,
         kv: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
-        ctx: m.ctx,
+        ctx: m.ctx(),
         chunk: m.chunk.max(1),
         budget: Some(budget),
         all_logits,
@@ -163,7 +171,7 @@ pub(crate) fn load_for_bench(
     use wgllm::model::source::Source;
     let kv = wgllm::kernels::attention::KvDtype::parse(&m.kv)?;
     let mut opts = RunOptions {
-        ctx: m.ctx,
+        ctx: m.ctx(),
         kv_dtype: kv,
         chunk: m.chunk.max(1),
         all_logits: false,

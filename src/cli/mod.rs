@@ -53,9 +53,10 @@ pub(crate) struct ModelArgs {
     /// A GGUF file or a Hugging Face directory (config.json + safetensors); default: SmolLM2.
     #[arg(short = 'm', long)]
     pub(crate) model: Option<std::path::PathBuf>,
-    /// Context length (KV cache positions).
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 2048)]
-    pub(crate) ctx: usize,
+    /// Context length (KV cache positions); default: 2048, or the model's own context where that
+    /// is shorter.
+    #[arg(short = 'c', long = "ctx-size")]
+    pub(crate) ctx: Option<usize>,
     /// KV cache type: f32, f16 or q8_0.
     #[arg(long, default_value = "f16")]
     pub(crate) kv: String,
@@ -71,6 +72,14 @@ pub(crate) struct ModelArgs {
     /// many as the plan fits.
     #[arg(long, default_value = "auto")]
     pub(crate) resident_layers: String,
+}
+
+impl ModelArgs {
+    /// The context: `-c`, else [`wgllm::model::load::DEFAULT_CTX`] (commands that know the
+    /// model's config resolve it first: [`load::load_model`]).
+    pub(crate) fn ctx(&self) -> usize {
+        self.ctx.unwrap_or(wgllm::model::load::DEFAULT_CTX)
+    }
 }
 
 /// Sampling flags, named as llama.cpp names them.

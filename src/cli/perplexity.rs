@@ -1,4 +1,6 @@
-//! `wgllm perplexity`: perplexity of a text file.
+//! `wgllm perplexity`: perplexity of a text file, by llama.cpp's chunks where the text holds one
+//! context, else in one window, or strided with `--ppl-stride` (see
+//! [`wgllm::model::generate::PplMethod`]).
 
 use anyhow::{Context, Result};
 
@@ -12,6 +14,10 @@ pub(crate) struct Args {
     /// The text file.
     #[arg(short = 'f', long)]
     file: std::path::PathBuf,
+    /// Strided evaluation: windows of -c tokens every N tokens, so that every token after the
+    /// first is scored once with up to -c tokens of context (N below -c).
+    #[arg(long = "ppl-stride")]
+    ppl_stride: Option<usize>,
     #[arg(long)]
     json: bool,
 }
@@ -21,6 +27,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let Args {
         model: m,
         file,
+        ppl_stride,
         json,
     } = a;
     let file = file.as_path();
@@ -29,25 +36,36 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let text = text.strip_suffix('\n').unwrap_or(&text);
     let mut lm = load_model(gpu, &m, true)?;
     let ids = lm.tokenizer.encode(text, true)?;
+    let ctx = m
+        .ctx
+        .unwrap_or_else(|| wgllm::model::load::default_ctx(&lm.config));
     let t = std::time::Instant::now();
-    let (ppl, chunks) = wgllm::model::generate::perplexity(lm.model.as_mut(), gpu, &ids, m.ctx)?;
+    let r = wgllm::model::generate::perplexity(lm.model.as_mut(), gpu, &ids, ctx, ppl_stride)?;
     let secs = t.elapsed().as_secs_f64();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"model": lm.description, "file": file, "tokens": ids.len(), "ctx": m.ctx, "chunks": chunks.len(), "chunk_mean_nll": chunks, "perplexity": ppl, "seconds": secs})
-            )?
-        );
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = lm.description.into();
+        v["file"] = file.display().to_string().into();
+        v["definition"] = r.method.describe().into();
+        v["seconds"] = secs.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        for (i, c) in chunks.iter().enumerate() {
-            println!("chunk {}: mean NLL {:.5} (ppl {:.4})", i + 1, c, c.exp());
+        let unit = match r.method {
+            wgllm::model::generate::PplMethod::Chunks => "chunk",
+            _ => "window",
+        };
+        for (i, c) in r.window_mean_nll.iter().enumerate() {
+            println!("{unit} {}: mean NLL {:.5} (ppl {:.4})", i + 1, c, c.exp());
         }
+        println!("definition: {}", r.method.describe());
         println!(
-            "perplexity: {ppl:.4} over {} chunks of {} tokens ({} tokens in the file; {:.1} s)",
-            chunks.len(),
-            m.ctx,
-            ids.len(),
+            "perplexity: {:.4} over {} scored tokens in {} {unit}(s); ctx {}{} ({} tokens in the file; {:.1} s)",
+            r.perplexity,
+            r.scored,
+            r.window_mean_nll.len(),
+            r.ctx,
+            r.stride.map_or(String::new(), |s| format!(", stride {s}")),
+            r.tokens,
             secs
         );
     }

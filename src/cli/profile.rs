@@ -32,7 +32,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let (prompt, n, json) = (a.prompt_tokens, a.tokens, a.json);
     use wgllm::gpu::ledger::{human_bytes, BufferClass};
     let mut m = a.model;
-    m.ctx = m.ctx.max(prompt + n + 1);
+    m.ctx = Some(m.ctx().max(prompt + n + 1));
     let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
     let cfg_plan = profile_plan(gpu, budget, &m, preset, synthetic)?;
     // The ledger's peaks cover loading (staging) and the run.
@@ -191,7 +191,7 @@ fn profile_plan(
     let opts = wgllm::plan::PlanOptions {
         precision,
         kv: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
-        ctx: m.ctx,
+        ctx: m.ctx(),
         chunk: m.chunk.max(1),
         budget,
         ..Default::default()

@@ -146,33 +146,154 @@ pub fn apply_chat_template(template: &str, user: &str, bos: &str, eos: &str) -> 
     .map_err(err)
 }
 
-/// Perplexity as llama.cpp's `perplexity` computes it: the tokens are cut into chunks of `ctx`
-/// (the remainder is dropped), each chunk runs from an empty cache, and only the second half of
-/// each chunk is scored (the logits at positions `ctx/2 .. ctx-1` predict the next token), so every
-/// scored token has at least `ctx/2` tokens of context. Returns (perplexity, mean NLL per chunk).
+/// Which definition of perplexity a [`Perplexity`] used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PplMethod {
+    /// llama.cpp's `perplexity`: the tokens are cut into chunks of `ctx` (the remainder is
+    /// dropped), each chunk runs from an empty cache, and only the second half of each chunk is
+    /// scored, so every scored token has at least `ctx/2` tokens of context.
+    Chunks,
+    /// A text shorter than one context, in one window: every token after the first is scored
+    /// (how Hugging Face evaluates a fixed-length model on a short text).
+    Window,
+    /// `--ppl-stride`: windows of up to `ctx` tokens every `stride` tokens, each from an empty
+    /// cache; a window scores the tokens past the previous window's end, so every token after the
+    /// first is scored exactly once, with up to `ctx` tokens of context (at least `ctx - stride`
+    /// past the first window). Hugging Face's strided evaluation; llama.cpp's `--ppl-stride`
+    /// scores the same windows' last `stride` tokens but leaves the first window's head out.
+    Strided,
+}
+
+impl PplMethod {
+    /// One line for the output: what was scored.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PplMethod::Chunks => {
+                "llama.cpp's chunks: chunks of ctx tokens, the second half of each scored"
+            }
+            PplMethod::Window => {
+                "one window: the text is shorter than ctx, every token after the first scored"
+            }
+            PplMethod::Strided => {
+                "strided: windows of ctx tokens every stride tokens, every token after the first scored once"
+            }
+        }
+    }
+}
+
+/// A perplexity and how it was computed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Perplexity {
+    pub method: PplMethod,
+    pub ctx: usize,
+    /// Windows' stride ([`PplMethod::Strided`] only).
+    pub stride: Option<usize>,
+    pub tokens: usize,
+    /// Tokens scored, over all chunks or windows.
+    pub scored: usize,
+    /// Mean negative log-likelihood (natural log) of each chunk or window's scored tokens.
+    pub window_mean_nll: Vec<f64>,
+    pub mean_nll: f64,
+    pub perplexity: f64,
+}
+
+/// Perplexity of `tokens` with windows of `ctx` tokens: with `stride`, [`PplMethod::Strided`];
+/// without, llama.cpp's [`PplMethod::Chunks`] when the text holds at least one chunk of `ctx`
+/// tokens, else the whole text as one [`PplMethod::Window`].
 pub fn perplexity(
     model: &mut dyn CausalLm,
     gpu: &Gpu,
     tokens: &[u32],
     ctx: usize,
-) -> Result<(f64, Vec<f64>)> {
-    if ctx < 2 || tokens.len() < ctx || ctx > model.context() {
-        return Err(crate::Error::invalid(
-            "perplexity",
-            format!("need at least one chunk of {ctx} tokens (have {}), and ctx <= the model's context {}", tokens.len(), model.context()),
-        ));
+    stride: Option<usize>,
+) -> Result<Perplexity> {
+    let invalid = |m: String| crate::Error::invalid("perplexity", m);
+    if tokens.len() < 2 {
+        return Err(invalid(format!(
+            "the text has {} token(s); at least 2 are needed to score one",
+            tokens.len()
+        )));
     }
+    if ctx < 2 || ctx > model.context() {
+        return Err(invalid(format!(
+            "a context of {ctx} tokens: it must be at least 2 and at most the {} positions the model was loaded with (-c)",
+            model.context()
+        )));
+    }
+    // Each window: (first token, tokens, first scored position within the window).
+    let mut windows: Vec<(usize, usize, usize)> = Vec::new();
+    let method = match stride {
+        Some(stride) => {
+            if stride == 0 || stride >= ctx {
+                return Err(invalid(format!(
+                    "--ppl-stride {stride}: give 1 .. {} (below the context {ctx}, so that windows overlap and every token is scored)",
+                    ctx - 1
+                )));
+            }
+            let (mut begin, mut prev_end) = (0, 0);
+            loop {
+                let end = (begin + ctx).min(tokens.len());
+                let first = prev_end.max(begin + 1) - begin;
+                windows.push((begin, end - begin, first));
+                if end == tokens.len() {
+                    break;
+                }
+                prev_end = end;
+                begin += stride;
+            }
+            PplMethod::Strided
+        }
+        None if tokens.len() < ctx => {
+            windows.push((0, tokens.len(), 1));
+            PplMethod::Window
+        }
+        None => {
+            for c in 0..tokens.len() / ctx {
+                windows.push((c * ctx, ctx, ctx / 2 + 1));
+            }
+            PplMethod::Chunks
+        }
+    };
     model.set_all_logits(true);
+    let scored = score_windows(model, gpu, tokens, &windows);
+    model.set_all_logits(false);
+    let (window_mean_nll, counts): (Vec<f64>, Vec<usize>) = scored?.into_iter().unzip();
+    let scored: usize = counts.iter().sum();
+    let total: f64 = window_mean_nll
+        .iter()
+        .zip(&counts)
+        .map(|(m, &c)| m * c as f64)
+        .sum();
+    let mean_nll = total / scored as f64;
+    Ok(Perplexity {
+        method,
+        ctx,
+        stride: stride.filter(|_| method == PplMethod::Strided),
+        tokens: tokens.len(),
+        scored,
+        window_mean_nll,
+        mean_nll,
+        perplexity: mean_nll.exp(),
+    })
+}
+
+/// Runs each window `(begin, len, first)` from an empty cache and scores its tokens at positions
+/// `first .. len` (the logits at `p - 1` predict token `p`): (mean NLL, tokens scored) each.
+fn score_windows(
+    model: &mut dyn CausalLm,
+    gpu: &Gpu,
+    tokens: &[u32],
+    windows: &[(usize, usize, usize)],
+) -> Result<Vec<(f64, usize)>> {
     let vocab = model.vocab_size();
-    let mut total = 0.0;
-    let mut count = 0usize;
-    let mut per_chunk = Vec::new();
-    for chunk in tokens.chunks_exact(ctx) {
-        let logits = model.forward(gpu, chunk, 0)?;
+    let mut out = Vec::with_capacity(windows.len());
+    for &(begin, len, first) in windows {
+        let window = &tokens[begin..begin + len];
+        let logits = model.forward(gpu, window, 0)?;
         let mut nll = 0.0;
-        let first = ctx / 2;
-        for pos in first..ctx - 1 {
-            let row = &logits[pos * vocab..(pos + 1) * vocab];
+        for p in first..len {
+            let row = &logits[(p - 1) * vocab..p * vocab];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
             let lse = max
                 + row
@@ -180,13 +301,9 @@ pub fn perplexity(
                     .map(|&v| (v as f64 - max).exp())
                     .sum::<f64>()
                     .ln();
-            nll += lse - row[chunk[pos + 1] as usize] as f64;
+            nll += lse - row[window[p] as usize] as f64;
         }
-        let n = ctx - 1 - first;
-        per_chunk.push(nll / n as f64);
-        total += nll;
-        count += n;
+        out.push((nll / (len - first) as f64, len - first));
     }
-    model.set_all_logits(false);
-    Ok(((total / count as f64).exp(), per_chunk))
+    Ok(out)
 }

@@ -33,6 +33,24 @@ pub fn resolve(path: Option<&Path>, log: &mut dyn FnMut(&str)) -> Result<PathBuf
     }
 }
 
+/// The context a model runs with when the user names none: llama.cpp's usual 2048, or the
+/// model's own trained context where that is shorter (a tiny model with 128 positions gets 128).
+pub const DEFAULT_CTX: usize = 2048;
+
+/// [`DEFAULT_CTX`] capped at `cfg`'s trained context.
+pub fn default_ctx(cfg: &ModelConfig) -> usize {
+    DEFAULT_CTX.min(cfg.max_positions.max(2))
+}
+
+/// The hyper-parameters of the model at `path` (a GGUF file's metadata or a Hugging Face
+/// directory's config.json), read without loading any weights.
+pub fn config_of(path: &Path) -> Result<ModelConfig> {
+    if path.is_dir() {
+        return ModelConfig::from_hf_json(HfModel::open(path)?.config());
+    }
+    Ok(llama::config_from_gguf(&Gguf::open(path)?)?.0)
+}
+
 /// Loads a causal LM from a GGUF file or a Hugging Face directory. `precision` quantises
 /// safetensors weights on load (GGUF files keep their own formats).
 pub fn load_lm(
@@ -136,4 +154,19 @@ fn load_hf(
         config,
         description,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without -c a model runs at 2048 positions, never past its own trained context.
+    #[test]
+    fn the_default_context_never_exceeds_the_models_own() {
+        let mut cfg = ModelConfig::preset("smollm2-135m").unwrap();
+        cfg.max_positions = 128;
+        assert_eq!(default_ctx(&cfg), 128);
+        cfg.max_positions = 8192;
+        assert_eq!(default_ctx(&cfg), DEFAULT_CTX);
+    }
 }
