@@ -247,3 +247,97 @@ fn streamed_layer_errors_are_refused_before_dispatch() {
     assert_eq!(w.w_down.format, WeightFormat::F16);
     assert_eq!(w.wq.format, WeightFormat::Q8_0);
 }
+
+/// The plan of a streamed run ([`wgllm::plan::MemoryPlan::with_streaming`]) equals the ledger
+/// class by class: parameters (resident layers + two slots), KV cache, and activations with the
+/// kernel params of the largest submission (the resident part, or a streamed layer with the
+/// head), in prefill chunks and in decode.
+#[test]
+fn smollm2_streamed_plan_matches_the_ledger() {
+    use wgllm::plan::{gguf_layer_bytes, MemoryPlan, PlanOptions};
+    use wgllm::BufferClass;
+    let Some((g, cfg, rot, prompt)) = smollm2() else {
+        return;
+    };
+    for (resident, chunk) in [(0, 8), (RESIDENT, 8), (29, 8), (RESIDENT, 1)] {
+        let gpu = Gpu::new(&GpuOptions::default()).expect("device");
+        let o = RunOptions {
+            chunk,
+            ..opts(Some(resident))
+        };
+        let mut model =
+            Llama::load(&gpu, cfg.clone(), rot, &Source::Gguf(&g), o.clone()).expect("load");
+        model.forward(&gpu, &prompt, 0).expect("prompt");
+        model.forward(&gpu, &[1], prompt.len()).expect("decode");
+        let popts = PlanOptions {
+            ctx: o.ctx,
+            chunk,
+            kv: o.kv_dtype,
+            ..Default::default()
+        }
+        .for_device(&wgllm::kernels::device_traits(&gpu));
+        let storage = popts.weight_storage();
+        let mut plan = MemoryPlan::new(&cfg, popts).expect("plan");
+        plan.use_gguf_weights(&g, storage).expect("gguf weights");
+        let layers = gguf_layer_bytes(&g, storage).expect("layer bytes");
+        let plan = plan.with_streaming(resident, &layers);
+        let r = gpu.ledger.report();
+        let what = format!("{resident} resident layers, chunk {chunk}");
+        assert_eq!(plan.resident_layers, Some(resident));
+        assert_eq!(
+            plan.parameters_bytes,
+            r.class(BufferClass::Parameters).current_bytes,
+            "{what}: parameters"
+        );
+        assert_eq!(
+            plan.kv_cache_bytes,
+            r.class(BufferClass::KvCache).current_bytes,
+            "{what}: KV cache"
+        );
+        assert_eq!(
+            plan.activation_bytes + plan.kernel_params_bytes,
+            r.class(BufferClass::Activations).peak_bytes,
+            "{what}: activations and kernel params"
+        );
+    }
+}
+
+/// `--resident-layers auto` under `--budget` compares the budget with the buffers the ledger
+/// will book, not with the plan's estimate of driver overhead (3% + 64 MiB), which no ledger
+/// sees: a budget that holds SmolLM2's buffers but not that margin runs it fully resident.
+#[test]
+fn auto_keeps_every_layer_when_only_the_overhead_estimate_exceeds_the_budget() {
+    use wgllm::plan::{MemoryPlan, PlanOptions};
+    let Some((g, cfg, _, _)) = smollm2() else {
+        return;
+    };
+    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
+        return;
+    };
+    let gpu = Gpu::new(&GpuOptions::default()).expect("device");
+    // What `wgllm run` plans with: ctx 2048 (SmolLM2's own is 8192), chunk 64, KV f16.
+    let popts = PlanOptions {
+        ctx: 2048,
+        chunk: 64,
+        kv: KvDtype::F16,
+        ..Default::default()
+    }
+    .for_device(&wgllm::kernels::device_traits(&gpu));
+    let storage = popts.weight_storage();
+    let mut plan = MemoryPlan::new(&cfg, popts).expect("plan");
+    plan.use_gguf_weights(&g, storage).expect("gguf weights");
+    let budget = plan.buffers_bytes();
+    assert!(
+        plan.total_bytes > budget,
+        "the overhead estimate is over it"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
+        .args(["run", "Hi", "-n", "2", "--temp", "0", "-m"])
+        .arg(&path)
+        .args(["--budget", &format!("{budget}B")])
+        .output()
+        .expect("running wgllm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("streaming"), "{err}");
+}

@@ -227,12 +227,16 @@ fn parameters_split_into_layers_and_the_rest_exactly() {
 
 /// 13 dispatches a layer (attn_norm, 7 matmuls, RoPE + KV store, attention, add + ffn_norm,
 /// swiglu, add) plus embedding, final norm and head; one 256-byte slot each, nine for the
-/// 2096-byte block of RoPE + KV store.
+/// 2096-byte block of RoPE + KV store, but the last block (the head's 32 bytes), which ends the
+/// uniform buffer where its params end.
 #[test]
 fn kernel_params_count_every_dispatch_and_shard() {
     let p = plan("smollm2-135m", Precision::Q4_0, KvDtype::F16, 256, None);
     assert_eq!(p.dispatches_per_chunk, 13 * 30 + 3);
-    assert_eq!(p.kernel_params_bytes, (393 - 30) * 256 + 30 * 9 * 256);
+    assert_eq!(
+        p.kernel_params_bytes,
+        (393 - 30) * 256 + 30 * 9 * 256 - (256 - 32)
+    );
     // qwen2 adds three bias dispatches a layer.
     let q = plan("qwen2.5-0.5b", Precision::Q4_0, KvDtype::F16, 256, None);
     assert_eq!(q.dispatches_per_chunk, 16 * 24 + 3);
@@ -602,4 +606,47 @@ fn single_token_folds_drop_four_dispatches_a_layer_in_decode_only() {
     // The down projection reads gate and up as well as act, so they cannot share with proj: the
     // folded schedule's sharing is valid for both forms, and takes at least as much.
     assert!(plan(64, true).activation_bytes >= plan(64, false).activation_bytes);
+}
+
+/// `--resident-layers auto`: the ledger's budget caps wgllm's buffers only, so the overhead
+/// estimate does not count against it; the device's reported budget covers everything the
+/// process holds, so it does. Streaming keeps as many layers as fit, and fewer resident layers
+/// never plan more.
+#[test]
+fn auto_resident_layers_weighs_each_limit_by_what_it_covers() {
+    use wgllm::plan::Limits;
+    let p = plan("llama-2-13b", Precision::Q4_0, KvDtype::F16, 4096, None);
+    let layers = p.uniform_layer_bytes();
+    let buffers = p.buffers_bytes();
+    assert!(p.total_bytes > buffers);
+    let ledger = |b| Limits {
+        ledger: Some(b),
+        device: None,
+    };
+    let device = |b| Limits {
+        ledger: None,
+        device: Some(b),
+    };
+    // Only the overhead estimate is over a ledger budget of exactly the buffers: all resident.
+    assert_eq!(p.auto_resident_layers(&ledger(buffers), &layers), None);
+    // The same bytes as the device's budget leave no room for the overhead: some layers stream.
+    let r = p
+        .auto_resident_layers(&device(buffers), &layers)
+        .expect("streams");
+    assert!(r > 0 && r < 40, "{r}");
+    let streamed = p.with_streaming(r, &layers);
+    assert!(streamed.within(&device(buffers)));
+    assert!(!p.with_streaming(r + 1, &layers).within(&device(buffers)));
+    assert_eq!(
+        streamed.parameters_bytes,
+        p.parameters_bytes - (40 - r as u64) * p.layer_weight_bytes + 2 * p.layer_weight_bytes
+    );
+    for k in 0..40 {
+        assert!(
+            p.with_streaming(k, &layers).total_bytes
+                <= p.with_streaming(k + 1, &layers).total_bytes
+        );
+    }
+    // Nothing fits: every layer streamed, tried rather than refused.
+    assert_eq!(p.auto_resident_layers(&ledger(1 << 20), &layers), Some(0));
 }

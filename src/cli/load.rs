@@ -4,6 +4,8 @@
 use anyhow::{Context, Result};
 use wgllm::gpu::Gpu;
 
+use wgllm::plan::MemoryPlan;
+
 use super::plan::plan_precision;
 use super::ModelArgs;
 
@@ -38,7 +40,7 @@ pub(crate) fn load_model(
         kv_dtype: kv,
         chunk: m.chunk.max(1),
         all_logits,
-        resident_layers: resident_layers(gpu, m, all_logits, || auto_model_plan(gpu, m, &path))?,
+        resident_layers: resident_layers(gpu, m, || auto_model_plan(gpu, m, &path, all_logits))?,
     };
     let t = std::time::Instant::now();
     let lm = wgllm::model::load::load_lm(gpu, &path, precision, opts)
@@ -52,25 +54,49 @@ pub(crate) fn load_model(
     Ok(lm)
 }
 
-/// What `--resident-layers auto` plans with: the config, the weight precision that sizes a layer,
-/// and the parameter bytes when known exactly (a GGUF file's own formats).
-pub(crate) type AutoPlan = Option<(
-    wgllm::model::config::ModelConfig,
-    wgllm::model::params::Precision,
-    Option<u64>,
-)>;
+/// What `--resident-layers auto` decides with: the plan of the model with every layer resident,
+/// and its layers' bytes (a GGUF file's own, else the config's at one precision).
+pub(crate) type AutoPlan = Option<(wgllm::plan::MemoryPlan, wgllm::plan::LayerBytes)>;
 
-/// `--resident-layers`: `None` keeps every layer on the GPU. "auto" asks the memory plan only when
-/// there is a budget: if the model does not fit it resident, the plan's streaming suggestion (or,
-/// when not even that fits, every layer streamed, the least the GPU can hold).
+/// What a run on `gpu` may use: the ledger's budget (`--budget`) and the budget the driver
+/// reports for the process, where it reports one.
+pub(crate) fn run_limits(gpu: &Gpu) -> wgllm::plan::Limits {
+    wgllm::plan::Limits {
+        ledger: gpu.ledger.budget(),
+        device: gpu.memory().and_then(|m| m.budget_bytes),
+    }
+}
+
+/// The plan options of a run of `m` on `gpu` (what `profile` compares with and `auto` decides
+/// with).
+pub(crate) fn run_plan_options(
+    gpu: &Gpu,
+    m: &ModelArgs,
+    precision: wgllm::model::params::Precision,
+    all_logits: bool,
+) -> Result<wgllm::plan::PlanOptions> {
+    Ok(wgllm::plan::PlanOptions {
+        precision,
+        kv: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
+        ctx: m.ctx(),
+        chunk: m.chunk.max(1),
+        all_logits,
+        budget: gpu.ledger.budget(),
+        ..Default::default()
+    }
+    .for_device(&wgllm::kernels::device_traits(gpu)))
+}
+
+/// `--resident-layers`: `None` keeps every layer on the GPU. "auto" asks the memory plan when
+/// there is a limit (a `--budget`, or the driver's reported budget): if the model does not fit it
+/// resident, the most layers that fit stay (or, when not even streaming fits, none: the least
+/// the GPU can hold, tried rather than refused).
 pub(crate) fn resident_layers(
     gpu: &Gpu,
     m: &ModelArgs,
-    all_logits: bool,
     model: impl FnOnce() -> Result<AutoPlan>,
 ) -> Result<Option<usize>> {
     use wgllm::gpu::ledger::human_bytes;
-    use wgllm::plan::{MemoryPlan, PlanOptions};
     match m.resident_layers.as_str() {
         "all" => return Ok(None),
         "auto" => {}
@@ -80,50 +106,42 @@ pub(crate) fn resident_layers(
             })
         }
     }
-    let Some(budget) = gpu.ledger.budget() else {
-        return Ok(None);
-    };
-    let Some((cfg, precision, param_bytes)) = model()? else {
-        return Ok(None);
-    };
-    let opts = PlanOptions {
-        precision,
-        kv: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
-        ctx: m.ctx(),
-        chunk: m.chunk.max(1),
-        budget: Some(budget),
-        all_logits,
-        ..Default::default()
-    }
-    .for_device(&wgllm::kernels::device_traits(gpu));
-    let mut plan = MemoryPlan::new(&cfg, opts)?;
-    if let Some(b) = param_bytes {
-        plan.set_parameter_bytes(b);
-    }
-    if plan.fits() {
+    let limits = run_limits(gpu);
+    if limits == wgllm::plan::Limits::default() {
         return Ok(None);
     }
-    let resident = match plan.suggestions().and_then(|s| s.streaming) {
-        Some(st) => {
-            eprintln!(
-                "the model takes {} resident, over the {} budget: streaming {} of {} layers ({} planned)",
-                human_bytes(plan.total_bytes),
-                human_bytes(budget),
-                st.streamed_layers,
-                cfg.n_layers,
-                human_bytes(st.total_bytes)
-            );
-            st.resident_layers
-        }
-        None => {
-            eprintln!(
-                "warning: the model does not fit the {} budget even with every layer streamed; trying that",
-                human_bytes(budget)
-            );
-            0
-        }
+    let Some((plan, layers)) = model()? else {
+        return Ok(None);
     };
-    Ok(Some(resident))
+    let Some(r) = plan.auto_resident_layers(&limits, &layers) else {
+        return Ok(None);
+    };
+    let streamed = plan.with_streaming(r, &layers);
+    let limit = match (limits.ledger, limits.device) {
+        (Some(l), Some(d)) => format!(
+            "the {} budget and the device's {}",
+            human_bytes(l),
+            human_bytes(d)
+        ),
+        (Some(l), None) => format!("the {} budget", human_bytes(l)),
+        (None, Some(d)) => format!("the device's reported {}", human_bytes(d)),
+        (None, None) => unreachable!("no limit returned early"),
+    };
+    if streamed.within(&limits) {
+        eprintln!(
+            "the model takes {} of buffers resident ({} with the device overhead), over {limit}: streaming {} of {} layers ({} of buffers planned)",
+            human_bytes(plan.buffers_bytes()),
+            human_bytes(plan.total_bytes),
+            layers.resident.len() - r,
+            layers.resident.len(),
+            human_bytes(streamed.buffers_bytes())
+        );
+    } else {
+        eprintln!(
+            "warning: the model does not fit {limit} even with every layer streamed; trying that"
+        );
+    }
+    Ok(Some(r))
 }
 
 /// [`AutoPlan`] of a model file: LLaMA-family models only (the others do not stream).
@@ -131,31 +149,35 @@ pub(crate) fn auto_model_plan(
     gpu: &Gpu,
     m: &ModelArgs,
     path: &std::path::Path,
+    all_logits: bool,
 ) -> Result<AutoPlan> {
     use wgllm::model::config::{Arch, ModelConfig};
     use wgllm::model::params::Precision;
     if path.is_dir() {
         let hf = wgllm::loader::safetensors::HfModel::open(path)?;
         let cfg = ModelConfig::from_hf_json(hf.config())?;
+        if cfg.arch != Arch::Llama {
+            return Ok(None);
+        }
         let precision = match m.precision.as_deref() {
             Some(p) => plan_precision(p)?,
             None => Precision::F32,
         };
-        return Ok((cfg.arch == Arch::Llama).then_some((cfg, precision, None)));
+        let plan = MemoryPlan::new(&cfg, run_plan_options(gpu, m, precision, all_logits)?)?;
+        let layers = plan.uniform_layer_bytes();
+        return Ok(Some((plan, layers)));
     }
     let g = wgllm::loader::gguf::Gguf::open(path)?;
     let Ok((cfg, _)) = wgllm::model::llama::config_from_gguf(&g) else {
         return Ok(None);
     };
-    // A layer is sized at the format of its FFN matrices (a mixed file's other formats are close).
-    let format = g
-        .tensor("blk.0.ffn_up.weight")
-        .ok()
-        .and_then(|t| wgllm::loader::gguf::weight_format(t.ggml_type))
-        .unwrap_or(wgllm::quant::WeightFormat::F16);
-    let bytes =
-        wgllm::plan::gguf_parameter_bytes(&g, wgllm::kernels::weights::weight_storage(gpu))?;
-    Ok(Some((cfg, Precision::parse(format.name())?, Some(bytes))))
+    // The precision only sizes what the file's own tensors then replace.
+    let opts = run_plan_options(gpu, m, Precision::F16, all_logits)?;
+    let storage = opts.weight_storage();
+    let mut plan = MemoryPlan::new(&cfg, opts)?;
+    plan.use_gguf_weights(&g, storage)?;
+    let layers = wgllm::plan::gguf_layer_bytes(&g, storage)?;
+    Ok(Some((plan, layers)))
 }
 
 /// Loads the model for `bench model` / `profile`: a file, the default model, or a preset with
@@ -201,9 +223,11 @@ pub(crate) fn load_for_bench(
             "building {name} with synthetic {format} weights on {} ...",
             gpu.info.name
         );
-        opts.resident_layers = resident_layers(gpu, m, false, || {
+        opts.resident_layers = resident_layers(gpu, m, || {
             let precision = wgllm::model::params::Precision::parse(format.name())?;
-            Ok(Some((cfg.clone(), precision, None)))
+            let plan = MemoryPlan::new(&cfg, run_plan_options(gpu, m, precision, false)?)?;
+            let layers = plan.uniform_layer_bytes();
+            Ok(Some((plan, layers)))
         })?;
         let t = std::time::Instant::now();
         let rot = cfg.head_dim;

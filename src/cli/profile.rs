@@ -4,7 +4,7 @@
 use anyhow::Result;
 use wgllm::gpu::Gpu;
 
-use super::load::load_for_bench;
+use super::load::{auto_model_plan, load_for_bench, run_plan_options};
 use super::plan::plan_precision;
 use super::{Global, ModelArgs};
 
@@ -28,13 +28,13 @@ pub(crate) struct Args {
 
 pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let gpu = &g.gpu()?;
-    let (budget, preset, synthetic) = (g.budget, a.preset.as_deref(), a.synthetic);
+    let (preset, synthetic) = (a.preset.as_deref(), a.synthetic);
     let (prompt, n, json) = (a.prompt_tokens, a.tokens, a.json);
     use wgllm::gpu::ledger::{human_bytes, BufferClass};
     let mut m = a.model;
     m.ctx = Some(m.ctx().max(prompt + n + 1));
     let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
-    let cfg_plan = profile_plan(gpu, budget, &m, preset, synthetic)?;
+    let cfg_plan = profile_plan(gpu, &m, preset, synthetic, model.resident_layers())?;
     // The ledger's peaks cover loading (staging) and the run.
     model.set_profiling(true);
     let vocab = model.vocab_size() as u32;
@@ -131,9 +131,19 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
         "peak total",
         cfg_plan
             .as_ref()
-            .map_or("-".into(), |p| human_bytes(p.total_bytes)),
+            .map_or("-".into(), |p| human_bytes(p.buffers_bytes())),
         human_bytes(report.peak_total_bytes)
     );
+    if let Some(p) = &cfg_plan {
+        println!(
+            "(planned: the classes added up, although loading and running never hold their staging at once; \
+             the plan adds {} of estimated driver overhead, which no ledger sees, for {} in all{})",
+            human_bytes(p.overhead_bytes),
+            human_bytes(p.total_bytes),
+            p.resident_layers
+                .map_or(String::new(), |r| format!("; {r} layers resident, the rest streamed"))
+        );
+    }
     println!(
         "\nprefill of {prompt} tokens: {:.3} s wall; GPU time per op:",
         prefill
@@ -160,47 +170,39 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     Ok(())
 }
 
-/// The plan `wgllm profile` compares the ledger with: the same model, precision and options (a
-/// GGUF file's own weight formats; none for safetensors directories, which are not planned here).
+/// The plan `wgllm profile` compares the ledger with: the same model, precision, options and
+/// streamed layers (`resident`, as the model was loaded); none for a safetensors directory of
+/// another architecture, which is not planned here.
 fn profile_plan(
     gpu: &Gpu,
-    budget: Option<u64>,
     m: &ModelArgs,
     preset: Option<&str>,
     synthetic: bool,
+    resident: Option<usize>,
 ) -> Result<Option<wgllm::plan::MemoryPlan>> {
-    let mut gguf = None;
-    let cfg = match preset {
-        Some(p) => wgllm::model::config::ModelConfig::preset(p)?,
+    let (plan, layers) = match preset {
+        Some(p) => {
+            let cfg = wgllm::model::config::ModelConfig::preset(p)?;
+            let precision = match m.precision.as_deref() {
+                Some(p) => plan_precision(p)?,
+                None if synthetic => wgllm::model::params::Precision::Q4_0,
+                None => wgllm::model::params::Precision::F16,
+            };
+            let plan =
+                wgllm::plan::MemoryPlan::new(&cfg, run_plan_options(gpu, m, precision, false)?)?;
+            let layers = plan.uniform_layer_bytes();
+            (plan, layers)
+        }
         None => {
             let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |s| eprintln!("{s}"))?;
-            if path.is_dir() {
-                return Ok(None);
+            match auto_model_plan(gpu, m, &path, false)? {
+                Some(p) => p,
+                None => return Ok(None),
             }
-            let g = wgllm::loader::gguf::Gguf::open(&path)?;
-            let cfg = wgllm::model::llama::config_from_gguf(&g)?.0;
-            gguf = Some(g);
-            cfg
         }
     };
-    let precision = match m.precision.as_deref() {
-        Some(p) => plan_precision(p)?,
-        None if synthetic => wgllm::model::params::Precision::Q4_0,
-        None => wgllm::model::params::Precision::F16,
-    };
-    let opts = wgllm::plan::PlanOptions {
-        precision,
-        kv: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
-        ctx: m.ctx(),
-        chunk: m.chunk.max(1),
-        budget,
-        ..Default::default()
-    }
-    .for_device(&wgllm::kernels::device_traits(gpu));
-    let storage = opts.weight_storage();
-    let mut plan = wgllm::plan::MemoryPlan::new(&cfg, opts)?;
-    if let Some(g) = &gguf {
-        plan.use_gguf_weights(g, storage)?;
-    }
-    Ok(Some(plan))
+    Ok(Some(match resident {
+        Some(r) => plan.with_streaming(r, &layers),
+        None => plan,
+    }))
 }

@@ -184,6 +184,12 @@ impl std::fmt::Debug for Gpu {
 impl Gpu {
     /// Opens the chosen adapter with SHADER_F16, SUBGROUP and TIMESTAMP_QUERY where present and the
     /// adapter's maximum limits.
+    /// The device's memory as the native API reports it now (heap sizes, and the process's
+    /// budget where the driver has `VK_EXT_memory_budget`); `None` where it reports nothing.
+    pub fn memory(&self) -> Option<memory::DeviceMemory> {
+        memory::query(&self.adapter)
+    }
+
     pub fn new(opts: &GpuOptions) -> Result<Gpu> {
         let inst = instance();
         let all = adapters(&inst);

@@ -29,6 +29,10 @@ pub trait CausalLm {
     fn kv_bytes_per_token(&self, _pos: usize) -> u64 {
         0
     }
+    /// Layers kept on the GPU when the rest stream from host memory; `None`: all resident.
+    fn resident_layers(&self) -> Option<usize> {
+        None
+    }
     /// Turns per-dispatch GPU timing on or off (`wgllm profile`).
     fn set_profiling(&mut self, _on: bool) {}
     /// The dispatch times gathered since profiling was turned on.

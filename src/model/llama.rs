@@ -802,6 +802,12 @@ impl crate::model::generate::CausalLm for Llama {
         );
         per * self.cfg.n_layers as u64 * (pos as u64 + 1)
     }
+    fn resident_layers(&self) -> Option<usize> {
+        self.weights
+            .streamed
+            .as_ref()
+            .map(|_| self.weights.layers.len())
+    }
     fn set_profiling(&mut self, on: bool) {
         self.profile = if on { Some(Vec::new()) } else { None };
     }

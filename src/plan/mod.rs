@@ -20,10 +20,12 @@
 
 pub mod activations;
 mod report;
+mod streaming;
 pub mod svg;
 mod train;
 
 pub use activations::{llama_activation_plan, ActivationPlan, PlannedBuffer};
+pub use streaming::{gguf_layer_bytes, LayerBytes, Limits};
 pub use train::TrainPlan;
 
 use serde::{Serialize, Serializer};
@@ -205,9 +207,65 @@ pub struct MemoryPlan {
     pub overhead_bytes: u64,
     pub total_bytes: u64,
     pub train: Option<TrainPlan>,
+    /// Layers kept on the device when the rest stream through the slot pool
+    /// ([`MemoryPlan::with_streaming`]); `None`: every layer resident.
+    pub resident_layers: Option<usize>,
+    /// Dispatches and kernel params of the forward pass's parts, which a streamed run submits
+    /// separately.
+    pub submissions: Submissions,
     /// Things that would stop the load even within budget (a buffer over the binding limit), or
     /// look unintended (ctx past the trained context).
     pub warnings: Vec<String>,
+}
+
+/// Dispatches and kernel-params bytes of part of a forward pass. A submission's uniform buffer
+/// holds every dispatch's params block at a slot-aligned offset, so each block but the last
+/// takes whole slots: `params_bytes` counts them all padded, `tail_slack` is the padding the
+/// last block does not take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    pub dispatches: u64,
+    pub params_bytes: u64,
+    pub tail_slack: u64,
+}
+
+impl Tally {
+    /// This part, then `next`, in one submission.
+    pub fn then(self, next: Tally) -> Tally {
+        Tally {
+            dispatches: self.dispatches + next.dispatches,
+            params_bytes: self.params_bytes + next.params_bytes,
+            tail_slack: if next.dispatches > 0 {
+                next.tail_slack
+            } else {
+                self.tail_slack
+            },
+        }
+    }
+
+    /// This part `n` times in a row.
+    pub fn times(self, n: u64) -> Tally {
+        Tally {
+            dispatches: self.dispatches * n,
+            params_bytes: self.params_bytes * n,
+            tail_slack: if n > 0 { self.tail_slack } else { 0 },
+        }
+    }
+
+    /// Bytes of the uniform buffer of a submission of this part.
+    pub fn uniform_bytes(self) -> u64 {
+        self.params_bytes - self.tail_slack
+    }
+}
+
+/// The forward pass's parts: the embedding, one layer (resident, and streamed: from buffers,
+/// never stacked), and the head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Submissions {
+    pub prologue: Tally,
+    pub layer: Tally,
+    pub streamed_layer: Tally,
+    pub epilogue: Tally,
 }
 
 /// Bytes of one copy of `t` as [`params::weight_bytes`] counts them.
@@ -298,30 +356,57 @@ impl MemoryPlan {
                 && subgroup_shape_fits(cfg.head_dim, group)
                 && key_splits(true, opts.chunk, opts.ctx) > 1
         };
-        let mut dispatches = 0u64;
-        let mut kernel_params_bytes = 0u64;
-        let mut count = |s: &activations::Step, times: u64| -> Result<()> {
-            let k = s.kernel;
-            let n = match k {
-                Kernel::Host | Kernel::Copy => 0,
-                _ if !s.folds.dispatches(opts.chunk) => 0,
-                Kernel::Attention if split_keys => 2,
-                Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
-                    rows.div_ceil(storage.rows_per_shard(fmt, rows, cols)?) as u64
+        // Dispatches and kernel-params bytes of a list of steps, with matrices sharded as
+        // `storage` shards them.
+        let tally = |steps: &[activations::Step], storage: WeightStorage| -> Result<Tally> {
+            let mut t = Tally::default();
+            for s in steps {
+                let k = s.kernel;
+                let n = match k {
+                    Kernel::Host | Kernel::Copy => 0,
+                    _ if !s.folds.dispatches(opts.chunk) => 0,
+                    Kernel::Attention if split_keys => 2,
+                    Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
+                        rows.div_ceil(storage.rows_per_shard(fmt, rows, cols)?) as u64
+                    }
+                    _ => 1,
+                };
+                if n > 0 {
+                    let slot = opts.param_align.max(1);
+                    let padded = k.params_bytes().div_ceil(slot) * slot;
+                    t = t.then(Tally {
+                        dispatches: n,
+                        params_bytes: n * padded,
+                        tail_slack: padded - k.params_bytes(),
+                    });
                 }
-                _ => 1,
-            } * times;
-            dispatches += n;
-            let slot = opts.param_align.max(1);
-            kernel_params_bytes += n * k.params_bytes().div_ceil(slot) * slot;
-            Ok(())
+            }
+            Ok(t)
         };
-        for s in sched.prologue.iter().chain(&sched.epilogue) {
-            count(s, 1)?;
-        }
-        for s in &sched.layer {
-            count(s, l)?;
-        }
+        // Streamed layers run from buffers, unstacked (see `with_streaming`).
+        let unstacked = activations::llama_schedule(
+            cfg,
+            opts.all_logits,
+            activations::Fusions {
+                stacked_projections: false,
+                ..fusions
+            },
+        );
+        let submissions = Submissions {
+            prologue: tally(&sched.prologue, storage)?,
+            layer: tally(&sched.layer, storage)?,
+            streamed_layer: tally(
+                &unstacked.layer,
+                WeightStorage::buffers(storage.max_binding),
+            )?,
+            epilogue: tally(&sched.epilogue, storage)?,
+        };
+        let chunk = submissions
+            .prologue
+            .then(submissions.layer.times(l))
+            .then(submissions.epilogue);
+        let dispatches = chunk.dispatches;
+        let kernel_params_bytes = chunk.uniform_bytes();
 
         let mut warnings = Vec::new();
         if opts.ctx > cfg.max_positions {
@@ -381,6 +466,8 @@ impl MemoryPlan {
             kernel_params_bytes,
             overhead_bytes,
             total_bytes: sum + overhead_bytes,
+            resident_layers: None,
+            submissions,
             warnings,
         })
     }
@@ -397,8 +484,9 @@ impl MemoryPlan {
         ]
     }
 
-    /// Buffers before the overhead margin.
-    fn buffers_sum(&self) -> u64 {
+    /// wgllm's own buffers, without the overhead estimate: what the ledger books (and
+    /// `--budget` caps).
+    pub fn buffers_bytes(&self) -> u64 {
         self.total_bytes - self.overhead_bytes
     }
 
@@ -419,7 +507,7 @@ impl MemoryPlan {
             return None;
         }
         let fits_sum = |sum: u64| sum.saturating_add(overhead(sum)) <= budget;
-        let base = self.buffers_sum().saturating_sub(self.kv_cache_bytes);
+        let base = self.buffers_bytes().saturating_sub(self.kv_cache_bytes);
         let per_ctx = (self.cfg.n_layers as u64).saturating_mul(self.kv_bytes_per_token_layer);
         // Largest ctx below the requested one whose total fits.
         let longest_ctx = last_fitting(1, self.options.ctx as u64, |c| {
@@ -466,7 +554,7 @@ impl MemoryPlan {
         // Streaming: keep r layers resident and cycle the rest through a pool of two layer slots.
         let (l, lb) = (self.cfg.n_layers as u64, self.layer_weight_bytes);
         let streamed_sum = |r: u64| {
-            self.buffers_sum()
+            self.buffers_bytes()
                 .saturating_sub((l - r).saturating_mul(lb))
                 .saturating_add(STREAM_SLOTS.saturating_mul(lb))
         };
@@ -559,7 +647,7 @@ impl MemoryPlan {
     /// Replaces the parameter bytes (e.g. with what a GGUF file's mixed formats really take) and
     /// recomputes the overhead and the total.
     pub fn set_parameter_bytes(&mut self, bytes: u64) {
-        let rest = self.buffers_sum() - self.parameters_bytes;
+        let rest = self.buffers_bytes() - self.parameters_bytes;
         self.parameters_bytes = bytes;
         self.other_weight_bytes =
             bytes.saturating_sub(self.cfg.n_layers as u64 * self.layer_weight_bytes);
@@ -586,7 +674,7 @@ impl MemoryPlan {
         let (total, largest) = gguf_weight_bytes(g, storage)?;
         self.set_parameter_bytes(total);
         let upload = largest.min(STAGING_CHUNK).div_ceil(4) * 4;
-        let rest = self.buffers_sum() - self.staging_bytes;
+        let rest = self.buffers_bytes() - self.staging_bytes;
         self.staging_upload_bytes = upload;
         self.staging_bytes = upload + self.staging_readback_bytes;
         self.overhead_bytes = overhead(rest + self.staging_bytes);
@@ -597,28 +685,39 @@ impl MemoryPlan {
 
 /// (total GPU bytes, largest single upload chunk) of a GGUF file's tensors as wgllm uploads them.
 fn gguf_weight_bytes(g: &crate::loader::gguf::Gguf, storage: WeightStorage) -> Result<(u64, u64)> {
-    let align4 = |b: u64| b.div_ceil(4).max(1) * 4;
     let mut total = 0u64;
     let mut largest = 0u64;
     for t in g.tensors() {
-        let format = crate::loader::gguf::weight_format(t.ggml_type).unwrap_or(WeightFormat::F32);
-        match t.shape[..] {
-            [cols, rows] if rows > 1 => {
-                let per = storage.rows_per_shard(format, rows, cols)?;
-                let mut r0 = 0;
-                while r0 < rows {
-                    let n = per.min(rows - r0);
-                    let (data, scales) = storage.shard_bytes(format, n, cols);
-                    total += data + scales;
-                    largest = largest.max(storage.shard_upload_bytes(format, n, cols));
-                    r0 += n;
-                }
-            }
-            _ => {
-                total += align4(t.n_elements as u64 * 4);
-                largest = largest.max(align4(t.n_elements as u64 * 4));
-            }
-        }
+        let (bytes, upload) = gguf_tensor_bytes(t, storage)?;
+        total += bytes;
+        largest = largest.max(upload);
     }
     Ok((total, largest))
+}
+
+/// GPU bytes of one GGUF tensor as wgllm uploads it under `storage`, and its largest upload.
+fn gguf_tensor_bytes(
+    t: &crate::loader::gguf::TensorInfo,
+    storage: WeightStorage,
+) -> Result<(u64, u64)> {
+    let align4 = |b: u64| b.div_ceil(4).max(1) * 4;
+    let format = crate::loader::gguf::weight_format(t.ggml_type).unwrap_or(WeightFormat::F32);
+    Ok(match t.shape[..] {
+        [cols, rows] if rows > 1 => {
+            let per = storage.rows_per_shard(format, rows, cols)?;
+            let (mut total, mut largest, mut r0) = (0, 0, 0);
+            while r0 < rows {
+                let n = per.min(rows - r0);
+                let (data, scales) = storage.shard_bytes(format, n, cols);
+                total += data + scales;
+                largest = largest.max(storage.shard_upload_bytes(format, n, cols));
+                r0 += n;
+            }
+            (total, largest)
+        }
+        _ => (
+            align4(t.n_elements as u64 * 4),
+            align4(t.n_elements as u64 * 4),
+        ),
+    })
 }
