@@ -11,8 +11,8 @@ use wgllm::plan::activations::{
     llama_role_bytes, llama_schedule, share, Kernel, Schedule, Step, LLAMA_PINNED, LLAMA_ROLES,
 };
 use wgllm::plan::{
-    llama_activation_plan, overhead, svg, ActivationPlan, MemoryPlan, PlanOptions, TrainOptions,
-    GIB, MIB, STREAM_SLOTS,
+    activations::llama_activation_plan_with, llama_activation_plan, overhead, svg, ActivationPlan,
+    MemoryPlan, PlanOptions, TrainOptions, GIB, MIB, STREAM_SLOTS,
 };
 
 fn preset(name: &str) -> ModelConfig {
@@ -400,6 +400,50 @@ fn decode_and_all_logits_plans_follow_the_chunk() {
     assert!(!all.steps.iter().any(|s| s == "copy last row"));
     // chunk 0 is planned as 1, like RunState.
     assert_eq!(llama_activation_plan(&cfg, 0, false), d);
+}
+
+/// A one-layer model with hidden 32, intermediate 32, two heads of 16 over one KV head and vocab
+/// 264 (the issue's): its 264 x 32 head is small enough for the final norm to fold into it, and
+/// then, keeping the last row's logits only, the head reads the row copied into `proj` (or `x`,
+/// for a single token). The plan used to let `logits` take `proj`'s buffer, which the recorder
+/// refused as one buffer bound as the head's input and output.
+#[test]
+fn a_head_with_the_final_norm_folded_in_keeps_its_input_apart_from_logits() {
+    let mut cfg = preset("smollm2-135m");
+    (cfg.vocab_size, cfg.hidden_size, cfg.ffn_size, cfg.n_layers) = (264, 32, 32, 1);
+    (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) = (2, 1, 16);
+    cfg.tied_embeddings = true;
+    for chunk in [1, 2, 3, 64] {
+        let a = llama_activation_plan_with(&cfg, chunk, false, true);
+        check_sharing(&a);
+        let b = |r: &str| a.role_to_buffer[r];
+        assert_ne!(b("proj"), b("logits"), "chunk {chunk}: {:#?}", a.buffers);
+        // The head step reads what the folded norm would have read.
+        let head = a
+            .steps
+            .iter()
+            .position(|s| s == "matmul head")
+            .expect("head");
+        for r in ["x", "proj"] {
+            let live = &role(&a, r).live;
+            assert!(
+                live.iter().any(|&(s, e)| s <= head && head <= e),
+                "chunk {chunk}: {r} is dead at the head: {live:?}"
+            );
+        }
+    }
+    // Unfolded (no subgroup matvec), the head reads xb and proj may share with logits again.
+    let a = llama_activation_plan_with(&cfg, 64, false, false);
+    check_sharing(&a);
+    let head = a
+        .steps
+        .iter()
+        .position(|s| s == "matmul head")
+        .expect("head");
+    assert!(!role(&a, "proj")
+        .live
+        .iter()
+        .any(|&(s, e)| s <= head && head <= e));
 }
 
 /// A role read at the top of the layer body and never written in it is live through the whole

@@ -1,6 +1,7 @@
 //! The memory planner keeps its word: for SmolLM2 at several contexts, the bytes `wgllm plan`
 //! predicts per class equal (within 1%) what the VRAM ledger measures when the model runs, and the
-//! KV cache equals llama.cpp's published formula.
+//! KV cache equals llama.cpp's published formula. A small synthetic model whose final norm folds
+//! into its head (SmolLM2's head is too large to) checks the activations exactly too.
 mod common;
 use common::*;
 use wgllm::gpu::ledger::BufferClass;
@@ -133,5 +134,62 @@ fn smollm2_decode_plan_matches_the_ledger() {
             plan.activation_bytes, plan.kernel_params_bytes, plan.dispatches_per_chunk
         );
         assert_eq!(plan.activation_bytes + plan.kernel_params_bytes, measured);
+    }
+}
+
+/// A model whose head is small enough for the final norm to fold into it (the issue's: one layer,
+/// hidden 32, intermediate 32, two heads of 16 over one KV head, vocab 264, tied), where the fold
+/// keeps the last row in `proj` live through the head and so out of `logits`' buffer: the plan of
+/// a prefill chunk and of a decode step still equals the ledger, and the head's dispatch runs.
+#[test]
+fn a_model_whose_final_norm_folds_into_the_head_matches_the_ledger() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut cfg = wgllm::model::config::ModelConfig::preset("smollm2-135m").unwrap();
+    (cfg.vocab_size, cfg.hidden_size, cfg.ffn_size, cfg.n_layers) = (264, 32, 32, 1);
+    (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) = (2, 1, 16);
+    cfg.tied_embeddings = true;
+    let ctx = 16;
+    // (chunk, tokens, position): a prompt of three tokens in a chunk of 64 (the CLI's default),
+    // and a decode step at the context's end.
+    for (chunk, n, pos) in [(64, 3, 0), (1, 1, ctx - 1)] {
+        let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+        let opts = RunOptions {
+            ctx,
+            chunk,
+            ..Default::default()
+        };
+        let src = wgllm::model::source::Source::Synthetic {
+            format: wgllm::quant::WeightFormat::Q8_0,
+            seed: 1,
+        };
+        let rot = cfg.head_dim;
+        let mut m = wgllm::model::llama::Llama::load(&gpu, cfg.clone(), rot, &src, opts).unwrap();
+        let tokens: Vec<u32> = (1..=n as u32).collect();
+        let logits = m.forward(&gpu, &tokens, pos).unwrap();
+        assert_eq!(logits.len(), 264);
+        let measured = gpu
+            .ledger
+            .report()
+            .class(BufferClass::Activations)
+            .peak_bytes;
+        let popts = PlanOptions {
+            ctx,
+            chunk,
+            kv: RunOptions::default().kv_dtype,
+            ..Default::default()
+        }
+        .for_device(&gpu);
+        let plan = MemoryPlan::new(&cfg, popts).unwrap();
+        eprintln!(
+            "chunk {chunk}: planned {} + {} params, measured {measured}",
+            plan.activation_bytes, plan.kernel_params_bytes
+        );
+        assert_eq!(plan.activation_bytes + plan.kernel_params_bytes, measured);
+        let a = &plan.activations;
+        if plan.options.single_token_folds {
+            assert_ne!(a.role_to_buffer["proj"], a.role_to_buffer["logits"]);
+        }
     }
 }

@@ -159,9 +159,6 @@ impl Schedule {
     }
 }
 
-/// `Llama::forward_chunk` step by step. Q/K/V bias adds appear when `cfg.attn_bias`. Without
-/// `all_logits` the last row is copied into `proj` before the final norm (the code skips the copy
-/// when the chunk is one token and normalises `x` directly; the schedule lists both reads).
 /// The fusions the forward pass runs on a device; they change the schedule.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Fusions {
@@ -176,11 +173,21 @@ pub struct Fusions {
     /// the attention's and the FFN's last projection (the attention residual and FFN norm, one
     /// pass otherwise, become the output projection's add and the gate/up input, where the FFN
     /// norm folds). Chunks of several tokens keep the passes, so one schedule serves both: those
-    /// steps say when they fold ([`Step::folds`]), and the projections read what the folded forms read.
-    /// Only the down projection's reading gate and up changes the sharing (they live until it);
-    /// the rest are the pinned `x` and `x2`.
+    /// steps say when they fold ([`Step::folds`]), and the projections read what the folded forms
+    /// read. That changes the sharing where a folded projection reads a role besides the pinned
+    /// `x` and `x2`: the down projection reads gate and up (they live until it), and the head,
+    /// where the final norm folds into it, reads the last row copied into `proj`.
     pub single_token_folds: bool,
 }
+
+/// `Llama::forward_chunk` step by step. Q/K/V bias adds appear when `cfg.attn_bias`. Without
+/// `all_logits` the last row is copied into `proj` before the final norm (the code skips the copy
+/// when the chunk is one token and normalises `x` directly; the schedule lists both reads).
+///
+/// Each step reads and writes what the kernels that run for it bind, in the folded form and the
+/// unfolded one: a projection that folds a pass in reads that pass's input as well as its own,
+/// so that the input lives until the projection has run. Otherwise the plan may give a role read
+/// by a folded projection the buffer of the role it writes.
 ///
 /// `fusions`: see [`Fusions`].
 pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> Schedule {
@@ -296,7 +303,7 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
     bias(cfg.ffn_bias, &mut layer, "proj");
     layer.push(step("residual add (ffn)", Kernel::Add, &["x2", "proj"], &["x"]).folded(fold_down));
     let mut epilogue = Vec::new();
-    let norm_in: &[&str] = if all_logits {
+    let norm_in: &[&'static str] = if all_logits {
         &["x"]
     } else {
         epilogue.push(step("copy last row", Kernel::Copy, &["x"], &["proj"]));
@@ -312,10 +319,12 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
             },
             ..step("final_norm", Kernel::RmsNorm, norm_in, &["xb"])
         },
+        // Folded, the head normalises the final norm's input itself: `x`, or the last row in
+        // `proj` (not `xb`, which the folded norm never writes).
         step(
             "matmul head",
             mm(v, d),
-            &also(f1, &["xb"], &["x"]),
+            &also(fold_head, &["xb"], norm_in),
             &["logits"],
         ),
         step("read back logits", Kernel::Host, &["logits"], &[]),
