@@ -180,7 +180,7 @@ fn a_model_whose_final_norm_folds_into_the_head_matches_the_ledger() {
             kv: RunOptions::default().kv_dtype,
             ..Default::default()
         }
-        .for_device(&gpu);
+        .for_device(&wgllm::kernels::device_traits(&gpu));
         let plan = MemoryPlan::new(&cfg, popts).unwrap();
         eprintln!(
             "chunk {chunk}: planned {} + {} params, measured {measured}",
