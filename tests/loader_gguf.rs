@@ -136,7 +136,8 @@ fn kquant_block(bytes: usize, d_at: usize, seed: u8) -> Vec<u8> {
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect();
     b[d_at..d_at + 2].copy_from_slice(&half::f16::from_f32(0.0625).to_le_bytes());
-    if bytes == 144 {
+    // The second f16 scale (dmin or m) of the formats that have one, finite.
+    if matches!(bytes, 144 | 176 | 24) {
         b[2..4].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
     }
     b
@@ -193,6 +194,9 @@ fn valid_tensors() -> Vec<T> {
         t("bf16", &[3], 30, vec![0x80, 0x3f, 0x00, 0xc0, 0x49, 0x40]),
         t("q4_k", &[256], 12, kquant_block(144, 0, 1)),
         t("q6_k", &[256], 14, kquant_block(210, 208, 2)),
+        t("q5_k", &[256], 13, kquant_block(176, 0, 3)),
+        t("q5_0", &[32], 6, kquant_block(22, 0, 4)),
+        t("q5_1", &[32], 7, kquant_block(24, 0, 5)),
     ]
 }
 
@@ -255,7 +259,10 @@ fn valid_file_round_trips_metadata_and_tensors() {
             let got = g.tensor_f32(want.name).unwrap();
             let expected = match want.ty {
                 12 => kquants::dequantize_q4_k(&want.data, n).unwrap(),
+                13 => kquants::dequantize_q5_k(&want.data, n).unwrap(),
                 14 => kquants::dequantize_q6_k(&want.data, n).unwrap(),
+                6 => kquants::dequantize_q5_0(&want.data, n).unwrap(),
+                7 => kquants::dequantize_q5_1(&want.data, n).unwrap(),
                 30 => vec![1.0, -2.0, 3.140625],
                 ty => {
                     let f = weight_format(GgmlType::from_id(ty).unwrap()).unwrap();
@@ -291,9 +298,11 @@ fn weight_format_mapping() {
     assert_eq!(wf(3), Some(WeightFormat::Q4_1));
     assert_eq!(wf(8), Some(WeightFormat::Q8_0));
     assert_eq!(wf(30), Some(WeightFormat::F32));
-    assert_eq!(wf(12), Some(WeightFormat::F32));
-    assert_eq!(wf(14), Some(WeightFormat::F32));
-    assert_eq!(wf(6), None); // Q5_0: known layout, no loader support
+    // Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 are dequantised on load (no GPU kernels for them yet).
+    for id in [12, 13, 14, 6, 7] {
+        assert_eq!(wf(id), Some(WeightFormat::F32), "type {id}");
+    }
+    assert_eq!(wf(10), None); // Q2_K: known layout, no loader support
     assert!(GgmlType::from_id(99).is_none() && GgmlType::from_id(4).is_none());
 }
 

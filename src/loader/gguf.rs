@@ -72,8 +72,11 @@ impl GgmlType {
     pub const F16: GgmlType = GgmlType(1);
     pub const Q4_0: GgmlType = GgmlType(2);
     pub const Q4_1: GgmlType = GgmlType(3);
+    pub const Q5_0: GgmlType = GgmlType(6);
+    pub const Q5_1: GgmlType = GgmlType(7);
     pub const Q8_0: GgmlType = GgmlType(8);
     pub const Q4_K: GgmlType = GgmlType(12);
+    pub const Q5_K: GgmlType = GgmlType(13);
     pub const Q6_K: GgmlType = GgmlType(14);
     pub const BF16: GgmlType = GgmlType(30);
 
@@ -110,19 +113,27 @@ impl std::fmt::Display for GgmlType {
 }
 
 /// The format a tensor of type `t` is handed to the GPU in: natively for F32, F16, Q4_0, Q4_1 and
-/// Q8_0; as F32 for BF16 (converted on load) and for Q4_K / Q6_K (dequantised on load, with a
-/// warning: there are no k-quant kernels, and the caller may requantise). None: unsupported.
+/// Q8_0; as F32 for BF16 (converted on load) and for Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1
+/// (dequantised on load, with a warning: they have no GPU kernels yet, and the caller may
+/// requantise). None: unsupported.
 pub fn weight_format(t: GgmlType) -> Option<WeightFormat> {
-    static WARNED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+    static WARNED: [AtomicBool; 5] = [const { AtomicBool::new(false) }; 5];
     match t {
         GgmlType::F32 | GgmlType::BF16 => Some(WeightFormat::F32),
         GgmlType::F16 => Some(WeightFormat::F16),
         GgmlType::Q4_0 => Some(WeightFormat::Q4_0),
         GgmlType::Q4_1 => Some(WeightFormat::Q4_1),
         GgmlType::Q8_0 => Some(WeightFormat::Q8_0),
-        GgmlType::Q4_K | GgmlType::Q6_K => {
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let slot = match t {
+                GgmlType::Q4_K => 0,
+                GgmlType::Q5_K => 1,
+                GgmlType::Q6_K => 2,
+                GgmlType::Q5_0 => 3,
+                _ => 4,
+            };
             // Once per type and process: a Q4_K_M model has hundreds of such tensors.
-            if !WARNED[usize::from(t == GgmlType::Q6_K)].swap(true, Ordering::Relaxed) {
+            if !WARNED[slot].swap(true, Ordering::Relaxed) {
                 log::warn!(
                     "{} weights have no GPU kernel: they are dequantised to f32 on load",
                     t.name()
@@ -468,7 +479,8 @@ impl Gguf {
         }
     }
 
-    /// A tensor as f32, dequantised from F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K or Q6_K.
+    /// A tensor as f32, dequantised from F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K
+    /// or Q6_K.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let t = self.tensor(name)?;
         let b = &self.data[t.offset..t.offset + t.size];
@@ -480,7 +492,10 @@ impl Gguf {
             GgmlType::Q4_0 => quant::dequantize(WeightFormat::Q4_0, b, n),
             GgmlType::Q4_1 => quant::dequantize(WeightFormat::Q4_1, b, n),
             GgmlType::Q8_0 => quant::dequantize(WeightFormat::Q8_0, b, n),
+            GgmlType::Q5_0 => kquants::dequantize_q5_0(b, n),
+            GgmlType::Q5_1 => kquants::dequantize_q5_1(b, n),
             GgmlType::Q4_K => kquants::dequantize_q4_k(b, n),
+            GgmlType::Q5_K => kquants::dequantize_q5_k(b, n),
             GgmlType::Q6_K => kquants::dequantize_q6_k(b, n),
             _ => Err(self.unsupported(t)),
         }

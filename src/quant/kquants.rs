@@ -1,15 +1,24 @@
-//! ggml's Q4_K and Q6_K "k-quant" super-blocks (256 weights each), dequantised on the CPU exactly as
-//! ggml's `dequantize_row_q4_K` / `dequantize_row_q6_K` do. wgllm has no GPU kernels for them: the
-//! GGUF loader turns such tensors into f32, which the caller may requantise to a native format.
+//! ggml's block formats that wgllm dequantises on the CPU (no GPU kernel reads them yet): the
+//! "k-quant" super-blocks Q4_K, Q5_K and Q6_K (256 weights each) and the 5-bit Q5_0 and Q5_1
+//! (32 weights), decoded exactly as ggml's `dequantize_row_*` and gguf-py's
+//! `gguf.quants.dequantize` do (the same f32 operations in the same order, so bit for bit:
+//! `tests/quant_gguf_py.rs` checks that on blocks gguf-py decoded). The GGUF loader turns such
+//! tensors into f32, which the caller may requantise to a native format.
 //!
 //! | format | bytes | layout |
 //! |---|---|---|
 //! | Q4_K | 144 | f16 d, f16 dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32, 128 bytes of nibbles |
+//! | Q5_K | 176 | as Q4_K, then 32 bytes of fifth bits before the nibbles |
 //! | Q6_K | 210 | 128 bytes low nibbles (ql), 64 bytes high 2-bit pairs (qh), 16 i8 scales, f16 d |
+//! | Q5_0 | 22 | f16 d, u32 of fifth bits, 16 bytes of nibbles |
+//! | Q5_1 | 24 | f16 d, f16 m, u32 of fifth bits, 16 bytes of nibbles |
 //!
 //! Q4_K weight = `d * scale[s] * q - dmin * min[s]` for sub-block `s`; within each 64-weight chunk
 //! `c`, byte `32c + l` holds weight `64c + l` in its low nibble and `64c + 32 + l` in its high one.
+//! Q5_K adds bit `c'` of fifth-bit byte `l` as bit 4 of weight `32c' + l`.
 //! Q6_K weight = `d * scale[s] * (q - 32)` with 16 sub-blocks of 16 and a 6-bit q split over ql/qh.
+//! Q5_0 weight = `d * (q - 16)`, Q5_1 weight = `d * q + m`: byte `l` holds weight `l` (low nibble)
+//! and `l + 16` (high), bit `j` of the u32 is bit 4 of weight `j`.
 
 use half::f16;
 
@@ -21,6 +30,14 @@ pub const QK_K: usize = 256;
 pub const Q4_K_BYTES: usize = 144;
 /// Bytes per Q6_K super-block.
 pub const Q6_K_BYTES: usize = 210;
+/// Bytes per Q5_K super-block.
+pub const Q5_K_BYTES: usize = 176;
+/// Weights per Q5_0 / Q5_1 block.
+pub const QK5: usize = 32;
+/// Bytes per Q5_0 block.
+pub const Q5_0_BYTES: usize = 22;
+/// Bytes per Q5_1 block.
+pub const Q5_1_BYTES: usize = 24;
 
 fn h(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
@@ -41,14 +58,22 @@ pub fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     }
 }
 
-fn check(name: &str, block_bytes: usize, data: &[u8], n: usize) -> Result<usize> {
-    if !n.is_multiple_of(QK_K) {
+/// Bytes `n` weights of a format of `block_len`-weight blocks of `block_bytes` take, checked
+/// against what is given.
+fn check_blocks(
+    name: &str,
+    block_len: usize,
+    block_bytes: usize,
+    data: &[u8],
+    n: usize,
+) -> Result<usize> {
+    if !n.is_multiple_of(block_len) {
         return Err(Error::invalid(
             format!("dequantize {name}"),
-            format!("{n} weights is not a multiple of the super-block length {QK_K}"),
+            format!("{n} weights is not a multiple of the block length {block_len}"),
         ));
     }
-    let need = n / QK_K * block_bytes;
+    let need = n / block_len * block_bytes;
     if data.len() < need {
         return Err(Error::invalid(
             format!("dequantize {name}"),
@@ -56,6 +81,10 @@ fn check(name: &str, block_bytes: usize, data: &[u8], n: usize) -> Result<usize>
         ));
     }
     Ok(need)
+}
+
+fn check(name: &str, block_bytes: usize, data: &[u8], n: usize) -> Result<usize> {
+    check_blocks(name, QK_K, block_bytes, data, n)
 }
 
 /// Dequantises `n` weights (a multiple of 256) of Q4_K bytes.
@@ -77,6 +106,67 @@ pub fn dequantize_q4_k(data: &[u8], n: usize) -> Result<Vec<f32>> {
             y.extend(q.iter().map(|&v| d1 * (v & 0xF) as f32 - m1));
             y.extend(q.iter().map(|&v| d2 * (v >> 4) as f32 - m2));
         }
+    }
+    Ok(y)
+}
+
+/// Dequantises `n` weights (a multiple of 256) of Q5_K bytes.
+pub fn dequantize_q5_k(data: &[u8], n: usize) -> Result<Vec<f32>> {
+    let need = check("q5_K", Q5_K_BYTES, data, n)?;
+    let mut y = Vec::with_capacity(n);
+    for b in data[..need].chunks_exact(Q5_K_BYTES) {
+        let d = h(b, 0);
+        let min = h(b, 2);
+        let mut scales = [0u8; 12];
+        scales.copy_from_slice(&b[4..16]);
+        let qh = &b[16..48];
+        let qs = &b[48..];
+        for (c, q) in qs.chunks_exact(32).enumerate() {
+            let (sc, m) = get_scale_min_k4(2 * c, &scales);
+            let (d1, m1) = (d * sc as f32, min * m as f32);
+            let (sc, m) = get_scale_min_k4(2 * c + 1, &scales);
+            let (d2, m2) = (d * sc as f32, min * m as f32);
+            // Sub-blocks 2c and 2c + 1 take their fifth bits from bits 2c and 2c + 1 of qh.
+            let fifth = |l: usize, bit: usize| ((qh[l] >> bit) & 1) << 4;
+            y.extend((0..32).map(|l| d1 * ((q[l] & 0xF) | fifth(l, 2 * c)) as f32 - m1));
+            y.extend((0..32).map(|l| d2 * ((q[l] >> 4) | fifth(l, 2 * c + 1)) as f32 - m2));
+        }
+    }
+    Ok(y)
+}
+
+/// The 32 five-bit values of a Q5_0 / Q5_1 block from its fifth bits and nibbles.
+fn q5_values(qh: [u8; 4], qs: &[u8]) -> [u8; QK5] {
+    let qh = u32::from_le_bytes(qh);
+    let mut q = [0u8; QK5];
+    for j in 0..16 {
+        q[j] = (qs[j] & 0xF) | ((((qh >> j) & 1) as u8) << 4);
+        q[j + 16] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    }
+    q
+}
+
+/// Dequantises `n` weights (a multiple of 32) of Q5_0 bytes.
+pub fn dequantize_q5_0(data: &[u8], n: usize) -> Result<Vec<f32>> {
+    let need = check_blocks("q5_0", QK5, Q5_0_BYTES, data, n)?;
+    let mut y = Vec::with_capacity(n);
+    for b in data[..need].chunks_exact(Q5_0_BYTES) {
+        let d = h(b, 0);
+        let q = q5_values([b[2], b[3], b[4], b[5]], &b[6..]);
+        y.extend(q.iter().map(|&v| d * (v as i32 - 16) as f32));
+    }
+    Ok(y)
+}
+
+/// Dequantises `n` weights (a multiple of 32) of Q5_1 bytes.
+pub fn dequantize_q5_1(data: &[u8], n: usize) -> Result<Vec<f32>> {
+    let need = check_blocks("q5_1", QK5, Q5_1_BYTES, data, n)?;
+    let mut y = Vec::with_capacity(n);
+    for b in data[..need].chunks_exact(Q5_1_BYTES) {
+        let (d, m) = (h(b, 0), h(b, 2));
+        let q = q5_values([b[4], b[5], b[6], b[7]], &b[8..]);
+        // d * q, then + m: two roundings, as ggml and gguf-py (no fused multiply-add).
+        y.extend(q.iter().map(|&v| d * v as f32 + m));
     }
     Ok(y)
 }
@@ -225,5 +315,9 @@ mod tests {
         assert!(dequantize_q4_k(&[0; 143], 256).is_err());
         assert!(dequantize_q6_k(&[0; 209], 256).is_err());
         assert!(dequantize_q6_k(&[0; 420], 512).is_ok());
+        assert!(dequantize_q5_k(&[0; 175], 256).is_err());
+        assert!(dequantize_q5_0(&[0; 22], 16).is_err());
+        assert!(dequantize_q5_0(&[0; 21], 32).is_err());
+        assert!(dequantize_q5_1(&[0; 48], 64).is_ok());
     }
 }
