@@ -31,6 +31,8 @@ enum Cmd {
     Selftest(cli::selftest::Args),
     /// Generate text (default model: SmolLM2-135M-Instruct, fetched on first use).
     Run(cli::run::Args),
+    /// Token ids and pieces of a text (as llama-tokenize); reads only the vocabulary.
+    Tokenize(cli::tokenize::Args),
     /// Print the top logits of the last prompt token (compare with any other runtime).
     Logits(cli::logits::Args),
     /// Perplexity of a text file: llama.cpp's chunks, one window for a short text, or strided.
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Cmd::Models(a) => cli::models::run(a),
         Cmd::Selftest(a) => cli::selftest::run(a, &global),
         Cmd::Run(a) => cli::run::run(a, &global),
+        Cmd::Tokenize(a) => cli::tokenize::run(a),
         Cmd::Logits(a) => cli::logits::run(a, &global),
         Cmd::Perplexity(a) => cli::perplexity::run(a, &global),
         Cmd::Embed(a) => cli::embed::run(a, &global),

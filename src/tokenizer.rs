@@ -218,6 +218,15 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token `id`'s piece as the vocabulary writes it (`▁world`, `<0x0A>`, `Ġworld`), what
+    /// llama-tokenize prints; `None` past the vocabulary.
+    pub fn piece(&self, id: u32) -> Option<String> {
+        match &self.inner {
+            Inner::Hf(t) => t.id_to_token(id),
+            Inner::Spm(s) => s.tokens.get(id as usize).cloned(),
+        }
+    }
+
     /// Text of `ids` (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match &self.inner {

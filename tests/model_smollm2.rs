@@ -280,3 +280,41 @@ fn prompt_past_the_context_is_refused() {
     let e = lm.model.forward(gpu, &[49152], 0).unwrap_err();
     assert!(!matches!(e, wgllm::Error::ContextFull { .. }), "{e}");
 }
+
+/// `wgllm tokenize` prints the reference tokenizer's ids and the vocabulary's own pieces for
+/// every committed case (as llama-tokenize does), reading only the vocabulary.
+#[test]
+fn tokenize_command_prints_the_reference_ids_and_pieces() {
+    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
+        return;
+    };
+    let gold = golden("smollm2_tokens.json");
+    for case in gold["cases"].as_array().unwrap().iter().take(12) {
+        let text = case["text"].as_str().unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"));
+        cmd.arg("tokenize").arg("-m").arg(&path).arg(text);
+        if case["parse_special"] == false {
+            cmd.arg("--no-parse-special");
+        }
+        let out = cmd.output().expect("running wgllm");
+        assert!(out.status.success(), "{text:?}");
+        let lines: Vec<(u32, String)> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (id, piece) = l.split_once(" -> ").expect("id -> piece");
+                (
+                    id.trim().parse().unwrap(),
+                    serde_json::from_str(piece).expect("a quoted piece"),
+                )
+            })
+            .collect();
+        let ids: Vec<u32> = lines.iter().map(|l| l.0).collect();
+        assert_eq!(ids, ids_of(&case["ids"]), "{text:?}");
+        if let Some(tokens) = case["tokens"].as_array() {
+            let pieces: Vec<&str> = lines.iter().map(|l| l.1.as_str()).collect();
+            let want: Vec<&str> = tokens.iter().filter_map(|t| t.as_str()).collect();
+            assert_eq!(pieces, want, "{text:?}");
+        }
+    }
+}

@@ -13,6 +13,7 @@ pub(crate) mod plan;
 pub(crate) mod profile;
 pub(crate) mod run;
 pub(crate) mod selftest;
+pub(crate) mod tokenize;
 
 use anyhow::{Context, Result};
 use wgllm::gpu::ledger::parse_bytes;
