@@ -321,3 +321,81 @@ fn gpt2_planned_bytes_equal_the_ledger() {
         );
     }
 }
+
+/// all-MiniLM-L6-v2 encoding a batch of sentences in one pass keeps the plan of `wgllm plan
+/// --batch B --seq N`: its parameters as uploaded, no KV cache, the shared activations of the batch
+/// plus the kernel parameters of the pass (one attention a sequence), the staging upload chunk.
+#[test]
+fn bert_batch_planned_bytes_equal_the_ledger() {
+    use wgllm::model::bert::Bert;
+    use wgllm::model::params::Precision;
+    use wgllm::model::source::Source;
+    use wgllm::quant::WeightFormat;
+    if gpu().is_none() {
+        return;
+    }
+    let Some(dir) = packaged_model(&wgllm::fetch::MINILM) else {
+        return;
+    };
+    let sentences: Vec<Vec<u32>> = (0..4)
+        .map(|s| {
+            let mut ids = vec![101];
+            ids.extend((0..5 + 3 * s).map(|t| 1000 + 37 * t + s));
+            ids.push(102);
+            ids
+        })
+        .collect();
+    let seqs: Vec<&[u32]> = sentences.iter().map(|s| s.as_slice()).collect();
+    for (weights, precision, batch, seq, subgroups) in [
+        (None, Precision::F32, 4, 32, true),
+        (Some(WeightFormat::Q8_0), Precision::Q8_0, 4, 20, false),
+        (Some(WeightFormat::F16), Precision::F16, 2, 512, true),
+    ] {
+        let gpu = Gpu::new(&GpuOptions {
+            no_subgroups: !subgroups,
+            ..Default::default()
+        })
+        .unwrap();
+        let hf = wgllm::loader::HfModel::open(&dir).unwrap();
+        let cfg = wgllm::model::config::ModelConfig::from_hf_json(hf.config()).unwrap();
+        let mut bert =
+            Bert::load_batch(&gpu, cfg.clone(), &Source::Hf(&hf, weights), batch, seq).unwrap();
+        let embs = bert.embed_batch(&gpu, &seqs).unwrap();
+        assert_eq!(embs.len(), seqs.len());
+        let r = gpu.ledger.report();
+        let popts = PlanOptions {
+            precision,
+            ctx: seq,
+            batch,
+            ..Default::default()
+        }
+        .for_device(&wgllm::kernels::device_traits(&gpu));
+        let plan = MemoryPlan::new(&cfg, popts).unwrap();
+        let what = format!("minilm {precision}, batch {batch} x {seq}");
+        let class = |c: BufferClass| r.class(c);
+        same(
+            &what,
+            "parameters",
+            plan.parameters_bytes,
+            class(BufferClass::Parameters).current_bytes,
+        );
+        same(
+            &what,
+            "kv cache",
+            plan.kv_cache_bytes,
+            class(BufferClass::KvCache).peak_bytes,
+        );
+        same(
+            &what,
+            "activations + params",
+            plan.activation_bytes + plan.kernel_params_bytes,
+            class(BufferClass::Activations).peak_bytes,
+        );
+        same(
+            &what,
+            "staging (upload chunk)",
+            plan.staging_upload_bytes,
+            class(BufferClass::Staging).peak_bytes,
+        );
+    }
+}
