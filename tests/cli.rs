@@ -117,3 +117,121 @@ fn models_lists_what_can_be_fetched_by_name() {
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     );
 }
+
+/// `wgllm plan`'s stdout and exit code.
+fn plan_output(args: &[&str]) -> (Option<i32>, String) {
+    let out = wgllm()
+        .arg("plan")
+        .args(args)
+        .output()
+        .expect("running wgllm");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.stderr.is_empty(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// Every preset is planned, with its exact parameter count beside the textbook estimate: the
+/// models wgllm runs (GPT-2, BERT) from their passes, GPT-3 as a description.
+#[test]
+fn plan_prints_every_architecture_with_its_exact_count() {
+    for (preset, total, first_class) in [
+        ("gpt2", "124,439,808", "kv cache (3,072 B/token/layer)"),
+        ("gpt2-xl", "1,557,611,200", "kv cache (6,400 B/token/layer)"),
+        (
+            "bert-base-uncased",
+            "109,482,240",
+            "kv cache (none: an encoder)",
+        ),
+        (
+            "gpt3-175b",
+            "174,604,259,328",
+            "kv cache (49,152 B/token/layer)",
+        ),
+    ] {
+        let (code, out) = plan_output(&["--preset", preset]);
+        assert_eq!(code, Some(0), "{preset}: {out}");
+        assert!(
+            out.contains(&format!("parameters: {total} exact vs")),
+            "{preset}: {out}"
+        );
+        // The per-module breakdown ends in the same total.
+        let breakdown = out
+            .lines()
+            .find(|l| l.starts_with("  total ") && l.ends_with(total));
+        assert!(breakdown.is_some(), "{preset}: no module total in {out}");
+        assert!(out.contains(first_class), "{preset}: {out}");
+        assert!(
+            out.contains("by the textbook 12*L*d^2 + V*d + P*d"),
+            "{preset}"
+        );
+    }
+    // GPT-3 in 12 GiB at int4: a verdict (no: exit 2), marked as a description.
+    let (code, out) = plan_output(&[
+        "--preset",
+        "gpt3-175b",
+        "--precision",
+        "int4",
+        "--budget",
+        "12GiB",
+    ]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("described only: wgllm has no forward pass for gpt3"),
+        "{out}"
+    );
+    assert!(out.contains("fits: NO"), "{out}");
+    // BERT's batch of sequences: --batch and --seq.
+    let (_, out) = plan_output(&[
+        "--preset",
+        "bert-base-uncased",
+        "--batch",
+        "8",
+        "--seq",
+        "128",
+    ]);
+    assert!(
+        out.contains("batch 8 sequences x 128 tokens (1024 rows)"),
+        "{out}"
+    );
+    assert!(out.contains("runs here: `wgllm embed`"), "{out}");
+}
+
+/// `--config` of a GPT-2 and a BERT config.json, table and JSON.
+#[test]
+fn plan_reads_gpt2_and_bert_configs() {
+    let dir = std::env::temp_dir().join(format!("wgllm-cli-configs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gpt2 = dir.join("gpt2.json");
+    let bert = dir.join("bert.json");
+    std::fs::write(
+        &gpt2,
+        r#"{"model_type": "gpt2", "vocab_size": 50257, "n_embd": 768, "n_layer": 12,
+            "n_head": 12, "n_positions": 1024, "n_inner": null}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        &bert,
+        r#"{"model_type": "bert", "vocab_size": 30522, "hidden_size": 384,
+            "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
+            "max_position_embeddings": 512, "type_vocab_size": 2}"#,
+    )
+    .unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (code, out) = plan_output(&["--config", &path(&gpt2)]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("parameters: 124,439,808 exact"), "{out}");
+    assert!(out.contains("activations for decode (1 token)"), "{out}");
+    let (code, out) = plan_output(&["--config", &path(&bert), "--batch", "4", "--seq", "64"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("parameters: 22,713,216 exact"), "{out}");
+    let (_, json) = plan_output(&["--config", &path(&bert), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(v["runs_here"], serde_json::json!(true));
+    assert_eq!(v["kv_cache_bytes"], serde_json::json!(0));
+    assert!(v["activation_bytes"].as_u64().unwrap() > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,5 +1,6 @@
 //! KV cache store and causal attention (decode and prefill kernels) against the CPU reference, for
-//! MHA and GQA, all KV dtypes, awkward key counts, continued prefill, huge scores and refusals.
+//! MHA and GQA, all KV dtypes, awkward key counts, continued prefill, huge scores, bidirectional
+//! attention within one sequence of a batch, and refusals.
 mod common;
 use common::*;
 use wgllm::kernels::attention::{self, bytes_per_token, AttentionKernel, KvCache, KvDtype};
@@ -648,4 +649,81 @@ fn bidirectional_refusals_happen_before_dispatch() {
     invalid(KvCache::from_f32(&k, &k).unwrap_err());
     invalid(KvCache::from_f32(&t(&[8, 2, 6]), &t(&[8, 2, 6])).unwrap_err());
     invalid(KvCache::from_f32(&t(&[0, 2, 32]), &t(&[0, 2, 32])).unwrap_err());
+}
+
+/// One sequence of a batch laid out row after row (`attention_bidirectional_rows`): three
+/// sequences of 5, 11 and 8 tokens in slots of `sequence_slot` rows share q, K, V and out; each
+/// attends over its own keys only, as the reference over that sequence alone, and rows of other
+/// sequences and padding stay untouched. On the device's own kernel and on one without subgroups.
+#[test]
+fn bidirectional_rows_attend_within_their_sequence() {
+    let Some(gpu) = gpu() else { return };
+    let plain = Gpu::new(&wgllm::GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let (n_heads, n_kv, hd) = (4, 4, 32);
+    let lens = [5usize, 11, 8];
+    let slot = wgllm::plan::bert::sequence_slot(11, n_heads * hd);
+    let rows = lens.len() * slot;
+    let q = randn(rows * n_heads * hd, 31, 1.0);
+    let k = randn(rows * n_kv * hd, 32, 1.0);
+    let v = randn(rows * n_kv * hd, 33, 1.0);
+    for dev in [gpu, &plain] {
+        let qt = tensor(dev, "q", &[rows, n_heads, hd], &q);
+        let kt = tensor(dev, "k", &[rows, n_kv, hd], &k);
+        let vt = tensor(dev, "v", &[rows, n_kv, hd], &v);
+        let cache = KvCache::from_f32(&kt, &vt).unwrap();
+        let out = dev
+            .tensor("out", Activations, &[rows, n_heads, hd])
+            .unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut rec = dev.recorder();
+        for (b, &n) in lens.iter().enumerate() {
+            let (qb, ob) = (
+                qt.view(&[n, n_heads, hd]).unwrap(),
+                out.view(&[n, n_heads, hd]).unwrap(),
+            );
+            attention::attention_bidirectional_rows(&mut rec, &qb, &cache, b * slot, n, scale, &ob)
+                .unwrap();
+        }
+        rec.submit().unwrap();
+        let got = dev.read(&out).unwrap();
+        let (qr, kr) = (n_heads * hd, n_kv * hd);
+        for (b, &n) in lens.iter().enumerate() {
+            let r0 = b * slot;
+            let want = attention::reference_bidirectional(
+                &q[r0 * qr..(r0 + n) * qr],
+                &k[r0 * kr..(r0 + n) * kr],
+                &v[r0 * kr..(r0 + n) * kr],
+                n,
+                n_heads,
+                n_kv,
+                hd,
+                n,
+                scale,
+            );
+            let what = format!("sequence {b} at row {r0}");
+            assert_close(&what, &got[r0 * qr..(r0 + n) * qr], &want, NMSE_ATTN);
+            let pad = &got[(r0 + n) * qr..(r0 + slot) * qr];
+            assert!(pad.iter().all(|&x| x == 0.0), "{what}: padding written");
+        }
+        // Keys past the batch, and no keys: refused before anything is recorded.
+        let mut rec = dev.recorder();
+        let q1 = qt.view(&[1, n_heads, hd]).unwrap();
+        let o1 = out.view(&[1, n_heads, hd]).unwrap();
+        let e =
+            attention::attention_bidirectional_rows(&mut rec, &q1, &cache, rows - 1, 2, 1.0, &o1);
+        assert!(
+            matches!(e, Err(wgllm::Error::InvalidArgument { .. })),
+            "{e:?}"
+        );
+        let e = attention::attention_bidirectional_rows(&mut rec, &q1, &cache, 0, 0, 1.0, &o1);
+        assert!(
+            matches!(e, Err(wgllm::Error::InvalidArgument { .. })),
+            "{e:?}"
+        );
+        assert!(rec.is_empty(), "nothing may be recorded");
+    }
 }

@@ -1,6 +1,7 @@
 //! all-MiniLM-L6-v2 sentence embeddings on the GPU against the committed golden
 //! (`models/goldens/minilm_embeddings.json`, an f64 numpy reference): token ids, per-sentence
-//! cosine to the golden embedding, the 4x4 cosine matrix, a Q8_0-quantised load, and refusals.
+//! cosine to the golden embedding, the 4x4 cosine matrix, a Q8_0-quantised load, a batch of
+//! sentences in one pass against one at a time, and refusals.
 mod common;
 use common::*;
 
@@ -216,6 +217,70 @@ fn bad_input_is_refused() {
         &mean_pool(&hidden, 384, true),
         0.0,
     );
+}
+
+/// A batch in one pass gives each sentence what it gives alone: the four golden sentences (8 to 14
+/// tokens, so the shorter ones are padded to the longest) in one pass of 4, in passes of 3 and 1,
+/// and with a wider slot than needed. Each attends to its own rows only; padding is never seen.
+#[test]
+fn batched_embeddings_match_one_sentence_at_a_time() {
+    let (Some(gpu), Some(dir)) = (gpu(), model_dir()) else {
+        return;
+    };
+    let g = golden();
+    let mut one = load(gpu, &dir, None, 32);
+    let (alone, _) = embed_all(gpu, &mut one, &g);
+    let seqs: Vec<&[u32]> = g.ids.iter().map(|v| v.as_slice()).collect();
+    let hf = HfModel::open(&dir).unwrap();
+    // The subgroup attention, and the tiled and row kernels of a device without subgroups.
+    let plain = wgllm::Gpu::new(&wgllm::GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    for (dev, batch, max_tokens) in [(gpu, 4, 14), (gpu, 3, 32), (gpu, 8, 100), (&plain, 4, 14)] {
+        let cfg = ModelConfig::from_hf_json(hf.config()).unwrap();
+        let mut b = Bert::load_batch(dev, cfg, &Source::Hf(&hf, None), batch, max_tokens).unwrap();
+        let got = b.embed_batch(dev, &seqs).unwrap();
+        assert_eq!(got.len(), 4);
+        for (i, (e, a)) in got.iter().zip(&alone).enumerate() {
+            let d = max_abs_diff(e, a);
+            assert!(d <= 1e-5, "batch {batch}: sentence {i} off by {d:.2e}");
+            let c = cosine(e, &g.embeddings[i]);
+            assert!(
+                c >= MIN_COSINE_F32,
+                "batch {batch}: sentence {i}: cosine {c}"
+            );
+        }
+        // Hidden states come back per sentence, unpadded.
+        let h = b.hidden_states_batch(dev, &seqs).unwrap();
+        let lens: Vec<usize> = h.iter().map(|x| x.len() / 384).collect();
+        assert_eq!(lens, [8, 9, 8, 14]);
+    }
+    // One bad sequence refuses the batch before anything runs.
+    let mut b = Bert::load_batch(
+        gpu,
+        ModelConfig::from_hf_json(hf.config()).unwrap(),
+        &Source::Hf(&hf, None),
+        2,
+        10,
+    )
+    .unwrap();
+    let e = b.embed_batch(gpu, &seqs).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            wgllm::Error::ContextFull {
+                ctx: 10,
+                needed: 14
+            }
+        ),
+        "{e}"
+    );
+    let e = b.embed_batch(gpu, &[]).unwrap_err();
+    assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    let e = b.embed_batch(gpu, &[&[101, 102], &[]]).unwrap_err();
+    assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
 }
 
 #[test]

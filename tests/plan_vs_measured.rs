@@ -193,3 +193,267 @@ fn a_model_whose_final_norm_folds_into_the_head_matches_the_ledger() {
         }
     }
 }
+
+/// A GPT-2 directory of `cfg` (GPT2Config fields) with pseudo-random weights of the HF shapes
+/// (`Conv1D` matrices `[in, out]`): the memory is what is checked, not the arithmetic.
+fn write_gpt2(name: &str, cfg: &serde_json::Value) -> TempModel {
+    let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let (v, p, d, l) = (n("vocab_size"), n("n_positions"), n("n_embd"), n("n_layer"));
+    let f = 4 * d;
+    let mut shapes = vec![
+        ("wte.weight".to_string(), vec![v, d]),
+        ("wpe.weight".to_string(), vec![p, d]),
+    ];
+    for i in 0..l {
+        let layer: [(&str, Vec<usize>); 12] = [
+            ("ln_1.weight", vec![d]),
+            ("ln_1.bias", vec![d]),
+            ("attn.c_attn.weight", vec![d, 3 * d]),
+            ("attn.c_attn.bias", vec![3 * d]),
+            ("attn.c_proj.weight", vec![d, d]),
+            ("attn.c_proj.bias", vec![d]),
+            ("ln_2.weight", vec![d]),
+            ("ln_2.bias", vec![d]),
+            ("mlp.c_fc.weight", vec![d, f]),
+            ("mlp.c_fc.bias", vec![f]),
+            ("mlp.c_proj.weight", vec![f, d]),
+            ("mlp.c_proj.bias", vec![d]),
+        ];
+        shapes.extend(layer.into_iter().map(|(s, sh)| (format!("h.{i}.{s}"), sh)));
+    }
+    shapes.push(("ln_f.weight".into(), vec![d]));
+    shapes.push(("ln_f.bias".into(), vec![d]));
+    let tensors: Vec<_> = shapes
+        .into_iter()
+        .enumerate()
+        .map(|(t, (name, shape))| {
+            let len: usize = shape.iter().product();
+            let w = randn(len, t as u64 + 1, 0.1);
+            (name, shape, w)
+        })
+        .collect();
+    write_hf_model(name, cfg, &tensors)
+}
+
+/// `planned` and `measured` agree exactly.
+fn same(what: &str, class: &str, planned: u64, measured: u64) {
+    eprintln!("{what}: {class:<24} planned {planned:>12} measured {measured:>12}");
+    assert_eq!(planned, measured, "{what}: {class}");
+}
+
+/// GPT-2 keeps `wgllm plan`'s word class by class: parameters (as its loader uploads them, the
+/// f16 fallback of block formats over rows that are not whole blocks included), the KV cache of
+/// every layer (ctx capped at n_positions by both), the shared activations plus the kernel
+/// parameters of the largest submission (a chunk with logits), and the staging upload chunk.
+#[test]
+fn gpt2_planned_bytes_equal_the_ledger() {
+    if gpu().is_none() {
+        return;
+    }
+    use wgllm::model::gpt2::Gpt2;
+    use wgllm::model::params::Precision;
+    use wgllm::model::source::Source;
+    use wgllm::quant::WeightFormat;
+    let tiny = serde_json::json!({
+        "model_type": "gpt2", "vocab_size": 96, "n_positions": 64, "n_embd": 64,
+        "n_layer": 2, "n_head": 4, "activation_function": "gelu_new"
+    });
+    // Rows of 80 are not whole q4_0 blocks (80 columns: f16); c_proj's 320 are.
+    let odd = serde_json::json!({
+        "model_type": "gpt2", "vocab_size": 300, "n_positions": 96, "n_embd": 80,
+        "n_layer": 3, "n_head": 2, "activation_function": "gelu_new"
+    });
+    // head_dim 32: q8_0 keys and the subgroup attention.
+    let q8 = serde_json::json!({
+        "model_type": "gpt2", "vocab_size": 128, "n_positions": 128, "n_embd": 64,
+        "n_layer": 2, "n_head": 2, "activation_function": "gelu"
+    });
+    let cases = [
+        // (config, weights, KV, ctx, chunk, all logits, subgroups)
+        (&tiny, None, KvDtype::F32, 48, 16, false, true),
+        (
+            &tiny,
+            Some(WeightFormat::F16),
+            KvDtype::F16,
+            4096,
+            1,
+            false,
+            true,
+        ),
+        (
+            &odd,
+            Some(WeightFormat::Q4_0),
+            KvDtype::F16,
+            96,
+            8,
+            true,
+            true,
+        ),
+        (
+            &odd,
+            Some(WeightFormat::Q8_0),
+            KvDtype::F32,
+            64,
+            5,
+            false,
+            false,
+        ),
+        (
+            &q8,
+            Some(WeightFormat::Q4_0),
+            KvDtype::Q8_0,
+            128,
+            32,
+            false,
+            true,
+        ),
+    ];
+    for (i, (cfg_json, weights, kv, ctx, chunk, all_logits, subgroups)) in
+        cases.into_iter().enumerate()
+    {
+        let dir = write_gpt2(&format!("plan-gpt2-{i}"), cfg_json);
+        let gpu = Gpu::new(&GpuOptions {
+            no_subgroups: !subgroups,
+            ..Default::default()
+        })
+        .unwrap();
+        let hf = wgllm::loader::HfModel::open(&dir.0).unwrap();
+        let cfg = wgllm::model::config::ModelConfig::from_hf_json(hf.config()).unwrap();
+        let opts = RunOptions {
+            ctx,
+            kv_dtype: kv,
+            chunk,
+            all_logits,
+            ..Default::default()
+        };
+        let mut m = Gpt2::load(&gpu, cfg.clone(), &Source::Hf(&hf, weights), opts).unwrap();
+        // A prefill over two chunks (one without logits), then a decode step.
+        let prompt: Vec<u32> = (0..chunk as u32 + 3).map(|t| t * 7 % 90).collect();
+        let n = prompt.len().min(m.opts.ctx - 1);
+        m.forward(&gpu, &prompt[..n], 0).unwrap();
+        m.forward(&gpu, &[5], n).unwrap();
+        let r = gpu.ledger.report();
+
+        let precision = match weights {
+            None => Precision::F32,
+            Some(WeightFormat::F16) => Precision::F16,
+            Some(WeightFormat::Q8_0) => Precision::Q8_0,
+            Some(_) => Precision::Q4_0,
+        };
+        let popts = PlanOptions {
+            precision,
+            kv,
+            ctx,
+            chunk,
+            all_logits,
+            ..Default::default()
+        }
+        .for_device(&wgllm::kernels::device_traits(&gpu));
+        let plan = MemoryPlan::new(&cfg, popts).unwrap();
+        let what = format!("gpt2 case {i} ({weights:?}, kv {kv}, ctx {ctx}, chunk {chunk})");
+        assert_eq!(plan.options.ctx, m.opts.ctx, "{what}: ctx capped alike");
+        let class = |c: BufferClass| r.class(c);
+        same(
+            &what,
+            "parameters",
+            plan.parameters_bytes,
+            class(BufferClass::Parameters).current_bytes,
+        );
+        same(
+            &what,
+            "kv cache",
+            plan.kv_cache_bytes,
+            class(BufferClass::KvCache).current_bytes,
+        );
+        same(
+            &what,
+            "activations + params",
+            plan.activation_bytes + plan.kernel_params_bytes,
+            class(BufferClass::Activations).peak_bytes,
+        );
+        same(
+            &what,
+            "staging (upload chunk)",
+            plan.staging_upload_bytes,
+            class(BufferClass::Staging).peak_bytes,
+        );
+    }
+}
+
+/// all-MiniLM-L6-v2 encoding a batch of sentences in one pass keeps the plan of `wgllm plan
+/// --batch B --seq N`: its parameters as uploaded, no KV cache, the shared activations of the batch
+/// plus the kernel parameters of the pass (one attention a sequence), the staging upload chunk.
+#[test]
+fn bert_batch_planned_bytes_equal_the_ledger() {
+    use wgllm::model::bert::Bert;
+    use wgllm::model::params::Precision;
+    use wgllm::model::source::Source;
+    use wgllm::quant::WeightFormat;
+    if gpu().is_none() {
+        return;
+    }
+    let Some(dir) = packaged_model(&wgllm::fetch::MINILM) else {
+        return;
+    };
+    let sentences: Vec<Vec<u32>> = (0..4)
+        .map(|s| {
+            let mut ids = vec![101];
+            ids.extend((0..5 + 3 * s).map(|t| 1000 + 37 * t + s));
+            ids.push(102);
+            ids
+        })
+        .collect();
+    let seqs: Vec<&[u32]> = sentences.iter().map(|s| s.as_slice()).collect();
+    for (weights, precision, batch, seq, subgroups) in [
+        (None, Precision::F32, 4, 32, true),
+        (Some(WeightFormat::Q8_0), Precision::Q8_0, 4, 20, false),
+        (Some(WeightFormat::F16), Precision::F16, 2, 512, true),
+    ] {
+        let gpu = Gpu::new(&GpuOptions {
+            no_subgroups: !subgroups,
+            ..Default::default()
+        })
+        .unwrap();
+        let hf = wgllm::loader::HfModel::open(&dir).unwrap();
+        let cfg = wgllm::model::config::ModelConfig::from_hf_json(hf.config()).unwrap();
+        let mut bert =
+            Bert::load_batch(&gpu, cfg.clone(), &Source::Hf(&hf, weights), batch, seq).unwrap();
+        let embs = bert.embed_batch(&gpu, &seqs).unwrap();
+        assert_eq!(embs.len(), seqs.len());
+        let r = gpu.ledger.report();
+        let popts = PlanOptions {
+            precision,
+            ctx: seq,
+            batch,
+            ..Default::default()
+        }
+        .for_device(&wgllm::kernels::device_traits(&gpu));
+        let plan = MemoryPlan::new(&cfg, popts).unwrap();
+        let what = format!("minilm {precision}, batch {batch} x {seq}");
+        let class = |c: BufferClass| r.class(c);
+        same(
+            &what,
+            "parameters",
+            plan.parameters_bytes,
+            class(BufferClass::Parameters).current_bytes,
+        );
+        same(
+            &what,
+            "kv cache",
+            plan.kv_cache_bytes,
+            class(BufferClass::KvCache).peak_bytes,
+        );
+        same(
+            &what,
+            "activations + params",
+            plan.activation_bytes + plan.kernel_params_bytes,
+            class(BufferClass::Activations).peak_bytes,
+        );
+        same(
+            &what,
+            "staging (upload chunk)",
+            plan.staging_upload_bytes,
+            class(BufferClass::Staging).peak_bytes,
+        );
+    }
+}

@@ -17,6 +17,10 @@ pub(crate) struct Args {
     /// Quantise weights on load: f32, f16, int8, int4.
     #[arg(long)]
     precision: Option<String>,
+    /// Sentences encoded in one pass (`wgllm plan --batch` plans the same); each pass is sized
+    /// for the longest sentence.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
     /// Print the full vectors.
     #[arg(long)]
     full: bool,
@@ -30,6 +34,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
         sentences,
         model,
         precision,
+        batch,
         full,
         json,
     } = a;
@@ -46,18 +51,22 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     // that file, never cut and let the model refuse what is past its positions.
     let max_len = wgllm::model::bert::sentence_max_length(&dir).map(|n| n.min(cfg.max_positions));
     tok.set_max_length(max_len)?;
-    let max = cfg.max_positions;
-    let mut bert = Bert::load(
+    let ids = sentences
+        .iter()
+        .map(|s| tok.encode(s, true))
+        .collect::<wgllm::Result<Vec<_>>>()?;
+    // Activations for passes of `batch` sentences of the longest's length (past the positions,
+    // the model refuses it).
+    let longest = ids.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let mut bert = Bert::load_batch(
         gpu,
         cfg,
         &wgllm::model::source::Source::Hf(&hf, precision),
-        max,
+        batch.clamp(1, ids.len().max(1)),
+        longest,
     )?;
-    let mut vecs = Vec::new();
-    for s in &sentences {
-        let ids = tok.encode(s, true)?;
-        vecs.push(bert.embed(gpu, &ids)?);
-    }
+    let seqs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let vecs = bert.embed_batch(gpu, &seqs)?;
     let n = vecs.len();
     let sims: Vec<Vec<f32>> = (0..n)
         .map(|i| (0..n).map(|j| cosine(&vecs[i], &vecs[j])).collect())

@@ -25,19 +25,22 @@ pub(crate) struct Args {
     /// KV cache type: f32, f16, q8_0.
     #[arg(long, default_value = "f16")]
     kv: String,
-    /// Context length.
-    #[arg(short = 'c', long = "ctx", default_value_t = 2048)]
-    ctx: usize,
+    /// Context length (KV cache positions) [default: 2048, or the model's learned positions where
+    /// fewer].
+    #[arg(short = 'c', long = "ctx")]
+    ctx: Option<usize>,
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 64)]
     chunk: usize,
     /// Add the training footprint (gradients, Adam moments, saved activations).
     #[arg(long)]
     train: bool,
-    /// Batch size for --train.
+    /// Sequences per pass: an encoder's (BERT) inference plan encodes this many at once, as
+    /// `wgllm embed` does its sentences; also --train's batch.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Sequence length for --train (default: --ctx).
+    /// Tokens per sequence: an encoder's (BERT) inference plan and --train's (default: --ctx; an
+    /// encoder's is capped at its positions).
     #[arg(long)]
     seq: Option<usize>,
     #[arg(long)]
@@ -97,15 +100,25 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<bool> {
         .map(plan_precision)
         .transpose()?
         .unwrap_or(wgllm::model::params::Precision::F16);
+    use wgllm::model::config::{Arch, Positions};
+    // A learned position table bounds the context; the loaders cap it there.
+    let ctx = a.ctx.unwrap_or(match cfg.positions {
+        Positions::Learned => cfg.max_positions.min(2048),
+        _ => 2048,
+    });
+    let seq = a.seq.unwrap_or(ctx);
+    let encoder = cfg.arch == Arch::Bert;
     let opts = PlanOptions {
         precision,
         kv: wgllm::kernels::attention::KvDtype::parse(&a.kv)?,
-        ctx: a.ctx,
+        // An encoder keeps no KV cache: its context is the sequence it encodes.
+        ctx: if encoder { seq } else { ctx },
+        batch: a.batch.max(1),
         chunk: a.chunk.max(1),
         budget,
         train: a.train.then(|| TrainOptions {
             batch: a.batch.max(1),
-            seq: a.seq.unwrap_or(a.ctx),
+            seq,
         }),
         ..Default::default()
     };
@@ -125,12 +138,22 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<bool> {
     } else {
         print!("{}", plan.to_table());
         print_parameter_breakdown(&cfg);
-        let decode = wgllm::plan::activations::llama_activation_plan(&cfg, 1, false);
-        println!(
-            "activations for decode (1 token): {} in {} shared buffers (the run allocates for the prefill chunk)",
-            wgllm::gpu::ledger::human_bytes(decode.total_bytes),
-            decode.buffers.len()
-        );
+        if !encoder {
+            let decode = MemoryPlan::new(
+                &cfg,
+                PlanOptions {
+                    chunk: 1,
+                    train: None,
+                    ..plan.options.clone()
+                },
+            )?
+            .activations;
+            println!(
+                "activations for decode (1 token): {} in {} shared buffers (the run allocates for the prefill chunk)",
+                wgllm::gpu::ledger::human_bytes(decode.total_bytes),
+                decode.buffers.len()
+            );
+        }
         if gguf.is_some() {
             let b = plan.parameters_bytes;
             println!(

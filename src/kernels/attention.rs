@@ -111,8 +111,9 @@ fn tiled_fits(gpu: &Gpu, head_dim: usize) -> bool {
 enum Keys {
     /// Query t of a chunk starting at position `pos0` sees keys `0..=pos0 + t`.
     Causal { pos0: usize },
-    /// Every query sees keys `0..n_keys`.
-    All { n_keys: usize },
+    /// Every query sees keys `0..n_keys`; q, out and the cache are bound from row `row0` on (one
+    /// sequence of a batch laid out row after row).
+    All { n_keys: usize, row0: usize },
 }
 
 /// The tiled kernel from [`TILED_MIN_TOKENS`] tokens on, when it fits; the decode kernel otherwise.
@@ -276,7 +277,35 @@ pub fn attention_bidirectional_with(
         }
         Some(k) => k,
     };
-    dispatch_attention(rec, path, q, cache, Keys::All { n_keys }, scale, out)
+    let keys = Keys::All { n_keys, row0: 0 };
+    dispatch_attention(rec, path, q, cache, keys, scale, out)
+}
+
+/// [`attention_bidirectional`] for one sequence of a batch laid out row after row in the same
+/// buffers: the `m` query rows of `q` and `out` (`[m, n_heads, head_dim]` views of buffers that
+/// hold the whole batch) start at row `row0` of their buffers and see key rows
+/// `row0..row0 + n_keys` of `cache`. Every binding starts at row `row0`, so `row0` rows of q, out
+/// and the cache must each be a multiple of the device's storage offset alignment in bytes (a
+/// binding's offset must be; [`crate::plan::bert::sequence_slot`] lays sequences out so). Picks the
+/// kernel as [`attention`] does.
+pub fn attention_bidirectional_rows(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    row0: usize,
+    n_keys: usize,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
+    if n_keys == 0 {
+        return Err(Error::invalid(
+            format!("bidirectional attention ({})", cache.k.label),
+            "no keys to attend to",
+        ));
+    }
+    let path = auto_path(rec.gpu(), q, cache);
+    let keys = Keys::All { n_keys, row0 };
+    dispatch_attention(rec, path, q, cache, keys, scale, out)
 }
 
 /// [`attention`] with the decode kernel (one workgroup per token and head; keys split over its
@@ -409,10 +438,33 @@ fn dispatch(
             check_positions("attention", cache, pos0, m)?;
             (pos0, 1, 0)
         }
-        Keys::All { n_keys } => {
-            check_positions("attention", cache, 0, n_keys)?;
+        Keys::All { n_keys, row0 } => {
+            check_positions("attention", cache, row0, n_keys)?;
             (0, 0, n_keys)
         }
+    };
+    // Rows before `row0` are another sequence's: every binding starts at that row.
+    let row0 = match keys {
+        Keys::All { row0, .. } => row0,
+        Keys::Causal { .. } => 0,
+    };
+    let q_row = (n_heads * cache.head_dim * 4) as u64;
+    let q_end = (row0 as u64).saturating_add(m as u64).saturating_mul(q_row);
+    if q_end > q.buf.size() || q_end > out.buf.size() {
+        return Err(Error::invalid(
+            "attention",
+            format!(
+                "rows {row0}..{} of '{}' and '{}' run past their buffers",
+                row0 + m,
+                q.buf.label,
+                out.buf.label
+            ),
+        ));
+    }
+    let kv_row = (cache.n_kv_heads * cache.row_words * 4) as u64;
+    let from_row = |b: &crate::gpu::GpuBuffer, row_bytes: u64| {
+        let offset = row0 as u64 * row_bytes;
+        b.range(offset, b.size() - offset)
     };
     let group = n_heads / cache.n_kv_heads;
     let (shader, entry, n_wg) = match path {
@@ -456,11 +508,11 @@ fn dispatch(
     let kernel = gpu.kernel(shader, entry, &binds, 48, overrides)?;
     let label = match keys {
         Keys::Causal { .. } => format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label),
-        Keys::All { .. } => format!("attention.{entry}.{}.all{n_keys}x{m}", out.buf.label),
+        Keys::All { .. } => format!("attention.{entry}.{}.all{n_keys}x{m}@{row0}", out.buf.label),
     };
-    let (k, v) = (cache.k.view(), cache.v.view());
+    let (k, v) = (from_row(&cache.k, kv_row), from_row(&cache.v, kv_row));
     let Some((partials, _)) = split else {
-        let views = [q.buf.view(), k, v, out.buf.view()];
+        let views = [from_row(&q.buf, q_row), k, v, from_row(&out.buf, q_row)];
         return rec.dispatch(&kernel, &label, &views, params(&p), gpu.groups(p.n_wg));
     };
     let views = [q.buf.view(), k.clone(), v.clone(), partials.buf.view()];

@@ -3,7 +3,14 @@
 //! biases everywhere; learned positions and token types (all 0 here). [`Bert::embed`] mean-pools
 //! the last hidden states over the tokens of one unpadded sequence and L2-normalises them when the
 //! directory's `modules.json` lists `sentence_transformers.models.Normalize`. The pooler is unused.
-//! `encode` reads like the architecture: one kernel call a line.
+//! `pass` reads like the architecture: one kernel call a line.
+//!
+//! A pass encodes a batch of up to [`Bert::batch`] sequences at once ([`Bert::embed_batch`]): the
+//! sequences lie one after another in the activations, each in a slot of
+//! [`crate::plan::bert::sequence_slot`] rows, every row-wise kernel runs once over all of them
+//! (the weights are read once a batch, not once a sequence), and attention runs once per sequence
+//! over that sequence's rows alone, so no padding is attended to. The activations are the shared
+//! buffers of [`crate::plan::bert_activation_plan`], so `wgllm plan` and the ledger agree.
 
 use std::path::Path;
 
@@ -16,6 +23,7 @@ use crate::kernels::attention::{self, KvCache};
 use crate::kernels::{elementwise, embedding, matmul, norm, Tensor, WeightMatrix};
 use crate::model::config::{Arch, Ffn, ModelConfig, Norm, Positions};
 use crate::model::source::Source;
+use crate::quant::WeightFormat;
 
 /// A LayerNorm's gain and bias.
 pub struct LayerNorm {
@@ -44,25 +52,28 @@ pub struct BertLayer {
 /// All parameters used for sentence embeddings.
 pub struct BertWeights {
     pub word: WeightMatrix,
-    /// Position embeddings plus token type 0's row, `[max_tokens, d]`, summed on the CPU at load
-    /// (token types are all 0), so the embedding costs one lookup and one add.
-    pub pos_type: Tensor,
+    /// Position embeddings plus token type 0's row, `[max_tokens, d]` f32, summed on the CPU at
+    /// load (token types are all 0), so the embedding costs two lookups (words, positions) and one
+    /// add.
+    pub pos_type: WeightMatrix,
     pub emb_ln: LayerNorm,
     pub layers: Vec<BertLayer>,
 }
 
-/// Activations for up to `max_tokens` tokens, allocated once.
+/// Activations for `batch` sequences of up to `max_tokens` tokens (`rows` = `batch` slots),
+/// allocated once as the planner shares them; every role is a prefix view of its buffer.
 struct RunState {
     ids: GpuBuffer,
-    x: Tensor,     // (n, d) hidden states (LayerNorm outputs)
-    sum: Tensor,   // (n, d) the residual sum before a LayerNorm
-    q: Tensor,     // (n, d)
-    k: Tensor,     // (n, d), also the attention's K store
-    v: Tensor,     // (n, d), also the attention's V store
-    att: Tensor,   // (n, d)
-    proj: Tensor,  // (n, d) output of the attention / FFN projections, the word embeddings
-    inter: Tensor, // (n, ffn)
-    act: Tensor,   // (n, ffn) gelu(inter)
+    pos_ids: GpuBuffer,
+    x: Tensor,     // (rows, d) hidden states (LayerNorm outputs); the position embeddings
+    sum: Tensor,   // (rows, d) the residual sum before a LayerNorm
+    q: Tensor,     // (rows, d)
+    k: Tensor,     // (rows, d), also the attention's K store
+    v: Tensor,     // (rows, d), also the attention's V store
+    att: Tensor,   // (rows, d)
+    proj: Tensor,  // (rows, d) output of the attention / FFN projections, the word embeddings
+    inter: Tensor, // (rows, ffn)
+    act: Tensor,   // (rows, ffn) gelu(inter)
 }
 
 /// A loaded BERT encoder, ready to embed sentences.
@@ -71,6 +82,8 @@ pub struct Bert {
     pub weights: BertWeights,
     /// Longest sequence accepted: `min(max_tokens, max_positions)`.
     pub max_tokens: usize,
+    /// Sequences encoded in one pass.
+    pub batch: usize,
     pub gelu: GeluForm,
     /// L2-normalise pooled embeddings (`modules.json` lists Normalize).
     pub normalize: bool,
@@ -208,9 +221,22 @@ fn gelu_form(src: &Source) -> Result<GeluForm> {
 
 impl Bert {
     /// Loads weights from `src` (HF `BertModel` names, with or without the `bert.` prefix),
-    /// checking every shape against `cfg`, and allocates activations for `max_tokens` tokens
-    /// (capped at `max_positions`). `normalize` comes from the directory's `modules.json`.
+    /// checking every shape against `cfg`, and allocates activations for one sequence of
+    /// `max_tokens` tokens (capped at `max_positions`). `normalize` comes from the directory's
+    /// `modules.json`.
     pub fn load(gpu: &Gpu, cfg: ModelConfig, src: &Source, max_tokens: usize) -> Result<Bert> {
+        Bert::load_batch(gpu, cfg, src, 1, max_tokens)
+    }
+
+    /// [`Bert::load`] with activations for passes of `batch` sequences of up to `max_tokens`
+    /// tokens each: what `wgllm plan --batch B --seq N` plans for a BERT model.
+    pub fn load_batch(
+        gpu: &Gpu,
+        cfg: ModelConfig,
+        src: &Source,
+        batch: usize,
+        max_tokens: usize,
+    ) -> Result<Bert> {
         let bad = |reason: String| Error::invalid("bert", reason);
         if cfg.arch != Arch::Bert || cfg.norm != Norm::LayerNorm || cfg.ffn != Ffn::Gelu {
             return Err(bad(format!("config is {:?}, not a BERT encoder", cfg.arch)));
@@ -225,8 +251,8 @@ impl Bert {
             )));
         }
         let max_tokens = max_tokens.min(cfg.max_positions);
-        if max_tokens == 0 {
-            return Err(bad("max_tokens must be positive".into()));
+        if max_tokens == 0 || batch == 0 {
+            return Err(bad("max_tokens and batch must be positive".into()));
         }
         let prefix = if src.has("bert.embeddings.word_embeddings.weight") {
             "bert."
@@ -272,10 +298,13 @@ impl Bert {
             .zip(types[..d].iter().cycle())
             .map(|(p, t)| p + t)
             .collect();
-        let pos_type = gpu.tensor_from(
+        // A table, so that each row of a batch looks its position up (every sequence starts at
+        // position 0); f32 whatever the precision, as it was summed.
+        let pos_type = gpu.upload_weights_f32(
             "embeddings.pos_type",
-            BufferClass::Parameters,
-            &[max_tokens, d],
+            WeightFormat::F32,
+            max_tokens,
+            d,
             &pos_type,
         )?;
         let emb_ln = layer_norm("embeddings.LayerNorm")?;
@@ -298,7 +327,7 @@ impl Bert {
             Source::Gguf(_) | Source::Synthetic { .. } => false,
         };
         let gelu = gelu_form(src)?;
-        let state = RunState::new(gpu, &cfg, max_tokens)?;
+        let state = RunState::new(gpu, &cfg, batch, max_tokens)?;
         let weights = BertWeights {
             word,
             pos_type,
@@ -309,6 +338,7 @@ impl Bert {
             cfg,
             weights,
             max_tokens,
+            batch,
             gelu,
             normalize,
             state,
@@ -319,34 +349,68 @@ impl Bert {
     /// an empty sequence, ids outside the vocabulary and more than [`Bert::max_tokens`] tokens
     /// ([`Error::ContextFull`]).
     pub fn hidden_states(&mut self, gpu: &Gpu, ids: &[u32]) -> Result<Vec<f32>> {
-        let m = ids.len();
-        if m == 0 {
-            return Err(Error::invalid("bert", "no tokens"));
+        let mut out = self.hidden_states_batch(gpu, &[ids])?;
+        out.pop()
+            .ok_or_else(|| Error::invalid("bert", "no hidden states"))
+    }
+
+    /// The last layer's hidden states of each sequence (`[len, hidden]` row-major each), in passes
+    /// of up to [`Bert::batch`] sequences. Refuses what [`Bert::hidden_states`] refuses, before
+    /// anything runs, and an empty list.
+    pub fn hidden_states_batch(&mut self, gpu: &Gpu, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        if seqs.is_empty() {
+            return Err(Error::invalid("bert", "no sequences"));
         }
-        if m > self.max_tokens {
-            return Err(Error::ContextFull {
-                ctx: self.max_tokens,
-                needed: m,
-            });
+        for ids in seqs {
+            if ids.is_empty() {
+                return Err(Error::invalid("bert", "no tokens"));
+            }
+            if ids.len() > self.max_tokens {
+                return Err(Error::ContextFull {
+                    ctx: self.max_tokens,
+                    needed: ids.len(),
+                });
+            }
+            embedding::check_ids(ids, self.cfg.vocab_size)?;
         }
-        embedding::check_ids(ids, self.cfg.vocab_size)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for group in seqs.chunks(self.batch) {
+            out.extend(self.pass(gpu, group)?);
+        }
+        Ok(out)
+    }
+
+    /// One pass over up to [`Bert::batch`] checked sequences: sequence `b` in rows
+    /// `b * slot..b * slot + len`, `slot` fitting the longest; padding rows hold token 0 at
+    /// position 0 and are never attended to.
+    fn pass(&mut self, gpu: &Gpu, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         let (s, w, cfg) = (&self.state, &self.weights, &self.cfg);
         let (d, nh, hd) = (cfg.hidden_size, cfg.n_heads, cfg.head_dim);
+        let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
+        let slot = crate::plan::bert::sequence_slot(longest, d);
+        let m = seqs.len() * slot;
+        let (mut ids, mut positions) = (vec![0u32; m], vec![0u32; m]);
+        for (b, seq) in seqs.iter().enumerate() {
+            ids[b * slot..b * slot + seq.len()].copy_from_slice(seq);
+            for (t, p) in positions[b * slot..b * slot + seq.len()]
+                .iter_mut()
+                .enumerate()
+            {
+                *p = t as u32;
+            }
+        }
         let eps = cfg.norm_eps as f32;
         let scale = 1.0 / (hd as f32).sqrt();
-        gpu.write(&s.ids, 0, bytemuck::cast_slice(ids))?;
+        gpu.write(&s.ids, 0, bytemuck::cast_slice(&ids))?;
+        gpu.write(&s.pos_ids, 0, bytemuck::cast_slice(&positions))?;
         let (x, sum, proj) = (
             s.x.view(&[m, d])?,
             s.sum.view(&[m, d])?,
             s.proj.view(&[m, d])?,
         );
         let (q, k, v) = (s.q.view(&[m, d])?, s.k.view(&[m, d])?, s.v.view(&[m, d])?);
-        let (q3, k3, v3) = (
-            q.view(&[m, nh, hd])?,
-            k.view(&[m, nh, hd])?,
-            v.view(&[m, nh, hd])?,
-        );
-        let (att, att3) = (s.att.view(&[m, d])?, s.att.view(&[m, nh, hd])?);
+        let (k3, v3) = (k.view(&[m, nh, hd])?, v.view(&[m, nh, hd])?);
+        let att = s.att.view(&[m, d])?;
         let (inter, act) = (
             s.inter.view(&[m, cfg.ffn_size])?,
             s.act.view(&[m, cfg.ffn_size])?,
@@ -357,14 +421,19 @@ impl Bert {
         let mut rec = gpu.recorder();
         let r = &mut rec;
         embedding::lookup(r, &w.word, &s.ids, m, &proj)?;
-        elementwise::add(r, &proj, &w.pos_type.view(&[m, d])?, &sum)?; // + position + type 0
+        embedding::lookup(r, &w.pos_type, &s.pos_ids, m, &x)?; // position + type 0
+        elementwise::add(r, &proj, &x, &sum)?;
         norm::layer_norm(r, &sum, &w.emb_ln.weight, &w.emb_ln.bias, eps, &x)?;
         for l in &w.layers {
-            // attention block, post-norm: x = LN(x + attn(x))
+            // attention block, post-norm: x = LN(x + attn(x)), each sequence over its own rows
             linear(r, &l.q, &x, &q)?;
             linear(r, &l.k, &x, &k)?;
             linear(r, &l.v, &x, &v)?;
-            attention::attention_bidirectional(r, &q3, &kv, m, scale, &att3)?;
+            for (b, seq) in seqs.iter().enumerate() {
+                let n = seq.len();
+                let (qb, ab) = (s.q.view(&[n, nh, hd])?, s.att.view(&[n, nh, hd])?);
+                attention::attention_bidirectional_rows(r, &qb, &kv, b * slot, n, scale, &ab)?;
+            }
             linear(r, &l.attn_out, &att, &proj)?;
             elementwise::add(r, &x, &proj, &sum)?; // residual
             norm::layer_norm(r, &sum, &l.attn_ln.weight, &l.attn_ln.bias, eps, &x)?;
@@ -376,7 +445,12 @@ impl Bert {
             norm::layer_norm(r, &sum, &l.ffn_ln.weight, &l.ffn_ln.bias, eps, &x)?;
         }
         rec.submit()?;
-        gpu.read_f32(&x.buf, 0, m * d)
+        let hidden = gpu.read_f32(&x.buf, 0, m * d)?;
+        Ok(seqs
+            .iter()
+            .enumerate()
+            .map(|(b, seq)| hidden[b * slot * d..(b * slot + seq.len()) * d].to_vec())
+            .collect())
     }
 
     /// The sentence embedding of one unpadded sequence (`[CLS] ... [SEP]` ids): the mean of its
@@ -384,6 +458,16 @@ impl Bert {
     pub fn embed(&mut self, gpu: &Gpu, ids: &[u32]) -> Result<Vec<f32>> {
         let hidden = self.hidden_states(gpu, ids)?;
         Ok(mean_pool(&hidden, self.cfg.hidden_size, self.normalize))
+    }
+
+    /// [`Bert::embed`] of each sequence, in passes of up to [`Bert::batch`].
+    pub fn embed_batch(&mut self, gpu: &Gpu, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let d = self.cfg.hidden_size;
+        Ok(self
+            .hidden_states_batch(gpu, seqs)?
+            .iter()
+            .map(|h| mean_pool(h, d, self.normalize))
+            .collect())
     }
 }
 
@@ -394,26 +478,42 @@ fn linear(r: &mut crate::gpu::Recorder, l: &Linear, x: &Tensor, y: &Tensor) -> R
 }
 
 impl RunState {
-    fn new(gpu: &Gpu, cfg: &ModelConfig, n: usize) -> Result<RunState> {
-        let d = cfg.hidden_size;
-        let t = |label: &str, cols: usize| {
-            gpu.tensor(
-                &format!("bert.{label}"),
-                BufferClass::Activations,
-                &[n, cols],
-            )
+    /// The buffers of [`crate::plan::bert_activation_plan`] for `batch` sequences of up to
+    /// `max_tokens` tokens, one allocation each, every role a prefix view.
+    fn new(gpu: &Gpu, cfg: &ModelConfig, batch: usize, max_tokens: usize) -> Result<RunState> {
+        let plan = crate::plan::bert_activation_plan(cfg, batch, max_tokens);
+        let rows = plan.chunk;
+        let buffers = plan
+            .buffers
+            .iter()
+            .map(|b| {
+                let label = format!("bert.{}", b.label);
+                gpu.alloc(&label, BufferClass::Activations, b.bytes)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let role = |name: &str, cols: usize| -> Result<Tensor> {
+            let i = *plan.role_to_buffer.get(name).ok_or_else(|| {
+                Error::invalid("activation plan", format!("no buffer for '{name}'"))
+            })?;
+            Tensor {
+                buf: buffers[i].clone(),
+                shape: vec![buffers[i].size() as usize / 4],
+            }
+            .view(&[rows, cols])
         };
+        let d = cfg.hidden_size;
         Ok(RunState {
-            ids: gpu.alloc("bert.token_ids", BufferClass::Activations, n as u64 * 4)?,
-            x: t("x", d)?,
-            sum: t("sum", d)?,
-            q: t("q", d)?,
-            k: t("k", d)?,
-            v: t("v", d)?,
-            att: t("att", d)?,
-            proj: t("proj", d)?,
-            inter: t("ffn_inter", cfg.ffn_size)?,
-            act: t("ffn_act", cfg.ffn_size)?,
+            ids: role("ids", 1)?.buf,
+            pos_ids: role("pos_ids", 1)?.buf,
+            x: role("x", d)?,
+            sum: role("sum", d)?,
+            q: role("q", d)?,
+            k: role("k", d)?,
+            v: role("v", d)?,
+            att: role("att", d)?,
+            proj: role("proj", d)?,
+            inter: role("inter", cfg.ffn_size)?,
+            act: role("act", cfg.ffn_size)?,
         })
     }
 }

@@ -19,9 +19,34 @@ pub enum Arch {
     Llama,
     /// Post-norm encoder with LayerNorm, GELU, learned positions and token types (`BertModel`).
     Bert,
-    /// Pre-norm decoder with LayerNorm, GELU, learned positions and biases; also GPT-3-style dense
-    /// decoders.
+    /// Pre-norm decoder with LayerNorm, GELU, learned positions and biases.
     Gpt2,
+    /// GPT-3 (Brown et al. 2020): GPT-2's layout and tensors, with attention alternating between
+    /// dense and locally banded sparse layers. wgllm describes it (parameters, bytes, a plan from
+    /// the GPT-2 pass's formulas) but has no forward pass for it: there is no banded attention
+    /// kernel here, and running it as GPT-2 would attend densely in every layer.
+    Gpt3,
+}
+
+impl Arch {
+    /// The lowercase name, as in JSON (`gpt2`, `bert`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Bert => "bert",
+            Arch::Gpt2 => "gpt2",
+            Arch::Gpt3 => "gpt3",
+        }
+    }
+
+    /// The command that runs this architecture, or `None` where wgllm only describes it.
+    pub fn runs_with(self) -> Option<&'static str> {
+        match self {
+            Arch::Llama | Arch::Gpt2 => Some("wgllm run"),
+            Arch::Bert => Some("wgllm embed"),
+            Arch::Gpt3 => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -153,7 +178,8 @@ impl ModelConfig {
         ModelConfig::from_hf_json(&value)
     }
 
-    /// Reads a Hugging Face `config.json` of model_type llama, mistral, qwen2, bert or gpt2.
+    /// Reads a Hugging Face `config.json` of model_type llama, mistral, qwen2, bert or gpt2, or
+    /// wgllm's own `gpt3` (GPT2Config's fields; OpenAI published no config.json for GPT-3).
     pub fn from_hf_json(json: &Value) -> Result<ModelConfig> {
         let obj = json.as_object().ok_or_else(|| Error::ConfigInvalid {
             model_type: "?".into(),
@@ -174,7 +200,8 @@ impl ModelConfig {
         let cfg = match model_type {
             "llama" | "mistral" | "qwen2" => f.llama()?,
             "bert" => f.bert()?,
-            "gpt2" => f.gpt2()?,
+            "gpt2" => f.gpt2(Arch::Gpt2)?,
+            "gpt3" => f.gpt2(Arch::Gpt3)?,
             other => return Err(Error::UnknownModelType(format!("'{other}'"))),
         };
         cfg.validate(model_type)?;
@@ -383,12 +410,13 @@ impl Fields<'_> {
         })
     }
 
-    /// GPT-2: GPT2Config's own names, with the HF aliases it maps them from also accepted.
-    fn gpt2(&self) -> Result<ModelConfig> {
+    /// GPT-2: GPT2Config's own names, with the HF aliases it maps them from also accepted. GPT-3
+    /// configs (`arch` [`Arch::Gpt3`]) use the same fields.
+    fn gpt2(&self, arch: Arch) -> Result<ModelConfig> {
         let hidden = self.usize(&["n_embd", "hidden_size"])?;
         let heads = self.usize(&["n_head", "num_attention_heads"])?;
         Ok(ModelConfig {
-            arch: Arch::Gpt2,
+            arch,
             vocab_size: self.usize(&["vocab_size"])?,
             hidden_size: hidden,
             n_layers: self.usize(&["n_layer", "num_hidden_layers"])?,

@@ -48,9 +48,12 @@ pub struct Gpt2Weights {
     pub ln_f: (Tensor, Tensor),
 }
 
-/// Activations for one chunk of up to `chunk` tokens, allocated once, and the KV cache.
+/// Activations for one chunk of up to `chunk` tokens, allocated once as the memory planner shares
+/// them ([`crate::plan::gpt2_activation_plan`]), and the KV cache.
 pub struct RunState {
     pub chunk: usize,
+    /// Whether the logits role holds a row per token of a chunk.
+    all_logits: bool,
     ids: GpuBuffer,
     pos_ids: GpuBuffer,
     x: Tensor,      // (chunk, d) residual stream
@@ -264,7 +267,7 @@ impl Gpt2 {
         let ln_f = ln("ln_f")?;
         // Positions past the learned table have no embedding.
         opts.ctx = opts.ctx.min(cfg.max_positions);
-        let state = RunState::new(gpu, &cfg, &opts)?;
+        let state = RunState::new(gpu, &cfg, &opts, None)?;
         let weights = Gpt2Weights {
             wte,
             wpe,
@@ -296,15 +299,10 @@ impl Gpt2 {
                 needed,
             });
         }
-        let rows = if self.opts.all_logits {
-            self.state.chunk
-        } else {
-            1
-        };
-        let shape = [rows, self.cfg.vocab_size];
-        if self.state.logits.len() < rows * self.cfg.vocab_size {
-            // Logits for every token were asked for after loading: grow the buffer.
-            self.state.logits = gpu.tensor("logits", BufferClass::Activations, &shape)?;
+        if self.state.all_logits != self.opts.all_logits {
+            // The logits role's size (and so the plan) depends on it: re-plan, keeping the cache.
+            let kv = std::mem::take(&mut self.state.kv);
+            self.state = RunState::new(gpu, &self.cfg, &self.opts, Some(kv))?;
         }
         let (chunk, all) = (self.state.chunk, self.opts.all_logits);
         crate::model::generate::in_chunks(tokens, pos0, chunk, all, |c, pos, want| {
@@ -416,37 +414,63 @@ fn submit(profile: &mut Option<Vec<DispatchTime>>, rec: Recorder) -> Result<()> 
 }
 
 impl RunState {
-    fn new(gpu: &Gpu, cfg: &ModelConfig, opts: &RunOptions) -> Result<RunState> {
+    /// Allocates the activations exactly as the memory planner shares them
+    /// ([`crate::plan::gpt2_activation_plan`]): one buffer per planned buffer, each role a prefix
+    /// view of its buffer, so `wgllm plan` and the ledger agree byte for byte. The KV cache is
+    /// `kv` when re-planning, else a new one of `opts.ctx` positions.
+    fn new(
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        opts: &RunOptions,
+        kv: Option<Vec<KvCache>>,
+    ) -> Result<RunState> {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
-        let t = |label: &str, shape: &[usize]| gpu.tensor(label, BufferClass::Activations, shape);
-        let n_logits = if opts.all_logits { c } else { 1 };
-        let cache = |l| {
-            KvCache::new(
-                gpu,
-                &format!("layer.{l}.kv"),
-                opts.kv_dtype,
-                opts.ctx,
-                cfg.n_heads,
-                hd,
-            )
+        let plan = crate::plan::gpt2_activation_plan(cfg, c, opts.all_logits);
+        let buffers = plan
+            .buffers
+            .iter()
+            .map(|b| {
+                let label = format!("act.{}", b.label);
+                gpu.alloc(&label, BufferClass::Activations, b.bytes)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let role = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let i = *plan.role_to_buffer.get(name).ok_or_else(|| {
+                Error::invalid("activation plan", format!("no buffer for '{name}'"))
+            })?;
+            Tensor {
+                buf: buffers[i].clone(),
+                shape: vec![buffers[i].size() as usize / 4],
+            }
+            .view(shape)
         };
-        let kv = (0..cfg.n_layers).map(cache).collect::<Result<Vec<_>>>()?;
+        let kv = match kv {
+            Some(kv) => kv,
+            None => (0..cfg.n_layers)
+                .map(|l| {
+                    let label = format!("layer.{l}.kv");
+                    KvCache::new(gpu, &label, opts.kv_dtype, opts.ctx, cfg.n_heads, hd)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let n_logits = if opts.all_logits { c } else { 1 };
         Ok(RunState {
             chunk: c,
-            ids: gpu.alloc("token_ids", BufferClass::Activations, c as u64 * 4)?,
-            pos_ids: gpu.alloc("position_ids", BufferClass::Activations, c as u64 * 4)?,
-            x: t("x", &[c, d])?,
-            x2: t("x2", &[c, d])?,
-            xb: t("xb", &[c, d])?,
-            q: t("q", &[c, d])?,
-            k: t("k", &[c, d])?,
-            v: t("v", &[c, d])?,
-            att: t("att", &[c, d])?,
-            proj: t("proj", &[c, d])?,
-            fc: t("ffn_fc", &[c, cfg.ffn_size])?,
-            act: t("ffn_act", &[c, cfg.ffn_size])?,
-            logits: t("logits", &[n_logits, cfg.vocab_size])?,
+            all_logits: opts.all_logits,
+            ids: role("ids", &[c])?.buf,
+            pos_ids: role("pos_ids", &[c])?.buf,
+            x: role("x", &[c, d])?,
+            x2: role("x2", &[c, d])?,
+            xb: role("xb", &[c, d])?,
+            q: role("q", &[c, d])?,
+            k: role("k", &[c, d])?,
+            v: role("v", &[c, d])?,
+            att: role("att", &[c, d])?,
+            proj: role("proj", &[c, d])?,
+            fc: role("fc", &[c, cfg.ffn_size])?,
+            act: role("act", &[c, cfg.ffn_size])?,
+            logits: role("logits", &[n_logits, cfg.vocab_size])?,
             kv,
         })
     }

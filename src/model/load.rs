@@ -152,6 +152,13 @@ fn load_hf(
                 "BERT is an encoder: use `wgllm embed` for it",
             ));
         }
+        Arch::Gpt3 => {
+            return Err(Error::invalid(
+                "load",
+                "GPT-3 is described here (`wgllm plan`), not run: wgllm has no kernel for its \
+                 alternating dense and banded sparse attention",
+            ));
+        }
     };
     Ok(LoadedLm {
         model,

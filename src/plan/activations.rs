@@ -1,4 +1,6 @@
-//! The activation buffers of the LLaMA forward pass, shared by liveness.
+//! The activation buffers of a forward pass, shared by liveness: the machinery ([`Schedule`],
+//! [`share`]) and LLaMA's schedule. GPT-2's and BERT's schedules use the same machinery, in
+//! [`super::gpt2`] and [`super::bert`].
 //!
 //! [`llama_schedule`] writes down the kernel sequence of `Llama::forward_chunk` (src/model/llama.rs)
 //! as steps that read and write named activation *roles* (`x`, `q`, `gate`, ...). [`share`] runs a
@@ -60,6 +62,21 @@ pub enum Kernel {
     Attention,
     Add,
     Swiglu,
+    /// An f32 lookup table of `rows x cols`, kept f32 whatever the precision (BERT's positions plus
+    /// token type 0): one dispatch per shard.
+    TableF32 {
+        rows: usize,
+        cols: usize,
+    },
+    LayerNorm,
+    /// The KV-cache store of k and v without RoPE (GPT-2's learned positions), one dispatch.
+    KvStore,
+    Gelu,
+    /// Attention without key splits, one dispatch per sequence: a GPT-2 chunk is one sequence; a
+    /// BERT batch attends sequence by sequence, each within its own rows.
+    DenseAttention {
+        sequences: usize,
+    },
 }
 
 /// Bytes of the uniform params block of the RoPE + KV-store kernel: 48 bytes of fields and
@@ -77,9 +94,15 @@ impl Kernel {
             | Kernel::AddRmsNorm
             | Kernel::AddBias
             | Kernel::Add
-            | Kernel::Swiglu => 16,
-            Kernel::Embedding { .. } | Kernel::Matmul { .. } | Kernel::StackedMatmul => 32,
-            Kernel::Attention => 48,
+            | Kernel::Swiglu
+            | Kernel::LayerNorm
+            | Kernel::Gelu => 16,
+            Kernel::Embedding { .. }
+            | Kernel::TableF32 { .. }
+            | Kernel::Matmul { .. }
+            | Kernel::StackedMatmul
+            | Kernel::KvStore => 32,
+            Kernel::Attention | Kernel::DenseAttention { .. } => 48,
             Kernel::RopeStore => ROPE_STORE_PARAMS_BYTES,
         }
     }
@@ -120,7 +143,7 @@ impl Folds {
     }
 }
 
-fn step(label: &str, kernel: Kernel, reads: &[&str], writes: &[&str]) -> Step {
+pub(crate) fn step(label: &str, kernel: Kernel, reads: &[&str], writes: &[&str]) -> Step {
     let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
     Step {
         label: label.into(),

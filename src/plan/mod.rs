@@ -1,15 +1,25 @@
 //! The memory planner: what a model takes on the device before anything is allocated, class by
 //! class, whether it fits a budget, and what to change when it does not. No GPU is touched.
 //!
+//! Every architecture wgllm runs is planned from its own forward pass: LLaMA-family decoders,
+//! GPT-2 (`wgllm run`) and the BERT encoder (`wgllm embed`, a batch of sequences per pass). GPT-3
+//! is described with GPT-2's formulas and marked so ([`MemoryPlan::described_only`]).
+//!
 //! Classes (each exact for wgllm's own buffers, the overhead stated):
-//! - parameters: [`params::weight_bytes`] (block formats for embeddings and matrices, f32 norms);
-//! - KV cache: `n_layers * ctx * bytes_per_token(kv, n_kv_heads, head_dim)`, as `KvCache` allocates;
-//! - activations: the shared buffers of [`activations::llama_activation_plan`] for the chunk size;
+//! - parameters: LLaMA: [`params::weight_bytes`] (block formats for embeddings and matrices, f32
+//!   norms); GPT-2 and BERT: what their loaders upload ([`uploads`]), sharded as the device stores
+//!   matrices;
+//! - KV cache: `n_layers * ctx * bytes_per_token(kv, n_kv_heads, head_dim)`, as `KvCache` allocates
+//!   (none for BERT, which attends over each pass's own K and V);
+//! - activations: the shared buffers of the pass's schedule ([`activations::llama_activation_plan`],
+//!   [`gpt2::gpt2_activation_plan`] for the chunk size; [`bert::bert_activation_plan`] for the
+//!   batch);
 //! - staging: one upload chunk (`min(STAGING_CHUNK, largest uploaded buffer)`, the load path) plus
-//!   the logits readback (`min(STAGING_CHUNK, logits)`), counted together although the load and the
-//!   run do not overlap, so that streaming layers while running stays covered;
+//!   the readback (`min(STAGING_CHUNK, logits)`, or BERT's hidden states), counted together
+//!   although the load and the run do not overlap, so that streaming layers while running stays
+//!   covered;
 //! - kernel params: the uniform buffer of one submission, one [`PARAM_SLOT`]-aligned slot per
-//!   dispatch (a params block over 256 bytes takes several slots);
+//!   dispatch (a params block over 256 bytes takes several slots), the last one unpadded;
 //! - overhead: [`OVERHEAD_PERCENT`] % of the above plus [`OVERHEAD_FIXED`]. The percentage covers
 //!   the driver's allocation granularity and alignment (Vulkan allocators place buffers in larger
 //!   memory blocks); the fixed part covers the device context, pipelines, shader modules, bind
@@ -19,12 +29,18 @@
 //! [`TrainPlan`] is the contrast: what fine-tuning the same model with Adam would take.
 
 pub mod activations;
+pub mod bert;
+pub mod gpt2;
+mod passes;
 mod report;
 mod streaming;
 pub mod svg;
 mod train;
+pub mod uploads;
 
 pub use activations::{llama_activation_plan, ActivationPlan, PlannedBuffer};
+pub use bert::bert_activation_plan;
+pub use gpt2::gpt2_activation_plan;
 pub use streaming::{gguf_layer_bytes, LayerBytes, Limits};
 pub use train::TrainPlan;
 
@@ -36,7 +52,7 @@ use crate::gpu::WeightLayout;
 use crate::kernels::attention::{bytes_per_token, KvDtype};
 use crate::kernels::weights::WeightStorage;
 use crate::model::config::{Arch, ModelConfig};
-use crate::model::params::{self, ParamClass, ParamTensor, Precision, WeightBytes};
+use crate::model::params::{self, Precision, WeightBytes};
 use crate::quant::WeightFormat;
 use activations::Kernel;
 
@@ -64,8 +80,11 @@ pub struct PlanOptions {
     pub precision: Precision,
     #[serde(serialize_with = "kv_name")]
     pub kv: KvDtype,
-    /// KV cache positions.
+    /// KV cache positions; for an encoder (BERT), the tokens of each sequence. Models with
+    /// learned positions are capped at their table, as their loaders cap them.
     pub ctx: usize,
+    /// Sequences an encoder (BERT) encodes in one pass; decoders ignore it.
+    pub batch: usize,
     /// Tokens per prefill chunk; activations are sized for it (1: decode only).
     pub chunk: usize,
     /// Device bytes available, if known.
@@ -98,12 +117,13 @@ pub struct PlanOptions {
 }
 
 impl Default for PlanOptions {
-    /// `RunOptions`' chunk of 64, f16 weights and KV cache, ctx 2048, no budget.
+    /// `RunOptions`' chunk of 64, f16 weights and KV cache, ctx 2048, batch 1, no budget.
     fn default() -> Self {
         PlanOptions {
             precision: Precision::F16,
             kv: KvDtype::F16,
             ctx: 2048,
+            batch: 1,
             chunk: 64,
             budget: None,
             train: None,
@@ -187,7 +207,16 @@ pub fn overhead(sum: u64) -> u64 {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryPlan {
     pub cfg: ModelConfig,
+    /// The options planned for: as given, except `ctx` capped at a learned position table.
     pub options: PlanOptions,
+    /// wgllm has a forward pass for this architecture (`wgllm run`, or `wgllm embed` for BERT).
+    pub runs_here: bool,
+    /// Where it has none (GPT-3): a line saying so, and that the figures come from the same
+    /// formulas (the GPT-2 pass at this size).
+    pub described_only: Option<String>,
+    /// What the figures are, where the architecture makes it worth saying (BERT's parameters are
+    /// what it uploads, not its checkpoint; a ctx capped at the learned positions).
+    pub notes: Vec<String>,
     pub weights: WeightBytes,
     /// One layer's weights; `parameters_bytes = n_layers * layer_weight_bytes + other_weight_bytes`.
     pub layer_weight_bytes: u64,
@@ -201,7 +230,8 @@ pub struct MemoryPlan {
     pub staging_upload_bytes: u64,
     pub staging_readback_bytes: u64,
     pub staging_bytes: u64,
-    /// Dispatches of one chunk with logits (embedding, all layers, head).
+    /// Dispatches of one chunk with logits (embedding, all layers, head); of one batch for an
+    /// encoder.
     pub dispatches_per_chunk: u64,
     pub kernel_params_bytes: u64,
     pub overhead_bytes: u64,
@@ -268,111 +298,115 @@ pub struct Submissions {
     pub epilogue: Tally,
 }
 
-/// Bytes of one copy of `t` as [`params::weight_bytes`] counts them.
-fn tensor_bytes(t: &ParamTensor, p: Precision) -> u64 {
-    let fmt = p.storage();
-    let (rows, cols) = (t.rows as u64, t.cols as u64);
-    match t.class {
-        ParamClass::NormOrBias => rows.saturating_mul(cols).saturating_mul(4),
-        _ => {
-            (cols.div_ceil(fmt.block_len() as u64) * fmt.block_bytes() as u64).saturating_mul(rows)
-        }
-    }
-}
-
 impl MemoryPlan {
-    /// Plans `cfg` (a LLaMA-family model: the one forward pass wgllm runs) under `opts`.
+    /// Plans `cfg` under `opts`. LLaMA-family models, GPT-2 and BERT are planned from the forward
+    /// passes wgllm runs; GPT-3 ([`Arch::Gpt3`]) from GPT-2's, as a description
+    /// ([`MemoryPlan::described_only`]). Models with learned positions cap `ctx` at their table,
+    /// as their loaders do; for BERT `ctx` is the tokens of each of `batch` sequences.
     pub fn new(cfg: &ModelConfig, opts: PlanOptions) -> Result<MemoryPlan> {
-        if cfg.arch != Arch::Llama {
-            return Err(Error::invalid(
-                "plan",
-                format!("{:?} models have no forward pass here; only LLaMA-family models can be planned", cfg.arch),
-            ));
-        }
-        if opts.ctx == 0 || opts.chunk == 0 {
+        if opts.ctx == 0 || opts.chunk == 0 || opts.batch == 0 {
             return Err(Error::invalid(
                 "plan",
                 format!(
-                    "ctx {} and chunk {} must be at least 1",
-                    opts.ctx, opts.chunk
+                    "ctx {}, chunk {} and batch {} must be at least 1",
+                    opts.ctx, opts.chunk, opts.batch
                 ),
             ));
         }
-        opts.kv.check_head_dim(cfg.head_dim)?;
+        let mut opts = opts;
+        let mut warnings = Vec::new();
+        let mut notes = Vec::new();
+        let learned = cfg.positions == crate::model::config::Positions::Learned;
+        if learned && opts.ctx > cfg.max_positions {
+            let what = if cfg.arch == Arch::Bert {
+                "sequence length"
+            } else {
+                "ctx"
+            };
+            notes.push(format!(
+                "{what} {} is capped at the model's {} learned positions, as its loader caps it",
+                opts.ctx, cfg.max_positions
+            ));
+            opts.ctx = cfg.max_positions;
+        } else if opts.ctx > cfg.max_positions {
+            warnings.push(format!(
+                "ctx {} is past the model's trained context of {} positions",
+                opts.ctx, cfg.max_positions
+            ));
+        }
+        let encoder = cfg.arch == Arch::Bert;
+        if !encoder {
+            opts.kv.check_head_dim(cfg.head_dim)?;
+        }
+        let pass = match cfg.arch {
+            Arch::Llama => passes::llama(cfg, &opts)?,
+            Arch::Gpt2 | Arch::Gpt3 => passes::gpt2(cfg, &opts)?,
+            Arch::Bert => passes::bert(cfg, &opts)?,
+        };
+        let described_only = (cfg.arch == Arch::Gpt3).then(|| {
+            format!(
+                "described only: wgllm has no forward pass for {} (its alternating dense and \
+                 locally banded sparse attention has no kernel here); the figures are the GPT-2 \
+                 pass's, from the same formulas, at this size",
+                cfg.arch.name()
+            )
+        });
+        match cfg.arch {
+            Arch::Bert => notes.push(format!(
+                "parameters as `wgllm embed` uploads them: no pooler, and the position and token \
+                 type tables summed into one f32 table of {} rows; no KV cache (an encoder \
+                 attends within each pass); activations for {} sequences of up to {} tokens",
+                opts.ctx, opts.batch, opts.ctx
+            )),
+            Arch::Gpt2 | Arch::Gpt3 => notes.push(
+                "parameters as the GPT-2 loader uploads them: c_attn split into Q, K and V, the \
+                 head tied to wte"
+                    .into(),
+            ),
+            Arch::Llama => {}
+        }
         let (p, l) = (opts.precision, cfg.n_layers as u64);
         let fmt = p.storage();
         let weights = params::weight_bytes(cfg, p);
-        let tensors = params::tensors(cfg);
-        let layer_weight_bytes: u64 = tensors
-            .iter()
-            .filter(|t| t.name.starts_with("layers."))
-            .map(|t| tensor_bytes(t, p))
-            .fold(0, u64::saturating_add);
-        let other_weight_bytes = weights
-            .exact_bytes
-            .saturating_sub(l.saturating_mul(layer_weight_bytes));
+        let kv_bpt = pass.kv_bytes_per_token_layer;
+        let kv_cache_bytes = l.saturating_mul(pass.kv_positions).saturating_mul(kv_bpt);
+        let activations = pass.activations;
 
-        let kv_bpt = bytes_per_token(opts.kv, cfg.n_kv_heads, cfg.head_dim);
-        let kv_cache_bytes = l.saturating_mul(opts.ctx as u64).saturating_mul(kv_bpt);
-        let activations = activations::llama_activation_plan_with(
-            cfg,
-            opts.chunk,
-            opts.all_logits,
-            opts.single_token_folds,
-        );
-
-        // Largest single upload chunk: of a shard's data or scales, or of a norm/bias vector.
-        let storage = opts.weight_storage();
-        let mut largest = 0u64;
-        for t in &tensors {
-            let b = match t.class {
-                ParamClass::NormOrBias => tensor_bytes(t, p).min(STAGING_CHUNK),
-                _ => {
-                    let per = storage.rows_per_shard(fmt, t.rows, t.cols)?.min(t.rows);
-                    storage.shard_upload_bytes(fmt, per, t.cols)
-                }
-            };
-            largest = largest.max(b);
-        }
         let align4 = |b: u64| b.div_ceil(4) * 4;
-        let staging_upload_bytes = align4(largest);
-        let logits = activations
-            .roles
-            .iter()
-            .find(|r| r.name == "logits")
-            .map_or(0, |r| r.bytes);
-        let staging_readback_bytes = align4(logits.min(STAGING_CHUNK));
+        let staging_upload_bytes = align4(pass.largest_upload);
+        let staging_readback_bytes = align4(pass.readback.min(STAGING_CHUNK));
 
-        // Kernel params: every dispatch of one chunk, layers unrolled.
-        let fusions = activations::Fusions {
-            stacked_projections: opts.stacked_projections,
-            single_token_folds: opts.single_token_folds,
-        };
-        let sched = activations::llama_schedule(cfg, opts.all_logits, fusions);
-        let split_keys = {
-            use crate::kernels::attention::{key_splits, subgroup_shape_fits};
-            let group = cfg.n_heads / cfg.n_kv_heads.max(1);
-            opts.split_attention
-                && subgroup_shape_fits(cfg.head_dim, group)
-                && key_splits(true, opts.chunk, opts.ctx) > 1
-        };
+        // Kernel params: every dispatch of one chunk (an encoder: one batch), layers unrolled, in
+        // one submission ([`Tally`]); a streamed run submits its parts apart ([`Submissions`]).
+        let storage = opts.weight_storage();
+        let sched = &pass.schedule;
+        let slot = opts.param_align.max(1);
         // Dispatches and kernel-params bytes of a list of steps, with matrices sharded as
         // `storage` shards them.
         let tally = |steps: &[activations::Step], storage: WeightStorage| -> Result<Tally> {
+            let shards = |f: WeightFormat, rows: usize, cols: usize| -> Result<u64> {
+                Ok(rows.div_ceil(storage.rows_per_shard(f, rows, cols)?) as u64)
+            };
             let mut t = Tally::default();
             for s in steps {
                 let k = s.kernel;
                 let n = match k {
                     Kernel::Host | Kernel::Copy => 0,
                     _ if !s.folds.dispatches(opts.chunk) => 0,
-                    Kernel::Attention if split_keys => 2,
+                    Kernel::Attention if pass.split_keys => 2,
+                    Kernel::DenseAttention { sequences } => sequences as u64,
                     Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
-                        rows.div_ceil(storage.rows_per_shard(fmt, rows, cols)?) as u64
+                        let f = if cfg.arch == Arch::Llama {
+                            fmt
+                        } else {
+                            uploads::matrix_format(p, cols)
+                        };
+                        shards(f, rows, cols)?
                     }
+                    Kernel::TableF32 { rows, cols } => shards(WeightFormat::F32, rows, cols)?,
                     _ => 1,
                 };
                 if n > 0 {
-                    let slot = opts.param_align.max(1);
                     let padded = k.params_bytes().div_ceil(slot) * slot;
                     t = t.then(Tally {
                         dispatches: n,
@@ -383,22 +417,15 @@ impl MemoryPlan {
             }
             Ok(t)
         };
-        // Streamed layers run from buffers, unstacked (see `with_streaming`).
-        let unstacked = activations::llama_schedule(
-            cfg,
-            opts.all_logits,
-            activations::Fusions {
-                stacked_projections: false,
-                ..fusions
-            },
-        );
+        let layer = tally(&sched.layer, storage)?;
         let submissions = Submissions {
             prologue: tally(&sched.prologue, storage)?,
-            layer: tally(&sched.layer, storage)?,
-            streamed_layer: tally(
-                &unstacked.layer,
-                WeightStorage::buffers(storage.max_binding),
-            )?,
+            layer,
+            // Streamed layers run from buffers, unstacked (see `with_streaming`).
+            streamed_layer: match &pass.streamed_layer {
+                Some(steps) => tally(steps, WeightStorage::buffers(storage.max_binding))?,
+                None => layer,
+            },
             epilogue: tally(&sched.epilogue, storage)?,
         };
         let chunk = submissions
@@ -408,14 +435,7 @@ impl MemoryPlan {
         let dispatches = chunk.dispatches;
         let kernel_params_bytes = chunk.uniform_bytes();
 
-        let mut warnings = Vec::new();
-        if opts.ctx > cfg.max_positions {
-            warnings.push(format!(
-                "ctx {} is past the model's trained context of {} positions",
-                opts.ctx, cfg.max_positions
-            ));
-        }
-        let kv_buffer = (opts.ctx as u64).saturating_mul(kv_bpt) / 2;
+        let kv_buffer = (pass.kv_positions).saturating_mul(kv_bpt) / 2;
         if kv_buffer > opts.max_binding {
             warnings.push(format!(
                 "each layer's K and V buffers take {kv_buffer} bytes, over the {}-byte binding limit",
@@ -433,6 +453,7 @@ impl MemoryPlan {
             ));
         }
 
+        let parameters_bytes = pass.parameters_bytes;
         let staging_bytes = staging_upload_bytes + staging_readback_bytes;
         let activation_bytes = activations.total_bytes;
         let sum = [
@@ -442,19 +463,23 @@ impl MemoryPlan {
             kernel_params_bytes,
         ]
         .iter()
-        .try_fold(weights.exact_bytes, |a, b| a.checked_add(*b));
+        .try_fold(parameters_bytes, |a, b| a.checked_add(*b));
         // Every size above saturates rather than wraps; a saturated one makes this sum overflow.
         let too_big = || Error::invalid("plan", "the planned sizes overflow 64 bits");
         let sum = sum.filter(|&s| s < u64::MAX / 2).ok_or_else(too_big)?;
         let overhead_bytes = overhead(sum);
         Ok(MemoryPlan {
             cfg: cfg.clone(),
+            runs_here: described_only.is_none(),
+            described_only,
+            notes,
             train: opts.train.map(|t| TrainPlan::new(cfg, t)),
             options: opts,
-            parameters_bytes: weights.exact_bytes,
+            parameters_bytes,
             weights,
-            layer_weight_bytes,
-            other_weight_bytes,
+            layer_weight_bytes: pass.layer_weight_bytes,
+            other_weight_bytes: parameters_bytes
+                .saturating_sub(l.saturating_mul(pass.layer_weight_bytes)),
             kv_bytes_per_token_layer: kv_bpt,
             kv_cache_bytes,
             activations,
@@ -507,28 +532,45 @@ impl MemoryPlan {
             return None;
         }
         let fits_sum = |sum: u64| sum.saturating_add(overhead(sum)) <= budget;
+        let encoder = self.cfg.arch == Arch::Bert;
         let base = self.buffers_bytes().saturating_sub(self.kv_cache_bytes);
         let per_ctx = (self.cfg.n_layers as u64).saturating_mul(self.kv_bytes_per_token_layer);
-        // Largest ctx below the requested one whose total fits.
+        // Largest ctx below the requested one whose total fits (a decoder's activations do not
+        // depend on it).
         let longest_ctx = last_fitting(1, self.options.ctx as u64, |c| {
             fits_sum(base.saturating_add(per_ctx.saturating_mul(c)))
         })
+        .filter(|_| !encoder)
         .map(|c| c as usize);
 
+        let replan =
+            |o: PlanOptions| MemoryPlan::new(&self.cfg, PlanOptions { train: None, ..o }).ok();
         let with = |precision, kv| {
-            MemoryPlan::new(
-                &self.cfg,
-                PlanOptions {
-                    precision,
-                    kv,
-                    train: None,
-                    ..self.options.clone()
-                },
-            )
-            .ok()
+            replan(PlanOptions {
+                precision,
+                kv,
+                ..self.options.clone()
+            })
         };
+        // An encoder's activations grow with its batch and sequence length: re-planned.
+        let encoder_fit = |batch: u64, ctx: u64| {
+            replan(PlanOptions {
+                batch: batch as usize,
+                ctx: ctx as usize,
+                ..self.options.clone()
+            })
+            .is_some_and(|p| p.fits())
+        };
+        let (b, c) = (self.options.batch as u64, self.options.ctx as u64);
+        let largest_batch = last_fitting(1, b, |x| encoder_fit(x, c))
+            .filter(|_| encoder)
+            .map(|x| x as usize);
+        let longest_seq = last_fitting(1, c, |x| encoder_fit(b, x))
+            .filter(|_| encoder)
+            .map(|x| x as usize);
         let kv_alternatives = KvDtype::ALL
             .into_iter()
+            .filter(|_| !encoder)
             .filter(|&k| {
                 bytes_per_token(k, 1, self.cfg.head_dim)
                     < bytes_per_token(self.options.kv, 1, self.cfg.head_dim)
@@ -558,17 +600,22 @@ impl MemoryPlan {
                 .saturating_sub((l - r).saturating_mul(lb))
                 .saturating_add(STREAM_SLOTS.saturating_mul(lb))
         };
-        let streaming = last_fitting(0, l, |r| fits_sum(streamed_sum(r))).map(|r| Streaming {
-            resident_layers: r as usize,
-            streamed_layers: (l - r) as usize,
-            slot_bytes: STREAM_SLOTS.saturating_mul(lb),
-            total_bytes: streamed_sum(r).saturating_add(overhead(streamed_sum(r))),
-        });
+        // Only the LLaMA pass streams layers (`RunOptions::resident_layers`).
+        let streaming = last_fitting(0, l, |r| fits_sum(streamed_sum(r)))
+            .filter(|_| self.cfg.arch == Arch::Llama)
+            .map(|r| Streaming {
+                resident_layers: r as usize,
+                streamed_layers: (l - r) as usize,
+                slot_bytes: STREAM_SLOTS.saturating_mul(lb),
+                total_bytes: streamed_sum(r).saturating_add(overhead(streamed_sum(r))),
+            });
         Some(Suggestions {
             longest_ctx,
             kv_alternatives,
             highest_precision,
             streaming,
+            largest_batch,
+            longest_seq,
         })
     }
 
@@ -630,7 +677,8 @@ pub struct Streaming {
     pub total_bytes: u64,
 }
 
-/// Ways to fit a budget the plan exceeds. `None` fields: nothing of that kind fits.
+/// Ways to fit a budget the plan exceeds. `None` fields: nothing of that kind fits, or it does
+/// not apply (a decoder's batch, an encoder's ctx and KV types, streaming outside LLaMA).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Suggestions {
     /// The longest context that fits with the requested KV dtype.
@@ -639,8 +687,12 @@ pub struct Suggestions {
     pub kv_alternatives: Vec<PlanFit>,
     /// The largest weight precision that fits at the requested ctx and KV dtype.
     pub highest_precision: Option<PlanFit>,
-    /// Layers to stream to fit at the requested precision.
+    /// Layers to stream to fit at the requested precision (LLaMA-family models only).
     pub streaming: Option<Streaming>,
+    /// An encoder's largest batch that fits at the requested sequence length.
+    pub largest_batch: Option<usize>,
+    /// An encoder's longest sequence that fits at the requested batch.
+    pub longest_seq: Option<usize>,
 }
 
 impl MemoryPlan {

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use super::{MemoryPlan, OVERHEAD_FIXED, OVERHEAD_PERCENT};
+use crate::model::config::{Arch, Positions};
 use crate::model::params::{self, Precision};
 
 /// `1,234,567`.
@@ -47,20 +48,42 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     let mut s = String::new();
     let c = &p.cfg;
     let o = &p.options;
+    let encoder = c.arch == Arch::Bert;
     let _ = writeln!(
         s,
-        "memory plan: {} layers, hidden {}, {} heads / {} kv heads x {}, ffn {}, vocab {}",
-        c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_size, c.vocab_size
+        "memory plan: {}, {} layers, hidden {}, {} heads / {} kv heads x {}, ffn {}, vocab {}",
+        c.arch.name(),
+        c.n_layers,
+        c.hidden_size,
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.ffn_size,
+        c.vocab_size
     );
-    let _ = writeln!(
-        s,
-        "  weights {}, KV cache {}, ctx {}, chunk {} ({} logits)\n",
-        o.precision,
-        o.kv,
-        o.ctx,
-        o.chunk,
-        if o.all_logits { "all" } else { "last-token" }
-    );
+    match (&p.described_only, c.arch.runs_with()) {
+        (Some(d), _) => writeln!(s, "  {d}"),
+        (None, Some(cmd)) => writeln!(s, "  runs here: `{cmd}`"),
+        (None, None) => Ok(()),
+    }
+    .ok();
+    if encoder {
+        let _ = writeln!(
+            s,
+            "  weights {}, batch {} sequences x {} tokens ({} rows), no KV cache\n",
+            o.precision, o.batch, o.ctx, p.activations.chunk
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "  weights {}, KV cache {}, ctx {}, chunk {} ({} logits)\n",
+            o.precision,
+            o.kv,
+            o.ctx,
+            o.chunk,
+            if o.all_logits { "all" } else { "last-token" }
+        );
+    }
     let _ = writeln!(
         s,
         "{:<34} {:>17} {:>10} {:>7}",
@@ -68,6 +91,7 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     );
     let detail = |name: &str| -> String {
         match name {
+            "kv cache" if encoder => "kv cache (none: an encoder)".to_string(),
             "kv cache" => format!(
                 "kv cache ({} B/token/layer)",
                 group(p.kv_bytes_per_token_layer)
@@ -96,11 +120,14 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     );
     match o.budget {
         Some(b) => {
-            let verdict = if p.fits() {
+            let mut verdict = if p.fits() {
                 format!("fits: yes ({} to spare)", human(b - p.total_bytes))
             } else {
                 format!("fits: NO ({} over)", human(p.total_bytes - b))
             };
+            if !p.runs_here {
+                verdict.push_str(" [described only]");
+            }
             let _ = writeln!(
                 s,
                 "{:<34} {:>17} {:>10}   {verdict}",
@@ -116,12 +143,19 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     for w in &p.warnings {
         let _ = writeln!(s, "warning: {w}");
     }
+    for n in &p.notes {
+        let _ = writeln!(s, "note: {n}");
+    }
 
     let a = &p.activations;
+    let sized_for = if encoder {
+        format!("batch {} x {} tokens, {} rows", o.batch, o.ctx, a.chunk)
+    } else {
+        format!("chunk {}", a.chunk)
+    };
     let _ = writeln!(
         s,
-        "\nactivation buffers (chunk {}): {} buffers, {} shared vs {} one per role",
-        a.chunk,
+        "\nactivation buffers ({sized_for}): {} buffers, {} shared vs {} one per role",
         a.buffers.len(),
         human(a.total_bytes),
         human(a.unshared_bytes)
@@ -132,11 +166,24 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
 
     if let Some(sg) = p.suggestions() {
         let _ = writeln!(s, "\nto fit the budget:");
-        match sg.longest_ctx {
-            Some(ctx) => writeln!(s, "  - longest ctx with the {} KV cache: {ctx}", o.kv),
-            None => writeln!(s, "  - no ctx fits with the {} KV cache", o.kv),
+        if encoder {
+            match sg.largest_batch {
+                Some(b) => writeln!(s, "  - largest batch of {}-token sequences: {b}", o.ctx),
+                None => writeln!(s, "  - no smaller batch fits at {} tokens", o.ctx),
+            }
+            .ok();
+            match sg.longest_seq {
+                Some(n) => writeln!(s, "  - longest sequence at batch {}: {n} tokens", o.batch),
+                None => writeln!(s, "  - no shorter sequence fits at batch {}", o.batch),
+            }
+            .ok();
+        } else {
+            match sg.longest_ctx {
+                Some(ctx) => writeln!(s, "  - longest ctx with the {} KV cache: {ctx}", o.kv),
+                None => writeln!(s, "  - no ctx fits with the {} KV cache", o.kv),
+            }
+            .ok();
         }
-        .ok();
         for k in &sg.kv_alternatives {
             let _ = writeln!(
                 s,
@@ -154,10 +201,14 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
                 h.name,
                 human(h.total_bytes)
             ),
+            None if encoder => writeln!(s, "  - no weight precision fits at this batch"),
             None => writeln!(s, "  - no weight precision fits at this ctx and KV cache"),
         }
         .ok();
         match &sg.streaming {
+            _ if c.arch != Arch::Llama => {
+                writeln!(s, "  - streaming layers: only the LLaMA pass streams them")
+            }
             Some(st) => writeln!(
                 s,
                 "  - stream {} of {} layers ({} resident + {} for 2 streaming slots): {}",
@@ -207,9 +258,14 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
 
     let count = params::count(c);
     let tb = params::textbook_estimate(c);
+    let positions = if c.positions == Positions::Learned {
+        " + P*d"
+    } else {
+        ""
+    };
     let _ = writeln!(
         s,
-        "\nparameters: {} exact vs {} by the textbook 12*L*d^2 + V*d ({:+.1}%)",
+        "\nparameters: {} exact vs {} by the textbook 12*L*d^2 + V*d{positions} ({:+.2}%)",
         group(count.total),
         group(tb),
         100.0 * params::textbook_relative_diff(c)

@@ -1,0 +1,164 @@
+//! What each architecture's forward pass contributes to a [`super::MemoryPlan`]: its parameters
+//! on the device, its KV cache per token, its activation plan and kernel schedule, what it reads
+//! back. LLaMA-family models from the checkpoint's tensors; GPT-2 (and GPT-3, described with its
+//! formulas) and BERT from what their loaders upload ([`super::uploads`]).
+
+use super::activations::{self, ActivationPlan};
+use super::uploads;
+use super::{bert, gpt2, PlanOptions};
+use crate::error::Result;
+use crate::gpu::buffer::STAGING_CHUNK;
+use crate::kernels::attention::bytes_per_token;
+use crate::model::config::ModelConfig;
+use crate::model::params::{self, ParamClass, ParamTensor, Precision};
+
+/// Bytes of one copy of `t` as [`params::weight_bytes`] counts them.
+fn tensor_bytes(t: &ParamTensor, p: Precision) -> u64 {
+    let fmt = p.storage();
+    let (rows, cols) = (t.rows as u64, t.cols as u64);
+    match t.class {
+        ParamClass::NormOrBias => rows.saturating_mul(cols).saturating_mul(4),
+        _ => {
+            (cols.div_ceil(fmt.block_len() as u64) * fmt.block_bytes() as u64).saturating_mul(rows)
+        }
+    }
+}
+
+/// What one architecture's forward pass contributes to a plan.
+pub(super) struct Pass {
+    pub(super) parameters_bytes: u64,
+    pub(super) layer_weight_bytes: u64,
+    /// The largest single upload chunk of the weights.
+    pub(super) largest_upload: u64,
+    pub(super) kv_bytes_per_token_layer: u64,
+    /// KV-cache positions (0 for an encoder, which keeps none).
+    pub(super) kv_positions: u64,
+    pub(super) activations: ActivationPlan,
+    pub(super) schedule: activations::Schedule,
+    /// Bytes one readback copies: the logits, or an encoder's hidden states.
+    pub(super) readback: u64,
+    /// A decode step's attention may split its keys (two dispatches; LLaMA's pass on devices
+    /// with the subgroup kernel).
+    pub(super) split_keys: bool,
+    /// A layer streamed through the slot pool, where it differs from a resident one (LLaMA's:
+    /// slots are buffers, so its projections are never stacked); `None`: the same, or no
+    /// streaming.
+    pub(super) streamed_layer: Option<Vec<activations::Step>>,
+}
+
+/// LLaMA: parameters from the checkpoint's tensors ([`params::weight_bytes`]), the KV cache of
+/// `n_kv_heads`, the activations of [`super::llama_activation_plan`] with the device's fusions.
+pub(super) fn llama(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
+    let p = opts.precision;
+    let fmt = p.storage();
+    let weights = params::weight_bytes(cfg, p);
+    let tensors = params::tensors(cfg);
+    let layer_weight_bytes: u64 = tensors
+        .iter()
+        .filter(|t| t.name.starts_with("layers."))
+        .map(|t| tensor_bytes(t, p))
+        .fold(0, u64::saturating_add);
+    // Largest single upload chunk: of a shard's data or scales, or of a norm/bias vector.
+    let storage = opts.weight_storage();
+    let mut largest = 0u64;
+    for t in &tensors {
+        let b = match t.class {
+            ParamClass::NormOrBias => tensor_bytes(t, p).min(STAGING_CHUNK),
+            _ => {
+                let per = storage.rows_per_shard(fmt, t.rows, t.cols)?.min(t.rows);
+                storage.shard_upload_bytes(fmt, per, t.cols)
+            }
+        };
+        largest = largest.max(b);
+    }
+    let activations = activations::llama_activation_plan_with(
+        cfg,
+        opts.chunk,
+        opts.all_logits,
+        opts.single_token_folds,
+    );
+    let fusions = activations::Fusions {
+        stacked_projections: opts.stacked_projections,
+        single_token_folds: opts.single_token_folds,
+    };
+    let split_keys = {
+        use crate::kernels::attention::{key_splits, subgroup_shape_fits};
+        let group = cfg.n_heads / cfg.n_kv_heads.max(1);
+        opts.split_attention
+            && subgroup_shape_fits(cfg.head_dim, group)
+            && key_splits(true, opts.chunk, opts.ctx) > 1
+    };
+    let readback = role_bytes(&activations, "logits");
+    let unstacked = activations::Fusions {
+        stacked_projections: false,
+        ..fusions
+    };
+    Ok(Pass {
+        parameters_bytes: weights.exact_bytes,
+        layer_weight_bytes,
+        largest_upload: largest,
+        kv_bytes_per_token_layer: bytes_per_token(opts.kv, cfg.n_kv_heads, cfg.head_dim),
+        kv_positions: opts.ctx as u64,
+        schedule: activations::llama_schedule(cfg, opts.all_logits, fusions),
+        streamed_layer: Some(activations::llama_schedule(cfg, opts.all_logits, unstacked).layer),
+        activations,
+        readback,
+        split_keys,
+    })
+}
+
+/// GPT-2 (and GPT-3, described with the same formulas): what `Gpt2::load` uploads, a KV cache of
+/// all heads over `ctx` positions, the activations of [`gpt2::gpt2_activation_plan`].
+pub(super) fn gpt2(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
+    let up = uploads::totals(
+        &gpt2::gpt2_uploads(cfg),
+        cfg.n_layers,
+        opts.precision,
+        opts.weight_storage(),
+    )?;
+    let activations = gpt2::gpt2_activation_plan(cfg, opts.chunk, opts.all_logits);
+    Ok(Pass {
+        parameters_bytes: up.total,
+        layer_weight_bytes: up.per_layer,
+        largest_upload: up.largest_chunk,
+        kv_bytes_per_token_layer: bytes_per_token(opts.kv, cfg.n_kv_heads, cfg.head_dim),
+        kv_positions: opts.ctx as u64,
+        schedule: gpt2::gpt2_schedule(cfg, opts.all_logits),
+        readback: role_bytes(&activations, "logits"),
+        activations,
+        split_keys: false,
+        streamed_layer: None,
+    })
+}
+
+/// BERT: what `Bert::load` uploads for sequences of `ctx` tokens, no KV cache, the activations of
+/// [`bert::bert_activation_plan`] for `batch` sequences, the hidden states read back.
+pub(super) fn bert(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
+    let up = uploads::totals(
+        &bert::bert_uploads(cfg, opts.ctx),
+        cfg.n_layers,
+        opts.precision,
+        opts.weight_storage(),
+    )?;
+    let activations = bert::bert_activation_plan(cfg, opts.batch, opts.ctx);
+    Ok(Pass {
+        parameters_bytes: up.total,
+        layer_weight_bytes: up.per_layer,
+        largest_upload: up.largest_chunk,
+        kv_bytes_per_token_layer: 0,
+        kv_positions: 0,
+        schedule: bert::bert_schedule(cfg, opts.batch, opts.ctx),
+        readback: role_bytes(&activations, "x"),
+        activations,
+        split_keys: false,
+        streamed_layer: None,
+    })
+}
+
+/// The bytes of role `name` in `a` (0 if it has none).
+fn role_bytes(a: &ActivationPlan, name: &str) -> u64 {
+    a.roles
+        .iter()
+        .find(|r| r.name == name)
+        .map_or(0, |r| r.bytes)
+}
