@@ -1,6 +1,6 @@
 //! Text generation: prefill the prompt, then decode one token at a time through the KV cache,
-//! sampling each next token and streaming its text; stops at EOS, at `n` tokens or when the
-//! context is full.
+//! sampling each next token and streaming its text; stops at EOS or an end-of-turn token
+//! ([`Tokenizer::stop_ids`]), at `n` tokens or when the context is full.
 
 use std::time::Instant;
 
@@ -75,6 +75,7 @@ pub struct GenStats {
     pub generated_tokens: usize,
     /// Time of the decode steps (every generated token after the first).
     pub decode_secs: f64,
+    /// Generation ended at EOS or an end-of-turn token ([`Tokenizer::stop_ids`]).
     pub stopped_at_eos: bool,
 }
 
@@ -120,7 +121,7 @@ pub fn generate(
         history.push(next);
         out.push(next);
         stats.generated_tokens += 1;
-        if Some(next) == tok.eos {
+        if tok.is_stop(next) {
             stats.stopped_at_eos = true;
             break;
         }
