@@ -134,23 +134,6 @@ pub fn generate(
     Ok((out, stats))
 }
 
-/// Renders a chat prompt with the model's Jinja chat template (`tokenizer.chat_template`).
-pub fn apply_chat_template(template: &str, user: &str, bos: &str, eos: &str) -> Result<String> {
-    let err = |e: minijinja::Error| crate::Error::Tokenizer {
-        reason: format!("chat template: {e}"),
-    };
-    let mut env = minijinja::Environment::new();
-    env.add_template("chat", template).map_err(err)?;
-    let tmpl = env.get_template("chat").map_err(err)?;
-    tmpl.render(minijinja::context! {
-        messages => vec![minijinja::context! { role => "user", content => user }],
-        add_generation_prompt => true,
-        bos_token => bos,
-        eos_token => eos,
-    })
-    .map_err(err)
-}
-
 /// Which definition of perplexity a [`Perplexity`] used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
