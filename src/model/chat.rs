@@ -5,17 +5,18 @@
 //! sandboxed Jinja2 environment. This renders it the way `transformers` does: `trim_blocks` and
 //! `lstrip_blocks`; Python's string, list and dict methods (`startswith`, `replace`, `format`,
 //! `get`, ...: minijinja-contrib's pycompat); `{% break %}` / `{% continue %}`; the globals
-//! `raise_exception` and `strftime_now`; `tojson` as Python's `json.dumps`; `{% generation %}`
-//! blocks (they only mark assistant text for training masks, so the tags are dropped); and HF's
-//! context: `messages`, `tools` and `documents` (none), `add_generation_prompt`, `bos_token`,
-//! `eos_token`.
+//! `raise_exception` and `strftime_now` (UTC); `tojson` as Python's `json.dumps`; the tests
+//! `iterable` and `sequence` as Python answers them; `{% generation %}` blocks (they only mark
+//! assistant text for training masks, so the tags are dropped); and HF's context: `messages`,
+//! `tools` and `documents` (none), `add_generation_prompt`, `bos_token`, `eos_token`.
 //!
 //! The template is untrusted input, so it renders within [`Limits`]: fuel for the instructions it
 //! runs (so loops end), a recursion depth, an output size, and a wall-clock deadline for work that
 //! fuel does not count. Running past one is [`Error::ChatTemplate`] with
-//! [`TemplateFailure::Limit`], not a hang. The environment has no
-//! loader (no `include` or `import` of files) and the template sees nothing but its context; the
-//! only outside state it can read is the date, through `strftime_now`.
+//! [`TemplateFailure::Limit`], not a hang. Memory has no limit of its own: a template that keeps
+//! doubling a string can exhaust it within the deadline. The environment has no loader (no
+//! `include` or `import` of files) and the template sees nothing but its context; the only
+//! outside state it can read is the date, through `strftime_now`.
 //!
 //! A model without a template gets a built-in one ([`Builtin`]), chosen from the architecture and
 //! the vocabulary as llama.cpp chooses its formats.
