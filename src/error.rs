@@ -37,6 +37,16 @@ pub enum Error {
     #[error("tokenizer: {reason}")]
     Tokenizer { reason: String },
 
+    // ---- chat templates ------------------------------------------------------------------------
+    /// A chat template that does not compile, raises, runs past its limits or fails otherwise;
+    /// `origin` names where it came from (the file and key, or the built-in's name).
+    #[error("chat template ({origin}): {kind}: {reason}")]
+    ChatTemplate {
+        origin: String,
+        kind: TemplateFailure,
+        reason: String,
+    },
+
     // ---- fetching default models --------------------------------------------------------------
     #[error("could not fetch the default model {model}: {reason}")]
     Fetch { model: String, reason: String },
@@ -153,6 +163,30 @@ pub enum Error {
         shard: String,
         tensor: String,
     },
+}
+
+/// How a chat template failed ([`Error::ChatTemplate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateFailure {
+    /// It is not valid Jinja (or uses a statement that is not supported).
+    Syntax,
+    /// The template itself called `raise_exception(message)`; the reason is its message.
+    Raised,
+    /// It ran past a render limit: instructions (fuel), recursion depth or output size.
+    Limit,
+    /// Any other failure while rendering (an unknown method, a type error, ...).
+    Render,
+}
+
+impl std::fmt::Display for TemplateFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TemplateFailure::Syntax => "syntax error",
+            TemplateFailure::Raised => "the template raised an exception",
+            TemplateFailure::Limit => "render limit exceeded",
+            TemplateFailure::Render => "render error",
+        })
+    }
 }
 
 impl Error {

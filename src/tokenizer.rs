@@ -79,6 +79,35 @@ enum Inner {
     Spm(Box<Spm>),
 }
 
+/// Tokens that end a model's turn, besides EOS: llama.cpp's end-of-generation list
+/// (`llama_vocab::impl::load`), searched for by text because few files name them in metadata.
+/// Chat models end an answer with their template's end-of-turn token (`<|im_end|>`,
+/// `<|eot_id|>`, `<end_of_turn>`, ...), which is often not the file's EOS.
+pub const END_OF_TURN_TOKENS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>",
+    "[e~[",
+];
+
 /// A tokenizer with the special ids generation needs.
 pub struct Tokenizer {
     inner: Inner,
@@ -86,8 +115,9 @@ pub struct Tokenizer {
     pub eos: Option<u32>,
     /// Whether a BOS token is put before the prompt.
     pub add_bos: bool,
-    /// Token strings by id, for streaming output and reports.
     vocab_size: usize,
+    /// Ids that end generation: EOS and the [`END_OF_TURN_TOKENS`] the vocabulary has.
+    stop: Vec<u32>,
 }
 
 fn tok_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -131,7 +161,9 @@ impl Tokenizer {
             eos,
             add_bos: false,
             vocab_size,
-        })
+            stop: Vec::new(),
+        }
+        .with_stops())
     }
 
     /// Builds the tokenizer a GGUF file describes.
@@ -151,11 +183,54 @@ impl Tokenizer {
             eos: v.eos,
             add_bos: v.add_bos,
             vocab_size: v.tokens.len(),
-        })
+            stop: Vec::new(),
+        }
+        .with_stops())
+    }
+
+    fn with_stops(mut self) -> Tokenizer {
+        let mut stop: Vec<u32> = self.eos.into_iter().collect();
+        stop.extend(END_OF_TURN_TOKENS.iter().filter_map(|t| self.token_id(t)));
+        stop.sort_unstable();
+        stop.dedup();
+        self.stop = stop;
+        self
     }
 
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
+    }
+
+    /// The ids that end generation: EOS and the end-of-turn tokens in the vocabulary.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop
+    }
+
+    /// Whether generation ends at `id`.
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stop.contains(&id)
+    }
+
+    /// The id of the vocabulary token spelled `token` (special tokens included).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        match &self.inner {
+            Inner::Hf(t) => t.token_to_id(token),
+            Inner::Spm(s) => s.ids.get(token).copied(),
+        }
+    }
+
+    /// The vocabulary's spelling of token `id` (`<|im_end|>`, `</s>`), as chat templates get
+    /// `bos_token` and `eos_token`.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        match &self.inner {
+            Inner::Hf(t) => t.id_to_token(id),
+            Inner::Spm(s) => s.tokens.get(id as usize).cloned(),
+        }
+    }
+
+    /// Whether this is a SentencePiece (`tokenizer.ggml.model = "llama"`) vocabulary.
+    pub fn is_sentencepiece(&self) -> bool {
+        matches!(self.inner, Inner::Spm(_))
     }
 
     /// Token ids of `text`; special-token strings such as `<|im_start|>` map to their ids. A BOS is
@@ -473,6 +548,39 @@ mod tests {
         let ids = t.encode("é", false).unwrap();
         assert_eq!(t.decode(&ids).unwrap(), "é");
         assert_eq!(ids.len(), 3); // "▁" + 2 bytes
+    }
+
+    /// Generation stops at EOS and at every end-of-turn token the vocabulary has, whatever its
+    /// id, and at nothing else.
+    #[test]
+    fn stop_ids_are_eos_and_the_end_of_turn_tokens_present() {
+        let mut v = spm_vocab();
+        let base = v.tokens.len() as u32;
+        for t in [
+            "<start_of_turn>",
+            "<end_of_turn>",
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end|>",
+        ] {
+            v.tokens.push(t.into());
+            v.token_types.push(token_type::CONTROL);
+            v.scores.push(0.0);
+        }
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        // </s> (2, the EOS) and the four end-of-turn tokens; <start_of_turn> does not stop.
+        assert_eq!(t.stop_ids(), &[2, base + 1, base + 2, base + 3, base + 4]);
+        assert!(t.is_stop(base + 2) && !t.is_stop(base) && !t.is_stop(1));
+        assert_eq!(t.token_id("<|im_end|>"), Some(base + 2));
+        assert_eq!(t.token_text(base + 3).as_deref(), Some("<|eot_id|>"));
+        assert!(t.is_sentencepiece());
+        // Without an EOS the end-of-turn tokens still stop.
+        v.eos = None;
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        assert_eq!(t.stop_ids(), &[2, base + 1, base + 2, base + 3, base + 4]);
+        v.tokens[2] = "<eos-renamed>".into();
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        assert_eq!(t.stop_ids(), &[base + 1, base + 2, base + 3, base + 4]);
     }
 
     #[test]

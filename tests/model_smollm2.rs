@@ -5,6 +5,7 @@
 mod common;
 use common::*;
 use wgllm::kernels::attention::KvDtype;
+use wgllm::model::chat::{encode_prompt, Message, RenderArgs};
 use wgllm::model::generate::{generate, perplexity, Perplexity, PplMethod};
 use wgllm::model::llama::RunOptions;
 use wgllm::model::load::{load_lm, LoadedLm};
@@ -168,6 +169,48 @@ fn check_greedy(kv: KvDtype, runs: usize) {
             lm.tokenizer.decode(&got)
         );
     }
+}
+
+/// `wgllm run --chat`'s path: the file's own ChatML template, the rendered prompt's ids, and a
+/// greedy answer that ends at an end-of-turn token (`<|im_end|>`) well before the token limit.
+#[test]
+fn a_chat_turn_ends_at_its_end_of_turn_token() {
+    let Some((gpu, mut lm)) = model(KvDtype::F32, 256) else {
+        return;
+    };
+    let t = &lm.chat_template;
+    assert_eq!(t.as_builtin(), None, "{}", t.origin());
+    assert!(t.origin().ends_with("key 'tokenizer.chat_template'"));
+    let args = RenderArgs::for_tokenizer(&lm.tokenizer, true);
+    let text = t
+        .render(
+            &[Message::new("user", "What is the capital of France?")],
+            &args,
+        )
+        .unwrap();
+    assert!(text.ends_with("<|im_start|>assistant\n"), "{text:?}");
+    let prompt = encode_prompt(&lm.tokenizer, &text).unwrap();
+    let im_end = lm.tokenizer.token_id("<|im_end|>").unwrap();
+    assert!(lm.tokenizer.is_stop(im_end));
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: 0.0,
+        ..Default::default()
+    });
+    let n = 64;
+    let (got, stats) = generate(
+        lm.model.as_mut(),
+        gpu,
+        &lm.tokenizer,
+        &prompt,
+        n,
+        &mut sampler,
+        &mut |_| true,
+    )
+    .unwrap();
+    let answer = lm.tokenizer.decode(&got).unwrap();
+    assert!(stats.stopped_at_eos && got.len() < n, "{answer:?}");
+    assert_eq!(got.last(), Some(&im_end), "{answer:?}");
+    assert!(answer.contains("Paris"), "{answer:?}");
 }
 
 #[test]

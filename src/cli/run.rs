@@ -1,6 +1,6 @@
 //! `wgllm run`: generate text from a prompt, streamed as it is sampled.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::load::load_model;
 use super::{Global, ModelArgs, SamplingArgs};
@@ -16,7 +16,8 @@ pub(crate) struct Args {
     /// Tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
     n_predict: usize,
-    /// Wrap the prompt in the model's chat template (from its metadata).
+    /// Wrap the prompt in the model's chat template as a user message (the template from its
+    /// metadata, or a built-in one chosen by architecture and vocabulary when it has none).
     #[arg(long)]
     chat: bool,
 }
@@ -33,18 +34,20 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     use std::io::Write;
     use wgllm::sampler::{Sampler, SamplerConfig};
     let mut lm = load_model(gpu, &m, false)?;
-    let text = if chat {
-        let tmpl = lm
-            .chat_template
-            .as_deref()
-            .context("--chat: the model has no chat template in its metadata")?;
-        let tok = &lm.tokenizer;
-        let name = |id: Option<u32>| id.and_then(|i| tok.decode(&[i]).ok()).unwrap_or_default();
-        wgllm::model::generate::apply_chat_template(tmpl, &prompt, &name(tok.bos), &name(tok.eos))?
+    let (text, ids) = if chat {
+        use wgllm::model::chat::{encode_prompt, Message, RenderArgs};
+        let tmpl = &lm.chat_template;
+        if tmpl.as_builtin().is_some() {
+            eprintln!("chat template: {}", tmpl.origin());
+        }
+        let args = RenderArgs::for_tokenizer(&lm.tokenizer, true);
+        let text = tmpl.render(&[Message::new("user", prompt)], &args)?;
+        let ids = encode_prompt(&lm.tokenizer, &text)?;
+        (text, ids)
     } else {
-        prompt
+        let ids = lm.tokenizer.encode(&prompt, true)?;
+        (prompt, ids)
     };
-    let ids = lm.tokenizer.encode(&text, true)?;
     let seed = s.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -81,7 +84,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
         stats.generated_tokens,
         stats.decode_secs,
         stats.decode_tps(),
-        if stats.stopped_at_eos { "; stopped at EOS" } else { "" }
+        if stats.stopped_at_eos { "; stopped at end of turn" } else { "" }
     );
     eprint!(
         "GPU memory (VRAM ledger):\n{}",

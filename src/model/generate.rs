@@ -1,6 +1,6 @@
 //! Text generation: prefill the prompt, then decode one token at a time through the KV cache,
-//! sampling each next token and streaming its text; stops at EOS, at `n` tokens or when the
-//! context is full.
+//! sampling each next token and streaming its text; stops at EOS or an end-of-turn token
+//! ([`Tokenizer::stop_ids`]), at `n` tokens or when the context is full.
 
 use std::time::Instant;
 
@@ -75,6 +75,7 @@ pub struct GenStats {
     pub generated_tokens: usize,
     /// Time of the decode steps (every generated token after the first).
     pub decode_secs: f64,
+    /// Generation ended at EOS or an end-of-turn token ([`Tokenizer::stop_ids`]).
     pub stopped_at_eos: bool,
 }
 
@@ -120,7 +121,7 @@ pub fn generate(
         history.push(next);
         out.push(next);
         stats.generated_tokens += 1;
-        if Some(next) == tok.eos {
+        if tok.is_stop(next) {
             stats.stopped_at_eos = true;
             break;
         }
@@ -131,23 +132,6 @@ pub fn generate(
     }
     stats.decode_secs = t.elapsed().as_secs_f64();
     Ok((out, stats))
-}
-
-/// Renders a chat prompt with the model's Jinja chat template (`tokenizer.chat_template`).
-pub fn apply_chat_template(template: &str, user: &str, bos: &str, eos: &str) -> Result<String> {
-    let err = |e: minijinja::Error| crate::Error::Tokenizer {
-        reason: format!("chat template: {e}"),
-    };
-    let mut env = minijinja::Environment::new();
-    env.add_template("chat", template).map_err(err)?;
-    let tmpl = env.get_template("chat").map_err(err)?;
-    tmpl.render(minijinja::context! {
-        messages => vec![minijinja::context! { role => "user", content => user }],
-        add_generation_prompt => true,
-        bos_token => bos,
-        eos_token => eos,
-    })
-    .map_err(err)
 }
 
 /// Which definition of perplexity a [`Perplexity`] used.

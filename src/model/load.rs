@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::loader::gguf::Gguf;
 use crate::loader::safetensors::HfModel;
+use crate::model::chat::{Builtin, ChatTemplate};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::generate::CausalLm;
 use crate::model::llama::{self, Llama, RunOptions};
@@ -19,7 +20,9 @@ use crate::tokenizer::{GgufVocab, Tokenizer};
 pub struct LoadedLm {
     pub model: Box<dyn CausalLm>,
     pub tokenizer: Tokenizer,
-    pub chat_template: Option<String>,
+    /// The model's own chat template, or the built-in one chosen for it when it has none
+    /// ([`ChatTemplate::as_builtin`] tells which).
+    pub chat_template: ChatTemplate,
     pub config: ModelConfig,
     /// What was loaded, for reports ("SmolLM2-135M-Instruct.Q4_1.gguf (llama, q4_1/q8_0)").
     pub description: String,
@@ -77,10 +80,7 @@ pub fn load_lm(
     }
     let arch = g.architecture()?.to_string();
     let tokenizer = Tokenizer::from_gguf(&GgufVocab::from_gguf(&g)?)?;
-    let chat_template = g
-        .get_str("tokenizer.chat_template")
-        .ok()
-        .map(str::to_string);
+    let chat_template = gguf_chat_template(&g, path, &arch, &tokenizer);
     let mut formats: Vec<&str> = g.tensors().iter().map(|t| t.ggml_type.name()).collect();
     formats.sort();
     formats.dedup();
@@ -120,14 +120,7 @@ fn load_hf(
     let config = ModelConfig::from_hf_json(hf.config())?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)?;
-    let chat_template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| {
-            v.get("chat_template")
-                .and_then(|t| t.as_str())
-                .map(str::to_string)
-        });
+    let chat_template = dir_chat_template(dir, hf.config(), &tokenizer);
     let src = Source::Hf(&hf, precision);
     let description = format!(
         "{} ({:?}, {})",
@@ -169,6 +162,77 @@ fn load_hf(
     })
 }
 
+/// The chat template of the model at `path` (a GGUF file or a Hugging Face directory), read
+/// without loading any weights: the file's own, or the built-in chosen for it ([`LoadedLm`]'s).
+pub fn chat_template_of(path: &Path) -> Result<ChatTemplate> {
+    if path.is_dir() {
+        let config = std::fs::read_to_string(path.join("config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
+        return Ok(dir_chat_template(path, &config, &tokenizer));
+    }
+    let g = Gguf::open(path)?;
+    let tokenizer = Tokenizer::from_gguf(&GgufVocab::from_gguf(&g)?)?;
+    let arch = g.architecture().unwrap_or("");
+    Ok(gguf_chat_template(&g, path, arch, &tokenizer))
+}
+
+/// A GGUF file's `tokenizer.chat_template`, or the built-in for its architecture and vocabulary.
+fn gguf_chat_template(g: &Gguf, path: &Path, arch: &str, tok: &Tokenizer) -> ChatTemplate {
+    let file = path.display().to_string();
+    match g.get_str("tokenizer.chat_template") {
+        Ok(src) => ChatTemplate::new(format!("'{file}' key 'tokenizer.chat_template'"), src),
+        Err(_) => fallback_template(&file, arch, tok),
+    }
+}
+
+/// A Hugging Face directory's template from tokenizer_config.json, or the built-in for its
+/// `model_type` and vocabulary.
+fn dir_chat_template(dir: &Path, config: &serde_json::Value, tok: &Tokenizer) -> ChatTemplate {
+    let config_path = dir.join("tokenizer_config.json");
+    let arch = config
+        .get("model_type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("");
+    std::fs::read_to_string(&config_path)
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| hf_chat_template(&v))
+        .map(|src| {
+            ChatTemplate::new(
+                format!("'{}' key 'chat_template'", config_path.display()),
+                src,
+            )
+        })
+        .unwrap_or_else(|| fallback_template(&dir.display().to_string(), arch, tok))
+}
+
+/// `chat_template` of a tokenizer_config.json: a string, or a list of named templates (Cohere's
+/// `default`, `tool_use`, `rag`), of which transformers uses `default`.
+fn hf_chat_template(config: &serde_json::Value) -> Option<String> {
+    match config.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(named) => named
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The built-in template for a model whose files carry none, chosen from its architecture and
+/// vocabulary; the origin says so, for messages.
+fn fallback_template(file: &str, arch: &str, tok: &Tokenizer) -> ChatTemplate {
+    let (b, why) = Builtin::detect_for(arch, tok);
+    ChatTemplate::builtin(b).with_origin(format!(
+        "built-in '{}' ('{file}' has no chat template; {why})",
+        b.name()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +245,17 @@ mod tests {
         assert_eq!(default_ctx(&cfg), 128);
         cfg.max_positions = 8192;
         assert_eq!(default_ctx(&cfg), DEFAULT_CTX);
+    }
+
+    #[test]
+    fn tokenizer_config_templates_plain_or_named() {
+        let plain = serde_json::json!({"chat_template": "{{ x }}"});
+        assert_eq!(hf_chat_template(&plain).as_deref(), Some("{{ x }}"));
+        let named = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "T"},
+            {"name": "default", "template": "D"},
+        ]});
+        assert_eq!(hf_chat_template(&named).as_deref(), Some("D"));
+        assert_eq!(hf_chat_template(&serde_json::json!({})), None);
     }
 }

@@ -2,6 +2,7 @@
 //! weight-byte counts ([`params`]).
 
 pub mod bert;
+pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod gpt2;
