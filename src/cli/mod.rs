@@ -155,15 +155,4 @@ pub(crate) fn yes(b: bool) -> &'static str {
     }
 }
 
-/// `n` with thousands separators: 1,234,567.
-pub(crate) fn group_digits(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub(crate) use wgllm::gpu::ledger::group_digits;

@@ -7,18 +7,7 @@ use super::{MemoryPlan, OVERHEAD_FIXED, OVERHEAD_PERCENT};
 use crate::model::config::{Arch, Positions};
 use crate::model::params::{self, Precision};
 
-/// `1,234,567`.
-pub(crate) fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub(crate) use crate::gpu::ledger::group_digits as group;
 
 /// `6.82 GiB`, `12.5 MiB`, `512 B`: binary units, three significant digits or so.
 pub(crate) fn human(b: u64) -> String {
