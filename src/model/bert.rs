@@ -17,7 +17,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::gpu::{BufferClass, Gpu, GpuBuffer};
+use crate::gpu::{Gpu, GpuBuffer};
 use crate::kernels::activation::{self, GeluForm};
 use crate::kernels::attention::{self, KvCache};
 use crate::kernels::{elementwise, embedding, matmul, norm, Tensor, WeightMatrix};
@@ -483,24 +483,8 @@ impl RunState {
     fn new(gpu: &Gpu, cfg: &ModelConfig, batch: usize, max_tokens: usize) -> Result<RunState> {
         let plan = crate::plan::bert_activation_plan(cfg, batch, max_tokens);
         let rows = plan.chunk;
-        let buffers = plan
-            .buffers
-            .iter()
-            .map(|b| {
-                let label = format!("bert.{}", b.label);
-                gpu.alloc(&label, BufferClass::Activations, b.bytes)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let role = |name: &str, cols: usize| -> Result<Tensor> {
-            let i = *plan.role_to_buffer.get(name).ok_or_else(|| {
-                Error::invalid("activation plan", format!("no buffer for '{name}'"))
-            })?;
-            Tensor {
-                buf: buffers[i].clone(),
-                shape: vec![buffers[i].size() as usize / 4],
-            }
-            .view(&[rows, cols])
-        };
+        let acts = crate::model::planned::PlannedActivations::allocate(gpu, plan, "bert")?;
+        let role = |name: &str, cols: usize| acts.role(name, &[rows, cols]);
         let d = cfg.hidden_size;
         Ok(RunState {
             ids: role("ids", 1)?.buf,

@@ -427,24 +427,8 @@ impl RunState {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let plan = crate::plan::gpt2_activation_plan(cfg, c, opts.all_logits);
-        let buffers = plan
-            .buffers
-            .iter()
-            .map(|b| {
-                let label = format!("act.{}", b.label);
-                gpu.alloc(&label, BufferClass::Activations, b.bytes)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let role = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let i = *plan.role_to_buffer.get(name).ok_or_else(|| {
-                Error::invalid("activation plan", format!("no buffer for '{name}'"))
-            })?;
-            Tensor {
-                buf: buffers[i].clone(),
-                shape: vec![buffers[i].size() as usize / 4],
-            }
-            .view(shape)
-        };
+        let acts = crate::model::planned::PlannedActivations::allocate(gpu, plan, "act")?;
+        let role = |name: &str, shape: &[usize]| acts.role(name, shape);
         let kv = match kv {
             Some(kv) => kv,
             None => (0..cfg.n_layers)

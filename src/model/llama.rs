@@ -3,7 +3,7 @@
 //! separate output head. `forward` reads like the architecture: one kernel call a line.
 
 use crate::error::{Error, Result};
-use crate::gpu::{BufferClass, Gpu, GpuBuffer, Recorder};
+use crate::gpu::{Gpu, GpuBuffer, Recorder};
 use crate::kernels::attention::{self, KvCache, KvDtype};
 use crate::kernels::rope::RopeMode;
 use crate::kernels::{elementwise, embedding, matmul, norm, Tensor, WeightMatrix};
@@ -849,27 +849,8 @@ impl RunState {
         let folds = crate::kernels::matmul::single_token_folds(gpu);
         let plan =
             crate::plan::activations::llama_activation_plan_with(cfg, c, opts.all_logits, folds);
-        let buffers = plan
-            .buffers
-            .iter()
-            .map(|b| {
-                gpu.alloc(
-                    &format!("act.{}", b.label),
-                    BufferClass::Activations,
-                    b.bytes,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let role = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let i = *plan.role_to_buffer.get(name).ok_or_else(|| {
-                Error::invalid("activation plan", format!("no buffer for '{name}'"))
-            })?;
-            Tensor {
-                buf: buffers[i].clone(),
-                shape: vec![buffers[i].size() as usize / 4],
-            }
-            .view(shape)
-        };
+        let acts = crate::model::planned::PlannedActivations::allocate(gpu, plan, "act")?;
+        let role = |name: &str, shape: &[usize]| acts.role(name, shape);
         let kv = match kv {
             Some(kv) => kv,
             None => (0..cfg.n_layers)

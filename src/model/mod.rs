@@ -9,5 +9,6 @@ pub mod gpt2;
 pub mod llama;
 pub mod load;
 pub mod params;
+pub mod planned;
 pub mod source;
 pub mod stream;
