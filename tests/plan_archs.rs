@@ -28,17 +28,7 @@ const TOTALS: [(&str, u64); 4] = [
 ];
 
 /// `1,234,567`, as the report groups digits.
-fn grouped(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+use wgllm::gpu::ledger::group_digits as grouped;
 
 #[test]
 fn every_preset_is_planned_with_its_exact_count() {

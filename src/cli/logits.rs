@@ -42,13 +42,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     };
     let mut report = Vec::new();
     for (pos, row) in rows {
-        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max
-            + row
-                .iter()
-                .map(|&v| (v as f64 - max).exp())
-                .sum::<f64>()
-                .ln();
+        let lse = wgllm::model::generate::log_sum_exp(row);
         let top: Vec<serde_json::Value> = top_k_of(row, k)
             .into_iter()
             .map(|(id, l)| {

@@ -266,6 +266,17 @@ pub fn perplexity(
     })
 }
 
+/// `ln(sum(exp(row)))` in f64, shifted by the maximum so that no term overflows: a logit row's
+/// normaliser (`logit - log_sum_exp` is the log-probability).
+pub fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + row
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
 /// Runs each window `(begin, len, first)` from an empty cache and scores its tokens at positions
 /// `first .. len` (the logits at `p - 1` predict token `p`): (mean NLL, tokens scored) each.
 fn score_windows(
@@ -282,14 +293,7 @@ fn score_windows(
         let mut nll = 0.0;
         for p in first..len {
             let row = &logits[(p - 1) * vocab..p * vocab];
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            nll += lse - row[window[p] as usize] as f64;
+            nll += log_sum_exp(row) - row[window[p] as usize] as f64;
         }
         out.push((nll / (len - first) as f64, len - first));
     }
