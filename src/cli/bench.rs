@@ -5,7 +5,7 @@ use anyhow::Result;
 use wgllm::gpu::Gpu;
 
 use super::load::load_for_bench;
-use super::{Global, ModelArgs};
+use super::{Global, ModelArgs, SyntheticArgs};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -43,12 +43,8 @@ struct KernelsArgs {
 struct ModelBenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// A built-in preset (see `wgllm plan --list`) instead of a file; needs --synthetic.
-    #[arg(long)]
-    preset: Option<String>,
-    /// Random weights of the real shapes, made on the fly (no file).
-    #[arg(long)]
-    synthetic: bool,
+    #[command(flatten)]
+    synth: SyntheticArgs,
     /// Prompt tokens for the pp test (0 skips it).
     #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
     pp: usize,
@@ -119,7 +115,7 @@ fn bench_kernels(gpu: &Gpu, a: KernelsArgs) -> Result<()> {
 }
 
 fn bench_model(gpu: &Gpu, a: ModelBenchArgs) -> Result<()> {
-    let (preset, synthetic, json) = (a.preset.as_deref(), a.synthetic, a.json);
+    let json = a.json;
     let opts = wgllm::bench::ModelBenchOptions {
         pp: a.pp,
         tg: a.tg,
@@ -134,7 +130,7 @@ fn bench_model(gpu: &Gpu, a: ModelBenchArgs) -> Result<()> {
     let copy = wgllm::bench::copy_bandwidth(gpu)?;
     // The ledger's peak from here on covers loading and running the model only.
     gpu.ledger.reset_peaks();
-    let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
+    let (mut model, name) = load_for_bench(gpu, &m, &a.synth)?;
     let report = wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, copy, &mut |s| {
         eprintln!("{s}")
     })?;

@@ -7,7 +7,7 @@ use wgllm::gpu::Gpu;
 use wgllm::plan::MemoryPlan;
 
 use super::plan::plan_precision;
-use super::ModelArgs;
+use super::{ModelArgs, SyntheticArgs};
 
 pub(crate) fn parse_precision(s: &str) -> Result<wgllm::quant::WeightFormat> {
     use wgllm::quant::WeightFormat;
@@ -185,9 +185,9 @@ pub(crate) fn auto_model_plan(
 pub(crate) fn load_for_bench(
     gpu: &Gpu,
     m: &ModelArgs,
-    preset: Option<&str>,
-    synthetic: bool,
+    synth: &SyntheticArgs,
 ) -> Result<(Box<dyn wgllm::model::generate::CausalLm>, String)> {
+    let (preset, synthetic) = (synth.preset.as_deref(), synth.synthetic);
     use wgllm::model::config::{Arch, ModelConfig};
     use wgllm::model::llama::{Llama, RunOptions};
     use wgllm::model::source::Source;

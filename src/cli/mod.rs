@@ -85,6 +85,17 @@ impl ModelArgs {
     }
 }
 
+/// A built-in preset with synthetic weights instead of a model file (`bench model`, `profile`).
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct SyntheticArgs {
+    /// A built-in preset (see `wgllm plan --list`) instead of a file; needs --synthetic.
+    #[arg(long)]
+    pub(crate) preset: Option<String>,
+    /// Random weights of the real shapes, made on the fly (no file).
+    #[arg(long)]
+    pub(crate) synthetic: bool,
+}
+
 /// Sampling flags, named as llama.cpp names them.
 #[derive(clap::Args, Clone, Debug)]
 pub(crate) struct SamplingArgs {

@@ -6,17 +6,14 @@ use wgllm::gpu::Gpu;
 
 use super::load::{auto_model_plan, load_for_bench, run_plan_options};
 use super::plan::plan_precision;
-use super::{Global, ModelArgs};
+use super::{Global, ModelArgs, SyntheticArgs};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// A built-in preset with --synthetic weights instead of a file.
-    #[arg(long)]
-    preset: Option<String>,
-    #[arg(long)]
-    synthetic: bool,
+    #[command(flatten)]
+    synth: SyntheticArgs,
     /// Prompt tokens, then decoded tokens.
     #[arg(short = 'p', long, default_value_t = 32)]
     prompt_tokens: usize,
@@ -28,13 +25,12 @@ pub(crate) struct Args {
 
 pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let gpu = &g.gpu()?;
-    let (preset, synthetic) = (a.preset.as_deref(), a.synthetic);
     let (prompt, n, json) = (a.prompt_tokens, a.tokens, a.json);
     use wgllm::gpu::ledger::{human_bytes, BufferClass};
     let mut m = a.model;
     m.ctx = Some(m.ctx().max(prompt + n + 1));
-    let (mut model, name) = load_for_bench(gpu, &m, preset, synthetic)?;
-    let cfg_plan = profile_plan(gpu, &m, preset, synthetic, model.resident_layers())?;
+    let (mut model, name) = load_for_bench(gpu, &m, &a.synth)?;
+    let cfg_plan = profile_plan(gpu, &m, &a.synth, model.resident_layers())?;
     // The ledger's peaks cover loading (staging) and the run.
     model.set_profiling(true);
     let vocab = model.vocab_size() as u32;
@@ -176,16 +172,15 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
 fn profile_plan(
     gpu: &Gpu,
     m: &ModelArgs,
-    preset: Option<&str>,
-    synthetic: bool,
+    synth: &SyntheticArgs,
     resident: Option<usize>,
 ) -> Result<Option<wgllm::plan::MemoryPlan>> {
-    let (plan, layers) = match preset {
+    let (plan, layers) = match synth.preset.as_deref() {
         Some(p) => {
             let cfg = wgllm::model::config::ModelConfig::preset(p)?;
             let precision = match m.precision.as_deref() {
                 Some(p) => plan_precision(p)?,
-                None if synthetic => wgllm::model::params::Precision::Q4_0,
+                None if synth.synthetic => wgllm::model::params::Precision::Q4_0,
                 None => wgllm::model::params::Precision::F16,
             };
             let plan =
