@@ -3,9 +3,10 @@
 
     python models/reference/make_goldens.py            # all goldens
     python models/reference/make_goldens.py --only tokens,logits
+    python models/reference/make_goldens.py --only gemma3   # models/goldens/gemma3_270m.json
 
 Models are read from $WGLLM_MODEL_DIR (default ~/.cache/wgllm):
-    SmolLM2-135M-Instruct.Q4_1.gguf, all-MiniLM-L6-v2/
+    SmolLM2-135M-Instruct.Q4_1.gguf, all-MiniLM-L6-v2/, gemma-3-270m-q4_k_m.gguf
 Floats are rounded to 6 significant digits.  See models/reference/README.md.
 """
 
@@ -402,9 +403,117 @@ def make_minilm(gsha: dict) -> None:
     })
 
 
+# ---------------------------------------------------------------------------
+# Gemma 3 (gemma3_ref.py, tokenizer_ref.Gemma3Tokenizer)
+# ---------------------------------------------------------------------------
+GEMMA3_RAW = [
+    ("raw_paris", "The capital of France is"),
+    ("raw_once", "Once upon a time"),
+    ("raw_colors", "The three primary colors are"),
+    ("raw_qa_digits", "Question: What is 12 + 7?\nAnswer:"),
+]
+GEMMA3_CHAT = [
+    ("chat_capital", [{"role": "user", "content": "What is the capital of France?"}]),
+    ("chat_haiku", [{"role": "user", "content": "Write a haiku about the sea."}]),
+    ("chat_two_turns", [{"role": "user", "content": "Hi! My name is Ada."},
+                        {"role": "assistant", "content": "Hello Ada, nice to meet you."},
+                        {"role": "user", "content": "What is my name?"}]),
+]
+GEMMA3_NEW = 24
+GEMMA3_LOGITS = ["raw_paris", "chat_capital"]
+GEMMA3_TIE = 1e-4
+GEMMA3_PPL = [("short", "models/goldens/gemma3_ppl.txt"), ("long_sliding", "models/goldens/gemma3_ppl_long.txt")]
+
+
+def make_gemma3() -> None:
+    import gemma3_ref
+
+    path = tokenizer_ref.GEMMA3_GGUF
+    tok = tokenizer_ref.gemma3_tokenizer(path)
+    model = gemma3_ref.Gemma3Ref(path)
+    c = model.cfg
+    notes = []
+    greedy, prompt_ids = [], {}
+    cases = [(n, False, p, None) for n, p in GEMMA3_RAW]
+    cases += [(n, True, tokenizer_ref.gemma3_chat_prompt(m), m) for n, m in GEMMA3_CHAT]
+    for name, chat, prompt, messages in cases:
+        # the chat text carries its own "<bos>"; raw prompts get BOS from add_bos_token
+        ids = tok.encode(prompt, add_bos=not chat)
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1, (name, ids)
+        assert tok.decode(ids) == (prompt if chat else "<bos>" + prompt), name
+        new, margins = model.greedy(ids, GEMMA3_NEW)
+        model.check_greedy(ids, new)
+        close = [i for i, m in enumerate(margins) if m < GEMMA3_TIE]
+        if close:
+            notes.append(f"{name}: top1-top2 < {GEMMA3_TIE} at steps {close}; an f32 runtime may break the tie differently")
+        e = {"name": name, "chat": chat}
+        if chat:
+            e["messages"] = messages
+        e.update({"prompt": prompt, "prompt_ids": ids, "n_new": GEMMA3_NEW, "new_ids": new,
+                  "new_text": tok.decode(new), "margins": [r6(m) for m in margins]})
+        greedy.append(e)
+        prompt_ids[name] = ids
+        print(f"gemma3 {name}: {tok.decode(new)!r} (min margin {min(margins):.4f})")
+
+    sample_ids = [int(round(x)) for x in np.linspace(0, c.vocab - 1, 64)]
+    logits = []
+    for name in GEMMA3_LOGITS:
+        row = model.last_logits(prompt_ids[name])
+        logits.append({"name": name, "prompt_ids": prompt_ids[name], "top": topk(row, 20),
+                       "sample": [[i, r6(row[i])] for i in sample_ids], "max_abs": r6(np.abs(row).max()),
+                       "logsumexp": r6(gemma3_ref.logsumexp(row))})
+
+    ppl = []
+    for name, rel in GEMMA3_PPL:
+        with open(os.path.join(HERE, "..", "..", rel), encoding="utf-8") as f:
+            text = f.read()
+        if text.endswith("\n"):  # like llama.cpp's -f: one trailing newline dropped
+            text = text[:-1]
+        ids = tok.encode(text)
+        assert tok.decode(ids) == "<bos>" + text
+        r = model.window_perplexity(ids)
+        ppl.append({"name": name, "text_file": rel, "ids": ids, "ctx": len(ids), "method": "window",
+                    "scored": r["scored"], "nll_mean": r6(r["nll_mean"]), "ppl": r6(r["ppl"])})
+        print(f"gemma3 ppl {name}: {len(ids)} tokens, PPL {r['ppl']:.4f}")
+    assert ppl[-1]["ctx"] > c.sliding_window
+
+    write("gemma3_270m.json", {
+        "model": os.path.basename(path), "sha256": sha256(path), "generated_by": "models/reference/gemma3_ref.py",
+        "generator": gen_block({"numerics": "every tensor dequantised by gguf.quants.dequantize (f32), widened to "
+                                "f64; whole forward in f64", "tokenizer": "tokenizer_ref.Gemma3Tokenizer "
+                                "(sentencepiece BPE rebuilt from the GGUF vocabulary)"}),
+        "config": {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_ff": c.n_ff, "n_head": c.n_head,
+                   "n_head_kv": c.n_head_kv, "head_dim": c.head_dim, "vocab": c.vocab, "rms_eps": c.eps,
+                   "rope_base_global": c.rope_base_global, "rope_base_local": c.rope_base_local,
+                   "sliding_window": c.sliding_window,
+                   "global_layers": [i for i in range(c.n_layer) if c.is_global(i)],
+                   "attention_scale": 1.0 / math.sqrt(c.head_dim), "embedding_scale": math.sqrt(c.n_embd),
+                   "rope": "NEOX (rotate halves: pairs (i, i+head_dim/2))", "tied_output": model.tied_output},
+        "notes": " ".join(notes) if notes else (
+            f"no near-ties: every greedy step's top1-top2 logit margin is >= {GEMMA3_TIE}"),
+        "definitions": {
+            "prompt_ids": "exactly what is fed to the model, BOS (2) included: raw prompts get BOS from "
+                          "tokenizer.ggml.add_bos_token; chat prompts are Gemma's template text, which begins "
+                          "with <bos>, tokenised with special tokens recognised and no BOS added",
+            "greedy": "argmax at every step (ties -> lowest id), n_new tokens, no stopping on EOS or "
+                      "<end_of_turn>; margins[i] = top1 - top2 logit at step i",
+            "logits": "last position: top = 20 highest [id, logit] (ties -> lower id first); sample = logits of "
+                      "64 ids round(linspace(0, vocab-1, 64)); max_abs = max |logit|; logsumexp over the vocab",
+            "perplexity": "text = the file's UTF-8 contents with one trailing newline dropped; ids = BOS + "
+                          "tokens; one window from position 0 over all ids (ctx = len(ids)); the logits at j "
+                          "score ids[j+1] for every j < ctx-1 (nll = logsumexp - logit, natural log); "
+                          "ppl = exp(nll_mean)",
+        },
+        "greedy": greedy,
+        "logits": logits,
+        "perplexity": ppl,
+    })
+    del model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="tokens,logits,greedy,perplexity,perplexity_strided,minilm")
+    ap.add_argument("--only", default="tokens,logits,greedy,perplexity,perplexity_strided,minilm,gemma3")
     ap.add_argument("--skip-dequant-check", action="store_true")
     args = ap.parse_args()
     which = set(args.only.split(","))
@@ -433,6 +542,8 @@ def main() -> None:
         if "perplexity_strided" in which:
             make_perplexity_strided(model, tok, info)
         del model
+    if "gemma3" in which:
+        make_gemma3()
     if "minilm" in which:
         d = tokenizer_ref.MINILM_DIR
         gsha = {f: sha256(os.path.join(d, f)) for f in ("model.safetensors", "tokenizer.json", "config.json")}
