@@ -127,10 +127,12 @@ class Gemma3Tokenizer:
       parse_special, e.g. "<start_of_turn>", "<end_of_turn>", "<bos>") and of
       a USER_DEFINED token's text (always: "\n", "\n\n", runs of spaces and
       tabs, "<table>", ...), longest tokens first; those become their own ids.
-      Caveat: Gemma's user-defined space runs ("  " = id 138, ...) hold plain
-      spaces, so llama.cpp (and this class) emit them for "a  b", whereas a
+      Gemma's user-defined space runs ("  " = id 138, ...) hold plain spaces,
+      so llama.cpp (and this class) emit them for "a  b", whereas a
       SentencePiece model alone would escape the spaces first and never match
-      them.  The goldens avoid runs of spaces and tabs.
+      them.  transformers' own GGUF -> `tokenizers` conversion agrees with
+      this class on every case of goldens/gemma3_tokens.json, whitespace runs
+      and tabs included (gemma3_crosscheck.py checks it).
     * encode() adds BOS when tokenizer.ggml.add_bos_token says so (True for
       Gemma: id 2), never EOS.
     """
