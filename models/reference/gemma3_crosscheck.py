@@ -41,7 +41,8 @@ ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
 def patch_hf_to_float64() -> None:
     """transformers keeps four pieces of Gemma 3 in float32 whatever the model's dtype: RMSNorm
     (`x.float()`), the RoPE angles (float32 inv_freq and position * inv_freq), the embedding scale
-    (a float32 tensor) and the eager attention softmax (`dtype=torch.float32`).  `--exact` recomputes them in float64, so that what is left between the two
+    (a float32 tensor) and the eager attention softmax (`dtype=torch.float32`).  `--exact` recomputes
+    them in float64, so that what is left between the two
     implementations is float64 rounding only."""
     from transformers.models.gemma3 import modeling_gemma3 as mg
 

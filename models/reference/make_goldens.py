@@ -421,8 +421,58 @@ GEMMA3_CHAT = [
 ]
 GEMMA3_NEW = 24
 GEMMA3_LOGITS = ["raw_paris", "chat_capital"]
+GEMMA3_LOGITS_LONG = "long_sliding_text"
 GEMMA3_TIE = 1e-4
+GEMMA3_TIGHT = 0.05
 GEMMA3_PPL = [("short", "models/goldens/gemma3_ppl.txt"), ("long_sliding", "models/goldens/gemma3_ppl_long.txt")]
+
+
+GEMMA3_TOKENIZER_EXTRA = [
+    "a  b", "x\ty", " leading space", "trailing space ", "Hello\n\n\nworld", "<table><tr>",
+    "\ufb01 ligature", "e\u0301 (e + combining acute) \u00e9",
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+    "<bos><start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+]
+
+
+def make_gemma3_tokens() -> None:
+    path = tokenizer_ref.GEMMA3_GGUF
+    tok = tokenizer_ref.gemma3_tokenizer(path)
+    cases = []
+    for text in TOKENIZER_CASES + GEMMA3_TOKENIZER_EXTRA:
+        bos = not text.startswith("<bos>")
+        ids = tok.encode(text, add_bos=bos)
+        assert tok.decode(ids) == ("<bos>" if bos else "") + text, text
+        cases.append({"text": text, "add_bos": bos, "ids": ids, "pieces": tok.pieces(ids)})
+    lit = "<start_of_turn>user\nHi<end_of_turn>"
+    ids = tok.encode(lit, parse_special=False)
+    cases.append({"text": lit, "add_bos": True, "parse_special": False, "ids": ids, "pieces": tok.pieces(ids)})
+    write("gemma3_tokens.json", {
+        "model": os.path.basename(path), "sha256": sha256(path),
+        "generated_by": "models/reference/tokenizer_ref.py (Gemma3Tokenizer)",
+        "generator": gen_block({}),
+        "metadata": {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "vocab": len(tok.tokens),
+                     "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "unknown_token_id": tok.unk_id,
+                     "add_bos_token": tok.add_bos, "add_space_prefix": tok.add_space_prefix,
+                     "start_of_turn": tok.ids["<start_of_turn>"], "end_of_turn": tok.ids["<end_of_turn>"]},
+        "definition": (
+            "SentencePiece BPE with byte fallback rebuilt from the GGUF vocabulary (pieces, scores, types); "
+            "before it the text is cut at CONTROL token texts (only when parse_special, the default) and at "
+            "USER_DEFINED token texts (always: newline runs, space runs, tab runs, HTML tags), longest first, as "
+            "llama.cpp does; spaces -> U+2581, no dummy prefix; BOS (2) prepended when add_bos. transformers' "
+            "GGUF tokenizer gives the same ids on every case (gemma3_crosscheck.py)."),
+        "cases": cases,
+    })
+
+
+def gemma3_ppl_ids(tok, rel: str) -> list:
+    with open(os.path.join(HERE, "..", "..", rel), encoding="utf-8") as f:
+        text = f.read()
+    if text.endswith("\n"):  # like llama.cpp's -f: one trailing newline dropped
+        text = text[:-1]
+    ids = tok.encode(text)
+    assert tok.decode(ids) == "<bos>" + text
+    return ids
 
 
 def make_gemma3() -> None:
@@ -445,7 +495,12 @@ def make_gemma3() -> None:
         model.check_greedy(ids, new)
         close = [i for i, m in enumerate(margins) if m < GEMMA3_TIE]
         if close:
-            notes.append(f"{name}: top1-top2 < {GEMMA3_TIE} at steps {close}; an f32 runtime may break the tie differently")
+            notes.append(f"{name}: top1-top2 < {GEMMA3_TIE} at steps {close}; "
+                         "an f32 runtime may break the tie differently")
+        tight = [i for i, m in enumerate(margins) if GEMMA3_TIE <= m < GEMMA3_TIGHT]
+        if tight:
+            notes.append(f"{name}: tight (top1-top2 < {GEMMA3_TIGHT}, still far above f32 error) at steps "
+                         f"{tight}, min {min(margins):.4f}.")
         e = {"name": name, "chat": chat}
         if chat:
             e["messages"] = messages
@@ -456,8 +511,11 @@ def make_gemma3() -> None:
         print(f"gemma3 {name}: {tok.decode(new)!r} (min margin {min(margins):.4f})")
 
     sample_ids = [int(round(x)) for x in np.linspace(0, c.vocab - 1, 64)]
+    # the long perplexity text's ids as one more logits prompt: its last position (879) is past the
+    # window, where the local layers' masks differ from causal attention
+    prompt_ids[GEMMA3_LOGITS_LONG] = gemma3_ppl_ids(tok, GEMMA3_PPL[-1][1])
     logits = []
-    for name in GEMMA3_LOGITS:
+    for name in GEMMA3_LOGITS + [GEMMA3_LOGITS_LONG]:
         row = model.last_logits(prompt_ids[name])
         logits.append({"name": name, "prompt_ids": prompt_ids[name], "top": topk(row, 20),
                        "sample": [[i, r6(row[i])] for i in sample_ids], "max_abs": r6(np.abs(row).max()),
@@ -465,17 +523,30 @@ def make_gemma3() -> None:
 
     ppl = []
     for name, rel in GEMMA3_PPL:
-        with open(os.path.join(HERE, "..", "..", rel), encoding="utf-8") as f:
-            text = f.read()
-        if text.endswith("\n"):  # like llama.cpp's -f: one trailing newline dropped
-            text = text[:-1]
-        ids = tok.encode(text)
-        assert tok.decode(ids) == "<bos>" + text
+        ids = gemma3_ppl_ids(tok, rel)
         r = model.window_perplexity(ids)
         ppl.append({"name": name, "text_file": rel, "ids": ids, "ctx": len(ids), "method": "window",
                     "scored": r["scored"], "nll_mean": r6(r["nll_mean"]), "ppl": r6(r["ppl"])})
         print(f"gemma3 ppl {name}: {len(ids)} tokens, PPL {r['ppl']:.4f}")
     assert ppl[-1]["ctx"] > c.sliding_window
+
+    # How far the goldens move under the mistakes a port can make: a 1e-2 logit tolerance and a 0.5%
+    # perplexity bound must separate right from wrong by a wide margin.
+    sens = {}
+    base_rows = {e["name"]: model.last_logits(e["prompt_ids"]) for e in logits}
+    long_ids = ppl[-1]["ids"]
+    for what, attr, wrong in (("rope_interleaved_instead_of_neox", "rope_mode", "norm"),
+                              ("no_sliding_window", "sliding", False)):
+        right = getattr(model, attr)
+        setattr(model, attr, wrong)
+        try:
+            d = {e["name"]: r6(np.abs(model.last_logits(e["prompt_ids"]) - base_rows[e["name"]]).max())
+                 for e in logits}
+            p_long = model.window_perplexity(long_ids)["ppl"]
+        finally:
+            setattr(model, attr, right)
+        sens[what] = {"max_abs_logit_diff": d, "long_sliding_ppl": r6(p_long)}
+        print(f"gemma3 sensitivity {what}: {sens[what]}")
 
     write("gemma3_270m.json", {
         "model": os.path.basename(path), "sha256": sha256(path), "generated_by": "models/reference/gemma3_ref.py",
@@ -498,22 +569,28 @@ def make_gemma3() -> None:
             "greedy": "argmax at every step (ties -> lowest id), n_new tokens, no stopping on EOS or "
                       "<end_of_turn>; margins[i] = top1 - top2 logit at step i",
             "logits": "last position: top = 20 highest [id, logit] (ties -> lower id first); sample = logits of "
-                      "64 ids round(linspace(0, vocab-1, 64)); max_abs = max |logit|; logsumexp over the vocab",
+                      "64 ids round(linspace(0, vocab-1, 64)); max_abs = max |logit|; logsumexp over the vocab. "
+                      "long_sliding_text = the ids of the long perplexity text (880): its last position is "
+                      "past the sliding window",
             "perplexity": "text = the file's UTF-8 contents with one trailing newline dropped; ids = BOS + "
                           "tokens; one window from position 0 over all ids (ctx = len(ids)); the logits at j "
                           "score ids[j+1] for every j < ctx-1 (nll = logsumexp - logit, natural log); "
                           "ppl = exp(nll_mean)",
+            "sensitivity": "the reference rerun with one deliberate mistake (interleaved RoPE pairs (2i, 2i+1) "
+                           "instead of NEOX halves; full causal attention on the local layers): max |logit "
+                           "diff| at the last position of each logits prompt, and the long text's perplexity",
         },
         "greedy": greedy,
         "logits": logits,
         "perplexity": ppl,
+        "sensitivity": sens,
     })
     del model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="tokens,logits,greedy,perplexity,perplexity_strided,minilm,gemma3")
+    ap.add_argument("--only", default="tokens,logits,greedy,perplexity,perplexity_strided,minilm,gemma3_tokens,gemma3")
     ap.add_argument("--skip-dequant-check", action="store_true")
     args = ap.parse_args()
     which = set(args.only.split(","))
@@ -542,6 +619,8 @@ def main() -> None:
         if "perplexity_strided" in which:
             make_perplexity_strided(model, tok, info)
         del model
+    if "gemma3_tokens" in which:
+        make_gemma3_tokens()
     if "gemma3" in which:
         make_gemma3()
     if "minilm" in which:
