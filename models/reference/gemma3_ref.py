@@ -193,13 +193,15 @@ class Gemma3Ref:
         """Per-layer (K after norm+RoPE, V) of the positions seen so far."""
         return [None] * self.cfg.n_layer
 
-    def hidden(self, tokens, cache=None) -> np.ndarray:
+    def hidden(self, tokens, cache=None, trace=None) -> np.ndarray:
         """Final normed hidden states [n_tok, n_embd] (float64) of `tokens`.
 
         With a cache (from `new_cache()`), `tokens` continue the positions the
         cache holds and the cache is extended in place; without, positions start
         at 0.  The cache keeps every position (the window is applied by the
-        mask), so it is independent of any ring-buffer logic.
+        mask), so it is independent of any ring-buffer logic.  A list passed as
+        `trace` receives the residual stream h after the embedding and after each
+        layer ([n_tok, n_embd] each), for locating where a port diverges.
         """
         c = self.cfg
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -210,6 +212,8 @@ class Gemma3Ref:
         pos = np.arange(past, past + n)
         scale = 1.0 / math.sqrt(hd)
         h = self.tok_embd[tokens] * math.sqrt(c.n_embd)
+        if trace is not None:
+            trace.append(h.copy())
         for li, L in enumerate(self.layers):
             glob = c.is_global(li)
             base = c.rope_base_global if glob else c.rope_base_local
@@ -239,6 +243,8 @@ class Gemma3Ref:
             x = self._rmsnorm(h, L["ffn_norm"])
             f = (gelu_tanh(x @ L["ffn_gate"].T) * (x @ L["ffn_up"].T)) @ L["ffn_down"].T
             h = h + self._rmsnorm(f, L["post_ffw_norm"])
+            if trace is not None:
+                trace.append(h.copy())
         return self._rmsnorm(h, self.out_norm)
 
     def head(self, hid: np.ndarray) -> np.ndarray:

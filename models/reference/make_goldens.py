@@ -521,6 +521,15 @@ def make_gemma3() -> None:
                        "sample": [[i, r6(row[i])] for i in sample_ids], "max_abs": r6(np.abs(row).max()),
                        "logsumexp": r6(gemma3_ref.logsumexp(row))})
 
+    # the residual stream at raw_paris's last position after the embedding and after every layer, to
+    # locate where a port diverges (L2 norm, max |x|, first 8 components)
+    tr = []
+    model.hidden(prompt_ids["raw_paris"], trace=tr)
+    trace = {"name": "raw_paris", "position": len(prompt_ids["raw_paris"]) - 1,
+             "stages": ["embedding*sqrt(n_embd)"] + [f"after layer {i}" for i in range(c.n_layer)],
+             "l2": [r6(np.linalg.norm(h[-1])) for h in tr], "max_abs": [r6(np.abs(h[-1]).max()) for h in tr],
+             "first8": [[r6(x) for x in h[-1][:8]] for h in tr]}
+
     ppl = []
     for name, rel in GEMMA3_PPL:
         ids = gemma3_ppl_ids(tok, rel)
@@ -576,6 +585,8 @@ def make_gemma3() -> None:
                           "tokens; one window from position 0 over all ids (ctx = len(ids)); the logits at j "
                           "score ids[j+1] for every j < ctx-1 (nll = logsumexp - logit, natural log); "
                           "ppl = exp(nll_mean)",
+            "residual_trace": "h (the residual stream, before the final norm) at the last position of raw_paris "
+                              "after the embedding scale and after each layer: L2 norm, max |h|, h[0:8]",
             "sensitivity": "the reference rerun with one deliberate mistake (interleaved RoPE pairs (2i, 2i+1) "
                            "instead of NEOX halves; full causal attention on the local layers): max |logit "
                            "diff| at the last position of each logits prompt, and the long text's perplexity",
@@ -584,6 +595,7 @@ def make_gemma3() -> None:
         "logits": logits,
         "perplexity": ppl,
         "sensitivity": sens,
+        "residual_trace": trace,
     })
     del model
 
