@@ -238,11 +238,13 @@ impl Bpe {
                 ),
             ));
         };
-        if v.merges.is_empty() {
-            return Err(v.err("tokenizer.ggml.merges", "absent or empty: BPE needs merges"));
-        }
-        let mut merges = Vec::with_capacity(v.merges.len());
-        for (i, m) in v.merges.iter().enumerate() {
+        // Absent is refused as llama.cpp refuses it; empty is a vocabulary of whole tokens.
+        let Some(given) = &v.merges else {
+            return Err(v.err("tokenizer.ggml.merges", "absent: BPE needs merges"));
+        };
+        let mut merges = Vec::with_capacity(given.len());
+        let mut joined = String::new();
+        for (i, m) in given.iter().enumerate() {
             // llama.cpp splits at the first space after the first byte: a merge may start
             // with a space character only in byte-level spelling, where it is 'Ġ'.
             let split = m.bytes().skip(1).position(|c| c == b' ').map(|p| p + 1);
@@ -253,7 +255,10 @@ impl Bpe {
                 ));
             };
             let (a, b) = (&m[..p], &m[p + 1..]);
-            for part in [a, b, &format!("{a}{b}")] {
+            joined.clear();
+            joined.push_str(a);
+            joined.push_str(b);
+            for part in [a, b, joined.as_str()] {
                 if !vocab.ids.contains_key(part) {
                     return Err(v.err(
                         "tokenizer.ggml.merges",

@@ -44,8 +44,8 @@ pub struct GgufVocab {
     pub model: String,
     pub pre: Option<String>,
     pub tokens: Vec<String>,
-    /// `tokenizer.ggml.merges` (BPE); empty when absent.
-    pub merges: Vec<String>,
+    /// `tokenizer.ggml.merges` (BPE); `None` when absent.
+    pub merges: Option<Vec<String>>,
     /// `tokenizer.ggml.scores`; empty when absent.
     pub scores: Vec<f32>,
     /// `tokenizer.ggml.token_type`; empty when absent (every token normal).
@@ -109,8 +109,7 @@ impl GgufVocab {
             file: g.file().to_string(),
             merges: opt(g, "tokenizer.ggml.merges", |k| {
                 g.get_str_array(k).map(<[String]>::to_vec)
-            })?
-            .unwrap_or_default(),
+            })?,
             scores: opt(g, "tokenizer.ggml.scores", |k| g.get_f32_array(k))?.unwrap_or_default(),
             token_types: opt(g, "tokenizer.ggml.token_type", |k| g.get_i32_array(k))?
                 .unwrap_or_default(),
