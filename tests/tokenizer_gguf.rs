@@ -253,14 +253,49 @@ fn vocab_only(m: &wgllm::fetch::PackagedModel, name: &str, kvs: Vec<(&str, Value
         .arg(&text)
         .output()
         .unwrap();
-    let _ = std::fs::remove_file(&gguf);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let want = format!("{:?}\n", tok.encode(&text, true).unwrap());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let ids = tok.encode(&text, true).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{ids:?}\n"));
+    // One line per token, `id -> "piece"`; --no-bos drops what add_special adds, and
+    // --no-parse-special spells the control tokens out.
+    let lines = |args: &[&str]| -> Vec<String> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
+            .arg("tokenize")
+            .args(args)
+            .arg("-m")
+            .arg(&gguf)
+            .arg(&text)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let shown = lines(&[]);
+    assert_eq!(shown.len(), ids.len());
+    for (line, id) in shown.iter().zip(&ids) {
+        let piece = serde_json::to_string(&tok.piece(*id).unwrap()).unwrap();
+        assert_eq!(line.trim_start(), format!("{id} -> {piece}"));
+    }
+    let bare = tok.encode_with(&text, false, true).unwrap();
+    assert_eq!(lines(&["--no-bos"]).len(), bare.len());
+    let plain = tok.encode_with(&text, false, false).unwrap();
+    assert!(plain.len() > bare.len());
+    assert_eq!(
+        lines(&["--no-bos", "--no-parse-special"]).len(),
+        plain.len()
+    );
+    let _ = std::fs::remove_file(&gguf);
 }
 
 #[test]
