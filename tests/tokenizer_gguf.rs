@@ -397,6 +397,23 @@ fn the_tiny_vocabulary_is_valid() {
     // Without parse_special the control token's text is plain bytes.
     let plain = tok.encode_with("<|s|>", false, false).unwrap();
     assert_eq!(plain.len(), 5);
+    // Bytes outside ASCII go through GPT-2's byte characters and come back.
+    let e = tok.encode("é ☃", false).unwrap();
+    assert_eq!(e.len(), 6); // 2 + 1 (space) + 3 bytes, no merges among them
+    assert_eq!(tok.decode(&e).unwrap(), "é ☃");
+    // add_bos_token / add_eos_token as the file says.
+    let kvs = with(tiny_bpe(), "tokenizer.ggml.bos_token_id", Value::U32(258));
+    let kvs = with(kvs, "tokenizer.ggml.eos_token_id", Value::U32(256));
+    let kvs = with(kvs, "tokenizer.ggml.add_eos_token", Value::Bool(true));
+    let t = build("eos.gguf", &kvs).unwrap();
+    assert_eq!(t.encode("abc", true).unwrap(), vec![257, 256]);
+    assert_eq!(t.encode("abc", false).unwrap(), vec![257]);
+    let t = build(
+        "bos.gguf",
+        &with(kvs, "tokenizer.ggml.add_bos_token", Value::Bool(true)),
+    )
+    .unwrap();
+    assert_eq!(t.encode("abc", true).unwrap(), vec![258, 257, 256]);
     // An absent pre-tokenizer is llama.cpp's warned fallback to "default", not an error.
     let mut kvs = tiny_bpe();
     kvs.retain(|(k, _)| *k != "tokenizer.ggml.pre");
