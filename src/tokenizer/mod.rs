@@ -58,6 +58,10 @@ pub struct GgufVocab {
     pub add_eos: bool,
     /// Whether SentencePiece text gets a leading space (`▁`) at the start and after specials.
     pub add_space_prefix: bool,
+    /// `general.name` and `general.architecture`: llama.cpp sets a few tokens' whitespace
+    /// stripping by them (Phi-3's special tokens eat the whitespace after them).
+    pub model_name: Option<String>,
+    pub arch: Option<String>,
 }
 
 /// Pre-tokenizer names after which llama.cpp adds BOS unless the file says otherwise.
@@ -120,6 +124,10 @@ impl GgufVocab {
             add_bos: flag("tokenizer.ggml.add_bos_token", add_bos_default)?,
             add_eos: flag("tokenizer.ggml.add_eos_token", false)?,
             add_space_prefix: flag("tokenizer.ggml.add_space_prefix", spm)?,
+            model_name: opt(g, "general.name", |k| g.get_str(k).map(str::to_string))?,
+            arch: opt(g, "general.architecture", |k| {
+                g.get_str(k).map(str::to_string)
+            })?,
             pre,
             model,
             tokens,
@@ -143,6 +151,46 @@ struct Vocab {
     /// Control, user-defined and unknown tokens, longest first: what is cut out of the text before
     /// the model's own splitting (llama.cpp's `cache_special_tokens`).
     specials: Vec<u32>,
+    /// Specials that take the whitespace before them (LSTRIP) or after them (RSTRIP) with them.
+    lstrip: Vec<u32>,
+    rstrip: Vec<u32>,
+}
+
+/// C's `isspace`, which llama.cpp strips with.
+fn is_c_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// The tokens llama.cpp gives LSTRIP / RSTRIP by model name, architecture or pre-tokenizer (the
+/// attributes are not in GGUF files): `<mask>` of Jina v2 and Nomic BERT, every special of
+/// Phi-3 but `<unk>`, `<s>` and `<|endoftext|>`, and `</s>` there too.
+fn strip_attributes(v: &GgufVocab, specials: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let id = |t: &str| v.tokens.iter().rposition(|x| x == t).map(|i| i as u32);
+    let has = |s: Option<&String>, any: &[&str]| {
+        s.is_some_and(|s| any.iter().any(|a| s.to_lowercase().contains(a)))
+    };
+    if has(
+        v.pre.as_ref(),
+        &["jina-v2-de", "jina-v2-es", "jina-v2-code"],
+    ) || has(v.arch.as_ref(), &["nomic-bert-moe", "jina-bert-v3"])
+    {
+        return (id("<mask>").into_iter().collect(), Vec::new());
+    }
+    if has(v.model_name.as_ref(), &["phi-3", "phi3"]) {
+        let keep: Vec<u32> = ["<unk>", "<s>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| id(t))
+            .collect();
+        let mut r: Vec<u32> = specials.iter().copied().chain(id("</s>")).collect();
+        r.retain(|i| !keep.contains(i));
+        r.sort_unstable();
+        r.dedup();
+        return (Vec::new(), r);
+    }
+    if has(v.model_name.as_ref(), &["modern-bert"]) {
+        return (id("[MASK]").into_iter().collect(), Vec::new());
+    }
+    (Vec::new(), Vec::new())
 }
 
 /// A piece of text on its way to tokens: a byte range of the input, or a special token found in it.
@@ -193,11 +241,14 @@ impl Vocab {
             .collect();
         // Stable, so that equal lengths keep id order: the result does not depend on the sort.
         specials.sort_by_key(|&i| std::cmp::Reverse(v.tokens[i as usize].len()));
+        let (lstrip, rstrip) = strip_attributes(v, &specials);
         Ok(Vocab {
             tokens: v.tokens.clone(),
             types,
             ids,
             specials,
+            lstrip,
+            rstrip,
         })
     }
 
@@ -227,6 +278,8 @@ impl Vocab {
             if !text.contains(s) {
                 continue;
             }
+            let (lstrip, rstrip) = (self.lstrip.contains(&id), self.rstrip.contains(&id));
+            let bytes = text.as_bytes();
             let mut out = Vec::with_capacity(frags.len() + 2);
             for f in frags {
                 let Fragment::Text(a, b) = f else {
@@ -237,11 +290,19 @@ impl Vocab {
                 // A match of a whole UTF-8 string starts and ends on character boundaries.
                 while let Some(p) = text[start..b].find(s) {
                     let m = start + p;
-                    if m > start {
-                        out.push(Fragment::Text(start, m));
+                    // Whitespace is ASCII: stripping it keeps the ends on character boundaries.
+                    let mut end = m;
+                    while lstrip && end > start && is_c_space(bytes[end - 1]) {
+                        end -= 1;
+                    }
+                    if end > start {
+                        out.push(Fragment::Text(start, end));
                     }
                     out.push(Fragment::Token(id));
                     start = m + s.len();
+                    while rstrip && start < b && is_c_space(bytes[start]) {
+                        start += 1;
+                    }
                 }
                 if start < b {
                     out.push(Fragment::Text(start, b));
@@ -691,6 +752,34 @@ mod tests {
             vec![Text(0, 11), Token(base + 2), Text(13, 15)]
         );
         assert!(voc.partition("", true).is_empty());
+    }
+
+    /// Phi-3 (by general.name, as llama.cpp decides it): special tokens take the whitespace after
+    /// them, except <s>; other models keep it.
+    #[test]
+    fn phi3_specials_strip_the_whitespace_after_them() {
+        let mut v = spm_vocab();
+        let user = v.tokens.len() as u32;
+        v.tokens.push("<|user|>".into());
+        v.token_types.push(token_type::CONTROL);
+        v.scores.push(0.0);
+        v.add_space_prefix = false;
+        let plain = Tokenizer::from_gguf(&v).unwrap();
+        v.model_name = Some("Phi-3-mini-4k-instruct".into());
+        let phi3 = Tokenizer::from_gguf(&v).unwrap();
+        let h = plain.token_id("hello").unwrap();
+        let nl = plain.token_id("<0x0A>").unwrap();
+        assert_eq!(
+            plain.encode("<|user|>\n hello", false).unwrap()[..2],
+            [user, nl]
+        );
+        assert_eq!(
+            phi3.encode("<|user|>\n hello", false).unwrap(),
+            vec![user, h]
+        );
+        assert_eq!(phi3.encode("<|user|>\n", false).unwrap(), vec![user]);
+        // <s> is not stripped after.
+        assert_eq!(phi3.encode("<s>\n", false).unwrap(), vec![1, nl]);
     }
 
     /// Gemma-style: no space prefix, so "hello" is not "▁hello"; with the prefix it is, also
