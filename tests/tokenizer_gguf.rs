@@ -6,7 +6,8 @@
 //! - SmolLM2's byte-level BPE (`smollm`), against Hugging Face `tokenizers` built from the file;
 //! - Llama 3.2 (`llama-bpe`) and Qwen2.5 (`qwen2`), against the models' own tokenizer.json: the
 //!   test writes a vocabulary-only GGUF from that tokenizer.json, reads it back through the GGUF
-//!   loader, and runs `wgllm tokenize` on the file too.
+//!   loader, and runs `wgllm tokenize` on the file too; the same GGUFs also pass llama.cpp's own
+//!   test-tokenizer-0 vectors for these vocabularies (tests/data/tokenizer/llamacpp-*).
 //!
 //! And the vocabularies wgllm must refuse: each a typed error naming the file and the key.
 
@@ -239,6 +240,7 @@ fn vocab_only(m: &wgllm::fetch::PackagedModel, name: &str, kvs: Vec<(&str, Value
     let gguf = temp_file(&format!("{name}.gguf"), &vocab_gguf(&kvs));
     let tok = open_vocab(&gguf);
     assert!(check(&tok, name) >= 45, "{}", m.id);
+    check_llamacpp(&tok, name);
     let text = vectors(name)["cases"]
         .as_array()
         .unwrap()
@@ -296,6 +298,36 @@ fn vocab_only(m: &wgllm::fetch::PackagedModel, name: &str, kvs: Vec<(&str, Value
         plain.len()
     );
     let _ = std::fs::remove_file(&gguf);
+}
+
+/// llama.cpp's own vectors for the same vocabulary (its `models/ggml-vocab-{llama-bpe,qwen2}.gguf
+/// .inp/.out`, made by its convert_hf_to_gguf_update.py from the models' tokenizer.json, MIT
+/// licensed; copied from llama-cpp-python 0.3.36's vendor/llama.cpp): texts separated by
+/// `\n__ggml_vocab_test__\n`, one line of ids per text, tokenized as test-tokenizer-0 does
+/// (no BOS, special tokens not parsed).
+fn check_llamacpp(tok: &Tokenizer, name: &str) {
+    let file = match name {
+        "llama3" => "llamacpp-llama-bpe",
+        _ => "llamacpp-qwen2",
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer");
+    let read = |ext: &str| std::fs::read_to_string(dir.join(format!("{file}.{ext}"))).unwrap();
+    let (inp, out) = (read("inp"), read("out"));
+    let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    let ids: Vec<&str> = out.lines().collect();
+    // The .inp ends with a separator and nothing after it: one text fewer than pieces.
+    assert_eq!(texts.len(), ids.len() + 1, "{file}");
+    for (text, line) in texts.iter().zip(&ids) {
+        let want: Vec<u32> = line
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert_eq!(
+            tok.encode_with(text, false, false).unwrap(),
+            want,
+            "{file}: {text:?}"
+        );
+    }
 }
 
 #[test]
