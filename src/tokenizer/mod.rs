@@ -2,13 +2,13 @@
 //! embed in their metadata, tokenized as llama.cpp tokenizes them (`src/llama-vocab.cpp`):
 //!
 //! - Special tokens first: control, user-defined and unknown tokens are cut out of the text,
-//!   longest first ([`Vocab::partition`], llama.cpp's `tokenizer_st_partition`); without
+//!   longest first (`Vocab::partition`, llama.cpp's `tokenizer_st_partition`); without
 //!   `parse_special` only the user-defined ones are (Gemma's runs of spaces, tabs and newlines
 //!   are user-defined tokens, and plain text must still reach them).
-//! - `tokenizer.ggml.model = "llama"` ([`spm`]): SentencePiece's score-ordered BPE over `tokens` +
+//! - `tokenizer.ggml.model = "llama"` (`spm.rs`): SentencePiece's score-ordered BPE over `tokens` +
 //!   `scores`, spaces written `▁`, `<0xXX>` byte fallback, a space put before text that follows
 //!   the start or a special token when `add_space_prefix` says so (Llama 2 does, Gemma 3 does not).
-//! - `tokenizer.ggml.model = "gpt2"` ([`bpe`]): byte-level BPE from `tokens` + `merges`, split
+//! - `tokenizer.ggml.model = "gpt2"` (`bpe.rs`): byte-level BPE from `tokens` + `merges`, split
 //!   first by the regular expressions llama.cpp keeps for `tokenizer.ggml.pre`.
 //!
 //! `add_bos_token`, `add_eos_token` and `add_space_prefix` are read from the file, with
