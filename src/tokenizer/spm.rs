@@ -1,5 +1,5 @@
 //! SentencePiece vocabularies (`tokenizer.ggml.model = "llama"`): score-ordered BPE as
-//! llama.cpp's `llm_tokenizer_spm_session` and SentencePiece's `bpe_model.cc` do it.
+//! llama.cpp's SPM tokenizer (`llm_tokenizer_spm`) and SentencePiece's `bpe_model.cc` do it.
 //!
 //! Each character starts as a symbol; every adjacent pair whose concatenation is a token goes into
 //! a priority queue by that token's score (ties: the leftmost pair); the best pair is merged and
