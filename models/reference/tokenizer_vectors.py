@@ -89,6 +89,9 @@ COMMON = [
     "a\u00a0non-breaking space and a zero\u200bwidth one",
     "control\x01char and DEL\x7f",
     "The quick brown fox jumps over the lazy dog. " * 12,
+    # ~10 KB of mixed text: long inputs, many fragments, merges far apart.
+    ("Tokenizers split text into pieces: 12,345 words, 日本語, émojis 🎉, code { x += 1; }\n"
+     "\tand   spaces.  ") * 100,
     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
     " ",
     "   ",
