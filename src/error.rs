@@ -36,6 +36,14 @@ pub enum Error {
     // ---- tokenizers ---------------------------------------------------------------------------
     #[error("tokenizer: {reason}")]
     Tokenizer { reason: String },
+    /// A GGUF vocabulary that cannot be used as it is: an unknown model or pre-tokenizer, token
+    /// arrays of the wrong length, merges naming tokens the vocabulary lacks.
+    #[error("'{file}': tokenizer key '{key}': {reason}")]
+    Vocab {
+        file: String,
+        key: String,
+        reason: String,
+    },
 
     // ---- chat templates ------------------------------------------------------------------------
     /// A chat template that does not compile, raises, runs past its limits or fails otherwise;

