@@ -1,6 +1,7 @@
 //! Token embedding lookup (`shaders/embedding.wgsl`): `out[t, :] = table[ids[t], :]` for a table in
-//! any [`crate::quant::WeightFormat`], dequantised in the shader from the [`crate::quant::repack`] layout. One
-//! dispatch per shard of the table, each writing the tokens whose id falls in its row range; ids
+//! any [`crate::quant::WeightFormat`], dequantised in the shader from the [`crate::quant::repack`]
+//! layout by the block decode every kernel shares (`shaders/common/quant.wgsl`). One dispatch per
+//! shard of the table, each writing the tokens whose id falls in its row range; ids
 //! `>= vocab` read nothing and come out as zero rows (the last shard's dispatch writes them).
 //! Callers that want bad ids refused rather than zeroed check them with [`check_ids`] first.
 
