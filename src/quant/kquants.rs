@@ -1,6 +1,6 @@
-//! ggml's block formats that wgllm dequantises on the CPU (no GPU kernel reads them yet): the
-//! "k-quant" super-blocks Q4_K, Q5_K and Q6_K (256 weights each) and the 5-bit Q5_0 and Q5_1
-//! (32 weights), decoded exactly as ggml's `dequantize_row_*` and gguf-py's
+//! ggml's newer block formats on the CPU (the GPU kernels decode them in
+//! `shaders/common/quant.wgsl`): the "k-quant" super-blocks Q4_K, Q5_K and Q6_K (256 weights each)
+//! and the 5-bit Q5_0 and Q5_1 (32 weights), decoded exactly as ggml's `dequantize_row_*` and gguf-py's
 //! `gguf.quants.dequantize` do (the same f32 operations in the same order, so bit for bit:
 //! `tests/quant_gguf_py.rs` checks that on blocks gguf-py decoded). The GGUF loader turns such
 //! tensors into f32, which the caller may requantise to a native format.
@@ -207,7 +207,8 @@ pub fn dequantize_q6_k(data: &[u8], n: usize) -> Result<Vec<f32>> {
 // Quantisers: faithful ports of ggml's reference quantisers (`quantize_row_*_ref` in
 // ggml-quants.c), the same f32 operations in the same order, so that wgllm writes the blocks
 // llama.cpp's reference path writes (builds that contract multiply-adds into FMAs may differ in
-// the last bit of a scale, and hence in a few quants).
+// the last bit of a scale, and hence in a few quants). `quantisers_match_ggml_byte_for_byte`
+// checks them against blocks ggml's C code wrote.
 
 /// ggml's `nearest_int`: round to nearest, ties to even, through the float's mantissa (valid for
 /// |v| < 2^22, which every caller's range is).
@@ -730,6 +731,58 @@ mod tests {
             let (hh, p) = (i / 128, i % 128);
             let s = scales[8 * hh + (p / 32) * 2 + (p % 32) / 16] as f32;
             assert_eq!(*v, d * s * (q(i) as i32 - 32) as f32, "weight {i}");
+        }
+    }
+
+    /// The quantisers against ggml's own: blocks written by ggml's C reference quantisers
+    /// (models/reference/make_ggml_quantize_ref.py) from 16 committed super-blocks of input, the
+    /// scale searches' edge cases among them (all zero, constant, one spike, one sign, outliers).
+    #[test]
+    fn quantisers_match_ggml_byte_for_byte() {
+        let x: Vec<f32> = include_bytes!("../../models/goldens/ggml_quantize/x.f32")
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        type Quantiser = fn(&[f32]) -> Result<Vec<u8>>;
+        let cases: [(&str, Quantiser, usize, &[u8]); 5] = [
+            (
+                "q5_0",
+                quantize_q5_0,
+                Q5_0_BYTES,
+                include_bytes!("../../models/goldens/ggml_quantize/q5_0.bin"),
+            ),
+            (
+                "q5_1",
+                quantize_q5_1,
+                Q5_1_BYTES,
+                include_bytes!("../../models/goldens/ggml_quantize/q5_1.bin"),
+            ),
+            (
+                "q4_k",
+                quantize_q4_k,
+                Q4_K_BYTES,
+                include_bytes!("../../models/goldens/ggml_quantize/q4_k.bin"),
+            ),
+            (
+                "q5_k",
+                quantize_q5_k,
+                Q5_K_BYTES,
+                include_bytes!("../../models/goldens/ggml_quantize/q5_k.bin"),
+            ),
+            (
+                "q6_k",
+                quantize_q6_k,
+                Q6_K_BYTES,
+                include_bytes!("../../models/goldens/ggml_quantize/q6_k.bin"),
+            ),
+        ];
+        assert_eq!(x.len(), 16 * QK_K);
+        for (name, quantise, bytes, want) in cases {
+            let got = quantise(&x).unwrap();
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (i, (g, w)) in got.chunks(bytes).zip(want.chunks(bytes)).enumerate() {
+                assert_eq!(g, w, "{name} block {i}");
+            }
         }
     }
 
