@@ -37,6 +37,10 @@
 fn qword(fmt: u32, row: u32, i: u32) -> u32 {
     return wq[row * row_words(fmt) + i];
 }
+fn qword4(fmt: u32, row: u32, i: u32) -> vec4<u32> {
+    let b = row * row_words(fmt) + i;
+    return vec4<u32>(wq[b], wq[b + 1u], wq[b + 2u], wq[b + 3u]);
+}
 fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> {
     let g = row * (p.cols / qblock_len(fmt)) + blk;
     return qscales_of(fmt, ws[qscale_index(fmt, g)], g);

@@ -21,6 +21,23 @@
 fn qword(fmt: u32, row: u32, i: u32) -> u32 {
     return textureLoad(wq, vec2<u32>(i / 4u, row), 0)[i % 4u];
 }
+// Words i..i+3: one texel where i is a multiple of 4, else the tail of one and the head of the
+// next (i is the same for every lane: the condition is uniform).
+fn qword4(fmt: u32, row: u32, i: u32) -> vec4<u32> {
+    let t0 = textureLoad(wq, vec2<u32>(i / 4u, row), 0);
+    let o = i % 4u;
+    if (o == 0u) {
+        return t0;
+    }
+    let t1 = textureLoad(wq, vec2<u32>(i / 4u + 1u, row), 0);
+    if (o == 1u) {
+        return vec4<u32>(t0.yzw, t1.x);
+    }
+    if (o == 2u) {
+        return vec4<u32>(t0.zw, t1.xy);
+    }
+    return vec4<u32>(t0.w, t1.xyz);
+}
 fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> {
     let t = textureLoad(ws, vec2<u32>(blk, row), 0).x;
     return qscales_of(fmt, t, 0u);

@@ -16,7 +16,8 @@
 //
 // Each front file declares bindings 0 (`wq`) and 1 (`ws`) and defines how to read them (`row` is
 // a row of the binding, `p.row0` already added): common/quant.wgsl's `qword` and `qscales` (the
-// block decode of the formats without a folded offset, Q5_0 on, reads through them), and
+// block decode of the formats without a folded offset, Q5_0 on, reads through them), `qword4`
+// (data words i..i+3, which need not be texel-aligned), and
 //   fn weights(fmt: u32, row: u32, blk: u32) -> V8   the 32 weights (or quants) of a block;
 //   fn q4_1_scales(row: u32, blk: u32) -> vec2<f32>  Q4_1's d and m of a block;
 //   fn block_scale(row: u32, blk: u32, kept: u32) -> Scale   Q8_0/Q4_0's d of a block.
@@ -255,6 +256,30 @@ struct Scale {
 struct RowSums {
     s: T8,
     word: u32,
+}
+
+// The 32 weights of 32-weight unit u of `row`, dequantised by common/quant.wgsl's qdecode4. A
+// K-quant unit's eight main words (and eight high-bit words) are consecutive, so they are read
+// four at a time through the front's `qword4` (a texture: two texel fetches, not four).
+fn qunit(fmt: u32, row: u32, u: u32) -> V8 {
+    let h = qunit_head(fmt, row, u);
+    if (fmt >= Q4_K) {
+        let m0 = qword4(fmt, row, qmain_index(fmt, h, 0u));
+        let m1 = qword4(fmt, row, qmain_index(fmt, h, 4u));
+        var a0 = vec4<u32>(0u);
+        var a1 = vec4<u32>(0u);
+        if (qhas_aux(fmt)) {
+            a0 = qword4(fmt, row, qaux_index(fmt, h, 0u));
+            a1 = qword4(fmt, row, qaux_index(fmt, h, 4u));
+        }
+        return V8(qdecode4(fmt, h, 0u, m0.x, a0.x), qdecode4(fmt, h, 1u, m0.y, a0.y),
+                  qdecode4(fmt, h, 2u, m0.z, a0.z), qdecode4(fmt, h, 3u, m0.w, a0.w),
+                  qdecode4(fmt, h, 4u, m1.x, a1.x), qdecode4(fmt, h, 5u, m1.y, a1.y),
+                  qdecode4(fmt, h, 6u, m1.z, a1.z), qdecode4(fmt, h, 7u, m1.w, a1.w));
+    }
+    return V8(qunit4(fmt, row, h, 0u), qunit4(fmt, row, h, 1u), qunit4(fmt, row, h, 2u),
+              qunit4(fmt, row, h, 3u), qunit4(fmt, row, h, 4u), qunit4(fmt, row, h, 5u),
+              qunit4(fmt, row, h, 6u), qunit4(fmt, row, h, 7u));
 }
 
 // One row's sums over block `blk` for the TOK tokens.

@@ -1,8 +1,9 @@
 // The weight formats and their block decode, in the repack layout (src/quant/repack.rs): f32 and
 // f16 rows of u32 words; quantised rows as whole blocks of data words (the GGUF block less its f16
 // scales) plus a separate array of the blocks' f16 scales. This file is the one place that decodes
-// a block: every matrix and embedding kernel reads its weights through `qunit_head` / `qunit4` /
-// `qunit`, and only says where the words are. Each includer defines:
+// a block: every matrix and embedding kernel reads its weights through `qunit_head` and `qunit4`
+// (or `qdecode4` on words it loaded itself, at `qmain_index` / `qaux_index`), and only says where
+// the words are. Each includer defines:
 //   fn qword(fmt: u32, row: u32, i: u32) -> u32          data word i of weight row `row`;
 //   fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> block `blk`'s f16 scales: (d, m) for the
 //       formats with two (Q4_1, Q5_1; Q4_K and Q5_K: (d, dmin)), (d, 0) for the others.
@@ -170,55 +171,76 @@ fn qunit_head(fmt: u32, row: u32, u: u32) -> QUnit {
     }
 }
 
-// Weights 4i..4i+3 (i < 8) of the unit, dequantised.
-fn qunit4(fmt: u32, row: u32, h: QUnit, i: u32) -> vec4<f32> {
+// The data word that weights 4i..4i+3 (i < 8) of the unit take their quants (or low bits) from:
+// Q8_0's word i; Q4's and Q5's nibble word i % 4; the K-quants' nibble word i of the unit's chunk.
+fn qmain_index(fmt: u32, h: QUnit, i: u32) -> u32 {
+    switch fmt {
+        case Q8_0: { return h.base + i; }
+        case Q4_0, Q4_1: { return h.base + i % 4u; }
+        case Q5_0, Q5_1: { return h.base + 1u + i % 4u; }
+        case Q4_K: { return h.base + 3u + 8u * (h.s / 2u) + i; }
+        case Q5_K: { return h.base + 11u + 8u * (h.s / 2u) + i; }
+        default: { return h.base + 16u * (h.s / 4u) + 8u * (h.s % 2u) + i; } // Q6_K: ql
+    }
+}
+
+// The data word of their high bits: Q5_0/Q5_1's u32 of fifth bits, Q5_K's fifth-bit word i (bit s
+// of each byte), Q6_K's qh word i of the unit's half; none for the other formats.
+fn qhas_aux(fmt: u32) -> bool {
+    return fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K || fmt == Q6_K;
+}
+fn qaux_index(fmt: u32, h: QUnit, i: u32) -> u32 {
+    switch fmt {
+        case Q5_K: { return h.base + 3u + i; }
+        case Q6_K: { return h.base + 32u + 8u * (h.s / 4u) + i; }
+        default: { return h.base; }
+    }
+}
+
+// Weights 4i..4i+3 (i < 8) of the unit, dequantised from its main word w and high-bits word a
+// (qmain_index, qaux_index).
+fn qdecode4(fmt: u32, h: QUnit, i: u32, w: u32, a: u32) -> vec4<f32> {
+    let sh = vec4<u32>(0u, 8u, 16u, 24u);
     switch fmt {
         case Q8_0: {
-            return h.d * q8_unpack(qword(fmt, row, h.base + i));
+            return h.d * q8_unpack(w);
         }
         case Q4_0, Q4_1: {
-            let w = qword(fmt, row, h.base + i % 4u);
             let q = select(q4_lo_u(w), q4_hi_u(w), i >= 4u);
             return h.d * (vec4<f32>(q) + h.o) + h.m;
         }
         case Q5_0, Q5_1: {
-            // Word 0: bit j is the fifth bit of weight j; words 1..4 the nibbles as Q4_0's.
-            let w = qword(fmt, row, h.base + 1u + i % 4u);
+            // Bit j of a is the fifth bit of weight j; the nibbles as Q4_0's.
             let lo = select(q4_lo_u(w), q4_hi_u(w), i >= 4u);
-            let fifth = (vec4<u32>(qword(fmt, row, h.base)) >> (vec4<u32>(4u * i) + vec4<u32>(0u, 1u, 2u, 3u))) & vec4<u32>(1u);
+            let fifth = (vec4<u32>(a) >> (vec4<u32>(4u * i) + vec4<u32>(0u, 1u, 2u, 3u))) & vec4<u32>(1u);
             return h.d * (vec4<f32>(lo | (fifth << vec4<u32>(4u))) + h.o) + h.m;
         }
         case Q4_K, Q5_K: {
             // Nibble bytes: byte 32c + l holds weight l of sub-block 2c (low) and of 2c + 1
-            // (high). Q5_K: bit s of fifth-bit byte l (data words 3..10) is weight l's fifth bit.
-            let first = select(3u, 11u, fmt == Q5_K);
-            let w = qword(fmt, row, h.base + first + 8u * (h.s / 2u) + i);
-            var q = (vec4<u32>(w) >> (vec4<u32>(0u, 8u, 16u, 24u) + vec4<u32>(4u * (h.s % 2u)))) & vec4<u32>(15u);
+            // (high). Q5_K: bit s of fifth-bit byte l is weight l's fifth bit.
+            var q = (vec4<u32>(w) >> (sh + vec4<u32>(4u * (h.s % 2u)))) & vec4<u32>(15u);
             if (fmt == Q5_K) {
-                let hb = qword(fmt, row, h.base + 3u + i);
-                q |= ((vec4<u32>(hb) >> (vec4<u32>(0u, 8u, 16u, 24u) + vec4<u32>(h.s))) & vec4<u32>(1u)) << vec4<u32>(4u);
+                q |= ((vec4<u32>(a) >> (sh + vec4<u32>(h.s))) & vec4<u32>(1u)) << vec4<u32>(4u);
             }
             return h.d * vec4<f32>(q) + h.m;
         }
         default: { // Q6_K
             // Weight l of quarter k of half hf: low 4 bits from ql byte 64hf + 32(k % 2) + l
             // (high nibble for k >= 2), top 2 bits from bits 2k of qh byte 32hf + l (bytes 128..).
-            let hf = h.s / 4u;
             let k = h.s % 4u;
-            let ql = qword(fmt, row, h.base + 16u * hf + 8u * (k % 2u) + i);
-            let qh = qword(fmt, row, h.base + 32u + 8u * hf + i);
-            let sh = vec4<u32>(0u, 8u, 16u, 24u);
-            let lo = (vec4<u32>(ql) >> (sh + vec4<u32>(4u * (k / 2u)))) & vec4<u32>(15u);
-            let hi = (vec4<u32>(qh) >> (sh + vec4<u32>(2u * k))) & vec4<u32>(3u);
+            let lo = (vec4<u32>(w) >> (sh + vec4<u32>(4u * (k / 2u)))) & vec4<u32>(15u);
+            let hi = (vec4<u32>(a) >> (sh + vec4<u32>(2u * k))) & vec4<u32>(3u);
             return select(h.m, h.d, i < 4u) * (vec4<f32>(lo | (hi << vec4<u32>(4u))) + h.o);
         }
     }
 }
 
-// The 32 weights of unit u of `row`, dequantised.
-fn qunit(fmt: u32, row: u32, u: u32) -> V8 {
-    let h = qunit_head(fmt, row, u);
-    return V8(qunit4(fmt, row, h, 0u), qunit4(fmt, row, h, 1u), qunit4(fmt, row, h, 2u),
-              qunit4(fmt, row, h, 3u), qunit4(fmt, row, h, 4u), qunit4(fmt, row, h, 5u),
-              qunit4(fmt, row, h, 6u), qunit4(fmt, row, h, 7u));
+// Weights 4i..4i+3 (i < 8) of the unit, dequantised.
+fn qunit4(fmt: u32, row: u32, h: QUnit, i: u32) -> vec4<f32> {
+    let w = qword(fmt, row, qmain_index(fmt, h, i));
+    var a = 0u;
+    if (qhas_aux(fmt)) {
+        a = qword(fmt, row, qaux_index(fmt, h, i));
+    }
+    return qdecode4(fmt, h, i, w, a);
 }
