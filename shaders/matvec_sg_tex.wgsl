@@ -1,7 +1,8 @@
 // The subgroup matrix-vector product (matvec_sg.wgsl) over weights in textures, the layout of
 // src/kernels/weights.rs: texture row r is matrix row r of the shard; data texels are rgba32uint
-// (a Q4 block is one texel, a Q8_0 block two, 4 f32 or 8 f16 weights one), scales one texel a
-// block (r16uint: Q8_0/Q4_0's f16 d; r32uint: Q4_1's d and m).
+// (a Q4 block is one texel, a Q8_0 block two, 4 f32 or 8 f16 weights one; Q5 and K-quant blocks
+// of 5, 35, 43 or 52 words run on across texels), scales one texel a block (r16uint: the f16 d of
+// Q8_0/Q4_0/Q5_0/Q6_K; r32uint: the d and m or dmin of Q4_1/Q5_1/Q4_K/Q5_K).
 //
 // Why: on llvmpipe a textureLoad is a vectorised gather, about 2 ns a lane for 16 bytes, where a
 // storage load is a loop over the lanes at about 8 ns a lane for 4 bytes (BENCHMARKS.md). x stays
@@ -13,6 +14,34 @@
 
 @group(0) @binding(0) var wq: texture_2d<u32>;
 @group(0) @binding(1) var ws: texture_2d<u32>;
+
+// Where common/quant.wgsl's block decode finds the words: word i of a row is component i % 4 of
+// texel i / 4 (blocks of 5, 35, 43 or 52 words run on across texels); a block's scales are one
+// texel (r16uint: d; r32uint: d and m or dmin).
+fn qword(fmt: u32, row: u32, i: u32) -> u32 {
+    return textureLoad(wq, vec2<u32>(i / 4u, row), 0)[i % 4u];
+}
+// Words i..i+3: one texel where i is a multiple of 4, else the tail of one and the head of the
+// next (i is the same for every lane: the condition is uniform).
+fn qword4(fmt: u32, row: u32, i: u32) -> vec4<u32> {
+    let t0 = textureLoad(wq, vec2<u32>(i / 4u, row), 0);
+    let o = i % 4u;
+    if (o == 0u) {
+        return t0;
+    }
+    let t1 = textureLoad(wq, vec2<u32>(i / 4u + 1u, row), 0);
+    if (o == 1u) {
+        return vec4<u32>(t0.yzw, t1.x);
+    }
+    if (o == 2u) {
+        return vec4<u32>(t0.zw, t1.xy);
+    }
+    return vec4<u32>(t0.w, t1.xyz);
+}
+fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> {
+    let t = textureLoad(ws, vec2<u32>(blk, row), 0).x;
+    return qscales_of(fmt, t, 0u);
+}
 
 // Texel i of `row`, clamped to the row: the tail block of an f32/f16 row whose length is not a
 // multiple of 32 reaches past it (those weights meet zero x).

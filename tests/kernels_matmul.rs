@@ -23,13 +23,19 @@ fn tolerance(f: WeightFormat) -> f64 {
     }
 }
 
-/// Row length: not a multiple of any workgroup size (37 blocks for the quantised formats).
+/// Row length: not a multiple of any workgroup size (37 blocks for the quantised formats of 32,
+/// three super-blocks for the K-quants).
 fn awkward_cols(f: WeightFormat) -> usize {
-    if f.is_quantized() {
-        32 * 37
-    } else {
-        1001
+    match f.block_len() {
+        1 => 1001,
+        32 => 32 * 37,
+        n => 3 * n,
     }
+}
+
+/// `cols` rounded up to whole blocks of `f` (a K-quant row is whole 256-weight super-blocks).
+fn fit(f: WeightFormat, cols: usize) -> usize {
+    cols.next_multiple_of(f.block_len())
 }
 
 /// Random weights uploaded in `f` as `storage` says, and the same weights dequantised for the
@@ -108,7 +114,8 @@ fn matvec_matches_reference_in_every_format() {
     {
         let k = awkward_cols(f);
         // One row; rows not a multiple of any rows-per-workgroup; a small model's square matrix.
-        for (i, (rows, cols)) in [(1, k), (13, k), (67, 64), (576, 576)]
+        // K-quants: also K = 256, one super-block.
+        for (i, (rows, cols)) in [(1, k), (13, k), (67, fit(f, 64)), (576, fit(f, 576))]
             .into_iter()
             .enumerate()
         {
@@ -174,7 +181,7 @@ fn matmul_matches_reference_in_every_format() {
             check(gpu, &wm, &deq, Op::Matmul(7, two), 48);
         }
         // Several tiles both ways, partial at both edges.
-        let (wm, deq) = weights(gpu, buffers, f, 130, 96, 31);
+        let (wm, deq) = weights(gpu, buffers, f, 130, fit(f, 96), 31);
         check(
             gpu,
             &wm,
@@ -195,7 +202,7 @@ fn sharded_weights_match_reference() {
         storage.max_binding = 8 << 10;
         storage.max_texture_dim = 96;
         for f in WeightFormat::ALL {
-            let (wm, deq) = weights(gpu, storage, f, 150, 320, 60);
+            let (wm, deq) = weights(gpu, storage, f, 150, fit(f, 320), 60);
             assert!(
                 wm.shards.len() >= 2,
                 "{f} in {:?}: {} shards",

@@ -111,6 +111,12 @@ pub fn matvec_sg_rows(format: WeightFormat, rows: usize, m: usize, tokens: u32) 
         WeightFormat::F16 => 16,
         WeightFormat::Q8_0 => 9,
         WeightFormat::Q4_0 | WeightFormat::Q4_1 => 5,
+        // The words common/quant.wgsl's decode loads per 32 weights, scale word included (the
+        // K-quants' 6-bit scales cost 2-3 words a unit, Q6_K's high bits 8 more).
+        WeightFormat::Q5_0 | WeightFormat::Q5_1 => 6,
+        WeightFormat::Q4_K => 12,
+        WeightFormat::Q5_K => 20,
+        WeightFormat::Q6_K => 18,
     };
     let (threads, tokens) = (cpu_threads(), tokens.max(1) as usize);
     let groups = m.div_ceil(tokens).max(1);
