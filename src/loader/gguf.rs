@@ -75,10 +75,20 @@ impl GgmlType {
     pub const Q5_0: GgmlType = GgmlType(6);
     pub const Q5_1: GgmlType = GgmlType(7);
     pub const Q8_0: GgmlType = GgmlType(8);
+    pub const Q2_K: GgmlType = GgmlType(10);
+    pub const Q3_K: GgmlType = GgmlType(11);
     pub const Q4_K: GgmlType = GgmlType(12);
     pub const Q5_K: GgmlType = GgmlType(13);
     pub const Q6_K: GgmlType = GgmlType(14);
+    pub const Q8_K: GgmlType = GgmlType(15);
+    pub const IQ4_NL: GgmlType = GgmlType(20);
+    pub const IQ4_XS: GgmlType = GgmlType(23);
     pub const BF16: GgmlType = GgmlType(30);
+
+    /// Every type this reader knows the layout of, in id order.
+    pub fn all() -> impl Iterator<Item = GgmlType> {
+        TYPES.iter().map(|t| GgmlType(t.0))
+    }
 
     /// The type with ggml id `id`, if this reader knows its layout.
     pub fn from_id(id: u32) -> Option<GgmlType> {
@@ -104,7 +114,45 @@ impl GgmlType {
     pub fn block_bytes(self) -> usize {
         self.traits().2
     }
+
+    /// The CPU decoder of this type's data to f32 (`n` weights, a multiple of the block length),
+    /// bit for bit as gguf-py's `gguf.quants.dequantize`; None for the types wgllm cannot decode
+    /// (the IQ1/IQ2/IQ3 grid formats, the ternary and FP4 ones, Q8_1 and Q8_K, which ggml uses
+    /// only for activations, and the integer types).
+    pub fn decoder(self) -> Option<Decoder> {
+        /// `n` plain floats of `width` bytes.
+        fn floats(b: &[u8], n: usize, width: usize, f: fn(&[u8]) -> Vec<f32>) -> Result<Vec<f32>> {
+            match n.checked_mul(width) {
+                Some(need) if need <= b.len() => Ok(f(&b[..need])),
+                _ => Err(Error::invalid(
+                    "decode",
+                    format!("{} bytes given for {n} values of {width} bytes", b.len()),
+                )),
+            }
+        }
+        Some(match self {
+            GgmlType::F32 => |b, n| floats(b, n, 4, f32_bytes_to_f32),
+            GgmlType::F16 => |b, n| floats(b, n, 2, f16_bytes_to_f32),
+            GgmlType::BF16 => |b, n| floats(b, n, 2, bf16_bytes_to_f32),
+            GgmlType::Q4_0 => |b, n| quant::dequantize(WeightFormat::Q4_0, b, n),
+            GgmlType::Q4_1 => |b, n| quant::dequantize(WeightFormat::Q4_1, b, n),
+            GgmlType::Q8_0 => |b, n| quant::dequantize(WeightFormat::Q8_0, b, n),
+            GgmlType::Q5_0 => kquants::dequantize_q5_0,
+            GgmlType::Q5_1 => kquants::dequantize_q5_1,
+            GgmlType::Q2_K => kquants::dequantize_q2_k,
+            GgmlType::Q3_K => kquants::dequantize_q3_k,
+            GgmlType::Q4_K => kquants::dequantize_q4_k,
+            GgmlType::Q5_K => kquants::dequantize_q5_k,
+            GgmlType::Q6_K => kquants::dequantize_q6_k,
+            GgmlType::IQ4_NL => kquants::dequantize_iq4_nl,
+            GgmlType::IQ4_XS => kquants::dequantize_iq4_xs,
+            _ => return None,
+        })
+    }
 }
+
+/// A CPU decoder of one ggml type: (bytes, number of weights) to f32.
+pub type Decoder = fn(&[u8], usize) -> Result<Vec<f32>>;
 
 impl std::fmt::Display for GgmlType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -479,26 +527,11 @@ impl Gguf {
         }
     }
 
-    /// A tensor as f32, dequantised from F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K
-    /// or Q6_K.
+    /// A tensor as f32, decoded by its type's [`GgmlType::decoder`].
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let t = self.tensor(name)?;
-        let b = &self.data[t.offset..t.offset + t.size];
-        let n = t.n_elements;
-        match t.ggml_type {
-            GgmlType::F32 => Ok(f32_bytes_to_f32(b)),
-            GgmlType::F16 => Ok(f16_bytes_to_f32(b)),
-            GgmlType::BF16 => Ok(bf16_bytes_to_f32(b)),
-            GgmlType::Q4_0 => quant::dequantize(WeightFormat::Q4_0, b, n),
-            GgmlType::Q4_1 => quant::dequantize(WeightFormat::Q4_1, b, n),
-            GgmlType::Q8_0 => quant::dequantize(WeightFormat::Q8_0, b, n),
-            GgmlType::Q5_0 => kquants::dequantize_q5_0(b, n),
-            GgmlType::Q5_1 => kquants::dequantize_q5_1(b, n),
-            GgmlType::Q4_K => kquants::dequantize_q4_k(b, n),
-            GgmlType::Q5_K => kquants::dequantize_q5_k(b, n),
-            GgmlType::Q6_K => kquants::dequantize_q6_k(b, n),
-            _ => Err(self.unsupported(t)),
-        }
+        let decode = t.ggml_type.decoder().ok_or_else(|| self.unsupported(t))?;
+        decode(&self.data[t.offset..t.offset + t.size], t.n_elements)
     }
 
     /// A tensor in the format [`weight_format`] gives for its type: borrowed from the file when
