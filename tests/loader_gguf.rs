@@ -921,3 +921,256 @@ fn conversion_targets_keep_the_source_precision() {
         }
     }
 }
+
+/// A file holding one tensor named `w`.
+fn one_tensor(dims: &[u64], ty: u32, data: Vec<u8>) -> Vec<u8> {
+    write_gguf(3, &[], &[t("w", dims, ty, data)])
+}
+
+#[test]
+fn broken_quantised_tensors_give_typed_errors() {
+    // At open: truncated data, rows of part blocks, type ids ggml never had or no longer has.
+    let three_of_four = quant_blocks(12, 3, 1);
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "q4_k truncated",
+            one_tensor(&[256, 4], 12, three_of_four),
+            "Truncated",
+            "tensor 'w'",
+        ),
+        (
+            "q6_k truncated",
+            one_tensor(&[512], 14, quant_blocks(14, 1, 2)),
+            "Truncated",
+            "tensor 'w'",
+        ),
+        (
+            "q2_k one byte short",
+            one_tensor(&[256], 10, quant_blocks(10, 1, 3)[..83].to_vec()),
+            "Truncated",
+            "tensor 'w'",
+        ),
+        (
+            "q4_k rows of 128",
+            one_tensor(&[128, 2], 12, quant_blocks(12, 1, 4)),
+            "BadTensor",
+            "Q4_K block length 256",
+        ),
+        (
+            "q6_k rows of 300",
+            one_tensor(&[300], 14, quant_blocks(14, 2, 5)),
+            "BadTensor",
+            "Q6_K block length 256",
+        ),
+        (
+            "iq4_nl rows of 48",
+            one_tensor(&[48, 2], 20, quant_blocks(20, 3, 6)),
+            "BadTensor",
+            "IQ4_NL block length 32",
+        ),
+        (
+            "removed type 4",
+            one_tensor(&[32], 4, vec![0; 18]),
+            "UnsupportedDtype",
+            "unknown ggml type 4",
+        ),
+        (
+            "type 31",
+            one_tensor(&[32], 31, vec![0; 18]),
+            "UnsupportedDtype",
+            "unknown ggml type 31",
+        ),
+        (
+            "type 2^31",
+            one_tensor(&[32], 1 << 31, vec![0; 18]),
+            "UnsupportedDtype",
+            "unknown ggml type 2147483648",
+        ),
+    ];
+    for (name, bytes, want, text) in cases {
+        match Gguf::from_bytes(name, bytes) {
+            Ok(_) => panic!("{name}: opened"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert_eq!(kind(&e), want, "{name}: {msg}");
+                assert!(msg.contains(text), "{name}: '{msg}' lacks '{text}'");
+                assert!(msg.contains(name), "{name}: '{msg}' does not name the file");
+                assert!(
+                    msg.contains("'w'"),
+                    "{name}: '{msg}' does not name the tensor"
+                );
+            }
+        }
+    }
+
+    // At read: a known layout without a decoder, and NaN or infinite block scales (gguf-py
+    // decodes them to NaN and infinite weights; wgllm refuses the tensor, naming the block).
+    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    let with = |ty: u32, blocks: usize, block: usize, at: usize, v: f32| {
+        let t = GgmlType::from_id(ty).unwrap();
+        let mut b = quant_blocks(ty, blocks, 7);
+        let off = block * t.block_bytes() + at;
+        b[off..off + 2].copy_from_slice(&f16(v));
+        b
+    };
+    let reads: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "iq2_xxs",
+            one_tensor(&[256], 16, vec![0; 66]),
+            "UnsupportedDtype",
+            "IQ2_XXS",
+        ),
+        (
+            "q4_k NaN d",
+            one_tensor(&[256, 2], 12, with(12, 2, 1, 0, f32::NAN)),
+            "BadTensor",
+            "block 1 (weights 256..512) has a non-finite Q4_K scale (NaN) at byte 0",
+        ),
+        (
+            "q4_k inf dmin",
+            one_tensor(&[256], 12, with(12, 1, 0, 2, f32::INFINITY)),
+            "BadTensor",
+            "non-finite Q4_K scale (inf) at byte 2",
+        ),
+        (
+            "q6_k -inf d",
+            one_tensor(&[512], 14, with(14, 2, 1, 208, f32::NEG_INFINITY)),
+            "BadTensor",
+            "non-finite Q6_K scale (-inf) at byte 208",
+        ),
+        (
+            "q5_0 NaN d",
+            one_tensor(&[64], 6, with(6, 2, 1, 0, f32::NAN)),
+            "BadTensor",
+            "block 1 (weights 32..64)",
+        ),
+        (
+            "q3_k NaN d",
+            one_tensor(&[256], 11, with(11, 1, 0, 108, f32::NAN)),
+            "BadTensor",
+            "non-finite Q3_K scale",
+        ),
+        (
+            "q2_k inf dmin",
+            one_tensor(&[256], 10, with(10, 1, 0, 82, f32::INFINITY)),
+            "BadTensor",
+            "at byte 82",
+        ),
+        (
+            "iq4_xs NaN d",
+            one_tensor(&[256], 23, with(23, 1, 0, 0, f32::NAN)),
+            "BadTensor",
+            "non-finite IQ4_XS scale",
+        ),
+        (
+            "q8_0 inf d",
+            one_tensor(&[32], 8, with(8, 1, 0, 0, f32::INFINITY)),
+            "BadTensor",
+            "non-finite Q8_0 scale",
+        ),
+    ];
+    for (name, bytes, want, text) in reads {
+        let g = Gguf::from_bytes(name, bytes).unwrap();
+        let errors = [
+            g.tensor_weight("w").map(|_| ()).unwrap_err(),
+            g.tensor_f32("w").map(|_| ()).unwrap_err(),
+        ];
+        for e in errors {
+            let msg = e.to_string();
+            assert_eq!(kind(&e), want, "{name}: {msg}");
+            assert!(msg.contains(text), "{name}: '{msg}' lacks '{text}'");
+            assert!(msg.contains(name) && msg.contains("'w'"), "{name}: '{msg}'");
+        }
+    }
+}
+
+/// Finite IQ4_XS scales whose weights lie beyond what Q8_0's f16 scale can hold: read as f32,
+/// refused for upload with a typed error rather than uploaded with infinite scales.
+#[test]
+fn conversion_overflow_is_a_typed_error() {
+    let mut b = vec![0u8; 136];
+    b[..2].copy_from_slice(&half::f16::from_f32(60000.0).to_le_bytes());
+    // Scale bits all zero: every group's scale is d * (0 - 32); index 0 is level -127.
+    let g = Gguf::from_bytes("huge.gguf", one_tensor(&[256], 23, b)).unwrap();
+    let x = g.tensor_f32("w").unwrap();
+    assert!(x
+        .iter()
+        .all(|v| v.is_finite() && *v == 60000.0 * -32.0 * -127.0));
+    let e = g.tensor_weight("w").map(|_| ()).unwrap_err();
+    let msg = e.to_string();
+    assert_eq!(kind(&e), "BadTensor", "{msg}");
+    assert!(msg.contains("huge.gguf") && msg.contains("'w'") && msg.contains("overflows q8_0"));
+}
+
+/// Random bytes as blocks of every type wgllm decodes: decoding never panics and gives the
+/// weights asked for, wrong lengths are errors, and files of random tensors (and random
+/// corruptions of a valid file) open or fail with a typed error, their tensors read or fail
+/// likewise, never a panic.
+#[test]
+fn random_blocks_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(20261202);
+    let types: Vec<GgmlType> = GgmlType::all().filter(|t| t.decoder().is_some()).collect();
+    assert_eq!(types.len(), 15);
+    for round in 0..200 {
+        for &t in &types {
+            let decode = t.decoder().unwrap();
+            let (bl, bb) = (t.block_len(), t.block_bytes());
+            let blocks = r.gen_range(1..=4);
+            let n = blocks * bl.max(32);
+            let bytes: Vec<u8> = (0..n / bl * bb).map(|_| r.gen()).collect();
+            let y = decode(&bytes, n).unwrap_or_else(|e| panic!("{t} round {round}: {e}"));
+            assert_eq!(y.len(), n, "{t}");
+            assert!(
+                decode(&bytes, n + bl.max(32)).is_err(),
+                "{t}: too few bytes"
+            );
+            assert!(decode(&bytes[..bytes.len() - 1], n).is_err(), "{t}: short");
+            if bl > 1 {
+                assert!(decode(&bytes, n - 1).is_err(), "{t}: part block");
+            }
+            // The same bytes as a two-row tensor: read, converted, or refused with a typed error.
+            let rows = if bl > 1 { blocks } else { 1 };
+            let file = one_tensor(&[(n / rows) as u64, rows as u64], t.id(), bytes);
+            let g = Gguf::from_bytes("random.gguf", file).unwrap();
+            for e in [
+                g.tensor_f32("w").map(|_| ()).err(),
+                g.tensor_weight("w").map(|_| ()).err(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                assert_eq!(kind(&e), "BadTensor", "{t}: {e}");
+            }
+            // What converts has finite scales in the target format too.
+            if let Ok((f, b)) = g.tensor_weight("w") {
+                let y = dequantize(f, &b, n).unwrap();
+                assert!(
+                    t.block_len() == 1 || y.iter().all(|v| v.is_finite()),
+                    "{t} -> {f}"
+                );
+            }
+        }
+    }
+    // Random corruptions of a valid file.
+    let valid = valid_file();
+    for _ in 0..300 {
+        let mut b = valid.clone();
+        for _ in 0..r.gen_range(1..=8) {
+            let at = r.gen_range(0..b.len());
+            b[at] = r.gen();
+        }
+        if let Ok(g) = Gguf::from_bytes("mutated.gguf", b) {
+            let names: Vec<String> = g.tensors().iter().map(|t| t.name.clone()).collect();
+            for name in names {
+                let errors = [
+                    g.tensor_f32(&name).map(|_| ()).err(),
+                    g.tensor_weight(&name).map(|_| ()).err(),
+                ];
+                for e in errors.into_iter().flatten() {
+                    assert_ne!(kind(&e), "other", "{name}: {e}");
+                }
+            }
+        }
+    }
+}

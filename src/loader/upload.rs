@@ -120,9 +120,40 @@ pub fn convert_rows(
                 format!("row {r} weight {i} decodes to {}", x[i]),
             ));
         }
-        out.extend(quant::quantize(target, &x)?);
+        let q = quant::quantize(target, &x)?;
+        // Weights beyond f16's range times the target's largest quant (possible in a hostile
+        // file whose scales are near f16's maximum) would make an infinite target scale.
+        if let Some(at) = first_non_finite_scale(target, &q) {
+            return Err(Error::invalid(
+                op(),
+                format!("row {r} overflows {target}'s f16 scales (byte {at} of the row)"),
+            ));
+        }
+        out.extend(q);
     }
     Ok(out)
+}
+
+/// The byte offset of the first non-finite f16 scale in `bytes` of `format`, if any.
+fn first_non_finite_scale(format: WeightFormat, bytes: &[u8]) -> Option<usize> {
+    let t = match format {
+        WeightFormat::Q8_0 => GgmlType::Q8_0,
+        WeightFormat::Q4_K => GgmlType::Q4_K,
+        WeightFormat::Q5_K => GgmlType::Q5_K,
+        WeightFormat::Q6_K => GgmlType::Q6_K,
+        WeightFormat::Q4_0 => GgmlType::Q4_0,
+        WeightFormat::Q4_1 => GgmlType::Q4_1,
+        WeightFormat::Q5_0 => GgmlType::Q5_0,
+        WeightFormat::Q5_1 => GgmlType::Q5_1,
+        WeightFormat::F32 | WeightFormat::F16 => return None,
+    };
+    let bb = t.block_bytes();
+    bytes.chunks_exact(bb).enumerate().find_map(|(k, b)| {
+        t.scale_offsets()
+            .iter()
+            .find(|&&at| !half::f16::from_le_bytes([b[at], b[at + 1]]).is_finite())
+            .map(|&at| k * bb + at)
+    })
 }
 
 /// How many names of each conversion the warning lists.
