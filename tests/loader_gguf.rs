@@ -1174,3 +1174,40 @@ fn random_blocks_never_panic() {
         }
     }
 }
+
+/// The real Gemma 3 270M Q4_K_M file (when cached): every tensor is uploaded as the file's own
+/// bytes (its Q5_0, Q4_K, Q6_K and Q8_0 tensors included), so the upload is exactly the file's
+/// 246,587,904 bytes of tensor data, nothing is converted, and no block scale is NaN or infinite.
+#[test]
+fn gemma_q4_k_m_uploads_as_stored() {
+    let path = cache_dir().join("gemma-3-270m-q4_k_m.gguf");
+    if !path.is_file() {
+        println!("SKIPPED: {} is absent", path.display());
+        return;
+    }
+    let g = Gguf::open(&path).unwrap();
+    let mut by_type: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut uploaded = 0usize;
+    for t in g.tensors() {
+        *by_type.entry(t.ggml_type.name()).or_default() += 1;
+        let (f, b) = g.tensor_weight(&t.name).unwrap();
+        assert!(
+            matches!(b, std::borrow::Cow::Borrowed(_)),
+            "{} was converted",
+            t.name
+        );
+        assert_eq!(b.len(), t.size, "{}", t.name);
+        assert_eq!(f.bytes_for(t.n_elements), t.size, "{} as {f}", t.name);
+        uploaded += b.len();
+    }
+    let want = [
+        ("F32", 109),
+        ("Q4_K", 27),
+        ("Q5_0", 81),
+        ("Q6_K", 9),
+        ("Q8_0", 10),
+    ];
+    assert_eq!(by_type.into_iter().collect::<Vec<_>>(), want);
+    assert_eq!(uploaded, 246_587_904);
+    assert_eq!(g.conversion_summary(), None);
+}
