@@ -204,6 +204,11 @@ fn valid_tensors() -> Vec<T> {
         t("q3_k", &[512], 11, quant_blocks(11, 2, 7)),
         t("iq4_nl", &[64, 3], 20, quant_blocks(20, 6, 8)),
         t("iq4_xs", &[256], 23, quant_blocks(23, 1, 9)),
+        t("iq2_xxs", &[256, 2], 16, quant_blocks(16, 2, 10)),
+        t("iq2_xs", &[256], 17, quant_blocks(17, 1, 11)),
+        t("iq2_s", &[256], 22, quant_blocks(22, 1, 12)),
+        t("iq3_xxs", &[256], 18, quant_blocks(18, 1, 13)),
+        t("iq3_s", &[512], 21, quant_blocks(21, 2, 14)),
     ]
 }
 
@@ -274,6 +279,11 @@ fn valid_file_round_trips_metadata_and_tensors() {
                 11 => kquants::dequantize_q3_k(&want.data, n).unwrap(),
                 20 => kquants::dequantize_iq4_nl(&want.data, n).unwrap(),
                 23 => kquants::dequantize_iq4_xs(&want.data, n).unwrap(),
+                16 => kquants::dequantize_iq2_xxs(&want.data, n).unwrap(),
+                17 => kquants::dequantize_iq2_xs(&want.data, n).unwrap(),
+                22 => kquants::dequantize_iq2_s(&want.data, n).unwrap(),
+                18 => kquants::dequantize_iq3_xxs(&want.data, n).unwrap(),
+                21 => kquants::dequantize_iq3_s(&want.data, n).unwrap(),
                 30 => vec![1.0, -2.0, 3.140625],
                 ty => {
                     let f = weight_format(GgmlType::from_id(ty).unwrap()).unwrap();
@@ -298,7 +308,7 @@ fn valid_file_round_trips_metadata_and_tensors() {
             let (f, b) = g.tensor_weight(want.name).unwrap();
             assert_eq!(Some(f), weight_format(info.ggml_type), "{}", want.name);
             match want.ty {
-                10 | 11 | 20 | 23 => {
+                10 | 11 | 16..=18 | 20..=23 => {
                     let row = info.shape[0];
                     let x = g.tensor_f32(want.name).unwrap();
                     let mut expected = Vec::new();
@@ -314,7 +324,9 @@ fn valid_file_round_trips_metadata_and_tensors() {
         }
         let summary = g.conversion_summary().unwrap();
         for part in [
-            "4 tensor(s)",
+            "9 tensor(s)",
+            "1 IQ2_XXS -> q4_k (iq2_xxs)",
+            "1 IQ3_S -> q4_k (iq3_s)",
             "1 Q2_K -> q4_k (q2_k)",
             "1 Q3_K -> q4_k (q3_k)",
             "1 IQ4_NL -> q8_0 (iq4_nl)",
@@ -347,6 +359,10 @@ fn weight_format_mapping() {
     for (id, f) in [(10, Q4_K), (11, Q4_K), (20, Q8_0), (23, Q8_0)] {
         assert_eq!(wf(id), Some(f), "type {id}");
     }
+    // The IQ2 and IQ3 codebook formats (2.1 to 3.4 bits per weight) as Q2_K and Q3_K.
+    for (id, f) in [(16, Q4_K), (17, Q4_K), (22, Q4_K), (18, Q4_K), (21, Q4_K)] {
+        assert_eq!(wf(id), Some(f), "type {id}");
+    }
     // Every type with a decoder has an upload format, and only the plain float types are f32.
     for t in GgmlType::all() {
         assert_eq!(t.decoder().is_some(), weight_format(t).is_some(), "{t}");
@@ -354,7 +370,7 @@ fn weight_format_mapping() {
             assert_ne!(weight_format(t), Some(F32), "{t}");
         }
     }
-    assert_eq!(wf(16), None); // IQ2_XXS: known layout, no decoder
+    assert_eq!(wf(19), None); // IQ1_S: known layout, no decoder
     assert_eq!(wf(15), None); // Q8_K: only ever an activation format in ggml
     assert!(GgmlType::from_id(99).is_none() && GgmlType::from_id(4).is_none());
 }
@@ -1015,10 +1031,16 @@ fn broken_quantised_tensors_give_typed_errors() {
     };
     let reads: Vec<(&str, Vec<u8>, &str, &str)> = vec![
         (
-            "iq2_xxs",
-            one_tensor(&[256], 16, vec![0; 66]),
+            "iq1_s",
+            one_tensor(&[256], 19, vec![0; 50]),
             "UnsupportedDtype",
-            "IQ2_XXS",
+            "IQ1_S",
+        ),
+        (
+            "iq3_s NaN d",
+            one_tensor(&[256], 21, with(21, 1, 0, 0, f32::NAN)),
+            "BadTensor",
+            "non-finite IQ3_S scale",
         ),
         (
             "q4_k NaN d",
@@ -1111,7 +1133,7 @@ fn random_blocks_never_panic() {
     use rand::{Rng, SeedableRng};
     let mut r = rand::rngs::StdRng::seed_from_u64(20261202);
     let types: Vec<GgmlType> = GgmlType::all().filter(|t| t.decoder().is_some()).collect();
-    assert_eq!(types.len(), 15);
+    assert_eq!(types.len(), 20);
     for round in 0..200 {
         for &t in &types {
             let decode = t.decoder().unwrap();

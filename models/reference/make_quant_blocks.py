@@ -26,6 +26,7 @@ SCALES = {
     T.Q4_0: [0], T.Q4_1: [0, 2], T.Q8_0: [0], T.Q5_0: [0], T.Q5_1: [0, 2],
     T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
     T.Q2_K: [80, 82], T.Q3_K: [108], T.IQ4_NL: [0], T.IQ4_XS: [0],
+    T.IQ2_XXS: [0], T.IQ2_XS: [0], T.IQ2_S: [0], T.IQ3_XXS: [0], T.IQ3_S: [0],
 }
 # f16 bit patterns: max, -max, smallest subnormal, -0, smallest normal, -1.5, +inf, -inf, the
 # quiet NaN, a negative NaN with a payload, a signalling NaN, zero.
@@ -69,7 +70,7 @@ def main() -> None:
     rng = np.random.default_rng(20261202)
     entries = []
     for t in [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K,
-              T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]:
+              T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S]:
         data = blocks_for(t, rng)
         block, size = GGML_QUANT_SIZES[t]
         n = len(data) // size * block

@@ -83,7 +83,13 @@ impl GgmlType {
     pub const Q5_K: GgmlType = GgmlType(13);
     pub const Q6_K: GgmlType = GgmlType(14);
     pub const Q8_K: GgmlType = GgmlType(15);
+    pub const IQ2_XXS: GgmlType = GgmlType(16);
+    pub const IQ2_XS: GgmlType = GgmlType(17);
+    pub const IQ3_XXS: GgmlType = GgmlType(18);
+    pub const IQ1_S: GgmlType = GgmlType(19);
     pub const IQ4_NL: GgmlType = GgmlType(20);
+    pub const IQ3_S: GgmlType = GgmlType(21);
+    pub const IQ2_S: GgmlType = GgmlType(22);
     pub const IQ4_XS: GgmlType = GgmlType(23);
     pub const BF16: GgmlType = GgmlType(30);
 
@@ -123,6 +129,8 @@ impl GgmlType {
         match self {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
             GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
+            GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ2_S => &[0],
+            GgmlType::IQ3_XXS | GgmlType::IQ3_S => &[0],
             GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
             GgmlType::Q2_K => &[80, 82],
             GgmlType::Q3_K => &[108],
@@ -133,8 +141,8 @@ impl GgmlType {
 
     /// The CPU decoder of this type's data to f32 (`n` weights, a multiple of the block length),
     /// bit for bit as gguf-py's `gguf.quants.dequantize`; None for the types wgllm cannot decode
-    /// (the IQ1/IQ2/IQ3 grid formats, the ternary and FP4 ones, Q8_1 and Q8_K, which ggml uses
-    /// only for activations, and the integer types).
+    /// (IQ1_S and IQ1_M, the ternary and FP4 formats, Q8_1 and Q8_K, which ggml uses only for
+    /// activations, and the integer types).
     pub fn decoder(self) -> Option<Decoder> {
         /// `n` plain floats of `width` bytes.
         fn floats(b: &[u8], n: usize, width: usize, f: fn(&[u8]) -> Vec<f32>) -> Result<Vec<f32>> {
@@ -162,6 +170,11 @@ impl GgmlType {
             GgmlType::Q6_K => kquants::dequantize_q6_k,
             GgmlType::IQ4_NL => kquants::dequantize_iq4_nl,
             GgmlType::IQ4_XS => kquants::dequantize_iq4_xs,
+            GgmlType::IQ2_XXS => kquants::dequantize_iq2_xxs,
+            GgmlType::IQ2_XS => kquants::dequantize_iq2_xs,
+            GgmlType::IQ2_S => kquants::dequantize_iq2_s,
+            GgmlType::IQ3_XXS => kquants::dequantize_iq3_xxs,
+            GgmlType::IQ3_S => kquants::dequantize_iq3_s,
             _ => return None,
         })
     }

@@ -6,7 +6,11 @@
 //! Q6_K. BF16 becomes f32 (exact). The rest is decoded on the CPU a row at a time and requantised
 //! with the target's own quantiser, never to f32: Q2_K and Q3_K (2.6 and 3.4 bits per weight) to
 //! Q4_K (4.5 bits), the smallest native format whose own error is below theirs, with the same
-//! 256-weight rows; IQ4_NL and IQ4_XS (4.5 and 4.25 bits) to Q8_0.
+//! 256-weight rows; IQ4_NL and IQ4_XS (4.5 and 4.25 bits) to Q8_0; the codebook formats
+//! IQ2_XXS, IQ2_XS, IQ2_S (2.06 to 2.56 bits) and IQ3_XXS, IQ3_S (3.06, 3.44 bits) to Q4_K, as
+//! Q2_K and Q3_K of the same sizes (not measured against their own error: there is no IQ2/IQ3
+//! quantiser here to make realistic blocks with). IQ1_S, IQ1_M, TQ1_0, TQ2_0 and MXFP4 are
+//! refused with a typed error naming the file and tensor.
 //!
 //! Measured by `tests/loader_gguf.rs` (`conversion_targets_keep_the_source_precision`) on
 //! 64 x 1024 heavy-tailed Gaussian weights quantised to each source type: RMS error relative to
@@ -42,6 +46,8 @@ pub fn weight_format(t: GgmlType) -> Option<WeightFormat> {
         GgmlType::Q5_0 => WeightFormat::Q5_0,
         GgmlType::Q5_1 => WeightFormat::Q5_1,
         GgmlType::Q4_K | GgmlType::Q2_K | GgmlType::Q3_K => WeightFormat::Q4_K,
+        GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ2_S => WeightFormat::Q4_K,
+        GgmlType::IQ3_XXS | GgmlType::IQ3_S => WeightFormat::Q4_K,
         GgmlType::Q5_K => WeightFormat::Q5_K,
         GgmlType::Q6_K => WeightFormat::Q6_K,
         GgmlType::IQ4_NL | GgmlType::IQ4_XS => WeightFormat::Q8_0,

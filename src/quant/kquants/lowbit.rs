@@ -1,6 +1,6 @@
 //! ggml's block formats that no GPU kernel reads: the 2- and 3-bit k-quants Q2_K and Q3_K and the
 //! non-linear 4-bit IQ4_NL and IQ4_XS. The GGUF loader decodes them here and requantises each row
-//! to a native format (`loader::gguf::upload_format` says which). Each decoder does gguf-py's
+//! to a native format (`loader::weight_format` says which). Each decoder does gguf-py's
 //! (`gguf.quants.dequantize`) f32 operations in the same order, so the results are bit for bit
 //! the same, NaN and infinite scales included; `tests/quant_gguf_py.rs` checks that.
 //!
