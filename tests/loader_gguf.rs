@@ -1233,3 +1233,48 @@ fn gemma_q4_k_m_uploads_as_stored() {
     assert_eq!(uploaded, 246_587_904);
     assert_eq!(g.conversion_summary(), None);
 }
+
+/// The memory plan counts a GGUF file's weights in the formats the loader really uploads:
+/// a file of types without a kernel plans exactly as the same shapes stored in their targets
+/// (Q3_K as Q4_K, IQ4_NL as Q8_0), and each matrix as `tensor_weight`'s format and bytes.
+#[test]
+fn plan_counts_the_converted_formats() {
+    use wgllm::kernels::weights::WeightStorage;
+    let storage = WeightStorage::buffers(128 << 20);
+    let converted = write_gguf(
+        3,
+        &[],
+        &[
+            t("a", &[256, 4], 11, quant_blocks(11, 4, 1)),
+            t("b", &[64, 8], 20, quant_blocks(20, 16, 2)),
+            t("c", &[512, 2], 16, quant_blocks(16, 4, 3)),
+        ],
+    );
+    let target = write_gguf(
+        3,
+        &[],
+        &[
+            t("a", &[256, 4], 12, quant_blocks(12, 4, 1)),
+            t("b", &[64, 8], 8, quant_blocks(8, 16, 2)),
+            t("c", &[512, 2], 12, quant_blocks(12, 4, 3)),
+        ],
+    );
+    let g = Gguf::from_bytes("converted.gguf", converted).unwrap();
+    let planned = wgllm::plan::gguf_parameter_bytes(&g, storage).unwrap();
+    let h = Gguf::from_bytes("target.gguf", target).unwrap();
+    assert_eq!(
+        planned,
+        wgllm::plan::gguf_parameter_bytes(&h, storage).unwrap()
+    );
+    let mut uploaded = 0;
+    for info in g.tensors() {
+        let (f, b) = g.tensor_weight(&info.name).unwrap();
+        let (cols, rows) = (info.shape[0], info.shape[1]);
+        assert_eq!(b.len(), f.bytes_for(rows * cols), "{}", info.name);
+        let (data, scales) = storage.shard_bytes(f, rows, cols);
+        uploaded += data + scales;
+    }
+    assert_eq!(planned, uploaded);
+    // And well below what f32 would take (Q3_K's 4 x 256 alone: 4 KiB as f32, 576 B as Q4_K).
+    assert!(planned * 4 < 4 * (256 * 4 + 64 * 8 + 512 * 2));
+}
