@@ -1278,3 +1278,24 @@ fn plan_counts_the_converted_formats() {
     // And well below what f32 would take (Q3_K's 4 x 256 alone: 4 KiB as f32, 576 B as Q4_K).
     assert!(planned * 4 < 4 * (256 * 4 + 64 * 8 + 512 * 2));
 }
+
+/// A tensor large enough to be converted on several threads comes out as the row-by-row
+/// requantisation, in order.
+#[test]
+fn large_conversions_equal_row_by_row_requantisation() {
+    let (rows, cols) = (96, 2048);
+    let x = weights_like(rows, cols, 3);
+    for (t, bytes) in [
+        (GgmlType::Q3_K, quantize_q3_k(&x)),
+        (GgmlType::IQ4_NL, quantize_iq4_nl(&x)),
+    ] {
+        let f = weight_format(t).unwrap();
+        let got = wgllm::loader::convert_rows(t, &bytes, cols, f).unwrap();
+        let src = t.decoder().unwrap()(&bytes, x.len()).unwrap();
+        let want: Vec<u8> = src
+            .chunks(cols)
+            .flat_map(|r| quantize(f, r).unwrap())
+            .collect();
+        assert!(got == want, "{}", t.name());
+    }
+}

@@ -117,27 +117,70 @@ pub fn convert_rows(
             format!("{} bytes are not whole rows of {row_bytes}", data.len()),
         ));
     }
-    let mut out = Vec::with_capacity(data.len() / row_bytes * target.bytes_for(row_len));
-    for (r, row) in data.chunks_exact(row_bytes).enumerate() {
-        let x = decode(row, row_len)?;
-        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid(
-                op(),
-                format!("row {r} weight {i} decodes to {}", x[i]),
-            ));
+    // Requantising to the k-quants runs at about 7.5 million weights a second on one core
+    // (their quantisers search each sub-block's scale and min), so a 13B file's worth would take
+    // half an hour on one: the rows are split over the machine's cores, in order.
+    let rows = data.len() / row_bytes;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = rows.div_ceil(threads.clamp(1, rows.max(1))).max(1);
+    let convert = |first: usize, chunk: &[u8]| -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(chunk.len() / row_bytes * target.bytes_for(row_len));
+        for (r, row) in chunk.chunks_exact(row_bytes).enumerate() {
+            out.extend(convert_row(t, decode, row, row_len, target, first + r)?);
         }
-        let q = quant::quantize(target, &x)?;
-        // Weights beyond f16's range times the target's largest quant (possible in a hostile
-        // file whose scales are near f16's maximum) would make an infinite target scale.
-        if let Some(at) = first_non_finite_scale(target, &q) {
-            return Err(Error::invalid(
-                op(),
-                format!("row {r} overflows {target}'s f16 scales (byte {at} of the row)"),
-            ));
-        }
-        out.extend(q);
+        Ok(out)
+    };
+    if threads <= 1 || rows * row_len < 1 << 16 {
+        return convert(0, data);
+    }
+    let parts: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = data
+            .chunks(per * row_bytes)
+            .enumerate()
+            .map(|(c, chunk)| s.spawn(move || convert(c * per, chunk)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid(op(), "a conversion thread panicked")))
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(rows * target.bytes_for(row_len));
+    for part in parts {
+        out.extend(part?);
     }
     Ok(out)
+}
+
+/// Row `r` (`row_len` weights of type `t`) decoded and requantised to `target`.
+fn convert_row(
+    t: GgmlType,
+    decode: super::gguf::Decoder,
+    row: &[u8],
+    row_len: usize,
+    target: WeightFormat,
+    r: usize,
+) -> Result<Vec<u8>> {
+    let op = || format!("convert {} to {target}", t.name());
+    let x = decode(row, row_len)?;
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid(
+            op(),
+            format!("row {r} weight {i} decodes to {}", x[i]),
+        ));
+    }
+    let q = quant::quantize(target, &x)?;
+    // Weights beyond f16's range times the target's largest quant (possible in a hostile
+    // file whose scales are near f16's maximum) would make an infinite target scale.
+    if let Some(at) = first_non_finite_scale(target, &q) {
+        return Err(Error::invalid(
+            op(),
+            format!("row {r} overflows {target}'s f16 scales (byte {at} of the row)"),
+        ));
+    }
+    Ok(q)
 }
 
 /// The byte offset of the first non-finite f16 scale in `bytes` of `format`, if any.
