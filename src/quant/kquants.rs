@@ -798,3 +798,16 @@ mod tests {
         assert!(dequantize_q5_1(&[0; 48], 64).is_ok());
     }
 }
+
+// The formats without a GPU kernel (Q2_K, Q3_K, IQ4_NL, IQ4_XS), converted on load.
+pub mod lowbit;
+pub use lowbit::{
+    dequantize_iq4_nl, dequantize_iq4_xs, dequantize_q2_k, dequantize_q3_k, IQ4_VALUES,
+};
+
+// The codebook formats IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, converted on load.
+mod iq_grids;
+pub mod iquants;
+pub use iquants::{
+    dequantize_iq2_s, dequantize_iq2_xs, dequantize_iq2_xxs, dequantize_iq3_s, dequantize_iq3_xxs,
+};
