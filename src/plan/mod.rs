@@ -36,6 +36,7 @@ mod report;
 mod streaming;
 pub mod svg;
 mod train;
+pub mod types;
 pub mod uploads;
 
 pub use activations::{llama_activation_plan, ActivationPlan, PlannedBuffer};
@@ -43,6 +44,7 @@ pub use bert::bert_activation_plan;
 pub use gpt2::gpt2_activation_plan;
 pub use streaming::{gguf_layer_bytes, LayerBytes, Limits};
 pub use train::TrainPlan;
+pub use types::{config_type_table, gguf_type_table, TypeRow, TypeTable};
 
 use serde::{Serialize, Serializer};
 
@@ -218,7 +220,11 @@ pub struct MemoryPlan {
     /// what it uploads, not its checkpoint; a ctx capped at the learned positions).
     pub notes: Vec<String>,
     pub weights: WeightBytes,
-    /// One layer's weights; `parameters_bytes = n_layers * layer_weight_bytes + other_weight_bytes`.
+    /// Parameters and bytes per GGUF type: of the config at the precision (LLaMA-family models),
+    /// or of the file's own tensors ([`MemoryPlan::use_gguf_weights`]); empty for GPT-2 and
+    /// BERT, whose loaders upload other tensors than the checkpoint's.
+    pub tensor_types: TypeTable,
+    /// One layer's weights (of a K-quant mix, whose layers differ, the largest); `parameters_bytes = n_layers * layer_weight_bytes + other_weight_bytes`.
     pub layer_weight_bytes: u64,
     pub other_weight_bytes: u64,
     pub parameters_bytes: u64,
@@ -368,6 +374,10 @@ impl MemoryPlan {
         let (p, l) = (opts.precision, cfg.n_layers as u64);
         let fmt = p.storage();
         let weights = params::weight_bytes(cfg, p);
+        let tensor_types = match cfg.arch {
+            Arch::Llama => types::config_type_table(cfg, p, opts.weight_storage())?,
+            Arch::Gpt2 | Arch::Gpt3 | Arch::Bert => TypeTable::default(),
+        };
         let kv_bpt = pass.kv_bytes_per_token_layer;
         let kv_cache_bytes = l.saturating_mul(pass.kv_positions).saturating_mul(kv_bpt);
         let activations = pass.activations;
@@ -477,6 +487,7 @@ impl MemoryPlan {
             options: opts,
             parameters_bytes,
             weights,
+            tensor_types,
             layer_weight_bytes: pass.layer_weight_bytes,
             other_weight_bytes: parameters_bytes
                 .saturating_sub(l.saturating_mul(pass.layer_weight_bytes)),
@@ -725,6 +736,7 @@ impl MemoryPlan {
     ) -> Result<()> {
         let (total, largest) = gguf_weight_bytes(g, storage)?;
         self.set_parameter_bytes(total);
+        self.tensor_types = types::gguf_type_table(g, storage)?;
         let upload = largest.min(STAGING_CHUNK).div_ceil(4) * 4;
         let rest = self.buffers_bytes() - self.staging_bytes;
         self.staging_upload_bytes = upload;
@@ -752,24 +764,6 @@ fn gguf_tensor_bytes(
     t: &crate::loader::gguf::TensorInfo,
     storage: WeightStorage,
 ) -> Result<(u64, u64)> {
-    let align4 = |b: u64| b.div_ceil(4).max(1) * 4;
-    let format = crate::loader::gguf::weight_format(t.ggml_type).unwrap_or(WeightFormat::F32);
-    Ok(match t.shape[..] {
-        [cols, rows] if rows > 1 => {
-            let per = storage.rows_per_shard(format, rows, cols)?;
-            let (mut total, mut largest, mut r0) = (0, 0, 0);
-            while r0 < rows {
-                let n = per.min(rows - r0);
-                let (data, scales) = storage.shard_bytes(format, n, cols);
-                total += data + scales;
-                largest = largest.max(storage.shard_upload_bytes(format, n, cols));
-                r0 += n;
-            }
-            (total, largest)
-        }
-        _ => (
-            align4(t.n_elements as u64 * 4),
-            align4(t.n_elements as u64 * 4),
-        ),
-    })
+    let (rows, cols) = types::gguf_rows_cols(&t.shape);
+    types::upload_bytes(types::gguf_upload_format(t.ggml_type), rows, cols, storage)
 }
