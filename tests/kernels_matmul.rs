@@ -102,7 +102,7 @@ fn check(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], op: Op, seed: u64) {
 #[test]
 fn matvec_matches_reference_in_every_format() {
     let Some(gpu) = gpu() else { return };
-    for (f, storage) in WeightFormat::ALL
+    for (f, storage) in WeightFormat::GPU_NATIVE
         .into_iter()
         .flat_map(|f| layouts(gpu).into_iter().map(move |s| (f, s)))
     {
@@ -148,7 +148,7 @@ fn matmul_matches_reference_in_every_format() {
     let Some(gpu) = gpu() else { return };
     // Textures: the policy's kernel (the subgroup matvec) on them.
     for storage in layouts(gpu).into_iter().skip(1) {
-        for f in WeightFormat::ALL {
+        for f in WeightFormat::GPU_NATIVE {
             let (wm, deq) = weights(gpu, storage, f, 67, awkward_cols(f), 30);
             for m in [1, 7, 33] {
                 check(gpu, &wm, &deq, Op::Matmul(m, None), 40 + m as u64);
@@ -156,7 +156,7 @@ fn matmul_matches_reference_in_every_format() {
         }
     }
     let buffers = buffers(gpu);
-    for f in WeightFormat::ALL {
+    for f in WeightFormat::GPU_NATIVE {
         let k = awkward_cols(f);
         let (wm, deq) = weights(gpu, buffers, f, 67, k, 30);
         for m in [1, 7, 33] {
@@ -194,7 +194,7 @@ fn sharded_weights_match_reference() {
     for mut storage in layouts(gpu) {
         storage.max_binding = 8 << 10;
         storage.max_texture_dim = 96;
-        for f in WeightFormat::ALL {
+        for f in WeightFormat::GPU_NATIVE {
             let (wm, deq) = weights(gpu, storage, f, 150, 320, 60);
             assert!(
                 wm.shards.len() >= 2,
@@ -254,7 +254,7 @@ fn subgroup_gpu() -> Option<&'static Gpu> {
 #[test]
 fn subgroup_matvec_matches_reference_in_every_format() {
     let Some(gpu) = subgroup_gpu() else { return };
-    for (f, storage) in WeightFormat::ALL
+    for (f, storage) in WeightFormat::GPU_NATIVE
         .into_iter()
         .flat_map(|f| layouts(gpu).into_iter().map(move |s| (f, s)))
     {
@@ -277,7 +277,7 @@ fn subgroup_matvec_matches_reference_in_every_format() {
 #[test]
 fn subgroup_prefill_matches_reference_for_1_to_8_tokens() {
     let Some(gpu) = subgroup_gpu() else { return };
-    for (f, storage) in WeightFormat::ALL
+    for (f, storage) in WeightFormat::GPU_NATIVE
         .into_iter()
         .flat_map(|f| layouts(gpu).into_iter().map(move |s| (f, s)))
     {
@@ -415,7 +415,7 @@ fn quantised_parts(
 fn stacked_projections_run_as_one_dispatch_and_match_reference() {
     let Some(gpu) = subgroup_gpu() else { return };
     let tex = textures_at_device_limits(gpu);
-    for f in WeightFormat::ALL {
+    for f in WeightFormat::GPU_NATIVE {
         let cols = awkward_cols(f);
         // Q, K, V of unequal heights (a lane's 12-16 rows cross the splits), then gate and up.
         for rows in [vec![100, 36, 36], vec![70, 70]] {
@@ -543,7 +543,7 @@ fn swiglu_folds_into_the_down_projection() {
     // variant being pipelines to compile.
     let own = wgllm::kernels::weights::weight_layout(gpu);
     for storage in layouts(gpu) {
-        for f in WeightFormat::ALL {
+        for f in WeightFormat::GPU_NATIVE {
             if storage.layout != own && !matches!(f, WeightFormat::F16 | WeightFormat::Q4_1) {
                 continue;
             }
@@ -599,7 +599,7 @@ fn rms_norm_folds_into_the_projections_for_single_tokens() {
     let Some(gpu) = gpu() else { return };
     let folded = matmul::single_token_folds(gpu);
     let tex = textures_at_device_limits(gpu);
-    for f in WeightFormat::ALL {
+    for f in WeightFormat::GPU_NATIVE {
         let cols = awkward_cols(f);
         // Stacked Q/K/V (the attention block's input): one dispatch for a single token.
         let rows = [100, 36, 36];

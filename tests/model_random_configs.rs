@@ -271,7 +271,7 @@ fn tensors(c: &Case) -> Vec<T> {
 
 /// Formats that a matrix of `cols` columns can be stored in (block formats need whole blocks).
 fn fitting(cols: usize) -> Vec<WeightFormat> {
-    WeightFormat::ALL
+    WeightFormat::GPU_NATIVE
         .into_iter()
         .filter(|f| !f.is_quantized() || cols.is_multiple_of(wgllm::quant::QK))
         .collect()
@@ -343,6 +343,11 @@ fn ggml_type(f: WeightFormat) -> u32 {
         WeightFormat::Q4_0 => 2,
         WeightFormat::Q4_1 => 3,
         WeightFormat::Q8_0 => 8,
+        WeightFormat::Q5_0 => 6,
+        WeightFormat::Q5_1 => 7,
+        WeightFormat::Q4_K => 12,
+        WeightFormat::Q5_K => 13,
+        WeightFormat::Q6_K => 14,
     }
 }
 
@@ -763,15 +768,15 @@ fn draw(seed: u64) -> Case {
         Src::Hf {
             precision: [None]
                 .into_iter()
-                .chain(WeightFormat::ALL.map(Some))
-                .nth(r.gen_range(0..=WeightFormat::ALL.len()))
+                .chain(WeightFormat::GPU_NATIVE.map(Some))
+                .nth(r.gen_range(0..=WeightFormat::GPU_NATIVE.len()))
                 .flatten(),
             qwen2,
             attention_bias: !qwen2 && r.gen_bool(0.3),
             mlp_bias: !qwen2 && r.gen_bool(0.3),
         }
     };
-    let mut formats = WeightFormat::ALL.to_vec();
+    let mut formats = WeightFormat::GPU_NATIVE.to_vec();
     let n = formats.len();
     formats.rotate_left(r.gen_range(0..n));
     formats.truncate(r.gen_range(1..=n));

@@ -78,6 +78,12 @@ pub fn lookup(
         WeightFormat::Q8_0 => "lookup_q8_0",
         WeightFormat::Q4_0 => "lookup_q4_0",
         WeightFormat::Q4_1 => "lookup_q4_1",
+        f => {
+            return Err(Error::invalid(
+                op,
+                format!("no embedding kernel reads {f} yet"),
+            ))
+        }
     };
     let gpu = rec.gpu();
     let textures = table

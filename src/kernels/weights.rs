@@ -4,9 +4,10 @@
 //!
 //! Two layouts ([`WeightLayout`]): storage buffers, the repack arrays as they are; or 2D textures,
 //! one texture row per matrix row: data as `rgba32uint` texels (a Q4 block is one texel, a Q8_0
-//! block two, 4 f32 or 8 f16 weights one, rows padded with zeros to whole texels), scales one
-//! texel per block (`r16uint` holding the f16 `d` of Q8_0/Q4_0, `r32uint` holding Q4_1's `d`
-//! and `m`). [`WeightStorage`] says which, and how many rows a shard takes; the upload and the
+//! block two, 4 f32 or 8 f16 weights one, rows padded with zeros to whole texels; blocks of 5,
+//! 35, 43 or 52 words run on across texels), scales one texel per block (`r16uint` holding the f16
+//! `d` of Q8_0/Q4_0/Q5_0/Q6_K, `r32uint` holding the `d` and `m`/`dmin` pair of
+//! Q4_1/Q5_1/Q4_K/Q5_K). [`WeightStorage`] says which, and how many rows a shard takes; the upload and the
 //! memory plan both ask it, so the plan counts the bytes the ledger books.
 
 use std::sync::Arc;
@@ -133,11 +134,11 @@ pub fn texture_shapes(
         width: row_words(format, cols).div_ceil(4) as u32,
         height,
     };
-    let blocks = (cols / crate::quant::QK) as u32;
-    let scales = match format {
-        WeightFormat::F32 | WeightFormat::F16 => None,
-        WeightFormat::Q8_0 | WeightFormat::Q4_0 => Some(wgpu::TextureFormat::R16Uint),
-        WeightFormat::Q4_1 => Some(wgpu::TextureFormat::R32Uint),
+    let blocks = (cols / format.block_len()) as u32;
+    let scales = match repack::scale_bytes(format) {
+        0 => None,
+        2 => Some(wgpu::TextureFormat::R16Uint),
+        _ => Some(wgpu::TextureFormat::R32Uint),
     }
     .map(|format| TextureShape {
         format,
@@ -537,11 +538,11 @@ fn texture_rows(format: WeightFormat, cols: usize, p: &repack::Packed) -> (Vec<u
             .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, tw - rw)))
             .collect()
     };
-    let scales = match format {
-        WeightFormat::F32 | WeightFormat::F16 => Vec::new(),
-        WeightFormat::Q4_1 => bytemuck::cast_slice(&p.scales).to_vec(),
-        WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
-            let n = p.data.len() / rw * (cols / crate::quant::QK);
+    let scales = match repack::scale_bytes(format) {
+        0 => Vec::new(),
+        4 => bytemuck::cast_slice(&p.scales).to_vec(),
+        _ => {
+            let n = p.data.len() / rw * (cols / format.block_len());
             let halves: Vec<u16> = (0..n)
                 .map(|g| (p.scales[g / 2] >> (16 * (g % 2))) as u16)
                 .collect();

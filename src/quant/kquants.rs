@@ -203,6 +203,430 @@ pub fn dequantize_q6_k(data: &[u8], n: usize) -> Result<Vec<f32>> {
     Ok(y)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantisers: faithful ports of ggml's reference quantisers (`quantize_row_*_ref` in
+// ggml-quants.c), the same f32 operations in the same order, so that wgllm writes the blocks
+// llama.cpp's reference path writes (builds that contract multiply-adds into FMAs may differ in
+// the last bit of a scale, and hence in a few quants).
+
+/// ggml's `nearest_int`: round to nearest, ties to even, through the float's mantissa (valid for
+/// |v| < 2^22, which every caller's range is).
+fn nearest_int(v: f32) -> i32 {
+    ((v + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// ggml's `GROUP_MAX_EPS`: below this a group counts as all zero.
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+fn f16_bytes(v: f32) -> [u8; 2] {
+    f16::from_f32(v).to_le_bytes()
+}
+
+fn f16_round(v: f32) -> f32 {
+    f16::from_f32(v).to_f32()
+}
+
+/// ggml's `make_qkx2_quants`: a scale and a min (returned negated, as ggml does) for `x` with
+/// levels `0..=nmax` chosen by weighted least squares over `nstep + 1` candidate scales.
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    l_out: &mut [u8],
+    l_aux: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
+    let n = x.len();
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l_out.fill(0);
+        return (0.0, -min);
+    }
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..n {
+        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l_out[i] = l as u8;
+        let diff = scale * l as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    if nstep < 1 {
+        return (scale, -min);
+    }
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            l_aux[i] = l as u8;
+            let (w, lf) = (weights[i], l as f32);
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..n {
+                let diff = this_scale * l_aux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l_out[..n].copy_from_slice(&l_aux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights (what Q6_K's reference
+/// quantiser uses): a signed scale for levels `-nmax..nmax-1`, stored in `l` offset by `nmax`.
+fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
+    let mut max = 0f32;
+    let mut amax = 0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l_out.fill(0);
+        return 0.0;
+    }
+    let nf = nmax as f32;
+    let mut iscale = -nf / max;
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for (i, &v) in x.iter().enumerate() {
+        let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        l_out[i] = (l + nmax) as u8;
+        // rmse_type 1 weighs each value by its square.
+        let (w, lf) = (v * v, l as f32);
+        sumlx += w * v * lf;
+        suml2 += w * lf * lf;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nf + 0.1 * is as f32) / max;
+        sumlx = 0.0;
+        suml2 = 0.0;
+        for &v in x {
+            let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+            let (w, lf) = (v * v, l as f32);
+            sumlx += w * v * lf;
+            suml2 += w * lf * lf;
+        }
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for (i, &v) in x.iter().enumerate() {
+                l_out[i] = (nmax + nearest_int(iscale * v).clamp(-nmax, nmax - 1)) as u8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// Checks that `x` is a whole number of `block_len` blocks.
+fn check_quantize(name: &str, block_len: usize, x: &[f32]) -> Result<()> {
+    if !x.len().is_multiple_of(block_len) {
+        return Err(Error::invalid(
+            format!("quantize {name}"),
+            format!(
+                "{} weights is not a multiple of the block length {block_len}",
+                x.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Q5_0 blocks of `x` (ggml's `quantize_row_q5_0_ref`): the signed value of largest magnitude maps
+/// to -16.
+pub fn quantize_q5_0(x: &[f32]) -> Result<Vec<u8>> {
+    check_quantize("q5_0", QK5, x)?;
+    let mut out = Vec::with_capacity(x.len() / QK5 * Q5_0_BYTES);
+    for b in x.chunks_exact(QK5) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in b {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        // (int8_t)(x * id + 16.5), then MIN(31, .): truncation, as C's conversion.
+        let q = |v: f32| ((v * id + 16.5) as i8).min(31) as u8;
+        out.extend_from_slice(&f16_bytes(d));
+        push_q5(&mut out, b, q);
+    }
+    Ok(out)
+}
+
+/// Q5_1 blocks of `x` (ggml's `quantize_row_q5_1_ref`): min and max map to 0 and 31.
+pub fn quantize_q5_1(x: &[f32]) -> Result<Vec<u8>> {
+    check_quantize("q5_1", QK5, x)?;
+    let mut out = Vec::with_capacity(x.len() / QK5 * Q5_1_BYTES);
+    for b in x.chunks_exact(QK5) {
+        let (mut min, mut max) = (f32::MAX, -f32::MAX);
+        for &v in b {
+            if v < min {
+                min = v;
+            }
+            if v > max {
+                max = v;
+            }
+        }
+        let d = (max - min) / 31.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let q = |v: f32| ((v - min) * id + 0.5) as u8;
+        out.extend_from_slice(&f16_bytes(d));
+        out.extend_from_slice(&f16_bytes(min));
+        push_q5(&mut out, b, q);
+    }
+    Ok(out)
+}
+
+/// The fifth bits (a little-endian u32, bit j for weight j) and the nibbles (byte j: weight j low,
+/// j + 16 high) of a 32-weight block of 5-bit levels.
+fn push_q5(out: &mut Vec<u8>, b: &[f32], q: impl Fn(f32) -> u8) {
+    let mut qh = 0u32;
+    let mut qs = [0u8; QK5 / 2];
+    for j in 0..QK5 / 2 {
+        let (x0, x1) = (q(b[j]), q(b[j + QK5 / 2]));
+        qs[j] = (x0 & 0xF) | ((x1 & 0xF) << 4);
+        qh |= (((x0 & 0x10) >> 4) as u32) << j;
+        qh |= (((x1 & 0x10) >> 4) as u32) << (j + QK5 / 2);
+    }
+    out.extend_from_slice(&qh.to_le_bytes());
+    out.extend_from_slice(&qs);
+}
+
+/// The shared part of ggml's Q4_K and Q5_K reference quantisers for one super-block: per sub-block
+/// scales and mins by `make_qkx2_quants`, quantised to 6 bits against the super-block's largest,
+/// then the levels recomputed from the rounded scales. Returns d, dmin, the 12 packed scale bytes
+/// and the 256 levels.
+fn quantize_k_superblock(
+    x: &[f32],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+) -> (f32, f32, [u8; 12], [u8; QK_K]) {
+    let mut levels = [0u8; QK_K];
+    let mut l_aux = [0u8; 32];
+    let mut weights = [0f32; 32];
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..QK_K / 32 {
+        let xs = &x[32 * j..32 * j + 32];
+        let mut sum_x2 = 0f32;
+        for &v in xs {
+            sum_x2 += v * v;
+        }
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, &v) in weights.iter_mut().zip(xs) {
+            *w = av_x + v.abs();
+        }
+        let (s, m) = make_qkx2_quants(
+            nmax,
+            xs,
+            &weights,
+            &mut levels[32 * j..32 * j + 32],
+            &mut l_aux,
+            rmin,
+            0.1,
+            nstep,
+        );
+        scales[j] = s;
+        mins[j] = m;
+        if s > max_scale {
+            max_scale = s;
+        }
+        if m > max_min {
+            max_min = m;
+        }
+    }
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut packed = [0u8; 12];
+    for j in 0..QK_K / 32 {
+        // uint8_t ls = nearest_int(...): C keeps the low byte, then MIN(63, .).
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            packed[j] = ls;
+            packed[j + 4] = lm;
+        } else {
+            packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            packed[j - 4] |= (ls >> 4) << 6;
+            packed[j] |= (lm >> 4) << 6;
+        }
+    }
+    let d = f16_round(max_scale / 63.0);
+    let dmin = f16_round(max_min / 63.0);
+    for j in 0..QK_K / 32 {
+        let (sc, m) = get_scale_min_k4(j, &packed);
+        let ds = d * sc as f32;
+        if ds == 0.0 {
+            continue;
+        }
+        let dm = dmin * m as f32;
+        for ii in 0..32 {
+            let l = nearest_int((x[32 * j + ii] + dm) / ds);
+            levels[32 * j + ii] = l.clamp(0, nmax) as u8;
+        }
+    }
+    (d, dmin, packed, levels)
+}
+
+/// Q4_K super-blocks of `x` (ggml's `quantize_row_q4_K_ref`).
+pub fn quantize_q4_k(x: &[f32]) -> Result<Vec<u8>> {
+    check_quantize("q4_K", QK_K, x)?;
+    let mut out = Vec::with_capacity(x.len() / QK_K * Q4_K_BYTES);
+    for xb in x.chunks_exact(QK_K) {
+        let (d, dmin, packed, l) = quantize_k_superblock(xb, 15, -1.0, 20);
+        out.extend_from_slice(&f16_bytes(d));
+        out.extend_from_slice(&f16_bytes(dmin));
+        out.extend_from_slice(&packed);
+        for j in (0..QK_K).step_by(64) {
+            out.extend((0..32).map(|i| l[j + i] | (l[j + i + 32] << 4)));
+        }
+    }
+    Ok(out)
+}
+
+/// Q5_K super-blocks of `x` (ggml's `quantize_row_q5_K_ref`).
+pub fn quantize_q5_k(x: &[f32]) -> Result<Vec<u8>> {
+    check_quantize("q5_K", QK_K, x)?;
+    let mut out = Vec::with_capacity(x.len() / QK_K * Q5_K_BYTES);
+    for xb in x.chunks_exact(QK_K) {
+        let (d, dmin, packed, l) = quantize_k_superblock(xb, 31, -0.5, 15);
+        let mut qh = [0u8; QK_K / 8];
+        let mut ql = [0u8; QK_K / 2];
+        let (mut m1, mut m2) = (1u8, 2u8);
+        for (c, n) in (0..QK_K).step_by(64).enumerate() {
+            for j in 0..32 {
+                let (mut l1, mut l2) = (l[n + j], l[n + j + 32]);
+                if l1 > 15 {
+                    l1 -= 16;
+                    qh[j] |= m1;
+                }
+                if l2 > 15 {
+                    l2 -= 16;
+                    qh[j] |= m2;
+                }
+                ql[32 * c + j] = l1 | (l2 << 4);
+            }
+            m1 <<= 2;
+            m2 <<= 2;
+        }
+        out.extend_from_slice(&f16_bytes(d));
+        out.extend_from_slice(&f16_bytes(dmin));
+        out.extend_from_slice(&packed);
+        out.extend_from_slice(&qh);
+        out.extend_from_slice(&ql);
+    }
+    Ok(out)
+}
+
+/// Q6_K super-blocks of `x` (ggml's `quantize_row_q6_K_ref`).
+pub fn quantize_q6_k(x: &[f32]) -> Result<Vec<u8>> {
+    check_quantize("q6_K", QK_K, x)?;
+    let mut out = Vec::with_capacity(x.len() / QK_K * Q6_K_BYTES);
+    for xb in x.chunks_exact(QK_K) {
+        let mut l = [0u8; QK_K];
+        let mut scales = [0f32; QK_K / 16];
+        let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
+        for ib in 0..QK_K / 16 {
+            let s = make_qx_quants(
+                32,
+                &xb[16 * ib..16 * ib + 16],
+                &mut l[16 * ib..16 * ib + 16],
+            );
+            scales[ib] = s;
+            if s.abs() > max_abs_scale {
+                max_abs_scale = s.abs();
+                max_scale = s;
+            }
+        }
+        if max_abs_scale < GROUP_MAX_EPS {
+            out.extend_from_slice(&[0u8; Q6_K_BYTES]);
+            continue;
+        }
+        let iscale = -128.0 / max_scale;
+        let d = f16_round(1.0 / iscale);
+        let mut sc = [0i8; QK_K / 16];
+        for ib in 0..QK_K / 16 {
+            sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+        }
+        for j in 0..QK_K / 16 {
+            let ds = d * sc[j] as f32;
+            if ds == 0.0 {
+                continue;
+            }
+            for ii in 0..16 {
+                let q = nearest_int(xb[16 * j + ii] / ds).clamp(-32, 31);
+                l[16 * j + ii] = (q + 32) as u8;
+            }
+        }
+        let mut ql = [0u8; QK_K / 2];
+        let mut qh = [0u8; QK_K / 4];
+        for (half, j) in (0..QK_K).step_by(128).enumerate() {
+            for i in 0..32 {
+                let (q1, q2, q3, q4) = (l[j + i], l[j + i + 32], l[j + i + 64], l[j + i + 96]);
+                ql[64 * half + i] = (q1 & 0xF) | ((q3 & 0xF) << 4);
+                ql[64 * half + i + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
+                qh[32 * half + i] =
+                    (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+            }
+        }
+        out.extend_from_slice(&ql);
+        out.extend_from_slice(&qh);
+        out.extend(sc.iter().map(|&s| s as u8));
+        out.extend_from_slice(&f16_bytes(d));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,11 +7,22 @@
 //! | Q8_0 | 32 | 34 | `d * q`, f16 d, i8 q |
 //! | Q4_0 | 32 | 18 | `d * (q - 8)`, f16 d, 4-bit q; byte j holds weight j (low) and j+16 (high) |
 //! | Q4_1 | 32 | 20 | `d * q + m`, f16 d and m, nibbles as Q4_0 |
+//! | Q5_0 | 32 | 22 | `d * (q - 16)`, f16 d, u32 of fifth bits, nibbles as Q4_0 |
+//! | Q5_1 | 32 | 24 | `d * q + m`, f16 d and m, u32 of fifth bits, nibbles as Q4_0 |
+//! | Q4_K | 256 | 144 | `d * sc[s] * q - dmin * m[s]` over 8 sub-blocks of 32 with 6-bit sc, m |
+//! | Q5_K | 256 | 176 | as Q4_K with 5-bit q |
+//! | Q6_K | 256 | 210 | `d * sc[s] * (q - 32)` over 16 sub-blocks of 16 with i8 sc |
+//!
+//! The last five are decoded in [`kquants`] (which documents their byte layouts) and quantised there
+//! by ports of ggml's reference quantisers (`quantize_row_*_ref`, including the K-quants' scale
+//! searches `make_qkx2_quants` / `make_qx_quants`).
 //!
 //! Round-trip error (measured by the tests on N(0,1) data, per block of 32): Q8_0 at most
 //! `amax/254` per weight (half a step of `amax/127`) plus f16 rounding of d; Q4_0 half a step
 //! (`|max|/16`), except values of the sign opposite the largest, clamped at `7d`: up to `|max|/8`; Q4_1 at most `(max-min)/30`. Relative RMS error on N(0,1) data is about
-//! 0.4% for Q8_0, 11% for Q4_0 and 9% for Q4_1.
+//! 0.4% for Q8_0, 11% for Q4_0 and 9% for Q4_1; Q5_0 and Q5_1 at most half a step (`|max|/32`,
+//! `(max-min)/62`; Q5_0's opposite-sign clamp at `15d` up to `|max|/16`). Relative RMS error on
+//! N(0,1) data: Q5_0 4.3%, Q5_1 3.8%, Q4_K 7.1%, Q5_K 3.6%, Q6_K 1.8%.
 
 pub mod kquants;
 pub mod repack;
@@ -25,6 +36,8 @@ use crate::error::{Error, Result};
 pub const QK: usize = 32;
 
 /// How a weight matrix is stored.
+/// ggml's names (Q4_K ...), kept so that a format reads as in llama.cpp and the GGUF spec.
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum WeightFormat {
     F32,
@@ -32,16 +45,41 @@ pub enum WeightFormat {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
+    Q4_K,
+    Q5_K,
+    Q6_K,
 }
 
 impl WeightFormat {
-    pub const ALL: [WeightFormat; 5] = [
+    pub const ALL: [WeightFormat; 10] = [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q5_1,
+        WeightFormat::Q4_K,
+        WeightFormat::Q5_K,
+        WeightFormat::Q6_K,
+    ];
+
+    /// The formats the GPU kernels read today; the others ([`WeightFormat::has_kernels`] false)
+    /// are refused by the kernel builders with a typed error until their kernels land.
+    pub const GPU_NATIVE: [WeightFormat; 5] = [
         WeightFormat::F32,
         WeightFormat::F16,
         WeightFormat::Q8_0,
         WeightFormat::Q4_0,
         WeightFormat::Q4_1,
     ];
+
+    /// Whether the GPU kernels read this format.
+    pub fn has_kernels(self) -> bool {
+        WeightFormat::GPU_NATIVE.contains(&self)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -50,6 +88,11 @@ impl WeightFormat {
             WeightFormat::Q8_0 => "q8_0",
             WeightFormat::Q4_0 => "q4_0",
             WeightFormat::Q4_1 => "q4_1",
+            WeightFormat::Q5_0 => "q5_0",
+            WeightFormat::Q5_1 => "q5_1",
+            WeightFormat::Q4_K => "q4_k",
+            WeightFormat::Q5_K => "q5_k",
+            WeightFormat::Q6_K => "q6_k",
         }
     }
 
@@ -60,7 +103,7 @@ impl WeightFormat {
             .ok_or_else(|| Error::Parse {
                 what: "a weight format",
                 input: s.into(),
-                reason: "use f32, f16, q8_0, q4_0 or q4_1".into(),
+                reason: "use f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k".into(),
             })
     }
 
@@ -68,6 +111,7 @@ impl WeightFormat {
     pub fn block_len(self) -> usize {
         match self {
             WeightFormat::F32 | WeightFormat::F16 => 1,
+            WeightFormat::Q4_K | WeightFormat::Q5_K | WeightFormat::Q6_K => kquants::QK_K,
             _ => QK,
         }
     }
@@ -80,6 +124,11 @@ impl WeightFormat {
             WeightFormat::Q8_0 => 34,
             WeightFormat::Q4_0 => 18,
             WeightFormat::Q4_1 => 20,
+            WeightFormat::Q5_0 => kquants::Q5_0_BYTES,
+            WeightFormat::Q5_1 => kquants::Q5_1_BYTES,
+            WeightFormat::Q4_K => kquants::Q4_K_BYTES,
+            WeightFormat::Q5_K => kquants::Q5_K_BYTES,
+            WeightFormat::Q6_K => kquants::Q6_K_BYTES,
         }
     }
 
@@ -186,6 +235,11 @@ pub fn quantize(format: WeightFormat, x: &[f32]) -> Result<Vec<u8>> {
                 out.extend((0..QK / 2).map(|j| q(b[j]) | (q(b[j + QK / 2]) << 4)));
             }
         }
+        WeightFormat::Q5_0 => out = kquants::quantize_q5_0(x)?,
+        WeightFormat::Q5_1 => out = kquants::quantize_q5_1(x)?,
+        WeightFormat::Q4_K => out = kquants::quantize_q4_k(x)?,
+        WeightFormat::Q5_K => out = kquants::quantize_q5_k(x)?,
+        WeightFormat::Q6_K => out = kquants::quantize_q6_k(x)?,
     }
     Ok(out)
 }
@@ -237,6 +291,11 @@ pub fn dequantize(format: WeightFormat, data: &[u8], n: usize) -> Result<Vec<f32
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
             }
         }
+        WeightFormat::Q5_0 => out = kquants::dequantize_q5_0(data, n)?,
+        WeightFormat::Q5_1 => out = kquants::dequantize_q5_1(data, n)?,
+        WeightFormat::Q4_K => out = kquants::dequantize_q4_k(data, n)?,
+        WeightFormat::Q5_K => out = kquants::dequantize_q5_k(data, n)?,
+        WeightFormat::Q6_K => out = kquants::dequantize_q6_k(data, n)?,
     }
     Ok(out)
 }
@@ -283,6 +342,31 @@ pub fn synthetic(format: WeightFormat, n: usize, seed: u64) -> Result<Vec<u8>> {
                 b[2..4].copy_from_slice(&f16::from_f32(-0.04).to_le_bytes());
             }
         }
+        WeightFormat::Q5_0 => {
+            for b in out.chunks_exact_mut(format.block_bytes()) {
+                b[..2].copy_from_slice(&small(next()));
+            }
+        }
+        WeightFormat::Q5_1 => {
+            for b in out.chunks_exact_mut(format.block_bytes()) {
+                b[..2].copy_from_slice(&small(next()));
+                b[2..4].copy_from_slice(&f16::from_f32(-0.08).to_le_bytes());
+            }
+        }
+        WeightFormat::Q4_K | WeightFormat::Q5_K => {
+            // Random 6-bit sub-block scales (up to 63) times levels up to 31: d and dmin small
+            // enough that weights stay near the other formats' +-0.1.
+            for b in out.chunks_exact_mut(format.block_bytes()) {
+                b[..2].copy_from_slice(&f16::from_f32(2e-4).to_le_bytes());
+                b[2..4].copy_from_slice(&f16::from_f32(1e-3).to_le_bytes());
+            }
+        }
+        WeightFormat::Q6_K => {
+            // Random i8 scales (up to 128) times levels -32..31.
+            for b in out.chunks_exact_mut(format.block_bytes()) {
+                b[208..210].copy_from_slice(&f16::from_f32(2e-5).to_le_bytes());
+            }
+        }
     }
     Ok(out)
 }
@@ -318,6 +402,11 @@ mod tests {
             (WeightFormat::Q8_0, 0.006),
             (WeightFormat::Q4_0, 0.13),
             (WeightFormat::Q4_1, 0.11),
+            (WeightFormat::Q5_0, 0.05),
+            (WeightFormat::Q5_1, 0.045),
+            (WeightFormat::Q4_K, 0.08),
+            (WeightFormat::Q5_K, 0.04),
+            (WeightFormat::Q6_K, 0.02),
         ] {
             let q = quantize(f, &x).unwrap();
             assert_eq!(q.len(), f.bytes_for(x.len()), "{f}");
@@ -331,6 +420,11 @@ mod tests {
                     .iter()
                     .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
                 let bound = match f {
+                    // The K-quants' scales come from a weighted least-squares search, so no
+                    // simple per-block bound holds; their RMS bound above covers them.
+                    WeightFormat::Q4_K | WeightFormat::Q5_K | WeightFormat::Q6_K => f32::MAX,
+                    WeightFormat::Q5_0 => amax / 16.0 * 1.01 + amax * 1e-3,
+                    WeightFormat::Q5_1 => (mx - mn) / 62.0 * 1.01 + amax * 2e-3,
                     WeightFormat::F32 => 0.0,
                     WeightFormat::F16 => amax * 1e-3,
                     WeightFormat::Q8_0 => amax / 254.0 * 1.01 + amax * 1e-3,
@@ -356,9 +450,9 @@ mod tests {
 
     #[test]
     fn zero_blocks_and_bad_lengths() {
-        let z = vec![0f32; 64];
+        let z = vec![0f32; 256];
         for f in WeightFormat::ALL {
-            let y = dequantize(f, &quantize(f, &z).unwrap(), 64).unwrap();
+            let y = dequantize(f, &quantize(f, &z).unwrap(), 256).unwrap();
             assert!(y.iter().all(|v| *v == 0.0), "{f}");
         }
         assert!(quantize(WeightFormat::Q4_0, &[1.0; 33]).is_err());

@@ -111,6 +111,8 @@ pub fn matvec_sg_rows(format: WeightFormat, rows: usize, m: usize, tokens: u32) 
         WeightFormat::F16 => 16,
         WeightFormat::Q8_0 => 9,
         WeightFormat::Q4_0 | WeightFormat::Q4_1 => 5,
+        // Words per 32 weights, a scale word included.
+        f => (crate::quant::repack::block_words(f) * 32 / f.block_len()).max(1) + 1,
     };
     let (threads, tokens) = (cpu_threads(), tokens.max(1) as usize);
     let groups = m.div_ceil(tokens).max(1);
@@ -148,6 +150,12 @@ pub(super) fn subgroup_kernel(
     tokens: u32,
     op: &str,
 ) -> Result<()> {
+    if !format.has_kernels() {
+        return Err(Error::invalid(
+            op,
+            format!("no subgroup matvec reads {format} yet"),
+        ));
+    }
     let gpu = rec.gpu();
     let first = parts
         .first()
