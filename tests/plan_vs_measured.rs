@@ -163,6 +163,7 @@ fn a_model_whose_final_norm_folds_into_the_head_matches_the_ledger() {
         let src = wgllm::model::source::Source::Synthetic {
             format: wgllm::quant::WeightFormat::Q8_0,
             seed: 1,
+            mix: None,
         };
         let rot = cfg.head_dim;
         let mut m = wgllm::model::llama::Llama::load(&gpu, cfg.clone(), rot, &src, opts).unwrap();

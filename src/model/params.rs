@@ -436,6 +436,43 @@ impl TensorRole {
     }
 }
 
+/// A precision applied to one model's tensors by their GGUF names: what a synthetic model of a
+/// K-quant mix generates each matrix in, as [`tensor_type`] types it in a file of that mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamedTypes {
+    pub precision: Precision,
+    pub n_layers: usize,
+    /// The token embedding is the output head.
+    pub tied: bool,
+}
+
+impl NamedTypes {
+    pub fn new(cfg: &ModelConfig, precision: Precision) -> NamedTypes {
+        NamedTypes {
+            precision,
+            n_layers: cfg.n_layers,
+            tied: cfg.tied_embeddings,
+        }
+    }
+
+    /// The GGUF type of the `rows x cols` matrix named `name` (`blk.3.attn_v.weight`).
+    pub fn ggml_type(&self, name: &str, rows: usize, cols: usize) -> GgmlType {
+        let (role, layer) = TensorRole::from_gguf_name(name, 2, self.tied);
+        tensor_type(
+            self.precision,
+            role,
+            layer.unwrap_or(0),
+            self.n_layers,
+            (rows, cols),
+        )
+    }
+
+    /// The format wgllm uploads that matrix in (the loader's mapping of its type).
+    pub fn format(&self, name: &str, rows: usize, cols: usize) -> WeightFormat {
+        uploaded_format(self.ggml_type(name, rows, cols)).unwrap_or(WeightFormat::F32)
+    }
+}
+
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third one
 /// between them get more bits in the `_M` mixes.
 pub fn use_more_bits(layer: usize, n_layers: usize) -> bool {
