@@ -130,15 +130,18 @@ fn ramp(n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// A Q4_K or Q6_K super-block of patterned bytes with finite f16 scales at the right place.
-fn kquant_block(bytes: usize, d_at: usize, seed: u8) -> Vec<u8> {
-    let mut b: Vec<u8> = (0..bytes)
+/// `blocks` blocks of ggml type `ty` of patterned bytes with finite f16 scales at the right
+/// places (d = 0.0625, the second scale 0.25).
+fn quant_blocks(ty: u32, blocks: usize, seed: u8) -> Vec<u8> {
+    let t = GgmlType::from_id(ty).unwrap();
+    let mut b: Vec<u8> = (0..t.block_bytes() * blocks)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect();
-    b[d_at..d_at + 2].copy_from_slice(&half::f16::from_f32(0.0625).to_le_bytes());
-    // The second f16 scale (dmin or m) of the formats that have one, finite.
-    if matches!(bytes, 144 | 176 | 24) {
-        b[2..4].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
+    for block in b.chunks_exact_mut(t.block_bytes()) {
+        for (k, &at) in t.scale_offsets().iter().enumerate() {
+            let v = if k == 0 { 0.0625 } else { 0.25 };
+            block[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        }
     }
     b
 }
@@ -192,11 +195,15 @@ fn valid_tensors() -> Vec<T> {
         t("q4_0", &[32, 3], 2, q(WeightFormat::Q4_0, 96, 0.02)),
         t("q4_1", &[32], 3, q(WeightFormat::Q4_1, 32, 0.03)),
         t("bf16", &[3], 30, vec![0x80, 0x3f, 0x00, 0xc0, 0x49, 0x40]),
-        t("q4_k", &[256], 12, kquant_block(144, 0, 1)),
-        t("q6_k", &[256], 14, kquant_block(210, 208, 2)),
-        t("q5_k", &[256], 13, kquant_block(176, 0, 3)),
-        t("q5_0", &[32], 6, kquant_block(22, 0, 4)),
-        t("q5_1", &[32], 7, kquant_block(24, 0, 5)),
+        t("q4_k", &[256], 12, quant_blocks(12, 1, 1)),
+        t("q6_k", &[256], 14, quant_blocks(14, 1, 2)),
+        t("q5_k", &[256], 13, quant_blocks(13, 1, 3)),
+        t("q5_0", &[32], 6, quant_blocks(6, 1, 4)),
+        t("q5_1", &[32], 7, quant_blocks(7, 1, 5)),
+        t("q2_k", &[256, 2], 10, quant_blocks(10, 2, 6)),
+        t("q3_k", &[512], 11, quant_blocks(11, 2, 7)),
+        t("iq4_nl", &[64, 3], 20, quant_blocks(20, 6, 8)),
+        t("iq4_xs", &[256], 23, quant_blocks(23, 1, 9)),
     ]
 }
 
@@ -263,6 +270,10 @@ fn valid_file_round_trips_metadata_and_tensors() {
                 14 => kquants::dequantize_q6_k(&want.data, n).unwrap(),
                 6 => kquants::dequantize_q5_0(&want.data, n).unwrap(),
                 7 => kquants::dequantize_q5_1(&want.data, n).unwrap(),
+                10 => kquants::dequantize_q2_k(&want.data, n).unwrap(),
+                11 => kquants::dequantize_q3_k(&want.data, n).unwrap(),
+                20 => kquants::dequantize_iq4_nl(&want.data, n).unwrap(),
+                23 => kquants::dequantize_iq4_xs(&want.data, n).unwrap(),
                 30 => vec![1.0, -2.0, 3.140625],
                 ty => {
                     let f = weight_format(GgmlType::from_id(ty).unwrap()).unwrap();
@@ -280,29 +291,71 @@ fn valid_file_round_trips_metadata_and_tensors() {
         assert_eq!(kind(&e), "MissingTensor");
         assert!(e.to_string().contains("valid.gguf") && e.to_string().contains("nope"));
 
-        // Native formats are borrowed as is; BF16 and k-quants come back as f32 bytes.
-        let (f, b) = g.tensor_weight("q4_1").unwrap();
-        assert_eq!((f, &*b), (WeightFormat::Q4_1, &tensors[4].data[..]));
-        let (f, b) = g.tensor_weight("q6_k").unwrap();
-        assert_eq!(f, WeightFormat::F32);
-        assert_eq!(b.len(), 256 * 4);
+        // Native formats are borrowed as is, BF16 comes back as f32 bytes, and the types
+        // without a kernel are requantised row by row with the target's quantiser.
+        for want in &tensors {
+            let info = g.tensor(want.name).unwrap();
+            let (f, b) = g.tensor_weight(want.name).unwrap();
+            assert_eq!(Some(f), weight_format(info.ggml_type), "{}", want.name);
+            match want.ty {
+                10 | 11 | 20 | 23 => {
+                    let row = info.shape[0];
+                    let x = g.tensor_f32(want.name).unwrap();
+                    let mut expected = Vec::new();
+                    for r in x.chunks(row) {
+                        expected.extend(quantize(f, r).unwrap());
+                    }
+                    assert_eq!(*b, expected, "{}", want.name);
+                    assert_eq!(b.len(), f.bytes_for(info.n_elements), "{}", want.name);
+                }
+                30 => assert_eq!(*b, *bytemuck::cast_slice::<f32, u8>(&[1.0, -2.0, 3.140625])),
+                _ => assert_eq!(*b, want.data, "{}", want.name),
+            }
+        }
+        let summary = g.conversion_summary().unwrap();
+        for part in [
+            "4 tensor(s)",
+            "1 Q2_K -> q4_k (q2_k)",
+            "1 Q3_K -> q4_k (q3_k)",
+            "1 IQ4_NL -> q8_0 (iq4_nl)",
+            "1 IQ4_XS -> q8_0 (iq4_xs)",
+        ] {
+            assert!(summary.contains(part), "'{summary}' lacks '{part}'");
+        }
     }
 }
 
 #[test]
 fn weight_format_mapping() {
     let wf = |id| weight_format(GgmlType::from_id(id).unwrap());
-    assert_eq!(wf(0), Some(WeightFormat::F32));
-    assert_eq!(wf(1), Some(WeightFormat::F16));
-    assert_eq!(wf(2), Some(WeightFormat::Q4_0));
-    assert_eq!(wf(3), Some(WeightFormat::Q4_1));
-    assert_eq!(wf(8), Some(WeightFormat::Q8_0));
-    assert_eq!(wf(30), Some(WeightFormat::F32));
-    // Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 are dequantised on load (no GPU kernels for them yet).
-    for id in [12, 13, 14, 6, 7] {
-        assert_eq!(wf(id), Some(WeightFormat::F32), "type {id}");
+    use WeightFormat::*;
+    // The formats with kernels are uploaded as they are; BF16 as f32 (exact).
+    for (id, f) in [
+        (0, F32),
+        (1, F16),
+        (2, Q4_0),
+        (3, Q4_1),
+        (8, Q8_0),
+        (30, F32),
+    ] {
+        assert_eq!(wf(id), Some(f), "type {id}");
     }
-    assert_eq!(wf(10), None); // Q2_K: known layout, no loader support
+    for (id, f) in [(6, Q5_0), (7, Q5_1), (12, Q4_K), (13, Q5_K), (14, Q6_K)] {
+        assert_eq!(wf(id), Some(f), "type {id}");
+    }
+    // The others are requantised (see conversion_targets_keep_the_source_precision), never to f32.
+    for (id, f) in [(10, Q4_K), (11, Q4_K), (20, Q8_0), (23, Q8_0)] {
+        assert_eq!(wf(id), Some(f), "type {id}");
+    }
+    // Every type with a decoder has an upload format, and only the plain float types are f32.
+    for t in GgmlType::all() {
+        assert_eq!(t.decoder().is_some(), weight_format(t).is_some(), "{t}");
+        if t.block_len() > 1 {
+            assert_ne!(weight_format(t), Some(F32), "{t}");
+        }
+    }
+    assert_eq!(wf(16), None); // IQ2_XXS: known layout, no decoder
+    assert_eq!(wf(15), None); // Q8_K: only ever an activation format in ggml
     assert!(GgmlType::from_id(99).is_none() && GgmlType::from_id(4).is_none());
 }
 
@@ -613,4 +666,548 @@ fn smollm2_file_opens() {
     let emb = g.tensor_f32("token_embd.weight").unwrap();
     assert_eq!(emb.len(), 576 * 49152);
     assert!(emb.iter().all(|v| v.is_finite()));
+}
+
+/// Heavy-tailed weights like a trained matrix's: Gaussian rows of varied scale with rare
+/// outliers (about one in 200 weights at 4-8x), seeded.
+fn weights_like(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut x = Vec::with_capacity(rows * cols);
+    for _ in 0..rows {
+        let scale = 0.02 * (1.0 + 2.0 * r.gen::<f32>());
+        for _ in 0..cols {
+            let (u, v): (f32, f32) = (r.gen::<f32>().max(1e-9), r.gen());
+            let g = (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos();
+            let outlier = if r.gen::<f32>() < 0.005 {
+                4.0 + 4.0 * r.gen::<f32>()
+            } else {
+                1.0
+            };
+            x.push(g * scale * outlier);
+        }
+    }
+    x
+}
+
+/// The IQ4 level nearest `v`.
+fn iq4_index(v: f32) -> u8 {
+    (0..16)
+        .min_by(|&a, &b| {
+            let da = (kquants::IQ4_VALUES[a] as f32 - v).abs();
+            let db = (kquants::IQ4_VALUES[b] as f32 - v).abs();
+            da.total_cmp(&db)
+        })
+        .unwrap() as u8
+}
+
+/// 32 weights as IQ4 indices under scale `d` (byte j: weight j low, weight j + 16 high).
+fn iq4_nibbles(x: &[f32], d: f32) -> Vec<u8> {
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (0..16)
+        .map(|j| iq4_index(x[j] * id) | (iq4_index(x[j + 16] * id) << 4))
+        .collect()
+}
+
+/// The signed value of largest magnitude.
+fn signed_max(x: &[f32]) -> f32 {
+    x.iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
+}
+
+/// Squared error of 32 weights quantised to IQ4 levels under scale `d`.
+fn iq4_error(x: &[f32], d: f32) -> f32 {
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    x.iter()
+        .map(|&v| (v - d * kquants::IQ4_VALUES[iq4_index(v * id) as usize] as f32).powi(2))
+        .sum()
+}
+
+/// An IQ4_NL quantiser with a scale search like ggml's: scales putting the largest weight at
+/// levels -127 +- 7, the one of least squared error kept.
+fn quantize_iq4_nl(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks_exact(32) {
+        let max = signed_max(b);
+        let d = (-7..=7)
+            .map(|t| half::f16::from_f32(max / (-127.0 + t as f32)))
+            .min_by(|p, q| iq4_error(b, p.to_f32()).total_cmp(&iq4_error(b, q.to_f32())))
+            .unwrap();
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend(iq4_nibbles(b, d.to_f32()));
+    }
+    out
+}
+
+/// A plain IQ4_XS quantiser: per 32-weight group the IQ4_NL scale, stored as a 6-bit multiple
+/// of the super-block's d as ggml's `quantize_row_iq4_xs` does.
+fn quantize_iq4_xs(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks_exact(256) {
+        let scales: Vec<f32> = b.chunks_exact(32).map(|g| signed_max(g) / -127.0).collect();
+        let d = half::f16::from_f32(-signed_max(&scales) / 32.0);
+        let id = if d.to_f32() != 0.0 {
+            1.0 / d.to_f32()
+        } else {
+            0.0
+        };
+        let l: Vec<i32> = scales
+            .iter()
+            .map(|s| ((id * s).round() as i32).clamp(-32, 31))
+            .collect();
+        out.extend_from_slice(&d.to_le_bytes());
+        let high = (0..8).fold(0u16, |h, k| h | ((((l[k] + 32) >> 4) as u16) << (2 * k)));
+        out.extend_from_slice(&high.to_le_bytes());
+        out.extend(
+            (0..4)
+                .map(|k| ((l[2 * k] + 32) & 15) as u8 | ((((l[2 * k + 1] + 32) & 15) as u8) << 4)),
+        );
+        for (k, g) in b.chunks_exact(32).enumerate() {
+            out.extend(iq4_nibbles(g, d.to_f32() * l[k] as f32));
+        }
+    }
+    out
+}
+
+/// A plain Q3_K quantiser: per 16 weights a scale putting the largest at -4, stored as a
+/// 6-bit multiple of the super-block's d; 3-bit q split into hmask (set: no -4) and 2 low bits.
+fn quantize_q3_k(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks_exact(256) {
+        let scales: Vec<f32> = b.chunks_exact(16).map(|g| signed_max(g) / -4.0).collect();
+        let d = half::f16::from_f32(signed_max(&scales) / -32.0);
+        let id = if d.to_f32() != 0.0 {
+            1.0 / d.to_f32()
+        } else {
+            0.0
+        };
+        let l: Vec<i32> = scales
+            .iter()
+            .map(|s| ((id * s).round() as i32).clamp(-32, 31))
+            .collect();
+        let mut blk = vec![0u8; 110];
+        for i in 0..256 {
+            let dl = d.to_f32() * l[i / 16] as f32;
+            let q = if dl != 0.0 {
+                ((b[i] / dl).round() as i32).clamp(-4, 3)
+            } else {
+                0
+            };
+            let u = (q + 4) as u8;
+            blk[32 + 32 * (i / 128) + i % 32] |= (u & 3) << (2 * ((i % 128) / 32));
+            blk[i % 32] |= (u >> 2) << (i / 32);
+        }
+        for (k, &lk) in l.iter().enumerate() {
+            let v = (lk + 32) as u8;
+            blk[96 + k % 8] |= (v & 15) << (4 * (k / 8));
+            blk[104 + k % 4] |= (v >> 4) << (2 * (k / 4));
+        }
+        blk[108..].copy_from_slice(&d.to_le_bytes());
+        out.extend(blk);
+    }
+    out
+}
+
+/// A plain Q2_K quantiser: per 16 weights a scale and a min (4 bits each, multiples of the
+/// super-block's d and dmin) and q in 0..=3.
+fn quantize_q2_k(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks_exact(256) {
+        let groups: Vec<(f32, f32)> = b
+            .chunks_exact(16)
+            .map(|g| {
+                let mn = g.iter().fold(0f32, |m, &v| m.min(v));
+                let mx = g.iter().fold(f32::MIN, |m, &v| m.max(v));
+                ((mx - mn) / 3.0, -mn)
+            })
+            .collect();
+        let d = half::f16::from_f32(groups.iter().fold(0f32, |m, g| m.max(g.0)) / 15.0);
+        let dmin = half::f16::from_f32(groups.iter().fold(0f32, |m, g| m.max(g.1)) / 15.0);
+        let q4 = |v: f32, s: f32| {
+            if s != 0.0 {
+                ((v / s).round() as i32).clamp(0, 15) as u8
+            } else {
+                0
+            }
+        };
+        let mut blk = vec![0u8; 84];
+        for (k, &(sc, mn)) in groups.iter().enumerate() {
+            blk[k] = q4(sc, d.to_f32()) | (q4(mn, dmin.to_f32()) << 4);
+        }
+        for i in 0..256 {
+            let (sc, m) = (blk[i / 16] & 15, blk[i / 16] >> 4);
+            let (dl, ml) = (d.to_f32() * sc as f32, dmin.to_f32() * m as f32);
+            let q = if dl != 0.0 {
+                (((b[i] + ml) / dl).round() as i32).clamp(0, 3)
+            } else {
+                0
+            } as u8;
+            blk[16 + 32 * (i / 128) + i % 32] |= q << (2 * ((i % 128) / 32));
+        }
+        blk[80..82].copy_from_slice(&d.to_le_bytes());
+        blk[82..84].copy_from_slice(&dmin.to_le_bytes());
+        out.extend(blk);
+    }
+    out
+}
+
+fn rms(a: &[f32], b: &[f32]) -> f64 {
+    let s: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    (s / a.len() as f64).sqrt()
+}
+
+/// The measurement behind `weight_format`'s targets for the types without a kernel: quantise
+/// realistic weights to the source type, convert them with `convert_rows` to each candidate,
+/// and compare the conversion's RMS error (against the source's decoded values) with the
+/// source's own error (against the original weights). A target keeps the source's precision
+/// when the converted weights' error against the originals stays within 1% of the source's
+/// own; the loader's target must be the smallest candidate (bits per weight) that does, or,
+/// for Q2_K and Q3_K, Q4_K, whose own error is already below theirs (printed with
+/// `--nocapture`; the numbers are in `loader/upload.rs`).
+#[test]
+fn conversion_targets_keep_the_source_precision() {
+    let (rows, cols) = (64, 1024);
+    let x = weights_like(rows, cols, 11);
+    let x_rms = rms(&x, &vec![0.0; x.len()]);
+    let sources: [(GgmlType, Vec<u8>); 4] = [
+        (GgmlType::Q2_K, quantize_q2_k(&x)),
+        (GgmlType::Q3_K, quantize_q3_k(&x)),
+        (GgmlType::IQ4_NL, quantize_iq4_nl(&x)),
+        (GgmlType::IQ4_XS, quantize_iq4_xs(&x)),
+    ];
+    let candidates = [
+        WeightFormat::Q4_K,
+        WeightFormat::Q5_K,
+        WeightFormat::Q6_K,
+        WeightFormat::Q8_0,
+    ];
+    for (t, bytes) in sources {
+        let src = t.decoder().unwrap()(&bytes, x.len()).unwrap();
+        let own = rms(&src, &x) / x_rms;
+        let mut line = format!("{}: own error {:.2}%", t.name(), 100.0 * own);
+        let mut keeps = Vec::new();
+        for target in candidates {
+            let conv = wgllm::loader::convert_rows(t, &bytes, cols, target).unwrap();
+            let y = dequantize(target, &conv, x.len()).unwrap();
+            let (err, total) = (rms(&y, &src) / x_rms, rms(&y, &x) / x_rms);
+            line += &format!(
+                ", {target} {:.2}% (total {:.2}%)",
+                100.0 * err,
+                100.0 * total
+            );
+            if total <= 1.01 * own {
+                keeps.push(target);
+            }
+        }
+        println!("{line}");
+        let chosen = weight_format(t).unwrap();
+        match t {
+            GgmlType::Q2_K | GgmlType::Q3_K => {
+                assert_eq!(chosen, WeightFormat::Q4_K, "{}", t.name());
+                let q4k = wgllm::quant::quantize(chosen, &x).unwrap();
+                let q4k_own = rms(&dequantize(chosen, &q4k, x.len()).unwrap(), &x) / x_rms;
+                assert!(
+                    q4k_own < own,
+                    "{}: Q4_K's own error {q4k_own} is not below",
+                    t.name()
+                );
+            }
+            _ => {
+                let best = keeps
+                    .iter()
+                    .min_by(|a, b| a.bits_per_weight().total_cmp(&b.bits_per_weight()));
+                assert_eq!(Some(&chosen), best, "{}: {line}", t.name());
+            }
+        }
+    }
+}
+
+/// A file holding one tensor named `w`.
+fn one_tensor(dims: &[u64], ty: u32, data: Vec<u8>) -> Vec<u8> {
+    write_gguf(3, &[], &[t("w", dims, ty, data)])
+}
+
+#[test]
+fn broken_quantised_tensors_give_typed_errors() {
+    // At open: truncated data, rows of part blocks, type ids ggml never had or no longer has.
+    let three_of_four = quant_blocks(12, 3, 1);
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "q4_k truncated",
+            one_tensor(&[256, 4], 12, three_of_four),
+            "Truncated",
+            "tensor 'w'",
+        ),
+        (
+            "q6_k truncated",
+            one_tensor(&[512], 14, quant_blocks(14, 1, 2)),
+            "Truncated",
+            "tensor 'w'",
+        ),
+        (
+            "q2_k one byte short",
+            one_tensor(&[256], 10, quant_blocks(10, 1, 3)[..83].to_vec()),
+            "Truncated",
+            "tensor 'w'",
+        ),
+        (
+            "q4_k rows of 128",
+            one_tensor(&[128, 2], 12, quant_blocks(12, 1, 4)),
+            "BadTensor",
+            "Q4_K block length 256",
+        ),
+        (
+            "q6_k rows of 300",
+            one_tensor(&[300], 14, quant_blocks(14, 2, 5)),
+            "BadTensor",
+            "Q6_K block length 256",
+        ),
+        (
+            "iq4_nl rows of 48",
+            one_tensor(&[48, 2], 20, quant_blocks(20, 3, 6)),
+            "BadTensor",
+            "IQ4_NL block length 32",
+        ),
+        (
+            "removed type 4",
+            one_tensor(&[32], 4, vec![0; 18]),
+            "UnsupportedDtype",
+            "unknown ggml type 4",
+        ),
+        (
+            "type 31",
+            one_tensor(&[32], 31, vec![0; 18]),
+            "UnsupportedDtype",
+            "unknown ggml type 31",
+        ),
+        (
+            "type 2^31",
+            one_tensor(&[32], 1 << 31, vec![0; 18]),
+            "UnsupportedDtype",
+            "unknown ggml type 2147483648",
+        ),
+    ];
+    for (name, bytes, want, text) in cases {
+        match Gguf::from_bytes(name, bytes) {
+            Ok(_) => panic!("{name}: opened"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert_eq!(kind(&e), want, "{name}: {msg}");
+                assert!(msg.contains(text), "{name}: '{msg}' lacks '{text}'");
+                assert!(msg.contains(name), "{name}: '{msg}' does not name the file");
+                assert!(
+                    msg.contains("'w'"),
+                    "{name}: '{msg}' does not name the tensor"
+                );
+            }
+        }
+    }
+
+    // At read: a known layout without a decoder, and NaN or infinite block scales (gguf-py
+    // decodes them to NaN and infinite weights; wgllm refuses the tensor, naming the block).
+    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    let with = |ty: u32, blocks: usize, block: usize, at: usize, v: f32| {
+        let t = GgmlType::from_id(ty).unwrap();
+        let mut b = quant_blocks(ty, blocks, 7);
+        let off = block * t.block_bytes() + at;
+        b[off..off + 2].copy_from_slice(&f16(v));
+        b
+    };
+    let reads: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "iq2_xxs",
+            one_tensor(&[256], 16, vec![0; 66]),
+            "UnsupportedDtype",
+            "IQ2_XXS",
+        ),
+        (
+            "q4_k NaN d",
+            one_tensor(&[256, 2], 12, with(12, 2, 1, 0, f32::NAN)),
+            "BadTensor",
+            "block 1 (weights 256..512) has a non-finite Q4_K scale (NaN) at byte 0",
+        ),
+        (
+            "q4_k inf dmin",
+            one_tensor(&[256], 12, with(12, 1, 0, 2, f32::INFINITY)),
+            "BadTensor",
+            "non-finite Q4_K scale (inf) at byte 2",
+        ),
+        (
+            "q6_k -inf d",
+            one_tensor(&[512], 14, with(14, 2, 1, 208, f32::NEG_INFINITY)),
+            "BadTensor",
+            "non-finite Q6_K scale (-inf) at byte 208",
+        ),
+        (
+            "q5_0 NaN d",
+            one_tensor(&[64], 6, with(6, 2, 1, 0, f32::NAN)),
+            "BadTensor",
+            "block 1 (weights 32..64)",
+        ),
+        (
+            "q3_k NaN d",
+            one_tensor(&[256], 11, with(11, 1, 0, 108, f32::NAN)),
+            "BadTensor",
+            "non-finite Q3_K scale",
+        ),
+        (
+            "q2_k inf dmin",
+            one_tensor(&[256], 10, with(10, 1, 0, 82, f32::INFINITY)),
+            "BadTensor",
+            "at byte 82",
+        ),
+        (
+            "iq4_xs NaN d",
+            one_tensor(&[256], 23, with(23, 1, 0, 0, f32::NAN)),
+            "BadTensor",
+            "non-finite IQ4_XS scale",
+        ),
+        (
+            "q8_0 inf d",
+            one_tensor(&[32], 8, with(8, 1, 0, 0, f32::INFINITY)),
+            "BadTensor",
+            "non-finite Q8_0 scale",
+        ),
+    ];
+    for (name, bytes, want, text) in reads {
+        let g = Gguf::from_bytes(name, bytes).unwrap();
+        let errors = [
+            g.tensor_weight("w").map(|_| ()).unwrap_err(),
+            g.tensor_f32("w").map(|_| ()).unwrap_err(),
+        ];
+        for e in errors {
+            let msg = e.to_string();
+            assert_eq!(kind(&e), want, "{name}: {msg}");
+            assert!(msg.contains(text), "{name}: '{msg}' lacks '{text}'");
+            assert!(msg.contains(name) && msg.contains("'w'"), "{name}: '{msg}'");
+        }
+    }
+}
+
+/// Finite IQ4_XS scales whose weights lie beyond what Q8_0's f16 scale can hold: read as f32,
+/// refused for upload with a typed error rather than uploaded with infinite scales.
+#[test]
+fn conversion_overflow_is_a_typed_error() {
+    let mut b = vec![0u8; 136];
+    b[..2].copy_from_slice(&half::f16::from_f32(60000.0).to_le_bytes());
+    // Scale bits all zero: every group's scale is d * (0 - 32); index 0 is level -127.
+    let g = Gguf::from_bytes("huge.gguf", one_tensor(&[256], 23, b)).unwrap();
+    let x = g.tensor_f32("w").unwrap();
+    assert!(x
+        .iter()
+        .all(|v| v.is_finite() && *v == 60000.0 * -32.0 * -127.0));
+    let e = g.tensor_weight("w").map(|_| ()).unwrap_err();
+    let msg = e.to_string();
+    assert_eq!(kind(&e), "BadTensor", "{msg}");
+    assert!(msg.contains("huge.gguf") && msg.contains("'w'") && msg.contains("overflows q8_0"));
+}
+
+/// Random bytes as blocks of every type wgllm decodes: decoding never panics and gives the
+/// weights asked for, wrong lengths are errors, and files of random tensors (and random
+/// corruptions of a valid file) open or fail with a typed error, their tensors read or fail
+/// likewise, never a panic.
+#[test]
+fn random_blocks_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(20261202);
+    let types: Vec<GgmlType> = GgmlType::all().filter(|t| t.decoder().is_some()).collect();
+    assert_eq!(types.len(), 15);
+    for round in 0..200 {
+        for &t in &types {
+            let decode = t.decoder().unwrap();
+            let (bl, bb) = (t.block_len(), t.block_bytes());
+            let blocks = r.gen_range(1..=4);
+            let n = blocks * bl.max(32);
+            let bytes: Vec<u8> = (0..n / bl * bb).map(|_| r.gen()).collect();
+            let y = decode(&bytes, n).unwrap_or_else(|e| panic!("{t} round {round}: {e}"));
+            assert_eq!(y.len(), n, "{t}");
+            assert!(
+                decode(&bytes, n + bl.max(32)).is_err(),
+                "{t}: too few bytes"
+            );
+            assert!(decode(&bytes[..bytes.len() - 1], n).is_err(), "{t}: short");
+            if bl > 1 {
+                assert!(decode(&bytes, n - 1).is_err(), "{t}: part block");
+            }
+            // The same bytes as a two-row tensor: read, converted, or refused with a typed error.
+            let rows = if bl > 1 { blocks } else { 1 };
+            let file = one_tensor(&[(n / rows) as u64, rows as u64], t.id(), bytes);
+            let g = Gguf::from_bytes("random.gguf", file).unwrap();
+            for e in [
+                g.tensor_f32("w").map(|_| ()).err(),
+                g.tensor_weight("w").map(|_| ()).err(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                assert_eq!(kind(&e), "BadTensor", "{t}: {e}");
+            }
+            // What converts has finite scales in the target format too.
+            if let Ok((f, b)) = g.tensor_weight("w") {
+                let y = dequantize(f, &b, n).unwrap();
+                assert!(
+                    t.block_len() == 1 || y.iter().all(|v| v.is_finite()),
+                    "{t} -> {f}"
+                );
+            }
+        }
+    }
+    // Random corruptions of a valid file.
+    let valid = valid_file();
+    for _ in 0..300 {
+        let mut b = valid.clone();
+        for _ in 0..r.gen_range(1..=8) {
+            let at = r.gen_range(0..b.len());
+            b[at] = r.gen();
+        }
+        if let Ok(g) = Gguf::from_bytes("mutated.gguf", b) {
+            let names: Vec<String> = g.tensors().iter().map(|t| t.name.clone()).collect();
+            for name in names {
+                let errors = [
+                    g.tensor_f32(&name).map(|_| ()).err(),
+                    g.tensor_weight(&name).map(|_| ()).err(),
+                ];
+                for e in errors.into_iter().flatten() {
+                    assert_ne!(kind(&e), "other", "{name}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The real Gemma 3 270M Q4_K_M file (when cached): every tensor is uploaded as the file's own
+/// bytes (its Q5_0, Q4_K, Q6_K and Q8_0 tensors included), so the upload is exactly the file's
+/// 246,587,904 bytes of tensor data, nothing is converted, and no block scale is NaN or infinite.
+#[test]
+fn gemma_q4_k_m_uploads_as_stored() {
+    let path = cache_dir().join("gemma-3-270m-q4_k_m.gguf");
+    if !path.is_file() {
+        println!("SKIPPED: {} is absent", path.display());
+        return;
+    }
+    let g = Gguf::open(&path).unwrap();
+    let mut by_type: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut uploaded = 0usize;
+    for t in g.tensors() {
+        *by_type.entry(t.ggml_type.name()).or_default() += 1;
+        let (f, b) = g.tensor_weight(&t.name).unwrap();
+        assert!(
+            matches!(b, std::borrow::Cow::Borrowed(_)),
+            "{} was converted",
+            t.name
+        );
+        assert_eq!(b.len(), t.size, "{}", t.name);
+        assert_eq!(f.bytes_for(t.n_elements), t.size, "{} as {f}", t.name);
+        uploaded += b.len();
+    }
+    let want = [
+        ("F32", 109),
+        ("Q4_K", 27),
+        ("Q5_0", 81),
+        ("Q6_K", 9),
+        ("Q8_0", 10),
+    ];
+    assert_eq!(by_type.into_iter().collect::<Vec<_>>(), want);
+    assert_eq!(uploaded, 246_587_904);
+    assert_eq!(g.conversion_summary(), None);
 }

@@ -1,11 +1,13 @@
 //! wgllm's CPU dequantisers against gguf-py's (`gguf.quants.dequantize`), bit for bit, on the
 //! committed blocks of `models/goldens/quant_blocks.json` (random quants and scales, and the
-//! extremes: f16 max, the smallest subnormal, negative zero and negative scales, all-zero and
-//! all-one quant bits). `models/reference/make_quant_blocks.py` wrote them.
+//! extremes: f16 max, the smallest subnormal and normal, zero, negative zero and negative
+//! scales, infinities and NaNs, all-zero and all-one quant bits), one row per format.
+//! `models/reference/make_quant_blocks.py` wrote them. The decoders are the loader's
+//! ([`GgmlType::decoder`]), so every type the loader decodes must have a row.
 
 mod common;
 use common::golden;
-use wgllm::quant::{dequantize, kquants, WeightFormat};
+use wgllm::loader::GgmlType;
 
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len())
@@ -14,28 +16,16 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// wgllm's dequantiser for a GGML type name.
-fn ours(format: &str, data: &[u8], n: usize) -> wgllm::Result<Vec<f32>> {
-    match format {
-        "Q4_0" => dequantize(WeightFormat::Q4_0, data, n),
-        "Q4_1" => dequantize(WeightFormat::Q4_1, data, n),
-        "Q8_0" => dequantize(WeightFormat::Q8_0, data, n),
-        "Q5_0" => kquants::dequantize_q5_0(data, n),
-        "Q5_1" => kquants::dequantize_q5_1(data, n),
-        "Q4_K" => kquants::dequantize_q4_k(data, n),
-        "Q5_K" => kquants::dequantize_q5_k(data, n),
-        "Q6_K" => kquants::dequantize_q6_k(data, n),
-        other => panic!("no dequantiser listed for {other}"),
-    }
-}
-
 #[test]
 fn every_dequantiser_equals_gguf_py_bit_for_bit() {
     let g = golden("quant_blocks.json");
     let formats = g["formats"].as_array().expect("formats");
-    assert_eq!(formats.len(), 8);
+    let mut covered = Vec::new();
     for f in formats {
         let name = f["format"].as_str().expect("format");
+        let id = f["ggml_type"].as_u64().expect("ggml_type") as u32;
+        let t = GgmlType::from_id(id).expect("a known ggml type");
+        assert_eq!(t.name(), name);
         let n = f["weights"].as_u64().expect("weights") as usize;
         let data = unhex(f["blocks_hex"].as_str().expect("blocks"));
         let want: Vec<u32> = unhex(f["f32_bits_hex"].as_str().expect("bits"))
@@ -43,15 +33,28 @@ fn every_dequantiser_equals_gguf_py_bit_for_bit() {
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         assert_eq!(want.len(), n, "{name}");
-        let got = ours(name, &data, n).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let decode = t.decoder().unwrap_or_else(|| panic!("{name}: no decoder"));
+        let got = decode(&data, n).unwrap_or_else(|e| panic!("{name}: {e}"));
         let diff: Vec<usize> = (0..n).filter(|&i| got[i].to_bits() != want[i]).collect();
         assert!(
             diff.is_empty(),
-            "{name}: {} of {n} weights differ from gguf-py, first at {}: {} vs {}",
+            "{name}: {} of {n} weights differ from gguf-py, first at {}: {:#010x} vs {:#010x}",
             diff.len(),
             diff[0],
-            got[diff[0]],
-            f32::from_bits(want[diff[0]])
+            got[diff[0]].to_bits(),
+            want[diff[0]]
         );
+        // The rows hold the extremes they claim: NaN and infinite scales reach the outputs.
+        assert!(got.iter().any(|v| v.is_nan()), "{name}: no NaN row");
+        assert!(
+            got.iter().any(|v| v.is_infinite()),
+            "{name}: no infinite row"
+        );
+        covered.push(t);
     }
+    // Every block format the loader decodes has its row (the plain float types excepted).
+    for t in GgmlType::all().filter(|t| t.block_len() > 1 && t.decoder().is_some()) {
+        assert!(covered.contains(&t), "{t} has a decoder but no gguf-py row");
+    }
+    assert_eq!(covered.len(), 12);
 }

@@ -11,8 +11,10 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
 
+pub use super::upload::weight_format;
+use super::upload::{conversion_summary, convert_rows, is_native};
 use super::value::{Array, Reader};
 use super::{bf16_bytes_to_f32, f16_bytes_to_f32, f32_bytes_to_f32, map_file, Backing, Value};
 use crate::error::{Error, Result};
@@ -75,10 +77,20 @@ impl GgmlType {
     pub const Q5_0: GgmlType = GgmlType(6);
     pub const Q5_1: GgmlType = GgmlType(7);
     pub const Q8_0: GgmlType = GgmlType(8);
+    pub const Q2_K: GgmlType = GgmlType(10);
+    pub const Q3_K: GgmlType = GgmlType(11);
     pub const Q4_K: GgmlType = GgmlType(12);
     pub const Q5_K: GgmlType = GgmlType(13);
     pub const Q6_K: GgmlType = GgmlType(14);
+    pub const Q8_K: GgmlType = GgmlType(15);
+    pub const IQ4_NL: GgmlType = GgmlType(20);
+    pub const IQ4_XS: GgmlType = GgmlType(23);
     pub const BF16: GgmlType = GgmlType(30);
+
+    /// Every type this reader knows the layout of, in id order.
+    pub fn all() -> impl Iterator<Item = GgmlType> {
+        TYPES.iter().map(|t| GgmlType(t.0))
+    }
 
     /// The type with ggml id `id`, if this reader knows its layout.
     pub fn from_id(id: u32) -> Option<GgmlType> {
@@ -104,44 +116,63 @@ impl GgmlType {
     pub fn block_bytes(self) -> usize {
         self.traits().2
     }
+
+    /// Byte offsets of the f16 scales (d, and dmin or m where the format has one) within each
+    /// block of this type; empty for the plain types and for those wgllm does not decode.
+    pub fn scale_offsets(self) -> &'static [usize] {
+        match self {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q2_K => &[80, 82],
+            GgmlType::Q3_K => &[108],
+            GgmlType::Q6_K => &[208],
+            _ => &[],
+        }
+    }
+
+    /// The CPU decoder of this type's data to f32 (`n` weights, a multiple of the block length),
+    /// bit for bit as gguf-py's `gguf.quants.dequantize`; None for the types wgllm cannot decode
+    /// (the IQ1/IQ2/IQ3 grid formats, the ternary and FP4 ones, Q8_1 and Q8_K, which ggml uses
+    /// only for activations, and the integer types).
+    pub fn decoder(self) -> Option<Decoder> {
+        /// `n` plain floats of `width` bytes.
+        fn floats(b: &[u8], n: usize, width: usize, f: fn(&[u8]) -> Vec<f32>) -> Result<Vec<f32>> {
+            match n.checked_mul(width) {
+                Some(need) if need <= b.len() => Ok(f(&b[..need])),
+                _ => Err(Error::invalid(
+                    "decode",
+                    format!("{} bytes given for {n} values of {width} bytes", b.len()),
+                )),
+            }
+        }
+        Some(match self {
+            GgmlType::F32 => |b, n| floats(b, n, 4, f32_bytes_to_f32),
+            GgmlType::F16 => |b, n| floats(b, n, 2, f16_bytes_to_f32),
+            GgmlType::BF16 => |b, n| floats(b, n, 2, bf16_bytes_to_f32),
+            GgmlType::Q4_0 => |b, n| quant::dequantize(WeightFormat::Q4_0, b, n),
+            GgmlType::Q4_1 => |b, n| quant::dequantize(WeightFormat::Q4_1, b, n),
+            GgmlType::Q8_0 => |b, n| quant::dequantize(WeightFormat::Q8_0, b, n),
+            GgmlType::Q5_0 => kquants::dequantize_q5_0,
+            GgmlType::Q5_1 => kquants::dequantize_q5_1,
+            GgmlType::Q2_K => kquants::dequantize_q2_k,
+            GgmlType::Q3_K => kquants::dequantize_q3_k,
+            GgmlType::Q4_K => kquants::dequantize_q4_k,
+            GgmlType::Q5_K => kquants::dequantize_q5_k,
+            GgmlType::Q6_K => kquants::dequantize_q6_k,
+            GgmlType::IQ4_NL => kquants::dequantize_iq4_nl,
+            GgmlType::IQ4_XS => kquants::dequantize_iq4_xs,
+            _ => return None,
+        })
+    }
 }
+
+/// A CPU decoder of one ggml type: (bytes, number of weights) to f32.
+pub type Decoder = fn(&[u8], usize) -> Result<Vec<f32>>;
 
 impl std::fmt::Display for GgmlType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({})", self.name(), self.0)
-    }
-}
-
-/// The format a tensor of type `t` is handed to the GPU in: natively for F32, F16, Q4_0, Q4_1 and
-/// Q8_0; as F32 for BF16 (converted on load) and for Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1
-/// (dequantised on load, with a warning: they have no GPU kernels yet, and the caller may
-/// requantise). None: unsupported.
-pub fn weight_format(t: GgmlType) -> Option<WeightFormat> {
-    static WARNED: [AtomicBool; 5] = [const { AtomicBool::new(false) }; 5];
-    match t {
-        GgmlType::F32 | GgmlType::BF16 => Some(WeightFormat::F32),
-        GgmlType::F16 => Some(WeightFormat::F16),
-        GgmlType::Q4_0 => Some(WeightFormat::Q4_0),
-        GgmlType::Q4_1 => Some(WeightFormat::Q4_1),
-        GgmlType::Q8_0 => Some(WeightFormat::Q8_0),
-        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q5_1 => {
-            let slot = match t {
-                GgmlType::Q4_K => 0,
-                GgmlType::Q5_K => 1,
-                GgmlType::Q6_K => 2,
-                GgmlType::Q5_0 => 3,
-                _ => 4,
-            };
-            // Once per type and process: a Q4_K_M model has hundreds of such tensors.
-            if !WARNED[slot].swap(true, Ordering::Relaxed) {
-                log::warn!(
-                    "{} weights have no GPU kernel: they are dequantised to f32 on load",
-                    t.name()
-                );
-            }
-            Some(WeightFormat::F32)
-        }
-        _ => None,
     }
 }
 
@@ -169,6 +200,8 @@ pub struct Gguf {
     keys: HashMap<String, usize>,
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
+    /// The warning about tensors requantised on load, given once per opened file.
+    conversion_warning: Once,
 }
 
 impl Gguf {
@@ -351,6 +384,7 @@ impl Gguf {
             by_name,
             file,
             data,
+            conversion_warning: Once::new(),
         })
     }
 
@@ -479,41 +513,76 @@ impl Gguf {
         }
     }
 
-    /// A tensor as f32, dequantised from F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K
-    /// or Q6_K.
+    /// A tensor as f32, decoded by its type's [`GgmlType::decoder`].
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let t = self.tensor(name)?;
-        let b = &self.data[t.offset..t.offset + t.size];
-        let n = t.n_elements;
-        match t.ggml_type {
-            GgmlType::F32 => Ok(f32_bytes_to_f32(b)),
-            GgmlType::F16 => Ok(f16_bytes_to_f32(b)),
-            GgmlType::BF16 => Ok(bf16_bytes_to_f32(b)),
-            GgmlType::Q4_0 => quant::dequantize(WeightFormat::Q4_0, b, n),
-            GgmlType::Q4_1 => quant::dequantize(WeightFormat::Q4_1, b, n),
-            GgmlType::Q8_0 => quant::dequantize(WeightFormat::Q8_0, b, n),
-            GgmlType::Q5_0 => kquants::dequantize_q5_0(b, n),
-            GgmlType::Q5_1 => kquants::dequantize_q5_1(b, n),
-            GgmlType::Q4_K => kquants::dequantize_q4_k(b, n),
-            GgmlType::Q5_K => kquants::dequantize_q5_k(b, n),
-            GgmlType::Q6_K => kquants::dequantize_q6_k(b, n),
-            _ => Err(self.unsupported(t)),
+        let decode = t.ggml_type.decoder().ok_or_else(|| self.unsupported(t))?;
+        let bytes = self.checked_bytes(t)?;
+        decode(bytes, t.n_elements)
+    }
+
+    /// A tensor's bytes after checking that every f16 block scale in them is finite. gguf-py and
+    /// ggml decode a NaN or infinite scale into NaN or infinite weights, which would turn a
+    /// model's every output into NaN; llama.cpp's `--check-tensors` refuses such blocks, and so
+    /// does wgllm, always (one f16 read per block, next to the upload's read of every byte).
+    fn checked_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
+        let bytes = &self.data[t.offset..t.offset + t.size];
+        let (block_bytes, block_len) = (t.ggml_type.block_bytes(), t.ggml_type.block_len());
+        for &at in t.ggml_type.scale_offsets() {
+            let bad = bytes
+                .chunks_exact(block_bytes)
+                .enumerate()
+                .find_map(|(k, b)| {
+                    let v = half::f16::from_le_bytes([b[at], b[at + 1]]);
+                    (!v.is_finite()).then_some((k, v))
+                });
+            if let Some((k, v)) = bad {
+                return Err(Error::BadTensor {
+                    file: self.file.clone(),
+                    tensor: t.name.clone(),
+                    reason: format!(
+                        "block {k} (weights {}..{}) has a non-finite {} scale ({v}) at byte {at} of the block",
+                        k * block_len,
+                        (k + 1) * block_len,
+                        t.ggml_type.name()
+                    ),
+                });
+            }
         }
+        Ok(bytes)
+    }
+
+    /// The warning naming the tensors of this file that are requantised on load (their types
+    /// have no GPU kernel), or None when there are none.
+    pub fn conversion_summary(&self) -> Option<String> {
+        conversion_summary(&self.tensors)
     }
 
     /// A tensor in the format [`weight_format`] gives for its type: borrowed from the file when
-    /// that is its own format, converted to f32 bytes otherwise.
+    /// that is its own format, decoded and requantised row by row otherwise (BF16 to f32 bytes),
+    /// with one warning per file naming every tensor so converted.
     pub fn tensor_weight(&self, name: &str) -> Result<(WeightFormat, Cow<'_, [u8]>)> {
         let t = self.tensor(name)?;
         let format = weight_format(t.ggml_type).ok_or_else(|| self.unsupported(t))?;
-        let native = matches!(
-            t.ggml_type,
-            GgmlType::F32 | GgmlType::F16 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0
-        );
-        if native {
-            return Ok((format, Cow::Borrowed(self.tensor_bytes(name)?)));
+        let bytes = self.checked_bytes(t)?;
+        if is_native(t.ggml_type) {
+            return Ok((format, Cow::Borrowed(bytes)));
         }
-        let f = self.tensor_f32(name)?;
-        Ok((format, Cow::Owned(bytemuck::cast_slice(&f).to_vec())))
+        if t.ggml_type == GgmlType::BF16 {
+            let f = bf16_bytes_to_f32(bytes);
+            return Ok((format, Cow::Owned(bytemuck::cast_slice(&f).to_vec())));
+        }
+        self.conversion_warning.call_once(|| {
+            if let Some(w) = self.conversion_summary() {
+                log::warn!("{}: {w}", self.file);
+            }
+        });
+        let row = t.shape.first().copied().unwrap_or(1);
+        let out = convert_rows(t.ggml_type, bytes, row, format).map_err(|e| Error::BadTensor {
+            file: self.file.clone(),
+            tensor: t.name.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok((format, Cow::Owned(out)))
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod gguf;
 pub mod safetensors;
+mod upload;
 mod value;
 
 use std::ops::Deref;
@@ -20,6 +21,7 @@ use crate::error::{Error, Result};
 
 pub use self::gguf::{weight_format, GgmlType, Gguf, TensorInfo};
 pub use self::safetensors::HfModel;
+pub use self::upload::convert_rows;
 pub use self::value::{Array, Value};
 
 /// The bytes of a model file: a read-only memory map, or an owned buffer (files built in memory,

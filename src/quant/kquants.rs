@@ -745,3 +745,9 @@ mod tests {
         assert!(dequantize_q5_1(&[0; 48], 64).is_ok());
     }
 }
+
+// The formats without a GPU kernel (Q2_K, Q3_K, IQ4_NL, IQ4_XS), converted on load.
+pub mod lowbit;
+pub use lowbit::{
+    dequantize_iq4_nl, dequantize_iq4_xs, dequantize_q2_k, dequantize_q3_k, IQ4_VALUES,
+};
