@@ -952,13 +952,35 @@ fn the_gemma_file_counts_as_published_and_follows_the_recipe() {
 }
 
 /// The 13B plan at q4_k_m: parameters as llama.cpp's file holds them (within 2% of the published
-/// 7.87 GB), booked in the formats the loader uploads their types in.
+/// 7.87 GB), booked in the formats the loader uploads their types in (K-quants as they are), and
+/// the whole run inside 12 GiB at 4k context with an f16 KV cache.
 #[test]
-fn llama_2_13b_q4_k_m_plan_counts_the_recipe() {
-    let p = plan("llama-2-13b", Precision::Q4_K_M, KvDtype::F16, 4096, None);
-    let t = &p.tensor_types;
-    assert_eq!(t.total.params, params::count(&p.cfg).total);
+fn llama_2_13b_q4_k_m_plan_counts_the_recipe_and_fits_12_gib_at_4k() {
+    let p = plan(
+        "llama-2-13b",
+        Precision::Q4_K_M,
+        KvDtype::F16,
+        4096,
+        Some(12 * GIB),
+    );
+    assert!(p.fits(), "{} bytes", p.total_bytes);
     let published = 7_870_000_000f64;
+    let diff = (p.parameters_bytes as f64 - published) / published;
+    assert!(diff.abs() < 0.02, "parameters {:+.3}%", diff * 100.0);
+    let t = &p.tensor_types;
+    for row in &t.rows {
+        // Each type is uploaded as itself: Q4_K as q4_k, Q6_K as q6_k, F32 as f32.
+        assert_eq!(
+            row.format.name(),
+            row.ggml_type.to_ascii_lowercase(),
+            "{row:?}"
+        );
+        assert_eq!(
+            row.uploaded_bytes, row.file_bytes,
+            "uploaded as stored: {row:?}"
+        );
+    }
+    assert_eq!(t.total.params, params::count(&p.cfg).total);
     let diff = (t.total.file_bytes as f64 - published) / published;
     assert!(diff.abs() < 0.02, "{:+.3}%", diff * 100.0);
     assert_eq!(p.weights.file_bytes, t.total.file_bytes);
