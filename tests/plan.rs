@@ -167,7 +167,7 @@ fn suggestions_over_budget_are_tight() {
 }
 
 #[test]
-fn highest_precision_that_fits_is_q4_1_for_13b_in_12_gib() {
+fn highest_precision_that_fits_is_q6_k_for_13b_in_12_gib() {
     let p = plan(
         "llama-2-13b",
         Precision::F16,
@@ -177,9 +177,13 @@ fn highest_precision_that_fits_is_q4_1_for_13b_in_12_gib() {
     );
     assert!(!p.fits());
     let s = p.suggestions().expect("suggestions");
-    // q8_0 needs ~12.9 GiB of weights alone; q4_1 (20 bytes per 32) is the largest that fits.
+    // q8_0 needs ~12.9 GiB of weights alone; llama.cpp's q6_k (6.56 bits a weight) is the
+    // largest that fits, and of the single formats q4_1 (20 bytes per 32).
     let h = s.highest_precision.expect("a precision fits");
-    assert_eq!(h.name, "q4_1");
+    assert_eq!(h.name, "q6_k");
+    let at = |p| plan("llama-2-13b", p, KvDtype::F16, 2048, Some(12 * GIB));
+    assert!(at(Precision::Q6_K).fits() && at(Precision::Q4_1).fits());
+    assert!(at(Precision::Q6_K).parameters_bytes > at(Precision::Q4_1).parameters_bytes);
     assert!(!plan(
         "llama-2-13b",
         Precision::Q8_0,

@@ -593,8 +593,13 @@ impl MemoryPlan {
                 fits: p.fits(),
             })
             .collect();
+        // llama.cpp's K-quant mixes are candidates where the recipe applies (LLaMA's tensors).
+        let mixes = Precision::K_MIXES
+            .into_iter()
+            .filter(|_| self.cfg.arch == Arch::Llama);
         let mut by_bytes: Vec<MemoryPlan> = Precision::ALL
             .into_iter()
+            .chain(mixes)
             .filter_map(|p| with(p, self.options.kv))
             .collect();
         by_bytes.sort_by_key(|p| std::cmp::Reverse(p.parameters_bytes));
