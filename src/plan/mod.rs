@@ -319,6 +319,18 @@ impl MemoryPlan {
                 ),
             ));
         }
+        if opts.precision.is_mix() && cfg.arch != Arch::Llama {
+            // The GPT-2 and BERT loaders upload one format for every matrix (`uploads`).
+            return Err(Error::invalid(
+                "plan",
+                format!(
+                    "{} is one of llama.cpp's K-quant mixes, planned for LLaMA-family models; {} \
+                     takes a single format (f32, f16, bf16, q8_0, q4_0, q4_1)",
+                    opts.precision,
+                    cfg.arch.name()
+                ),
+            ));
+        }
         let mut opts = opts;
         let mut warnings = Vec::new();
         let mut notes = Vec::new();

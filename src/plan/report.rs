@@ -265,8 +265,11 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
         "precision", "exact bytes", "naive bytes", "exact/naive", "GGUF file bytes"
     );
     // The K-quant mixes' exact bytes are what wgllm uploads their types as; the file column is
-    // what llama.cpp's file of that name holds.
-    for pr in Precision::ALL.into_iter().chain(Precision::K_MIXES) {
+    // what llama.cpp's file of that name holds. Only LLaMA-family models are planned at a mix.
+    let mixes = Precision::K_MIXES
+        .into_iter()
+        .filter(|_| c.arch == crate::model::config::Arch::Llama);
+    for pr in Precision::ALL.into_iter().chain(mixes) {
         let w = params::weight_bytes(c, pr);
         let (num, den) = pr.naive_rate();
         let rate = if den == 1 {
