@@ -475,7 +475,13 @@ impl MemoryPlan {
             ));
         }
 
-        let parameters_bytes = pass.parameters_bytes;
+        // A K-quant mix is booked as its per-type table counts it: each tensor sharded and laid
+        // out as the device stores it, as a GGUF file's tensors are.
+        let parameters_bytes = if p.is_mix() && cfg.arch == Arch::Llama {
+            tensor_types.total.uploaded_bytes
+        } else {
+            pass.parameters_bytes
+        };
         let staging_bytes = staging_upload_bytes + staging_readback_bytes;
         let activation_bytes = activations.total_bytes;
         let sum = [
