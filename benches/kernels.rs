@@ -28,7 +28,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("matrix kernels on {}", gpu.info.name));
     group.sample_size(10);
     for (k, n) in shapes() {
-        for f in WeightFormat::GPU_NATIVE {
+        for f in WeightFormat::ALL {
             let gguf = synthetic(f, k * n, 7).expect("synthetic weights");
             let w = gpu
                 .upload_weights("bench.w", f, n, k, &gguf)

@@ -16,12 +16,12 @@ fn data_word(r: u32, w: u32) -> u32 {
     return data[r * p.row_words + w];
 }
 
-// Scale index g = r * (dim / 32) + b (shard-local); Q8_0/Q4_0 keep two f16 scales a word.
-fn block_d(r: u32, b: u32) -> f32 {
-    let g = r * (p.dim / 32u) + b;
-    return half_of(scales[g / 2u], g % 2u);
+fn qword(fmt: u32, r: u32, i: u32) -> u32 {
+    return data_word(r, i);
 }
 
-fn block_dm(r: u32, b: u32) -> vec2<f32> {
-    return unpack2x16float(scales[r * (p.dim / 32u) + b]);
+// Scale index g = r * blocks per row + b (shard-local).
+fn qscales(fmt: u32, r: u32, b: u32) -> vec2<f32> {
+    let g = r * (p.dim / qblock_len(fmt)) + b;
+    return qscales_of(fmt, scales[qscale_index(fmt, g)], g);
 }

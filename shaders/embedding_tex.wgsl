@@ -11,15 +11,11 @@ fn data_word(r: u32, w: u32) -> u32 {
     return textureLoad(data_tex, vec2<u32>(w / 4u, p.row0 + r), 0)[w % 4u];
 }
 
-// The scale texel of block b: Q8_0/Q4_0's f16 d in the low half, Q4_1's d and m.
-fn scale_texel(r: u32, b: u32) -> u32 {
-    return textureLoad(scales_tex, vec2<u32>(b, p.row0 + r), 0).x;
+fn qword(fmt: u32, r: u32, i: u32) -> u32 {
+    return data_word(r, i);
 }
 
-fn block_d(r: u32, b: u32) -> f32 {
-    return unpack2x16float(scale_texel(r, b)).x;
-}
-
-fn block_dm(r: u32, b: u32) -> vec2<f32> {
-    return unpack2x16float(scale_texel(r, b));
+// The scale texel of block b: r16uint (d) or r32uint (d and m or dmin).
+fn qscales(fmt: u32, r: u32, b: u32) -> vec2<f32> {
+    return qscales_of(fmt, textureLoad(scales_tex, vec2<u32>(b, p.row0 + r), 0).x, 0u);
 }

@@ -29,21 +29,24 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
+// Where common/quant.wgsl's block decode finds the words: this shard's buffers.
+fn qword(fmt: u32, row: u32, i: u32) -> u32 {
+    return wq[row * p.row_words + i];
+}
+fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> {
+    let g = row * (p.blocks / qunits(fmt)) + blk;
+    return qscales_of(fmt, ws[qscale_index(fmt, g)], g);
+}
+
 const T: u32 = 64u;   // tile edge, in tokens and in weight rows
 const KP: u32 = 9u;   // vec4 per tile row: 8 (32 values of K) plus one of padding
 const WG: u32 = 64u;  // 8 x 8 threads, each an 8 x 8 block of the tile
-
-const F32: u32 = 0u;
-const F16: u32 = 1u;
-const Q8_0: u32 = 2u;
-const Q4_0: u32 = 3u;
-const Q4_1: u32 = 4u;
 
 var<workgroup> xs: array<vec4<f32>, T * KP>; // [token][k / 4]
 var<workgroup> wt: array<vec4<f32>, T * KP>; // [weight row][k / 4], dequantised
 
 // Fills the tiles for K = k0..k0+32. Entry i = lid + 64e of a 64 x 8 vec4 tile is row i / 8,
-// vec4 i % 8; Q4 tiles take one data word (two vec4) per entry, 64 x 4 of them.
+// vec4 i % 8.
 fn load_tiles(fmt: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
     // X: tokens past m and columns past K read as zero.
     for (var e = 0u; e < 8u; e++) {
@@ -61,28 +64,13 @@ fn load_tiles(fmt: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
         xs[(i >> 3u) * KP + (i & 7u)] = v;
     }
     // W: rows past the shard are clamped to its last row; their outputs are never stored.
+    // Quantised formats: unit b = k0 / 32 of each row, dequantised by the shared block decode.
     let b = k0 >> 5u;
-    if (fmt == Q4_0 || fmt == Q4_1) {
-        for (var e = 0u; e < 4u; e++) {
+    if (fmt >= Q8_0) {
+        for (var e = 0u; e < 8u; e++) {
             let i = lid + e * WG;
-            let r = i >> 2u;
-            let k = i & 3u;
-            let row = min(n0 + r, p.rows - 1u);
-            let g = row * p.blocks + b;
-            let q = wq[row * p.row_words + b * 4u + k];
-            var lo: vec4<f32>;
-            var hi: vec4<f32>;
-            if (fmt == Q4_0) {
-                let d = qh_scale(ws[g >> 1u], g);
-                lo = d * (q4_lo(q) - 8.0);
-                hi = d * (q4_hi(q) - 8.0);
-            } else {
-                let dm = qh_pair(ws[g]);
-                lo = dm.x * q4_lo(q) + dm.y;
-                hi = dm.x * q4_hi(q) + dm.y;
-            }
-            wt[r * KP + k] = lo;
-            wt[r * KP + 4u + k] = hi;
+            let row = min(n0 + (i >> 3u), p.rows - 1u);
+            wt[(i >> 3u) * KP + (i & 7u)] = qunit4(fmt, row, qunit_head(fmt, row, b), i & 7u);
         }
         return;
     }
@@ -110,10 +98,7 @@ fn load_tiles(fmt: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
                     v = vec4<f32>(v.xy, qh_pair(wq[w + 1u]));
                 }
             }
-            default: { // Q8_0: one data word per vec4
-                let g = row * p.blocks + b;
-                v = qh_scale(ws[g >> 1u], g) * q8_unpack(wq[row * p.row_words + b * 8u + k4]);
-            }
+            default: {}
         }
         wt[(i >> 3u) * KP + k4] = v;
     }
@@ -190,4 +175,29 @@ fn matmul_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(64)
 fn matmul_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matmul_tiled(Q4_1, wid, nwg, lid);
+}
+
+@compute @workgroup_size(64)
+fn matmul_q5_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matmul_tiled(Q5_0, wid, nwg, lid);
+}
+
+@compute @workgroup_size(64)
+fn matmul_q5_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matmul_tiled(Q5_1, wid, nwg, lid);
+}
+
+@compute @workgroup_size(64)
+fn matmul_q4_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matmul_tiled(Q4_K, wid, nwg, lid);
+}
+
+@compute @workgroup_size(64)
+fn matmul_q5_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matmul_tiled(Q5_K, wid, nwg, lid);
+}
+
+@compute @workgroup_size(64)
+fn matmul_q6_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matmul_tiled(Q6_K, wid, nwg, lid);
 }

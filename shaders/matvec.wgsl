@@ -14,7 +14,7 @@
 // Why many rows and a block per thread: on lavapipe every 32-bit load costs as much as dozens of
 // ALU operations, so the kernels minimise loads per multiply-add (Q4_0: 4 data words and 1 scale
 // word per 32 weights of a row, shared by TOK tokens, and 32 x values per token, shared by ROWS
-// rows); on GPUs the same choices mean few, coalesced reads, and the host lowers ROWS for small
+// rows; the block decode is common/quant.wgsl's, shared with every other kernel); on GPUs the same choices mean few, coalesced reads, and the host lowers ROWS for small
 // matrices so that enough workgroups exist.
 
 // #include "common/quant.wgsl"
@@ -35,6 +35,15 @@ struct Params {
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
+
+// Where common/quant.wgsl's block decode finds the words: this shard's buffers.
+fn qword(fmt: u32, row: u32, i: u32) -> u32 {
+    return wq[row * p.row_words + i];
+}
+fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> {
+    let g = row * (p.blocks / qunits(fmt)) + blk;
+    return qscales_of(fmt, ws[qscale_index(fmt, g)], g);
+}
 
 // ROWS is 4, 8 or 16, TOK 1, 2 or 4 and WG (threads per workgroup) 64, 128 or 256 with
 // ROWS * WG <= PART; pipeline creation makes them constants, so the loops to them unroll and the
@@ -95,21 +104,12 @@ fn finish(lid: u32, row0: u32, tok0: u32, acc: array<vec4<f32>, R>) {
 }
 
 // x under one unit of work (a word of f32/f16 weights, a block of quantised ones) for each of the
-// TOK tokens: token t's values in v[t] (f32: v[t][0].x; f16: v[t][0].xy; blocks: all 32), and each
-// token's block sum in `sum`. (The row loop below stays a loop: spelling out the rows by hand made
-// lavapipe compile these kernels six times slower, for no speed.)
+// TOK tokens: token t's values in v[t] (f32: v[t][0].x; f16: v[t][0].xy; blocks: all 32). (The row
+// loop below stays a loop: spelling out the rows by hand made lavapipe compile these kernels six
+// times slower, for no speed.)
 struct Xs {
     v: array<array<vec4<f32>, 8>, 4>,
-    sum: vec4<f32>,
 }
-
-// The formats; `fmt` is a constant at every call site, so each entry point compiles to its own
-// straight-line code.
-const F32: u32 = 0u;
-const F16: u32 = 1u;
-const Q8_0: u32 = 2u;
-const Q4_0: u32 = 3u;
-const Q4_1: u32 = 4u;
 
 // Units (data words or blocks) per row.
 fn units(fmt: u32) -> u32 {
@@ -138,19 +138,10 @@ fn load_token(fmt: u32, tok: u32, u: u32) -> array<vec4<f32>, 8> {
     return v;
 }
 
-fn sum8(v: array<vec4<f32>, 8>) -> f32 {
-    var s = vec4<f32>(0.0);
-    for (var i = 0u; i < 8u; i++) {
-        s += v[i];
-    }
-    return dot(s, vec4<f32>(1.0));
-}
-
 fn load_xs(fmt: u32, tok0: u32, u: u32) -> Xs {
     var xs: Xs;
     for (var t = 0u; t < TOK; t++) {
         xs.v[t] = load_token(fmt, tok_of(tok0, t), u);
-        xs.sum[t] = sum8(xs.v[t]);
     }
     return xs;
 }
@@ -165,35 +156,18 @@ fn dot8(a: array<vec4<f32>, 8>, b: array<vec4<f32>, 8>) -> f32 {
 
 // sum_j w_j x_j over one unit of one row, for each token (lanes t >= TOK are left zero).
 fn unit_row(fmt: u32, row: u32, u: u32, xs: Xs) -> vec4<f32> {
-    // The unit's weights in the order of load_token; for blocks, unscaled quants.
+    // The unit's weights in the order of load_token; blocks dequantised by the shared decode
+    // (common/quant.wgsl). On a GPU the weight words are what a matvec waits for, not the
+    // multiply-add per weight that dequantising first costs.
     var w: array<vec4<f32>, 8>;
-    var d = 1.0;
-    var m = 0.0;
-    let g = row * p.blocks + u;
     if (fmt == F32) {
         w[0].x = bitcast<f32>(wq[row * p.row_words + u]);
     } else if (fmt == F16) {
         w[0] = vec4<f32>(qh_pair(wq[row * p.row_words + u]), 0.0, 0.0);
-    } else if (fmt == Q8_0) {
-        d = qh_scale(ws[g >> 1u], g);
-        for (var i = 0u; i < 8u; i++) {
-            w[i] = q8_unpack(wq[row * p.row_words + 8u * u + i]);
-        }
     } else {
-        if (fmt == Q4_0) {
-            // d * sum (q - 8) x = d * (sum q x - 8 sum x): the -8 costs one term per block.
-            d = qh_scale(ws[g >> 1u], g);
-            m = -8.0 * d;
-        } else {
-            // sum (d q + m) x = d * sum q x + m * sum x.
-            let dm = qh_pair(ws[g]);
-            d = dm.x;
-            m = dm.y;
-        }
-        for (var i = 0u; i < 4u; i++) {
-            let q = wq[row * p.row_words + 4u * u + i];
-            w[i] = q4_lo(q);
-            w[i + 4u] = q4_hi(q);
+        let h = qunit_head(fmt, row, u);
+        for (var i = 0u; i < 8u; i++) {
+            w[i] = qunit4(fmt, row, h, i);
         }
     }
     var s = vec4<f32>(0.0);
@@ -218,7 +192,7 @@ fn unit_row(fmt: u32, row: u32, u: u32, xs: Xs) -> vec4<f32> {
         s.z = dot8(w, xs.v[2]);
         s.w = dot8(w, xs.v[3]);
     }
-    return d * s + m * xs.sum;
+    return s;
 }
 
 fn matvec_any(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
@@ -273,4 +247,29 @@ fn matvec_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(WG)
 fn matvec_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     matvec_any(Q4_1, wid, nwg, lid);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_q5_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matvec_any(Q5_0, wid, nwg, lid);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_q5_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matvec_any(Q5_1, wid, nwg, lid);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_q4_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matvec_any(Q4_K, wid, nwg, lid);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_q5_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matvec_any(Q5_K, wid, nwg, lid);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_q6_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    matvec_any(Q6_K, wid, nwg, lid);
 }

@@ -33,6 +33,15 @@
 @group(0) @binding(0) var<storage, read> wq: array<u32>;
 @group(0) @binding(1) var<storage, read> ws: array<u32>;
 
+// Where common/quant.wgsl's block decode finds the words.
+fn qword(fmt: u32, row: u32, i: u32) -> u32 {
+    return wq[row * row_words(fmt) + i];
+}
+fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> {
+    let g = row * (p.cols / qblock_len(fmt)) + blk;
+    return qscales_of(fmt, ws[qscale_index(fmt, g)], g);
+}
+
 // Data word i of an f32/f16 row whose last word is `last`: the tail block of a row whose length is
 // not a multiple of 32 reaches past it (those weights meet zero x).
 fn word(i: u32, last: u32) -> u32 {

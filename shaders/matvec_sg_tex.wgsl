@@ -14,6 +14,17 @@
 @group(0) @binding(0) var wq: texture_2d<u32>;
 @group(0) @binding(1) var ws: texture_2d<u32>;
 
+// Where common/quant.wgsl's block decode finds the words: word i of a row is component i % 4 of
+// texel i / 4 (blocks of 5, 35, 43 or 52 words run on across texels); a block's scales are one
+// texel (r16uint: d; r32uint: d and m or dmin).
+fn qword(fmt: u32, row: u32, i: u32) -> u32 {
+    return textureLoad(wq, vec2<u32>(i / 4u, row), 0)[i % 4u];
+}
+fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> {
+    let t = textureLoad(ws, vec2<u32>(blk, row), 0).x;
+    return qscales_of(fmt, t, 0u);
+}
+
 // Texel i of `row`, clamped to the row: the tail block of an f32/f16 row whose length is not a
 // multiple of 32 reaches past it (those weights meet zero x).
 fn texel(row: u32, i: u32) -> vec4<u32> {

@@ -40,7 +40,7 @@ pub struct KernelBenchOptions {
 impl Default for KernelBenchOptions {
     fn default() -> Self {
         KernelBenchOptions {
-            formats: WeightFormat::GPU_NATIVE.to_vec(),
+            formats: WeightFormat::ALL.to_vec(),
             shapes: MODEL_SHAPES.to_vec(),
             tokens: vec![1, 128],
             reps: 5,

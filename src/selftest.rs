@@ -83,9 +83,14 @@ pub fn run(gpu: &Gpu, progress: &mut dyn FnMut(&Check)) -> Vec<Check> {
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5e1f);
     // Shapes chosen to be awkward: rows not a multiple of any workgroup tile, K not a multiple
-    // of the workgroup size.
-    for f in WeightFormat::GPU_NATIVE {
-        let (rows, cols) = (67, if f.is_quantized() { 32 * 11 } else { 333 });
+    // of the workgroup size (K-quants: three 256-weight super-blocks).
+    for f in WeightFormat::ALL {
+        let cols = match f.block_len() {
+            1 => 333,
+            32 => 32 * 11,
+            n => 3 * n,
+        };
+        let rows = 67;
         for m in [1usize, 7] {
             let name = format!(
                 "{} {f} {rows}x{cols} x{m}",
@@ -167,7 +172,7 @@ fn check_matmul(
 }
 
 fn check_embedding(gpu: &Gpu, rng: &mut rand::rngs::StdRng, f: WeightFormat) -> Result<Check> {
-    let (vocab, dim) = (50, 64);
+    let (vocab, dim) = (50, 64.max(f.block_len()));
     let table = randn(rng, vocab * dim, 1.0);
     let gguf = quantize(f, &table)?;
     let td = dequantize(f, &gguf, table.len())?;

@@ -23,13 +23,19 @@ fn tolerance(f: WeightFormat) -> f64 {
     }
 }
 
-/// Row length: not a multiple of any workgroup size (37 blocks for the quantised formats).
+/// Row length: not a multiple of any workgroup size (37 blocks for the quantised formats of 32,
+/// three super-blocks for the K-quants).
 fn awkward_cols(f: WeightFormat) -> usize {
-    if f.is_quantized() {
-        32 * 37
-    } else {
-        1001
+    match f.block_len() {
+        1 => 1001,
+        32 => 32 * 37,
+        n => 3 * n,
     }
+}
+
+/// `cols` rounded up to whole blocks of `f` (a K-quant row is whole 256-weight super-blocks).
+fn fit(f: WeightFormat, cols: usize) -> usize {
+    cols.next_multiple_of(f.block_len())
 }
 
 /// Random weights uploaded in `f` as `storage` says, and the same weights dequantised for the
@@ -102,13 +108,14 @@ fn check(gpu: &Gpu, wm: &WeightMatrix, deq: &[f32], op: Op, seed: u64) {
 #[test]
 fn matvec_matches_reference_in_every_format() {
     let Some(gpu) = gpu() else { return };
-    for (f, storage) in WeightFormat::GPU_NATIVE
+    for (f, storage) in WeightFormat::ALL
         .into_iter()
         .flat_map(|f| layouts(gpu).into_iter().map(move |s| (f, s)))
     {
         let k = awkward_cols(f);
         // One row; rows not a multiple of any rows-per-workgroup; a small model's square matrix.
-        for (i, (rows, cols)) in [(1, k), (13, k), (67, 64), (576, 576)]
+        // K-quants: also K = 256, one super-block.
+        for (i, (rows, cols)) in [(1, k), (13, k), (67, fit(f, 64)), (576, fit(f, 576))]
             .into_iter()
             .enumerate()
         {
@@ -148,7 +155,7 @@ fn matmul_matches_reference_in_every_format() {
     let Some(gpu) = gpu() else { return };
     // Textures: the policy's kernel (the subgroup matvec) on them.
     for storage in layouts(gpu).into_iter().skip(1) {
-        for f in WeightFormat::GPU_NATIVE {
+        for f in WeightFormat::ALL {
             let (wm, deq) = weights(gpu, storage, f, 67, awkward_cols(f), 30);
             for m in [1, 7, 33] {
                 check(gpu, &wm, &deq, Op::Matmul(m, None), 40 + m as u64);
@@ -156,7 +163,7 @@ fn matmul_matches_reference_in_every_format() {
         }
     }
     let buffers = buffers(gpu);
-    for f in WeightFormat::GPU_NATIVE {
+    for f in WeightFormat::ALL {
         let k = awkward_cols(f);
         let (wm, deq) = weights(gpu, buffers, f, 67, k, 30);
         for m in [1, 7, 33] {
@@ -174,7 +181,7 @@ fn matmul_matches_reference_in_every_format() {
             check(gpu, &wm, &deq, Op::Matmul(7, two), 48);
         }
         // Several tiles both ways, partial at both edges.
-        let (wm, deq) = weights(gpu, buffers, f, 130, 96, 31);
+        let (wm, deq) = weights(gpu, buffers, f, 130, fit(f, 96), 31);
         check(
             gpu,
             &wm,
@@ -194,8 +201,8 @@ fn sharded_weights_match_reference() {
     for mut storage in layouts(gpu) {
         storage.max_binding = 8 << 10;
         storage.max_texture_dim = 96;
-        for f in WeightFormat::GPU_NATIVE {
-            let (wm, deq) = weights(gpu, storage, f, 150, 320, 60);
+        for f in WeightFormat::ALL {
+            let (wm, deq) = weights(gpu, storage, f, 150, fit(f, 320), 60);
             assert!(
                 wm.shards.len() >= 2,
                 "{f} in {:?}: {} shards",
@@ -254,7 +261,7 @@ fn subgroup_gpu() -> Option<&'static Gpu> {
 #[test]
 fn subgroup_matvec_matches_reference_in_every_format() {
     let Some(gpu) = subgroup_gpu() else { return };
-    for (f, storage) in WeightFormat::GPU_NATIVE
+    for (f, storage) in WeightFormat::ALL
         .into_iter()
         .flat_map(|f| layouts(gpu).into_iter().map(move |s| (f, s)))
     {
@@ -277,7 +284,7 @@ fn subgroup_matvec_matches_reference_in_every_format() {
 #[test]
 fn subgroup_prefill_matches_reference_for_1_to_8_tokens() {
     let Some(gpu) = subgroup_gpu() else { return };
-    for (f, storage) in WeightFormat::GPU_NATIVE
+    for (f, storage) in WeightFormat::ALL
         .into_iter()
         .flat_map(|f| layouts(gpu).into_iter().map(move |s| (f, s)))
     {
@@ -415,7 +422,7 @@ fn quantised_parts(
 fn stacked_projections_run_as_one_dispatch_and_match_reference() {
     let Some(gpu) = subgroup_gpu() else { return };
     let tex = textures_at_device_limits(gpu);
-    for f in WeightFormat::GPU_NATIVE {
+    for f in WeightFormat::ALL {
         let cols = awkward_cols(f);
         // Q, K, V of unequal heights (a lane's 12-16 rows cross the splits), then gate and up.
         for rows in [vec![100, 36, 36], vec![70, 70]] {
@@ -543,7 +550,7 @@ fn swiglu_folds_into_the_down_projection() {
     // variant being pipelines to compile.
     let own = wgllm::kernels::weights::weight_layout(gpu);
     for storage in layouts(gpu) {
-        for f in WeightFormat::GPU_NATIVE {
+        for f in WeightFormat::ALL {
             if storage.layout != own && !matches!(f, WeightFormat::F16 | WeightFormat::Q4_1) {
                 continue;
             }
@@ -599,7 +606,7 @@ fn rms_norm_folds_into_the_projections_for_single_tokens() {
     let Some(gpu) = gpu() else { return };
     let folded = matmul::single_token_folds(gpu);
     let tex = textures_at_device_limits(gpu);
-    for f in WeightFormat::GPU_NATIVE {
+    for f in WeightFormat::ALL {
         let cols = awkward_cols(f);
         // Stacked Q/K/V (the attention block's input): one dispatch for a single token.
         let rows = [100, 36, 36];

@@ -271,9 +271,9 @@ fn tensors(c: &Case) -> Vec<T> {
 
 /// Formats that a matrix of `cols` columns can be stored in (block formats need whole blocks).
 fn fitting(cols: usize) -> Vec<WeightFormat> {
-    WeightFormat::GPU_NATIVE
+    WeightFormat::ALL
         .into_iter()
-        .filter(|f| !f.is_quantized() || cols.is_multiple_of(wgllm::quant::QK))
+        .filter(|f| cols.is_multiple_of(f.block_len()))
         .collect()
 }
 
@@ -748,7 +748,8 @@ fn draw(seed: u64) -> Case {
     let mut r = rand::rngs::StdRng::seed_from_u64(seed);
     let dim = |r: &mut rand::rngs::StdRng| {
         if r.gen_bool(0.5) {
-            32 * r.gen_range(1..=3)
+            // 256 = 32 x 8: whole K-quant super-blocks.
+            [32, 64, 96, 256][r.gen_range(0..4)]
         } else {
             r.gen_range(1..=72)
         }
@@ -765,18 +766,24 @@ fn draw(seed: u64) -> Case {
         }
     } else {
         let qwen2 = r.gen_bool(0.25);
+        // The HF loader's fallback to f16 knows 32-weight blocks only (src/model/source.rs), so
+        // its precisions are the formats of 32-weight blocks; GGUF cases take every format.
+        let hf: Vec<_> = WeightFormat::ALL
+            .into_iter()
+            .filter(|f| f.block_len() <= 32)
+            .collect();
         Src::Hf {
             precision: [None]
                 .into_iter()
-                .chain(WeightFormat::GPU_NATIVE.map(Some))
-                .nth(r.gen_range(0..=WeightFormat::GPU_NATIVE.len()))
+                .chain(hf.iter().copied().map(Some))
+                .nth(r.gen_range(0..=hf.len()))
                 .flatten(),
             qwen2,
             attention_bias: !qwen2 && r.gen_bool(0.3),
             mlp_bias: !qwen2 && r.gen_bool(0.3),
         }
     };
-    let mut formats = WeightFormat::GPU_NATIVE.to_vec();
+    let mut formats = WeightFormat::ALL.to_vec();
     let n = formats.len();
     formats.rotate_left(r.gen_range(0..n));
     formats.truncate(r.gen_range(1..=n));

@@ -2,8 +2,9 @@
 // embedding_tex.wgsl (table in textures). Each front declares bindings 1 and 2 (table data and
 // scales) and defines, for shard row r:
 //   fn data_word(r: u32, w: u32) -> u32        data word w of the row;
-//   fn block_d(r: u32, b: u32) -> f32          Q8_0/Q4_0's scale d of block b;
-//   fn block_dm(r: u32, b: u32) -> vec2<f32>   Q4_1's d and m of block b.
+// and common/quant.wgsl's `qword` and `qscales`, through which the block decode reads.
+
+// #include "common/quant.wgsl"
 
 struct Params {
     n_tokens: u32,
@@ -74,9 +75,9 @@ fn lookup_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
 }
 
-// Block quants: block b = c / 32 of shard row r.
-@compute @workgroup_size(256)
-fn lookup_q8_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+// Quantised tables: thread i takes vec4 i, i + WG, ... of the row (4 weights of 32-weight unit
+// i / 8), decoded by common/quant.wgsl.
+fn lookup_quant(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     let t = wid.x + wid.y * nwg.x;
     if (t >= p.n_tokens) {
         return;
@@ -85,51 +86,53 @@ fn lookup_q8_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (r < 0) {
         return;
     }
-    for (var c = lid; c < p.dim; c = c + WG) {
-        let b = c / 32u;
-        let j = c % 32u;
-        let w = data_word(u32(r), b * 8u + j / 4u);
-        let q = extractBits(bitcast<i32>(w), 8u * (j % 4u), 8u); // sign-extended i8
-        out[t * p.dim + c] = block_d(u32(r), b) * f32(q);
+    let row = u32(r);
+    for (var v = lid; v < p.dim / 4u; v = v + WG) {
+        let w = qunit4(fmt, row, qunit_head(fmt, row, v / 8u), v % 8u);
+        let o = t * p.dim + 4u * v;
+        out[o] = w.x;
+        out[o + 1u] = w.y;
+        out[o + 2u] = w.z;
+        out[o + 3u] = w.w;
     }
+}
+
+@compute @workgroup_size(256)
+fn lookup_q8_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    lookup_quant(Q8_0, wid, nwg, lid);
 }
 
 @compute @workgroup_size(256)
 fn lookup_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = wid.x + wid.y * nwg.x;
-    if (t >= p.n_tokens) {
-        return;
-    }
-    let r = local_row(t, lid);
-    if (r < 0) {
-        return;
-    }
-    for (var c = lid; c < p.dim; c = c + WG) {
-        let b = c / 32u;
-        let j = c % 32u;
-        // Weight j sits in byte j % 16: the low nibble for j < 16, the high one for j >= 16.
-        let w = data_word(u32(r), b * 4u + (j % 16u) / 4u);
-        let q = extractBits(w, 8u * (j % 4u) + 4u * (j / 16u), 4u);
-        out[t * p.dim + c] = block_d(u32(r), b) * (f32(q) - 8.0);
-    }
+    lookup_quant(Q4_0, wid, nwg, lid);
 }
 
 @compute @workgroup_size(256)
 fn lookup_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = wid.x + wid.y * nwg.x;
-    if (t >= p.n_tokens) {
-        return;
-    }
-    let r = local_row(t, lid);
-    if (r < 0) {
-        return;
-    }
-    for (var c = lid; c < p.dim; c = c + WG) {
-        let b = c / 32u;
-        let j = c % 32u;
-        let w = data_word(u32(r), b * 4u + (j % 16u) / 4u);
-        let q = extractBits(w, 8u * (j % 4u) + 4u * (j / 16u), 4u);
-        let dm = block_dm(u32(r), b);
-        out[t * p.dim + c] = dm.x * f32(q) + dm.y;
-    }
+    lookup_quant(Q4_1, wid, nwg, lid);
+}
+
+@compute @workgroup_size(256)
+fn lookup_q5_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    lookup_quant(Q5_0, wid, nwg, lid);
+}
+
+@compute @workgroup_size(256)
+fn lookup_q5_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    lookup_quant(Q5_1, wid, nwg, lid);
+}
+
+@compute @workgroup_size(256)
+fn lookup_q4_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    lookup_quant(Q4_K, wid, nwg, lid);
+}
+
+@compute @workgroup_size(256)
+fn lookup_q5_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    lookup_quant(Q5_K, wid, nwg, lid);
+}
+
+@compute @workgroup_size(256)
+fn lookup_q6_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    lookup_quant(Q6_K, wid, nwg, lid);
 }

@@ -15,7 +15,8 @@
 // output slots, XFN = 0 binds x as x2, RES = 0 binds x as res.
 //
 // Each front file declares bindings 0 (`wq`) and 1 (`ws`) and defines how to read them (`row` is
-// a row of the binding, `p.row0` already added):
+// a row of the binding, `p.row0` already added): common/quant.wgsl's `qword` and `qscales` (the
+// block decode of the formats without a folded offset, Q5_0 on, reads through them), and
 //   fn weights(fmt: u32, row: u32, blk: u32) -> V8   the 32 weights (or quants) of a block;
 //   fn q4_1_scales(row: u32, blk: u32) -> vec2<f32>  Q4_1's d and m of a block;
 //   fn block_scale(row: u32, blk: u32, kept: u32) -> Scale   Q8_0/Q4_0's d of a block.
@@ -50,18 +51,6 @@ override RES: u32 = 0u;
 // Rows per invocation (1..16) and tokens per invocation (1..8), chosen per matrix by the host.
 override R: u32 = 8u;
 override TOK: u32 = 1u;
-
-const F32: u32 = 0u;
-const F16: u32 = 1u;
-const Q8_0: u32 = 2u;
-const Q4_0: u32 = 3u;
-const Q4_1: u32 = 4u;
-
-// 32 values of one block: a_i holds values 4i..4i+3 (x: the values lane i loaded).
-struct V8 {
-    a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>,
-    a4: vec4<f32>, a5: vec4<f32>, a6: vec4<f32>, a7: vec4<f32>,
-}
 
 // x of one block for each token, and each token's block sum (lane t of `lo` for tokens 0..3,
 // lane t - 4 of `hi` for tokens 4..7).
@@ -112,8 +101,7 @@ fn row_words(fmt: u32) -> u32 {
     switch fmt {
         case F32: { return p.cols; }
         case F16: { return (p.cols + 1u) / 2u; }
-        case Q8_0: { return p.cols / 32u * 8u; }
-        default: { return p.cols / 32u * 4u; }
+        default: { return qrow_words(fmt, p.cols); }
     }
 }
 
@@ -271,7 +259,13 @@ struct RowSums {
 
 // One row's sums over block `blk` for the TOK tokens.
 fn row_block(fmt: u32, row: u32, blk: u32, kept: u32) -> RowSums {
-    let w = weights(fmt, row, blk);
+    // Q5_0 on: weights dequantised by the shared block decode, so no scale step below.
+    var w: V8;
+    if (fmt >= Q5_0) {
+        w = qunit(fmt, row, blk);
+    } else {
+        w = weights(fmt, row, blk);
+    }
     var s: T8;
     s.lo.x = dot8(w, xt.t0);
     if (TOK > 1u) { s.lo.y = dot8(w, xt.t1); }
@@ -281,7 +275,7 @@ fn row_block(fmt: u32, row: u32, blk: u32, kept: u32) -> RowSums {
     if (TOK > 5u) { s.hi.y = dot8(w, xt.t5); }
     if (TOK > 6u) { s.hi.z = dot8(w, xt.t6); }
     if (TOK > 7u) { s.hi.w = dot8(w, xt.t7); }
-    if (!quantised(fmt)) {
+    if (!quantised(fmt) || fmt >= Q5_0) {
         return RowSums(s, 0u);
     }
     if (fmt == Q4_1) {
@@ -494,4 +488,29 @@ fn matvec_q4_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(8)
 fn matvec_q4_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     matvec_any(Q4_1, wid, nwg, lane);
+}
+
+@compute @workgroup_size(8)
+fn matvec_q5_0(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    matvec_any(Q5_0, wid, nwg, lane);
+}
+
+@compute @workgroup_size(8)
+fn matvec_q5_1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    matvec_any(Q5_1, wid, nwg, lane);
+}
+
+@compute @workgroup_size(8)
+fn matvec_q4_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    matvec_any(Q4_K, wid, nwg, lane);
+}
+
+@compute @workgroup_size(8)
+fn matvec_q5_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    matvec_any(Q5_K, wid, nwg, lane);
+}
+
+@compute @workgroup_size(8)
+fn matvec_q6_k(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    matvec_any(Q6_K, wid, nwg, lane);
 }

@@ -1,14 +1,40 @@
-// Shared unpack/dequant helpers for weights in the repack layout (src/quant/repack.rs):
-// f32 and f16 rows of u32 words, Q8_0/Q4_0/Q4_1 as 8 or 4 data words per 32-weight block plus a
-// separate array of f16 scales. The helpers take words (not bindings) so that any shader can use
-// them whatever it names its buffers. Everything is plain u32 arithmetic: no `enable f16;`.
+// The weight formats and their block decode, in the repack layout (src/quant/repack.rs): f32 and
+// f16 rows of u32 words; quantised rows as whole blocks of data words (the GGUF block less its f16
+// scales) plus a separate array of the blocks' f16 scales. This file is the one place that decodes
+// a block: every matrix and embedding kernel reads its weights through `qunit_head` / `qunit4` /
+// `qunit`, and only says where the words are. Each includer defines:
+//   fn qword(fmt: u32, row: u32, i: u32) -> u32          data word i of weight row `row`;
+//   fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> block `blk`'s f16 scales: (d, m) for the
+//       formats with two (Q4_1, Q5_1; Q4_K and Q5_K: (d, dmin)), (d, 0) for the others.
+// Everything is plain u32 arithmetic: no `enable f16;`.
+
+// The formats; `fmt` is a constant at every call site, so each entry point compiles to its own
+// straight-line code. (The host names entry points by format: src/quant/mod.rs.)
+const F32: u32 = 0u;
+const F16: u32 = 1u;
+const Q8_0: u32 = 2u;
+const Q4_0: u32 = 3u;
+const Q4_1: u32 = 4u;
+const Q5_0: u32 = 5u;
+const Q5_1: u32 = 6u;
+const Q4_K: u32 = 7u;
+const Q5_K: u32 = 8u;
+const Q6_K: u32 = 9u;
+
+// 32 values of one 32-weight unit: a_i holds values 4i..4i+3. (A struct, not an array: llvmpipe
+// keeps arrays it cannot resolve in memory.)
+struct V8 {
+    a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>,
+    a4: vec4<f32>, a5: vec4<f32>, a6: vec4<f32>, a7: vec4<f32>,
+}
 
 // The two f16 halves of a word as f32 (low half first: even column, or d before m).
 fn qh_pair(word: u32) -> vec2<f32> {
     return unpack2x16float(word);
 }
 
-// Half `g % 2` of a word of packed f16 scales (Q8_0 and Q4_0 keep two block scales per word).
+// Half `g % 2` of a word of packed f16 scales (Q8_0, Q4_0, Q5_0 and Q6_K keep two block scales
+// per word).
 fn qh_scale(word: u32, g: u32) -> f32 {
     return unpack2x16float(word >> ((g & 1u) * 16u)).x;
 }
@@ -21,10 +47,178 @@ fn q8_unpack(word: u32) -> vec4<f32> {
 }
 
 // Q4_0/Q4_1 data word i (0..3) of a block holds bytes 4i..4i+3: the low nibbles are weights
-// 4i..4i+3 of the block, the high nibbles weights 16+4i..16+4i+3. Unsigned values 0..15.
+// 4i..4i+3 of the block, the high nibbles weights 16+4i..16+4i+3. Unsigned values 0..15. (Q5_0
+// and Q5_1 words 1..4, and the K-quants' nibble bytes, are laid out the same way.)
 fn q4_lo(word: u32) -> vec4<f32> {
-    return vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u));
+    return vec4<f32>(q4_lo_u(word));
 }
 fn q4_hi(word: u32) -> vec4<f32> {
-    return vec4<f32>((vec4<u32>(word) >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(15u));
+    return vec4<f32>(q4_hi_u(word));
+}
+fn q4_lo_u(word: u32) -> vec4<u32> {
+    return (vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);
+}
+fn q4_hi_u(word: u32) -> vec4<u32> {
+    return (vec4<u32>(word) >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(15u);
+}
+
+// 32-weight units per block: 8 in a K-quant super-block of 256, else 1.
+fn qunits(fmt: u32) -> u32 {
+    return select(1u, 8u, fmt >= Q4_K);
+}
+
+// Weights per block.
+fn qblock_len(fmt: u32) -> u32 {
+    return 32u * qunits(fmt);
+}
+
+// Data words per block (the block's bytes less its f16 scales, over 4).
+fn qblock_words(fmt: u32) -> u32 {
+    switch fmt {
+        case Q8_0: { return 8u; }
+        case Q4_0, Q4_1: { return 4u; }
+        case Q5_0, Q5_1: { return 5u; }
+        case Q4_K: { return 35u; }
+        case Q5_K: { return 43u; }
+        default: { return 52u; } // Q6_K
+    }
+}
+
+// Data words per row of `cols` weights.
+fn qrow_words(fmt: u32, cols: u32) -> u32 {
+    switch fmt {
+        case F32: { return cols; }
+        case F16: { return (cols + 1u) / 2u; }
+        default: { return cols / qblock_len(fmt) * qblock_words(fmt); }
+    }
+}
+
+// Whether a block has a word of scales to itself ((d, m) or (d, dmin)), not half a shared word.
+fn qscale_pair(fmt: u32) -> bool {
+    return fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K;
+}
+
+// Block `blk`'s scales from a scales array in the repack layout, given the word that holds them
+// (word g for pairs, g / 2 otherwise, g = row * blocks per row + blk): the fronts that read buffers
+// use this with their own binding.
+fn qscales_of(fmt: u32, word: u32, g: u32) -> vec2<f32> {
+    if (qscale_pair(fmt)) {
+        return qh_pair(word);
+    }
+    return vec2<f32>(qh_scale(word, g), 0.0);
+}
+
+// The index in the scales array of the word holding block g's scales.
+fn qscale_index(fmt: u32, g: u32) -> u32 {
+    return select(g >> 1u, g, qscale_pair(fmt));
+}
+
+// Byte k of a row's block, as u32: byte k % 4 of word k / 4 (little-endian, as repack stores it).
+fn qbyte(fmt: u32, row: u32, base: u32, k: u32) -> u32 {
+    return (qword(fmt, row, base + k / 4u) >> (8u * (k % 4u))) & 255u;
+}
+
+// What a unit's weights share: its block's first data word, its place in the block, and the
+// map of its quants q, w = d * (q + o) + m (Q6_K: d for weights 0..15 and m for 16..31, both
+// multiplying q - 32). The operations are the CPU dequantisers' (src/quant), in their order, so
+// that a lookup reproduces them exactly where the device rounds as the CPU does.
+struct QUnit {
+    base: u32,
+    s: u32,
+    d: f32,
+    m: f32,
+    o: f32,
+}
+
+// ggml's get_scale_min_k4: sub-block s's 6-bit scale and min out of the 12 bytes at `base`.
+fn k4_scale_min(fmt: u32, row: u32, base: u32, s: u32) -> vec2<f32> {
+    if (s < 4u) {
+        return vec2<f32>(f32(qbyte(fmt, row, base, s) & 63u),
+                         f32(qbyte(fmt, row, base, s + 4u) & 63u));
+    }
+    let lo = qbyte(fmt, row, base, s + 4u);
+    let sc = (lo & 15u) | ((qbyte(fmt, row, base, s - 4u) >> 6u) << 4u);
+    let mn = (lo >> 4u) | ((qbyte(fmt, row, base, s) >> 6u) << 4u);
+    return vec2<f32>(f32(sc), f32(mn));
+}
+
+// Unit u (32 weights, u = column / 32) of weight row `row`.
+fn qunit_head(fmt: u32, row: u32, u: u32) -> QUnit {
+    let blk = u / qunits(fmt);
+    let s = u % qunits(fmt);
+    let base = blk * qblock_words(fmt);
+    let dm = qscales(fmt, row, blk);
+    switch fmt {
+        case Q4_0: { return QUnit(base, s, dm.x, 0.0, -8.0); }
+        case Q5_0: { return QUnit(base, s, dm.x, 0.0, -16.0); }
+        case Q4_K, Q5_K: {
+            // (d * scale) * q - dmin * min, as ggml orders it.
+            let sm = k4_scale_min(fmt, row, base, s);
+            return QUnit(base, s, dm.x * sm.x, -(dm.y * sm.y), 0.0);
+        }
+        case Q6_K: {
+            // Unit s is quarter s % 4 of half s / 4; its two 16-weight sub-blocks have the i8
+            // scales 8h + 2k and 8h + 2k + 1, bytes 192.. of the block (data bytes too).
+            let k = 192u + 8u * (s / 4u) + 2u * (s % 4u);
+            let w = qword(fmt, row, base + k / 4u);
+            let sh = 8u * (k % 4u);
+            let s0 = f32(extractBits(bitcast<i32>(w), sh, 8u));
+            let s1 = f32(extractBits(bitcast<i32>(w), sh + 8u, 8u));
+            return QUnit(base, s, dm.x * s0, dm.x * s1, -32.0);
+        }
+        default: { return QUnit(base, s, dm.x, dm.y, 0.0); } // Q8_0: m = 0; Q4_1, Q5_1: d q + m
+    }
+}
+
+// Weights 4i..4i+3 (i < 8) of the unit, dequantised.
+fn qunit4(fmt: u32, row: u32, h: QUnit, i: u32) -> vec4<f32> {
+    switch fmt {
+        case Q8_0: {
+            return h.d * q8_unpack(qword(fmt, row, h.base + i));
+        }
+        case Q4_0, Q4_1: {
+            let w = qword(fmt, row, h.base + i % 4u);
+            let q = select(q4_lo_u(w), q4_hi_u(w), i >= 4u);
+            return h.d * (vec4<f32>(q) + h.o) + h.m;
+        }
+        case Q5_0, Q5_1: {
+            // Word 0: bit j is the fifth bit of weight j; words 1..4 the nibbles as Q4_0's.
+            let w = qword(fmt, row, h.base + 1u + i % 4u);
+            let lo = select(q4_lo_u(w), q4_hi_u(w), i >= 4u);
+            let fifth = (vec4<u32>(qword(fmt, row, h.base)) >> (vec4<u32>(4u * i) + vec4<u32>(0u, 1u, 2u, 3u))) & vec4<u32>(1u);
+            return h.d * (vec4<f32>(lo | (fifth << vec4<u32>(4u))) + h.o) + h.m;
+        }
+        case Q4_K, Q5_K: {
+            // Nibble bytes: byte 32c + l holds weight l of sub-block 2c (low) and of 2c + 1
+            // (high). Q5_K: bit s of fifth-bit byte l (data words 3..10) is weight l's fifth bit.
+            let first = select(3u, 11u, fmt == Q5_K);
+            let w = qword(fmt, row, h.base + first + 8u * (h.s / 2u) + i);
+            var q = (vec4<u32>(w) >> (vec4<u32>(0u, 8u, 16u, 24u) + vec4<u32>(4u * (h.s % 2u)))) & vec4<u32>(15u);
+            if (fmt == Q5_K) {
+                let hb = qword(fmt, row, h.base + 3u + i);
+                q |= ((vec4<u32>(hb) >> (vec4<u32>(0u, 8u, 16u, 24u) + vec4<u32>(h.s))) & vec4<u32>(1u)) << vec4<u32>(4u);
+            }
+            return h.d * vec4<f32>(q) + h.m;
+        }
+        default: { // Q6_K
+            // Weight l of quarter k of half hf: low 4 bits from ql byte 64hf + 32(k % 2) + l
+            // (high nibble for k >= 2), top 2 bits from bits 2k of qh byte 32hf + l (bytes 128..).
+            let hf = h.s / 4u;
+            let k = h.s % 4u;
+            let ql = qword(fmt, row, h.base + 16u * hf + 8u * (k % 2u) + i);
+            let qh = qword(fmt, row, h.base + 32u + 8u * hf + i);
+            let sh = vec4<u32>(0u, 8u, 16u, 24u);
+            let lo = (vec4<u32>(ql) >> (sh + vec4<u32>(4u * (k / 2u)))) & vec4<u32>(15u);
+            let hi = (vec4<u32>(qh) >> (sh + vec4<u32>(2u * k))) & vec4<u32>(3u);
+            return select(h.m, h.d, i < 4u) * (vec4<f32>(lo | (hi << vec4<u32>(4u))) + h.o);
+        }
+    }
+}
+
+// The 32 weights of unit u of `row`, dequantised.
+fn qunit(fmt: u32, row: u32, u: u32) -> V8 {
+    let h = qunit_head(fmt, row, u);
+    return V8(qunit4(fmt, row, h, 0u), qunit4(fmt, row, h, 1u), qunit4(fmt, row, h, 2u),
+              qunit4(fmt, row, h, 3u), qunit4(fmt, row, h, 4u), qunit4(fmt, row, h, 5u),
+              qunit4(fmt, row, h, 6u), qunit4(fmt, row, h, 7u));
 }

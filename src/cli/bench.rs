@@ -23,7 +23,7 @@ enum What {
 
 #[derive(clap::Args, Debug)]
 struct KernelsArgs {
-    /// Formats to run (comma-separated: f32,f16,q8_0,q4_0,q4_1).
+    /// Formats to run (comma-separated: f32,f16,q8_0,q4_0,q4_1,q5_0,q5_1,q4_k,q5_k,q6_k).
     #[arg(long, value_delimiter = ',')]
     formats: Option<Vec<String>>,
     /// Token counts (comma-separated); 1 is decode, more is prefill.

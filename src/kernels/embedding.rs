@@ -1,5 +1,5 @@
 //! Token embedding lookup (`shaders/embedding.wgsl`): `out[t, :] = table[ids[t], :]` for a table in
-//! any [`WeightFormat`], dequantised in the shader from the [`crate::quant::repack`] layout. One
+//! any [`crate::quant::WeightFormat`], dequantised in the shader from the [`crate::quant::repack`] layout. One
 //! dispatch per shard of the table, each writing the tokens whose id falls in its row range; ids
 //! `>= vocab` read nothing and come out as zero rows (the last shard's dispatch writes them).
 //! Callers that want bad ids refused rather than zeroed check them with [`check_ids`] first.
@@ -8,7 +8,6 @@ use crate::error::{Error, Result};
 use crate::gpu::{Bind, GpuBuffer, Recorder, WeightLayout};
 use crate::kernels::{params, Tensor, WeightMatrix};
 use crate::quant::repack::row_words;
-use crate::quant::WeightFormat;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -72,19 +71,8 @@ pub fn lookup(
     let n = u32::try_from(n_tokens).map_err(|_| too_big())?;
     u32::try_from(out.len()).map_err(|_| too_big())?;
     let vocab = u32::try_from(table.rows).map_err(|_| too_big())?;
-    let entry = match table.format {
-        WeightFormat::F32 => "lookup_f32",
-        WeightFormat::F16 => "lookup_f16",
-        WeightFormat::Q8_0 => "lookup_q8_0",
-        WeightFormat::Q4_0 => "lookup_q4_0",
-        WeightFormat::Q4_1 => "lookup_q4_1",
-        f => {
-            return Err(Error::invalid(
-                op,
-                format!("no embedding kernel reads {f} yet"),
-            ))
-        }
-    };
+    // One entry point per format, named after it (shaders/common/embedding_body.wgsl).
+    let entry = format!("lookup_{}", table.format.name());
     let gpu = rec.gpu();
     let textures = table
         .shards
@@ -97,7 +85,7 @@ pub fn lookup(
     };
     let k = gpu.kernel(
         shader,
-        entry,
+        &entry,
         &[Bind::Input, weights, weights, Bind::Output],
         32,
         &[],

@@ -66,21 +66,6 @@ impl WeightFormat {
         WeightFormat::Q6_K,
     ];
 
-    /// The formats the GPU kernels read today; the others ([`WeightFormat::has_kernels`] false)
-    /// are refused by the kernel builders with a typed error until their kernels land.
-    pub const GPU_NATIVE: [WeightFormat; 5] = [
-        WeightFormat::F32,
-        WeightFormat::F16,
-        WeightFormat::Q8_0,
-        WeightFormat::Q4_0,
-        WeightFormat::Q4_1,
-    ];
-
-    /// Whether the GPU kernels read this format.
-    pub fn has_kernels(self) -> bool {
-        WeightFormat::GPU_NATIVE.contains(&self)
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             WeightFormat::F32 => "f32",

@@ -111,8 +111,12 @@ pub fn matvec_sg_rows(format: WeightFormat, rows: usize, m: usize, tokens: u32) 
         WeightFormat::F16 => 16,
         WeightFormat::Q8_0 => 9,
         WeightFormat::Q4_0 | WeightFormat::Q4_1 => 5,
-        // Words per 32 weights, a scale word included.
-        f => (crate::quant::repack::block_words(f) * 32 / f.block_len()).max(1) + 1,
+        // The words common/quant.wgsl's decode loads per 32 weights, scale word included (the
+        // K-quants' 6-bit scales cost 2-3 words a unit, Q6_K's high bits 8 more).
+        WeightFormat::Q5_0 | WeightFormat::Q5_1 => 6,
+        WeightFormat::Q4_K => 12,
+        WeightFormat::Q5_K => 20,
+        WeightFormat::Q6_K => 18,
     };
     let (threads, tokens) = (cpu_threads(), tokens.max(1) as usize);
     let groups = m.div_ceil(tokens).max(1);
@@ -150,12 +154,6 @@ pub(super) fn subgroup_kernel(
     tokens: u32,
     op: &str,
 ) -> Result<()> {
-    if !format.has_kernels() {
-        return Err(Error::invalid(
-            op,
-            format!("no subgroup matvec reads {format} yet"),
-        ));
-    }
     let gpu = rec.gpu();
     let first = parts
         .first()
