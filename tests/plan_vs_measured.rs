@@ -482,7 +482,10 @@ fn a_synthetic_k_quant_mix_uploads_what_the_plan_counts() {
             mix: Some(NamedTypes::new(&cfg, precision)),
         };
         let rot = cfg.head_dim;
-        let _m = wgllm::model::llama::Llama::load(&gpu, cfg.clone(), rot, &src, opts).unwrap();
+        let mut m = wgllm::model::llama::Llama::load(&gpu, cfg.clone(), rot, &src, opts).unwrap();
+        // It runs: every matrix's format has its kernels.
+        let logits = m.forward(&gpu, &[1, 2, 3], 0).unwrap();
+        assert!(logits.iter().all(|x| x.is_finite()), "{precision}");
         let measured = gpu
             .ledger
             .report()
