@@ -224,7 +224,9 @@ pub struct MemoryPlan {
     /// or of the file's own tensors ([`MemoryPlan::use_gguf_weights`]); empty for GPT-2 and
     /// BERT, whose loaders upload other tensors than the checkpoint's.
     pub tensor_types: TypeTable,
-    /// One layer's weights (of a K-quant mix, whose layers differ, the largest); `parameters_bytes = n_layers * layer_weight_bytes + other_weight_bytes`.
+    /// One layer's weights; `parameters_bytes = n_layers * layer_weight_bytes +
+    /// other_weight_bytes`. A K-quant mix's layers differ: this is the largest (what a streaming
+    /// slot must hold), and `other_weight_bytes` is what remains, less than its global tensors.
     pub layer_weight_bytes: u64,
     pub other_weight_bytes: u64,
     pub parameters_bytes: u64,
