@@ -188,6 +188,7 @@ fn synthetic_every_split_matches_resident_across_chunks() {
     let src = Source::Synthetic {
         format: WeightFormat::Q4_0,
         seed: 7,
+        mix: None,
     };
     let tokens: Vec<u32> = (0..7).map(|i| (i * 37 + 5) % 200).collect();
     let load = |resident: Option<usize>| {
@@ -231,6 +232,7 @@ fn streamed_layer_errors_are_refused_before_dispatch() {
     let src = Source::Synthetic {
         format: WeightFormat::Q8_0,
         seed: 1,
+        mix: None,
     };
     let o = RunOptions {
         ctx: 8,

@@ -261,3 +261,176 @@ fn bytes_per_precision_follow_the_block_sizes() {
     assert_eq!(q41.matrices.bytes, q41.matrices.params / 32 * 20);
     assert!(Precision::parse("q3_k").is_err());
 }
+
+// ---- K-quant mixes: llama.cpp's recipe --------------------------------------------------------
+
+use wgllm::loader::gguf::GgmlType;
+use wgllm::model::params::{tensor_type, typed_tensors, use_more_bits, NamedTypes, TensorRole};
+
+/// llama.cpp's `use_more_bits(i, n)`, spelled out for 40 layers: the first five, the last five,
+/// and every third from layer 7.
+#[test]
+fn use_more_bits_picks_llama_cpps_layers() {
+    let want: Vec<usize> = (0..5).chain((7..35).step_by(3)).chain(35..40).collect();
+    let got: Vec<usize> = (0..40).filter(|&i| use_more_bits(i, 40)).collect();
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 20, "half of the layers");
+    // 18 layers (Gemma 3 270M): n/8 = 2, 7n/8 = 15.
+    let got: Vec<usize> = (0..18).filter(|&i| use_more_bits(i, 18)).collect();
+    assert_eq!(got, [0, 1, 4, 7, 10, 13, 15, 16, 17]);
+}
+
+#[test]
+fn q4_k_m_gives_llama_cpps_types_by_role_and_layer() {
+    use TensorRole::*;
+    let (p, n, sq) = (Precision::Q4_K_M, 40, (5120, 5120));
+    let t = |role, layer, shape| tensor_type(p, role, layer, n, shape);
+    assert_eq!(t(Output, 0, (32000, 5120)), GgmlType::Q6_K);
+    assert_eq!(t(TokenEmbd, 0, (32000, 5120)), GgmlType::Q4_K);
+    assert_eq!(t(TiedEmbedding, 0, (32000, 5120)), GgmlType::Q6_K);
+    for layer in 0..n {
+        let more = use_more_bits(layer, n);
+        let v = if more { GgmlType::Q6_K } else { GgmlType::Q4_K };
+        assert_eq!(t(AttnV, layer, sq), v, "attn_v {layer}");
+        assert_eq!(t(FfnDown, layer, (5120, 13824)), v, "ffn_down {layer}");
+        for role in [AttnQ, AttnK, AttnOutput, FfnGate, FfnUp] {
+            assert_eq!(t(role, layer, sq), GgmlType::Q4_K, "{role:?} {layer}");
+        }
+        assert_eq!(t(NormOrBias, layer, (1, 5120)), GgmlType::F32);
+    }
+    // Rows that are not whole 256-blocks fall back to the 32-block type of about the same
+    // precision, and to f16 where 32-blocks do not fit either.
+    assert_eq!(t(AttnQ, 5, (1024, 640)), GgmlType::Q5_0);
+    assert_eq!(t(AttnV, 0, (256, 640)), GgmlType::Q8_0);
+    assert_eq!(t(TiedEmbedding, 0, (262144, 640)), GgmlType::Q8_0);
+    assert_eq!(t(AttnQ, 5, (64, 48)), GgmlType::F16);
+    assert_eq!(t(Output, 0, (64, 48)), GgmlType::F16);
+    assert_eq!(t(KeptTable, 0, (1024, 768)), GgmlType::F16);
+}
+
+#[test]
+fn the_other_mixes_follow_their_recipes() {
+    use TensorRole::*;
+    let n = 32;
+    let t = |p, role, layer, cols| tensor_type(p, role, layer, n, (4096, cols));
+    for layer in 0..n {
+        let s = |cond| if cond { GgmlType::Q5_K } else { GgmlType::Q4_K };
+        assert_eq!(t(Precision::Q4_K_S, AttnV, layer, 4096), s(layer < 4));
+        assert_eq!(t(Precision::Q4_K_S, FfnDown, layer, 11008), s(layer < 4));
+        assert_eq!(t(Precision::Q4_K_S, AttnQ, layer, 4096), GgmlType::Q4_K);
+        let m = if use_more_bits(layer, n) {
+            GgmlType::Q6_K
+        } else {
+            GgmlType::Q5_K
+        };
+        assert_eq!(t(Precision::Q5_K_M, AttnV, layer, 4096), m);
+        assert_eq!(t(Precision::Q5_K_M, FfnDown, layer, 11008), m);
+        assert_eq!(t(Precision::Q5_K_M, FfnUp, layer, 4096), GgmlType::Q5_K);
+        assert_eq!(t(Precision::Q5_K_S, AttnV, layer, 4096), GgmlType::Q5_K);
+        assert_eq!(t(Precision::Q6_K, FfnDown, layer, 11008), GgmlType::Q6_K);
+    }
+    for p in Precision::K_MIXES {
+        assert_eq!(t(p, Output, 0, 4096), GgmlType::Q6_K, "{p}");
+    }
+    assert_eq!(t(Precision::Q5_K_M, AttnQ, 1, 640), GgmlType::Q5_1);
+    assert_eq!(t(Precision::Q6_K, AttnQ, 1, 640), GgmlType::Q8_0);
+    // A single-format precision types every matrix alike.
+    assert_eq!(t(Precision::Q4_0, Output, 0, 4096), GgmlType::Q4_0);
+    assert_eq!(t(Precision::Bf16, AttnV, 0, 4096), GgmlType::BF16);
+}
+
+#[test]
+fn mixes_parse_and_print_by_llama_cpps_names() {
+    for (s, p) in [
+        ("q4_k_m", Precision::Q4_K_M),
+        ("Q4_K_S", Precision::Q4_K_S),
+        ("q5_k_m", Precision::Q5_K_M),
+        ("q5_k_s", Precision::Q5_K_S),
+        ("q6_k", Precision::Q6_K),
+    ] {
+        assert_eq!(Precision::parse(s).unwrap(), p);
+        assert_eq!(p.name(), s.to_ascii_lowercase());
+        assert!(p.is_mix());
+    }
+    assert!(!Precision::Q4_0.is_mix());
+    assert!(matches!(
+        Precision::parse("q3_k_m"),
+        Err(Error::Parse { .. })
+    ));
+}
+
+/// TheBloke's `llama-2-13b.Q4_K_M.gguf` is listed at 7.87 GB (TheBloke/Llama-2-13B-GGUF, the
+/// same as the GGML q4_K_M file's listing): 7,870,000,000 bytes to the listing's rounding. The
+/// recipe's tensor data must be within 2% of it; the file adds only its metadata (the vocabulary).
+#[test]
+fn llama_2_13b_q4_k_m_matches_the_published_file() {
+    let cfg = preset("llama-2-13b");
+    let w = weight_bytes(&cfg, Precision::Q4_K_M);
+    let published = 7_870_000_000f64;
+    let diff = (w.file_bytes as f64 - published) / published;
+    assert!(
+        diff.abs() < 0.02,
+        "{} bytes: {:+.3}%",
+        w.file_bytes,
+        diff * 100.0
+    );
+    // Q6_K on 20 attn_v, 20 ffn_down and the head; Q4_K on every other matrix; f32 norms.
+    let ts = typed_tensors(&cfg, Precision::Q4_K_M);
+    let n = |t: GgmlType| ts.iter().filter(|x| x.ggml_type == t).count();
+    assert_eq!(
+        (n(GgmlType::Q6_K), n(GgmlType::Q4_K), n(GgmlType::F32)),
+        (41, 241, 81)
+    );
+    assert_eq!(
+        ts.iter().map(|t| t.params()).sum::<u64>(),
+        count(&cfg).total
+    );
+    // The file bytes add up tensor by tensor, each in its type's blocks.
+    let by_hand: u64 = ts
+        .iter()
+        .map(|t| {
+            let per_block = t.ggml_type.block_bytes() as u64;
+            t.params() / t.ggml_type.block_len() as u64 * per_block
+        })
+        .sum();
+    assert_eq!(w.file_bytes, by_hand);
+    // The mixes order as their bits do.
+    let bytes: Vec<u64> = Precision::K_MIXES
+        .iter()
+        .map(|&p| weight_bytes(&cfg, p).file_bytes)
+        .collect();
+    assert!(bytes.windows(2).all(|w| w[0] > w[1]), "{bytes:?}");
+}
+
+/// A synthetic model of a mix types its tensors by GGUF name as the recipe types the config's.
+#[test]
+fn named_types_agree_with_the_config_recipe() {
+    for name in ["llama-2-13b", "smollm2-135m", "qwen2.5-0.5b"] {
+        let cfg = preset(name);
+        let named = NamedTypes::new(&cfg, Precision::Q4_K_M);
+        for t in typed_tensors(&cfg, Precision::Q4_K_M) {
+            if t.role == TensorRole::NormOrBias {
+                continue;
+            }
+            let gguf = match (t.name.as_str(), t.layer) {
+                ("embed_tokens", _) => "token_embd.weight".to_string(),
+                ("lm_head", _) => "output.weight".to_string(),
+                (n, Some(l)) => {
+                    let short = n.trim_start_matches("layers.");
+                    let short = if short == "attn_o" {
+                        "attn_output"
+                    } else {
+                        short
+                    };
+                    format!("blk.{l}.{short}.weight")
+                }
+                (n, None) => panic!("{name}: unexpected global tensor {n}"),
+            };
+            assert_eq!(
+                named.ggml_type(&gguf, t.rows, t.cols),
+                t.ggml_type,
+                "{name} {gguf}"
+            );
+        }
+    }
+}

@@ -1,6 +1,9 @@
 //! The memory planner: known answers (llama.cpp's KV cache size, the 13B-in-12-GiB proof), tight
 //! suggestions, the activation sharing and its loop-aware liveness, the training contrast and the
-//! reports. No GPU needed.
+//! reports; parameters per tensor type of mixed GGUF files and of the K-quant mixes. No GPU
+//! needed.
+
+mod common;
 
 use std::collections::BTreeMap;
 
@@ -164,7 +167,7 @@ fn suggestions_over_budget_are_tight() {
 }
 
 #[test]
-fn highest_precision_that_fits_is_q4_1_for_13b_in_12_gib() {
+fn highest_precision_that_fits_is_q6_k_for_13b_in_12_gib() {
     let p = plan(
         "llama-2-13b",
         Precision::F16,
@@ -174,9 +177,13 @@ fn highest_precision_that_fits_is_q4_1_for_13b_in_12_gib() {
     );
     assert!(!p.fits());
     let s = p.suggestions().expect("suggestions");
-    // q8_0 needs ~12.9 GiB of weights alone; q4_1 (20 bytes per 32) is the largest that fits.
+    // q8_0 needs ~12.9 GiB of weights alone; llama.cpp's q6_k (6.56 bits a weight) is the
+    // largest that fits, and of the single formats q4_1 (20 bytes per 32).
     let h = s.highest_precision.expect("a precision fits");
-    assert_eq!(h.name, "q4_1");
+    assert_eq!(h.name, "q6_k");
+    let at = |p| plan("llama-2-13b", p, KvDtype::F16, 2048, Some(12 * GIB));
+    assert!(at(Precision::Q6_K).fits() && at(Precision::Q4_1).fits());
+    assert!(at(Precision::Q6_K).parameters_bytes > at(Precision::Q4_1).parameters_bytes);
     assert!(!plan(
         "llama-2-13b",
         Precision::Q8_0,
@@ -692,4 +699,303 @@ fn auto_resident_layers_weighs_each_limit_by_what_it_covers() {
     }
     // Nothing fits: every layer streamed, tried rather than refused.
     assert_eq!(p.auto_resident_layers(&ledger(1 << 20), &layers), Some(0));
+}
+
+// ---- Mixed GGUF files and K-quant mixes -------------------------------------------------------
+
+use wgllm::kernels::weights::WeightStorage;
+use wgllm::loader::gguf::{GgmlType, Gguf};
+use wgllm::model::params::{tensor_type, TensorRole};
+use wgllm::plan::{config_type_table, gguf_type_table, DEFAULT_MAX_BINDING};
+
+fn buffers() -> WeightStorage {
+    WeightStorage::buffers(DEFAULT_MAX_BINDING)
+}
+
+/// A small LLaMA as llama.cpp's Q4_K_M would write it, typed by hand from its rules: hidden 320
+/// (not whole 256-blocks: Q4_K falls back to Q5_0, Q6_K to Q8_0), FFN 512 (whole blocks), 8
+/// layers of which `use_more_bits` picks 0, 3, 6 and 7, an untied head (Q6_K, so Q8_0 here).
+const SMALL: (usize, usize, usize, usize, usize) = (320, 512, 8, 96, 64); // d, ffn, L, vocab, kv
+
+fn small_q4_k_m_tensors() -> Vec<(String, Vec<u64>, GgmlType)> {
+    let (d, f, l, v, kv) = SMALL;
+    let more = [0, 3, 6, 7];
+    let mut ts = vec![(
+        "token_embd.weight".to_string(),
+        vec![d as u64, v as u64],
+        GgmlType::Q5_0,
+    )];
+    for i in 0..l {
+        let m = |name: &str, cols: usize, rows: usize, t| {
+            (format!("blk.{i}.{name}"), vec![cols as u64, rows as u64], t)
+        };
+        let big = more.contains(&i);
+        ts.push(m("attn_q.weight", d, d, GgmlType::Q5_0));
+        ts.push(m("attn_k.weight", d, kv, GgmlType::Q5_0));
+        let v_type = if big { GgmlType::Q8_0 } else { GgmlType::Q5_0 };
+        ts.push(m("attn_v.weight", d, kv, v_type));
+        ts.push(m("attn_output.weight", d, d, GgmlType::Q5_0));
+        ts.push(m("ffn_gate.weight", d, f, GgmlType::Q5_0));
+        ts.push(m("ffn_up.weight", d, f, GgmlType::Q5_0));
+        let down = if big { GgmlType::Q6_K } else { GgmlType::Q4_K };
+        ts.push(m("ffn_down.weight", f, d, down));
+        for norm in ["attn_norm.weight", "ffn_norm.weight"] {
+            ts.push((format!("blk.{i}.{norm}"), vec![d as u64], GgmlType::F32));
+        }
+    }
+    ts.push((
+        "output_norm.weight".to_string(),
+        vec![d as u64],
+        GgmlType::F32,
+    ));
+    ts.push((
+        "output.weight".to_string(),
+        vec![d as u64, v as u64],
+        GgmlType::Q8_0,
+    ));
+    ts
+}
+
+/// A GGUF v3 image of `tensors` (zero data of each type's size) with LLaMA metadata for `SMALL`.
+fn small_gguf(tensors: &[(String, Vec<u64>, GgmlType)]) -> Vec<u8> {
+    let (d, f, l, _, kv) = SMALL;
+    let put_str = |b: &mut Vec<u8>, s: &str| {
+        b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    };
+    let u32s = [
+        ("llama.embedding_length", d as u32),
+        ("llama.feed_forward_length", f as u32),
+        ("llama.block_count", l as u32),
+        ("llama.attention.head_count", (d / 64) as u32),
+        ("llama.attention.head_count_kv", (kv / 64) as u32),
+        ("llama.context_length", 256),
+    ];
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(u32s.len() as u64 + 2).to_le_bytes());
+    put_str(&mut b, "general.architecture");
+    b.extend_from_slice(&8u32.to_le_bytes());
+    put_str(&mut b, "llama");
+    for (k, x) in u32s {
+        put_str(&mut b, k);
+        b.extend_from_slice(&4u32.to_le_bytes());
+        b.extend_from_slice(&x.to_le_bytes());
+    }
+    put_str(&mut b, "llama.attention.layer_norm_rms_epsilon");
+    b.extend_from_slice(&6u32.to_le_bytes());
+    b.extend_from_slice(&1e-5f32.to_le_bytes());
+    let mut offset = 0u64;
+    for (name, dims, t) in tensors {
+        put_str(&mut b, name);
+        b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        dims.iter()
+            .for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+        b.extend_from_slice(&t.id().to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+        offset = (offset + type_bytes(*t, dims)).next_multiple_of(32);
+    }
+    b.resize(b.len().next_multiple_of(32), 0);
+    b.resize(b.len() + offset as usize, 0);
+    b
+}
+
+/// Bytes of a tensor of `dims` (row length first) in type `t`.
+fn type_bytes(t: GgmlType, dims: &[u64]) -> u64 {
+    let n: u64 = dims.iter().product();
+    n / t.block_len() as u64 * t.block_bytes() as u64
+}
+
+/// The recipe reproduces the hand-typed file tensor by tensor, and the file's per-type table
+/// (counted from its tensor infos) is the config's at q4_k_m (counted from the recipe).
+#[test]
+fn a_mixed_file_counts_per_type_as_its_recipe() {
+    let ts = small_q4_k_m_tensors();
+    let g = Gguf::from_bytes("small-q4_k_m.gguf", small_gguf(&ts)).expect("valid GGUF");
+    let (cfg, _) = wgllm::model::llama::config_from_gguf(&g).expect("a LLaMA config");
+    for (name, dims, want) in &ts {
+        let (role, layer) = TensorRole::from_gguf_name(name, dims.len(), false);
+        let shape = (dims.get(1).copied().unwrap_or(1) as usize, dims[0] as usize);
+        let got = tensor_type(
+            Precision::Q4_K_M,
+            role,
+            layer.unwrap_or(0),
+            cfg.n_layers,
+            shape,
+        );
+        assert_eq!(got, *want, "{name}");
+    }
+    let file = gguf_type_table(&g, buffers()).unwrap();
+    let recipe = config_type_table(&cfg, Precision::Q4_K_M, buffers()).unwrap();
+    let by_type = |t: &wgllm::plan::TypeTable| {
+        let mut v: Vec<_> = t.rows.clone();
+        v.sort_by(|a, b| a.ggml_type.cmp(&b.ggml_type));
+        v
+    };
+    assert_eq!(by_type(&file), by_type(&recipe));
+    assert_eq!(file.total, recipe.total);
+    // Independently of either: counts, parameters and bytes from the tensor list.
+    for row in &file.rows {
+        let of: Vec<_> = ts.iter().filter(|t| t.2.name() == row.ggml_type).collect();
+        assert_eq!(row.tensors, of.len() as u64, "{}", row.ggml_type);
+        let params: u64 = of.iter().map(|t| t.1.iter().product::<u64>()).sum();
+        assert_eq!(row.params, params, "{}", row.ggml_type);
+        let bytes: u64 = of.iter().map(|t| type_bytes(t.2, &t.1)).sum();
+        assert_eq!(row.file_bytes, bytes, "{}", row.ggml_type);
+        assert!(row.uploaded_bytes >= row.params / 8, "{row:?}");
+    }
+    let count = |t: &str| file.get(t).map_or(0, |r| r.tensors);
+    assert_eq!(
+        [
+            count("Q5_0"),
+            count("Q8_0"),
+            count("Q6_K"),
+            count("Q4_K"),
+            count("F32")
+        ],
+        [45, 5, 4, 4, 17]
+    );
+    assert_eq!(file.total.params, params::count(&cfg).total);
+
+    // The plan of the file books its tensors as uploaded, and so does the config's at q4_k_m.
+    let mut p = MemoryPlan::new(&cfg, PlanOptions::default()).unwrap();
+    p.use_gguf_weights(&g, buffers()).unwrap();
+    assert_eq!(p.parameters_bytes, file.total.uploaded_bytes);
+    assert_eq!(p.tensor_types, file);
+    let q = MemoryPlan::new(
+        &cfg,
+        PlanOptions {
+            precision: Precision::Q4_K_M,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(q.tensor_types, recipe);
+    assert_eq!(q.parameters_bytes, p.parameters_bytes);
+}
+
+/// `wgllm plan -m FILE --json` carries the per-type table; the text report prints it.
+#[test]
+fn plan_cli_prints_the_per_type_table_of_a_file() {
+    let ts = small_q4_k_m_tensors();
+    let path = std::env::temp_dir().join(format!("wgllm-plan-mixed-{}.gguf", std::process::id()));
+    std::fs::write(&path, small_gguf(&ts)).unwrap();
+    let run = |json: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"));
+        c.arg("plan").arg("-m").arg(&path);
+        if json {
+            c.arg("--json");
+        }
+        let out = c.output().expect("wgllm runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let v: serde_json::Value = serde_json::from_str(&run(true)).expect("JSON");
+    let rows = v["tensor_types"]["rows"].as_array().expect("rows");
+    let q6 = rows
+        .iter()
+        .find(|r| r["ggml_type"] == "Q6_K")
+        .expect("Q6_K row");
+    assert_eq!(q6["tensors"], 4);
+    assert_eq!(v["tensor_types"]["total"]["tensors"], ts.len());
+    let text = run(false);
+    assert!(text.contains("parameters by tensor type"), "{text}");
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with("Q5_0")),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+/// The Gemma 3 270M Q4_K_M file from GGUF-my-repo: its counts as published (236 tensors: Q5_0
+/// 81, Q4_K 27, Q8_0 10, Q6_K 9, F32 109; 268,098,176 parameters in 246,587,904 bytes), and
+/// every tensor of it the type llama.cpp's Q4_K_M recipe gives it.
+#[test]
+fn the_gemma_file_counts_as_published_and_follows_the_recipe() {
+    let Some(path) = common::packaged_model(&wgllm::fetch::GEMMA3_270M) else {
+        return;
+    };
+    let g = Gguf::open(&path).unwrap();
+    let t = gguf_type_table(&g, buffers()).unwrap();
+    let count = |n: &str| t.get(n).map_or(0, |r| r.tensors);
+    assert_eq!(
+        [
+            count("Q5_0"),
+            count("Q4_K"),
+            count("Q8_0"),
+            count("Q6_K"),
+            count("F32")
+        ],
+        [81, 27, 10, 9, 109]
+    );
+    assert_eq!(
+        (t.total.tensors, t.total.params, t.total.file_bytes),
+        (236, 268_098_176, 246_587_904)
+    );
+    let tied = g.tensor("output.weight").is_err();
+    let n_layers = g.get_u32("gemma3.block_count").unwrap() as usize;
+    for ti in g.tensors() {
+        let (role, layer) = TensorRole::from_gguf_name(&ti.name, ti.shape.len(), tied);
+        let rows = ti.shape.iter().skip(1).product::<usize>().max(1);
+        let want = tensor_type(
+            Precision::Q4_K_M,
+            role,
+            layer.unwrap_or(0),
+            n_layers,
+            (rows, ti.shape[0]),
+        );
+        assert_eq!(ti.ggml_type, want, "{}", ti.name);
+    }
+}
+
+/// The 13B plan at q4_k_m: parameters as llama.cpp's file holds them (within 2% of the published
+/// 7.87 GB), booked in the formats the loader uploads their types in (K-quants as they are), and
+/// the whole run inside 12 GiB at 4k context with an f16 KV cache.
+#[test]
+fn llama_2_13b_q4_k_m_plan_counts_the_recipe_and_fits_12_gib_at_4k() {
+    let p = plan(
+        "llama-2-13b",
+        Precision::Q4_K_M,
+        KvDtype::F16,
+        4096,
+        Some(12 * GIB),
+    );
+    assert!(p.fits(), "{} bytes", p.total_bytes);
+    let published = 7_870_000_000f64;
+    let diff = (p.parameters_bytes as f64 - published) / published;
+    assert!(diff.abs() < 0.02, "parameters {:+.3}%", diff * 100.0);
+    let t = &p.tensor_types;
+    for row in &t.rows {
+        // Each type is uploaded as itself: Q4_K as q4_k, Q6_K as q6_k, F32 as f32.
+        assert_eq!(
+            row.format.name(),
+            row.ggml_type.to_ascii_lowercase(),
+            "{row:?}"
+        );
+        assert_eq!(
+            row.uploaded_bytes, row.file_bytes,
+            "uploaded as stored: {row:?}"
+        );
+    }
+    assert_eq!(t.total.params, params::count(&p.cfg).total);
+    let diff = (t.total.file_bytes as f64 - published) / published;
+    assert!(diff.abs() < 0.02, "{:+.3}%", diff * 100.0);
+    assert_eq!(p.weights.file_bytes, t.total.file_bytes);
+    assert_eq!(p.parameters_bytes, t.total.uploaded_bytes);
+    // Buffers of whole words hold the K-quant blocks as they are: nothing to align.
+    assert_eq!(p.parameters_bytes, p.weights.exact_bytes);
+    let sum: u64 = t.rows.iter().map(|r| r.uploaded_bytes).sum();
+    assert_eq!(sum, t.total.uploaded_bytes);
+    // One layer's bytes are the largest layer's (a use_more_bits layer).
+    let layer0: u64 = params::typed_tensors(&p.cfg, Precision::Q4_K_M)
+        .iter()
+        .filter(|t| t.layer == Some(0))
+        .map(|t| t.bytes())
+        .sum();
+    assert_eq!(p.layer_weight_bytes, layer0);
 }

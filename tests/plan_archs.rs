@@ -279,4 +279,17 @@ fn bad_requests_are_refused_for_every_architecture() {
     };
     assert!(MemoryPlan::new(&preset("gpt2"), q8.clone()).is_ok());
     assert!(MemoryPlan::new(&preset("bert-base-uncased"), q8).is_ok());
+    // llama.cpp's K-quant mixes type LLaMA's tensors; the GPT-2 and BERT loaders take one format.
+    for name in ["gpt2", "bert-base-uncased", "gpt3-175b"] {
+        let mix = PlanOptions {
+            precision: wgllm::model::params::Precision::Q4_K_M,
+            ..Default::default()
+        };
+        let e = MemoryPlan::new(&preset(name), mix).expect_err(name);
+        assert!(
+            matches!(e, wgllm::Error::InvalidArgument { .. }),
+            "{name}: {e}"
+        );
+        assert!(e.to_string().contains("q4_k_m"), "{e}");
+    }
 }

@@ -163,6 +163,7 @@ fn a_model_whose_final_norm_folds_into_the_head_matches_the_ledger() {
         let src = wgllm::model::source::Source::Synthetic {
             format: wgllm::quant::WeightFormat::Q8_0,
             seed: 1,
+            mix: None,
         };
         let rot = cfg.head_dim;
         let mut m = wgllm::model::llama::Llama::load(&gpu, cfg.clone(), rot, &src, opts).unwrap();
@@ -455,5 +456,55 @@ fn bert_batch_planned_bytes_equal_the_ledger() {
             plan.staging_upload_bytes,
             class(BufferClass::Staging).peak_bytes,
         );
+    }
+}
+
+/// A synthetic model of a K-quant mix uploads each matrix in its recipe type's format: the
+/// ledger's parameters are the plan's, and its per-type table's uploaded bytes, to the byte. SmolLM2's shapes exercise the fallbacks (hidden 576
+/// is not whole 256-blocks: Q5_0, Q5_1 and Q8_0; ffn_down's 1536 is: Q4_K, Q5_K, Q6_K).
+#[test]
+fn a_synthetic_k_quant_mix_uploads_what_the_plan_counts() {
+    if gpu().is_none() {
+        return;
+    }
+    use wgllm::model::params::{NamedTypes, Precision};
+    let mut cfg = wgllm::model::config::ModelConfig::preset("smollm2-135m").unwrap();
+    cfg.n_layers = 4;
+    for precision in [Precision::Q4_K_M, Precision::Q5_K_S, Precision::Q6_K] {
+        let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+        let opts = RunOptions {
+            ctx: 64,
+            ..Default::default()
+        };
+        let src = wgllm::model::source::Source::Synthetic {
+            format: precision.storage(),
+            seed: 1,
+            mix: Some(NamedTypes::new(&cfg, precision)),
+        };
+        let rot = cfg.head_dim;
+        let mut m = wgllm::model::llama::Llama::load(&gpu, cfg.clone(), rot, &src, opts).unwrap();
+        // It runs: every matrix's format has its kernels.
+        let logits = m.forward(&gpu, &[1, 2, 3], 0).unwrap();
+        assert!(logits.iter().all(|x| x.is_finite()), "{precision}");
+        let measured = gpu
+            .ledger
+            .report()
+            .class(BufferClass::Parameters)
+            .current_bytes;
+        let popts = PlanOptions {
+            precision,
+            ctx: 64,
+            ..Default::default()
+        }
+        .for_device(&wgllm::kernels::device_traits(&gpu));
+        let plan = MemoryPlan::new(&cfg, popts).unwrap();
+        let types = &plan.tensor_types;
+        eprintln!(
+            "{precision}: measured {measured}, per type {}, plan {}",
+            types.total.uploaded_bytes, plan.parameters_bytes
+        );
+        assert!(types.rows.len() >= 3, "{precision}: {types:?}");
+        assert_eq!(types.total.uploaded_bytes, measured, "{precision}");
+        assert_eq!(plan.parameters_bytes, measured, "{precision}");
     }
 }

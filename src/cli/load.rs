@@ -213,27 +213,36 @@ pub(crate) fn load_for_bench(
                 cfg.arch
             );
         }
-        let format = m
+        // A single format, or a K-quant mix whose matrices each take their type in the mix.
+        let precision = m
             .precision
             .as_deref()
-            .map(parse_precision)
+            .map(plan_precision)
             .transpose()?
-            .unwrap_or(wgllm::quant::WeightFormat::Q4_0);
+            .unwrap_or(wgllm::model::params::Precision::Q4_0);
+        let format = precision.storage();
+        let mix = precision
+            .is_mix()
+            .then(|| wgllm::model::params::NamedTypes::new(&cfg, precision));
         eprintln!(
-            "building {name} with synthetic {format} weights on {} ...",
+            "building {name} with synthetic {precision} weights on {} ...",
             gpu.info.name
         );
         opts.resident_layers = resident_layers(gpu, m, || {
-            let precision = wgllm::model::params::Precision::parse(format.name())?;
             let plan = MemoryPlan::new(&cfg, run_plan_options(gpu, m, precision, false)?)?;
             let layers = plan.uniform_layer_bytes();
             Ok(Some((plan, layers)))
         })?;
         let t = std::time::Instant::now();
         let rot = cfg.head_dim;
-        let model = Llama::load(gpu, cfg, rot, &Source::Synthetic { format, seed: 1 }, opts)?;
+        let src = Source::Synthetic {
+            format,
+            seed: 1,
+            mix,
+        };
+        let model = Llama::load(gpu, cfg, rot, &src, opts)?;
         eprintln!("built in {:.1} s", t.elapsed().as_secs_f64());
-        return Ok((Box::new(model), format!("{name} {format} (synthetic)")));
+        return Ok((Box::new(model), format!("{name} {precision} (synthetic)")));
     }
     let lm = load_model(gpu, m, false)?;
     Ok((lm.model, lm.description))

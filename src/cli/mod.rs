@@ -63,7 +63,9 @@ pub(crate) struct ModelArgs {
     /// KV cache type: f32, f16 or q8_0.
     #[arg(long, default_value = "f16")]
     pub(crate) kv: String,
-    /// Quantise safetensors weights on load: f32, f16, int8 (q8_0) or int4 (q4_0), or a format name.
+    /// Quantise safetensors weights on load: f32, f16, int8 (q8_0) or int4 (q4_0), or a format name;
+    /// for --synthetic presets also a K-quant mix (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k), each
+    /// matrix in the type llama.cpp's file of that mix has.
     #[arg(long)]
     pub(crate) precision: Option<String>,
     /// Tokens per prefill chunk.

@@ -19,7 +19,10 @@ pub(crate) struct Args {
     /// List the presets.
     #[arg(long)]
     list: bool,
-    /// Weight precision: f32, f16, bf16, int8/q8_0, int4/q4_0, q4_1 (default: f16, or a GGUF file's own).
+    /// Weight precision: f32, f16, bf16, int8/q8_0, int4/q4_0, q4_1, or one of llama.cpp's
+    /// K-quant mixes q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (each tensor the type llama.cpp's
+    /// quantiser gives it: Q4_K_M is Q4_K with Q6_K for the head and half the attn_v and ffn_down
+    /// matrices). Default: f16, or a GGUF file's own tensor types.
     #[arg(long)]
     precision: Option<String>,
     /// KV cache type: f32, f16, q8_0.
@@ -78,7 +81,11 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<bool> {
         }
         (Some(p), None, None) => {
             let g = wgllm::loader::gguf::Gguf::open(p)?;
-            let cfg = wgllm::model::llama::config_from_gguf(&g)?.0;
+            let cfg = match wgllm::model::llama::config_from_gguf(&g) {
+                Ok((cfg, _)) => cfg,
+                // An architecture wgllm does not run yet still has its tensors to count.
+                Err(e) => return type_table_only(&g, &e, a.json),
+            };
             if a.precision.is_none() {
                 gguf = Some(g);
             }
@@ -138,6 +145,20 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<bool> {
     } else {
         print!("{}", plan.to_table());
         print_parameter_breakdown(&cfg);
+        if !plan.tensor_types.rows.is_empty() {
+            let of = if gguf.is_some() {
+                "the file's tensors".to_string()
+            } else {
+                format!("at {}", plan.options.precision)
+            };
+            println!(
+                "\nparameters by tensor type ({of}; uploaded bytes as the ledger books them):"
+            );
+            print!(
+                "{}",
+                wgllm::plan::types::type_table_text(&plan.tensor_types)
+            );
+        }
         if !encoder {
             let decode = MemoryPlan::new(
                 &cfg,
@@ -181,4 +202,29 @@ fn print_parameter_breakdown(cfg: &wgllm::model::config::ModelConfig) {
         group_digits(count.per_layer)
     );
     println!("  {:<28} {:>18}", "total", group_digits(count.total));
+}
+
+/// The per-type table of a GGUF file whose architecture has no plan here (no forward pass yet):
+/// what the file holds and what its tensors would take on the device.
+fn type_table_only(g: &wgllm::loader::gguf::Gguf, why: &wgllm::Error, json: bool) -> Result<bool> {
+    let storage = wgllm::kernels::weights::WeightStorage::buffers(wgllm::plan::DEFAULT_MAX_BINDING);
+    let table = wgllm::plan::gguf_type_table(g, storage)?;
+    let arch = g.architecture().unwrap_or("unknown");
+    if json {
+        let v = serde_json::json!({
+            "file": g.file(),
+            "architecture": arch,
+            "runs_here": false,
+            "reason": why.to_string(),
+            "tensor_types": table,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{}: architecture {arch}: no memory plan ({why}); its tensors by type:",
+            g.file()
+        );
+        print!("{}", wgllm::plan::types::type_table_text(&table));
+    }
+    Ok(true)
 }

@@ -18,10 +18,12 @@ pub enum Source<'a> {
     Hf(&'a HfModel, Option<WeightFormat>),
     /// No file: pseudo-random weights of the real shapes in `format` (norm weights are ones), for
     /// benchmarks and memory proofs of models that are not on disk. The bytes are generated in
-    /// bounded chunks and uploaded, so host memory stays small.
+    /// bounded chunks and uploaded, so host memory stays small. With `mix` (a K-quant mix), each
+    /// matrix is in the format its type in a file of that mix is uploaded in, not `format`.
     Synthetic {
         format: WeightFormat,
         seed: u64,
+        mix: Option<crate::model::params::NamedTypes>,
     },
 }
 
@@ -98,11 +100,11 @@ impl Source<'_> {
                 }
                 Ok((format, Cow::Owned(bytes)))
             }
-            Source::Synthetic { format, seed } => {
-                let format = if fits(*format) {
-                    *format
-                } else {
-                    WeightFormat::F16
+            Source::Synthetic { format, seed, mix } => {
+                let format = match mix {
+                    Some(m) => m.format(name, rows, cols),
+                    None if fits(*format) => *format,
+                    None => WeightFormat::F16,
                 };
                 let seed = seed
                     ^ name

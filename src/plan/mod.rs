@@ -36,6 +36,7 @@ mod report;
 mod streaming;
 pub mod svg;
 mod train;
+pub mod types;
 pub mod uploads;
 
 pub use activations::{llama_activation_plan, ActivationPlan, PlannedBuffer};
@@ -43,6 +44,7 @@ pub use bert::bert_activation_plan;
 pub use gpt2::gpt2_activation_plan;
 pub use streaming::{gguf_layer_bytes, LayerBytes, Limits};
 pub use train::TrainPlan;
+pub use types::{config_type_table, gguf_type_table, TypeRow, TypeTable};
 
 use serde::{Serialize, Serializer};
 
@@ -218,7 +220,13 @@ pub struct MemoryPlan {
     /// what it uploads, not its checkpoint; a ctx capped at the learned positions).
     pub notes: Vec<String>,
     pub weights: WeightBytes,
-    /// One layer's weights; `parameters_bytes = n_layers * layer_weight_bytes + other_weight_bytes`.
+    /// Parameters and bytes per GGUF type: of the config at the precision (LLaMA-family models),
+    /// or of the file's own tensors ([`MemoryPlan::use_gguf_weights`]); empty for GPT-2 and
+    /// BERT, whose loaders upload other tensors than the checkpoint's.
+    pub tensor_types: TypeTable,
+    /// One layer's weights; `parameters_bytes = n_layers * layer_weight_bytes +
+    /// other_weight_bytes`. A K-quant mix's layers differ: this is the largest (what a streaming
+    /// slot must hold), and `other_weight_bytes` is what remains, less than its global tensors.
     pub layer_weight_bytes: u64,
     pub other_weight_bytes: u64,
     pub parameters_bytes: u64,
@@ -313,6 +321,18 @@ impl MemoryPlan {
                 ),
             ));
         }
+        if opts.precision.is_mix() && cfg.arch != Arch::Llama {
+            // The GPT-2 and BERT loaders upload one format for every matrix (`uploads`).
+            return Err(Error::invalid(
+                "plan",
+                format!(
+                    "{} is one of llama.cpp's K-quant mixes, planned for LLaMA-family models; {} \
+                     takes a single format (f32, f16, bf16, q8_0, q4_0, q4_1)",
+                    opts.precision,
+                    cfg.arch.name()
+                ),
+            ));
+        }
         let mut opts = opts;
         let mut warnings = Vec::new();
         let mut notes = Vec::new();
@@ -368,6 +388,10 @@ impl MemoryPlan {
         let (p, l) = (opts.precision, cfg.n_layers as u64);
         let fmt = p.storage();
         let weights = params::weight_bytes(cfg, p);
+        let tensor_types = match cfg.arch {
+            Arch::Llama => types::config_type_table(cfg, p, opts.weight_storage())?,
+            Arch::Gpt2 | Arch::Gpt3 | Arch::Bert => TypeTable::default(),
+        };
         let kv_bpt = pass.kv_bytes_per_token_layer;
         let kv_cache_bytes = l.saturating_mul(pass.kv_positions).saturating_mul(kv_bpt);
         let activations = pass.activations;
@@ -453,7 +477,13 @@ impl MemoryPlan {
             ));
         }
 
-        let parameters_bytes = pass.parameters_bytes;
+        // A K-quant mix is booked as its per-type table counts it: each tensor sharded and laid
+        // out as the device stores it, as a GGUF file's tensors are.
+        let parameters_bytes = if p.is_mix() && cfg.arch == Arch::Llama {
+            tensor_types.total.uploaded_bytes
+        } else {
+            pass.parameters_bytes
+        };
         let staging_bytes = staging_upload_bytes + staging_readback_bytes;
         let activation_bytes = activations.total_bytes;
         let sum = [
@@ -477,6 +507,7 @@ impl MemoryPlan {
             options: opts,
             parameters_bytes,
             weights,
+            tensor_types,
             layer_weight_bytes: pass.layer_weight_bytes,
             other_weight_bytes: parameters_bytes
                 .saturating_sub(l.saturating_mul(pass.layer_weight_bytes)),
@@ -582,8 +613,13 @@ impl MemoryPlan {
                 fits: p.fits(),
             })
             .collect();
+        // llama.cpp's K-quant mixes are candidates where the recipe applies (LLaMA's tensors).
+        let mixes = Precision::K_MIXES
+            .into_iter()
+            .filter(|_| self.cfg.arch == Arch::Llama);
         let mut by_bytes: Vec<MemoryPlan> = Precision::ALL
             .into_iter()
+            .chain(mixes)
             .filter_map(|p| with(p, self.options.kv))
             .collect();
         by_bytes.sort_by_key(|p| std::cmp::Reverse(p.parameters_bytes));
@@ -725,6 +761,7 @@ impl MemoryPlan {
     ) -> Result<()> {
         let (total, largest) = gguf_weight_bytes(g, storage)?;
         self.set_parameter_bytes(total);
+        self.tensor_types = types::gguf_type_table(g, storage)?;
         let upload = largest.min(STAGING_CHUNK).div_ceil(4) * 4;
         let rest = self.buffers_bytes() - self.staging_bytes;
         self.staging_upload_bytes = upload;
@@ -752,24 +789,6 @@ fn gguf_tensor_bytes(
     t: &crate::loader::gguf::TensorInfo,
     storage: WeightStorage,
 ) -> Result<(u64, u64)> {
-    let align4 = |b: u64| b.div_ceil(4).max(1) * 4;
-    let format = crate::loader::gguf::weight_format(t.ggml_type).unwrap_or(WeightFormat::F32);
-    Ok(match t.shape[..] {
-        [cols, rows] if rows > 1 => {
-            let per = storage.rows_per_shard(format, rows, cols)?;
-            let (mut total, mut largest, mut r0) = (0, 0, 0);
-            while r0 < rows {
-                let n = per.min(rows - r0);
-                let (data, scales) = storage.shard_bytes(format, n, cols);
-                total += data + scales;
-                largest = largest.max(storage.shard_upload_bytes(format, n, cols));
-                r0 += n;
-            }
-            (total, largest)
-        }
-        _ => (
-            align4(t.n_elements as u64 * 4),
-            align4(t.n_elements as u64 * 4),
-        ),
-    })
+    let (rows, cols) = types::gguf_rows_cols(&t.shape);
+    types::upload_bytes(types::gguf_upload_format(t.ggml_type), rows, cols, storage)
 }

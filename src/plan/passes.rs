@@ -10,19 +10,7 @@ use crate::error::Result;
 use crate::gpu::buffer::STAGING_CHUNK;
 use crate::kernels::attention::bytes_per_token;
 use crate::model::config::ModelConfig;
-use crate::model::params::{self, ParamClass, ParamTensor, Precision};
-
-/// Bytes of one copy of `t` as [`params::weight_bytes`] counts them.
-fn tensor_bytes(t: &ParamTensor, p: Precision) -> u64 {
-    let fmt = p.storage();
-    let (rows, cols) = (t.rows as u64, t.cols as u64);
-    match t.class {
-        ParamClass::NormOrBias => rows.saturating_mul(cols).saturating_mul(4),
-        _ => {
-            (cols.div_ceil(fmt.block_len() as u64) * fmt.block_bytes() as u64).saturating_mul(rows)
-        }
-    }
-}
+use crate::model::params::{self, ParamClass};
 
 /// What one architecture's forward pass contributes to a plan.
 pub(super) struct Pass {
@@ -50,23 +38,28 @@ pub(super) struct Pass {
 /// `n_kv_heads`, the activations of [`super::llama_activation_plan`] with the device's fusions.
 pub(super) fn llama(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
     let p = opts.precision;
-    let fmt = p.storage();
     let weights = params::weight_bytes(cfg, p);
-    let tensors = params::tensors(cfg);
-    let layer_weight_bytes: u64 = tensors
-        .iter()
-        .filter(|t| t.name.starts_with("layers."))
-        .map(|t| tensor_bytes(t, p))
-        .fold(0, u64::saturating_add);
+    let tensors = params::typed_tensors(cfg, p);
+    // One layer's weights: the largest layer's, since a K-quant mix gives some layers more bits
+    // (every layer is the same otherwise).
+    let mut per_layer = vec![0u64; cfg.n_layers];
+    for t in &tensors {
+        if let Some(l) = t.layer.and_then(|l| per_layer.get_mut(l)) {
+            *l = l.saturating_add(t.bytes());
+        }
+    }
+    let layer_weight_bytes = per_layer.iter().copied().max().unwrap_or(0);
     // Largest single upload chunk: of a shard's data or scales, or of a norm/bias vector.
     let storage = opts.weight_storage();
     let mut largest = 0u64;
     for t in &tensors {
         let b = match t.class {
-            ParamClass::NormOrBias => tensor_bytes(t, p).min(STAGING_CHUNK),
+            ParamClass::NormOrBias => t.bytes().min(STAGING_CHUNK),
             _ => {
-                let per = storage.rows_per_shard(fmt, t.rows, t.cols)?.min(t.rows);
-                storage.shard_upload_bytes(fmt, per, t.cols)
+                let per = storage
+                    .rows_per_shard(t.format, t.rows, t.cols)?
+                    .min(t.rows);
+                storage.shard_upload_bytes(t.format, per, t.cols)
             }
         };
         largest = largest.max(b);

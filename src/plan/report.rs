@@ -261,10 +261,15 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     );
     let _ = writeln!(
         s,
-        "\n{:<10} {:>17} {:>24} {:>12}",
-        "precision", "exact bytes", "naive bytes", "exact/naive"
+        "\n{:<10} {:>17} {:>24} {:>12} {:>17}",
+        "precision", "exact bytes", "naive bytes", "exact/naive", "GGUF file bytes"
     );
-    for pr in Precision::ALL {
+    // The K-quant mixes' exact bytes are what wgllm uploads their types as; the file column is
+    // what llama.cpp's file of that name holds. Only LLaMA-family models are planned at a mix.
+    let mixes = Precision::K_MIXES
+        .into_iter()
+        .filter(|_| c.arch == crate::model::config::Arch::Llama);
+    for pr in Precision::ALL.into_iter().chain(mixes) {
         let w = params::weight_bytes(c, pr);
         let (num, den) = pr.naive_rate();
         let rate = if den == 1 {
@@ -274,11 +279,12 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<10} {:>17} {:>24} {:>12}",
+            "{:<10} {:>17} {:>24} {:>12} {:>17}",
             pr.name(),
             group(w.exact_bytes),
             format!("{} ({rate} B)", group(w.naive_bytes)),
-            format!("{:.4}", w.ratio())
+            format!("{:.4}", w.ratio()),
+            group(w.file_bytes)
         );
     }
     s

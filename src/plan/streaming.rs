@@ -88,9 +88,24 @@ pub fn gguf_layer_bytes(
 }
 
 impl MemoryPlan {
-    /// [`LayerBytes`] of the plan's own config: every layer alike, `layer_weight_bytes` each.
+    /// [`LayerBytes`] of the plan's own config: every layer alike, `layer_weight_bytes` each; in
+    /// a K-quant mix, whose layers differ, each layer's own tensors by role.
     pub fn uniform_layer_bytes(&self) -> LayerBytes {
         let l = self.cfg.n_layers;
+        if self.options.precision.is_mix() {
+            let mut out = LayerBytes {
+                resident: vec![0; l],
+                roles: vec![BTreeMap::new(); l],
+            };
+            for t in crate::model::params::typed_tensors(&self.cfg, self.options.precision) {
+                let Some(i) = t.layer.filter(|&i| i < l) else {
+                    continue;
+                };
+                out.resident[i] += t.bytes();
+                *out.roles[i].entry(t.name).or_default() += t.bytes();
+            }
+            return out;
+        }
         LayerBytes {
             resident: vec![self.layer_weight_bytes; l],
             roles: vec![BTreeMap::from([("layer".to_string(), self.layer_weight_bytes)]); l],

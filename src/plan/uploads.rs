@@ -56,7 +56,7 @@ pub(crate) fn layer(name: &'static str, kind: UploadKind) -> Upload {
 /// other widths keep f16. bf16 is stored as f16.
 pub fn matrix_format(precision: Precision, cols: usize) -> WeightFormat {
     let f = precision.storage();
-    if f.is_quantized() && !cols.is_multiple_of(crate::quant::QK) {
+    if f.is_quantized() && !cols.is_multiple_of(f.block_len()) {
         WeightFormat::F16
     } else {
         f
