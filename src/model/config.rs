@@ -204,7 +204,7 @@ impl ModelConfig {
         let w = self.sliding_window?;
         let windowed = match &self.window_layers {
             WindowLayers::All => true,
-            WindowLayers::GlobalEvery(n) => (l + 1) % n.max(&1) != 0,
+            WindowLayers::GlobalEvery(n) => !(l + 1).is_multiple_of(*n),
             WindowLayers::Listed(v) => v.get(l).copied().unwrap_or(false),
         };
         windowed.then_some(w)
