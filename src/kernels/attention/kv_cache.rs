@@ -21,6 +21,9 @@
 //! keeps a ring instead: position p lives in slot `p % slots` ([`ring_slots`]), and a query at
 //! position t attends keys k with `t - k < window` and `k <= t` (Hugging Face's and llama.cpp's
 //! mask). A global layer's cache is the ring of `ctx` slots, where `p % ctx == p`: nothing changes.
+//! A ring forgets: running again from an earlier position p0 (after positions past p0 were
+//! stored) finds the keys before p0 only where no later position has taken their slot, so a rerun
+//! starts from position 0 (as generation and perplexity windows do).
 
 use half::f16;
 
