@@ -400,8 +400,13 @@ impl Fields<'_> {
     /// The sliding window and its layers, from HF's keys: `sliding_window` (absent or null: none),
     /// off where `use_sliding_window` is false (Qwen2), and then `layer_types` (per layer
     /// `sliding_attention` or `full_attention`), Qwen2's `max_window_layers` (layers from it on
-    /// windowed), `sliding_window_pattern` (every n-th layer global), else every layer (Mistral).
-    pub(crate) fn sliding_window(&self, n_layers: usize) -> Result<(Option<usize>, WindowLayers)> {
+    /// windowed), `sliding_window_pattern` (every n-th layer global), else `default` (the config
+    /// class's rule: every layer for Mistral; Gemma 3's class defaults to a pattern of 6).
+    pub(crate) fn sliding_window(
+        &self,
+        n_layers: usize,
+        default: WindowLayers,
+    ) -> Result<(Option<usize>, WindowLayers)> {
         let none = Ok((None, WindowLayers::All));
         let Some(w) = self.opt_usize(&["sliding_window"])? else {
             return none;
@@ -429,7 +434,7 @@ impl Fields<'_> {
         }
         match self.opt_usize(&["sliding_window_pattern"])? {
             Some(n) => Ok((Some(w), WindowLayers::GlobalEvery(n))),
-            None => Ok((Some(w), WindowLayers::All)),
+            None => Ok((Some(w), default)),
         }
     }
 
@@ -449,7 +454,7 @@ impl Fields<'_> {
         // Q, K and V only.
         let attention_bias = self.bool_or("attention_bias", false)?;
         let n_layers = self.usize(&["num_hidden_layers"])?;
-        let (sliding_window, window_layers) = self.sliding_window(n_layers)?;
+        let (sliding_window, window_layers) = self.sliding_window(n_layers, WindowLayers::All)?;
         Ok(ModelConfig {
             arch: Arch::Llama,
             vocab_size: self.usize(&["vocab_size"])?,
