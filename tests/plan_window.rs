@@ -34,12 +34,14 @@ fn windows(c: &ModelConfig) -> Vec<Option<usize>> {
 
 #[test]
 fn hf_keys_choose_the_windowed_layers() {
-    // Mistral: every layer; no key or null: none.
+    // Mistral: every layer; MistralConfig's 4096 when the key is absent, none when it is null;
+    // LLaMA: none unless given.
     let m = config("mistral", json!({"sliding_window": 512}));
     assert_eq!(windows(&m), vec![Some(512); 18]);
-    assert_eq!(windows(&config("mistral", json!({}))), vec![None; 18]);
+    assert_eq!(windows(&config("mistral", json!({}))), vec![Some(4096); 18]);
     let null = config("mistral", json!({"sliding_window": null}));
     assert_eq!(windows(&null), vec![None; 18]);
+    assert_eq!(windows(&config("llama", json!({}))), vec![None; 18]);
     // Gemma 3's pattern: every 6th layer global.
     let g = config(
         "llama",
@@ -69,6 +71,8 @@ fn hf_keys_choose_the_windowed_layers() {
         json!({"sliding_window": 4096, "use_sliding_window": false, "max_window_layers": 2}),
     );
     assert_eq!(windows(&off), vec![None; 18]);
+    let unsaid = config("qwen2", json!({"sliding_window": 4096}));
+    assert_eq!(windows(&unsaid), vec![None; 18]);
     let on = config(
         "qwen2",
         json!({"sliding_window": 4096, "use_sliding_window": true, "max_window_layers": 16}),

@@ -397,8 +397,9 @@ impl Fields<'_> {
         Ok(hidden / heads)
     }
 
-    /// The sliding window and its layers, from HF's keys: `sliding_window` (absent or null: none),
-    /// off where `use_sliding_window` is false (Qwen2), and then `layer_types` (per layer
+    /// The sliding window and its layers, from HF's keys: `sliding_window` (null: none; absent:
+    /// MistralConfig's 4096 for `mistral`, none otherwise), off where `use_sliding_window` is
+    /// false (Qwen2Config's default), and then `layer_types` (per layer
     /// `sliding_attention` or `full_attention`), Qwen2's `max_window_layers` (layers from it on
     /// windowed), `sliding_window_pattern` (every n-th layer global), else `default` (the config
     /// class's rule: every layer for Mistral; Gemma 3's class defaults to a pattern of 6).
@@ -408,10 +409,13 @@ impl Fields<'_> {
         default: WindowLayers,
     ) -> Result<(Option<usize>, WindowLayers)> {
         let none = Ok((None, WindowLayers::All));
-        let Some(w) = self.opt_usize(&["sliding_window"])? else {
-            return none;
+        let absent = self.model_type == "mistral" && !self.obj.contains_key("sliding_window");
+        let w = match self.opt_usize(&["sliding_window"])? {
+            Some(w) => w,
+            None if absent => 4096,
+            None => return none,
         };
-        if !self.bool_or("use_sliding_window", true)? {
+        if !self.bool_or("use_sliding_window", self.model_type != "qwen2")? {
             return none;
         }
         if let Some((name, v)) = self.get(&["layer_types"]) {
