@@ -2,7 +2,7 @@
 //! (`ModelConfig::layer_window`), the planner's KV bytes (a ring of `min(ctx, window + chunk - 1)`
 //! positions per windowed layer), the plan equal to what the ledger books when a windowed model
 //! runs, and that model's logits the same whether its prompt is prefilled in chunks or token by
-//! token.
+//! token, and a windowed Mistral directory end to end against an f64 forward pass.
 mod common;
 use common::*;
 use serde_json::json;
@@ -264,4 +264,205 @@ fn windowed_model_matches_the_ledger_and_its_own_decode() {
         MemoryPlan::new(&cfg, popts).unwrap().kv_cache_bytes
     };
     assert_eq!((at(5), at(1)), ((12 + 12 + 40) * bpt, (8 + 8 + 40) * bpt));
+}
+
+// ---- end to end against an f64 forward pass ---------------------------------------------------
+
+/// `W x` for `W` rows of `x.len()`.
+fn matvec(w: &[f64], x: &[f64]) -> Vec<f64> {
+    w.chunks_exact(x.len())
+        .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect()
+}
+
+fn rms_norm(x: &[f64], g: &[f64]) -> Vec<f64> {
+    let s = 1.0 / (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + 1e-5).sqrt();
+    x.iter().zip(g).map(|(v, g)| v * s * g).collect()
+}
+
+/// Hugging Face's rotate-half RoPE (base 10000) of every head of `x` at position `pos`.
+fn rope(x: &mut [f64], hd: usize, pos: usize) {
+    for h in x.chunks_exact_mut(hd) {
+        for i in 0..hd / 2 {
+            let freq = 10000f64.powf(-2.0 * i as f64 / hd as f64);
+            let (s, c) = (pos as f64 * freq).sin_cos();
+            let (x0, x1) = (h[i], h[i + hd / 2]);
+            h[i] = x0 * c - x1 * s;
+            h[i + hd / 2] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/// The logits of every position of `tokens`: a LLaMA-family forward pass in f64 whose layer `l`
+/// attends the last `windows[l]` positions (all with `None`), as Hugging Face masks them.
+fn reference(
+    cfg: &ModelConfig,
+    w: &std::collections::HashMap<String, Vec<f64>>,
+    tokens: &[u32],
+) -> Vec<Vec<f64>> {
+    let (d, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+    let embed = &w["model.embed_tokens.weight"];
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&t| embed[t as usize * d..][..d].to_vec())
+        .collect();
+    for l in 0..cfg.n_layers {
+        let p = |s: &str| &w[&format!("model.layers.{l}.{s}.weight")];
+        let (mut keys, mut vals) = (Vec::new(), Vec::new());
+        for (pos, x) in xs.iter_mut().enumerate() {
+            let xn = rms_norm(x, p("input_layernorm"));
+            let mut q = matvec(p("self_attn.q_proj"), &xn);
+            let mut k = matvec(p("self_attn.k_proj"), &xn);
+            rope(&mut q, hd, pos);
+            rope(&mut k, hd, pos);
+            keys.push(k);
+            vals.push(matvec(p("self_attn.v_proj"), &xn));
+            let first = cfg
+                .layer_window(l)
+                .map_or(0, |win| (pos + 1).saturating_sub(win));
+            let mut att = vec![0f64; nh * hd];
+            for h in 0..nh {
+                let g = h / (nh / nkv);
+                let qh = &q[h * hd..][..hd];
+                let scores: Vec<f64> = (first..=pos)
+                    .map(|j| {
+                        let kh = &keys[j][g * hd..][..hd];
+                        qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (j, e) in (first..=pos).zip(&e) {
+                    let vh = &vals[j][g * hd..][..hd];
+                    for (a, v) in att[h * hd..][..hd].iter_mut().zip(vh) {
+                        *a += e / sum * v;
+                    }
+                }
+            }
+            let o = matvec(p("self_attn.o_proj"), &att);
+            let x2: Vec<f64> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
+            let xn = rms_norm(&x2, p("post_attention_layernorm"));
+            let gate = matvec(p("mlp.gate_proj"), &xn);
+            let up = matvec(p("mlp.up_proj"), &xn);
+            let act: Vec<f64> = gate
+                .iter()
+                .zip(&up)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let down = matvec(p("mlp.down_proj"), &act);
+            *x = x2.iter().zip(&down).map(|(a, b)| a + b).collect();
+        }
+    }
+    xs.iter()
+        .map(|x| matvec(embed, &rms_norm(x, &w["model.norm.weight"])))
+        .collect()
+}
+
+/// Each logits row against the reference: max |diff| relative to the row's largest |logit| plus
+/// one (tests/model_random_configs.rs's measure and bound; f32 arithmetic alone separates them).
+fn compare(what: &str, got: &[f32], want: &[Vec<f64>], first: usize) {
+    let vocab = want[0].len();
+    assert_eq!(got.len() % vocab, 0, "{what}");
+    for (i, row) in got.chunks(vocab).enumerate() {
+        let w = &want[first + i];
+        let scale = 1.0 + w.iter().fold(0f64, |a, v| a.max(v.abs()));
+        let diff = row
+            .iter()
+            .zip(w)
+            .fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs()));
+        assert!(
+            diff / scale <= 1e-4,
+            "{what}: position {}: max |diff| {diff:.3e} over a scale of {scale:.2}",
+            first + i
+        );
+    }
+}
+
+/// A random `mistral` Hugging Face directory (f32 weights, tied head) whose first two layers of
+/// three attend a window of 6 (`layer_types`), run past the window six times over: a prefill in
+/// chunks of 5 (every row's logits) and decode steps equal an f64 forward pass masked per layer,
+/// which the same model without its window does not.
+#[test]
+fn windowed_mistral_directory_matches_the_masked_reference() {
+    let Some(gpu) = gpu() else { return };
+    let (vocab, d, ffn, layers, nh, nkv, hd) = (300, 64, 96, 3, 4, 2, 32);
+    let types = ["sliding_attention", "sliding_attention", "full_attention"];
+    let config = json!({
+        "model_type": "mistral", "vocab_size": vocab, "hidden_size": d,
+        "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": nh,
+        "num_key_value_heads": nkv, "head_dim": hd, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
+        "sliding_window": 6, "layer_types": types
+    });
+    let mut tensors = Vec::new();
+    let mut seed = 900;
+    let mut push = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        seed += 1;
+        let n = shape.iter().product();
+        let v: Vec<f32> = randn(n, seed, scale).iter().map(|x| x + offset).collect();
+        tensors.push((name, shape, v));
+    };
+    push("model.embed_tokens.weight".into(), vec![vocab, d], 1.0, 0.0);
+    push("model.norm.weight".into(), vec![d], 0.1, 1.0);
+    let s = |n: usize| 1.0 / (n as f32).sqrt();
+    for l in 0..layers {
+        let n = |x: &str| format!("model.layers.{l}.{x}.weight");
+        push(n("input_layernorm"), vec![d], 0.1, 1.0);
+        push(n("post_attention_layernorm"), vec![d], 0.1, 1.0);
+        // Large queries and keys, so that which keys a query sees moves its output.
+        push(n("self_attn.q_proj"), vec![nh * hd, d], 3.0 * s(d), 0.0);
+        push(n("self_attn.k_proj"), vec![nkv * hd, d], 3.0 * s(d), 0.0);
+        push(n("self_attn.v_proj"), vec![nkv * hd, d], s(d), 0.0);
+        push(n("self_attn.o_proj"), vec![d, nh * hd], s(nh * hd), 0.0);
+        push(n("mlp.gate_proj"), vec![ffn, d], s(d), 0.0);
+        push(n("mlp.up_proj"), vec![ffn, d], s(d), 0.0);
+        push(n("mlp.down_proj"), vec![d, ffn], s(ffn), 0.0);
+    }
+    let dir = write_hf_model("sliding-window", &config, &tensors);
+    let hf = wgllm::loader::HfModel::open(&dir.0).unwrap();
+    let cfg = ModelConfig::from_hf_json(hf.config()).unwrap();
+    assert_eq!(windows(&cfg), [Some(6), Some(6), None]);
+    let w: std::collections::HashMap<String, Vec<f64>> = tensors
+        .iter()
+        .map(|(n, _, v)| (n.clone(), v.iter().map(|&x| x as f64).collect()))
+        .collect();
+    let n = 37;
+    let tokens: Vec<u32> = (0..n as u32).map(|i| (i * 41 + 3) % vocab as u32).collect();
+    let want = reference(&cfg, &w, &tokens);
+    let global = ModelConfig {
+        sliding_window: None,
+        ..cfg.clone()
+    };
+    let unmasked = reference(&global, &w, &tokens);
+    let moved = want[n - 1]
+        .iter()
+        .zip(&unmasked[n - 1])
+        .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+    assert!(
+        moved > 1e-2,
+        "the window moves the last logits by only {moved:.2e}"
+    );
+    for chunk in [5, 1] {
+        let opts = RunOptions {
+            ctx: 40,
+            chunk,
+            kv_dtype: KvDtype::F32,
+            all_logits: chunk > 1,
+            ..Default::default()
+        };
+        let src = wgllm::model::source::Source::Hf(&hf, None);
+        let mut m = wgllm::model::llama::Llama::load(gpu, cfg.clone(), hd, &src, opts).unwrap();
+        assert_eq!(m.state.kv[0].slots, 6 + chunk - 1);
+        assert_eq!(m.state.kv[2].slots, 40);
+        if chunk > 1 {
+            let got = m.forward(gpu, &tokens, 0).unwrap();
+            compare("prefill in chunks of 5", &got, &want, 0);
+        } else {
+            for (p, &t) in tokens.iter().enumerate() {
+                let got = m.forward(gpu, &[t], p).unwrap();
+                compare("decode", &got, &want, p);
+            }
+        }
+    }
 }
