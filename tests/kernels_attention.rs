@@ -1,6 +1,6 @@
 //! KV cache store and causal attention (decode and prefill kernels) against the CPU reference, for
 //! MHA and GQA, all KV dtypes, awkward key counts, continued prefill, huge scores, bidirectional
-//! attention within one sequence of a batch, and refusals.
+//! attention within one sequence of a batch, sliding windows over a ring, and refusals.
 mod common;
 use common::*;
 use wgllm::kernels::attention::{self, bytes_per_token, AttentionKernel, KvCache, KvDtype};
