@@ -1,6 +1,7 @@
 // Attention of m query tokens over one layer's KV cache, with grouped-query attention. Causal
 // (decoders): query token t (position pos0 + t), head h attends keys 0..=pos0+t of kv head
-// h / group. Bidirectional (encoders, causal == 0): every query attends keys 0..n_keys. Both use a
+// h / group, or of a sliding-window layer the last `window` of them (read from a ring of `slots`
+// rows: common/attention_io.wgsl's row_base). Bidirectional (encoders, causal == 0): every query attends keys 0..n_keys. Both use a
 // numerically stable online softmax (flash-attention style): scores live only in workgroup memory.
 // Bindings: 0 = q (read, f32 [m, n_heads, head_dim]), 1 = k_cache, 2 = v_cache (read, u32 words in
 // the row layout of shaders/kv_cache.wgsl), 3 = out (read_write, f32 like q), 4 = params.
@@ -39,7 +40,9 @@ fn attend_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (lid < hd4) {
         r_q[lid] = q[wg * hd4 + lid] * p.scale;
     }
-    let n_keys = select(p.n_keys, p.pos0 + t + 1u, p.causal != 0u);
+    // Keys lo .. lo + n_keys (lo: 0 but past a sliding window's start).
+    let lo = first_key(p.pos0 + t);
+    let n_keys = select(p.n_keys, p.pos0 + t + 1u - lo, p.causal != 0u);
     // V phase: thread = (vec4 column dq, key subset kg of n_kg); the rest idle there.
     let n_kg = WG / hd4;
     let dq = lid % hd4;
@@ -53,7 +56,7 @@ fn attend_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let valid = j < n_keys;
         var s = NEG;
         if (valid) {
-            let kb = row_base(j, kvh);
+            let kb = row_base(lo + j, kvh);
             var a = vec4<f32>(0.0);
             for (var d4 = 0u; d4 < hd4; d4++) {
                 a += r_q[d4] * k_load4(kb, d4);
@@ -87,7 +90,7 @@ fn attend_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         if (kg < n_kg) {
             let nk = min(WG, n_keys - base);
             for (var i = kg; i < nk; i += n_kg) {
-                acc += r_p[i] * v_load4(row_base(base + i, kvh), dq);
+                acc += r_p[i] * v_load4(row_base(lo + base + i, kvh), dq);
             }
         }
         // r_s and r_part are rewritten only after the next tile's first barrier, which every
@@ -145,11 +148,14 @@ fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     // Softmax state of query row `lid` (threads 0..TQ-1 only).
     var m_run = NEG;
     var l = 0.0;
+    // Keys lo..n_keys: from the first query's window start (0 for a global layer) to the last
+    // query's position.
     let n_keys = select(p.n_keys, p.pos0 + q0 + nq, p.causal != 0u);
+    let lo = first_key(p.pos0 + q0);
     // S phase: thread = (key kj, queries qb, qb+4, qb+8, qb+12).
     let kj = lid % TK;
     let qb = lid / TK;
-    for (var kb = 0u; kb < n_keys; kb += TK) {
+    for (var kb = lo; kb < n_keys; kb += TK) {
         workgroupBarrier();
         for (var i = lid; i < TK * hd4; i += WG) {
             let r = i / hd4;
@@ -169,9 +175,11 @@ fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         }
         for (var r = 0u; r < 4u; r++) {
             let qi = qb + 4u * r;
-            // Key kb + kj exists, and (causal) is visible to query position pos0 + q0 + qi.
+            // Key kb + kj exists, and (causal) is visible to query position pos0 + q0 + qi: not
+            // after it, nor before its window.
             let j = kb + kj;
-            let visible = j < n_keys && (p.causal == 0u || j <= p.pos0 + q0 + qi);
+            let qpos = p.pos0 + q0 + qi;
+            let visible = j < n_keys && (p.causal == 0u || (j <= qpos && j >= first_key(qpos)));
             t_p[qi * TK + kj] = select(NEG, s[r], visible);
         }
         workgroupBarrier();

@@ -123,7 +123,9 @@ fn put(row: u32, lane: u32, s: Query) {
 // One token's G queries over keys first..end (clamped to the token's keys), left in q0..q7.
 fn attend(t: u32, kvh: u32, lane: u32, part: u32, parts: u32) {
     let row = t * p.n_heads + kvh * G;
-    let n_keys = select(p.n_keys, p.pos0 + t + 1u, p.causal != 0u);
+    // Keys lo .. lo + n_keys (lo: 0 but past a sliding window's start).
+    let lo = first_key(p.pos0 + t);
+    let n_keys = select(p.n_keys, p.pos0 + t + 1u - lo, p.causal != 0u);
     let per = (n_keys + parts - 1u) / parts;
     let end = min(n_keys, (part + 1u) * per);
     q0 = init(row, lane);
@@ -135,7 +137,7 @@ fn attend(t: u32, kvh: u32, lane: u32, part: u32, parts: u32) {
     if (G > 6u) { q6 = init(row + 6u, lane); }
     if (G > 7u) { q7 = init(row + 7u, lane); }
     for (var j = part * per; j < end; j++) {
-        let base = row_base(j, kvh);
+        let base = row_base(lo + j, kvh);
         kr = k_slice(base, lane);
         vr = v_slice(base, lane);
         update(&q0);

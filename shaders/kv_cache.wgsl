@@ -10,11 +10,11 @@ struct Params {
     rows: u32,          // m * n_kv_heads rows to write
     head_dim: u32,
     row_words: u32,
-    dst_row0: u32,      // pos0 * n_kv_heads: first cache row written
+    pos0: u32,          // position of the first new token
     units_per_row: u32,
+    n_kv_heads: u32,
+    slots: u32,         // the ring's length: position p goes to slot p % slots
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> k_in: array<f32>;

@@ -27,7 +27,7 @@ struct Params {
     mode: u32,
     row_words: u32,     // cache words per row
     units_per_row: u32, // store units per cache row
-    dst_row0: u32,      // pos0 * n_kv_heads: first cache row written
+    slots: u32,         // the ring's length: position p goes to slot p % slots
     _pad0: u32,
     _pad1: u32,
     q: array<vec4<f32>, 128>, // frequencies: see common/rope_angle.wgsl

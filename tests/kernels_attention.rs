@@ -1,6 +1,6 @@
 //! KV cache store and causal attention (decode and prefill kernels) against the CPU reference, for
 //! MHA and GQA, all KV dtypes, awkward key counts, continued prefill, huge scores, bidirectional
-//! attention within one sequence of a batch, and refusals.
+//! attention within one sequence of a batch, sliding windows over a ring, and refusals.
 mod common;
 use common::*;
 use wgllm::kernels::attention::{self, bytes_per_token, AttentionKernel, KvCache, KvDtype};
@@ -726,4 +726,233 @@ fn bidirectional_rows_attend_within_their_sequence() {
         );
         assert!(rec.is_empty(), "nothing may be recorded");
     }
+}
+
+/// One sliding-window run: a layer of window `w` whose cache is a ring for chunks of `chunk`
+/// tokens over `ctx` positions, filled chunk by chunk (the plain store, or RoPE + store with
+/// `fused`), each chunk attending with `entry` right after its store, as a model does.
+#[derive(Debug, Clone, Copy)]
+struct WindowCase {
+    entry: Entry,
+    dtype: KvDtype,
+    heads: (usize, usize),
+    hd: usize,
+    w: usize,
+    chunk: usize,
+    ctx: usize,
+    fused: bool,
+}
+
+/// Runs `c`: every chunk's output against full attention masked to the window over all the keys
+/// stored so far (read back from the ring right after their store, so the reference sees the
+/// cache's own rounding). Returns how many outputs the window changed: the keys that fell out of
+/// it mattered.
+fn check_windowed(gpu: &Gpu, c: WindowCase) -> usize {
+    use wgllm::kernels::rope::RopeMode;
+    let WindowCase { w, chunk, ctx, .. } = c;
+    let (n_heads, n_kv) = c.heads;
+    let hd = c.hd;
+    let what = format!("{c:?}");
+    let cache = KvCache::windowed(gpu, "kv", c.dtype, ctx, n_kv, hd, Some(w), chunk).unwrap();
+    let slots = attention::ring_slots(ctx, Some(w), chunk);
+    assert_eq!(cache.slots, slots, "{what}");
+    assert_eq!(
+        cache.bytes(),
+        slots as u64 * bytes_per_token(c.dtype, n_kv, hd)
+    );
+    let (row, qrow) = (n_kv * hd, n_heads * hd);
+    let k = randn(ctx * row, 81, 1.0);
+    let v = randn(ctx * row, 82, 1.0);
+    let q_all = randn(ctx * qrow, 83, 1.0);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (mut kc, mut vc) = (Vec::new(), Vec::new());
+    let mut changed = 0;
+    let mut pos0 = 0;
+    while pos0 < ctx {
+        let m = chunk.min(ctx - pos0);
+        let kt = tensor(gpu, "k", &[m, n_kv, hd], &k[pos0 * row..(pos0 + m) * row]);
+        let vt = tensor(gpu, "v", &[m, n_kv, hd], &v[pos0 * row..(pos0 + m) * row]);
+        let qt = tensor(
+            gpu,
+            "q",
+            &[m, n_heads, hd],
+            &q_all[pos0 * qrow..][..m * qrow],
+        );
+        let out = gpu.tensor("out", Activations, &[m, n_heads, hd]).unwrap();
+        let part = gpu
+            .tensor(
+                "partials",
+                Activations,
+                &[attention::partials_bytes(n_heads, hd) as usize / 4 * m],
+            )
+            .unwrap();
+        let mut rec = gpu.recorder();
+        if c.fused {
+            let mode = RopeMode::Half;
+            attention::rope_store(&mut rec, &cache, &qt, &kt, &vt, pos0, 1e4, mode, hd).unwrap();
+        } else {
+            attention::store(&mut rec, &cache, &kt, &vt, pos0).unwrap();
+        }
+        let (r, cc) = (&mut rec, &cache);
+        match c.entry {
+            Entry::Auto => attention::attention(r, &qt, cc, pos0, scale, &out),
+            Entry::Decode => attention::attention_decode(r, &qt, cc, pos0, scale, &out),
+            Entry::Prefill => attention::attention_prefill(r, &qt, cc, pos0, scale, &out),
+            Entry::Subgroup => attention::attention_subgroup(r, &qt, cc, pos0, scale, &out),
+            Entry::Split(0) => attention::attention_split(r, &qt, cc, pos0, scale, &part, &out),
+            Entry::Split(n) => {
+                attention::attention_split_with(r, &qt, cc, pos0, scale, &part, &out, n)
+            }
+        }
+        .unwrap();
+        rec.submit().unwrap();
+        let got = gpu.read(&out).unwrap();
+        // The chunk's own keys as the ring holds them (rotated, with fused), and the queries as
+        // attention saw them (rotated in place, with fused).
+        let (kn, vn) = cache.read_positions(gpu, pos0, m).unwrap();
+        // The store put them in their slots: V (and unrotated K) as the CPU encodes them.
+        let src = |x: &[f32]| {
+            let rows = &x[pos0 * row..(pos0 + m) * row];
+            attention::decode(c.dtype, &attention::encode(c.dtype, rows, hd).unwrap(), hd).unwrap()
+        };
+        let t_store = if c.dtype == KvDtype::Q8_0 {
+            tol::NMSE_QUANT
+        } else {
+            0.0
+        };
+        assert_close(&format!("{what} v@{pos0}"), &vn, &src(&v), t_store);
+        if !c.fused {
+            assert_close(&format!("{what} k@{pos0}"), &kn, &src(&k), t_store);
+        }
+        kc.extend(kn);
+        vc.extend(vn);
+        let q = gpu.read(&qt).unwrap();
+        let shape = (m, n_heads, n_kv, hd);
+        let want = attention::reference_windowed(&q, &kc, &vc, shape, pos0, Some(w), scale);
+        let full = attention::reference_windowed(&q, &kc, &vc, shape, pos0, None, scale);
+        changed += want.iter().zip(&full).filter(|(a, b)| a != b).count();
+        let t = match c.dtype {
+            KvDtype::F32 => NMSE_ATTN,
+            _ => tol::NMSE_QUANT,
+        };
+        assert_close(&format!("{what} @{pos0}+{m}"), &got, &want, t);
+        pos0 += m;
+    }
+    // Everything the window still covers is still in the ring: the last `min(slots, ctx)` keys.
+    let n = slots.min(ctx);
+    let (kr, vr) = cache.read_positions(gpu, ctx - n, n).unwrap();
+    assert_eq!(kr, kc[(ctx - n) * row..], "{what}: ring K");
+    assert_eq!(vr, vc[(ctx - n) * row..], "{what}: ring V");
+    changed
+}
+
+/// Sliding-window attention over a ring, every kernel and KV dtype: windows of 8 and 16, contexts
+/// of 3 to 5 windows (the ring wraps several times), chunks of 1, 3, w - 1 and w tokens (crossing
+/// the window's end and the ring's wrap at every offset); equal to full attention masked to the
+/// window.
+#[test]
+fn windowed_attention_matches_masked_reference() {
+    let Some(gpu) = gpu() else { return };
+    let sg = subgroup_device(gpu);
+    let mut entries = vec![Entry::Decode, Entry::Prefill, Entry::Auto];
+    if sg {
+        entries.extend([Entry::Subgroup, Entry::Split(3), Entry::Split(0)]);
+    }
+    for entry in entries {
+        for dtype in KvDtype::ALL {
+            for (w, ctx) in [(8, 40), (16, 53)] {
+                for chunk in [1, 3, w - 1, w] {
+                    let c = WindowCase {
+                        entry,
+                        dtype,
+                        heads: (6, 2),
+                        hd: 64,
+                        w,
+                        chunk,
+                        ctx,
+                        fused: chunk == 3,
+                    };
+                    let changed = check_windowed(gpu, c);
+                    assert!(changed > 0, "{c:?}: the window masked nothing");
+                }
+            }
+        }
+    }
+    // Gemma 3's shape (one kv head of 256, the decode kernel's largest); MHA; a window longer
+    // than the context (no ring: the mask alone), and one equal to the ring.
+    let base = WindowCase {
+        entry: Entry::Decode,
+        dtype: KvDtype::F16,
+        heads: (4, 1),
+        hd: 256,
+        w: 8,
+        chunk: 5,
+        ctx: 37,
+        fused: true,
+    };
+    for c in [
+        base,
+        WindowCase {
+            entry: Entry::Auto,
+            heads: (4, 4),
+            hd: 32,
+            dtype: KvDtype::F32,
+            ..base
+        },
+        WindowCase {
+            w: 64,
+            ctx: 20,
+            ..base
+        },
+        WindowCase {
+            w: 12,
+            chunk: 1,
+            ctx: 12,
+            ..base
+        },
+    ] {
+        check_windowed(gpu, c);
+    }
+}
+
+/// A chunk longer than its ring was made for, reads past the ring, bidirectional attention over a
+/// ring, and a window of 0: refused before anything is recorded.
+#[test]
+fn windowed_refusals_happen_before_dispatch() {
+    let Some(gpu) = gpu() else { return };
+    let (w, chunk, ctx) = (8, 3, 40);
+    let cache = KvCache::windowed(gpu, "kv", KvDtype::F32, ctx, 1, 32, Some(w), chunk).unwrap();
+    assert_eq!(cache.slots, 10);
+    let t = |shape: &[usize]| gpu.tensor("t", Activations, shape).unwrap();
+    let invalid =
+        |e: wgllm::Error| assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    let mut rec = gpu.recorder();
+    let (kv4, q4) = (t(&[4, 1, 32]), t(&[4, 2, 32]));
+    invalid(attention::store(&mut rec, &cache, &kv4, &kv4, 20).unwrap_err());
+    invalid(
+        attention::attention_decode(&mut rec, &q4, &cache, 20, 1.0, &t(&[4, 2, 32])).unwrap_err(),
+    );
+    let out = t(&[4, 2, 32]);
+    invalid(attention::attention_bidirectional(&mut rec, &q4, &cache, 4, 1.0, &out).unwrap_err());
+    assert!(rec.is_empty());
+    // A chunk of 3 fits, at any position, including the ring's wrap.
+    let kv3 = t(&[3, 1, 32]);
+    attention::store(&mut rec, &cache, &kv3, &kv3, 9).unwrap();
+    invalid(cache.read_positions(gpu, 0, 11).unwrap_err());
+    invalid(cache.read_positions(gpu, 35, 6).unwrap_err());
+    invalid(KvCache::windowed(gpu, "kv", KvDtype::F32, 8, 1, 32, Some(0), 1).unwrap_err());
+    // A global cache is the whole context; a window past the context keeps every position.
+    let g = KvCache::windowed(gpu, "kv", KvDtype::F32, ctx, 1, 32, None, 64).unwrap();
+    assert_eq!(
+        (g.slots, g.bytes()),
+        (
+            ctx,
+            KvCache::new(gpu, "kv", KvDtype::F32, ctx, 1, 32)
+                .unwrap()
+                .bytes()
+        )
+    );
+    assert_eq!(attention::ring_slots(ctx, Some(512), 64), ctx);
+    assert_eq!(attention::ring_slots(4096, Some(512), 64), 575);
+    assert_eq!(attention::ring_slots(4096, Some(512), 1), 512);
 }

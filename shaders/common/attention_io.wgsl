@@ -16,6 +16,10 @@ struct Params {
     causal: u32,      // 1: keys 0..=pos0+t; 0: keys 0..n_keys for every query
     n_keys: u32,      // keys every query sees when causal == 0
     splits: u32,      // attention_sg.wgsl's split entries: parts the keys are split in
+    window: u32,      // causal: query position t sees keys t + 1 - window ..= t (0xffffffff: all)
+    slots: u32,       // the cache is a ring: position k lives in row k % slots
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
@@ -30,8 +34,16 @@ override KV_DTYPE: u32 = 0u;
 // Stands in for -inf: exp(NEG - finite) is 0 and NEG - NEG is 0, where -inf would give NaN.
 const NEG: f32 = -3.0e38;
 
+// First word of key position `pos`'s row (slot pos % slots of the ring; a global layer's ring
+// is its whole context, where the slot is the position).
 fn row_base(pos: u32, kvh: u32) -> u32 {
-    return (pos * p.n_kv_heads + kvh) * p.row_words;
+    return ((pos % p.slots) * p.n_kv_heads + kvh) * p.row_words;
+}
+
+// The first key query position `qpos` sees: qpos + 1 - window, or 0 (Hugging Face's and
+// llama.cpp's sliding window: key k is seen when qpos - k < window). 0 when bidirectional.
+fn first_key(qpos: u32) -> u32 {
+    return select(0u, qpos + 1u - min(qpos + 1u, p.window), p.causal != 0u);
 }
 
 fn q8_scale(w: u32, b: u32) -> f32 {

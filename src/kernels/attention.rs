@@ -3,18 +3,20 @@
 //! `shaders/attention.wgsl`'s decode (`attend_rows`) and tiled prefill (`attend_tiled`) kernels,
 //! and `shaders/attention_sg.wgsl` for CPU devices with 8-lane subgroups (one subgroup per token
 //! and kv head, no workgroup memory or barriers; see [`subgroup_fits`]).
-//! The cache, its layouts and byte costs: [`kv_cache`].
+//! The cache, its layouts and byte costs: [`kv_cache`]. Every kernel reads a sliding-window
+//! layer's ring ([`KvCache::windowed`]): query position t sees keys `t + 1 - window ..= t`, each
+//! at row `k % slots`.
 
 pub mod kv_cache;
 
 pub use kv_cache::{
-    bytes_per_token, decode, encode, rope_store, store, KvCache, KvDtype, MAX_HEAD_DIM,
+    bytes_per_token, decode, encode, ring_slots, rope_store, store, KvCache, KvDtype, MAX_HEAD_DIM,
 };
 
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Gpu, Recorder};
 use crate::kernels::{params, Tensor};
-use kv_cache::{check_positions, to_u32};
+use kv_cache::{check_positions, to_u32, window_u32};
 
 /// Largest head_dim of the tiled prefill kernel (`HD4T * 4`); larger ones use the decode kernel.
 pub const MAX_HEAD_DIM_TILED: usize = 128;
@@ -43,8 +45,15 @@ struct AttnParams {
     n_keys: u32,
     /// Parts the keys are split in (the split subgroup kernel and its combine pass).
     splits: u32,
+    /// Causal: keys per query, the sliding window ([`window_u32`]; `u32::MAX` for all).
+    window: u32,
+    /// Rows of the cache's ring ([`KvCache::slots`]): key position k lives in row `k % slots`.
+    slots: u32,
+    _pad: [u32; 2],
 }
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 48);
+/// Bytes of the attention kernels' params (the memory planner's `Kernel::Attention`).
+pub const ATTENTION_PARAMS_BYTES: usize = 64;
+const _: () = assert!(std::mem::size_of::<AttnParams>() == ATTENTION_PARAMS_BYTES);
 
 /// Most parts [`attention_split`] splits a token's keys in; the partials scratch
 /// ([`partials_bytes`]) holds that many.
@@ -173,7 +182,11 @@ pub fn attention_split(
 ) -> Result<()> {
     let path = auto_path(rec.gpu(), q, cache);
     let m = q.shape.first().copied().unwrap_or(0);
-    let splits = key_splits(path == Path::Subgroup, m, pos0.saturating_add(m));
+    // A decode step sees pos0 + 1 keys, or a sliding window's worth.
+    let n_keys = pos0
+        .saturating_add(m)
+        .min(cache.window.unwrap_or(usize::MAX));
+    let splits = key_splits(path == Path::Subgroup, m, n_keys);
     if splits == 1 {
         return dispatch_attention(rec, path, q, cache, Keys::Causal { pos0 }, scale, out);
     }
@@ -439,6 +452,12 @@ fn dispatch(
             (pos0, 1, 0)
         }
         Keys::All { n_keys, row0 } => {
+            if cache.window.is_some() {
+                return Err(Error::invalid(
+                    format!("bidirectional attention ({})", cache.k.label),
+                    "a sliding-window cache holds only its last positions; an encoder sees all",
+                ));
+            }
             check_positions("attention", cache, row0, n_keys)?;
             (0, 0, n_keys)
         }
@@ -492,6 +511,9 @@ fn dispatch(
         causal,
         n_keys: to_u32("attention", n_keys)?,
         splits: to_u32("attention", splits)?,
+        window: window_u32(cache),
+        slots: to_u32("attention", cache.slots)?,
+        _pad: [0; 2],
     };
     let gpu = rec.gpu();
     let binds = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
@@ -505,7 +527,13 @@ fn dispatch(
         Path::Subgroup => &shape[..],
         _ => &shape[..1],
     };
-    let kernel = gpu.kernel(shader, entry, &binds, 48, overrides)?;
+    let kernel = gpu.kernel(
+        shader,
+        entry,
+        &binds,
+        ATTENTION_PARAMS_BYTES as u64,
+        overrides,
+    )?;
     let label = match keys {
         Keys::Causal { .. } => format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label),
         Keys::All { .. } => format!("attention.{entry}.{}.all{n_keys}x{m}@{row0}", out.buf.label),
@@ -518,7 +546,13 @@ fn dispatch(
     let views = [q.buf.view(), k.clone(), v.clone(), partials.buf.view()];
     rec.dispatch(&kernel, &label, &views, params(&p), gpu.groups(p.n_wg))?;
     // The combine pass reads the partials in q's slot; one invocation per row and vec4.
-    let combine = gpu.kernel(shader, "attend_combine", &binds, 48, overrides)?;
+    let combine = gpu.kernel(
+        shader,
+        "attend_combine",
+        &binds,
+        ATTENTION_PARAMS_BYTES as u64,
+        overrides,
+    )?;
     let n = to_u32("attention", m * n_heads * cache.head_dim / 4)?;
     let views = [partials.buf.view(), k, v, out.buf.view()];
     let label = format!("attention.attend_combine.{}@{pos0}+{m}", out.buf.label);
@@ -546,7 +580,25 @@ pub fn reference(
     scale: f32,
 ) -> Vec<f32> {
     let shape = (m, n_heads, n_kv_heads, head_dim);
-    reference_keys(q, k_all, v_all, shape, |t| pos0 + t + 1, scale)
+    reference_windowed(q, k_all, v_all, shape, pos0, None, scale)
+}
+
+/// [`reference`] with a sliding `window` (`None`: none, exactly [`reference`]): query t (position
+/// `pos0 + t`) sees the keys k of `k_all`, `v_all` (every position from 0, as a global cache would
+/// hold them) with `pos0 + t - k < window`, as Hugging Face and llama.cpp mask them. `shape` is
+/// `(m, n_heads, n_kv_heads, head_dim)`.
+pub fn reference_windowed(
+    q: &[f32],
+    k_all: &[f32],
+    v_all: &[f32],
+    shape: (usize, usize, usize, usize),
+    pos0: usize,
+    window: Option<usize>,
+    scale: f32,
+) -> Vec<f32> {
+    let w = window.unwrap_or(usize::MAX);
+    let first = |t: usize| (pos0 + t + 1).saturating_sub(w);
+    reference_keys(q, k_all, v_all, shape, |t| first(t)..pos0 + t + 1, scale)
 }
 
 /// CPU reference of [`attention_bidirectional`]: every query sees keys `0..n_keys` of `k_all`,
@@ -564,16 +616,16 @@ pub fn reference_bidirectional(
     scale: f32,
 ) -> Vec<f32> {
     let shape = (m, n_heads, n_kv_heads, head_dim);
-    reference_keys(q, k_all, v_all, shape, |_| n_keys, scale)
+    reference_keys(q, k_all, v_all, shape, |_| 0..n_keys, scale)
 }
 
-/// Query token t attends keys `0..keys(t)`; `shape` is `(m, n_heads, n_kv_heads, head_dim)`.
+/// Query token t attends keys `keys(t)`; `shape` is `(m, n_heads, n_kv_heads, head_dim)`.
 fn reference_keys(
     q: &[f32],
     k_all: &[f32],
     v_all: &[f32],
     (m, n_heads, n_kv_heads, head_dim): (usize, usize, usize, usize),
-    keys: impl Fn(usize) -> usize,
+    keys: impl Fn(usize) -> std::ops::Range<usize>,
     scale: f32,
 ) -> Vec<f32> {
     let group = n_heads / n_kv_heads.max(1);
@@ -588,7 +640,9 @@ fn reference_keys(
                     .map(|&x| x as f64)
                     .collect()
             };
-            let scores: Vec<f64> = (0..keys(t))
+            let seen = keys(t);
+            let scores: Vec<f64> = seen
+                .clone()
                 .map(|j| {
                     row(k_all, j)
                         .iter()
@@ -602,7 +656,7 @@ fn reference_keys(
             let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
             let sum: f64 = w.iter().sum();
             let mut acc = vec![0f64; head_dim];
-            for (j, wj) in w.iter().enumerate() {
+            for (j, wj) in seen.zip(&w) {
                 for (a, v) in acc.iter_mut().zip(row(v_all, j)) {
                     *a += wj * v;
                 }

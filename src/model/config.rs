@@ -107,6 +107,43 @@ pub struct ModelConfig {
     pub type_vocab_size: usize,
     /// BERT's pooler: a dense `hidden x hidden` layer with bias on the first token.
     pub pooler: bool,
+    /// Sliding-window attention (Mistral; Gemma 3's local layers): a query at position t of a
+    /// windowed layer sees keys from `t + 1 - sliding_window` on. `None`: every layer global.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Which layers the window applies to ([`ModelConfig::layer_window`]).
+    #[serde(default, skip_serializing_if = "WindowLayers::is_all")]
+    pub window_layers: WindowLayers,
+}
+
+/// Which layers of a model with a `sliding_window` attend within it; the others are global.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowLayers {
+    /// Every layer (Mistral).
+    #[default]
+    All,
+    /// Layer l is global when `(l + 1) % n == 0` (HF `sliding_window_pattern`; Gemma 3: 6, five
+    /// local layers to each global one).
+    GlobalEvery(usize),
+    /// Windowed or not, layer by layer (HF `layer_types`: `sliding_attention` / `full_attention`).
+    Listed(Vec<bool>),
+}
+
+impl WindowLayers {
+    pub fn is_all(&self) -> bool {
+        *self == WindowLayers::All
+    }
+
+    /// The rule of a GGUF architecture, whose metadata has `{arch}.attention.sliding_window` but
+    /// no pattern: llama.cpp's (`gemma3`: every 6th layer global, `gemma2`: every 2nd).
+    pub fn for_gguf_arch(arch: &str) -> WindowLayers {
+        match arch {
+            "gemma3" => WindowLayers::GlobalEvery(6),
+            "gemma2" => WindowLayers::GlobalEvery(2),
+            _ => WindowLayers::All,
+        }
+    }
 }
 
 /// Built-in presets: name and the HF `config.json` content.
@@ -161,6 +198,18 @@ pub fn preset_names() -> Vec<&'static str> {
 const MAX_DIM: usize = 1 << 32;
 
 impl ModelConfig {
+    /// The attention window of layer `l`: `Some(sliding_window)` for a windowed layer, `None`
+    /// for a global one.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        let w = self.sliding_window?;
+        let windowed = match &self.window_layers {
+            WindowLayers::All => true,
+            WindowLayers::GlobalEvery(n) => !(l + 1).is_multiple_of(*n),
+            WindowLayers::Listed(v) => v.get(l).copied().unwrap_or(false),
+        };
+        windowed.then_some(w)
+    }
+
     /// A built-in preset by name (see [`preset_names`]), case-insensitive.
     pub fn preset(name: &str) -> Result<ModelConfig> {
         let (_, json) = PRESETS
@@ -251,6 +300,19 @@ impl ModelConfig {
                 format!("{} is not a positive number", self.norm_eps),
             ));
         }
+        match (&self.window_layers, self.sliding_window) {
+            (_, Some(0)) => return Err(bad("sliding_window", "0 keys is no window".into())),
+            (WindowLayers::GlobalEvery(0), _) => {
+                return Err(bad("sliding_window_pattern", "0 is no pattern".into()))
+            }
+            (WindowLayers::Listed(v), _) if v.len() != self.n_layers => {
+                return Err(bad(
+                    "layer_types",
+                    format!("{} entries for {} layers", v.len(), self.n_layers),
+                ))
+            }
+            _ => {}
+        }
         if let Positions::Rotary { theta } = self.positions {
             if !(theta.is_finite() && theta > 0.0) {
                 return Err(bad(
@@ -335,6 +397,51 @@ impl Fields<'_> {
         Ok(hidden / heads)
     }
 
+    /// The sliding window and its layers, from HF's keys: `sliding_window` (null: none; absent:
+    /// MistralConfig's 4096 for `mistral`, none otherwise), off where `use_sliding_window` is
+    /// false (Qwen2Config's default), and then `layer_types` (per layer
+    /// `sliding_attention` or `full_attention`), Qwen2's `max_window_layers` (layers from it on
+    /// windowed), `sliding_window_pattern` (every n-th layer global), else `default` (the config
+    /// class's rule: every layer for Mistral; Gemma 3's class defaults to a pattern of 6).
+    pub(crate) fn sliding_window(
+        &self,
+        n_layers: usize,
+        default: WindowLayers,
+    ) -> Result<(Option<usize>, WindowLayers)> {
+        let none = Ok((None, WindowLayers::All));
+        let absent = self.model_type == "mistral" && !self.obj.contains_key("sliding_window");
+        let w = match self.opt_usize(&["sliding_window"])? {
+            Some(w) => w,
+            None if absent => 4096,
+            None => return none,
+        };
+        if !self.bool_or("use_sliding_window", self.model_type != "qwen2")? {
+            return none;
+        }
+        if let Some((name, v)) = self.get(&["layer_types"]) {
+            let types = v
+                .as_array()
+                .ok_or_else(|| self.invalid(name, "not a list"))?;
+            let windowed = types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(self.invalid(name, format!("{t} is not a layer type"))),
+                })
+                .collect::<Result<Vec<bool>>>()?;
+            return Ok((Some(w), WindowLayers::Listed(windowed)));
+        }
+        if let Some(first) = self.opt_usize(&["max_window_layers"])? {
+            let windowed = (0..n_layers).map(|l| l >= first).collect();
+            return Ok((Some(w), WindowLayers::Listed(windowed)));
+        }
+        match self.opt_usize(&["sliding_window_pattern"])? {
+            Some(n) => Ok((Some(w), WindowLayers::GlobalEvery(n))),
+            None => Ok((Some(w), default)),
+        }
+    }
+
     /// llama, mistral and qwen2 share one layout; they differ in defaults and qwen2's QKV biases.
     fn llama(&self) -> Result<ModelConfig> {
         let hidden = self.usize(&["hidden_size"])?;
@@ -350,11 +457,13 @@ impl Fields<'_> {
         // LlamaConfig's attention_bias covers Q, K, V and O; Qwen2Attention hard-codes biases on
         // Q, K and V only.
         let attention_bias = self.bool_or("attention_bias", false)?;
+        let n_layers = self.usize(&["num_hidden_layers"])?;
+        let (sliding_window, window_layers) = self.sliding_window(n_layers, WindowLayers::All)?;
         Ok(ModelConfig {
             arch: Arch::Llama,
             vocab_size: self.usize(&["vocab_size"])?,
             hidden_size: hidden,
-            n_layers: self.usize(&["num_hidden_layers"])?,
+            n_layers,
             n_heads: heads,
             n_kv_heads: self.opt_usize(&["num_key_value_heads"])?.unwrap_or(heads),
             head_dim: self.head_dim(hidden, heads)?,
@@ -374,6 +483,8 @@ impl Fields<'_> {
             ffn_bias: self.bool_or("mlp_bias", false)?,
             type_vocab_size: 0,
             pooler: false,
+            sliding_window,
+            window_layers,
         })
     }
 
@@ -407,6 +518,8 @@ impl Fields<'_> {
             ffn_bias: true,
             type_vocab_size: self.opt_usize(&["type_vocab_size"])?.unwrap_or(2),
             pooler: true,
+            sliding_window: None,
+            window_layers: WindowLayers::All,
         })
     }
 
@@ -441,6 +554,8 @@ impl Fields<'_> {
             ffn_bias: true,
             type_vocab_size: 0,
             pooler: false,
+            sliding_window: None,
+            window_layers: WindowLayers::All,
         })
     }
 }

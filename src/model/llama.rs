@@ -327,6 +327,11 @@ pub fn config_from_gguf(g: &Gguf) -> Result<(ModelConfig, usize)> {
         ffn_bias: false,
         type_vocab_size: 0,
         pooler: false,
+        sliding_window: g
+            .get_u32(&k("attention.sliding_window"))
+            .ok()
+            .map(|w| w as usize),
+        window_layers: crate::model::config::WindowLayers::for_gguf_arch(&arch),
     };
     cfg.validate(&arch)?;
     let rot_dim = g
@@ -855,13 +860,16 @@ impl RunState {
             Some(kv) => kv,
             None => (0..cfg.n_layers)
                 .map(|l| {
-                    KvCache::new(
+                    // A sliding-window layer keeps a ring for chunks of up to `c` tokens.
+                    KvCache::windowed(
                         gpu,
                         &format!("layer.{l}.kv"),
                         opts.kv_dtype,
                         opts.ctx,
                         cfg.n_kv_heads,
                         hd,
+                        cfg.layer_window(l),
+                        c,
                     )
                 })
                 .collect::<Result<Vec<_>>>()?,

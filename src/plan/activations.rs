@@ -102,7 +102,7 @@ impl Kernel {
             | Kernel::Matmul { .. }
             | Kernel::StackedMatmul
             | Kernel::KvStore => 32,
-            Kernel::Attention | Kernel::DenseAttention { .. } => 48,
+            Kernel::Attention | Kernel::DenseAttention { .. } => 64,
             Kernel::RopeStore => ROPE_STORE_PARAMS_BYTES,
         }
     }

@@ -9,8 +9,9 @@
 //! - parameters: LLaMA: [`params::weight_bytes`] (block formats for embeddings and matrices, f32
 //!   norms); GPT-2 and BERT: what their loaders upload ([`uploads`]), sharded as the device stores
 //!   matrices;
-//! - KV cache: `n_layers * ctx * bytes_per_token(kv, n_kv_heads, head_dim)`, as `KvCache` allocates
-//!   (none for BERT, which attends over each pass's own K and V);
+//! - KV cache: `ctx * bytes_per_token(kv, n_kv_heads, head_dim)` per layer, as `KvCache` allocates
+//!   (none for BERT, which attends over each pass's own K and V); a sliding-window layer keeps a
+//!   ring of `min(ctx, window + chunk - 1)` positions instead ([`kv_layer_positions`]);
 //! - activations: the shared buffers of the pass's schedule ([`activations::llama_activation_plan`],
 //!   [`gpt2::gpt2_activation_plan`] for the chunk size; [`bert::bert_activation_plan`] for the
 //!   batch);
@@ -51,12 +52,22 @@ use serde::{Serialize, Serializer};
 use crate::error::{Error, Result};
 use crate::gpu::buffer::STAGING_CHUNK;
 use crate::gpu::WeightLayout;
-use crate::kernels::attention::{bytes_per_token, KvDtype};
+use crate::kernels::attention::{bytes_per_token, ring_slots, KvDtype};
 use crate::kernels::weights::WeightStorage;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::params::{self, Precision, WeightBytes};
 use crate::quant::WeightFormat;
 use activations::Kernel;
+
+/// Positions each layer's KV cache holds at context `ctx` with prefill chunks of up to `chunk`
+/// tokens, as the LLaMA pass allocates them: `ctx` for a global layer, the ring's
+/// [`ring_slots`] (`min(ctx, window + chunk - 1)`) for a layer with a sliding window
+/// ([`ModelConfig::layer_window`]).
+pub fn kv_layer_positions(cfg: &ModelConfig, ctx: usize, chunk: usize) -> Vec<u64> {
+    (0..cfg.n_layers)
+        .map(|l| ring_slots(ctx, cfg.layer_window(l), chunk) as u64)
+        .collect()
+}
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
@@ -232,6 +243,11 @@ pub struct MemoryPlan {
     pub parameters_bytes: u64,
     /// One token in one layer, K and V together.
     pub kv_bytes_per_token_layer: u64,
+    /// KV-cache positions of all layers together: `n_layers * ctx` unless some layers keep a
+    /// sliding window's ring ([`kv_layer_positions`]).
+    pub kv_positions: u64,
+    /// Layers whose cache is a sliding window's ring shorter than the context.
+    pub kv_ring_layers: usize,
     pub kv_cache_bytes: u64,
     pub activations: ActivationPlan,
     pub activation_bytes: u64,
@@ -393,7 +409,16 @@ impl MemoryPlan {
             Arch::Gpt2 | Arch::Gpt3 | Arch::Bert => TypeTable::default(),
         };
         let kv_bpt = pass.kv_bytes_per_token_layer;
-        let kv_cache_bytes = l.saturating_mul(pass.kv_positions).saturating_mul(kv_bpt);
+        let kv_positions = pass
+            .kv_positions
+            .iter()
+            .fold(0, |a: u64, &b| a.saturating_add(b));
+        let kv_ring_layers = pass
+            .kv_positions
+            .iter()
+            .filter(|&&n| n < opts.ctx as u64)
+            .count();
+        let kv_cache_bytes = kv_positions.saturating_mul(kv_bpt);
         let activations = pass.activations;
 
         let align4 = |b: u64| b.div_ceil(4) * 4;
@@ -459,7 +484,8 @@ impl MemoryPlan {
         let dispatches = chunk.dispatches;
         let kernel_params_bytes = chunk.uniform_bytes();
 
-        let kv_buffer = (pass.kv_positions).saturating_mul(kv_bpt) / 2;
+        let longest = pass.kv_positions.iter().copied().max().unwrap_or(0);
+        let kv_buffer = longest.saturating_mul(kv_bpt) / 2;
         if kv_buffer > opts.max_binding {
             warnings.push(format!(
                 "each layer's K and V buffers take {kv_buffer} bytes, over the {}-byte binding limit",
@@ -512,6 +538,8 @@ impl MemoryPlan {
             other_weight_bytes: parameters_bytes
                 .saturating_sub(l.saturating_mul(pass.layer_weight_bytes)),
             kv_bytes_per_token_layer: kv_bpt,
+            kv_positions,
+            kv_ring_layers,
             kv_cache_bytes,
             activations,
             activation_bytes,
@@ -565,11 +593,16 @@ impl MemoryPlan {
         let fits_sum = |sum: u64| sum.saturating_add(overhead(sum)) <= budget;
         let encoder = self.cfg.arch == Arch::Bert;
         let base = self.buffers_bytes().saturating_sub(self.kv_cache_bytes);
-        let per_ctx = (self.cfg.n_layers as u64).saturating_mul(self.kv_bytes_per_token_layer);
+        // The KV cache at another ctx: every layer's positions, sliding windows capped.
+        let kv_at = |c: u64| {
+            let positions = kv_layer_positions(&self.cfg, c as usize, self.options.chunk);
+            let n = positions.iter().fold(0, |a: u64, &b| a.saturating_add(b));
+            n.saturating_mul(self.kv_bytes_per_token_layer)
+        };
         // Largest ctx below the requested one whose total fits (a decoder's activations do not
         // depend on it).
         let longest_ctx = last_fitting(1, self.options.ctx as u64, |c| {
-            fits_sum(base.saturating_add(per_ctx.saturating_mul(c)))
+            fits_sum(base.saturating_add(kv_at(c)))
         })
         .filter(|_| !encoder)
         .map(|c| c as usize);

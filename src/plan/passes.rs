@@ -19,8 +19,8 @@ pub(super) struct Pass {
     /// The largest single upload chunk of the weights.
     pub(super) largest_upload: u64,
     pub(super) kv_bytes_per_token_layer: u64,
-    /// KV-cache positions (0 for an encoder, which keeps none).
-    pub(super) kv_positions: u64,
+    /// KV-cache positions of each layer (none for an encoder, which keeps none).
+    pub(super) kv_positions: Vec<u64>,
     pub(super) activations: ActivationPlan,
     pub(super) schedule: activations::Schedule,
     /// Bytes one readback copies: the logits, or an encoder's hidden states.
@@ -91,7 +91,7 @@ pub(super) fn llama(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         layer_weight_bytes,
         largest_upload: largest,
         kv_bytes_per_token_layer: bytes_per_token(opts.kv, cfg.n_kv_heads, cfg.head_dim),
-        kv_positions: opts.ctx as u64,
+        kv_positions: super::kv_layer_positions(cfg, opts.ctx, opts.chunk),
         schedule: activations::llama_schedule(cfg, opts.all_logits, fusions),
         streamed_layer: Some(activations::llama_schedule(cfg, opts.all_logits, unstacked).layer),
         activations,
@@ -115,7 +115,7 @@ pub(super) fn gpt2(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         layer_weight_bytes: up.per_layer,
         largest_upload: up.largest_chunk,
         kv_bytes_per_token_layer: bytes_per_token(opts.kv, cfg.n_kv_heads, cfg.head_dim),
-        kv_positions: opts.ctx as u64,
+        kv_positions: vec![opts.ctx as u64; cfg.n_layers],
         schedule: gpt2::gpt2_schedule(cfg, opts.all_logits),
         readback: role_bytes(&activations, "logits"),
         activations,
@@ -139,7 +139,7 @@ pub(super) fn bert(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         layer_weight_bytes: up.per_layer,
         largest_upload: up.largest_chunk,
         kv_bytes_per_token_layer: 0,
-        kv_positions: 0,
+        kv_positions: Vec::new(),
         schedule: bert::bert_schedule(cfg, opts.batch, opts.ctx),
         readback: role_bytes(&activations, "x"),
         activations,

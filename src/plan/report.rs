@@ -65,13 +65,31 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     } else {
         let _ = writeln!(
             s,
-            "  weights {}, KV cache {}, ctx {}, chunk {} ({} logits)\n",
+            "  weights {}, KV cache {}, ctx {}, chunk {} ({} logits)",
             o.precision,
             o.kv,
             o.ctx,
             o.chunk,
             if o.all_logits { "all" } else { "last-token" }
         );
+        if let (Some(w), true) = (c.sliding_window, p.kv_ring_layers > 0) {
+            // What the rings save against a cache of every position in every layer.
+            let global = (c.n_layers as u64)
+                .saturating_mul(o.ctx as u64)
+                .saturating_mul(p.kv_bytes_per_token_layer);
+            let _ = writeln!(
+                s,
+                "  sliding window {w} on {} of {} layers, each a ring of {} positions: KV cache \
+                 {} instead of {} ({:.1}x smaller)",
+                p.kv_ring_layers,
+                c.n_layers,
+                crate::kernels::attention::ring_slots(o.ctx, Some(w), o.chunk),
+                human(p.kv_cache_bytes),
+                human(global),
+                global as f64 / p.kv_cache_bytes.max(1) as f64
+            );
+        }
+        let _ = writeln!(s);
     }
     let _ = writeln!(
         s,

@@ -16,6 +16,14 @@
 //! is 34 bytes per 32 values, GGUF's Q8_0 rate; an odd count pads the last scale word (2 bytes per
 //! row). Quantisation on store is src/quant's Q8_0 (`d = amax / 127`, `q = round(x / d)`, d kept as
 //! f16). head_dim must be a multiple of 4 (f16: also even; q8_0: of 32) and at most 256.
+//!
+//! A sliding-window layer (Mistral's `sliding_window`, Gemma 3's local layers; [`KvCache::windowed`])
+//! keeps a ring instead: position p lives in slot `p % slots` ([`ring_slots`]), and a query at
+//! position t attends keys k with `t - k < window` and `k <= t` (Hugging Face's and llama.cpp's
+//! mask). A global layer's cache is the ring of `ctx` slots, where `p % ctx == p`: nothing changes.
+//! A ring forgets: running again from an earlier position p0 (after positions past p0 were
+//! stored) finds the keys before p0 only where no later position has taken their slot, so a rerun
+//! starts from position 0 (as generation and perplexity windows do).
 
 use half::f16;
 
@@ -108,10 +116,27 @@ pub fn bytes_per_token(dtype: KvDtype, n_kv_heads: usize, head_dim: usize) -> u6
     2 * n_kv_heads as u64 * dtype.row_words(head_dim) as u64 * 4
 }
 
+/// Slots of the ring of a layer with attention `window` over `ctx` positions, stored in chunks
+/// of up to `chunk` tokens: `ctx` for a global layer (`None`), else `min(ctx, window + chunk - 1)`.
+///
+/// Why `window + chunk - 1`: a chunk of m tokens at positions `pos0..pos0 + m` is stored before
+/// any of its queries attends, and its first query (position pos0) still needs the keys from
+/// `pos0 + 1 - window` on. Storing position `pos0 + m - 1` overwrites position
+/// `pos0 + m - 1 - slots`, which must lie below `pos0 + 1 - window`: `slots >= window + m - 1`.
+/// Splitting chunks instead would cost the prefill its large matmuls; one chunk's worth of
+/// extra slots is small beside the window (Gemma 3: 512 + 63 at the default chunk of 64).
+pub fn ring_slots(ctx: usize, window: Option<usize>, chunk: usize) -> usize {
+    match window {
+        None => ctx,
+        Some(w) => ctx.min(w.max(1).saturating_add(chunk.max(1) - 1)),
+    }
+}
+
 /// One layer's K and V cache.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub dtype: KvDtype,
+    /// Positions the cache serves: `0..ctx`.
     pub ctx: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -119,6 +144,12 @@ pub struct KvCache {
     pub v: GpuBuffer,
     /// `u32` words per row, [`KvDtype::row_words`].
     pub row_words: usize,
+    /// Sliding-window attention: a query at position t sees keys from `t + 1 - window` on; `None`
+    /// for a global layer.
+    pub window: Option<usize>,
+    /// Positions held, the ring's length ([`ring_slots`]): position p lives in slot `p % slots`.
+    /// `ctx` for a global layer.
+    pub slots: usize,
 }
 
 impl KvCache {
@@ -132,20 +163,40 @@ impl KvCache {
         n_kv_heads: usize,
         head_dim: usize,
     ) -> Result<KvCache> {
+        KvCache::windowed(gpu, label, dtype, ctx, n_kv_heads, head_dim, None, 1)
+    }
+
+    /// [`KvCache::new`] for a layer whose queries see the last `window` positions (`None`: all,
+    /// exactly [`KvCache::new`]), stored in chunks of up to `chunk` tokens: a ring of
+    /// [`ring_slots`] positions, booked as such.
+    #[allow(clippy::too_many_arguments)]
+    pub fn windowed(
+        gpu: &Gpu,
+        label: &str,
+        dtype: KvDtype,
+        ctx: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+        chunk: usize,
+    ) -> Result<KvCache> {
         dtype.check_head_dim(head_dim)?;
-        if ctx == 0 || n_kv_heads == 0 {
+        if ctx == 0 || n_kv_heads == 0 || window == Some(0) {
             return Err(Error::invalid(
                 format!("kv cache {label}"),
-                format!("ctx {ctx} and n_kv_heads {n_kv_heads} must be positive"),
+                format!(
+                    "ctx {ctx}, n_kv_heads {n_kv_heads} and the window ({window:?}) must be positive"
+                ),
             ));
         }
+        let slots = ring_slots(ctx, window, chunk);
         let row_words = dtype.row_words(head_dim);
-        let bytes = (ctx as u64 * n_kv_heads as u64 * row_words as u64).saturating_mul(4);
+        let bytes = (slots as u64 * n_kv_heads as u64 * row_words as u64).saturating_mul(4);
         if bytes > gpu.max_binding() {
             return Err(Error::invalid(
                 format!("kv cache {label}"),
                 format!(
-                    "{ctx} positions of {dtype} take {bytes} bytes per tensor, over the {}-byte \
+                    "{slots} positions of {dtype} take {bytes} bytes per tensor, over the {}-byte \
                      storage binding limit; use a shorter context or a smaller KV type",
                     gpu.max_binding()
                 ),
@@ -159,6 +210,8 @@ impl KvCache {
             k: gpu.alloc(&format!("{label}.k"), BufferClass::KvCache, bytes)?,
             v: gpu.alloc(&format!("{label}.v"), BufferClass::KvCache, bytes)?,
             row_words,
+            window,
+            slots,
         })
     }
 
@@ -196,6 +249,8 @@ impl KvCache {
             k: k.buf.clone(),
             v: v.buf.clone(),
             row_words: head_dim,
+            window: None,
+            slots: ctx,
         })
     }
 
@@ -206,17 +261,40 @@ impl KvCache {
     }
 
     /// K and V of positions `0..n_pos` as the cache holds them, dequantised to f32
-    /// (`[n_pos, n_kv_heads, head_dim]` each).
+    /// (`[n_pos, n_kv_heads, head_dim]` each); at most [`KvCache::slots`] positions.
     pub fn read(&self, gpu: &Gpu, n_pos: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        if n_pos > self.ctx {
+        self.read_positions(gpu, 0, n_pos)
+    }
+
+    /// K and V of positions `first..first + n_pos` as the ring holds them (slot `p % slots` for
+    /// position p), dequantised to f32. The slots hold the last positions stored, which the
+    /// caller knows: up to [`KvCache::slots`] positions can be read back at once.
+    pub fn read_positions(
+        &self,
+        gpu: &Gpu,
+        first: usize,
+        n_pos: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        if n_pos > self.slots || first.checked_add(n_pos).is_none_or(|end| end > self.ctx) {
             return Err(Error::invalid(
                 "kv cache read",
-                format!("{n_pos} positions of a {}-position cache", self.ctx),
+                format!(
+                    "positions {first}..{} of a {}-position cache of {} slots",
+                    first.saturating_add(n_pos),
+                    self.ctx,
+                    self.slots
+                ),
             ));
         }
-        let bytes = (n_pos * self.n_kv_heads * self.row_words * 4) as u64;
+        let row = (self.n_kv_heads * self.row_words * 4) as u64;
         let get = |b: &GpuBuffer| -> Result<Vec<f32>> {
-            let raw = gpu.read_bytes(b, 0, bytes)?;
+            // The positions as slots: one run up to the ring's end, then one from its start.
+            let s0 = first % self.slots;
+            let n0 = n_pos.min(self.slots - s0);
+            let mut raw = gpu.read_bytes(b, s0 as u64 * row, n0 as u64 * row)?;
+            if n0 < n_pos {
+                raw.extend(gpu.read_bytes(b, 0, (n_pos - n0) as u64 * row)?);
+            }
             decode(
                 self.dtype,
                 &bytemuck::pod_collect_to_vec(&raw),
@@ -302,6 +380,8 @@ pub(super) fn to_u32(op: &str, n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::invalid(op, format!("{n} does not fit 32 bits")))
 }
 
+/// Positions `pos0..pos0 + m` lie in the cache's context and, in a ring, one chunk of them never
+/// overwrites a key that its own first query still needs ([`ring_slots`]).
 pub(super) fn check_positions(op: &str, cache: &KvCache, pos0: usize, m: usize) -> Result<()> {
     if pos0.checked_add(m).is_none_or(|end| end > cache.ctx) {
         return Err(Error::invalid(
@@ -313,7 +393,27 @@ pub(super) fn check_positions(op: &str, cache: &KvCache, pos0: usize, m: usize) 
             ),
         ));
     }
+    if let Some(w) = cache.window.filter(|_| cache.slots < cache.ctx) {
+        if m + w > cache.slots + 1 {
+            return Err(Error::invalid(
+                format!("{op} ({})", cache.k.label),
+                format!(
+                    "a chunk of {m} tokens over a window of {w} needs {} ring slots; this cache \
+                     has {} (made for shorter chunks)",
+                    m + w - 1,
+                    cache.slots
+                ),
+            ));
+        }
+    }
     Ok(())
+}
+
+/// The window as the kernels take it: keys per query, `u32::MAX` (all) for a global layer.
+pub(super) fn window_u32(cache: &KvCache) -> u32 {
+    cache
+        .window
+        .map_or(u32::MAX, |w| u32::try_from(w).unwrap_or(u32::MAX))
 }
 
 #[repr(C)]
@@ -322,9 +422,12 @@ struct StoreParams {
     rows: u32,
     head_dim: u32,
     row_words: u32,
-    dst_row0: u32,
+    pos0: u32,
     units_per_row: u32,
-    _pad: [u32; 3],
+    n_kv_heads: u32,
+    /// The ring's length: token t goes to slot `(pos0 + t) % slots`.
+    slots: u32,
+    _pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<StoreParams>() == 32);
 
@@ -340,7 +443,8 @@ struct RopeStoreParams {
     mode: u32,
     row_words: u32,
     units_per_row: u32,
-    dst_row0: u32,
+    /// The ring's length: token t goes to slot `(pos0 + t) % slots`.
+    slots: u32,
     _pad: [u32; 2],
     /// The frequency table ([`crate::kernels::rope`]'s).
     q: [f32; MAX_ROT_DIM],
@@ -398,7 +502,7 @@ pub fn rope_store(
         mode: mode.code(),
         row_words: cache.row_words as u32,
         units_per_row: units as u32,
-        dst_row0: to_u32(op, pos0 * cache.n_kv_heads)?,
+        slots: to_u32(op, cache.slots)?,
         _pad: [0; 2],
         q: table,
     };
@@ -429,7 +533,8 @@ pub fn rope_store(
 }
 
 /// Writes K and V of `m` tokens (`[m, n_kv_heads, head_dim]` f32 each) into positions
-/// `pos0..pos0+m` of the cache, converting to its dtype. One dispatch.
+/// `pos0..pos0+m` of the cache (slots `p % slots` of a ring), converting to its dtype. One
+/// dispatch.
 pub fn store(
     rec: &mut Recorder,
     cache: &KvCache,
@@ -448,9 +553,11 @@ pub fn store(
         rows: to_u32("kv store", rows)?,
         head_dim: hd as u32,
         row_words: cache.row_words as u32,
-        dst_row0: to_u32("kv store", pos0 * cache.n_kv_heads)?,
+        pos0: to_u32("kv store", pos0)?,
         units_per_row: units_per_row as u32,
-        _pad: [0; 3],
+        n_kv_heads: cache.n_kv_heads as u32,
+        slots: to_u32("kv store", cache.slots)?,
+        _pad: 0,
     };
     let gpu = rec.gpu();
     let binds = [Bind::Input, Bind::Input, Bind::Output, Bind::Output];
