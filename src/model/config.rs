@@ -65,6 +65,31 @@ pub enum Ffn {
     SwiGlu,
     /// `down(gelu(up x))`: two matrices.
     Gelu,
+    /// `down(gelu_tanh(gate x) * up x)` (GeGLU, Gemma): three matrices, as SwiGLU.
+    GeGluTanh,
+}
+
+/// Sliding-window attention: local layers attend to the last `window` positions only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    pub window: usize,
+    /// Layer `l` is global (attends to everything) when `(l + 1) % global_every == 0`: Gemma 3's
+    /// five local layers per global one is 6 (llama.cpp's `set_swa_pattern(6)`). 0: every layer
+    /// is local (Mistral).
+    pub global_every: usize,
+}
+
+/// What Gemma 3 adds to the LLaMA layout: embeddings scaled by sqrt(hidden), RMSNorm of q and k
+/// per head before RoPE, norms after the attention and the FFN (before their residual adds),
+/// GeGLU ([`Ffn::GeGluTanh`]), rotate-half RoPE in GGUF files too, and per-layer RoPE bases.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Gemma {
+    /// The attention scale is `1 / sqrt(query_pre_attn_scalar)` (the head size in GGUF files).
+    pub query_pre_attn_scalar: f64,
+    /// RoPE base of the local (sliding-window) layers; global layers use [`Positions::Rotary`]'s.
+    pub rope_local_theta: f64,
+    /// Linear RoPE scaling of the global layers (positions divided by it; 1 for none).
+    pub rope_scaling: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -107,6 +132,12 @@ pub struct ModelConfig {
     pub type_vocab_size: usize,
     /// BERT's pooler: a dense `hidden x hidden` layer with bias on the first token.
     pub pooler: bool,
+    /// Sliding-window attention; `None`: every layer attends to the whole context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<SlidingWindow>,
+    /// Gemma 3's additions; `None` for every other architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemma: Option<Gemma>,
 }
 
 /// Built-in presets: name and the HF `config.json` content.
@@ -161,6 +192,27 @@ pub fn preset_names() -> Vec<&'static str> {
 const MAX_DIM: usize = 1 << 32;
 
 impl ModelConfig {
+    /// The attention window of layer `l`: `None` for global layers and models without sliding
+    /// windows.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        let sw = self.sliding_window?;
+        let global = sw.global_every > 0 && (l + 1).is_multiple_of(sw.global_every);
+        (!global).then_some(sw.window)
+    }
+
+    /// The RoPE base and linear position scale of layer `l` (`None` without rotary positions):
+    /// Gemma 3's local layers have their own base and no scaling.
+    pub fn layer_rope(&self, l: usize) -> Option<(f64, f64)> {
+        let Positions::Rotary { theta } = self.positions else {
+            return None;
+        };
+        Some(match (&self.gemma, self.layer_window(l)) {
+            (Some(g), Some(_)) => (g.rope_local_theta, 1.0),
+            (Some(g), None) => (theta, g.rope_scaling),
+            (None, _) => (theta, 1.0),
+        })
+    }
+
     /// A built-in preset by name (see [`preset_names`]), case-insensitive.
     pub fn preset(name: &str) -> Result<ModelConfig> {
         let (_, json) = PRESETS
@@ -199,6 +251,7 @@ impl ModelConfig {
         let f = Fields { obj, model_type };
         let cfg = match model_type {
             "llama" | "mistral" | "qwen2" => f.llama()?,
+            "gemma3_text" => f.gemma3()?,
             "bert" => f.bert()?,
             "gpt2" => f.gpt2(Arch::Gpt2)?,
             "gpt3" => f.gpt2(Arch::Gpt3)?,
@@ -257,6 +310,25 @@ impl ModelConfig {
                     "rope_theta",
                     format!("{theta} is not a positive number"),
                 ));
+            }
+        }
+        if let Some(sw) = self.sliding_window {
+            if sw.window == 0 || sw.window > MAX_DIM {
+                return Err(bad(
+                    "sliding_window",
+                    format!("{} is outside 1..={MAX_DIM}", sw.window),
+                ));
+            }
+        }
+        if let Some(g) = self.gemma {
+            for (field, v) in [
+                ("query_pre_attn_scalar", g.query_pre_attn_scalar),
+                ("rope_local_base_freq", g.rope_local_theta),
+                ("rope_scaling.factor", g.rope_scaling),
+            ] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(bad(field, format!("{v} is not a positive number")));
+                }
             }
         }
         Ok(())
@@ -374,7 +446,86 @@ impl Fields<'_> {
             ffn_bias: self.bool_or("mlp_bias", false)?,
             type_vocab_size: 0,
             pooler: false,
+            sliding_window: self.sliding_window(0)?,
+            gemma: None,
         })
+    }
+
+    /// `sliding_window` where the model uses it (qwen2 only with `use_sliding_window`), with
+    /// every `global_every`-th layer global.
+    fn sliding_window(&self, global_every: usize) -> Result<Option<SlidingWindow>> {
+        if self.model_type == "qwen2" && !self.bool_or("use_sliding_window", false)? {
+            return Ok(None);
+        }
+        Ok(self
+            .opt_usize(&["sliding_window"])?
+            .map(|window| SlidingWindow {
+                window,
+                global_every,
+            }))
+    }
+
+    /// Gemma3TextConfig: the LLaMA layout with Gemma's additions ([`Gemma`]). Defaults are the
+    /// class's (eps 1e-6, rope_theta 1e6, local base 1e4, window 4096, query_pre_attn_scalar
+    /// 256, a global layer every 6, tied embeddings). `layer_types`, where given, must follow
+    /// that pattern (the runtime keeps one pattern, as llama.cpp does).
+    fn gemma3(&self) -> Result<ModelConfig> {
+        let mut cfg = self.llama()?;
+        let every = self.opt_usize(&["sliding_window_pattern"])?.unwrap_or(6);
+        if let Some((name, v)) = self.get(&["layer_types"]) {
+            let types = v
+                .as_array()
+                .ok_or_else(|| self.invalid(name, "not a list"))?;
+            for (l, t) in types.iter().enumerate() {
+                let global = every > 0 && (l + 1).is_multiple_of(every);
+                let want = if global {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                };
+                if t.as_str() != Some(want) {
+                    return Err(self.invalid(
+                        name,
+                        format!("layer {l} is {t}, not {want} (one global layer every {every})"),
+                    ));
+                }
+            }
+        }
+        let rope_scaling = match self.get(&["rope_scaling"]) {
+            None => 1.0,
+            Some((name, v)) => {
+                let kind = v.get("rope_type").or_else(|| v.get("type"));
+                if kind.and_then(Value::as_str) != Some("linear") {
+                    return Err(self.invalid(name, format!("{v}: only linear scaling is known")));
+                }
+                v.get("factor")
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| self.invalid(name, "no numeric factor"))?
+            }
+        };
+        if let Some((name, v)) = self.get(&["final_logit_softcapping", "attn_logit_softcapping"]) {
+            return Err(self.invalid(name, format!("{v}: Gemma 3 has no softcapping")));
+        }
+        cfg.norm_eps = self.f64_or(&["rms_norm_eps"], 1e-6)?;
+        cfg.positions = Positions::Rotary {
+            theta: self.f64_or(&["rope_theta"], 1_000_000.0)?,
+        };
+        cfg.ffn = Ffn::GeGluTanh;
+        cfg.head_dim = self.opt_usize(&["head_dim"])?.unwrap_or(256);
+        cfg.max_positions = self
+            .opt_usize(&["max_position_embeddings"])?
+            .unwrap_or(131072);
+        cfg.tied_embeddings = self.bool_or("tie_word_embeddings", true)?;
+        cfg.sliding_window = Some(SlidingWindow {
+            window: self.opt_usize(&["sliding_window"])?.unwrap_or(4096),
+            global_every: every,
+        });
+        cfg.gemma = Some(Gemma {
+            query_pre_attn_scalar: self.f64_or(&["query_pre_attn_scalar"], 256.0)?,
+            rope_local_theta: self.f64_or(&["rope_local_base_freq"], 10_000.0)?,
+            rope_scaling,
+        });
+        Ok(cfg)
     }
 
     /// `BertModel` with its pooler (what `AutoModel` loads); the MLM head is not part of it.
@@ -407,6 +558,8 @@ impl Fields<'_> {
             ffn_bias: true,
             type_vocab_size: self.opt_usize(&["type_vocab_size"])?.unwrap_or(2),
             pooler: true,
+            sliding_window: None,
+            gemma: None,
         })
     }
 
@@ -441,6 +594,8 @@ impl Fields<'_> {
             ffn_bias: true,
             type_vocab_size: 0,
             pooler: false,
+            sliding_window: None,
+            gemma: None,
         })
     }
 }
