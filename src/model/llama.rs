@@ -1,6 +1,8 @@
-//! The LLaMA family (llama, mistral, qwen2): pre-norm decoder with RMSNorm, rotary positions,
-//! grouped-query attention (optionally with Q/K/V biases, as qwen2), a SwiGLU FFN and a tied or
-//! separate output head. `forward` reads like the architecture: one kernel call a line.
+//! The LLaMA family (llama, mistral, qwen2, gemma3): pre-norm decoder with RMSNorm, rotary
+//! positions, grouped-query attention (optionally with Q/K/V biases, as qwen2), a SwiGLU FFN and a
+//! tied or separate output head; Gemma 3 (`gemma_layer`) adds per-head q/k norms, norms after the
+//! attention and the FFN, GeGLU and scaled embeddings. `forward` reads like the architecture: one
+//! kernel call a line. The layer's tensors are declared once, in [`crate::model::layer`].
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuBuffer, Recorder};
