@@ -1130,3 +1130,85 @@ fn models_past_the_fold_limits_run_too() {
         }
     }
 }
+
+/// The same Gemma 3 weights as a GGUF file (norms with the +1 stored, llama.cpp's metadata) and as
+/// a Hugging Face `gemma3_text` directory (norms without it; the config says what the GGUF
+/// metadata implies: a global layer every 6, the head size as `query_pre_attn_scalar`, a window
+/// of 512): the two readers give one config, and the two models the same logits, both the
+/// reference's.
+#[test]
+fn gemma_from_gguf_and_hugging_face_agree() {
+    let Some(devs) = devices() else { return };
+    let gpu = &devs[0].1;
+    let gguf_case = Case {
+        gemma: true,
+        layers: 6,
+        formats: vec![WeightFormat::F32],
+        ..issue_case(Src::Gguf { qkv_bias: false }, 3, devs[0].0)
+    };
+    let hf_case = Case {
+        src: Src::Hf {
+            precision: None,
+            qwen2: false,
+            attention_bias: false,
+            mlp_bias: false,
+        },
+        ..gguf_case.clone()
+    };
+    let ts = tensors(&gguf_case);
+    let gguf = gguf_of(&gguf_case, &ts);
+    let dir = hf_dir(&hf_case, &tensors(&hf_case), "gemma-pair");
+    let path = dir.0.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["sliding_window_pattern"] = 6.into();
+    json["query_pre_attn_scalar"] = gguf_case.head_dim.into();
+    json["sliding_window"] = 512.into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let hf = HfModel::open(&dir.0).unwrap();
+    let (cfg, rot) = config_from_gguf(&gguf).unwrap();
+    let mut hf_cfg = ModelConfig::from_hf_json(hf.config()).unwrap();
+    // GGUF keeps eps as an f32.
+    assert_eq!(hf_cfg.norm_eps as f32, cfg.norm_eps as f32);
+    hf_cfg.norm_eps = cfg.norm_eps;
+    assert_eq!(hf_cfg, cfg);
+
+    let toks = tokens(&gguf_case, 7);
+    let opts = RunOptions {
+        ctx: toks.len(),
+        kv_dtype: KvDtype::F32,
+        chunk: 3,
+        all_logits: true,
+        resident_layers: None,
+    };
+    let run = |src: &Source| {
+        let mut m = Llama::load(gpu, cfg.clone(), rot, src, opts.clone()).unwrap();
+        m.forward(gpu, &toks, 0).unwrap()
+    };
+    let from_gguf = run(&Source::Gguf(&gguf));
+    let from_hf = run(&Source::Hf(&hf, None));
+    let want = reference(&gguf_case, &ref_weights(&ts), &toks);
+    let v = gguf_case.vocab;
+    for (pos, w) in want.iter().enumerate() {
+        let scale = 1.0 + w.iter().fold(0f64, |a, x| a.max(x.abs()));
+        for (what, got) in [("gguf", &from_gguf), ("hf", &from_hf)] {
+            let row = &got[pos * v..(pos + 1) * v];
+            let diff = row
+                .iter()
+                .zip(w)
+                .fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs()));
+            assert!(
+                diff / scale <= LOGITS_TOL,
+                "{what}, position {pos}: max |diff| {diff:.3e} against the reference"
+            );
+        }
+        let gh = from_gguf[pos * v..(pos + 1) * v]
+            .iter()
+            .zip(&from_hf[pos * v..(pos + 1) * v])
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(
+            gh as f64 / scale <= LOGITS_TOL,
+            "position {pos}: GGUF and HF differ by {gh:.3e}"
+        );
+    }
+}

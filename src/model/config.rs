@@ -506,6 +506,17 @@ impl Fields<'_> {
         if let Some((name, v)) = self.get(&["final_logit_softcapping", "attn_logit_softcapping"]) {
             return Err(self.invalid(name, format!("{v}: Gemma 3 has no softcapping")));
         }
+        if self.bool_or("use_bidirectional_attention", false)? {
+            return Err(self.invalid(
+                "use_bidirectional_attention",
+                "only causal Gemma 3 models run here",
+            ));
+        }
+        if let Some((name, v)) = self.get(&["hidden_activation", "hidden_act"]) {
+            if v.as_str() != Some("gelu_pytorch_tanh") {
+                return Err(self.invalid(name, format!("{v}: Gemma 3's FFN is gelu_pytorch_tanh")));
+            }
+        }
         cfg.norm_eps = self.f64_or(&["rms_norm_eps"], 1e-6)?;
         cfg.positions = Positions::Rotary {
             theta: self.f64_or(&["rope_theta"], 1_000_000.0)?,
@@ -597,5 +608,88 @@ impl Fields<'_> {
             sliding_window: None,
             gemma: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// google/gemma-3-270m's config.json (layer_types cut to the pattern it follows).
+    fn gemma_270m() -> Value {
+        let types: Vec<&str> = (0..18)
+            .map(|l| {
+                if (l + 1) % 6 == 0 {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                }
+            })
+            .collect();
+        serde_json::json!({
+            "architectures": ["Gemma3ForCausalLM"], "attention_bias": false,
+            "attn_logit_softcapping": null, "final_logit_softcapping": null, "head_dim": 256,
+            "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 640,
+            "intermediate_size": 2048, "layer_types": types, "max_position_embeddings": 32768,
+            "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 18,
+            "num_key_value_heads": 1, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+            "rope_local_base_freq": 10000.0, "rope_scaling": null, "rope_theta": 1000000.0,
+            "sliding_window": 512, "use_bidirectional_attention": false, "vocab_size": 262144
+        })
+    }
+
+    #[test]
+    fn gemma3_text_config() {
+        let cfg = ModelConfig::from_hf_json(&gemma_270m()).unwrap();
+        assert_eq!((cfg.hidden_size, cfg.head_dim, cfg.n_heads), (640, 256, 4));
+        assert_eq!(cfg.ffn, Ffn::GeGluTanh);
+        assert!(cfg.tied_embeddings);
+        let g = cfg.gemma.unwrap();
+        assert_eq!((g.query_pre_attn_scalar, g.rope_scaling), (256.0, 1.0));
+        assert_eq!(cfg.layer_window(0), Some(512));
+        assert_eq!(cfg.layer_window(5), None);
+        assert_eq!(cfg.layer_rope(4), Some((10_000.0, 1.0)));
+        assert_eq!(cfg.layer_rope(11), Some((1e6, 1.0)));
+        // Linear scaling applies to the global layers only.
+        let mut j = gemma_270m();
+        j["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 8.0});
+        let cfg = ModelConfig::from_hf_json(&j).unwrap();
+        assert_eq!(cfg.layer_rope(5), Some((1e6, 8.0)));
+        assert_eq!(cfg.layer_rope(0), Some((10_000.0, 1.0)));
+    }
+
+    #[test]
+    fn gemma3_text_configs_the_runtime_cannot_honour_are_refused() {
+        let cases: [(&str, Value); 5] = [
+            ("layer_types", serde_json::json!(vec!["full_attention"; 18])),
+            ("final_logit_softcapping", serde_json::json!(30.0)),
+            ("use_bidirectional_attention", serde_json::json!(true)),
+            ("hidden_activation", serde_json::json!("silu")),
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            ),
+        ];
+        for (field, v) in cases {
+            let mut j = gemma_270m();
+            j[field] = v;
+            match ModelConfig::from_hf_json(&j) {
+                Err(Error::ConfigInvalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn sliding_windows_of_mistral_and_qwen2() {
+        let mistral = ModelConfig::preset("mistral-7b").unwrap();
+        assert_eq!(mistral.layer_window(0), Some(4096));
+        assert_eq!(mistral.layer_window(31), Some(4096));
+        assert_eq!(mistral.layer_rope(3), Some((10_000.0, 1.0)));
+        // Qwen2 lists a window but uses it only with use_sliding_window.
+        let qwen = ModelConfig::preset("qwen2.5-0.5b").unwrap();
+        assert_eq!(qwen.layer_window(0), None);
+        let llama = ModelConfig::preset("llama-2-7b").unwrap();
+        assert_eq!((llama.layer_window(0), llama.gemma), (None, None));
     }
 }
