@@ -192,9 +192,21 @@ fn generate_follows_the_greedy_golden() {
 #[test]
 fn perplexity_matches_reference() {
     let Some(gold) = goldens() else { return };
+    let mut compared = 0;
     for case in gold["perplexity"].as_array().expect("perplexity") {
         let ids = ids_of(&case["ids"]);
         assert_eq!(case["method"].as_str(), Some("window"));
+        // The local layers attend to the last 512 positions only. Until the sliding-window KV
+        // caches hand them that window (see `gemma_layer`), every layer sees the whole text, which
+        // is exact only within the window: a longer text is left for then.
+        if ids.len() > 512 {
+            eprintln!(
+                "{}: {} tokens exceed the 512-token window: not compared until local layers mask it",
+                case["name"],
+                ids.len()
+            );
+            continue;
+        }
         // One window over the whole text: a context one longer than the text.
         let Some((gpu, mut lm)) = model(ids.len() + 1, true) else {
             return;
@@ -205,29 +217,19 @@ fn perplexity_matches_reference() {
         let want = case["ppl"].as_f64().unwrap();
         let rel = (got.perplexity - want).abs() / want;
         eprintln!(
-            "{}: {} tokens, perplexity {:.4} (reference {want:.4}, {:.3}%)",
+            "{}: {} tokens, perplexity {:.4} (reference {want:.4}, {:.4}%)",
             case["name"],
             ids.len(),
             got.perplexity,
             100.0 * rel
         );
-        let window = lm.config.sliding_window.map(|w| w.window).unwrap_or(0);
-        if ids.len() > window {
-            // The local layers need their sliding window past 512 tokens; until the ring caches
-            // pass it to the attention, every layer sees the whole text and only the global
-            // layers are exact.
-            eprintln!(
-                "{}: {} tokens exceed the {window}-token window, not compared until local layers mask it",
-                case["name"],
-                ids.len()
-            );
-            continue;
-        }
         assert!(
             rel <= PPL_REL_TOL,
             "{}: perplexity {} vs {want}",
             case["name"],
             got.perplexity
         );
+        compared += 1;
     }
+    assert!(compared > 0, "no perplexity text within the window");
 }

@@ -571,7 +571,7 @@ fn layer(
     // RoPE of q and k, and k and v into the cache, in one pass
     let (theta, mode) = (p.rope_theta, p.rope_mode);
     attention::rope_store(r, kv, &a.q3, &a.k3, &a.v3, p.pos0, theta, mode, p.rot_dim)?;
-    attention::attention_split(r, &a.q3, kv, p.pos0, p.scale, &a.partials, &a.att3)?;
+    attend(r, a, &a.q3, kv, p)?;
     // residual, then the FFN block's norm: where the norm folds into gate/up (a single token),
     // the add folds into the output projection; otherwise add and norm are one pass
     let (gate_up, gu_out) = ([&lw.w_gate, &lw.w_up], [&a.gate, &a.up]);
@@ -629,11 +629,7 @@ fn gemma_layer(
     norm::rms_norm(r, &a.k3, &k_norm, p.eps, kn3)?; // (m, nkv, hd)
     let (theta, mode) = (p.rope_theta, p.rope_mode);
     attention::rope_store(r, kv, qn3, kn3, &a.v3, p.pos0, theta, mode, p.rot_dim)?;
-    // WINDOW: a local layer's window (`p.window`, from `ModelConfig::layer_window`) is to be
-    // handed to its KV cache and attention call here. Until the ring caches exist every layer
-    // attends to all positions, which is exact while the context is within the window.
-    let _window = p.window;
-    attention::attention_split(r, qn3, kv, p.pos0, p.scale, &a.partials, &a.att3)?;
+    attend(r, a, qn3, kv, p)?;
     matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)
                                                  // x2 = x + post_attn_norm(proj); the FFN's input is ffn_norm(x2)
     norm::rms_norm(r, &a.proj, &post_attn_norm, p.eps, &a.xb)?;
@@ -645,6 +641,22 @@ fn gemma_layer(
     norm::rms_norm(r, &a.proj, &post_ffn_norm, p.eps, &a.xb)?;
     elementwise::add(r, &a.x2, &a.xb, &a.x)?;
     Ok(())
+}
+
+/// The attention of `q3` over the layer's KV cache into `a.att3`, for every layer of the family.
+fn attend(
+    r: &mut Recorder,
+    a: &ChunkViews,
+    q3: &Tensor,
+    kv: &KvCache,
+    p: &LayerArgs,
+) -> Result<()> {
+    // SLIDING WINDOW: here a local layer's window (`p.window`, `ModelConfig::layer_window`:
+    // Gemma 3's local layers, Mistral's) is to be handed to its KV cache (a ring of `window`
+    // positions) and to the attention's mask. Until those exist every layer attends to all
+    // positions, which is exact while the context fits in the window.
+    let _window = p.window;
+    attention::attention_split(r, q3, kv, p.pos0, p.scale, &a.partials, &a.att3)
 }
 
 /// Adds an optional bias to every row of `y`.
