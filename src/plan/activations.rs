@@ -697,3 +697,67 @@ fn ranges(v: &[bool]) -> Vec<(usize, usize)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gemma 3 270M's shape (q wider than the hidden size).
+    fn gemma() -> ModelConfig {
+        let json = serde_json::json!({
+            "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,
+            "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+            "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 512,
+        });
+        ModelConfig::from_hf_json(&json).unwrap()
+    }
+
+    /// Every role Gemma's schedule touches has bytes, every role with bytes is touched, and no
+    /// step gets one buffer as an input and an output, for decode and prefill plans with and
+    /// without the single-token folds and stacked projections.
+    #[test]
+    fn gemma_schedule_roles_and_sharing() {
+        let cfg = gemma();
+        for chunk in [1, 7, 64] {
+            for (stacked, folds) in [(false, false), (true, true), (false, true)] {
+                for all_logits in [false, true] {
+                    let f = Fusions {
+                        stacked_projections: stacked,
+                        single_token_folds: folds,
+                    };
+                    let sched = llama_schedule(&cfg, all_logits, f);
+                    let sizes = llama_role_bytes(&cfg, chunk, all_logits);
+                    let plan = share(&sched, &sizes, &LLAMA_PINNED, chunk);
+                    let touched: std::collections::BTreeSet<&String> = sched
+                        .linear()
+                        .flat_map(|s| s.reads.iter().chain(&s.writes))
+                        .collect();
+                    assert_eq!(touched, sizes.keys().collect());
+                    assert_eq!(sizes["qn"], 4 * (chunk * 1024) as u64);
+                    assert_eq!(sizes["kn"], 4 * (chunk * 256) as u64);
+                    for s in sched.linear() {
+                        for r in &s.reads {
+                            for w in s.writes.iter().filter(|w| *w != r) {
+                                assert_ne!(
+                                    plan.role_to_buffer[r], plan.role_to_buffer[w],
+                                    "{}: reads {r} and writes {w} in one buffer",
+                                    s.label
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// LLaMA's schedule has no Gemma steps or roles.
+    #[test]
+    fn llama_schedule_is_untouched_by_gemma() {
+        let cfg = ModelConfig::preset("smollm2-135m").unwrap();
+        let sizes = llama_role_bytes(&cfg, 8, false);
+        assert_eq!(sizes.len(), LLAMA_ROLES.len());
+        let sched = llama_schedule(&cfg, false, Fusions::default());
+        assert!(sched.linear().all(|s| s.kernel != Kernel::GeGlu));
+    }
+}
