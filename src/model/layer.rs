@@ -1,6 +1,6 @@
 //! One declaration of a LLaMA-family layer's tensors ([`Layer`]): the table at the bottom names
 //! each field, its kind, its shape, when it is present, its role, and its GGUF and Hugging Face
-//! names. From it [`define_layer!`] writes the struct, the reader, the field-by-field mappers the
+//! names. From it `define_layer!` writes the struct, the reader, the field-by-field mappers the
 //! streaming code uses ([`Layer::try_map`], [`Layer::zip`]) and the lists of matrices and vectors,
 //! so that adding a tensor (Qwen2's biases, Gemma 3's four extra norms) is one line.
 
