@@ -2,6 +2,7 @@
 //   swiglu:    out = silu(gate) * up,              silu(g) = g * sigmoid(g)
 //   gelu_erf:  out = 0.5 x (1 + erf(x / sqrt 2))  (exact GELU)
 //   gelu_tanh: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+//   geglu_tanh: out = gelu_tanh(gate) * up
 // Bindings: 0 = gate / x (read), 1 = up (read; the gelu entries do not use it, the host binds x
 // there), 2 = out (read_write), 3 = params.
 
@@ -83,5 +84,16 @@ fn gelu_tanh(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         let u = 0.7978845608028654 * (v + 0.044715 * v * v * v);
         // 0.5 (1 + tanh(u)) = sigmoid(2u): no tanh overflow for large |u|, no cancellation for u < 0.
         out[i] = v * sigmoid(2.0 * u);
+    }
+}
+
+// GeGLU with the tanh GELU (Gemma): out = gelu_tanh(gate) * up, gelu_tanh as in the entry above.
+@compute @workgroup_size(256)
+fn geglu_tanh(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i < p.n) {
+        let v = a[i];
+        let u = 0.7978845608028654 * (v + 0.044715 * v * v * v);
+        out[i] = v * sigmoid(2.0 * u) * b[i];
     }
 }

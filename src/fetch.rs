@@ -74,8 +74,7 @@ pub const MINILM: PackagedModel = PackagedModel {
 };
 
 /// Gemma 3 270M as llama.cpp's Q4_K_M GGUF (made from google/gemma-3-270m; Gemma Terms of Use),
-/// in four parts. wgllm does not run the `gemma3` architecture yet; `plan` and `tokenize` of
-/// later versions read it.
+/// in four parts (`wgllm run -m gemma-3-270m`).
 pub const GEMMA3_270M: PackagedModel = PackagedModel {
     id: "gemma-3-270m",
     name: "Gemma 3 270M (Q4_K_M GGUF)",

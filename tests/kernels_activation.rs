@@ -1,4 +1,4 @@
-//! SwiGLU and GELU (both forms) against their f64 CPU references, and the bias add and scaled copy
+//! SwiGLU, GeGLU (tanh) and GELU (both forms) against their f64 CPU references, and the bias add and scaled copy
 //! of shaders/elementwise.wgsl.
 mod common;
 use common::*;
@@ -37,6 +37,43 @@ fn swiglu_matches_reference() {
             tol::NMSE_TRANSCENDENTAL,
         );
     }
+}
+
+#[test]
+fn geglu_tanh_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    for n in LENS {
+        // Wide gates reach both tails of the tanh GELU.
+        let g = randn(n, 31, 6.0);
+        let u = randn(n, 32, 1.0);
+        let tg = gpu.tensor_from("gate", Activations, &[1, n], &g).unwrap();
+        let tu = gpu.tensor_from("up", Activations, &[1, n], &u).unwrap();
+        let out = gpu.tensor("out", Activations, &[1, n]).unwrap();
+        let mut rec = gpu.recorder();
+        activation::geglu_tanh(&mut rec, &tg, &tu, &out).unwrap();
+        rec.submit().unwrap();
+        let want = activation::geglu_tanh_reference(&g, &u);
+        assert_close(
+            &format!("geglu_tanh n={n}"),
+            &gpu.read(&out).unwrap(),
+            &want,
+            tol::NMSE_TRANSCENDENTAL,
+        );
+        // The reference is gelu_tanh(gate) * up, as GELU's own reference computes it.
+        let gelu = activation::gelu_reference(&g, GeluForm::Tanh);
+        for ((w, gl), up) in want.iter().zip(&gelu).zip(&u) {
+            assert!(
+                (w - gl * up).abs() <= 1e-6 * (1.0 + w.abs()),
+                "{w} vs {gl} * {up}"
+            );
+        }
+    }
+    let (a, b) = (
+        gpu.tensor("a", Activations, &[2, 3]).unwrap(),
+        gpu.tensor("b", Activations, &[3, 2]).unwrap(),
+    );
+    let mut rec = gpu.recorder();
+    assert!(activation::geglu_tanh(&mut rec, &a, &b, &a).is_err());
 }
 
 #[test]

@@ -189,3 +189,45 @@ fn the_portable_rms_norm_kernels_match_reference_too() {
         assert_close(&what, &plain.read(&alone).unwrap(), &want, tol::NMSE_F32);
     }
 }
+
+/// Gemma 3's q/k norms: RMSNorm of every head of an `(m, heads, head_dim)` tensor with one gamma
+/// of `head_dim`, which is the row kernel over rows of `head_dim` (each head normalised on its
+/// own, not the whole token), on the default device and on one without subgroups.
+#[test]
+fn rms_norm_per_head_of_a_3d_tensor() {
+    let Some(gpu) = gpu() else { return };
+    let plain = wgllm::Gpu::new(&wgllm::GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    for dev in [gpu, &plain] {
+        for (m, heads, hd) in [(3, 4, 256), (1, 1, 256), (5, 3, 12), (2, 9, 80)] {
+            // Heads of very different scales: a per-token norm would get them wrong.
+            let x: Vec<f32> = randn(m * heads * hd, 9, 1.0)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v * (1 + (i / hd) % 5) as f32 * 3.0)
+                .collect();
+            let g = randn(hd, 10, 1.0);
+            let tx = dev
+                .tensor_from("q", Activations, &[m, heads, hd], &x)
+                .unwrap();
+            let tg = dev.tensor_from("q_norm", Activations, &[hd], &g).unwrap();
+            let out = dev.tensor("qn", Activations, &[m, heads, hd]).unwrap();
+            let mut rec = dev.recorder();
+            norm::rms_norm(&mut rec, &tx, &tg, 1e-6, &out).unwrap();
+            rec.submit().unwrap();
+            let want: Vec<f32> = x
+                .chunks(hd)
+                .flat_map(|head| norm::rms_norm_reference(head, &g, 1e-6))
+                .collect();
+            assert_close(
+                &format!("per-head rms_norm {m}x{heads}x{hd}"),
+                &dev.read(&out).unwrap(),
+                &want,
+                tol::NMSE_F32,
+            );
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! Random small LLaMA-family models end to end against a CPU reference.
+//! Random small LLaMA-family models (LLaMA, Qwen2, Gemma 3) end to end against a CPU reference.
 //!
 //! The activation plan shares buffers between roles by the liveness of a hand-written schedule,
 //! and the single-token folds change which roles a kernel binds, so a sharing that is wrong shows
@@ -81,6 +81,8 @@ struct Case {
     device: Device,
     /// Layers kept on the GPU (`RunOptions::resident_layers`); the rest are streamed.
     resident: Option<usize>,
+    /// A Gemma 3 model (GGUF `gemma3`, HF `gemma3_text`) instead of LLaMA / Qwen2.
+    gemma: bool,
 }
 
 /// The device a case runs on.
@@ -157,6 +159,14 @@ fn tensors(c: &Case) -> Vec<T> {
         });
     };
     let w = |cols: usize| 1.0 / (cols as f32).sqrt();
+    let hd = c.head_dim;
+    // Gemma calls the FFN's pre-norm `pre_feedforward_layernorm` and LLaMA's name of it the norm
+    // after the attention.
+    let ffn_norm_hf = if c.gemma {
+        "pre_feedforward_layernorm.weight"
+    } else {
+        "post_attention_layernorm.weight"
+    };
     push(
         "model.embed_tokens.weight".into(),
         "token_embd.weight".into(),
@@ -192,6 +202,17 @@ fn tensors(c: &Case) -> Vec<T> {
                 );
             }
         }
+        if c.gemma {
+            for (p, g) in [("q", "attn_q_norm"), ("k", "attn_k_norm")] {
+                push(
+                    hf(&format!("self_attn.{p}_norm.weight")),
+                    gg(&format!("{g}.weight")),
+                    vec![hd],
+                    0.1,
+                    1.0,
+                );
+            }
+        }
         push(
             hf("self_attn.o_proj.weight"),
             gg("attn_output.weight"),
@@ -208,13 +229,16 @@ fn tensors(c: &Case) -> Vec<T> {
                 0.0,
             );
         }
-        push(
-            hf("post_attention_layernorm.weight"),
-            gg("ffn_norm.weight"),
-            vec![d],
-            0.1,
-            1.0,
-        );
+        if c.gemma {
+            push(
+                hf("post_attention_layernorm.weight"),
+                gg("post_attention_norm.weight"),
+                vec![d],
+                0.1,
+                1.0,
+            );
+        }
+        push(hf(ffn_norm_hf), gg("ffn_norm.weight"), vec![d], 0.1, 1.0);
         for (p, g) in [("gate", "ffn_gate"), ("up", "ffn_up")] {
             push(
                 hf(&format!("mlp.{p}_proj.weight")),
@@ -247,6 +271,15 @@ fn tensors(c: &Case) -> Vec<T> {
                 vec![d],
                 0.1,
                 0.0,
+            );
+        }
+        if c.gemma {
+            push(
+                hf("post_feedforward_layernorm.weight"),
+                gg("post_ffw_norm.weight"),
+                vec![d],
+                0.1,
+                1.0,
             );
         }
     }
@@ -361,30 +394,23 @@ fn ggml_type(f: WeightFormat) -> u32 {
 
 /// The model as a GGUF image, each tensor in its format.
 fn gguf_of(c: &Case, ts: &[T]) -> Gguf {
-    let kvs = vec![
-        ("general.architecture".into(), Kv::Str("llama")),
-        ("llama.embedding_length".into(), Kv::U32(c.hidden as u32)),
-        ("llama.feed_forward_length".into(), Kv::U32(c.ffn as u32)),
-        ("llama.block_count".into(), Kv::U32(c.layers as u32)),
-        (
-            "llama.attention.head_count".into(),
-            Kv::U32(c.n_heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            Kv::U32(c.n_kv as u32),
-        ),
-        (
-            "llama.attention.key_length".into(),
-            Kv::U32(c.head_dim as u32),
-        ),
-        ("llama.context_length".into(), Kv::U32(256)),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            Kv::F32(1e-5),
-        ),
-        ("llama.rope.freq_base".into(), Kv::F32(10000.0)),
+    let arch = if c.gemma { "gemma3" } else { "llama" };
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut kvs = vec![
+        ("general.architecture".into(), Kv::Str(arch)),
+        (k("embedding_length"), Kv::U32(c.hidden as u32)),
+        (k("feed_forward_length"), Kv::U32(c.ffn as u32)),
+        (k("block_count"), Kv::U32(c.layers as u32)),
+        (k("attention.head_count"), Kv::U32(c.n_heads as u32)),
+        (k("attention.head_count_kv"), Kv::U32(c.n_kv as u32)),
+        (k("attention.key_length"), Kv::U32(c.head_dim as u32)),
+        (k("context_length"), Kv::U32(256)),
+        (k("attention.layer_norm_rms_epsilon"), Kv::F32(1e-5)),
+        (k("rope.freq_base"), Kv::F32(global_theta(c) as f32)),
     ];
+    if c.gemma {
+        kvs.push((k("attention.sliding_window"), Kv::U32(512)));
+    }
     let tensors: Vec<_> = ts
         .iter()
         .map(|t| {
@@ -410,7 +436,7 @@ fn hf_dir(c: &Case, ts: &[T], name: &str) -> common::TempModel {
         unreachable!("a Hugging Face case");
     };
     let mut cfg = serde_json::json!({
-        "model_type": if qwen2 { "qwen2" } else { "llama" },
+        "model_type": if c.gemma { "gemma3_text" } else if qwen2 { "qwen2" } else { "llama" },
         "vocab_size": c.vocab,
         "hidden_size": c.hidden,
         "intermediate_size": c.ffn,
@@ -420,16 +446,30 @@ fn hf_dir(c: &Case, ts: &[T], name: &str) -> common::TempModel {
         "head_dim": c.head_dim,
         "max_position_embeddings": 256,
         "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
+        "rope_theta": global_theta(c),
         "tie_word_embeddings": c.tied,
     });
-    if !qwen2 {
+    if c.gemma {
+        // A global layer every other one, so that small models have both kinds; a scale other
+        // than the head size.
+        cfg["sliding_window_pattern"] = 2.into();
+        cfg["query_pre_attn_scalar"] = 24.into();
+        cfg["hidden_activation"] = "gelu_pytorch_tanh".into();
+    } else if !qwen2 {
         cfg["attention_bias"] = attention_bias.into();
         cfg["mlp_bias"] = mlp_bias.into();
     }
+    // Hugging Face's Gemma stores its norm weights less 1 (it computes `x * (1 + w)`).
+    let stored = |t: &T| -> Vec<f32> {
+        if c.gemma && t.hf.ends_with("norm.weight") {
+            t.values.iter().map(|v| v - 1.0).collect()
+        } else {
+            t.values.clone()
+        }
+    };
     let tensors: Vec<_> = ts
         .iter()
-        .map(|t| (t.hf.clone(), t.shape.clone(), t.values.clone()))
+        .map(|t| (t.hf.clone(), t.shape.clone(), stored(t)))
         .collect();
     common::write_hf_model(name, &cfg, &tensors)
 }
@@ -469,12 +509,12 @@ fn matvec(w: &[f64], x: &[f64], b: Option<&[f64]>) -> Vec<f64> {
     y
 }
 
-/// Rotates each head of `x` (`heads x hd`) for position `pos`: pairs `(2i, 2i + 1)` when
-/// `interleaved` (GGUF), else `(i, i + hd / 2)` (Hugging Face).
-fn rope(x: &mut [f64], hd: usize, pos: usize, interleaved: bool) {
+/// Rotates each head of `x` (`heads x hd`) for position `pos` with base `theta`: pairs
+/// `(2i, 2i + 1)` when `interleaved` (LLaMA GGUF), else `(i, i + hd / 2)` (Hugging Face, Gemma).
+fn rope(x: &mut [f64], hd: usize, pos: usize, interleaved: bool, theta: f64) {
     for h in x.chunks_exact_mut(hd) {
         for i in 0..hd / 2 {
-            let freq = 10000f64.powf(-2.0 * i as f64 / hd as f64);
+            let freq = theta.powf(-2.0 * i as f64 / hd as f64);
             let (s, c) = (pos as f64 * freq).sin_cos();
             let (a, b) = if interleaved {
                 (2 * i, 2 * i + 1)
@@ -488,27 +528,83 @@ fn rope(x: &mut [f64], hd: usize, pos: usize, interleaved: bool) {
     }
 }
 
-/// The logits of every position of `tokens`, in f64 on the reference weights.
+/// The RoPE base of the global layers: Gemma's 1e6, else 10,000 (every LLaMA layer).
+fn global_theta(c: &Case) -> f64 {
+    if c.gemma {
+        1e6
+    } else {
+        1e4
+    }
+}
+
+/// Whether layer `l` of a Gemma case is global: every 6th in GGUF (llama.cpp's pattern), every
+/// 2nd in the Hugging Face configs written here (`sliding_window_pattern`).
+fn gemma_global(c: &Case, l: usize) -> bool {
+    let every = if matches!(c.src, Src::Gguf { .. }) {
+        6
+    } else {
+        2
+    };
+    (l + 1).is_multiple_of(every)
+}
+
+/// Each `hd`-wide head of `x` RMS-normalised with `g`.
+fn head_norm(x: &[f64], g: &[f64], hd: usize, eps: f64) -> Vec<f64> {
+    x.chunks_exact(hd)
+        .flat_map(|h| rms_norm(h, g, eps))
+        .collect()
+}
+
+/// `v` normalised with `norm` where the model has that norm (Gemma's post norms), else `v`.
+fn post_norm(w: &RefWeights, norm: &str, v: Vec<f64>, eps: f64) -> Vec<f64> {
+    match w.get(norm) {
+        Some(g) => rms_norm(&v, g, eps),
+        None => v,
+    }
+}
+
+/// The logits of every position of `tokens`, in f64 on the reference weights: LLaMA, or Gemma 3
+/// (embeddings times sqrt(hidden), q and k normalised per head, post norms, GeGLU, its scale and
+/// its RoPE bases; every context here is within the sliding window).
 fn reference(c: &Case, w: &RefWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
     let (d, hd) = (c.hidden, c.head_dim);
-    let interleaved = matches!(c.src, Src::Gguf { .. });
+    let interleaved = matches!(c.src, Src::Gguf { .. }) && !c.gemma;
     let eps = 1e-5;
+    let scale = match (c.gemma, &c.src) {
+        (true, Src::Hf { .. }) => 1.0 / 24f64.sqrt(),
+        _ => 1.0 / (hd as f64).sqrt(),
+    };
     let embed = w.w("token_embd.weight");
+    let embed_scale = if c.gemma { (d as f64).sqrt() } else { 1.0 };
     let mut xs: Vec<Vec<f64>> = tokens
         .iter()
-        .map(|&t| embed[t as usize * d..][..d].to_vec())
+        .map(|&t| {
+            embed[t as usize * d..][..d]
+                .iter()
+                .map(|v| v * embed_scale)
+                .collect()
+        })
         .collect();
     let group = c.n_heads / c.n_kv;
     for l in 0..c.layers {
         let n = |s: &str| format!("blk.{l}.{s}");
+        let theta = if !c.gemma || gemma_global(c, l) {
+            global_theta(c)
+        } else {
+            1e4
+        };
         let (mut keys, mut vals) = (Vec::new(), Vec::new());
         for (pos, x) in xs.iter_mut().enumerate() {
             let xn = rms_norm(x, w.w(&n("attn_norm.weight")), eps);
             let mut q = matvec(w.w(&n("attn_q.weight")), &xn, w.get(&n("attn_q.bias")));
             let mut k = matvec(w.w(&n("attn_k.weight")), &xn, w.get(&n("attn_k.bias")));
             let v = matvec(w.w(&n("attn_v.weight")), &xn, w.get(&n("attn_v.bias")));
-            rope(&mut q, hd, pos, interleaved);
-            rope(&mut k, hd, pos, interleaved);
+            if c.gemma {
+                q = head_norm(&q, w.w(&n("attn_q_norm.weight")), hd, eps);
+                k = head_norm(&k, w.w(&n("attn_k_norm.weight")), hd, eps);
+            }
+            rope(&mut q, hd, pos, interleaved, theta);
+            rope(&mut k, hd, pos, interleaved, theta);
             keys.push(k);
             vals.push(v);
             let mut att = vec![0f64; c.n_heads * hd];
@@ -519,7 +615,7 @@ fn reference(c: &Case, w: &RefWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
                     .iter()
                     .map(|k| {
                         let kh = &k[g * hd..][..hd];
-                        qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                        qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f64>() * scale
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -537,6 +633,7 @@ fn reference(c: &Case, w: &RefWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
                 &att,
                 w.get(&n("attn_output.bias")),
             );
+            let o = post_norm(w, &n("post_attention_norm.weight"), o, eps);
             let x2: Vec<f64> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
             let xn = rms_norm(&x2, w.w(&n("ffn_norm.weight")), eps);
             let gate = matvec(w.w(&n("ffn_gate.weight")), &xn, w.get(&n("ffn_gate.bias")));
@@ -544,9 +641,18 @@ fn reference(c: &Case, w: &RefWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
             let act: Vec<f64> = gate
                 .iter()
                 .zip(&up)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .map(|(&g, u)| {
+                    if c.gemma {
+                        // GeGLU, tanh GELU: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
+                        let t = (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g);
+                        0.5 * g * (1.0 + t.tanh()) * u
+                    } else {
+                        g / (1.0 + (-g).exp()) * u
+                    }
+                })
                 .collect();
             let down = matvec(w.w(&n("ffn_down.weight")), &act, w.get(&n("ffn_down.bias")));
+            let down = post_norm(w, &n("post_ffw_norm.weight"), down, eps);
             *x = x2.iter().zip(&down).map(|(a, b)| a + b).collect();
         }
     }
@@ -822,7 +928,29 @@ fn draw(seed: u64) -> Case {
         } else {
             None
         },
+        gemma: false,
     }
+}
+
+/// Case `seed` as a Gemma 3 model: no biases, six layers from GGUF (its fixed pattern makes the
+/// sixth global) and one to three from Hugging Face (every other layer global there).
+fn draw_gemma(seed: u64) -> Case {
+    let mut c = draw(seed);
+    c.gemma = true;
+    c.src = match c.src {
+        Src::Gguf { .. } => {
+            c.layers = 6;
+            Src::Gguf { qkv_bias: false }
+        }
+        Src::Hf { precision, .. } => Src::Hf {
+            precision,
+            qwen2: false,
+            attention_bias: false,
+            mlp_bias: false,
+        },
+    };
+    c.resident = c.resident.map(|r| r.min(c.layers - 1));
+    c
 }
 
 /// The issue's model: one layer, hidden 32, intermediate 32, two heads of 16 over one KV head,
@@ -851,6 +979,7 @@ fn issue_case(src: Src, chunk: usize, device: Device) -> Case {
         chunk,
         device,
         resident: None,
+        gemma: false,
     }
 }
 
@@ -895,6 +1024,17 @@ fn seeds() -> std::ops::Range<u64> {
 
 #[test]
 fn random_configs_run_and_match_the_reference() {
+    run_random(draw);
+}
+
+/// Random Gemma 3 models, as GGUF (norm weights with Gemma's +1 stored) and as Hugging Face
+/// directories (without it), against the same reference.
+#[test]
+fn random_gemma_configs_run_and_match_the_reference() {
+    run_random(draw_gemma);
+}
+
+fn run_random(draw: fn(u64) -> Case) {
     if devices().is_none() {
         return;
     }
@@ -953,6 +1093,7 @@ fn models_past_the_fold_limits_run_too() {
         chunk: 1,
         device: Device::Buffers,
         resident: None,
+        gemma: false,
     };
     let head = Case {
         vocab: limit / 32 + 32,
@@ -1007,5 +1148,87 @@ fn models_past_the_fold_limits_run_too() {
                 Err(e) => panic!("{what}: {e}"),
             }
         }
+    }
+}
+
+/// The same Gemma 3 weights as a GGUF file (norms with the +1 stored, llama.cpp's metadata) and as
+/// a Hugging Face `gemma3_text` directory (norms without it; the config says what the GGUF
+/// metadata implies: a global layer every 6, the head size as `query_pre_attn_scalar`, a window
+/// of 512): the two readers give one config, and the two models the same logits, both the
+/// reference's.
+#[test]
+fn gemma_from_gguf_and_hugging_face_agree() {
+    let Some(devs) = devices() else { return };
+    let gpu = &devs[0].1;
+    let gguf_case = Case {
+        gemma: true,
+        layers: 6,
+        formats: vec![WeightFormat::F32],
+        ..issue_case(Src::Gguf { qkv_bias: false }, 3, devs[0].0)
+    };
+    let hf_case = Case {
+        src: Src::Hf {
+            precision: None,
+            qwen2: false,
+            attention_bias: false,
+            mlp_bias: false,
+        },
+        ..gguf_case.clone()
+    };
+    let ts = tensors(&gguf_case);
+    let gguf = gguf_of(&gguf_case, &ts);
+    let dir = hf_dir(&hf_case, &tensors(&hf_case), "gemma-pair");
+    let path = dir.0.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["sliding_window_pattern"] = 6.into();
+    json["query_pre_attn_scalar"] = gguf_case.head_dim.into();
+    json["sliding_window"] = 512.into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let hf = HfModel::open(&dir.0).unwrap();
+    let (cfg, rot) = config_from_gguf(&gguf).unwrap();
+    let mut hf_cfg = ModelConfig::from_hf_json(hf.config()).unwrap();
+    // GGUF keeps eps as an f32.
+    assert_eq!(hf_cfg.norm_eps as f32, cfg.norm_eps as f32);
+    hf_cfg.norm_eps = cfg.norm_eps;
+    assert_eq!(hf_cfg, cfg);
+
+    let toks = tokens(&gguf_case, 7);
+    let opts = RunOptions {
+        ctx: toks.len(),
+        kv_dtype: KvDtype::F32,
+        chunk: 3,
+        all_logits: true,
+        resident_layers: None,
+    };
+    let run = |src: &Source| {
+        let mut m = Llama::load(gpu, cfg.clone(), rot, src, opts.clone()).unwrap();
+        m.forward(gpu, &toks, 0).unwrap()
+    };
+    let from_gguf = run(&Source::Gguf(&gguf));
+    let from_hf = run(&Source::Hf(&hf, None));
+    let want = reference(&gguf_case, &ref_weights(&ts), &toks);
+    let v = gguf_case.vocab;
+    for (pos, w) in want.iter().enumerate() {
+        let scale = 1.0 + w.iter().fold(0f64, |a, x| a.max(x.abs()));
+        for (what, got) in [("gguf", &from_gguf), ("hf", &from_hf)] {
+            let row = &got[pos * v..(pos + 1) * v];
+            let diff = row
+                .iter()
+                .zip(w)
+                .fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs()));
+            assert!(
+                diff / scale <= LOGITS_TOL,
+                "{what}, position {pos}: max |diff| {diff:.3e} against the reference"
+            );
+        }
+        let gh = from_gguf[pos * v..(pos + 1) * v]
+            .iter()
+            .zip(&from_hf[pos * v..(pos + 1) * v])
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(
+            gh as f64 / scale <= LOGITS_TOL,
+            "position {pos}: GGUF and HF differ by {gh:.3e}"
+        );
     }
 }

@@ -203,6 +203,7 @@ fn windowed_model_matches_the_ledger_and_its_own_decode() {
         let src = wgllm::model::source::Source::Synthetic {
             format: wgllm::quant::WeightFormat::F32,
             seed: 7,
+            mix: None,
         };
         let rot = cfg.head_dim;
         let mut m = wgllm::model::llama::Llama::load(&gpu, cfg.clone(), rot, &src, opts).unwrap();

@@ -1,5 +1,5 @@
-//! Activations (`shaders/activation.wgsl`), one invocation per element: SwiGLU's `silu(gate) * up`
-//! and GELU in its exact (erf) and tanh forms.
+//! Activations (`shaders/activation.wgsl`), one invocation per element: SwiGLU's `silu(gate) * up`,
+//! GELU in its exact (erf) and tanh forms, and GeGLU's `gelu_tanh(gate) * up` (Gemma).
 //!
 //! WGSL has no `erf`. The shader evaluates `1 + erf(x/sqrt 2)` as `erfc(-x/sqrt 2)` with Numerical
 //! Recipes' `erfcc` (relative error < 1.2e-7 everywhere), so GELU keeps its relative accuracy in the
@@ -67,6 +67,14 @@ pub fn swiglu(rec: &mut Recorder, gate: &Tensor, up: &Tensor, out: &Tensor) -> R
     run(rec, "swiglu", gate, up, out)
 }
 
+/// `out = gelu_tanh(gate) * up`, elementwise (GeGLU, Gemma's `gelu_pytorch_tanh`); all three
+/// the same shape, `out` a separate buffer.
+pub fn geglu_tanh(rec: &mut Recorder, gate: &Tensor, up: &Tensor, out: &Tensor) -> Result<()> {
+    up.expect("geglu_tanh", &gate.shape)?;
+    out.expect("geglu_tanh", &gate.shape)?;
+    run(rec, "geglu_tanh", gate, up, out)
+}
+
 /// `out = gelu(x)` in the chosen form; `out` has `x`'s shape and is a separate buffer.
 pub fn gelu(rec: &mut Recorder, x: &Tensor, out: &Tensor, form: GeluForm) -> Result<()> {
     out.expect("gelu", &x.shape)?;
@@ -104,6 +112,18 @@ pub fn gelu_reference(x: &[f32], form: GeluForm) -> Vec<f32> {
                 }
             };
             y as f32
+        })
+        .collect()
+}
+
+/// CPU reference of [`geglu_tanh`] (f64).
+pub fn geglu_tanh_reference(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| {
+            let g = g as f64;
+            let t = (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g);
+            (g / (1.0 + (-2.0 * t).exp()) * u as f64) as f32
         })
         .collect()
 }

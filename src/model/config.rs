@@ -65,6 +65,21 @@ pub enum Ffn {
     SwiGlu,
     /// `down(gelu(up x))`: two matrices.
     Gelu,
+    /// `down(gelu_tanh(gate x) * up x)` (GeGLU, Gemma): three matrices, as SwiGLU.
+    GeGluTanh,
+}
+
+/// What Gemma 3 adds to the LLaMA layout: embeddings scaled by sqrt(hidden), RMSNorm of q and k
+/// per head before RoPE, norms after the attention and the FFN (before their residual adds),
+/// GeGLU ([`Ffn::GeGluTanh`]), rotate-half RoPE in GGUF files too, and per-layer RoPE bases.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Gemma {
+    /// The attention scale is `1 / sqrt(query_pre_attn_scalar)` (the head size in GGUF files).
+    pub query_pre_attn_scalar: f64,
+    /// RoPE base of the local (sliding-window) layers; global layers use [`Positions::Rotary`]'s.
+    pub rope_local_theta: f64,
+    /// Linear RoPE scaling of the global layers (positions divided by it; 1 for none).
+    pub rope_scaling: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -114,6 +129,9 @@ pub struct ModelConfig {
     /// Which layers the window applies to ([`ModelConfig::layer_window`]).
     #[serde(default, skip_serializing_if = "WindowLayers::is_all")]
     pub window_layers: WindowLayers,
+    /// Gemma 3's additions; `None` for every other architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemma: Option<Gemma>,
 }
 
 /// Which layers of a model with a `sliding_window` attend within it; the others are global.
@@ -210,6 +228,19 @@ impl ModelConfig {
         windowed.then_some(w)
     }
 
+    /// The RoPE base and linear position scale of layer `l` (`None` without rotary positions):
+    /// Gemma 3's local layers have their own base and no scaling.
+    pub fn layer_rope(&self, l: usize) -> Option<(f64, f64)> {
+        let Positions::Rotary { theta } = self.positions else {
+            return None;
+        };
+        Some(match (&self.gemma, self.layer_window(l)) {
+            (Some(g), Some(_)) => (g.rope_local_theta, 1.0),
+            (Some(g), None) => (theta, g.rope_scaling),
+            (None, _) => (theta, 1.0),
+        })
+    }
+
     /// A built-in preset by name (see [`preset_names`]), case-insensitive.
     pub fn preset(name: &str) -> Result<ModelConfig> {
         let (_, json) = PRESETS
@@ -248,6 +279,7 @@ impl ModelConfig {
         let f = Fields { obj, model_type };
         let cfg = match model_type {
             "llama" | "mistral" | "qwen2" => f.llama()?,
+            "gemma3_text" => f.gemma3()?,
             "bert" => f.bert()?,
             "gpt2" => f.gpt2(Arch::Gpt2)?,
             "gpt3" => f.gpt2(Arch::Gpt3)?,
@@ -319,6 +351,25 @@ impl ModelConfig {
                     "rope_theta",
                     format!("{theta} is not a positive number"),
                 ));
+            }
+        }
+        if let Some(w) = self.sliding_window {
+            if w == 0 || w > MAX_DIM {
+                return Err(bad(
+                    "sliding_window",
+                    format!("{w} is outside 1..={MAX_DIM}"),
+                ));
+            }
+        }
+        if let Some(g) = self.gemma {
+            for (field, v) in [
+                ("query_pre_attn_scalar", g.query_pre_attn_scalar),
+                ("rope_local_base_freq", g.rope_local_theta),
+                ("rope_scaling.factor", g.rope_scaling),
+            ] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(bad(field, format!("{v} is not a positive number")));
+                }
             }
         }
         Ok(())
@@ -485,7 +536,80 @@ impl Fields<'_> {
             pooler: false,
             sliding_window,
             window_layers,
+            gemma: None,
         })
+    }
+
+    /// Gemma3TextConfig: the LLaMA layout with Gemma's additions ([`Gemma`]). Defaults are the
+    /// class's (eps 1e-6, rope_theta 1e6, local base 1e4, window 4096, query_pre_attn_scalar
+    /// 256, a global layer every 6, tied embeddings). `layer_types`, where given, must follow
+    /// that pattern (the runtime keeps one pattern, as llama.cpp does).
+    fn gemma3(&self) -> Result<ModelConfig> {
+        let mut cfg = self.llama()?;
+        let every = self.opt_usize(&["sliding_window_pattern"])?.unwrap_or(6);
+        if let Some((name, v)) = self.get(&["layer_types"]) {
+            let types = v
+                .as_array()
+                .ok_or_else(|| self.invalid(name, "not a list"))?;
+            for (l, t) in types.iter().enumerate() {
+                let global = every > 0 && (l + 1).is_multiple_of(every);
+                let want = if global {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                };
+                if t.as_str() != Some(want) {
+                    return Err(self.invalid(
+                        name,
+                        format!("layer {l} is {t}, not {want} (one global layer every {every})"),
+                    ));
+                }
+            }
+        }
+        let rope_scaling = match self.get(&["rope_scaling"]) {
+            None => 1.0,
+            Some((name, v)) => {
+                let kind = v.get("rope_type").or_else(|| v.get("type"));
+                if kind.and_then(Value::as_str) != Some("linear") {
+                    return Err(self.invalid(name, format!("{v}: only linear scaling is known")));
+                }
+                v.get("factor")
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| self.invalid(name, "no numeric factor"))?
+            }
+        };
+        if let Some((name, v)) = self.get(&["final_logit_softcapping", "attn_logit_softcapping"]) {
+            return Err(self.invalid(name, format!("{v}: Gemma 3 has no softcapping")));
+        }
+        if self.bool_or("use_bidirectional_attention", false)? {
+            return Err(self.invalid(
+                "use_bidirectional_attention",
+                "only causal Gemma 3 models run here",
+            ));
+        }
+        if let Some((name, v)) = self.get(&["hidden_activation", "hidden_act"]) {
+            if v.as_str() != Some("gelu_pytorch_tanh") {
+                return Err(self.invalid(name, format!("{v}: Gemma 3's FFN is gelu_pytorch_tanh")));
+            }
+        }
+        cfg.norm_eps = self.f64_or(&["rms_norm_eps"], 1e-6)?;
+        cfg.positions = Positions::Rotary {
+            theta: self.f64_or(&["rope_theta"], 1_000_000.0)?,
+        };
+        cfg.ffn = Ffn::GeGluTanh;
+        cfg.head_dim = self.opt_usize(&["head_dim"])?.unwrap_or(256);
+        cfg.max_positions = self
+            .opt_usize(&["max_position_embeddings"])?
+            .unwrap_or(131072);
+        cfg.tied_embeddings = self.bool_or("tie_word_embeddings", true)?;
+        cfg.sliding_window = Some(self.opt_usize(&["sliding_window"])?.unwrap_or(4096));
+        cfg.window_layers = WindowLayers::GlobalEvery(every);
+        cfg.gemma = Some(Gemma {
+            query_pre_attn_scalar: self.f64_or(&["query_pre_attn_scalar"], 256.0)?,
+            rope_local_theta: self.f64_or(&["rope_local_base_freq"], 10_000.0)?,
+            rope_scaling,
+        });
+        Ok(cfg)
     }
 
     /// `BertModel` with its pooler (what `AutoModel` loads); the MLM head is not part of it.
@@ -520,6 +644,7 @@ impl Fields<'_> {
             pooler: true,
             sliding_window: None,
             window_layers: WindowLayers::All,
+            gemma: None,
         })
     }
 
@@ -556,6 +681,90 @@ impl Fields<'_> {
             pooler: false,
             sliding_window: None,
             window_layers: WindowLayers::All,
+            gemma: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// google/gemma-3-270m's config.json (layer_types cut to the pattern it follows).
+    fn gemma_270m() -> Value {
+        let types: Vec<&str> = (0..18)
+            .map(|l| {
+                if (l + 1) % 6 == 0 {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                }
+            })
+            .collect();
+        serde_json::json!({
+            "architectures": ["Gemma3ForCausalLM"], "attention_bias": false,
+            "attn_logit_softcapping": null, "final_logit_softcapping": null, "head_dim": 256,
+            "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 640,
+            "intermediate_size": 2048, "layer_types": types, "max_position_embeddings": 32768,
+            "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 18,
+            "num_key_value_heads": 1, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+            "rope_local_base_freq": 10000.0, "rope_scaling": null, "rope_theta": 1000000.0,
+            "sliding_window": 512, "use_bidirectional_attention": false, "vocab_size": 262144
+        })
+    }
+
+    #[test]
+    fn gemma3_text_config() {
+        let cfg = ModelConfig::from_hf_json(&gemma_270m()).unwrap();
+        assert_eq!((cfg.hidden_size, cfg.head_dim, cfg.n_heads), (640, 256, 4));
+        assert_eq!(cfg.ffn, Ffn::GeGluTanh);
+        assert!(cfg.tied_embeddings);
+        let g = cfg.gemma.unwrap();
+        assert_eq!((g.query_pre_attn_scalar, g.rope_scaling), (256.0, 1.0));
+        assert_eq!(cfg.layer_window(0), Some(512));
+        assert_eq!(cfg.layer_window(5), None);
+        assert_eq!(cfg.layer_rope(4), Some((10_000.0, 1.0)));
+        assert_eq!(cfg.layer_rope(11), Some((1e6, 1.0)));
+        // Linear scaling applies to the global layers only.
+        let mut j = gemma_270m();
+        j["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 8.0});
+        let cfg = ModelConfig::from_hf_json(&j).unwrap();
+        assert_eq!(cfg.layer_rope(5), Some((1e6, 8.0)));
+        assert_eq!(cfg.layer_rope(0), Some((10_000.0, 1.0)));
+    }
+
+    #[test]
+    fn gemma3_text_configs_the_runtime_cannot_honour_are_refused() {
+        let cases: [(&str, Value); 5] = [
+            ("layer_types", serde_json::json!(vec!["full_attention"; 18])),
+            ("final_logit_softcapping", serde_json::json!(30.0)),
+            ("use_bidirectional_attention", serde_json::json!(true)),
+            ("hidden_activation", serde_json::json!("silu")),
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            ),
+        ];
+        for (field, v) in cases {
+            let mut j = gemma_270m();
+            j[field] = v;
+            match ModelConfig::from_hf_json(&j) {
+                Err(Error::ConfigInvalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn sliding_windows_of_mistral_and_qwen2() {
+        let mistral = ModelConfig::preset("mistral-7b").unwrap();
+        assert_eq!(mistral.layer_window(0), Some(4096));
+        assert_eq!(mistral.layer_window(31), Some(4096));
+        assert_eq!(mistral.layer_rope(3), Some((10_000.0, 1.0)));
+        // Qwen2 lists a window but uses it only with use_sliding_window.
+        let qwen = ModelConfig::preset("qwen2.5-0.5b").unwrap();
+        assert_eq!(qwen.layer_window(0), None);
+        let llama = ModelConfig::preset("llama-2-7b").unwrap();
+        assert_eq!((llama.layer_window(0), llama.gemma), (None, None));
     }
 }

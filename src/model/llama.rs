@@ -1,200 +1,24 @@
-//! The LLaMA family (llama, mistral, qwen2): pre-norm decoder with RMSNorm, rotary positions,
-//! grouped-query attention (optionally with Q/K/V biases, as qwen2), a SwiGLU FFN and a tied or
-//! separate output head. `forward` reads like the architecture: one kernel call a line.
+//! The LLaMA family (llama, mistral, qwen2, gemma3): pre-norm decoder with RMSNorm, rotary
+//! positions, grouped-query attention (optionally with Q/K/V biases, as qwen2), a SwiGLU FFN and a
+//! tied or separate output head; Gemma 3 (`gemma_layer`) adds per-head q/k norms, norms after the
+//! attention and the FFN, GeGLU and scaled embeddings. `forward` reads like the architecture: one
+//! kernel call a line. The layer's tensors are declared once, in [`crate::model::layer`].
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuBuffer, Recorder};
 use crate::kernels::attention::{self, KvCache, KvDtype};
 use crate::kernels::rope::RopeMode;
-use crate::kernels::{elementwise, embedding, matmul, norm, Tensor, WeightMatrix};
+use crate::kernels::{activation, elementwise, embedding, matmul, norm, Tensor, WeightMatrix};
 use crate::loader::gguf::Gguf;
-use crate::model::config::{Arch, Ffn, ModelConfig, Norm, Positions};
+use crate::model::config::{Arch, Ffn, Gemma, ModelConfig, Norm, Positions};
 use crate::model::source::Source;
 use crate::model::stream::{read_vector, HostLayer, HostMatrix, StreamedLayers};
 
-/// One layer's parameters: `M` a matrix, `V` a vector (norm weights, biases). On the GPU that is
-/// [`LayerWeights`]; a streamed layer waits in host memory as a [`HostLayer`] and runs from a GPU
-/// slot ([`crate::model::stream`]).
-pub struct Layer<M, V> {
-    pub attn_norm: V,
-    pub wq: M,
-    pub wk: M,
-    pub wv: M,
-    pub bq: Option<V>,
-    pub bk: Option<V>,
-    pub bv: Option<V>,
-    pub wo: M,
-    /// Output-projection bias (`attention_bias` llama checkpoints).
-    pub bo: Option<V>,
-    pub ffn_norm: V,
-    pub w_gate: M,
-    pub w_up: M,
-    pub w_down: M,
-    /// MLP biases (`mlp_bias` llama checkpoints).
-    pub b_gate: Option<V>,
-    pub b_up: Option<V>,
-    pub b_down: Option<V>,
-}
+pub use crate::model::layer::Layer;
+use crate::model::layer::Names;
 
 /// One layer's parameters on the GPU.
 pub type LayerWeights = Layer<WeightMatrix, Tensor>;
-
-/// Two layers' fields side by side ([`Layer::zip`]).
-pub type LayerPair<'a, M, V, M2, V2> = Layer<(&'a M, &'a M2), (&'a V, &'a V2)>;
-
-impl<M, V> Layer<M, V> {
-    /// Reads layer `i` with `matrix(name, rows, cols)` and `vector(name, len)` at the shapes `cfg`
-    /// gives (the readers check them against the file).
-    fn read(
-        cfg: &ModelConfig,
-        names: &Names,
-        i: usize,
-        mut matrix: impl FnMut(&str, usize, usize) -> Result<M>,
-        mut vector: impl FnMut(&str, usize) -> Result<V>,
-    ) -> Result<Self> {
-        let (d, ffn) = (cfg.hidden_size, cfg.ffn_size);
-        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
-        let n = |r: &str| names.layer(i, r);
-        let bias = cfg.attn_bias;
-        Ok(Layer {
-            attn_norm: vector(&n("attn_norm.weight"), d)?,
-            wq: matrix(&n("attn_q.weight"), qd, d)?,
-            wk: matrix(&n("attn_k.weight"), kvd, d)?,
-            wv: matrix(&n("attn_v.weight"), kvd, d)?,
-            bq: bias.then(|| vector(&n("attn_q.bias"), qd)).transpose()?,
-            bk: bias.then(|| vector(&n("attn_k.bias"), kvd)).transpose()?,
-            bv: bias.then(|| vector(&n("attn_v.bias"), kvd)).transpose()?,
-            wo: matrix(&n("attn_output.weight"), d, qd)?,
-            bo: cfg
-                .attn_out_bias
-                .then(|| vector(&n("attn_output.bias"), d))
-                .transpose()?,
-            ffn_norm: vector(&n("ffn_norm.weight"), d)?,
-            w_gate: matrix(&n("ffn_gate.weight"), ffn, d)?,
-            w_up: matrix(&n("ffn_up.weight"), ffn, d)?,
-            w_down: matrix(&n("ffn_down.weight"), d, ffn)?,
-            b_gate: cfg
-                .ffn_bias
-                .then(|| vector(&n("ffn_gate.bias"), ffn))
-                .transpose()?,
-            b_up: cfg
-                .ffn_bias
-                .then(|| vector(&n("ffn_up.bias"), ffn))
-                .transpose()?,
-            b_down: cfg
-                .ffn_bias
-                .then(|| vector(&n("ffn_down.bias"), d))
-                .transpose()?,
-        })
-    }
-
-    /// Maps every field, in declaration order, with its role ("attn_q", "ffn_norm", ...).
-    pub fn try_map<M2, V2>(
-        &self,
-        mut m: impl FnMut(&'static str, &M) -> Result<M2>,
-        mut v: impl FnMut(&'static str, &V) -> Result<V2>,
-    ) -> Result<Layer<M2, V2>> {
-        Ok(Layer {
-            attn_norm: v("attn_norm", &self.attn_norm)?,
-            wq: m("attn_q", &self.wq)?,
-            wk: m("attn_k", &self.wk)?,
-            wv: m("attn_v", &self.wv)?,
-            bq: self.bq.as_ref().map(|b| v("attn_q_bias", b)).transpose()?,
-            bk: self.bk.as_ref().map(|b| v("attn_k_bias", b)).transpose()?,
-            bv: self.bv.as_ref().map(|b| v("attn_v_bias", b)).transpose()?,
-            wo: m("attn_output", &self.wo)?,
-            bo: self
-                .bo
-                .as_ref()
-                .map(|b| v("attn_output_bias", b))
-                .transpose()?,
-            ffn_norm: v("ffn_norm", &self.ffn_norm)?,
-            w_gate: m("ffn_gate", &self.w_gate)?,
-            w_up: m("ffn_up", &self.w_up)?,
-            w_down: m("ffn_down", &self.w_down)?,
-            b_gate: self
-                .b_gate
-                .as_ref()
-                .map(|b| v("ffn_gate_bias", b))
-                .transpose()?,
-            b_up: self
-                .b_up
-                .as_ref()
-                .map(|b| v("ffn_up_bias", b))
-                .transpose()?,
-            b_down: self
-                .b_down
-                .as_ref()
-                .map(|b| v("ffn_down_bias", b))
-                .transpose()?,
-        })
-    }
-
-    /// Pairs each field with the same field of `other`; both must have the same biases.
-    pub fn zip<'a, M2, V2>(
-        &'a self,
-        other: &'a Layer<M2, V2>,
-    ) -> Result<LayerPair<'a, M, V, M2, V2>> {
-        let pair = |a: &'a Option<V>, b: &'a Option<V2>| match (a, b) {
-            (Some(a), Some(b)) => Ok(Some((a, b))),
-            (None, None) => Ok(None),
-            _ => Err(Error::invalid(
-                "layer",
-                "one layer has biases the other lacks",
-            )),
-        };
-        Ok(Layer {
-            attn_norm: (&self.attn_norm, &other.attn_norm),
-            wq: (&self.wq, &other.wq),
-            wk: (&self.wk, &other.wk),
-            wv: (&self.wv, &other.wv),
-            bq: pair(&self.bq, &other.bq)?,
-            bk: pair(&self.bk, &other.bk)?,
-            bv: pair(&self.bv, &other.bv)?,
-            wo: (&self.wo, &other.wo),
-            bo: pair(&self.bo, &other.bo)?,
-            ffn_norm: (&self.ffn_norm, &other.ffn_norm),
-            w_gate: (&self.w_gate, &other.w_gate),
-            w_up: (&self.w_up, &other.w_up),
-            w_down: (&self.w_down, &other.w_down),
-            b_gate: pair(&self.b_gate, &other.b_gate)?,
-            b_up: pair(&self.b_up, &other.b_up)?,
-            b_down: pair(&self.b_down, &other.b_down)?,
-        })
-    }
-
-    /// The seven matrices.
-    pub fn matrices(&self) -> [&M; 7] {
-        [
-            &self.wq,
-            &self.wk,
-            &self.wv,
-            &self.wo,
-            &self.w_gate,
-            &self.w_up,
-            &self.w_down,
-        ]
-    }
-
-    /// The norm weights and the biases present.
-    pub fn vectors(&self) -> Vec<&V> {
-        let mut v = vec![&self.attn_norm, &self.ffn_norm];
-        v.extend(
-            [
-                &self.bq,
-                &self.bk,
-                &self.bv,
-                &self.bo,
-                &self.b_gate,
-                &self.b_up,
-                &self.b_down,
-            ]
-            .into_iter()
-            .flatten(),
-        );
-        v
-    }
-}
 
 /// All parameters.
 pub struct LlamaWeights {
@@ -214,19 +38,21 @@ pub struct RunState {
     /// Whether the logits buffer holds a row per token of a chunk.
     all_logits: bool,
     ids: GpuBuffer,
-    x: Tensor,        // (chunk, d) residual stream
-    x2: Tensor,       // (chunk, d) the residual after an add (ping-pong with x)
-    xb: Tensor,       // (chunk, d) normed input of a block
-    q: Tensor,        // (chunk, n_heads * head_dim)
-    k: Tensor,        // (chunk, n_kv_heads * head_dim)
-    v: Tensor,        // (chunk, n_kv_heads * head_dim)
-    att: Tensor,      // (chunk, n_heads * head_dim)
-    proj: Tensor,     // (chunk, d) output of attention / FFN projections
-    gate: Tensor,     // (chunk, ffn)
-    up: Tensor,       // (chunk, ffn)
-    act: Tensor,      // (chunk, ffn) silu(gate) * up
-    logits: Tensor,   // (chunk, vocab) or (1, vocab)
-    partials: Tensor, // a decode step's split attention state (attention::partials_bytes)
+    x: Tensor,          // (chunk, d) residual stream
+    x2: Tensor,         // (chunk, d) the residual after an add (ping-pong with x)
+    xb: Tensor,         // (chunk, d) normed input of a block
+    q: Tensor,          // (chunk, n_heads * head_dim)
+    k: Tensor,          // (chunk, n_kv_heads * head_dim)
+    v: Tensor,          // (chunk, n_kv_heads * head_dim)
+    att: Tensor,        // (chunk, n_heads * head_dim)
+    proj: Tensor,       // (chunk, d) output of attention / FFN projections
+    gate: Tensor,       // (chunk, ffn)
+    up: Tensor,         // (chunk, ffn)
+    act: Tensor,        // (chunk, ffn) silu(gate) * up
+    logits: Tensor,     // (chunk, vocab) or (1, vocab)
+    partials: Tensor,   // a decode step's split attention state (attention::partials_bytes)
+    qn: Option<Tensor>, // (chunk, n_heads * head_dim) Gemma's normalised q
+    kn: Option<Tensor>, // (chunk, n_kv_heads * head_dim) Gemma's normalised k
     pub kv: Vec<KvCache>,
 }
 
@@ -275,7 +101,7 @@ pub struct Llama {
 /// Reads a LLaMA-family config from GGUF metadata (`<arch>.*` keys).
 pub fn config_from_gguf(g: &Gguf) -> Result<(ModelConfig, usize)> {
     let arch = g.architecture()?.to_string();
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "gemma3") {
         return Err(Error::BadFile {
             file: g.file().into(),
             reason: format!("architecture '{arch}' is not a LLaMA-family model"),
@@ -298,6 +124,7 @@ pub fn config_from_gguf(g: &Gguf) -> Result<(ModelConfig, usize)> {
         .get_u32(&k("attention.key_length"))
         .map(|v| v as usize)
         .unwrap_or(hidden / n_heads);
+    let gemma = arch == "gemma3";
     let embed = g.tensor("token_embd.weight")?;
     let vocab = embed.shape.get(1).copied().unwrap_or(0);
     let cfg = ModelConfig {
@@ -317,7 +144,7 @@ pub fn config_from_gguf(g: &Gguf) -> Result<(ModelConfig, usize)> {
         norm_eps: g
             .get_f32(&k("attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5) as f64,
-        ffn: Ffn::SwiGlu,
+        ffn: if gemma { Ffn::GeGluTanh } else { Ffn::SwiGlu },
         positions: Positions::Rotary {
             theta: g.get_f32(&k("rope.freq_base")).unwrap_or(10000.0) as f64,
         },
@@ -332,6 +159,16 @@ pub fn config_from_gguf(g: &Gguf) -> Result<(ModelConfig, usize)> {
             .ok()
             .map(|w| w as usize),
         window_layers: crate::model::config::WindowLayers::for_gguf_arch(&arch),
+        // llama.cpp's Gemma 3: the scale from the head size, local layers at base 10,000 (its
+        // `rope_freq_base_train_swa`), linear scaling where `rope.scaling.factor` is set.
+        gemma: gemma.then(|| Gemma {
+            query_pre_attn_scalar: head_dim as f64,
+            rope_local_theta: 10_000.0,
+            rope_scaling: match g.get_str(&k("rope.scaling.type")) {
+                Ok("linear") => g.get_f32(&k("rope.scaling.factor")).unwrap_or(1.0) as f64,
+                _ => 1.0,
+            },
+        }),
     };
     cfg.validate(&arch)?;
     let rot_dim = g
@@ -341,54 +178,11 @@ pub fn config_from_gguf(g: &Gguf) -> Result<(ModelConfig, usize)> {
     Ok((cfg, rot_dim))
 }
 
-/// Tensor names of one checkpoint flavour (the one place that maps names to roles).
-struct Names {
-    gguf: bool,
-}
-
-impl Names {
-    fn global(&self, role: &str) -> &'static str {
-        match (self.gguf, role) {
-            (true, "embed") => "token_embd.weight",
-            (true, "norm") => "output_norm.weight",
-            (true, _) => "output.weight",
-            (false, "embed") => "model.embed_tokens.weight",
-            (false, "norm") => "model.norm.weight",
-            (false, _) => "lm_head.weight",
-        }
-    }
-    fn layer(&self, i: usize, role: &str) -> String {
-        if self.gguf {
-            format!("blk.{i}.{role}")
-        } else {
-            let hf = match role {
-                "attn_norm.weight" => "input_layernorm.weight",
-                "attn_q.weight" => "self_attn.q_proj.weight",
-                "attn_k.weight" => "self_attn.k_proj.weight",
-                "attn_v.weight" => "self_attn.v_proj.weight",
-                "attn_q.bias" => "self_attn.q_proj.bias",
-                "attn_k.bias" => "self_attn.k_proj.bias",
-                "attn_v.bias" => "self_attn.v_proj.bias",
-                "attn_output.weight" => "self_attn.o_proj.weight",
-                "attn_output.bias" => "self_attn.o_proj.bias",
-                "ffn_gate.bias" => "mlp.gate_proj.bias",
-                "ffn_up.bias" => "mlp.up_proj.bias",
-                "ffn_down.bias" => "mlp.down_proj.bias",
-                "ffn_norm.weight" => "post_attention_layernorm.weight",
-                "ffn_gate.weight" => "mlp.gate_proj.weight",
-                "ffn_up.weight" => "mlp.up_proj.weight",
-                "ffn_down.weight" => "mlp.down_proj.weight",
-                other => other,
-            };
-            format!("model.layers.{i}.{hf}")
-        }
-    }
-}
-
 impl Llama {
     /// Loads weights from `src`, checking every tensor's shape against `cfg`, and allocates the
-    /// KV cache and activations. GGUF files carry Q/K rows permuted for interleaved RoPE;
-    /// Hugging Face checkpoints use rotate-half.
+    /// KV cache and activations. LLaMA GGUF files carry Q/K rows permuted for interleaved RoPE;
+    /// Hugging Face checkpoints, and Gemma in either form (llama.cpp runs it NEOX-style and does
+    /// not permute it), use rotate-half.
     pub fn load(
         gpu: &Gpu,
         cfg: ModelConfig,
@@ -407,8 +201,22 @@ impl Llama {
         };
         let names = Names {
             gguf: matches!(src, Source::Gguf(_) | Source::Synthetic { .. }),
+            gemma: cfg.gemma.is_some(),
         };
-        let rope_mode = if names.gguf {
+        if let Some(g) = &cfg.gemma {
+            // rope_store takes a base, not a position scale; no Gemma 3 checkpoint that scales
+            // has been run here yet.
+            if g.rope_scaling != 1.0 {
+                return Err(Error::invalid(
+                    "gemma3",
+                    format!(
+                        "linear RoPE scaling (factor {}) is not supported yet",
+                        g.rope_scaling
+                    ),
+                ));
+            }
+        }
+        let rope_mode = if names.gguf && cfg.gemma.is_none() {
             RopeMode::Interleaved
         } else {
             RopeMode::Half
@@ -430,7 +238,7 @@ impl Llama {
                     &names,
                     i,
                     |n, rows, cols| HostMatrix::read(src, n, rows, cols, gpu.max_binding()),
-                    |n, len| read_vector(src, n, len),
+                    |n, len, add_one| read_vector(src, n, len, add_one),
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -446,7 +254,7 @@ impl Llama {
             );
             Some(st)
         };
-        let norm = src.vector(gpu, names.global("norm"), d)?;
+        let norm = src.vector_plus(gpu, names.global("norm"), d, names.norms_add_one())?;
         let output = if cfg.tied_embeddings && !src.has(names.global("output")) {
             None
         } else {
@@ -518,10 +326,14 @@ impl Llama {
         let d = cfg.hidden_size;
         let eps = cfg.norm_eps as f32;
         let a = ChunkViews::new(s, cfg, m)?;
-        let args = LayerArgs {
+        // Gemma scales attention by 1/sqrt(query_pre_attn_scalar), LLaMA by 1/sqrt(head_dim).
+        let scale_by = cfg
+            .gemma
+            .map_or(cfg.head_dim as f64, |g| g.query_pre_attn_scalar);
+        let mut args = LayerArgs {
             pos0,
             eps,
-            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            scale: (1.0 / scale_by.sqrt()) as f32,
             rope_theta: self.rope_theta,
             rope_mode: self.rope_mode,
             rot_dim: self.rot_dim,
@@ -529,8 +341,23 @@ impl Llama {
         gpu.write(&s.ids, 0, bytemuck::cast_slice(tokens))?;
 
         let mut rec = gpu.recorder();
-        embedding::lookup(&mut rec, embed, &s.ids, m, &a.x)?;
+        if cfg.gemma.is_some() {
+            // Gemma scales the embeddings by sqrt(hidden) (HF rounds the factor to the weights'
+            // dtype; here it stays f32).
+            embedding::lookup(&mut rec, embed, &s.ids, m, &a.xb)?;
+            elementwise::scale(&mut rec, &a.xb, (d as f32).sqrt(), &a.x)?;
+        } else {
+            embedding::lookup(&mut rec, embed, &s.ids, m, &a.x)?;
+        }
+        let layer = if cfg.gemma.is_some() {
+            gemma_layer
+        } else {
+            layer
+        };
         for (l, kv) in s.kv.iter().enumerate() {
+            if let Some((theta, _)) = cfg.layer_rope(l) {
+                args.rope_theta = theta as f32;
+            }
             if let Some(lw) = layers.get(l) {
                 layer(&mut rec, &a, lw, kv, &args)?;
                 continue;
@@ -610,6 +437,9 @@ struct ChunkViews {
     up: Tensor,
     act: Tensor,
     partials: Tensor,
+    /// Gemma's per-head normalised q and k, `(m, nh, hd)` and `(m, nkv, hd)`.
+    qn3: Option<Tensor>,
+    kn3: Option<Tensor>,
 }
 
 impl ChunkViews {
@@ -639,6 +469,8 @@ impl ChunkViews {
             up: s.up.view(&[m, ffn])?,
             act: s.act.view(&[m, ffn])?,
             partials: s.partials.clone(),
+            qn3: s.qn.as_ref().map(|t| t.view(&[m, nh, hd])).transpose()?,
+            kn3: s.kn.as_ref().map(|t| t.view(&[m, nkv, hd])).transpose()?,
         })
     }
 }
@@ -676,7 +508,7 @@ fn upload_layer(
                 gguf,
             })
         },
-        |n, len| src.vector(gpu, n, len),
+        |n, len, add_one| src.vector_plus(gpu, n, len, add_one),
     )?;
     let one = |p: &PendingMatrix| gpu.upload_weights(&p.name, p.format, p.rows, p.cols, &p.gguf);
     let stacked = |ps: &[&PendingMatrix]| -> Result<std::vec::IntoIter<WeightMatrix>> {
@@ -692,24 +524,15 @@ fn upload_layer(
         it.next()
             .ok_or_else(|| Error::invalid("llama", "a stacked upload lost a matrix"))
     };
-    Ok(Layer {
-        attn_norm: l.attn_norm,
-        wq: next(&mut qkv)?,
-        wk: next(&mut qkv)?,
-        wv: next(&mut qkv)?,
-        bq: l.bq,
-        bk: l.bk,
-        bv: l.bv,
-        wo: one(&l.wo)?,
-        bo: l.bo,
-        ffn_norm: l.ffn_norm,
-        w_gate: next(&mut gate_up)?,
-        w_up: next(&mut gate_up)?,
-        w_down: one(&l.w_down)?,
-        b_gate: l.b_gate,
-        b_up: l.b_up,
-        b_down: l.b_down,
-    })
+    // Fields are mapped in declaration order, so each stack hands its matrices out in turn.
+    l.try_map(
+        |role, p| match role {
+            "attn_q" | "attn_k" | "attn_v" => next(&mut qkv),
+            "ffn_gate" | "ffn_up" => next(&mut gate_up),
+            _ => one(p),
+        },
+        |_, v| Ok(v.clone()),
+    )
 }
 
 /// One decoder layer over the chunk; the residual stream enters and leaves in `a.x`.
@@ -740,7 +563,7 @@ fn layer(
     // RoPE of q and k, and k and v into the cache, in one pass
     let (theta, mode) = (p.rope_theta, p.rope_mode);
     attention::rope_store(r, kv, &a.q3, &a.k3, &a.v3, p.pos0, theta, mode, p.rot_dim)?;
-    attention::attention_split(r, &a.q3, kv, p.pos0, p.scale, &a.partials, &a.att3)?;
+    attend(r, a, &a.q3, kv, p)?;
     // residual, then the FFN block's norm: where the norm folds into gate/up (a single token),
     // the add folds into the output projection; otherwise add and norm are one pass
     let (gate_up, gu_out) = ([&lw.w_gate, &lw.w_up], [&a.gate, &a.up]);
@@ -765,6 +588,64 @@ fn layer(
         elementwise::add(r, &a.x2, &a.proj, &a.x)?;
     }
     Ok(())
+}
+
+/// One Gemma 3 decoder layer over the chunk: LLaMA's layer with q and k normalised per head
+/// before RoPE, a norm on the attention's and the FFN's output before each residual add, and
+/// GeGLU; the residual stream enters and leaves in `a.x`.
+fn gemma_layer(
+    r: &mut Recorder,
+    a: &ChunkViews,
+    lw: &LayerWeights,
+    kv: &KvCache,
+    p: &LayerArgs,
+) -> Result<()> {
+    let missing = |what: &str| Error::invalid("gemma3", format!("no {what} for a Gemma layer"));
+    let (qn3, kn3) = (
+        a.qn3.as_ref().ok_or_else(|| missing("qn buffer"))?,
+        a.kn3.as_ref().ok_or_else(|| missing("kn buffer"))?,
+    );
+    let norm_of = |v: &Option<Tensor>, what| v.as_ref().ok_or_else(|| missing(what)).cloned();
+    let (q_norm, k_norm) = (
+        norm_of(&lw.q_norm, "q_norm")?,
+        norm_of(&lw.k_norm, "k_norm")?,
+    );
+    let post_attn_norm = norm_of(&lw.post_attn_norm, "post_attention_norm")?;
+    let post_ffn_norm = norm_of(&lw.post_ffn_norm, "post_ffw_norm")?;
+    // attention block: q (m, nh * hd), k and v (m, nkv * hd) of the normalised stream
+    let qkv = [&lw.wq, &lw.wk, &lw.wv];
+    let qkv_out = [&a.q, &a.k, &a.v];
+    matmul::matmul_fused_norm(r, &qkv, &a.x, &lw.attn_norm, p.eps, &a.xb, &qkv_out)?;
+    // RMSNorm of every query and key head (rows of head_dim), then RoPE and the cache store
+    norm::rms_norm(r, &a.q3, &q_norm, p.eps, qn3)?; // (m, nh, hd)
+    norm::rms_norm(r, &a.k3, &k_norm, p.eps, kn3)?; // (m, nkv, hd)
+    let (theta, mode) = (p.rope_theta, p.rope_mode);
+    attention::rope_store(r, kv, qn3, kn3, &a.v3, p.pos0, theta, mode, p.rot_dim)?;
+    attend(r, a, qn3, kv, p)?;
+    matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)
+                                                 // x2 = x + post_attn_norm(proj); the FFN's input is ffn_norm(x2)
+    norm::rms_norm(r, &a.proj, &post_attn_norm, p.eps, &a.xb)?;
+    norm::add_rms_norm(r, &a.x, &a.xb, &lw.ffn_norm, p.eps, &a.x2, &a.proj)?;
+    matmul::matmul_fused(r, &[&lw.w_gate, &lw.w_up], &a.proj, &[&a.gate, &a.up])?; // (m, ffn)
+    activation::geglu_tanh(r, &a.gate, &a.up, &a.act)?;
+    matmul::matmul(r, &lw.w_down, &a.act, &a.proj)?; // (m, d)
+                                                     // x = x2 + post_ffw_norm(proj)
+    norm::rms_norm(r, &a.proj, &post_ffn_norm, p.eps, &a.xb)?;
+    elementwise::add(r, &a.x2, &a.xb, &a.x)?;
+    Ok(())
+}
+
+/// The attention of `q3` over the layer's KV cache into `a.att3`, for every layer of the family.
+fn attend(
+    r: &mut Recorder,
+    a: &ChunkViews,
+    q3: &Tensor,
+    kv: &KvCache,
+    p: &LayerArgs,
+) -> Result<()> {
+    // A local layer's window (Gemma 3's, Mistral's) lives in its cache (`KvCache::windowed`, a
+    // ring): every attention kernel masks to it from there.
+    attention::attention_split(r, q3, kv, p.pos0, p.scale, &a.partials, &a.att3)
 }
 
 /// Adds an optional bias to every row of `y`.
@@ -856,6 +737,7 @@ impl RunState {
             crate::plan::activations::llama_activation_plan_with(cfg, c, opts.all_logits, folds);
         let acts = crate::model::planned::PlannedActivations::allocate(gpu, plan, "act")?;
         let role = |name: &str, shape: &[usize]| acts.role(name, shape);
+        let gemma = cfg.gemma.is_some();
         let kv = match kv {
             Some(kv) => kv,
             None => (0..cfg.n_layers)
@@ -895,6 +777,12 @@ impl RunState {
                 "partials",
                 &[crate::kernels::attention::partials_bytes(cfg.n_heads, hd) as usize / 4],
             )?,
+            qn: gemma
+                .then(|| role("qn", &[c, cfg.n_heads * hd]))
+                .transpose()?,
+            kn: gemma
+                .then(|| role("kn", &[c, cfg.n_kv_heads * hd]))
+                .transpose()?,
             kv,
         })
     }

@@ -90,7 +90,7 @@ pub fn load_lm(
         .unwrap_or_default();
     let description = format!("{name} ({arch}, {})", formats.join("/"));
     match arch.as_str() {
-        "llama" | "mistral" | "qwen2" => {
+        "llama" | "mistral" | "qwen2" | "gemma3" => {
             let (config, rot) = llama::config_from_gguf(&g)?;
             let model = Llama::load(gpu, config.clone(), rot, &Source::Gguf(&g), opts)?;
             Ok(LoadedLm {
@@ -104,7 +104,7 @@ pub fn load_lm(
         other => Err(Error::BadFile {
             file: path.display().to_string(),
             reason: format!(
-                "GGUF architecture '{other}' is not supported (llama, mistral and qwen2 are)"
+                "GGUF architecture '{other}' is not supported (llama, mistral, qwen2 and gemma3 are)"
             ),
         }),
     }

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod gpt2;
+pub mod layer;
 pub mod llama;
 pub mod load;
 pub mod params;

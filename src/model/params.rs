@@ -123,7 +123,7 @@ pub fn tensors(cfg: &ModelConfig) -> Vec<ParamTensor> {
     }
     push("attn_norm", norm_rows, d, true, NormOrBias);
     let ffn_mats: &[(&str, usize, usize)] = match cfg.ffn {
-        Ffn::SwiGlu => &[("ffn_gate", f, d), ("ffn_up", f, d), ("ffn_down", d, f)],
+        Ffn::SwiGlu | Ffn::GeGluTanh => &[("ffn_gate", f, d), ("ffn_up", f, d), ("ffn_down", d, f)],
         Ffn::Gelu => &[("ffn_up", f, d), ("ffn_down", d, f)],
     };
     for &(name, rows, cols) in ffn_mats {
@@ -133,6 +133,13 @@ pub fn tensors(cfg: &ModelConfig) -> Vec<ParamTensor> {
         }
     }
     push("ffn_norm", norm_rows, d, true, NormOrBias);
+    if cfg.gemma.is_some() {
+        // Gemma 3: q and k norms of one head's width, norms after the attention and the FFN.
+        push("attn_q_norm", 1, cfg.head_dim, true, NormOrBias);
+        push("attn_k_norm", 1, cfg.head_dim, true, NormOrBias);
+        push("post_attention_norm", 1, d, true, NormOrBias);
+        push("post_ffw_norm", 1, d, true, NormOrBias);
+    }
 
     // BERT is post-norm: each layer ends in a norm, so there is no final one.
     if cfg.arch != Arch::Bert {

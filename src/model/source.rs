@@ -139,6 +139,23 @@ impl Source<'_> {
         }
     }
 
+    /// [`Source::vector_f32`], with 1 added to every value when `add_one` (the norm weights of
+    /// Hugging Face's Gemma, which computes `x * (1 + w)`).
+    pub fn vector_f32_plus(&self, name: &str, n: usize, add_one: bool) -> Result<Vec<f32>> {
+        let mut v = self.vector_f32(name, n)?;
+        // Synthetic norm weights are ones already, whatever the convention.
+        if add_one && !matches!(self, Source::Synthetic { .. }) {
+            v.iter_mut().for_each(|x| *x += 1.0);
+        }
+        Ok(v)
+    }
+
+    /// [`Source::vector_f32_plus`] on the GPU.
+    pub fn vector_plus(&self, gpu: &Gpu, name: &str, n: usize, add_one: bool) -> Result<Tensor> {
+        let v = self.vector_f32_plus(name, n, add_one)?;
+        gpu.tensor_from(name, BufferClass::Parameters, &[n], &v)
+    }
+
     /// A 1-D f32 tensor of `n` values on the GPU.
     pub fn vector(&self, gpu: &Gpu, name: &str, n: usize) -> Result<Tensor> {
         let v = self.vector_f32(name, n)?;

@@ -115,9 +115,9 @@ impl HostMatrix {
     }
 }
 
-/// The f32 vector `name` of `n` values, as [`Source::vector`] reads it.
-pub fn read_vector(src: &Source, name: &str, n: usize) -> Result<Vec<f32>> {
-    src.vector_f32(name, n)
+/// The f32 vector `name` of `n` values, as [`Source::vector_plus`] reads it.
+pub fn read_vector(src: &Source, name: &str, n: usize, add_one: bool) -> Result<Vec<f32>> {
+    src.vector_f32_plus(name, n, add_one)
 }
 
 /// Shard buffers of one matrix role in a slot: for each shard index, data (and scales) buffers

@@ -62,6 +62,10 @@ pub enum Kernel {
     Attention,
     Add,
     Swiglu,
+    /// Gemma's `gelu_tanh(gate) * up`.
+    GeGlu,
+    /// `out = s * x` (Gemma's embedding scale).
+    Scale,
     /// An f32 lookup table of `rows x cols`, kept f32 whatever the precision (BERT's positions plus
     /// token type 0): one dispatch per shard.
     TableF32 {
@@ -95,6 +99,8 @@ impl Kernel {
             | Kernel::AddBias
             | Kernel::Add
             | Kernel::Swiglu
+            | Kernel::GeGlu
+            | Kernel::Scale
             | Kernel::LayerNorm
             | Kernel::Gelu => 16,
             Kernel::Embedding { .. }
@@ -214,6 +220,9 @@ pub struct Fusions {
 ///
 /// `fusions`: see [`Fusions`].
 pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> Schedule {
+    if cfg.gemma.is_some() {
+        return gemma_schedule(cfg, all_logits, fusions);
+    }
     let stacked = fusions.stacked_projections;
     let (d, v) = (cfg.hidden_size, cfg.vocab_size);
     let q = cfg.n_heads.saturating_mul(cfg.head_dim);
@@ -325,12 +334,28 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
     ]);
     bias(cfg.ffn_bias, &mut layer, "proj");
     layer.push(step("residual add (ffn)", Kernel::Add, &["x2", "proj"], &["x"]).folded(fold_down));
+    Schedule {
+        prologue,
+        layer,
+        epilogue: head_steps(all_logits, fold_head, mm(v, d)),
+    }
+}
+
+/// The steps after the layers: the final norm and the head, on every row or on the last one.
+fn head_steps(all_logits: bool, fold_head: bool, head: Kernel) -> Vec<Step> {
     let mut epilogue = Vec::new();
     let norm_in: &[&'static str] = if all_logits {
         &["x"]
     } else {
         epilogue.push(step("copy last row", Kernel::Copy, &["x"], &["proj"]));
         &["x", "proj"]
+    };
+    let also = |on: bool, base: &[&'static str], more: &[&'static str]| -> Vec<&'static str> {
+        let mut v = base.to_vec();
+        if on {
+            v.extend_from_slice(more);
+        }
+        v
     };
     epilogue.extend([
         // Without all logits the head sees the last row alone, so the norm always folds.
@@ -346,16 +371,99 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
         // `proj` (not `xb`, which the folded norm never writes).
         step(
             "matmul head",
-            mm(v, d),
+            head,
             &also(fold_head, &["xb"], norm_in),
             &["logits"],
         ),
         step("read back logits", Kernel::Host, &["logits"], &[]),
     ]);
+    epilogue
+}
+
+/// `Llama::forward_chunk` with `gemma_layer` (src/model/llama.rs), Gemma 3: the embedding scaled
+/// by sqrt(hidden) (looked up into `xb`, scaled into `x`), q and k normalised per head into `qn`
+/// and `kn` before RoPE, norms after the attention and the FFN before their residual adds, GeGLU.
+/// Only the attention norm folds into its projections (a single token); the other passes always
+/// dispatch.
+fn gemma_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> Schedule {
+    let stacked = fusions.stacked_projections;
+    let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+    let q = cfg.n_heads.saturating_mul(cfg.head_dim);
+    let kv = cfg.n_kv_heads.saturating_mul(cfg.head_dim);
+    let f = cfg.ffn_size;
+    let mm = |rows, cols| Kernel::Matmul { rows, cols };
+    let prologue = vec![
+        step("upload token ids", Kernel::Host, &[], &["ids"]),
+        step(
+            "embedding",
+            Kernel::Embedding { rows: v, cols: d },
+            &["ids"],
+            &["xb"],
+        ),
+        step("embedding scale", Kernel::Scale, &["xb"], &["x"]),
+    ];
+    let f1 = fusions.single_token_folds;
+    let norm_folds = |weights: usize| f1 && weights <= NORM_FOLD_MAX_WEIGHTS;
+    let fold_attn_norm = norm_folds((q + 2 * kv).saturating_mul(d));
+    let fold_head = norm_folds(v.saturating_mul(d));
+    let mut layer =
+        vec![step("attn_norm", Kernel::RmsNorm, &["x"], &["xb"]).folded(fold_attn_norm)];
+    let qkv_in: &[&str] = if fold_attn_norm {
+        &["xb", "x"]
+    } else {
+        &["xb"]
+    };
+    if stacked {
+        let qkv = Kernel::StackedMatmul;
+        layer.push(step("matmul wq+wk+wv", qkv, qkv_in, &["q", "k", "v"]));
+    } else {
+        layer.extend([
+            step("matmul wq", mm(q, d), qkv_in, &["q"]),
+            step("matmul wk", mm(kv, d), qkv_in, &["k"]),
+            step("matmul wv", mm(kv, d), qkv_in, &["v"]),
+        ]);
+    }
+    layer.extend([
+        step("q_norm", Kernel::RmsNorm, &["q"], &["qn"]),
+        step("k_norm", Kernel::RmsNorm, &["k"], &["kn"]),
+        step(
+            "rope q, k + kv store",
+            Kernel::RopeStore,
+            &["qn", "kn", "v"],
+            &["qn"],
+        ),
+        step(
+            "attention",
+            Kernel::Attention,
+            &["qn"],
+            &["att", "partials"],
+        ),
+        step("matmul wo", mm(d, q), &["att"], &["proj"]),
+        step("post_attention_norm", Kernel::RmsNorm, &["proj"], &["xb"]),
+        step(
+            "residual add (attention) + ffn_norm",
+            Kernel::AddRmsNorm,
+            &["x", "xb"],
+            &["x2", "proj"],
+        ),
+    ]);
+    if stacked {
+        let gu = Kernel::StackedMatmul;
+        layer.push(step("matmul w_gate+w_up", gu, &["proj"], &["gate", "up"]));
+    } else {
+        layer.push(step("matmul w_gate", mm(f, d), &["proj"], &["gate"]));
+        layer.push(step("matmul w_up", mm(f, d), &["proj"], &["up"]));
+    }
+    layer.extend([
+        step("geglu", Kernel::GeGlu, &["gate", "up"], &["act"]),
+        step("matmul w_down", mm(d, f), &["act"], &["proj"]),
+        step("post_ffw_norm", Kernel::RmsNorm, &["proj"], &["xb"]),
+        step("residual add (ffn)", Kernel::Add, &["x2", "xb"], &["x"]),
+    ]);
     Schedule {
         prologue,
         layer,
-        epilogue,
+        epilogue: head_steps(all_logits, fold_head, mm(v, d)),
     }
 }
 
@@ -423,11 +531,17 @@ pub fn llama_role_bytes(
         .map(|&w| m.saturating_mul(w))
         .chain([n_logits.saturating_mul(cfg.vocab_size as u64), partials])
         .collect();
-    LLAMA_ROLES
+    let mut roles: BTreeMap<String, u64> = LLAMA_ROLES
         .iter()
         .zip(sizes)
         .map(|(r, n)| (r.to_string(), n.saturating_mul(4)))
-        .collect()
+        .collect();
+    if cfg.gemma.is_some() {
+        // Gemma's per-head normalised q and k.
+        roles.insert("qn".into(), m.saturating_mul(q).saturating_mul(4));
+        roles.insert("kn".into(), m.saturating_mul(kv).saturating_mul(4));
+    }
+    roles
 }
 
 /// The shared activation buffers of the LLaMA forward pass for chunks of `chunk` tokens (at least
@@ -582,4 +696,68 @@ fn ranges(v: &[bool]) -> Vec<(usize, usize)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gemma 3 270M's shape (q wider than the hidden size).
+    fn gemma() -> ModelConfig {
+        let json = serde_json::json!({
+            "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,
+            "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+            "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 512,
+        });
+        ModelConfig::from_hf_json(&json).unwrap()
+    }
+
+    /// Every role Gemma's schedule touches has bytes, every role with bytes is touched, and no
+    /// step gets one buffer as an input and an output, for decode and prefill plans with and
+    /// without the single-token folds and stacked projections.
+    #[test]
+    fn gemma_schedule_roles_and_sharing() {
+        let cfg = gemma();
+        for chunk in [1, 7, 64] {
+            for (stacked, folds) in [(false, false), (true, true), (false, true)] {
+                for all_logits in [false, true] {
+                    let f = Fusions {
+                        stacked_projections: stacked,
+                        single_token_folds: folds,
+                    };
+                    let sched = llama_schedule(&cfg, all_logits, f);
+                    let sizes = llama_role_bytes(&cfg, chunk, all_logits);
+                    let plan = share(&sched, &sizes, &LLAMA_PINNED, chunk);
+                    let touched: std::collections::BTreeSet<&String> = sched
+                        .linear()
+                        .flat_map(|s| s.reads.iter().chain(&s.writes))
+                        .collect();
+                    assert_eq!(touched, sizes.keys().collect());
+                    assert_eq!(sizes["qn"], 4 * (chunk * 1024) as u64);
+                    assert_eq!(sizes["kn"], 4 * (chunk * 256) as u64);
+                    for s in sched.linear() {
+                        for r in &s.reads {
+                            for w in s.writes.iter().filter(|w| *w != r) {
+                                assert_ne!(
+                                    plan.role_to_buffer[r], plan.role_to_buffer[w],
+                                    "{}: reads {r} and writes {w} in one buffer",
+                                    s.label
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// LLaMA's schedule has no Gemma steps or roles.
+    #[test]
+    fn llama_schedule_is_untouched_by_gemma() {
+        let cfg = ModelConfig::preset("smollm2-135m").unwrap();
+        let sizes = llama_role_bytes(&cfg, 8, false);
+        assert_eq!(sizes.len(), LLAMA_ROLES.len());
+        let sched = llama_schedule(&cfg, false, Fusions::default());
+        assert!(sched.linear().all(|s| s.kernel != Kernel::GeGlu));
+    }
 }
