@@ -96,16 +96,7 @@ pub(crate) fn upload_bytes(
         let b = align4((cols as u64).saturating_mul(4));
         return Ok((b, b));
     }
-    let per = storage.rows_per_shard(format, rows, cols)?.max(1);
-    let (mut total, mut largest, mut r0) = (0u64, 0u64, 0usize);
-    while r0 < rows {
-        let n = per.min(rows - r0);
-        let (data, scales) = storage.shard_bytes(format, n, cols);
-        total = total.saturating_add(data).saturating_add(scales);
-        largest = largest.max(storage.shard_upload_bytes(format, n, cols));
-        r0 += n;
-    }
-    Ok((total, largest))
+    super::uploads::sharded_matrix_bytes(format, rows, cols, storage)
 }
 
 /// `(rows, cols)` of a GGUF tensor: its row length and every other dimension folded into rows.

@@ -78,6 +78,17 @@ pub fn upload_bytes(
         UploadKind::Matrix { rows, cols } => (matrix_format(precision, cols), rows, cols),
         UploadKind::MatrixF32 { rows, cols } => (WeightFormat::F32, rows, cols),
     };
+    sharded_matrix_bytes(format, rows, cols, storage)
+}
+
+/// Device bytes of a `rows` x `cols` matrix in `format`, split into shards as `storage` says, and
+/// its largest shard's upload.
+pub(crate) fn sharded_matrix_bytes(
+    format: WeightFormat,
+    rows: usize,
+    cols: usize,
+    storage: WeightStorage,
+) -> Result<(u64, u64)> {
     let per = storage.rows_per_shard(format, rows, cols)?.max(1);
     let (mut total, mut largest, mut r0) = (0u64, 0u64, 0usize);
     while r0 < rows {
