@@ -40,6 +40,7 @@ fn model(ctx: usize, all_logits: bool) -> Option<(&'static wgllm::Gpu, LoadedLm)
             chunk: 64,
             all_logits,
             resident_layers: None,
+            parallel: 1,
         },
     )
     .expect("load Gemma 3 270M");

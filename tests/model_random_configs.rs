@@ -772,6 +772,7 @@ fn run_case(c: &Case, gpu: &Gpu) -> Result<Outcome, String> {
         chunk: c.chunk,
         all_logits: false,
         resident_layers: c.resident,
+        parallel: 1,
     };
     let dir;
     let hf;
@@ -1200,6 +1201,7 @@ fn gemma_from_gguf_and_hugging_face_agree() {
         chunk: 3,
         all_logits: true,
         resident_layers: None,
+        parallel: 1,
     };
     let run = |src: &Source| {
         let mut m = Llama::load(gpu, cfg.clone(), rot, src, opts.clone()).unwrap();

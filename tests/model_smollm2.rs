@@ -26,6 +26,7 @@ fn model(kv: KvDtype, ctx: usize) -> Option<(&'static wgllm::Gpu, LoadedLm)> {
             chunk: 64,
             all_logits: false,
             resident_layers: None,
+            parallel: 1,
         },
     )
     .expect("load SmolLM2");

@@ -30,6 +30,7 @@ fn opts(resident_layers: Option<usize>) -> RunOptions {
         chunk: 8,
         all_logits: false,
         resident_layers,
+        parallel: 1,
     }
 }
 
@@ -198,6 +199,7 @@ fn synthetic_every_split_matches_resident_across_chunks() {
             chunk: 3, // 7 tokens: three chunks, two without logits
             all_logits: false,
             resident_layers: resident,
+            parallel: 1,
         };
         Llama::load(gpu, cfg.clone(), cfg.head_dim, &src, o).expect("load")
     };

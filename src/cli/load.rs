@@ -41,6 +41,7 @@ pub(crate) fn load_model(
         chunk: m.chunk.max(1),
         all_logits,
         resident_layers: resident_layers(gpu, m, || auto_model_plan(gpu, m, &path, all_logits))?,
+        parallel: 1,
     };
     let t = std::time::Instant::now();
     let lm = wgllm::model::load::load_lm(gpu, &path, precision, opts)
@@ -198,6 +199,7 @@ pub(crate) fn load_for_bench(
         chunk: m.chunk.max(1),
         all_logits: false,
         resident_layers: None,
+        parallel: 1,
     };
     if synthetic || preset.is_some() {
         let Some(name) = preset else {

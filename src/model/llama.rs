@@ -70,6 +70,8 @@ pub struct RunOptions {
     /// [`crate::model::stream::STREAM_SLOTS`] layer slots, for models larger than the VRAM budget.
     /// `None` keeps all resident.
     pub resident_layers: Option<usize>,
+    /// Sequence slots ([`crate::model::batch::BatchLm`]), each with its own KV cache.
+    pub parallel: usize,
 }
 
 impl Default for RunOptions {
@@ -80,6 +82,7 @@ impl Default for RunOptions {
             chunk: 64,
             all_logits: false,
             resident_layers: None,
+            parallel: 1,
         }
     }
 }
@@ -96,6 +99,10 @@ pub struct Llama {
     /// When set, every chunk is submitted with timestamp queries and its dispatch times are
     /// appended here (`wgllm profile`).
     pub profile: Option<Vec<crate::gpu::record::DispatchTime>>,
+    /// The KV caches of the slots that are not active (`state.kv` is the active one's; its entry
+    /// here is empty).
+    slot_kv: Vec<Vec<KvCache>>,
+    active_slot: usize,
 }
 
 /// Reads a LLaMA-family config from GGUF metadata (`<arch>.*` keys).
@@ -268,7 +275,15 @@ impl Llama {
             output,
         };
         let state = RunState::new(gpu, &cfg, &opts, None)?;
+        let slot_kv = (0..opts.parallel.max(1))
+            .map(|slot| match slot {
+                0 => Ok(Vec::new()),
+                _ => kv_caches(gpu, &cfg, &opts, &format!("slot.{slot}.")),
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Llama {
+            slot_kv,
+            active_slot: 0,
             rope_theta: theta as f32,
             rot_dim,
             rope_mode,
@@ -740,21 +755,7 @@ impl RunState {
         let gemma = cfg.gemma.is_some();
         let kv = match kv {
             Some(kv) => kv,
-            None => (0..cfg.n_layers)
-                .map(|l| {
-                    // A sliding-window layer keeps a ring for chunks of up to `c` tokens.
-                    KvCache::windowed(
-                        gpu,
-                        &format!("layer.{l}.kv"),
-                        opts.kv_dtype,
-                        opts.ctx,
-                        cfg.n_kv_heads,
-                        hd,
-                        cfg.layer_window(l),
-                        c,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?,
+            None => kv_caches(gpu, cfg, opts, "")?,
         };
         let n_logits = if opts.all_logits { c } else { 1 };
         Ok(RunState {
@@ -785,5 +786,94 @@ impl RunState {
                 .transpose()?,
             kv,
         })
+    }
+}
+
+/// One sequence's KV caches, a layer each (`{prefix}layer.{l}.kv`); a sliding-window layer keeps
+/// a ring for chunks of up to `opts.chunk` tokens.
+fn kv_caches(
+    gpu: &Gpu,
+    cfg: &ModelConfig,
+    opts: &RunOptions,
+    prefix: &str,
+) -> Result<Vec<KvCache>> {
+    (0..cfg.n_layers)
+        .map(|l| {
+            KvCache::windowed(
+                gpu,
+                &format!("{prefix}layer.{l}.kv"),
+                opts.kv_dtype,
+                opts.ctx,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                cfg.layer_window(l),
+                opts.chunk.max(1),
+            )
+        })
+        .collect()
+}
+
+impl Llama {
+    /// Makes `slot`'s caches the ones the forward pass uses.
+    fn select_slot(&mut self, slot: usize) -> Result<()> {
+        if slot >= self.slot_kv.len() {
+            return Err(Error::invalid(
+                "llama",
+                format!("slot {slot} of {}", self.slot_kv.len()),
+            ));
+        }
+        if slot != self.active_slot {
+            let kv = std::mem::take(&mut self.slot_kv[slot]);
+            self.slot_kv[self.active_slot] = std::mem::replace(&mut self.state.kv, kv);
+            self.active_slot = slot;
+        }
+        Ok(())
+    }
+}
+
+impl crate::model::batch::BatchLm for Llama {
+    fn slots(&self) -> usize {
+        self.slot_kv.len()
+    }
+    fn forward_slot(
+        &mut self,
+        gpu: &Gpu,
+        slot: usize,
+        tokens: &[u32],
+        pos0: usize,
+    ) -> Result<Vec<f32>> {
+        self.select_slot(slot)?;
+        self.forward(gpu, tokens, pos0)
+    }
+    fn decode_batch(
+        &mut self,
+        gpu: &Gpu,
+        rows: &[crate::model::batch::BatchRow],
+    ) -> Result<Vec<Vec<f32>>> {
+        // Placeholder: one forward pass per row.
+        rows.iter()
+            .map(|r| self.forward_slot(gpu, r.slot, &[r.token], r.pos))
+            .collect()
+    }
+    fn reusable_prefix(&self, cached: usize, common: usize) -> usize {
+        let common = common.min(cached);
+        // A ring of `slots` positions still holds the last `window` keys before `common` when
+        // at most `slots - window` positions were written after them.
+        let ring_ok = (0..self.cfg.n_layers).all(|l| match self.cfg.layer_window(l) {
+            None => true,
+            Some(w) => {
+                let slots = crate::kernels::attention::kv_cache::ring_slots(
+                    self.opts.ctx,
+                    Some(w),
+                    self.opts.chunk.max(1),
+                );
+                cached - common <= slots.saturating_sub(w.min(common))
+            }
+        });
+        if ring_ok {
+            common
+        } else {
+            0
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Model descriptions that need no GPU: hyper-parameters ([`config`]) and exact parameter and
 //! weight-byte counts ([`params`]).
 
+pub mod batch;
 pub mod bert;
 pub mod chat;
 pub mod config;
