@@ -360,7 +360,10 @@ fn every_route_answers_streaming_and_not() {
         .collect();
     assert_eq!(streamed, content);
     let usage = &cs.last().unwrap()["usage"];
-    assert_eq!(usage["completion_tokens"], whole["usage"]["completion_tokens"]);
+    assert_eq!(
+        usage["completion_tokens"],
+        whole["usage"]["completion_tokens"]
+    );
     assert_eq!(usage["prompt_tokens"], whole["usage"]["prompt_tokens"]);
     let finish = &cs[cs.len() - 2]["choices"][0]["finish_reason"];
     assert_eq!(finish, &choice["finish_reason"]);
@@ -383,9 +386,8 @@ fn every_route_answers_streaming_and_not() {
         .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
         .collect();
     assert_eq!(streamed, text);
-    // Stop at the second comma of the continuation: the text ends before it.
-    let cut: String = text.splitn(3, ',').take(2).collect::<Vec<_>>().join(",");
-    if cut.len() < text.len() {
+    // A stop string: the text ends before its first occurrence.
+    if text.contains(',') {
         let mut stop = body.clone();
         stop["stop"] = json!([","]);
         let first = text.split(',').next().unwrap();
@@ -490,7 +492,13 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         assert_eq!(v["usage"]["completion_tokens"], 2);
     };
     let cases: Vec<(&str, String, Option<&str>, u16, &str)> = vec![
-        ("no key", good.to_string(), None, 401, "authentication_error"),
+        (
+            "no key",
+            good.to_string(),
+            None,
+            401,
+            "authentication_error",
+        ),
         (
             "wrong key",
             good.to_string(),

@@ -271,11 +271,12 @@ impl Engine {
             return Err(SubmitError::QueueFull { max_queue });
         }
         let (tx, rx) = unbounded_channel();
-        let sent = self
-            .commands
-            .as_ref()
-            .map(|c| c.send(Command::Generate(Queued { req, events: tx })));
-        if !matches!(sent, Some(Ok(()))) {
+        let cmd = Command::Generate(Queued { req, events: tx });
+        let sent = match &self.commands {
+            Some(c) => c.send(cmd).is_ok(),
+            None => false,
+        };
+        if !sent {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::Stopped);
         }
