@@ -35,8 +35,8 @@ impl<T: Deref<Target = Gpu> + Clone + Send + 'static> GpuHandle for T {}
 /// How the engine schedules.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Requests that may wait for a slot; past it [`Engine::submit`] refuses with
-    /// [`SubmitError::QueueFull`].
+    /// Requests that may wait while every slot is busy; past it [`Engine::submit`] refuses
+    /// with [`SubmitError::QueueFull`].
     pub max_queue: usize,
     /// The model's prefill chunk (`RunOptions::chunk`): prompts run in pieces on its boundaries,
     /// and about one chunk of prompt tokens runs per step beside the decoding slots.
@@ -260,11 +260,17 @@ impl Engine {
         req: GenRequest,
     ) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
         let max_queue = self.max_queue;
+        // Requests not yet in a slot first take the free slots (the engine thread may be inside
+        // a step and not have assigned them yet); only the rest count against the queue.
+        let free = self
+            .info
+            .slots
+            .saturating_sub(self.stats.busy_slots.load(Ordering::SeqCst));
         let reserved = self
             .stats
             .queued
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
-                (q < max_queue).then_some(q + 1)
+                (q < max_queue + free).then_some(q + 1)
             });
         if reserved.is_err() {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -461,9 +467,13 @@ impl<'g> Scheduler<'g> {
             let Some(q) = self.queue.pop_front() else {
                 return;
             };
+            // Busy before unqueued, so that `submit` never sees the slot free and the request
+            // gone from the queue at once (which would let one request too many in).
+            self.stats.busy_slots.fetch_add(1, Ordering::SeqCst);
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             let prompt = q.req.prompt;
             if prompt.is_empty() || prompt.len() >= self.info.context {
+                self.stats.busy_slots.fetch_sub(1, Ordering::SeqCst);
                 let _ = q.events.send(Event::Error(format!(
                     "the prompt has {} tokens; give 1 to {}",
                     prompt.len(),
@@ -484,6 +494,7 @@ impl<'g> Scheduler<'g> {
                     std::cmp::Reverse(self.slots[i].last_used),
                 )
             }) else {
+                self.stats.busy_slots.fetch_sub(1, Ordering::SeqCst);
                 return;
             };
             let slot = &mut self.slots[i];
@@ -514,7 +525,6 @@ impl<'g> Scheduler<'g> {
                 held: String::new(),
                 seq: self.arrivals,
             });
-            self.stats.busy_slots.fetch_add(1, Ordering::SeqCst);
             log::debug!("slot {i}: new request, {keep} prompt tokens reused");
         }
     }
