@@ -745,3 +745,65 @@ fn the_openai_python_client_works_unchanged() {
     assert!(out.status.success(), "openai_client.py failed:\n{log}");
     assert!(log.contains("all checks passed"), "{log}");
 }
+
+/// `wgllm chat`: greedy replies equal `generate`'s for the conversation so far, the second turn
+/// reuses the first turn's cache, and after `/reset` the first question gets its first answer.
+#[test]
+fn wgllm_chat_keeps_the_cache_across_turns_and_resets() {
+    if gpu().is_none() || packaged_model(&wgllm::fetch::SMOLLM2).is_none() {
+        return;
+    }
+    use std::io::Write;
+    let (q1, q2, n) = ("Name a fruit.", "And a vegetable?", 6);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
+        .args(["chat", "-m", MODEL, "-c", "256", "--temp", "0", "-n"])
+        .arg(n.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wgllm chat");
+    write!(
+        child.stdin.take().unwrap(),
+        "{q1}\n{q2}\n/reset\n{q1}\n/exit\n"
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let replies: Vec<&str> = stdout
+        .split("> ")
+        .map(|r| r.trim_end_matches('\n'))
+        .filter(|r| !r.is_empty())
+        .collect();
+    assert_eq!(replies.len(), 3, "{stdout}");
+    // "[P prompt tokens, C from the cache; ...]" per turn.
+    let cached: Vec<usize> = stderr
+        .lines()
+        .filter_map(|l| l.split(" prompt tokens, ").nth(1))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(cached.len(), 3, "{stderr}");
+    let mut r = Reference::load();
+    let first = r.chat_ids(&[("user", q1)]);
+    assert_eq!(replies[0], r.greedy(&first, n).0);
+    let second = r.chat_ids(&[("user", q1), ("assistant", replies[0]), ("user", q2)]);
+    assert_eq!(replies[1], r.greedy(&second, n).0);
+    assert_eq!(replies[2], replies[0]);
+    assert!(cached[1] >= first.len(), "{stderr}");
+}
+
+/// Serving needs sequence slots: an encoder is refused with a typed error before any weight loads.
+#[test]
+fn a_model_without_slots_is_refused_by_name() {
+    let Some(gpu) = gpu() else { return };
+    let Some(dir) = packaged_model(&wgllm::fetch::MINILM) else {
+        return;
+    };
+    let e = wgllm::model::load::load_batch_lm(gpu, &dir, None, run_options(64, 2))
+        .err()
+        .expect("BERT has no slots");
+    assert!(matches!(e, wgllm::Error::BadFile { .. }), "{e:?}");
+    assert!(e.to_string().contains("no sequence slots"), "{e}");
+}
