@@ -61,6 +61,13 @@ fn model_names(given: Option<&std::path::Path>, path: &std::path::Path) -> (Stri
 }
 
 pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
+    let local = matches!(a.host.as_str(), "127.0.0.1" | "localhost" | "::1");
+    if !local && a.api_key.is_none() {
+        eprintln!(
+            "warning: serving on {} without --api-key: anyone who reaches this address can use it",
+            a.host
+        );
+    }
     let gpu = Arc::new(g.gpu()?);
     let engine = start_engine(&gpu, &a.model, a.parallel, a.max_queue)?;
     let path = wgllm::model::load::resolve(a.model.model.as_deref(), &mut |s| eprintln!("{s}"))?;
