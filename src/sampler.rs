@@ -248,10 +248,10 @@ mod tests {
             frequency_penalty: 0.4,
             ..Default::default()
         };
-        // Token 0 leads by 1.0; generated twice it loses 0.5 + 2 * 0.4 = 1.3.
+        // Token 0 is ahead by 1.0; generated twice it loses 0.5 + 2 * 0.4 = 1.3.
         let mut s = Sampler::new(cfg.clone()).with_prompt_len(1);
         assert_eq!(s.sample(&[2.0, 1.0], &[1, 0, 0]), 1);
-        // Generated once it loses 0.9 and still leads.
+        // Generated once it loses 0.9 and stays ahead.
         assert_eq!(s.sample(&[2.0, 1.0], &[1, 0]), 0);
         // In the prompt only, it is not penalised.
         let mut s = Sampler::new(cfg).with_prompt_len(3);
