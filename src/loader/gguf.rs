@@ -5,8 +5,8 @@
 //!
 //! Everything is checked against the file before it is used: every read is bounds-checked, counts
 //! and lengths must fit in the bytes left before anything is allocated for them (a hostile file
-//! claiming 2^60 entries fails at once), tensor shapes must not overflow, and tensor data must be
-//! aligned, inside the file and not overlapping. Metadata values live in `loader::value`.
+//! claiming 2^60 entries fails at once), tensor shapes must have no zero dimension and must not
+//! overflow, and tensor data must be aligned, inside the file and not overlapping. Metadata values live in `loader::value`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -315,6 +315,15 @@ impl Gguf {
                 tensor: name.clone(),
                 dtype: format!("unknown ggml type {id}"),
             })?;
+            // A dimension of 0 holds no data, yet the other dimensions would still size work (the
+            // planner walks a matrix's rows shard by shard: 2^62 rows of nothing take hours).
+            // llama.cpp cannot read one either (its element-count check divides by each).
+            if dims.contains(&0) {
+                return Err(bad_tensor(
+                    &name,
+                    format!("shape {dims:?} has a dimension of 0"),
+                ));
+            }
             let overflow = || bad_tensor(&name, format!("shape {dims:?} overflows"));
             let n = dims
                 .iter()

@@ -42,7 +42,11 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
         path: path.display().to_string(),
         source,
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
+    parse_json(path, &bytes)
+}
+
+fn parse_json(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> {
+    serde_json::from_slice(bytes).map_err(|e| Error::BadFile {
         file: path.display().to_string(),
         reason: format!("invalid JSON: {e}"),
     })
@@ -75,6 +79,27 @@ impl HfModel {
                     .into(),
             });
         }
+        Ok(model)
+    }
+
+    /// A directory held in memory: the bytes of its `config.json` and of one `model.safetensors`;
+    /// `dir` stands for the directory in errors. The same checks as [`HfModel::open`] (the fuzz
+    /// targets and their regression test read files this way).
+    pub fn from_bytes(
+        dir: impl AsRef<Path>,
+        config_json: &[u8],
+        safetensors: Vec<u8>,
+    ) -> Result<HfModel> {
+        let dir = dir.as_ref();
+        let single = dir.join("model.safetensors");
+        let mut model = HfModel {
+            dir: dir.to_path_buf(),
+            source: single.display().to_string(),
+            config: parse_json(&dir.join("config.json"), config_json)?,
+            shards: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        model.add_shard_data(single.display().to_string(), Backing::Owned(safetensors))?;
         Ok(model)
     }
 
@@ -127,8 +152,10 @@ impl HfModel {
     }
 
     fn add_shard(&mut self, path: &Path) -> Result<usize> {
-        let file = path.display().to_string();
-        let data = map_file(path)?;
+        self.add_shard_data(path.display().to_string(), map_file(path)?)
+    }
+
+    fn add_shard_data(&mut self, file: String, data: Backing) -> Result<usize> {
         let (n, meta) = parse_header(&file, &data)?;
         let at = self.shards.len();
         for (name, info) in meta.tensors() {

@@ -13,8 +13,12 @@
 //! The template is untrusted input, so it renders within [`Limits`]: fuel for the instructions it
 //! runs (so loops end), a recursion depth, an output size, and a wall-clock deadline for work that
 //! fuel does not count. Running past one is [`Error::ChatTemplate`] with
-//! [`TemplateFailure::Limit`], not a hang. Memory has no limit of its own: a template that keeps
-//! doubling a string can exhaust it within the deadline. The environment has no loader (no
+//! [`TemplateFailure::Limit`], not a hang. The callbacks a template can build text with here
+//! (`join`, `tojson`, Python's string methods) refuse to build a value larger than the output
+//! limit, and once the deadline has passed they fail at once, so that an abandoned render ends at
+//! its next call instead of running on. Memory has no limit of its own otherwise: minijinja has no
+//! hook in its `~`, `+` and `*` operators, so a template that keeps doubling a string with `~`
+//! can still exhaust memory within the deadline (RELIABILITY.md measures it). The environment has no loader (no
 //! `include` or `import` of files) and the template sees nothing but its context; the only
 //! outside state it can read is the date, through `strftime_now`.
 //!
@@ -22,6 +26,7 @@
 //! the vocabulary as llama.cpp chooses its formats.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -60,12 +65,13 @@ pub struct Limits {
     pub fuel: u64,
     /// Nesting depth (loops, conditions, macro calls; minijinja caps it at 500).
     pub recursion: usize,
-    /// Bytes of rendered output.
+    /// Bytes of rendered output, and of any one value the template builds with `join`, `tojson`
+    /// or a string method.
     pub max_output: usize,
     /// Wall-clock time. Fuel counts instructions, not their cost: a loop that appends to a
     /// growing string, or a built-in filter run over a huge lazy sequence (`[x] * 10**12`), can
-    /// run for hours on little fuel. Past the deadline the render is abandoned with an error (its
-    /// thread runs on to the end of its fuel, or to the process's exit).
+    /// run for hours on little fuel. Past the deadline the render is abandoned with an error; its
+    /// thread stops at its next callback (see [`Guard`]), or else at the end of its fuel.
     pub deadline: Duration,
 }
 
@@ -184,12 +190,17 @@ impl ChatTemplate {
         // than hang the caller; a panic in the engine also comes back as an error.
         let (tx, rx) = mpsc::channel();
         let (this, messages, args) = (self.clone(), messages.to_vec(), args.clone());
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let guard = Guard {
+            max_value: self.limits.max_output,
+            cancelled: cancelled.clone(),
+        };
         let spawned = std::thread::Builder::new()
             .name("chat-template".into())
             .stack_size(RENDER_STACK)
             .spawn(move || {
                 // The receiver is gone only when the deadline has passed.
-                let _ = tx.send(this.render_here(&messages, &args));
+                let _ = tx.send(this.render_here(&messages, &args, guard));
             });
         if let Err(e) = spawned {
             let reason = format!("cannot start the render thread: {e}");
@@ -197,13 +208,16 @@ impl ChatTemplate {
         }
         match rx.recv_timeout(self.limits.deadline) {
             Ok(result) => result,
-            Err(RecvTimeoutError::Timeout) => Err(self.fail(
-                TemplateFailure::Limit,
-                format!(
-                    "still rendering after {:?} (Limits::deadline)",
-                    self.limits.deadline
-                ),
-            )),
+            Err(RecvTimeoutError::Timeout) => {
+                cancelled.store(true, Ordering::Relaxed);
+                Err(self.fail(
+                    TemplateFailure::Limit,
+                    format!(
+                        "still rendering after {:?} (Limits::deadline)",
+                        self.limits.deadline
+                    ),
+                ))
+            }
             Err(RecvTimeoutError::Disconnected) => Err(self.fail(
                 TemplateFailure::Render,
                 "the template engine panicked".into(),
@@ -212,12 +226,12 @@ impl ChatTemplate {
     }
 
     /// [`ChatTemplate::render`] on the calling thread, bounded by fuel, depth and output only.
-    fn render_here(&self, messages: &[Message], args: &RenderArgs) -> Result<String> {
+    fn render_here(&self, messages: &[Message], args: &RenderArgs, guard: Guard) -> Result<String> {
         let fail = |kind: TemplateFailure, reason: String| self.fail(kind, reason);
         let raised: Arc<Mutex<Option<String>>> = Arc::default();
         let now = self.now.unwrap_or_else(SystemTime::now);
         let source = strip_generation_tags(&self.source);
-        let env = environment(&self.limits, raised.clone(), now);
+        let env = environment(&self.limits, raised.clone(), now, guard);
         let tmpl = env
             .template_from_named_str(TEMPLATE_NAME, &source)
             .map_err(|e| fail(TemplateFailure::Syntax, describe(&e)))?;
@@ -263,7 +277,9 @@ impl ChatTemplate {
         }
         if let Err(e) = result {
             let limit = e.kind() == ErrorKind::OutOfFuel
-                || e.detail().is_some_and(|d| d.contains("recursion limit"));
+                || e.detail().is_some_and(|d| {
+                    d.contains("recursion limit") || d.contains(Guard::LIMIT_MARK)
+                });
             let kind = if limit {
                 TemplateFailure::Limit
             } else {
@@ -290,11 +306,79 @@ fn describe(e: &minijinja::Error) -> String {
     s
 }
 
+/// What the callbacks of one render check before and after they build a value: its size against
+/// `max_value` (no value larger than the whole output can be needed for it: a template building
+/// one is growing text without bound), and whether the caller has abandoned the render (its
+/// deadline passed), so that the render's thread ends at its next callback.
+#[derive(Clone)]
+struct Guard {
+    max_value: usize,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Guard {
+    /// In every message of a guard's error, which `render_here` reports as a limit.
+    const LIMIT_MARK: &'static str = "(Limits::";
+
+    fn check(&self, what: &str, len: usize) -> std::result::Result<(), minijinja::Error> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("{what}: the render was abandoned (Limits::deadline)"),
+            ));
+        }
+        if len > self.max_value {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!(
+                    "{what}: a value of more than {} bytes (Limits::max_output)",
+                    self.max_value
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The size a value counts for: a string's bytes, a sequence's or map's items when known.
+    fn size(v: &Value) -> usize {
+        match v.as_str() {
+            Some(s) => s.len(),
+            None => v.len().unwrap_or(0),
+        }
+    }
+}
+
+/// Jinja's `join` (minijinja's, without autoescaping), checked by `guard` item by item: the
+/// sequence may be lazy and huge (`[x] * 10**12`).
+fn join(
+    guard: &Guard,
+    value: &Value,
+    joiner: Option<&str>,
+) -> std::result::Result<Value, minijinja::Error> {
+    let joiner = joiner.unwrap_or_default();
+    let mut out = String::new();
+    for (i, item) in value.try_iter()?.enumerate() {
+        if i > 0 {
+            out.push_str(joiner);
+        }
+        match item.as_str() {
+            Some(s) => out.push_str(s),
+            None => {
+                use std::fmt::Write;
+                let _ = write!(out, "{item}");
+            }
+        }
+        guard.check("join", out.len())?;
+    }
+    Ok(Value::from(out))
+}
+
 /// HF's environment, bounded, with nothing from outside but the date.
 fn environment<'s>(
     limits: &Limits,
     raised: Arc<Mutex<Option<String>>>,
     now: SystemTime,
+    guard: Guard,
 ) -> Environment<'s> {
     let mut env = Environment::new();
     // transformers' ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).
@@ -302,7 +386,18 @@ fn environment<'s>(
     env.set_lstrip_blocks(true);
     env.set_fuel(Some(limits.fuel));
     env.set_recursion_limit(limits.recursion);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    // Python's methods, each result checked (`"x".replace("x", s)` grows as fast as `~`).
+    let g = guard.clone();
+    env.set_unknown_method_callback(move |state, value, method, args| {
+        g.check(method, 0)?;
+        let v = minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)?;
+        g.check(method, Guard::size(&v))?;
+        Ok(v)
+    });
+    let g = guard.clone();
+    env.add_filter("join", move |value: &Value, joiner: Option<String>| {
+        join(&g, value, joiner.as_deref())
+    });
     env.add_function(
         "raise_exception",
         move |message: String| -> std::result::Result<Value, minijinja::Error> {
@@ -314,7 +409,10 @@ fn environment<'s>(
         },
     );
     env.add_function("strftime_now", move |format: String| strftime(now, &format));
-    env.add_filter("tojson", tojson);
+    let g = guard.clone();
+    env.add_filter("tojson", move |value: &Value, kwargs: Kwargs| {
+        tojson(&g, value, kwargs)
+    });
     // Jinja2's tests ask Python: `none` has no iter() or len() (minijinja iterates it as empty),
     // while strings and dicts are sequences (len() and []). Templates write `tools is iterable
     // and tools | length > 0` with tools = none, and `x is sequence and x is not string`.
@@ -404,7 +502,11 @@ pub fn strip_generation_tags(source: &str) -> String {
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=None,
 /// separators=None, sort_keys=False)`, so `", "` and `": "` between items and no HTML escaping
 /// (minijinja's own filter is compact and HTML-safe, which changes prompts).
-fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+fn tojson(
+    guard: &Guard,
+    value: &Value,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let indent: Option<Value> = kwargs.get("indent")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
@@ -431,6 +533,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja
         None => (", ".to_string(), ": ".to_string()),
     };
     let json = Json {
+        guard: guard.clone(),
         ensure_ascii: ensure_ascii.unwrap_or(false),
         indent,
         item_sep,
@@ -439,11 +542,13 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja
     };
     let mut out = String::new();
     json.write(&mut out, value, 0)?;
+    guard.check("tojson", out.len())?;
     // The output is JSON, not text to be escaped again under autoescaping.
     Ok(Value::from_safe_string(out))
 }
 
 struct Json {
+    guard: Guard,
     ensure_ascii: bool,
     indent: Option<String>,
     item_sep: String,
@@ -478,10 +583,10 @@ impl Json {
             ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
             // minijinja prints numbers as Python does (1, 1.0, inf).
             ValueKind::Number => out.push_str(&v.to_string()),
+            // Items are written as they come: a lazy sequence may be huge, and stops at the limit.
             ValueKind::Seq | ValueKind::Iterable => {
-                let items: Vec<Value> = v.try_iter()?.collect();
-                self.container(out, '[', ']', items.len(), depth, |out, i| {
-                    self.write(out, &items[i], depth + 1)
+                self.container(out, '[', ']', v.try_iter()?, depth, |out, item| {
+                    self.write(out, &item, depth + 1)
                 })?;
             }
             ValueKind::Map => {
@@ -489,10 +594,10 @@ impl Json {
                 if self.sort_keys {
                     keys.sort();
                 }
-                self.container(out, '{', '}', keys.len(), depth, |out, i| {
-                    self.string(out, &keys[i].to_string());
+                self.container(out, '{', '}', keys.into_iter(), depth, |out, key| {
+                    self.string(out, &key.to_string());
                     out.push_str(&self.key_sep);
-                    self.write(out, &v.get_item(&keys[i])?, depth + 1)
+                    self.write(out, &v.get_item(&key)?, depth + 1)
                 })?;
             }
             // Strings, and anything else as its text.
@@ -501,28 +606,29 @@ impl Json {
         Ok(())
     }
 
-    fn container(
+    fn container<T>(
         &self,
         out: &mut String,
         open: char,
         close: char,
-        n: usize,
+        items: impl Iterator<Item = T>,
         depth: usize,
-        mut item: impl FnMut(&mut String, usize) -> std::result::Result<(), minijinja::Error>,
+        mut item: impl FnMut(&mut String, T) -> std::result::Result<(), minijinja::Error>,
     ) -> std::result::Result<(), minijinja::Error> {
         out.push(open);
-        if n == 0 {
-            out.push(close);
-            return Ok(());
-        }
-        for i in 0..n {
+        let mut empty = true;
+        for (i, x) in items.enumerate() {
+            self.guard.check("tojson", out.len())?;
             if i > 0 {
                 out.push_str(&self.item_sep);
             }
             self.newline(out, depth + 1);
-            item(out, i)?;
+            item(out, x)?;
+            empty = false;
         }
-        self.newline(out, depth);
+        if !empty {
+            self.newline(out, depth);
+        }
         out.push(close);
         Ok(())
     }
