@@ -41,6 +41,9 @@ fn qword4(fmt: u32, row: u32, i: u32) -> vec4<u32> {
     let b = row * row_words(fmt) + i;
     return vec4<u32>(wq[b], wq[b + 1u], wq[b + 2u], wq[b + 3u]);
 }
+fn qgroup(fmt: u32, row: u32, t: u32) -> vec4<u32> {
+    return qword4(fmt, row, 4u * t);
+}
 fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> {
     let g = row * (p.cols / qblock_len(fmt)) + blk;
     return qscales_of(fmt, ws[qscale_index(fmt, g)], g);

@@ -38,6 +38,10 @@ fn qword4(fmt: u32, row: u32, i: u32) -> vec4<u32> {
     }
     return vec4<u32>(t0.w, t1.xyz);
 }
+// Words 4t..4t+3: texel t.
+fn qgroup(fmt: u32, row: u32, t: u32) -> vec4<u32> {
+    return textureLoad(wq, vec2<u32>(t, row), 0);
+}
 fn qscales(fmt: u32, row: u32, blk: u32) -> vec2<f32> {
     let t = textureLoad(ws, vec2<u32>(blk, row), 0).x;
     return qscales_of(fmt, t, 0u);

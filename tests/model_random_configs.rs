@@ -83,6 +83,10 @@ struct Case {
     resident: Option<usize>,
     /// A Gemma 3 model (GGUF `gemma3`, HF `gemma3_text`) instead of LLaMA / Qwen2.
     gemma: bool,
+    /// Gemma only: linear RoPE scaling of the global layers (positions divided by it; 1: none),
+    /// as GGUF's `rope.scaling.type = linear` and `rope.scaling.factor`, or Hugging Face's
+    /// `rope_scaling: {"rope_type": "linear", "factor": f}`.
+    rope_factor: f64,
 }
 
 /// The device a case runs on.
@@ -411,6 +415,10 @@ fn gguf_of(c: &Case, ts: &[T]) -> Gguf {
     if c.gemma {
         kvs.push((k("attention.sliding_window"), Kv::U32(512)));
     }
+    if c.rope_factor != 1.0 {
+        kvs.push((k("rope.scaling.type"), Kv::Str("linear")));
+        kvs.push((k("rope.scaling.factor"), Kv::F32(c.rope_factor as f32)));
+    }
     let tensors: Vec<_> = ts
         .iter()
         .map(|t| {
@@ -455,6 +463,10 @@ fn hf_dir(c: &Case, ts: &[T], name: &str) -> common::TempModel {
         cfg["sliding_window_pattern"] = 2.into();
         cfg["query_pre_attn_scalar"] = 24.into();
         cfg["hidden_activation"] = "gelu_pytorch_tanh".into();
+        if c.rope_factor != 1.0 {
+            cfg["rope_scaling"] =
+                serde_json::json!({"rope_type": "linear", "factor": c.rope_factor});
+        }
     } else if !qwen2 {
         cfg["attention_bias"] = attention_bias.into();
         cfg["mlp_bias"] = mlp_bias.into();
@@ -511,11 +523,13 @@ fn matvec(w: &[f64], x: &[f64], b: Option<&[f64]>) -> Vec<f64> {
 
 /// Rotates each head of `x` (`heads x hd`) for position `pos` with base `theta`: pairs
 /// `(2i, 2i + 1)` when `interleaved` (LLaMA GGUF), else `(i, i + hd / 2)` (Hugging Face, Gemma).
-fn rope(x: &mut [f64], hd: usize, pos: usize, interleaved: bool, theta: f64) {
+/// Linear scaling: the position is divided by `factor` (1: none).
+fn rope(x: &mut [f64], hd: usize, pos: usize, interleaved: bool, theta: f64, factor: f64) {
+    let pos = pos as f64 / factor;
     for h in x.chunks_exact_mut(hd) {
         for i in 0..hd / 2 {
             let freq = theta.powf(-2.0 * i as f64 / hd as f64);
-            let (s, c) = (pos as f64 * freq).sin_cos();
+            let (s, c) = (pos * freq).sin_cos();
             let (a, b) = if interleaved {
                 (2 * i, 2 * i + 1)
             } else {
@@ -588,10 +602,12 @@ fn reference(c: &Case, w: &RefWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
     let group = c.n_heads / c.n_kv;
     for l in 0..c.layers {
         let n = |s: &str| format!("blk.{l}.{s}");
-        let theta = if !c.gemma || gemma_global(c, l) {
-            global_theta(c)
+        // Gemma 3 scales the global layers' positions only (Hugging Face's local rotary
+        // embedding has the default rope type, llama.cpp's SWA layers a freq_scale of 1).
+        let (theta, factor) = if !c.gemma || gemma_global(c, l) {
+            (global_theta(c), c.rope_factor)
         } else {
-            1e4
+            (1e4, 1.0)
         };
         let (mut keys, mut vals) = (Vec::new(), Vec::new());
         for (pos, x) in xs.iter_mut().enumerate() {
@@ -603,8 +619,8 @@ fn reference(c: &Case, w: &RefWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
                 q = head_norm(&q, w.w(&n("attn_q_norm.weight")), hd, eps);
                 k = head_norm(&k, w.w(&n("attn_k_norm.weight")), hd, eps);
             }
-            rope(&mut q, hd, pos, interleaved, theta);
-            rope(&mut k, hd, pos, interleaved, theta);
+            rope(&mut q, hd, pos, interleaved, theta, factor);
+            rope(&mut k, hd, pos, interleaved, theta, factor);
             keys.push(k);
             vals.push(v);
             let mut att = vec![0f64; c.n_heads * hd];
@@ -930,6 +946,7 @@ fn draw(seed: u64) -> Case {
             None
         },
         gemma: false,
+        rope_factor: 1.0,
     }
 }
 
@@ -950,6 +967,34 @@ fn draw_gemma(seed: u64) -> Case {
             mlp_bias: false,
         },
     };
+    c.resident = c.resident.map(|r| r.min(c.layers - 1));
+    c
+}
+
+/// Case `seed` as a Gemma 3 model with linear RoPE scaling (factor 8, Gemma 3's own) on its
+/// global layers: GGUF for even seeds, Hugging Face for odd ones, so that both forms of the
+/// scaling's metadata are read; Hugging Face cases have two or three layers, so one is global.
+fn draw_gemma_scaled(seed: u64) -> Case {
+    let mut c = draw_gemma(seed);
+    c.rope_factor = 8.0;
+    let gguf = seed.is_multiple_of(2);
+    match (&c.src, gguf) {
+        (Src::Gguf { .. }, false) => {
+            c.src = Src::Hf {
+                precision: None,
+                qwen2: false,
+                attention_bias: false,
+                mlp_bias: false,
+            };
+            c.layers = 2;
+        }
+        (Src::Hf { .. }, true) => {
+            c.src = Src::Gguf { qkv_bias: false };
+            c.layers = 6;
+        }
+        (Src::Hf { .. }, false) => c.layers = c.layers.max(2),
+        (Src::Gguf { .. }, true) => {}
+    }
     c.resident = c.resident.map(|r| r.min(c.layers - 1));
     c
 }
@@ -981,6 +1026,7 @@ fn issue_case(src: Src, chunk: usize, device: Device) -> Case {
         device,
         resident: None,
         gemma: false,
+        rope_factor: 1.0,
     }
 }
 
@@ -1033,6 +1079,37 @@ fn random_configs_run_and_match_the_reference() {
 #[test]
 fn random_gemma_configs_run_and_match_the_reference() {
     run_random(draw_gemma);
+}
+
+/// Random Gemma 3 models whose global layers scale RoPE linearly (factor 8), from GGUF metadata
+/// and from Hugging Face's `rope_scaling`, against the reference. The scaling must matter: the
+/// reference without it is checked to be far from the one with it.
+#[test]
+fn random_gemma_configs_with_linear_rope_scaling_match_the_reference() {
+    for seed in [0, 1] {
+        let c = draw_gemma_scaled(seed);
+        let ts = tensors(&c);
+        let toks = tokens(&c, 8);
+        let scaled = reference(&c, &ref_weights(&ts), &toks);
+        let plain = reference(
+            &Case {
+                rope_factor: 1.0,
+                ..c.clone()
+            },
+            &ref_weights(&ts),
+            &toks,
+        );
+        let diff = scaled[1..]
+            .iter()
+            .flatten()
+            .zip(plain[1..].iter().flatten())
+            .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+        assert!(
+            diff > 100.0 * LOGITS_TOL,
+            "case {seed}: scaling changes logits by {diff:.2e} only"
+        );
+    }
+    run_random(draw_gemma_scaled);
 }
 
 fn run_random(draw: fn(u64) -> Case) {
@@ -1095,6 +1172,7 @@ fn models_past_the_fold_limits_run_too() {
         device: Device::Buffers,
         resident: None,
         gemma: false,
+        rope_factor: 1.0,
     };
     let head = Case {
         vocab: limit / 32 + 32,
@@ -1159,11 +1237,22 @@ fn models_past_the_fold_limits_run_too() {
 /// reference's.
 #[test]
 fn gemma_from_gguf_and_hugging_face_agree() {
+    gemma_pair_agrees(1.0);
+}
+
+/// The same with linear RoPE scaling of factor 8 (GGUF `rope.scaling.*`, HF `rope_scaling`).
+#[test]
+fn gemma_from_gguf_and_hugging_face_agree_with_linear_rope_scaling() {
+    gemma_pair_agrees(8.0);
+}
+
+fn gemma_pair_agrees(rope_factor: f64) {
     let Some(devs) = devices() else { return };
     let gpu = &devs[0].1;
     let gguf_case = Case {
         gemma: true,
         layers: 6,
+        rope_factor,
         formats: vec![WeightFormat::F32],
         ..issue_case(Src::Gguf { qkv_bias: false }, 3, devs[0].0)
     };

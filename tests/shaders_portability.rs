@@ -282,3 +282,165 @@ fn only_common_quant_wgsl_decodes_blocks() {
         failures.join("\n")
     );
 }
+
+/// Loops whose step is a runtime value, each with why it is non-zero (file, step).
+const NONZERO_RUNTIME_STEPS: [(&str, &str); 1] = [
+    // `for (var i = kg; i < nk; i += n_kg)` runs only inside `if (kg < n_kg)`: n_kg > kg >= 0.
+    ("attention.wgsl", "n_kg"),
+];
+
+/// Whether `toks[i..]` starts an assignment to the variable at `toks[i]` (`v = `, `v += `,
+/// `v++`, `v >>= `, ...), as opposed to a use or a comparison (`v == `, `v <= `, `v >> 1u`).
+fn assigns(toks: &[String], i: usize) -> bool {
+    let at = |k: usize| toks.get(i + k).map(String::as_str).unwrap_or("");
+    match at(1) {
+        "=" => at(2) != "=",
+        "+" | "-" => at(2) == "=" || at(2) == at(1),
+        "*" | "/" | "%" | "&" | "|" | "^" => at(2) == "=",
+        "<" | ">" => at(2) == at(1) && at(3) == "=",
+        _ => false,
+    }
+}
+
+/// The index of the token that closes the bracket opened at `toks[open]`.
+fn closing(toks: &[String], open: usize) -> Option<usize> {
+    let (o, c) = match toks[open].as_str() {
+        "(" => ("(", ")"),
+        "{" => ("{", "}"),
+        _ => return None,
+    };
+    let mut depth = 0usize;
+    for (k, t) in toks.iter().enumerate().skip(open) {
+        if t == o {
+            depth += 1;
+        } else if t == c {
+            depth -= 1;
+            if depth == 0 {
+                return Some(k);
+            }
+        }
+    }
+    None
+}
+
+/// Why the loop whose `for` is `toks[at]` may not terminate, if it may not: its header must be
+/// `for (var v = init; v < bound; step)` with the step `v++`, `v += s` or `v = v + s`, s a
+/// positive literal, an upper-case constant or override (their values are fixed positive numbers:
+/// `WG`, `TK`, `LANES`; the host sets matvec's `WG` override from 64/128/256), or a runtime value
+/// listed in NONZERO_RUNTIME_STEPS; or `for (var v = init; v > 0u; v = v >> 1u)`. Neither `v` nor
+/// an identifier of the bound may be assigned in the body. (The counts the bounds come from are
+/// element counts of bindings, far below 2^32 - step, so `v` cannot wrap past them.)
+fn unbounded_for(file: &str, toks: &[String], at: usize) -> Option<String> {
+    let open = at + 1;
+    let Some(close) = (open < toks.len()).then(|| closing(toks, open)).flatten() else {
+        return Some("a `for` without a bracketed header".into());
+    };
+    let head: Vec<&str> = toks[open + 1..close].iter().map(String::as_str).collect();
+    let text = head.join(" ");
+    let parts: Vec<&[&str]> = head.split(|t| *t == ";").collect();
+    let [init, cond, step] = parts[..] else {
+        return Some(format!("`for ({text})` is not `init; condition; step`"));
+    };
+    let [_, v, ..] = init else {
+        return Some(format!("`for ({text})` declares no loop variable"));
+    };
+    if init.first() != Some(&"var") {
+        return Some(format!("`for ({text})` declares no loop variable"));
+    }
+    let step_ok = |s: &[&str]| -> bool {
+        let positive = |t: &str| {
+            t.trim_end_matches('u').parse::<u64>().is_ok_and(|n| n > 0)
+                || (t
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                    && t.starts_with(|c: char| c.is_ascii_uppercase()))
+                || NONZERO_RUNTIME_STEPS.contains(&(file, t))
+        };
+        match s {
+            [x, "+", "+"] => x == v,
+            [x, "+", "=", s] => x == v && positive(s),
+            [x, "=", y, "+", s] => x == v && y == v && positive(s),
+            _ => false,
+        }
+    };
+    let bound: Vec<&str> = match cond {
+        [x, "<", rest @ ..] if x == v && rest.first() != Some(&"=") && step_ok(step) => {
+            rest.to_vec()
+        }
+        [x, ">", "0u"]
+            if x == v && matches!(step, [a, "=", b, ">", ">", "1u"] if a == v && b == v) =>
+        {
+            Vec::new()
+        }
+        _ => return Some(format!("`for ({text})` is not of a form that always ends")),
+    };
+    // The body: the statement's braces.
+    let body_open = close + 1;
+    if toks.get(body_open).map(String::as_str) != Some("{") {
+        return Some(format!("`for ({text})` has no braced body"));
+    }
+    let Some(body_close) = closing(toks, body_open) else {
+        return Some(format!("`for ({text})` has an unclosed body"));
+    };
+    for k in body_open..body_close {
+        let t = toks[k].as_str();
+        let watched =
+            t == *v || (bound.contains(&t) && t.starts_with(|c: char| c.is_ascii_lowercase()));
+        // A member (`p.n`) is not the variable of that name.
+        if watched && toks[k - 1] != "." && assigns(toks, k) {
+            return Some(format!("`for ({text})` assigns `{t}` in its body"));
+        }
+    }
+    None
+}
+
+/// Every loop in `shaders/` ends by construction, which lets the shader modules be created without
+/// wgpu's loop bounding (`wgllm::gpu::shaders::create_module` says why that is sound). This
+/// fails on `loop` and `while` (whose ending no syntactic rule can show), and on every `for` that
+/// is not of the forms `unbounded_for` accepts.
+#[test]
+fn every_shader_loop_ends_by_construction() {
+    let mut failures = Vec::new();
+    let mut loops = 0;
+    for (path, src) in shader_files() {
+        let toks = tokens(&src);
+        for (i, t) in toks.iter().enumerate() {
+            match t.as_str() {
+                "loop" | "while" => failures.push(format!("shaders/{path}: `{t}`")),
+                "for" => {
+                    loops += 1;
+                    if let Some(why) = unbounded_for(&path, &toks, i) {
+                        failures.push(format!("shaders/{path}: {why}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(loops > 50, "found only {loops} loops: the scan is broken");
+    assert!(
+        failures.is_empty(),
+        "loops that may not end:\n{}",
+        failures.join("\n")
+    );
+    // The rule itself: what it must refuse.
+    for (src, why) in [
+        ("loop { x += 1u; }", "loop"),
+        ("while (x < n) { x += 1u; }", "while"),
+        ("for (var i = 0u; i < n; i += k) { }", "runtime step"),
+        ("for (var i = 0u; i <= n; i++) { }", "<= bound"),
+        ("for (var i = 0u; i < n; i++) { i = 0u; }", "variable reset"),
+        ("for (var i = 0u; i < n; i++) { n += 1u; }", "bound grows"),
+        ("for (var i = 0u; i < n; i += 0u) { }", "zero step"),
+        ("for (var i = n; i > 0u; i = i >> 2u) { }", "not a halving"),
+        ("for (var i = 0u; i != n; i++) { }", "!= bound"),
+    ] {
+        let toks = tokens(src);
+        let bad = toks.iter().any(|t| t == "loop" || t == "while")
+            || toks
+                .iter()
+                .position(|t| t == "for")
+                .is_some_and(|i| unbounded_for("test.wgsl", &toks, i).is_some());
+        assert!(bad, "the rule accepts a loop it must refuse ({why}): {src}");
+    }
+}

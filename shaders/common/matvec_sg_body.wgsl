@@ -16,7 +16,8 @@
 //
 // Each front file declares bindings 0 (`wq`) and 1 (`ws`) and defines how to read them (`row` is
 // a row of the binding, `p.row0` already added): common/quant.wgsl's `qword` and `qscales`,
-// `qword4` (data words i..i+3, which need not be texel-aligned), and
+// `qword4` (data words i..i+3, which need not be texel-aligned), `qgroup` (data words 4t..4t+3:
+// texel t), and
 //   fn weights(fmt: u32, row: u32, blk: u32) -> V8   the 32 weights of an f32/f16 block;
 //   fn block_scales(fmt: u32, row: u32, blk: u32, kept: u32) -> Scale   the scales of a block of
 //       Q8_0, Q4_0 or Q4_1 (common/quant.wgsl's qtuned formats).
@@ -268,10 +269,10 @@ fn row_block(fmt: u32, row: u32, blk: u32, kept: u32) -> RowSums {
     // Tuned formats: their quants, scaled below; other quantised formats: their weights.
     var w: V8;
     if (qtuned(fmt)) {
-        let w0 = qword4(fmt, row, qtuned_index(fmt, blk, 0u));
+        let w0 = qgroup(fmt, row, qtuned_group(fmt, blk, 0u));
         var w1 = vec4<u32>(0u);
         if (qblock_words(fmt) > 4u) {
-            w1 = qword4(fmt, row, qtuned_index(fmt, blk, 1u));
+            w1 = qgroup(fmt, row, qtuned_group(fmt, blk, 1u));
         }
         w = qquants_tuned(fmt, w0, w1);
     } else if (quantised(fmt)) {

@@ -292,13 +292,14 @@ fn q4_hi_in_place(w: u32) -> vec4<f32> {
     return vec4<f32>(vec4<u32>(w >> 4u) & vec4<u32>(0xfu, 0xf00u, 0xf0000u, 0xf000000u));
 }
 
-// The data words of block `blk` of a tuned format that the caller loads four at a time: Q8_0's
-// 8 (words 8 blk.. and 8 blk + 4..), Q4's 4 (words 4 blk..; the second group unused).
-fn qtuned_index(fmt: u32, blk: u32, half: u32) -> u32 {
-    return blk * qblock_words(fmt) + 4u * half;
+// The data words of block `blk` of a tuned format, as groups of four (words 4t..4t+3 of the row:
+// one texel): Q8_0's 8 are groups 2 blk and 2 blk + 1, Q4's 4 group blk (`half` 1 unused). Their
+// blocks are whole groups, so the caller loads them without the realignment of `qword4`.
+fn qtuned_group(fmt: u32, blk: u32, half: u32) -> u32 {
+    return blk * (qblock_words(fmt) / 4u) + half;
 }
 
-// The quants of block `blk` of a tuned format from its data words (qtuned_index): Q8_0's signed
+// The quants of block `blk` of a tuned format from its data words (qtuned_group): Q8_0's signed
 // bytes, Q4's nibbles in place (unsigned, times 256^i; x carries the inverse, qx_scale).
 fn qquants_tuned(fmt: u32, w0: vec4<u32>, w1: vec4<u32>) -> V8 {
     if (fmt == Q8_0) {

@@ -93,12 +93,7 @@ impl Gpu {
             count: None,
         });
         let kernel = scoped(&self.device, &format!("creating kernel {key}"), || {
-            let module = self
-                .device
-                .create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(shader),
-                    source: wgpu::ShaderSource::Wgsl(src.into()),
-                });
+            let module = shaders::create_module(&self.device, shader, src);
             let layout = self
                 .device
                 .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {

@@ -10,7 +10,8 @@
 pub mod kv_cache;
 
 pub use kv_cache::{
-    bytes_per_token, decode, encode, ring_slots, rope_store, store, KvCache, KvDtype, MAX_HEAD_DIM,
+    bytes_per_token, decode, encode, ring_slots, rope_store, rope_store_scaled, store, KvCache,
+    KvDtype, MAX_HEAD_DIM,
 };
 
 use crate::error::{Error, Result};

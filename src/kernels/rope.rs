@@ -4,6 +4,13 @@
 //! `freq_i = theta^(-2i / rot_dim)` ([`rope_freqs`]) or any other table ([`rope_with_freqs`], for
 //! scaled variants such as linear, NTK, YaRN or Llama-3 frequency factors).
 //!
+//! Linear scaling (Gemma 3's global layers, `rope_scaling: {"rope_type": "linear", "factor": f}`)
+//! turns pair `i` by `(pos / f) * freq_i`: [`linear_freqs`] gives the table `freq_i / f`, as
+//! Hugging Face divides its `inv_freq` and llama.cpp multiplies by `freq_scale = 1 / f`. The
+//! scale travels in the frequency table of the parameter block rather than as a factor on the
+//! position in the shader: the table is formed in f64, and positions stay the exact integers the
+//! shader's exact partial products need.
+//!
 //! Accuracy: frequencies are computed in f64 on the host and passed as `hi + lo` f32 pairs in the
 //! parameter block; the shader forms `pos * freq` in turns with exact partial products and drops
 //! whole turns exactly, so angles are good to ~1e-6 rad at every position below 2^24 (a plain f32
@@ -49,6 +56,22 @@ pub fn rope_freqs(theta: f64, rot_dim: usize) -> Vec<f64> {
     (0..rot_dim / 2)
         .map(|i| theta.powf(-2.0 * i as f64 / rot_dim as f64))
         .collect()
+}
+
+/// [`rope_freqs`] of `theta` with positions divided by `factor` (linear RoPE scaling; 1 is none):
+/// `theta^(-2i / rot_dim) / factor`, once `theta`, `factor` and `rot_dim` are checked.
+pub fn linear_freqs(theta: f32, factor: f32, rot_dim: usize) -> Result<Vec<f64>> {
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(Error::invalid(
+            "rope",
+            format!("the linear scaling factor must be finite and > 0, got {factor}"),
+        ));
+    }
+    let freqs = standard_freqs(theta, rot_dim)?;
+    if factor == 1.0 {
+        return Ok(freqs);
+    }
+    Ok(freqs.iter().map(|f| f / factor as f64).collect())
 }
 
 /// Rotates `x` (`[m, n_heads, head_dim]`) in place with the standard frequencies of `theta`.

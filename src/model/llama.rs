@@ -210,19 +210,6 @@ impl Llama {
             gguf: matches!(src, Source::Gguf(_) | Source::Synthetic { .. }),
             gemma: cfg.gemma.is_some(),
         };
-        if let Some(g) = &cfg.gemma {
-            // rope_store takes a base, not a position scale; no Gemma 3 checkpoint that scales
-            // has been run here yet.
-            if g.rope_scaling != 1.0 {
-                return Err(Error::invalid(
-                    "gemma3",
-                    format!(
-                        "linear RoPE scaling (factor {}) is not supported yet",
-                        g.rope_scaling
-                    ),
-                ));
-            }
-        }
         let rope_mode = if names.gguf && cfg.gemma.is_none() {
             RopeMode::Interleaved
         } else {
@@ -350,6 +337,7 @@ impl Llama {
             eps,
             scale: (1.0 / scale_by.sqrt()) as f32,
             rope_theta: self.rope_theta,
+            rope_factor: 1.0,
             rope_mode: self.rope_mode,
             rot_dim: self.rot_dim,
         };
@@ -370,8 +358,9 @@ impl Llama {
             layer
         };
         for (l, kv) in s.kv.iter().enumerate() {
-            if let Some((theta, _)) = cfg.layer_rope(l) {
+            if let Some((theta, factor)) = cfg.layer_rope(l) {
                 args.rope_theta = theta as f32;
+                args.rope_factor = factor as f32;
             }
             if let Some(lw) = layers.get(l) {
                 layer(&mut rec, &a, lw, kv, &args)?;
@@ -429,6 +418,8 @@ struct LayerArgs {
     /// Attention scale, 1/sqrt(head_dim).
     scale: f32,
     rope_theta: f32,
+    /// Linear RoPE scaling: positions divided by this (1: none; Gemma 3's global layers).
+    rope_factor: f32,
     rope_mode: RopeMode,
     rot_dim: usize,
 }
@@ -634,8 +625,10 @@ fn gemma_layer(
     // RMSNorm of every query and key head (rows of head_dim), then RoPE and the cache store
     norm::rms_norm(r, &a.q3, &q_norm, p.eps, qn3)?; // (m, nh, hd)
     norm::rms_norm(r, &a.k3, &k_norm, p.eps, kn3)?; // (m, nkv, hd)
-    let (theta, mode) = (p.rope_theta, p.rope_mode);
-    attention::rope_store(r, kv, qn3, kn3, &a.v3, p.pos0, theta, mode, p.rot_dim)?;
+    let (theta, factor, mode) = (p.rope_theta, p.rope_factor, p.rope_mode);
+    attention::rope_store_scaled(
+        r, kv, qn3, kn3, &a.v3, p.pos0, theta, factor, mode, p.rot_dim,
+    )?;
     attend(r, a, qn3, kv, p)?;
     matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)
                                                  // x2 = x + post_attn_norm(proj); the FFN's input is ffn_norm(x2)

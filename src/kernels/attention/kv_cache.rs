@@ -477,6 +477,24 @@ pub fn rope_store(
     mode: RopeMode,
     rot_dim: usize,
 ) -> Result<()> {
+    rope_store_scaled(rec, cache, q, k, v, pos0, theta, 1.0, mode, rot_dim)
+}
+
+/// [`rope_store`] with linear RoPE scaling: positions divided by `factor` (the frequencies of
+/// [`crate::kernels::rope::linear_freqs`]; 1 is none).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_store_scaled(
+    rec: &mut Recorder,
+    cache: &KvCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos0: usize,
+    theta: f32,
+    factor: f32,
+    mode: RopeMode,
+    rot_dim: usize,
+) -> Result<()> {
     let op = "rope + kv store";
     let m = k.shape.first().copied().unwrap_or(0);
     k.expect(op, &[m.max(1), cache.n_kv_heads, cache.head_dim])?;
@@ -484,7 +502,7 @@ pub fn rope_store(
     let n_heads = q.shape.get(1).copied().unwrap_or(0);
     q.expect(op, &[m.max(1), n_heads.max(1), cache.head_dim])?;
     check_positions(op, cache, pos0, m)?;
-    let freqs = crate::kernels::rope::standard_freqs(theta, rot_dim)?;
+    let freqs = crate::kernels::rope::linear_freqs(theta, factor, rot_dim)?;
     let pos0_u32 = to_u32(op, pos0)?;
     let table = crate::kernels::rope::table(op, &freqs, cache.head_dim, m, pos0_u32)?;
     let units = units_per_row(cache);
