@@ -271,7 +271,13 @@ fn malformed_steps_are_typed_errors() {
     );
     let err = m.decode_batch(gpu, &[row(0, 3), row(2, 16)]).unwrap_err();
     assert!(
-        matches!(err, Error::ContextFull { ctx: 16, needed: 17 }),
+        matches!(
+            err,
+            Error::ContextFull {
+                ctx: 16,
+                needed: 17
+            }
+        ),
         "{err}"
     );
     let bad_token = BatchRow {

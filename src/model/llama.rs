@@ -718,14 +718,14 @@ fn gemma_layer(
     norm::rms_norm(r, &a.k3, &k_norm, p.eps, kn3)?; // (m, nkv, hd)
     rope_attend(r, a, qn3, kn3, kvs, p)?;
     matmul::matmul_in(r, step, &lw.wo, &a.att, &a.proj)?; // (m, d)
-                                                 // x2 = x + post_attn_norm(proj); the FFN's input is ffn_norm(x2)
+                                                          // x2 = x + post_attn_norm(proj); the FFN's input is ffn_norm(x2)
     norm::rms_norm(r, &a.proj, &post_attn_norm, p.eps, &a.xb)?;
     norm::add_rms_norm(r, &a.x, &a.xb, &lw.ffn_norm, p.eps, &a.x2, &a.proj)?;
     let gate_up = [&lw.w_gate, &lw.w_up];
     matmul::matmul_fused_in(r, step, &gate_up, &a.proj, &[&a.gate, &a.up])?; // (m, ffn)
     activation::geglu_tanh(r, &a.gate, &a.up, &a.act)?;
     matmul::matmul_in(r, step, &lw.w_down, &a.act, &a.proj)?; // (m, d)
-                                                     // x = x2 + post_ffw_norm(proj)
+                                                              // x = x2 + post_ffw_norm(proj)
     norm::rms_norm(r, &a.proj, &post_ffn_norm, p.eps, &a.xb)?;
     elementwise::add(r, &a.x2, &a.xb, &a.x)?;
     Ok(())
@@ -863,8 +863,11 @@ impl RunState {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let folds = crate::kernels::matmul::single_token_folds(gpu);
-        let plan =
+        let mut plan =
             crate::plan::activations::llama_activation_plan_with(cfg, c, opts.all_logits, folds);
+        if opts.parallel > 1 {
+            crate::plan::activations::add_batch_buffers(&mut plan, cfg, batch_rows(opts));
+        }
         let acts = crate::model::planned::PlannedActivations::allocate(gpu, plan, "act")?;
         let role = |name: &str, shape: &[usize]| acts.role(name, shape);
         let gemma = cfg.gemma.is_some();
@@ -875,15 +878,7 @@ impl RunState {
         let n_logits = if opts.all_logits { c } else { 1 };
         let batch = if opts.parallel > 1 {
             let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
-            let t = |name: &str, shape: &[usize]| -> Result<Tensor> {
-                let n: usize = shape.iter().product();
-                let buf = gpu.alloc(
-                    &format!("batch.{name}"),
-                    crate::gpu::BufferClass::Activations,
-                    (n * 4) as u64,
-                )?;
-                Tensor { buf, shape: vec![n] }.view(shape)
-            };
+            let t = |name: &str, shape: &[usize]| acts.role(&format!("batch.{name}"), shape);
             Some(BatchBuffers {
                 logits: t("logits", &[batch_rows(opts), cfg.vocab_size])?,
                 row: RowViews {
