@@ -145,7 +145,7 @@ fn smollm2_decode_plan_matches_the_ledger() {
 /// with the typed budget error.
 #[test]
 fn smollm2_with_four_slots_matches_the_ledger() {
-    let Some((path, g, cfg)) = smollm2() else {
+    let Some((_, g, cfg)) = smollm2() else {
         return;
     };
     let (ctx, chunk, parallel) = (512, 32, 4);
