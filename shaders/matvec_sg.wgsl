@@ -63,7 +63,7 @@ fn f16x4(i: u32, last: u32) -> vec4<f32> {
     return vec4<f32>(qh_pair(word(i, last)), qh_pair(word(i + 1u, last)));
 }
 
-// The 32 weights of block `blk` of `row` in the order of V8; for quantised formats, the quants.
+// The 32 weights of f32/f16 block `blk` of `row` in the order of V8.
 fn weights(fmt: u32, row: u32, blk: u32) -> V8 {
     let start = row * row_words(fmt);
     let last = start + row_words(fmt) - 1u;
@@ -74,47 +74,26 @@ fn weights(fmt: u32, row: u32, blk: u32) -> V8 {
                   f32x4(i + 16u, last), f32x4(i + 20u, last),
                   f32x4(i + 24u, last), f32x4(i + 28u, last));
     }
-    if (fmt == F16) {
-        let i = start + 16u * blk;
-        return V8(f16x4(i, last), f16x4(i + 2u, last),
-                  f16x4(i + 4u, last), f16x4(i + 6u, last),
-                  f16x4(i + 8u, last), f16x4(i + 10u, last),
-                  f16x4(i + 12u, last), f16x4(i + 14u, last));
-    }
-    if (fmt == Q8_0) {
-        let i = start + 8u * blk;
-        return V8(q8_unpack(wq[i]), q8_unpack(wq[i + 1u]), q8_unpack(wq[i + 2u]),
-                  q8_unpack(wq[i + 3u]), q8_unpack(wq[i + 4u]), q8_unpack(wq[i + 5u]),
-                  q8_unpack(wq[i + 6u]), q8_unpack(wq[i + 7u]));
-    }
-    // Q4: word j holds weights 4j..4j+3 (low nibbles) and 16+4j..16+4j+3 (high nibbles).
-    let i = start + 4u * blk;
-    let w0 = wq[i];
-    let w1 = wq[i + 1u];
-    let w2 = wq[i + 2u];
-    let w3 = wq[i + 3u];
-    return V8(q4_lo_in_place(w0), q4_lo_in_place(w1), q4_lo_in_place(w2), q4_lo_in_place(w3),
-              q4_hi_in_place(w0), q4_hi_in_place(w1), q4_hi_in_place(w2), q4_hi_in_place(w3));
+    let i = start + 16u * blk;
+    return V8(f16x4(i, last), f16x4(i + 2u, last),
+              f16x4(i + 4u, last), f16x4(i + 6u, last),
+              f16x4(i + 8u, last), f16x4(i + 10u, last),
+              f16x4(i + 12u, last), f16x4(i + 14u, last));
 }
 
-// The word holding the f16 scale of block `g` = (row, blk) for Q8_0 and Q4_0, which keep two
-// scales in a word. When rows have an even number of blocks, blocks 2k and 2k + 1 of a row share a
-// word: the even block loads it and the odd one reuses it (`kept`), saving a tenth of Q4_0's loads.
-// (The conditions are uniform, and a load that no lane takes costs lavapipe no per-lane work.)
-fn scale_word(g: u32, blk: u32, kept: u32) -> u32 {
-    if (((p.cols / 32u) & 1u) == 0u && (blk & 1u) == 1u) {
+// The word holding the scales of block `g` = (row, blk). Q8_0 and Q4_0 keep two f16 scales in a
+// word: when rows have an even number of blocks, blocks 2k and 2k + 1 of a row share it, so the
+// even block loads it and the odd one reuses it (`kept`), saving a tenth of Q4_0's loads. (The
+// conditions are uniform, and a load that no lane takes costs lavapipe no per-lane work.)
+fn scale_word(fmt: u32, g: u32, blk: u32, kept: u32) -> u32 {
+    if (!qscale_pair(fmt) && ((p.cols / 32u) & 1u) == 0u && (blk & 1u) == 1u) {
         return kept;
     }
-    return ws[g >> 1u];
+    return ws[qscale_index(fmt, g)];
 }
 
-fn block_scale(row: u32, blk: u32, kept: u32) -> Scale {
+fn block_scales(fmt: u32, row: u32, blk: u32, kept: u32) -> Scale {
     let g = row * (p.cols / 32u) + blk;
-    let word = scale_word(g, blk, kept);
-    return Scale(qh_scale(word, g), word);
+    let word = scale_word(fmt, g, blk, kept);
+    return Scale(qscales_of(fmt, word, g), word);
 }
-
-fn q4_1_scales(row: u32, blk: u32) -> vec2<f32> {
-    return qh_pair(ws[row * (p.cols / 32u) + blk]);
-}
-

@@ -60,7 +60,7 @@ fn f16x8(t: vec4<u32>) -> H8 {
     return H8(vec4<f32>(qh_pair(t.x), qh_pair(t.y)), vec4<f32>(qh_pair(t.z), qh_pair(t.w)));
 }
 
-// The 32 weights of block `blk` of `row` in the order of V8; for quantised formats, the quants.
+// The 32 weights of f32/f16 block `blk` of `row` in the order of V8.
 fn weights(fmt: u32, row: u32, blk: u32) -> V8 {
     if (fmt == F32) {
         let i = 8u * blk;
@@ -69,32 +69,15 @@ fn weights(fmt: u32, row: u32, blk: u32) -> V8 {
                   bitcast<vec4<f32>>(texel(row, i + 4u)), bitcast<vec4<f32>>(texel(row, i + 5u)),
                   bitcast<vec4<f32>>(texel(row, i + 6u)), bitcast<vec4<f32>>(texel(row, i + 7u)));
     }
-    if (fmt == F16) {
-        let i = 4u * blk;
-        let h0 = f16x8(texel(row, i));
-        let h1 = f16x8(texel(row, i + 1u));
-        let h2 = f16x8(texel(row, i + 2u));
-        let h3 = f16x8(texel(row, i + 3u));
-        return V8(h0.lo, h0.hi, h1.lo, h1.hi, h2.lo, h2.hi, h3.lo, h3.hi);
-    }
-    if (fmt == Q8_0) {
-        let a = texel(row, 2u * blk);
-        let b = texel(row, 2u * blk + 1u);
-        return V8(q8_unpack(a.x), q8_unpack(a.y), q8_unpack(a.z), q8_unpack(a.w),
-                  q8_unpack(b.x), q8_unpack(b.y), q8_unpack(b.z), q8_unpack(b.w));
-    }
-    // Q4: word j holds weights 4j..4j+3 (low nibbles) and 16+4j..16+4j+3 (high nibbles).
-    let t = texel(row, blk);
-    return V8(q4_lo_in_place(t.x), q4_lo_in_place(t.y), q4_lo_in_place(t.z), q4_lo_in_place(t.w),
-              q4_hi_in_place(t.x), q4_hi_in_place(t.y), q4_hi_in_place(t.z), q4_hi_in_place(t.w));
+    let i = 4u * blk;
+    let h0 = f16x8(texel(row, i));
+    let h1 = f16x8(texel(row, i + 1u));
+    let h2 = f16x8(texel(row, i + 2u));
+    let h3 = f16x8(texel(row, i + 3u));
+    return V8(h0.lo, h0.hi, h1.lo, h1.hi, h2.lo, h2.hi, h3.lo, h3.hi);
 }
 
 // One fetch a block: textures keep no pairs, so `kept` is unused.
-fn block_scale(row: u32, blk: u32, kept: u32) -> Scale {
-    let h = textureLoad(ws, vec2<u32>(blk, row), 0).x;
-    return Scale(unpack2x16float(h).x, 0u);
-}
-
-fn q4_1_scales(row: u32, blk: u32) -> vec2<f32> {
-    return qh_pair(textureLoad(ws, vec2<u32>(blk, row), 0).x);
+fn block_scales(fmt: u32, row: u32, blk: u32, kept: u32) -> Scale {
+    return Scale(qscales(fmt, row, blk), 0u);
 }

@@ -15,6 +15,7 @@ pub mod plan;
 pub mod quant;
 pub mod sampler;
 pub mod selftest;
+pub mod serve;
 pub mod stats;
 pub mod tokenizer;
 

@@ -46,6 +46,10 @@ enum Cmd {
     /// Run a model for some tokens and print planned against measured bytes per class, the peak,
     /// and GPU time per op from timestamp queries.
     Profile(cli::profile::Args),
+    /// An OpenAI-compatible HTTP server (chat, completions, embeddings) with continuous batching.
+    Serve(cli::serve::Args),
+    /// Chat with a model in the terminal: multi-turn, streamed, the cache kept across turns.
+    Chat(cli::chat::Args),
     /// Benchmarks: `bench kernels` times the matrix kernels per precision, `bench model` a model.
     Bench(cli::bench::Args),
 }
@@ -70,6 +74,8 @@ fn main() -> ExitCode {
         },
         Cmd::Profile(a) => cli::profile::run(a, &global),
         Cmd::Bench(a) => cli::bench::run(a, &global),
+        Cmd::Serve(a) => cli::serve::run(a, &global),
+        Cmd::Chat(a) => cli::chat::run(a, &global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

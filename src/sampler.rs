@@ -1,5 +1,6 @@
-//! Choosing the next token from logits: greedy, temperature, top-k, top-p and repetition penalty,
-//! with a seeded generator so runs repeat. Flag names follow llama.cpp (`--temp 0` is greedy).
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty and
+//! OpenAI's presence and frequency penalties, with a seeded generator so runs repeat. Flag names
+//! follow llama.cpp (`--temp 0` is greedy). Also the log-probabilities the server reports.
 
 use rand::{Rng, SeedableRng};
 
@@ -15,6 +16,12 @@ pub struct SamplerConfig {
     /// 1.0 disables the penalty; >1 discourages tokens seen in the last `repeat_last_n` tokens.
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
+    /// OpenAI's `presence_penalty` (0 disables): subtracted once from the logit of every token
+    /// already generated ([`Sampler::with_prompt_len`] says where generation began).
+    pub presence_penalty: f32,
+    /// OpenAI's `frequency_penalty` (0 disables): subtracted from a token's logit once per time
+    /// it was generated.
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -27,6 +34,8 @@ impl Default for SamplerConfig {
             top_p: 0.95,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -36,12 +45,25 @@ impl Default for SamplerConfig {
 pub struct Sampler {
     pub config: SamplerConfig,
     rng: rand::rngs::StdRng,
+    /// Tokens of the history before generation began (the prompt); the presence and frequency
+    /// penalties count only what follows, as OpenAI defines them.
+    prompt_len: usize,
 }
 
 impl Sampler {
     pub fn new(config: SamplerConfig) -> Self {
         let rng = rand::rngs::StdRng::seed_from_u64(config.seed);
-        Sampler { config, rng }
+        Sampler {
+            config,
+            rng,
+            prompt_len: 0,
+        }
+    }
+
+    /// The first `prompt_len` tokens of every history are the prompt.
+    pub fn with_prompt_len(mut self, prompt_len: usize) -> Self {
+        self.prompt_len = prompt_len;
+        self
     }
 
     /// Picks the next token given the logits and the tokens so far.
@@ -61,6 +83,18 @@ impl Sampler {
                             *v * c.repeat_penalty
                         };
                     }
+                }
+            }
+        }
+        if c.presence_penalty != 0.0 || c.frequency_penalty != 0.0 {
+            // OpenAI: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty.
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in history.get(self.prompt_len..).unwrap_or(&[]) {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(v) = l.get_mut(t as usize) {
+                    *v -= n as f32 * c.frequency_penalty + c.presence_penalty;
                 }
             }
         }
@@ -118,6 +152,29 @@ pub fn argmax(l: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// The log-probability of `token` under `logits` (their log-softmax, the model's own distribution
+/// before any sampling setting), and the `top` most likely tokens with theirs, most likely first.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let norm = crate::model::generate::log_sum_exp(logits);
+    let lp = |i: usize| (logits[i] as f64 - norm) as f32;
+    let chosen = if (token as usize) < logits.len() {
+        lp(token as usize)
+    } else {
+        f32::NEG_INFINITY
+    };
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let top = top.min(idx.len());
+    if top > 0 {
+        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        idx.select_nth_unstable_by(top - 1, by_logit);
+        idx.truncate(top);
+        idx.sort_unstable_by(by_logit);
+    } else {
+        idx.clear();
+    }
+    (chosen, idx.into_iter().map(|i| (i as u32, lp(i))).collect())
 }
 
 #[cfg(test)]
@@ -181,5 +238,34 @@ mod tests {
         });
         assert_eq!(s.sample(&[2.0, 1.5], &[0]), 1);
         assert_eq!(s.sample(&[2.0, 1.5], &[]), 0);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_only_generated_tokens() {
+        let cfg = SamplerConfig {
+            temperature: 0.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.4,
+            ..Default::default()
+        };
+        // Token 0 is ahead by 1.0; generated twice it loses 0.5 + 2 * 0.4 = 1.3.
+        let mut s = Sampler::new(cfg.clone()).with_prompt_len(1);
+        assert_eq!(s.sample(&[2.0, 1.0], &[1, 0, 0]), 1);
+        // Generated once it loses 0.9 and stays ahead.
+        assert_eq!(s.sample(&[2.0, 1.0], &[1, 0]), 0);
+        // In the prompt only, it is not penalised.
+        let mut s = Sampler::new(cfg).with_prompt_len(3);
+        assert_eq!(s.sample(&[2.0, 1.0], &[0, 0, 0]), 0);
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax() {
+        let l = [1.0f32, 3.0, 2.0];
+        let z: f64 = l.iter().map(|&v| (v as f64).exp()).sum();
+        let (lp, top) = logprobs(&l, 2, 2);
+        assert!((lp as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((top[0].1 as f64 - (3.0 - z.ln())).abs() < 1e-6);
+        assert!(logprobs(&l, 0, 0).1.is_empty());
     }
 }

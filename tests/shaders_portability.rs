@@ -100,3 +100,185 @@ fn the_registry_holds_every_file_in_shaders_dir() {
         assert!(SHADERS.iter().any(|(s, _)| s == n), "{n}.wgsl not embedded");
     }
 }
+
+/// The shader files on disk under `shaders/` (subfolders included), as (path relative to
+/// `shaders/`, source).
+fn shader_files() -> Vec<(String, String)> {
+    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<(String, String)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else if path.extension().is_some_and(|x| x == "wgsl") {
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                out.push((rel, std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders"));
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+/// WGSL without its `//` comments, as tokens: identifiers and literals (`[A-Za-z0-9_.]+`) and
+/// single punctuation characters.
+fn tokens(src: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in src.lines() {
+        let code = line.split("//").next().unwrap_or("");
+        let mut word = String::new();
+        for ch in code.chars() {
+            if ch.is_ascii_alphanumeric() || ch == '_' || ch == '.' {
+                word.push(ch);
+                continue;
+            }
+            if !word.is_empty() {
+                out.push(std::mem::take(&mut word));
+            }
+            if !ch.is_whitespace() {
+                out.push(ch.to_string());
+            }
+        }
+        if !word.is_empty() {
+            out.push(word);
+        }
+    }
+    out
+}
+
+/// The value of an integer literal (`15u`, `0xf00u`, `63`), if the token is one.
+fn int_literal(t: &str) -> Option<u64> {
+    let t = t.trim_end_matches(['u', 'i']);
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+/// A mask that takes a quant field out of a word: 4, 6 or 8 contiguous one bits (a nibble, a
+/// K-quant 6-bit scale, a byte), anywhere in the word (`15u`, `0xf00u`, `63u`, `0xff0000u`).
+fn quant_field_mask(v: u64) -> bool {
+    v != 0 && {
+        let run = v >> v.trailing_zeros();
+        run == 0xf || run == 0x3f || run == 0xff
+    }
+}
+
+/// The block-decode code in a shader's tokens: each finding as a short description.
+fn block_decode_findings(toks: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, t) in toks.iter().enumerate() {
+        if QUANT_PRIMITIVES.contains(&t.as_str()) || FIELD_BUILTINS.contains(&t.as_str()) {
+            found.push(format!("`{t}`"));
+        }
+        // A bitwise AND (not `&&`) whose right operand is a field mask, bare or as a vector
+        // constructor's argument (`w & 15u`, `v & vec4<u32>(0xfu, 0xf00u, ...)`).
+        let and =
+            t == "&" && toks.get(i + 1).is_none_or(|n| n != "&") && (i == 0 || toks[i - 1] != "&");
+        if and {
+            let rest = toks[i + 1..]
+                .iter()
+                .skip_while(|n| matches!(n.as_str(), "(" | "<" | ">" | "u32" | "i32"))
+                .skip_while(|n| n.starts_with("vec"))
+                .skip_while(|n| matches!(n.as_str(), "(" | "<" | ">" | "u32" | "i32"));
+            if let Some(m) = rest
+                .take(1)
+                .find(|n| int_literal(n).is_some_and(quant_field_mask))
+            {
+                found.push(format!("`& {m}`"));
+            }
+        }
+    }
+    found
+}
+
+/// The bit-level primitives of common/quant.wgsl's block decode (nibble, byte and 6-bit scale
+/// extraction, packed f16 scale halves, the in-place nibble scaling); its API (`qunit_head`,
+/// `qunit4`, `qdecode4`, `qunit_words`, `qquants_tuned`, `qfold`, `qscales_of`, ...) says where
+/// the words are and is for every kernel to call.
+const QUANT_PRIMITIVES: [&str; 11] = [
+    "q8_unpack",
+    "q4_lo",
+    "q4_hi",
+    "q4_lo_u",
+    "q4_hi_u",
+    "q4_lo_in_place",
+    "q4_hi_in_place",
+    "qh_scale",
+    "qbyte",
+    "k4_scale_min",
+    "NIBBLE_SCALE",
+];
+
+/// WGSL's bit-field builtins, which a decode would use instead of a shift and a mask.
+const FIELD_BUILTINS: [&str; 6] = [
+    "extractBits",
+    "insertBits",
+    "unpack4xI8",
+    "unpack4xU8",
+    "unpack4x8snorm",
+    "unpack4x8unorm",
+];
+
+/// The KV cache's q8_0 rows (scales first, then the quants: common/kv_store_body.wgsl writes them,
+/// common/attention_io.wgsl reads them) are the cache's own layout, not a weight block: no weight
+/// reaches them.
+const KV_CACHE_FILES: [&str; 2] = ["common/attention_io.wgsl", "common/kv_store_body.wgsl"];
+
+/// Every weight format's block decode is written once, in common/quant.wgsl, and every kernel
+/// reads its weights through it. This fails when another shader file decodes block bits itself,
+/// by either of two signs: it names one of quant.wgsl's bit-level primitives (a kernel that
+/// re-implements one, or calls one to decode on its own, as the subgroup matvec's Q8_0/Q4 path
+/// used to), or it masks a quant field out of a word (an AND with a run of 4, 6 or 8 one bits, or
+/// a bit-field builtin). Masks are what any decode needs whatever its helpers are called, and
+/// nothing else in the kernels ANDs with such runs (parities, `& 7u` lane splits, RoPE's 12-bit
+/// split are other widths). Both signs are checked to fire on quant.wgsl itself, so a rename there
+/// cannot make this test pass vacuously.
+#[test]
+fn only_common_quant_wgsl_decodes_blocks() {
+    let files = shader_files();
+    let quant = files
+        .iter()
+        .find(|(p, _)| p == "common/quant.wgsl")
+        .expect("shaders/common/quant.wgsl exists");
+    let quant_toks = tokens(&quant.1);
+    for name in QUANT_PRIMITIVES {
+        assert!(
+            quant_toks.iter().any(|t| t == name),
+            "common/quant.wgsl no longer defines `{name}`: update QUANT_PRIMITIVES"
+        );
+    }
+    let masks = block_decode_findings(&quant_toks)
+        .iter()
+        .filter(|f| f.starts_with("`&"))
+        .count();
+    assert!(
+        masks >= 5,
+        "the field-mask rule finds only {masks} masks in common/quant.wgsl's decode"
+    );
+    let mut failures = Vec::new();
+    for (path, src) in &files {
+        if path == "common/quant.wgsl" {
+            continue;
+        }
+        let toks = tokens(src);
+        let found: Vec<String> = block_decode_findings(&toks)
+            .into_iter()
+            .filter(|f| !(KV_CACHE_FILES.contains(&path.as_str()) && f.starts_with("`&")))
+            .collect();
+        if !found.is_empty() {
+            failures.push(format!("shaders/{path}: {}", found.join(", ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "block decode outside shaders/common/quant.wgsl (move it there):\n{}",
+        failures.join("\n")
+    );
+}

@@ -15,13 +15,14 @@
 // output slots, XFN = 0 binds x as x2, RES = 0 binds x as res.
 //
 // Each front file declares bindings 0 (`wq`) and 1 (`ws`) and defines how to read them (`row` is
-// a row of the binding, `p.row0` already added): common/quant.wgsl's `qword` and `qscales` (the
-// block decode of the formats without a folded offset, Q5_0 on, reads through them), `qword4`
-// (data words i..i+3, which need not be texel-aligned), and
-//   fn weights(fmt: u32, row: u32, blk: u32) -> V8   the 32 weights (or quants) of a block;
-//   fn q4_1_scales(row: u32, blk: u32) -> vec2<f32>  Q4_1's d and m of a block;
-//   fn block_scale(row: u32, blk: u32, kept: u32) -> Scale   Q8_0/Q4_0's d of a block.
-// The design is described in matvec_sg.wgsl.
+// a row of the binding, `p.row0` already added): common/quant.wgsl's `qword` and `qscales`,
+// `qword4` (data words i..i+3, which need not be texel-aligned), and
+//   fn weights(fmt: u32, row: u32, blk: u32) -> V8   the 32 weights of an f32/f16 block;
+//   fn block_scales(fmt: u32, row: u32, blk: u32, kept: u32) -> Scale   the scales of a block of
+//       Q8_0, Q4_0 or Q4_1 (common/quant.wgsl's qtuned formats).
+// Every quantised block is decoded by common/quant.wgsl: Q8_0/Q4_0/Q4_1 by its tuned form (quants
+// only, the scales folded in per block: qquants_tuned, qfold), the other formats unit by unit
+// (qunit_head, qdecode4). The design is described in matvec_sg.wgsl.
 
 // #include "common/quant.wgsl"
 struct Params {
@@ -74,7 +75,7 @@ struct Acc {
 }
 
 // Per row of the invocation, the word of two f16 block scales (Q8_0, Q4_0) that an even block
-// loaded for the odd one after it.
+// loaded for the odd one after it (see the buffer front's block_scales).
 struct Scales {
     r0: u32, r1: u32, r2: u32, r3: u32, r4: u32, r5: u32, r6: u32, r7: u32,
     r8: u32, r9: u32, r10: u32, r11: u32, r12: u32, r13: u32, r14: u32, r15: u32,
@@ -159,13 +160,8 @@ fn norm_scales() -> T8 {
     return T8(lo, vec4<f32>(1.0));
 }
 
-// Q4 nibbles are taken out of a word in place (see q4_lo_in_place), as q * 256^i for byte i, so
-// x is scaled by 256^-i once per block instead of every weight being shifted down. Powers of two:
-// the products are exactly those of the unscaled values.
-const NIBBLE_SCALE = vec4<f32>(1.0, 1.0 / 256.0, 1.0 / 65536.0, 1.0 / 16777216.0);
-
-// One token's x of a block, spread to every lane, and its sum (Q4 formats only, which fold their
-// offset into it).
+// One token's x of a block, spread to every lane, scaled as the format's tuned decode needs
+// (common/quant.wgsl's qx_scale), and its sum (the formats that fold an offset into it).
 struct XB {
     v: V8,
     sum: f32,
@@ -176,9 +172,9 @@ fn x_block(fmt: u32, tok: u32, blk: u32, lane: u32) -> XB {
     // Uniform: tokens past the end of a partial token group load nothing and stay zero.
     if (tok < p.m) {
         let v = x4(tok, blk, lane);
-        if (fmt == Q4_0 || fmt == Q4_1) {
+        if (qfolds_xsum(fmt)) {
             r.sum = subgroupAdd(dot(v, vec4<f32>(1.0)));
-            r.v = spread(v * NIBBLE_SCALE);
+            r.v = spread(v * qx_scale(fmt));
         } else {
             r.v = spread(v);
         }
@@ -228,27 +224,15 @@ fn load_x(fmt: u32, tok0: u32, blk: u32, lane: u32) {
     }
 }
 
-// The low nibbles of a Q4 word (weights 4j..4j+3 of data word j) in place: nibble i as q * 256^i.
-// One AND and a conversion per weight, where shifting each down costs a shift more.
-fn q4_lo_in_place(w: u32) -> vec4<f32> {
-    return vec4<f32>(vec4<u32>(w) & vec4<u32>(0xfu, 0xf00u, 0xf0000u, 0xf000000u));
-}
-
-// The high nibbles (weights 16+4j..16+4j+3), shifted down by 4 first so that the top one stays
-// below 2^31 (a signed conversion).
-fn q4_hi_in_place(w: u32) -> vec4<f32> {
-    return vec4<f32>(vec4<u32>(w >> 4u) & vec4<u32>(0xfu, 0xf00u, 0xf0000u, 0xf000000u));
-}
-
 fn dot8(w: V8, v: V8) -> f32 {
     return dot(w.a0, v.a0) + dot(w.a1, v.a1) + dot(w.a2, v.a2) + dot(w.a3, v.a3)
          + dot(w.a4, v.a4) + dot(w.a5, v.a5) + dot(w.a6, v.a6) + dot(w.a7, v.a7);
 }
 
-// The f16 scale `d` of a Q8_0/Q4_0 block, and the word it came from (for `kept`; see the front
-// files' block_scale).
+// A tuned block's scales (qscales_of: (d, m) for Q4_1, (d, 0) for Q8_0/Q4_0), and the word they
+// came from (for `kept`; see the front files' block_scales).
 struct Scale {
-    d: f32,
+    dm: vec2<f32>,
     word: u32,
 }
 
@@ -258,12 +242,12 @@ struct RowSums {
     word: u32,
 }
 
-// The 32 weights of 32-weight unit u of `row`, dequantised by common/quant.wgsl's qdecode4. A
-// K-quant unit's eight main words (and eight high-bit words) are consecutive, so they are read
-// four at a time through the front's `qword4` (a texture: two texel fetches, not four).
+// The 32 weights of 32-weight unit u of `row`, dequantised by common/quant.wgsl. A K-quant
+// unit's eight main words (and eight high-bit words) are consecutive, so they are read four at a
+// time through the front's `qword4` (a texture: two texel fetches, not four).
 fn qunit(fmt: u32, row: u32, u: u32) -> V8 {
     let h = qunit_head(fmt, row, u);
-    if (fmt >= Q4_K) {
+    if (qblock_len(fmt) > 32u) {
         let m0 = qword4(fmt, row, qmain_index(fmt, h, 0u));
         let m1 = qword4(fmt, row, qmain_index(fmt, h, 4u));
         var a0 = vec4<u32>(0u);
@@ -272,10 +256,7 @@ fn qunit(fmt: u32, row: u32, u: u32) -> V8 {
             a0 = qword4(fmt, row, qaux_index(fmt, h, 0u));
             a1 = qword4(fmt, row, qaux_index(fmt, h, 4u));
         }
-        return V8(qdecode4(fmt, h, 0u, m0.x, a0.x), qdecode4(fmt, h, 1u, m0.y, a0.y),
-                  qdecode4(fmt, h, 2u, m0.z, a0.z), qdecode4(fmt, h, 3u, m0.w, a0.w),
-                  qdecode4(fmt, h, 4u, m1.x, a1.x), qdecode4(fmt, h, 5u, m1.y, a1.y),
-                  qdecode4(fmt, h, 6u, m1.z, a1.z), qdecode4(fmt, h, 7u, m1.w, a1.w));
+        return qunit_words(fmt, h, m0, m1, a0, a1);
     }
     return V8(qunit4(fmt, row, h, 0u), qunit4(fmt, row, h, 1u), qunit4(fmt, row, h, 2u),
               qunit4(fmt, row, h, 3u), qunit4(fmt, row, h, 4u), qunit4(fmt, row, h, 5u),
@@ -284,9 +265,16 @@ fn qunit(fmt: u32, row: u32, u: u32) -> V8 {
 
 // One row's sums over block `blk` for the TOK tokens.
 fn row_block(fmt: u32, row: u32, blk: u32, kept: u32) -> RowSums {
-    // Q5_0 on: weights dequantised by the shared block decode, so no scale step below.
+    // Tuned formats: their quants, scaled below; other quantised formats: their weights.
     var w: V8;
-    if (fmt >= Q5_0) {
+    if (qtuned(fmt)) {
+        let w0 = qword4(fmt, row, qtuned_index(fmt, blk, 0u));
+        var w1 = vec4<u32>(0u);
+        if (qblock_words(fmt) > 4u) {
+            w1 = qword4(fmt, row, qtuned_index(fmt, blk, 1u));
+        }
+        w = qquants_tuned(fmt, w0, w1);
+    } else if (quantised(fmt)) {
         w = qunit(fmt, row, blk);
     } else {
         w = weights(fmt, row, blk);
@@ -300,21 +288,13 @@ fn row_block(fmt: u32, row: u32, blk: u32, kept: u32) -> RowSums {
     if (TOK > 5u) { s.hi.y = dot8(w, xt.t5); }
     if (TOK > 6u) { s.hi.z = dot8(w, xt.t6); }
     if (TOK > 7u) { s.hi.w = dot8(w, xt.t7); }
-    if (!quantised(fmt) || fmt >= Q5_0) {
+    if (!qtuned(fmt)) {
         return RowSums(s, 0u);
     }
-    if (fmt == Q4_1) {
-        // sum (d q + m) x = d * sum q x + m * sum x.
-        let dm = q4_1_scales(row, blk);
-        return RowSums(T8(dm.x * s.lo + dm.y * xt.sum.lo, dm.x * s.hi + dm.y * xt.sum.hi), 0u);
-    }
-    let sc = block_scale(row, blk, kept);
-    let d = sc.d;
-    if (fmt == Q8_0) {
-        return RowSums(T8(d * s.lo, d * s.hi), sc.word);
-    }
-    // Q4_0: d * sum (q - 8) x = d * (sum q x - 8 sum x), the -8 one term per block.
-    return RowSums(T8(d * (s.lo - 8.0 * xt.sum.lo), d * (s.hi - 8.0 * xt.sum.hi)), sc.word);
+    // The block's scales and offset, once per block and token.
+    let sc = block_scales(fmt, row, blk, kept);
+    return RowSums(T8(qfold(fmt, sc.dm, s.lo, xt.sum.lo), qfold(fmt, sc.dm, s.hi, xt.sum.hi)),
+                   sc.word);
 }
 
 fn add(a: T8, b: T8) -> T8 {

@@ -244,3 +244,80 @@ fn qunit4(fmt: u32, row: u32, h: QUnit, i: u32) -> vec4<f32> {
     }
     return qdecode4(fmt, h, i, w, a);
 }
+
+// The 32 weights of a unit from the words it reads, loaded by the caller four at a time: main
+// words m0 (i = 0..3) and m1 (i = 4..7), high-bit words a0 and a1 (zero where !qhas_aux). Meant
+// for the formats whose unit reads eight consecutive main words and eight consecutive high-bit
+// words (the K-quants: a texture serves four words with one fetch).
+fn qunit_words(fmt: u32, h: QUnit, m0: vec4<u32>, m1: vec4<u32>, a0: vec4<u32>, a1: vec4<u32>) -> V8 {
+    return V8(qdecode4(fmt, h, 0u, m0.x, a0.x), qdecode4(fmt, h, 1u, m0.y, a0.y),
+              qdecode4(fmt, h, 2u, m0.z, a0.z), qdecode4(fmt, h, 3u, m0.w, a0.w),
+              qdecode4(fmt, h, 4u, m1.x, a1.x), qdecode4(fmt, h, 5u, m1.y, a1.y),
+              qdecode4(fmt, h, 6u, m1.z, a1.z), qdecode4(fmt, h, 7u, m1.w, a1.w));
+}
+
+// The tuned decode of the subgroup matvec for Q8_0, Q4_0 and Q4_1: a block's quants are taken
+// out without their scale and offset, the dot products with x are summed, and `qfold` applies the
+// block's d (and m, and Q4_0's -8) once per block and token instead of once per weight.
+fn qtuned(fmt: u32) -> bool {
+    return fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_1;
+}
+
+// The tuned formats that fold an offset into the block's sum of x (Q4_0's -8, Q4_1's m), and so
+// take their nibbles in place (below): the caller sums x over the block and scales it by
+// `qx_scale`.
+fn qfolds_xsum(fmt: u32) -> bool {
+    return fmt == Q4_0 || fmt == Q4_1;
+}
+
+// Q4 nibbles are taken out of a word in place (q4_lo_in_place), as q * 256^i for byte i, so x is
+// scaled by 256^-i once per block instead of every weight being shifted down. Powers of two: the
+// products are exactly those of the unscaled values.
+const NIBBLE_SCALE = vec4<f32>(1.0, 1.0 / 256.0, 1.0 / 65536.0, 1.0 / 16777216.0);
+
+// What a tuned format's x is multiplied by, lane j of each vec4 of the block (see NIBBLE_SCALE).
+fn qx_scale(fmt: u32) -> vec4<f32> {
+    return select(vec4<f32>(1.0), NIBBLE_SCALE, qfolds_xsum(fmt));
+}
+
+// The low nibbles of a Q4 word (weights 4j..4j+3 of data word j) in place: nibble i as q * 256^i.
+// One AND and a conversion per weight, where shifting each down costs a shift more.
+fn q4_lo_in_place(w: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(w) & vec4<u32>(0xfu, 0xf00u, 0xf0000u, 0xf000000u));
+}
+
+// The high nibbles (weights 16+4j..16+4j+3), shifted down by 4 first so that the top one stays
+// below 2^31 (a signed conversion).
+fn q4_hi_in_place(w: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(w >> 4u) & vec4<u32>(0xfu, 0xf00u, 0xf0000u, 0xf000000u));
+}
+
+// The data words of block `blk` of a tuned format that the caller loads four at a time: Q8_0's
+// 8 (words 8 blk.. and 8 blk + 4..), Q4's 4 (words 4 blk..; the second group unused).
+fn qtuned_index(fmt: u32, blk: u32, half: u32) -> u32 {
+    return blk * qblock_words(fmt) + 4u * half;
+}
+
+// The quants of block `blk` of a tuned format from its data words (qtuned_index): Q8_0's signed
+// bytes, Q4's nibbles in place (unsigned, times 256^i; x carries the inverse, qx_scale).
+fn qquants_tuned(fmt: u32, w0: vec4<u32>, w1: vec4<u32>) -> V8 {
+    if (fmt == Q8_0) {
+        return V8(q8_unpack(w0.x), q8_unpack(w0.y), q8_unpack(w0.z), q8_unpack(w0.w),
+                  q8_unpack(w1.x), q8_unpack(w1.y), q8_unpack(w1.z), q8_unpack(w1.w));
+    }
+    // Q4: word j holds weights 4j..4j+3 (low nibbles) and 16+4j..16+4j+3 (high nibbles).
+    return V8(q4_lo_in_place(w0.x), q4_lo_in_place(w0.y), q4_lo_in_place(w0.z),
+              q4_lo_in_place(w0.w), q4_hi_in_place(w0.x), q4_hi_in_place(w0.y),
+              q4_hi_in_place(w0.z), q4_hi_in_place(w0.w));
+}
+
+// A tuned block's sums of products for several tokens: from s = sum q x (the quants of
+// qquants_tuned) and xsum = sum x (qfolds_xsum formats) to sum w x, with the block's scales dm
+// (qscales_of). Q8_0: d s; Q4_0: d (s - 8 xsum); Q4_1: d s + m xsum.
+fn qfold(fmt: u32, dm: vec2<f32>, s: vec4<f32>, xsum: vec4<f32>) -> vec4<f32> {
+    switch fmt {
+        case Q4_0: { return dm.x * (s - 8.0 * xsum); }
+        case Q4_1: { return dm.x * s + dm.y * xsum; }
+        default: { return dm.x * s; } // Q8_0
+    }
+}

@@ -3,6 +3,7 @@
 //! sampling flags, and how an error reaches the user.
 
 pub(crate) mod bench;
+pub(crate) mod chat;
 pub(crate) mod devices;
 pub(crate) mod embed;
 pub(crate) mod load;
@@ -13,6 +14,7 @@ pub(crate) mod plan;
 pub(crate) mod profile;
 pub(crate) mod run;
 pub(crate) mod selftest;
+pub(crate) mod serve;
 pub(crate) mod tokenize;
 
 use anyhow::{Context, Result};

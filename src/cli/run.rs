@@ -60,6 +60,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
         repeat_penalty: s.repeat_penalty,
         repeat_last_n: s.repeat_last_n,
         seed,
+        ..Default::default()
     });
     print!("{text}");
     std::io::stdout().flush()?;

