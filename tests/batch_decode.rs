@@ -177,8 +177,8 @@ fn smollm2_batched_logits_equal_each_sequence_alone() {
     let load = |parallel: usize| {
         let opts = RunOptions {
             ctx: CTX,
-            kv_dtype: KvDtype::F32,
-            chunk: 8,
+            kv_dtype: KvDtype::F16,
+            chunk: 64,
             parallel,
             ..Default::default()
         };

@@ -766,12 +766,20 @@ fn rope_attend(
         .ok_or_else(|| Error::invalid("llama", "decode rows without batch buffers"))?;
     let bytes = |t: &Tensor| (t.len() * 4) as u64;
     let (qb, kb, ob) = (bytes(&row.q), bytes(&row.k), bytes(&row.att));
+    // Two passes, as the schedule has two steps: every row's RoPE and store first (reading k and
+    // v, the rotated q written back in place), then every row's attention (writing att, whose
+    // buffer the plan may share with k: k is dead by then, as it is for a single token).
     for (i, (kv, pos)) in kvs.iter().enumerate() {
         let i = i as u64;
         r.copy(&q3.buf, i * qb, &row.q.buf, 0, qb)?;
         r.copy(&k3.buf, i * kb, &row.k.buf, 0, kb)?;
         r.copy(&a.v3.buf, i * kb, &row.v.buf, 0, kb)?;
         attention::rope_store(r, kv, &row.q, &row.k, &row.v, *pos, theta, mode, rot)?;
+        r.copy(&row.q.buf, 0, &q3.buf, i * qb, qb)?;
+    }
+    for (i, (kv, pos)) in kvs.iter().enumerate() {
+        let i = i as u64;
+        r.copy(&q3.buf, i * qb, &row.q.buf, 0, qb)?;
         attention::attention_split(r, &row.q, kv, *pos, p.scale, &a.partials, &row.att)?;
         r.copy(&row.att.buf, 0, &a.att3.buf, i * ob, ob)?;
     }
