@@ -348,6 +348,87 @@ pub fn bench_model(
     })
 }
 
+/// `wgllm bench model --parallel N`: text generation of `tg` tokens in each of the model's
+/// `slots` sequence slots at once, every step one [`crate::model::batch::BatchLm::decode_batch`]
+/// of all slots (continuous batching's steady state), each slot's context `depth` tokens deep
+/// (filled once, untimed). Its rate is the aggregate: all slots' tokens per second.
+pub fn bench_batch(
+    gpu: &Gpu,
+    model: &mut dyn crate::model::batch::BatchLm,
+    name: &str,
+    opts: &ModelBenchOptions,
+    copy_gb_per_s: f64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ModelBenchReport> {
+    use crate::model::batch::BatchRow;
+    let vocab = model.vocab_size() as u32;
+    model.set_all_logits(false);
+    let (d, n) = (opts.depth, model.slots());
+    let mut next: Vec<u32> = (0..n as u32).map(|s| (s * 7919 + 13) % vocab).collect();
+    for (slot, &t) in next.iter().enumerate() {
+        if d > 0 {
+            progress(&format!("filling slot {slot} with a context of {d} tokens"));
+            let context: Vec<u32> = (0..d as u32)
+                .map(|i| (i * 7919 + 13 + slot as u32) % vocab)
+                .collect();
+            model.forward_slot(gpu, slot, &context, 0)?;
+        }
+        // Untimed: creates the single-token pipelines.
+        model.forward_slot(gpu, slot, &[t], d)?;
+    }
+    let step = |model: &mut dyn crate::model::batch::BatchLm, next: &mut Vec<u32>, pos: usize| {
+        let rows: Vec<BatchRow> = (0..n)
+            .map(|slot| BatchRow {
+                slot,
+                token: next[slot],
+                pos,
+            })
+            .collect();
+        let logits = model.decode_batch(gpu, &rows)?;
+        for (t, l) in next.iter_mut().zip(&logits) {
+            *t = crate::sampler::argmax(l);
+        }
+        Ok::<_, crate::error::Error>(())
+    };
+    // Untimed: creates the batched step's pipelines.
+    step(model, &mut next, d)?;
+    let mut rates = Vec::new();
+    if opts.tg > 0 {
+        let mut samples = Vec::new();
+        for r in 0..opts.reps {
+            progress(&format!("tg{} x{n} run {}/{}", opts.tg, r + 1, opts.reps));
+            let t = Instant::now();
+            for pos in d..d + opts.tg {
+                step(model, &mut next, pos)?;
+            }
+            samples.push((n * opts.tg) as f64 / t.elapsed().as_secs_f64());
+        }
+        let (m, s) = mean_std(&samples);
+        rates.push(Rate {
+            test: format!("{} x{n} slots (aggregate)", opts.test_name("tg", opts.tg)),
+            tokens_per_s: m,
+            std: s,
+            samples,
+        });
+    }
+    // Weights are read once a step for all slots; each slot reads its own KV cache.
+    let tg = rates.first().map_or(0.0, |r| r.tokens_per_s);
+    let steps_per_s = tg / n.max(1) as f64;
+    let kv = model.kv_bytes_per_token(d + opts.tg / 2);
+    let step_bytes = model.weight_bytes_per_token() + n as u64 * kv;
+    let gbs = step_bytes as f64 * steps_per_s / 1e9;
+    Ok(ModelBenchReport {
+        model: name.into(),
+        device: gpu.describe(),
+        rates,
+        bytes_per_token: step_bytes,
+        decode_gb_per_s: gbs,
+        copy_gb_per_s,
+        bandwidth_share: gbs / copy_gb_per_s,
+        ledger_peak_bytes: gpu.ledger.report().peak_total_bytes,
+    })
+}
+
 impl ModelBenchReport {
     /// A table like llama-bench's.
     pub fn to_table(&self) -> String {

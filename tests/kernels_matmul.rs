@@ -710,3 +710,103 @@ fn residual_adds_fold_into_the_projections_for_single_tokens() {
     assert!(matmul::matmul_add(&mut rec, &wm, &x, &short, &proj, &y).is_err());
     assert!(rec.is_empty());
 }
+
+/// What a decode-row product folds in (the single-token folds of `matmul::single_token_folds`).
+#[derive(Debug, Clone, Copy)]
+enum Fold {
+    Plain,
+    Norm,
+    Add,
+    SwigluAdd,
+}
+
+/// `fold` of `wm` over the `m` rows of `xs` (`[m, cols]`) as `step` computes them; `[m, rows]`.
+fn folded_product(
+    gpu: &Gpu,
+    wm: &WeightMatrix,
+    fold: Fold,
+    step: matmul::Step,
+    xs: &[f32],
+    m: usize,
+) -> Vec<f32> {
+    let (rows, cols) = (wm.rows, wm.cols);
+    let t = |data: &[f32], shape: &[usize]| Tensor {
+        buf: gpu.upload_f32("t", Activations, data).unwrap(),
+        shape: shape.to_vec(),
+    };
+    let x = t(xs, &[m, cols]);
+    let ups: Vec<f32> = xs.iter().map(|v| 0.5 - v * 0.25).collect();
+    let up = t(&ups, &[m, cols]);
+    let gamma = t(&randn(cols, 5, 1.0), &[cols]);
+    // Each row's residual from its own x, so that a row alone gets the same one.
+    let res_data: Vec<f32> = (0..m * rows)
+        .map(|i| 0.5 * xs[i / rows * cols + i % rows % cols])
+        .collect();
+    let res = t(&res_data, &[m, rows]);
+    let scratch_x = t(&vec![0.0; m * cols], &[m, cols]);
+    let proj = t(&vec![0.0; m * rows], &[m, rows]);
+    let y = t(&vec![0.0; m * rows], &[m, rows]);
+    let mut rec = gpu.recorder();
+    match fold {
+        Fold::Plain => matmul::matmul_in(&mut rec, step, wm, &x, &y),
+        Fold::Norm => {
+            matmul::matmul_fused_norm_in(&mut rec, step, &[wm], &x, &gamma, 1e-5, &scratch_x, &[&y])
+        }
+        Fold::Add => matmul::matmul_add_in(&mut rec, step, wm, &x, &res, &proj, &y),
+        Fold::SwigluAdd => {
+            matmul::matmul_swiglu_add_in(&mut rec, step, wm, &x, &up, &scratch_x, &res, &proj, &y)
+        }
+    }
+    .unwrap();
+    rec.submit().unwrap();
+    gpu.read_f32(&y.buf, 0, m * rows).unwrap()
+}
+
+/// Decode rows ([`matmul::Step::Rows`]): `m` rows in one dispatch, each the same bits as that row
+/// alone through the single-token path, folds included, in every format and weight layout; on the
+/// test device (lavapipe: the subgroup matvec, 2, 4 or 8 tokens a pass) and on it opened without
+/// subgroups (the workgroup matvec, 2 or 4 tokens a pass).
+#[test]
+fn decode_rows_equal_single_rows_bit_for_bit() {
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    let plain = Gpu::new(&GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    for g in [gpu, &plain] {
+        let folds_here = matmul::single_token_folds(g);
+        for storage in layouts(g) {
+            for (i, f) in WeightFormat::ALL.into_iter().enumerate() {
+                let (rows, cols) = (100, awkward_cols(f));
+                let (wm, _) = weights(g, storage, f, rows, cols, 90 + i as u64);
+                let mut cases = vec![(Fold::Plain, 2), (Fold::Plain, 3), (Fold::Plain, 8)];
+                if folds_here {
+                    cases.extend([(Fold::Norm, 5), (Fold::Add, 3), (Fold::SwigluAdd, 7)]);
+                }
+                for (fold, m) in cases {
+                    let xs = randn(m * cols, 200 + m as u64, 1.0);
+                    let batch = folded_product(g, &wm, fold, matmul::Step::Rows, &xs, m);
+                    for (r, row) in xs.chunks(cols).enumerate() {
+                        let one = folded_product(g, &wm, fold, matmul::Step::Chunk, row, 1);
+                        let got = &batch[r * rows..(r + 1) * rows];
+                        let same = got
+                            .iter()
+                            .zip(&one)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{} {f} {:?} {fold:?}, row {r} of {m}: {:?} vs {:?}",
+                            g.describe(),
+                            storage.layout,
+                            &got[..4],
+                            &one[..4]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -137,6 +137,96 @@ fn smollm2_decode_plan_matches_the_ledger() {
     }
 }
 
+/// Four sequence slots (`--parallel 4`): the plan books a KV cache per slot and a batched decode
+/// step's buffers (four logits rows, one row's q/k/v/attention), and its submission's kernel
+/// params (each row's RoPE/store and split attention at the context's end); after prefills into
+/// every slot and a step of four rows at the context's end, each class equals the ledger's. A
+/// budget one byte short of what the slots need is refused before anything is allocated past it,
+/// with the typed budget error.
+#[test]
+fn smollm2_with_four_slots_matches_the_ledger() {
+    let Some((_, g, cfg)) = smollm2() else {
+        return;
+    };
+    let (ctx, chunk, parallel) = (512, 32, 4);
+    let popts_for = |gpu: &Gpu| {
+        PlanOptions {
+            ctx,
+            chunk,
+            parallel,
+            kv: RunOptions::default().kv_dtype,
+            ..Default::default()
+        }
+        .for_device(&wgllm::kernels::device_traits(gpu))
+    };
+    let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+    let opts = RunOptions {
+        ctx,
+        chunk,
+        parallel,
+        ..Default::default()
+    };
+    let (_, rot) = wgllm::model::llama::config_from_gguf(&g).unwrap();
+    let src = wgllm::model::source::Source::Gguf(&g);
+    let mut m =
+        wgllm::model::llama::Llama::load(&gpu, cfg.clone(), rot, &src, opts.clone()).unwrap();
+    use wgllm::model::batch::{BatchLm, BatchRow};
+    for slot in 0..parallel {
+        m.forward_slot(&gpu, slot, &[1, 2, 3], ctx - 4).unwrap();
+    }
+    let rows: Vec<BatchRow> = (0..parallel)
+        .map(|slot| BatchRow {
+            slot,
+            token: 7 + slot as u32,
+            pos: ctx - 1,
+        })
+        .collect();
+    let out = m.decode_batch(&gpu, &rows).unwrap();
+    assert_eq!(out.len(), parallel);
+    let r = gpu.ledger.report();
+    let popts = popts_for(&gpu);
+    let storage = popts.weight_storage();
+    let mut plan = MemoryPlan::new(&cfg, popts).unwrap();
+    plan.use_gguf_weights(&g, storage).unwrap();
+    let what = "parallel 4";
+    same(
+        what,
+        "kv-cache",
+        plan.kv_cache_bytes,
+        r.class(BufferClass::KvCache).current_bytes,
+    );
+    assert_eq!(plan.kv_cache_bytes, 4 * 30 * ctx as u64 * 192 * 2 * 4);
+    same(
+        what,
+        "activations",
+        plan.activation_bytes + plan.kernel_params_bytes,
+        r.class(BufferClass::Activations).peak_bytes,
+    );
+    same(
+        what,
+        "parameters",
+        plan.parameters_bytes,
+        r.class(BufferClass::Parameters).current_bytes,
+    );
+    assert!(plan.activations.buffer_of("batch.logits").is_some());
+    assert!(plan.to_table().contains("kv cache for 4 slots"));
+    drop(m);
+
+    // A budget that holds everything but one byte of the last slot's caches.
+    let budget = plan.parameters_bytes + plan.kv_cache_bytes + plan.activation_bytes - 1;
+    let tight = Gpu::new(&GpuOptions {
+        budget: Some(budget),
+        ..Default::default()
+    })
+    .unwrap();
+    let err = match wgllm::model::llama::Llama::load(&tight, cfg.clone(), rot, &src, opts) {
+        Err(e) => e,
+        Ok(_) => panic!("{what}: a budget short of the slots was not refused"),
+    };
+    assert!(matches!(err, wgllm::Error::VramBudget { .. }), "{err}");
+    assert!(tight.ledger.report().class(BufferClass::KvCache).peak_bytes < plan.kv_cache_bytes);
+}
+
 /// A model whose head is small enough for the final norm to fold into it (the issue's: one layer,
 /// hidden 32, intermediate 32, two heads of 16 over one KV head, vocab 264, tied), where the fold
 /// keeps the last row in `proj` live through the head and so out of `logits`' buffer: the plan of

@@ -58,6 +58,11 @@ struct ModelBenchArgs {
     /// processed once, untimed), like llama-bench's -d.
     #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
     depth: usize,
+    /// Sequence slots decoding together (continuous batching): the tg test decodes this many
+    /// sequences, one batched step for all a token, and reports their aggregate tokens/s (pp is
+    /// skipped). A GGUF file of the LLaMA family.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
     #[arg(long)]
     json: bool,
 }
@@ -130,10 +135,17 @@ fn bench_model(gpu: &Gpu, a: ModelBenchArgs) -> Result<()> {
     let copy = wgllm::bench::copy_bandwidth(gpu)?;
     // The ledger's peak from here on covers loading and running the model only.
     gpu.ledger.reset_peaks();
-    let (mut model, name) = load_for_bench(gpu, &m, &a.synth)?;
-    let report = wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, copy, &mut |s| {
-        eprintln!("{s}")
-    })?;
+    let report = if a.parallel > 1 {
+        let (mut model, name) = load_slots(gpu, &m, a.parallel)?;
+        wgllm::bench::bench_batch(gpu, &mut model, &name, &opts, copy, &mut |s| {
+            eprintln!("{s}")
+        })?
+    } else {
+        let (mut model, name) = load_for_bench(gpu, &m, &a.synth)?;
+        wgllm::bench::bench_model(gpu, model.as_mut(), &name, &opts, copy, &mut |s| {
+            eprintln!("{s}")
+        })?
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -144,4 +156,29 @@ fn bench_model(gpu: &Gpu, a: ModelBenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A LLaMA-family GGUF file with `parallel` sequence slots.
+fn load_slots(
+    gpu: &Gpu,
+    m: &super::ModelArgs,
+    parallel: usize,
+) -> Result<(wgllm::model::llama::Llama, String)> {
+    use wgllm::model::llama::{config_from_gguf, Llama, RunOptions};
+    let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |s| eprintln!("{s}"))?;
+    let g = wgllm::loader::gguf::Gguf::open(&path)?;
+    let (cfg, rot) = config_from_gguf(&g)?;
+    let opts = RunOptions {
+        ctx: m.ctx(),
+        kv_dtype: wgllm::kernels::attention::KvDtype::parse(&m.kv)?,
+        chunk: m.chunk.max(1),
+        parallel,
+        ..Default::default()
+    };
+    let model = Llama::load(gpu, cfg, rot, &wgllm::model::source::Source::Gguf(&g), opts)?;
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    );
+    Ok((model, name))
 }

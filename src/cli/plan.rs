@@ -35,6 +35,10 @@ pub(crate) struct Args {
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 64)]
     chunk: usize,
+    /// Sequence slots (`wgllm serve --parallel`): a KV cache each, and the buffers of a batched
+    /// decode step (LLaMA family).
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
     /// Add the training footprint (gradients, Adam moments, saved activations).
     #[arg(long)]
     train: bool,
@@ -123,6 +127,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<bool> {
         batch: a.batch.max(1),
         chunk: a.chunk.max(1),
         budget,
+        parallel: a.parallel.max(1),
         train: a.train.then(|| TrainOptions {
             batch: a.batch.max(1),
             seq,

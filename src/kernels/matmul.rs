@@ -26,8 +26,9 @@ mod fused;
 mod subgroup;
 
 pub use fused::{
-    fusable, matmul_add, matmul_fused, matmul_fused_norm, matmul_swiglu, matmul_swiglu_add,
-    norm_folds, single_token_folds, NORM_FOLD_MAX_WEIGHTS,
+    fusable, matmul_add, matmul_add_in, matmul_fused, matmul_fused_in, matmul_fused_norm,
+    matmul_fused_norm_in, matmul_swiglu, matmul_swiglu_add, matmul_swiglu_add_in, matmul_swiglu_in,
+    norm_folds, norm_folds_in, single_token_folds, NORM_FOLD_MAX_WEIGHTS,
 };
 pub(crate) use subgroup::cpu_threads;
 pub use subgroup::{
@@ -279,6 +280,50 @@ pub fn matvec_with(
     rows_kernel(rec, w, x, Extras::default(), y, 1, kind, &op)
 }
 
+/// What the `m` rows of a product are, which decides how it is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Step {
+    /// `m` tokens of one sequence (a prefill chunk): the kernel and its shape that are fastest
+    /// for `m`; a single token folds what [`single_token_folds`] says.
+    #[default]
+    Chunk,
+    /// `m` decode rows of different sequences (a batched decode step): the weights are still read
+    /// once for all rows (tokens per pass as for a chunk), but each row is computed exactly as
+    /// a single token would be: the same folds, rows per invocation (workgroup) and threads, so
+    /// its result does not depend on the other rows, bit for bit.
+    Rows,
+}
+
+/// [`matmul`] for a [`Step`].
+pub fn matmul_in(
+    rec: &mut Recorder,
+    step: Step,
+    w: &WeightMatrix,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
+    if step == Step::Chunk {
+        return matmul(rec, w, x, y);
+    }
+    let op = format!("matmul {} (decode rows)", w.label);
+    let m = tokens(&op, w, x, y)?;
+    match m {
+        0 => Ok(()),
+        1 => matmul(rec, w, x, y),
+        _ => rows_kernel(rec, w, x, Extras::default(), y, m, Rows::Decode, &op),
+    }
+}
+
+/// Tokens per workgroup of the workgroup matvec for `m` decode rows (1, 2 or 4; a token past
+/// the end costs arithmetic only).
+fn workgroup_tokens(m: usize) -> u32 {
+    match m {
+        0 | 1 => 1,
+        2 => 2,
+        _ => 4,
+    }
+}
+
 /// `Y = X Wᵀ` for `m` tokens: `x` is `[.., cols]` (m = all leading dimensions), `y` has the same
 /// leading dimensions and `rows` last. One token goes through [`matvec`].
 pub fn matmul(rec: &mut Recorder, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> Result<()> {
@@ -332,6 +377,9 @@ fn tokens(op: &str, w: &WeightMatrix, x: &Tensor, y: &Tensor) -> Result<usize> {
 enum Rows {
     /// One token, the kernel [`matvec_kernel`] picks per shard.
     Auto,
+    /// Decode rows ([`Step::Rows`]): per shard the kernel and rows (and threads) [`matvec_kernel`]
+    /// picks for one token, over the rows several at a time.
+    Decode,
     Workgroup(Option<(u32, u32)>, u32),
     Subgroup(Option<u32>, u32),
 }
@@ -339,7 +387,7 @@ enum Rows {
 /// Why a forced kernel cannot run here, if it cannot.
 fn refusal(gpu: &Gpu, kind: Rows) -> Option<String> {
     match kind {
-        Rows::Auto => None,
+        Rows::Auto | Rows::Decode => None,
         Rows::Workgroup(shape, tokens) => {
             if let Some((r, t)) = shape.filter(|&(r, t)| {
                 !MATVEC_ROWS.contains(&r) || !MATVEC_THREADS.contains(&t) || r * t > MATVEC_PART
@@ -407,6 +455,10 @@ fn rows_kernel(
                 MatvecKernel::Workgroup { .. } => None,
                 MatvecKernel::Subgroup { rows } => Some((Some(rows), 1)),
             },
+            Rows::Decode => match matvec_kernel(gpu, w.format, s.rows) {
+                MatvecKernel::Workgroup { .. } => None,
+                MatvecKernel::Subgroup { rows } => Some((Some(rows), matvec_sg_tokens(m))),
+            },
             Rows::Workgroup(..) => None,
             Rows::Subgroup(rows, tokens) => Some((rows, tokens)),
         };
@@ -423,6 +475,7 @@ fn rows_kernel(
         let ((r, threads), t) = match kind {
             Rows::Workgroup(Some(shape), tokens) => (shape, tokens),
             Rows::Workgroup(None, tokens) => (matvec_shape(gpu, s.rows), tokens),
+            Rows::Decode => (matvec_shape(gpu, s.rows), workgroup_tokens(m)),
             _ => (matvec_shape(gpu, s.rows), 1),
         };
         if !extras.is_plain() {

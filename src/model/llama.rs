@@ -54,6 +54,31 @@ pub struct RunState {
     qn: Option<Tensor>, // (chunk, n_heads * head_dim) Gemma's normalised q
     kn: Option<Tensor>, // (chunk, n_kv_heads * head_dim) Gemma's normalised k
     pub kv: Vec<KvCache>,
+    /// What a batched decode step adds, where the model has more than one slot.
+    batch: Option<BatchBuffers>,
+}
+
+/// The buffers of a batched decode step ([`crate::model::batch::BatchLm::decode_batch`]) beside
+/// the chunk's: a logits row per decode row, and one row's attention inputs and output.
+struct BatchBuffers {
+    logits: Tensor, // (batch_rows, vocab)
+    row: RowViews,
+}
+
+/// One decode row's q and attention output (`[1, n_heads, head_dim]`), k and v (`[1,
+/// n_kv_heads, head_dim]`).
+#[derive(Clone)]
+struct RowViews {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    att: Tensor,
+}
+
+/// Decode rows per forward pass of a batched step: the slots, at most a chunk (the activation
+/// buffers hold a chunk of rows).
+pub fn batch_rows(opts: &RunOptions) -> usize {
+    opts.parallel.min(opts.chunk.max(1))
 }
 
 /// Options for loading and running.
@@ -316,6 +341,19 @@ impl Llama {
         pos0: usize,
         want_logits: bool,
     ) -> Result<Vec<f32>> {
+        self.forward_tokens(gpu, tokens, Seqs::Chunk { pos0 }, want_logits)
+    }
+
+    /// The forward pass of `tokens`: a chunk of one sequence (the active slot's), or one decode
+    /// row per token of the batch `Seqs::Rows` (each of its own slot and position; every row's
+    /// logits come back).
+    fn forward_tokens(
+        &mut self,
+        gpu: &Gpu,
+        tokens: &[u32],
+        seqs: Seqs,
+        want_logits: bool,
+    ) -> Result<Vec<f32>> {
         let (cfg, s, profile) = (&self.cfg, &self.state, &mut self.profile);
         let LlamaWeights {
             embed,
@@ -327,19 +365,40 @@ impl Llama {
         let m = tokens.len();
         let d = cfg.hidden_size;
         let eps = cfg.norm_eps as f32;
-        let a = ChunkViews::new(s, cfg, m)?;
+        let step = match seqs {
+            Seqs::Chunk { .. } => matmul::Step::Chunk,
+            Seqs::Rows(_) => matmul::Step::Rows,
+        };
+        let a = ChunkViews::new(s, cfg, m, step)?;
         // Gemma scales attention by 1/sqrt(query_pre_attn_scalar), LLaMA by 1/sqrt(head_dim).
         let scale_by = cfg
             .gemma
             .map_or(cfg.head_dim as f64, |g| g.query_pre_attn_scalar);
         let mut args = LayerArgs {
-            pos0,
             eps,
             scale: (1.0 / scale_by.sqrt()) as f32,
             rope_theta: self.rope_theta,
             rope_factor: 1.0,
             rope_mode: self.rope_mode,
             rot_dim: self.rot_dim,
+        };
+        // Layer l's caches and positions: the chunk's one, or each row's slot's.
+        let slot_kv = &self.slot_kv;
+        let active = self.active_slot;
+        let caches = |l: usize| -> Result<Vec<(&KvCache, usize)>> {
+            let of_slot = |slot: usize| -> Result<&KvCache> {
+                let kv = if slot == active {
+                    &s.kv
+                } else {
+                    &slot_kv[slot]
+                };
+                kv.get(l)
+                    .ok_or_else(|| Error::invalid("llama", format!("slot {slot} has no layer {l}")))
+            };
+            match seqs {
+                Seqs::Chunk { pos0 } => Ok(vec![(of_slot(active)?, pos0)]),
+                Seqs::Rows(rows) => rows.iter().map(|r| Ok((of_slot(r.slot)?, r.pos))).collect(),
+            }
         };
         gpu.write(&s.ids, 0, bytemuck::cast_slice(tokens))?;
 
@@ -357,13 +416,14 @@ impl Llama {
         } else {
             layer
         };
-        for (l, kv) in s.kv.iter().enumerate() {
+        for l in 0..cfg.n_layers {
             if let Some((theta, factor)) = cfg.layer_rope(l) {
                 args.rope_theta = theta as f32;
                 args.rope_factor = factor as f32;
             }
+            let kvs = caches(l)?;
             if let Some(lw) = layers.get(l) {
-                layer(&mut rec, &a, lw, kv, &args)?;
+                layer(&mut rec, &a, lw, &kvs, &args)?;
                 continue;
             }
             let st = streamed
@@ -375,7 +435,7 @@ impl Llama {
                 st.submitted(l - 1, index);
             }
             let lw = st.fetch(gpu, l)?;
-            layer(&mut rec, &a, &lw, kv, &args)?;
+            layer(&mut rec, &a, &lw, &kvs, &args)?;
         }
         if !want_logits {
             return submit(profile, rec, true).map(|_| Vec::new());
@@ -383,7 +443,14 @@ impl Llama {
         let r = &mut rec;
         let head = output.as_ref().unwrap_or(embed);
         let vocab = cfg.vocab_size;
-        let n_out = if self.opts.all_logits { m } else { 1 };
+        let (n_out, logits) = match (&seqs, &s.batch) {
+            (Seqs::Rows(_), Some(b)) => (m, b.logits.view(&[m, vocab])?),
+            (Seqs::Rows(_), None) => {
+                return Err(Error::invalid("llama", "decode rows without batch buffers"))
+            }
+            _ if self.opts.all_logits => (m, s.logits.view(&[m, vocab])?),
+            _ => (1, s.logits.view(&[1, vocab])?),
+        };
         // Only the rows whose logits are wanted go through the final norm and the head.
         let last = if n_out == m {
             a.x.clone()
@@ -399,8 +466,7 @@ impl Llama {
             row
         };
         let xn = s.xb.view(&[n_out, d])?;
-        let logits = s.logits.view(&[n_out, vocab])?;
-        matmul::matmul_fused_norm(r, &[head], &last, final_norm, eps, &xn, &[&logits])?;
+        matmul::matmul_fused_norm_in(r, step, &[head], &last, final_norm, eps, &xn, &[&logits])?;
         submit(profile, rec, true)?;
         gpu.read_f32(&logits.buf, 0, n_out * vocab)
     }
@@ -411,9 +477,16 @@ impl Llama {
     }
 }
 
+/// The sequences of a forward pass: a chunk of the active slot's from `pos0`, or decode rows
+/// of distinct slots.
+#[derive(Clone, Copy)]
+enum Seqs<'a> {
+    Chunk { pos0: usize },
+    Rows(&'a [crate::model::batch::BatchRow]),
+}
+
 /// What every layer of a chunk shares besides the activations.
 struct LayerArgs {
-    pos0: usize,
     eps: f32,
     /// Attention scale, 1/sqrt(head_dim).
     scale: f32,
@@ -426,7 +499,9 @@ struct LayerArgs {
 
 /// The activation buffers viewed at the chunk's `m` tokens.
 struct ChunkViews {
-    m: usize,   // tokens
+    m: usize, // tokens
+    /// A chunk of one sequence, or decode rows of several.
+    step: matmul::Step,
     x: Tensor,  // (m, d) residual stream, entering and leaving each layer
     x2: Tensor, // (m, d) residual stream between the attention and the FFN block
     xb: Tensor,
@@ -446,10 +521,12 @@ struct ChunkViews {
     /// Gemma's per-head normalised q and k, `(m, nh, hd)` and `(m, nkv, hd)`.
     qn3: Option<Tensor>,
     kn3: Option<Tensor>,
+    /// One decode row's q, k, v and attention output, where the model has slots.
+    row: Option<RowViews>,
 }
 
 impl ChunkViews {
-    fn new(s: &RunState, cfg: &ModelConfig, m: usize) -> Result<ChunkViews> {
+    fn new(s: &RunState, cfg: &ModelConfig, m: usize, step: matmul::Step) -> Result<ChunkViews> {
         let (d, hd, nh, nkv, ffn) = (
             cfg.hidden_size,
             cfg.head_dim,
@@ -459,6 +536,8 @@ impl ChunkViews {
         );
         Ok(ChunkViews {
             m,
+            step,
+            row: s.batch.as_ref().map(|b| b.row.clone()),
             x: s.x.view(&[m, d])?,
             x2: s.x2.view(&[m, d])?,
             xb: s.xb.view(&[m, d])?,
@@ -546,14 +625,16 @@ fn layer(
     r: &mut Recorder,
     a: &ChunkViews,
     lw: &LayerWeights,
-    kv: &KvCache,
+    kvs: &[(&KvCache, usize)],
     p: &LayerArgs,
 ) -> Result<()> {
+    let step = a.step;
     // attention block: q (m, nh * hd), k and v (m, nkv * hd) of the normalised stream, one
     // dispatch where the weights are stacked (and the norm folded in for a single token)
     let qkv = [&lw.wq, &lw.wk, &lw.wv];
-    matmul::matmul_fused_norm(
+    matmul::matmul_fused_norm_in(
         r,
+        step,
         &qkv,
         &a.x,
         &lw.attn_norm,
@@ -566,30 +647,30 @@ fn layer(
             elementwise::add_bias(r, t, b)?;
         }
     }
-    // RoPE of q and k, and k and v into the cache, in one pass
-    let (theta, mode) = (p.rope_theta, p.rope_mode);
-    attention::rope_store(r, kv, &a.q3, &a.k3, &a.v3, p.pos0, theta, mode, p.rot_dim)?;
-    attend(r, a, &a.q3, kv, p)?;
+    // RoPE of q and k, and k and v into the cache, in one pass; then the attention
+    rope_attend(r, a, &a.q3, &a.k3, kvs, p)?;
     // residual, then the FFN block's norm: where the norm folds into gate/up (a single token),
     // the add folds into the output projection; otherwise add and norm are one pass
     let (gate_up, gu_out) = ([&lw.w_gate, &lw.w_up], [&a.gate, &a.up]);
-    if matmul::norm_folds(r.gpu(), &gate_up, a.m) && lw.bo.is_none() {
-        matmul::matmul_add(r, &lw.wo, &a.att, &a.x, &a.proj, &a.x2)?;
-        matmul::matmul_fused_norm(r, &gate_up, &a.x2, &lw.ffn_norm, p.eps, &a.xb, &gu_out)?;
+    if matmul::norm_folds_in(r.gpu(), step, &gate_up, a.m) && lw.bo.is_none() {
+        matmul::matmul_add_in(r, step, &lw.wo, &a.att, &a.x, &a.proj, &a.x2)?;
+        let (x2, ffn_norm) = (&a.x2, &lw.ffn_norm);
+        matmul::matmul_fused_norm_in(r, step, &gate_up, x2, ffn_norm, p.eps, &a.xb, &gu_out)?;
     } else {
-        matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)
+        matmul::matmul_in(r, step, &lw.wo, &a.att, &a.proj)?; // (m, d)
         bias(r, &a.proj, &lw.bo)?;
         norm::add_rms_norm(r, &a.x, &a.proj, &lw.ffn_norm, p.eps, &a.x2, &a.xb)?;
-        matmul::matmul_fused(r, &gate_up, &a.xb, &gu_out)?; // (m, ffn) each
+        matmul::matmul_fused_in(r, step, &gate_up, &a.xb, &gu_out)?; // (m, ffn) each
     }
     bias(r, &a.gate, &lw.b_gate)?;
     bias(r, &a.up, &lw.b_up)?;
     // x = x2 + (silu(gate) * up) w_downᵀ; SwiGLU and the residual add folded in where they can be
     let (gate, up, act) = (&a.gate, &a.up, &a.act);
     if lw.b_down.is_none() {
-        matmul::matmul_swiglu_add(r, &lw.w_down, gate, up, act, &a.x2, &a.proj, &a.x)?;
+        let (x2, proj) = (&a.x2, &a.proj);
+        matmul::matmul_swiglu_add_in(r, step, &lw.w_down, gate, up, act, x2, proj, &a.x)?;
     } else {
-        matmul::matmul_swiglu(r, &lw.w_down, gate, up, act, &a.proj)?;
+        matmul::matmul_swiglu_in(r, step, &lw.w_down, gate, up, act, &a.proj)?;
         bias(r, &a.proj, &lw.b_down)?;
         elementwise::add(r, &a.x2, &a.proj, &a.x)?;
     }
@@ -603,9 +684,10 @@ fn gemma_layer(
     r: &mut Recorder,
     a: &ChunkViews,
     lw: &LayerWeights,
-    kv: &KvCache,
+    kvs: &[(&KvCache, usize)],
     p: &LayerArgs,
 ) -> Result<()> {
+    let step = a.step;
     let missing = |what: &str| Error::invalid("gemma3", format!("no {what} for a Gemma layer"));
     let (qn3, kn3) = (
         a.qn3.as_ref().ok_or_else(|| missing("qn buffer"))?,
@@ -621,39 +703,80 @@ fn gemma_layer(
     // attention block: q (m, nh * hd), k and v (m, nkv * hd) of the normalised stream
     let qkv = [&lw.wq, &lw.wk, &lw.wv];
     let qkv_out = [&a.q, &a.k, &a.v];
-    matmul::matmul_fused_norm(r, &qkv, &a.x, &lw.attn_norm, p.eps, &a.xb, &qkv_out)?;
+    matmul::matmul_fused_norm_in(r, step, &qkv, &a.x, &lw.attn_norm, p.eps, &a.xb, &qkv_out)?;
     // RMSNorm of every query and key head (rows of head_dim), then RoPE and the cache store
     norm::rms_norm(r, &a.q3, &q_norm, p.eps, qn3)?; // (m, nh, hd)
     norm::rms_norm(r, &a.k3, &k_norm, p.eps, kn3)?; // (m, nkv, hd)
-    let (theta, factor, mode) = (p.rope_theta, p.rope_factor, p.rope_mode);
-    attention::rope_store_scaled(
-        r, kv, qn3, kn3, &a.v3, p.pos0, theta, factor, mode, p.rot_dim,
-    )?;
-    attend(r, a, qn3, kv, p)?;
-    matmul::matmul(r, &lw.wo, &a.att, &a.proj)?; // (m, d)
-                                                 // x2 = x + post_attn_norm(proj); the FFN's input is ffn_norm(x2)
+    rope_attend(r, a, qn3, kn3, kvs, p)?;
+    matmul::matmul_in(r, step, &lw.wo, &a.att, &a.proj)?; // (m, d)
+                                                          // x2 = x + post_attn_norm(proj); the FFN's input is ffn_norm(x2)
     norm::rms_norm(r, &a.proj, &post_attn_norm, p.eps, &a.xb)?;
     norm::add_rms_norm(r, &a.x, &a.xb, &lw.ffn_norm, p.eps, &a.x2, &a.proj)?;
-    matmul::matmul_fused(r, &[&lw.w_gate, &lw.w_up], &a.proj, &[&a.gate, &a.up])?; // (m, ffn)
+    let gate_up = [&lw.w_gate, &lw.w_up];
+    matmul::matmul_fused_in(r, step, &gate_up, &a.proj, &[&a.gate, &a.up])?; // (m, ffn)
     activation::geglu_tanh(r, &a.gate, &a.up, &a.act)?;
-    matmul::matmul(r, &lw.w_down, &a.act, &a.proj)?; // (m, d)
-                                                     // x = x2 + post_ffw_norm(proj)
+    matmul::matmul_in(r, step, &lw.w_down, &a.act, &a.proj)?; // (m, d)
+                                                              // x = x2 + post_ffw_norm(proj)
     norm::rms_norm(r, &a.proj, &post_ffn_norm, p.eps, &a.xb)?;
     elementwise::add(r, &a.x2, &a.xb, &a.x)?;
     Ok(())
 }
 
-/// The attention of `q3` over the layer's KV cache into `a.att3`, for every layer of the family.
-fn attend(
+/// RoPE of `q3` and `k3`, `k3` and `a.v3` into the cache, and the attention of `q3` over it
+/// into `a.att3`, for every layer of the family. A chunk is one sequence (`kvs` one cache and
+/// its first position); decode rows each have their cache and position, and run one at a time
+/// through the very kernels a single token runs (copied into `a.row`'s one-token buffers and
+/// back), so that a row's result does not depend on the batch.
+fn rope_attend(
     r: &mut Recorder,
     a: &ChunkViews,
     q3: &Tensor,
-    kv: &KvCache,
+    k3: &Tensor,
+    kvs: &[(&KvCache, usize)],
     p: &LayerArgs,
 ) -> Result<()> {
+    let (theta, factor, mode, rot) = (p.rope_theta, p.rope_factor, p.rope_mode, p.rot_dim);
     // A local layer's window (Gemma 3's, Mistral's) lives in its cache (`KvCache::windowed`, a
-    // ring): every attention kernel masks to it from there.
-    attention::attention_split(r, q3, kv, p.pos0, p.scale, &a.partials, &a.att3)
+    // ring): every store and attention kernel masks to it from there.
+    if let [(kv, pos0)] = kvs {
+        if a.step == matmul::Step::Chunk || a.m == 1 {
+            attention::rope_store_scaled(r, kv, q3, k3, &a.v3, *pos0, theta, factor, mode, rot)?;
+            let (partials, out) = (&a.partials, &a.att3);
+            return attention::attention_split(r, q3, kv, *pos0, p.scale, partials, out);
+        }
+    }
+    if kvs.len() != a.m {
+        return Err(Error::invalid(
+            "llama",
+            format!("{} decode rows and {} caches", a.m, kvs.len()),
+        ));
+    }
+    let row = a
+        .row
+        .as_ref()
+        .ok_or_else(|| Error::invalid("llama", "decode rows without batch buffers"))?;
+    let bytes = |t: &Tensor| (t.len() * 4) as u64;
+    let (qb, kb, ob) = (bytes(&row.q), bytes(&row.k), bytes(&row.att));
+    // Two passes, as the schedule has two steps: every row's RoPE and store first (reading k and
+    // v, the rotated q written back in place), then every row's attention (writing att, whose
+    // buffer the plan may share with k: k is dead by then, as it is for a single token).
+    for (i, (kv, pos)) in kvs.iter().enumerate() {
+        let i = i as u64;
+        r.copy(&q3.buf, i * qb, &row.q.buf, 0, qb)?;
+        r.copy(&k3.buf, i * kb, &row.k.buf, 0, kb)?;
+        r.copy(&a.v3.buf, i * kb, &row.v.buf, 0, kb)?;
+        attention::rope_store_scaled(
+            r, kv, &row.q, &row.k, &row.v, *pos, theta, factor, mode, rot,
+        )?;
+        r.copy(&row.q.buf, 0, &q3.buf, i * qb, qb)?;
+    }
+    for (i, (kv, pos)) in kvs.iter().enumerate() {
+        let i = i as u64;
+        r.copy(&q3.buf, i * qb, &row.q.buf, 0, qb)?;
+        attention::attention_split(r, &row.q, kv, *pos, p.scale, &a.partials, &row.att)?;
+        r.copy(&row.att.buf, 0, &a.att3.buf, i * ob, ob)?;
+    }
+    Ok(())
 }
 
 /// Adds an optional bias to every row of `y`.
@@ -741,8 +864,11 @@ impl RunState {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let folds = crate::kernels::matmul::single_token_folds(gpu);
-        let plan =
+        let mut plan =
             crate::plan::activations::llama_activation_plan_with(cfg, c, opts.all_logits, folds);
+        if opts.parallel > 1 {
+            crate::plan::activations::add_batch_buffers(&mut plan, cfg, batch_rows(opts));
+        }
         let acts = crate::model::planned::PlannedActivations::allocate(gpu, plan, "act")?;
         let role = |name: &str, shape: &[usize]| acts.role(name, shape);
         let gemma = cfg.gemma.is_some();
@@ -751,7 +877,23 @@ impl RunState {
             None => kv_caches(gpu, cfg, opts, "")?,
         };
         let n_logits = if opts.all_logits { c } else { 1 };
+        let batch = if opts.parallel > 1 {
+            let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
+            let t = |name: &str, shape: &[usize]| acts.role(&format!("batch.{name}"), shape);
+            Some(BatchBuffers {
+                logits: t("logits", &[batch_rows(opts), cfg.vocab_size])?,
+                row: RowViews {
+                    q: t("q", &[1, nh, hd])?,
+                    k: t("k", &[1, nkv, hd])?,
+                    v: t("v", &[1, nkv, hd])?,
+                    att: t("att", &[1, nh, hd])?,
+                },
+            })
+        } else {
+            None
+        };
         Ok(RunState {
+            batch,
             chunk: c,
             all_logits: opts.all_logits,
             ids: role("ids", &[c])?.buf,
@@ -843,10 +985,45 @@ impl crate::model::batch::BatchLm for Llama {
         gpu: &Gpu,
         rows: &[crate::model::batch::BatchRow],
     ) -> Result<Vec<Vec<f32>>> {
-        // Placeholder: one forward pass per row.
-        rows.iter()
-            .map(|r| self.forward_slot(gpu, r.slot, &[r.token], r.pos))
-            .collect()
+        let op = "decode batch";
+        for (i, r) in rows.iter().enumerate() {
+            if r.slot >= self.slot_kv.len() {
+                return Err(Error::invalid(
+                    op,
+                    format!("row {i}: slot {} of {}", r.slot, self.slot_kv.len()),
+                ));
+            }
+            if rows[..i].iter().any(|o| o.slot == r.slot) {
+                return Err(Error::invalid(
+                    op,
+                    format!("row {i}: slot {} has two rows in one step", r.slot),
+                ));
+            }
+            if r.pos >= self.opts.ctx {
+                return Err(Error::ContextFull {
+                    ctx: self.opts.ctx,
+                    needed: r.pos + 1,
+                });
+            }
+        }
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        embedding::check_ids(&tokens, self.cfg.vocab_size)?;
+        if rows.len() == 1 {
+            let r = rows[0];
+            return Ok(vec![self.forward_slot(gpu, r.slot, &tokens, r.pos)?]);
+        }
+        if self.state.all_logits != self.opts.all_logits {
+            let kv = std::mem::take(&mut self.state.kv);
+            self.state = RunState::new(gpu, &self.cfg, &self.opts, Some(kv))?;
+        }
+        let vocab = self.cfg.vocab_size;
+        let per_pass = batch_rows(&self.opts).max(1);
+        let mut out = Vec::with_capacity(rows.len());
+        for (group, ids) in rows.chunks(per_pass).zip(tokens.chunks(per_pass)) {
+            let logits = self.forward_tokens(gpu, ids, Seqs::Rows(group), true)?;
+            out.extend(logits.chunks_exact(vocab).map(<[f32]>::to_vec));
+        }
+        Ok(out)
     }
     fn reusable_prefix(&self, cached: usize, common: usize) -> usize {
         let common = common.min(cached);

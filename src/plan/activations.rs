@@ -511,6 +511,33 @@ impl ActivationPlan {
     }
 }
 
+/// Adds what a batched decode step of up to `rows` rows of distinct sequences needs beside a
+/// chunk's buffers (`model::llama`'s `BatchBuffers`), one buffer each: a logits row per decode row
+/// (`batch.logits`), and one row's q, k, v and attention output (`batch.q`, ...), which each row's
+/// RoPE/store and attention run on.
+pub fn add_batch_buffers(plan: &mut ActivationPlan, cfg: &ModelConfig, rows: usize) {
+    let q = (cfg.n_heads as u64).saturating_mul(cfg.head_dim as u64);
+    let kv = (cfg.n_kv_heads as u64).saturating_mul(cfg.head_dim as u64);
+    let logits = (rows as u64).saturating_mul(cfg.vocab_size as u64);
+    for (role, n) in [
+        ("batch.logits", logits),
+        ("batch.q", q),
+        ("batch.k", kv),
+        ("batch.v", kv),
+        ("batch.att", q),
+    ] {
+        let bytes = n.saturating_mul(4);
+        plan.role_to_buffer.insert(role.into(), plan.buffers.len());
+        plan.buffers.push(PlannedBuffer {
+            label: role.into(),
+            bytes,
+            roles: vec![role.into()],
+        });
+        plan.total_bytes = plan.total_bytes.saturating_add(bytes);
+        plan.unshared_bytes = plan.unshared_bytes.saturating_add(bytes);
+    }
+}
+
 /// The bytes of every [`LLAMA_ROLES`] entry for chunks of `chunk` tokens (f32 activations, token
 /// ids u32).
 pub fn llama_role_bytes(

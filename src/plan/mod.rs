@@ -59,6 +59,23 @@ use crate::model::params::{self, Precision, WeightBytes};
 use crate::quant::WeightFormat;
 use activations::Kernel;
 
+/// KV caches a run keeps: one per sequence slot for the LLaMA family, else one.
+pub fn kv_slots(cfg: &ModelConfig, opts: &PlanOptions) -> u64 {
+    match cfg.arch {
+        Arch::Llama => opts.parallel.max(1) as u64,
+        _ => 1,
+    }
+}
+
+/// Decode rows of a batched step the activations hold (0: no slots beside the one sequence):
+/// the slots, at most a chunk (`model::llama::batch_rows`).
+pub fn batch_rows(cfg: &ModelConfig, opts: &PlanOptions) -> usize {
+    match cfg.arch {
+        Arch::Llama if opts.parallel > 1 => opts.parallel.min(opts.chunk.max(1)),
+        _ => 0,
+    }
+}
+
 /// Positions each layer's KV cache holds at context `ctx` with prefill chunks of up to `chunk`
 /// tokens, as the LLaMA pass allocates them: `ctx` for a global layer, the ring's
 /// [`ring_slots`] (`min(ctx, window + chunk - 1)`) for a layer with a sliding window
@@ -127,6 +144,10 @@ pub struct PlanOptions {
     /// The device's uniform-buffer offset alignment: each dispatch's params take a slot of this
     /// granularity (256 by default, WebGPU's; lavapipe's is 32).
     pub param_align: u64,
+    /// Sequence slots of a LLaMA-family model (`RunOptions::parallel`, `wgllm serve
+    /// --parallel`): a KV cache each, and the buffers of a batched decode step of up to that many
+    /// rows ([`activations::add_batch_buffers`]).
+    pub parallel: usize,
 }
 
 impl Default for PlanOptions {
@@ -148,6 +169,7 @@ impl Default for PlanOptions {
             single_token_folds: false,
             split_attention: false,
             param_align: PARAM_SLOT,
+            parallel: 1,
         }
     }
 }
@@ -418,6 +440,8 @@ impl MemoryPlan {
             .iter()
             .filter(|&&n| n < opts.ctx as u64)
             .count();
+        // Every sequence slot has the whole cache.
+        let kv_positions = kv_positions.saturating_mul(kv_slots(cfg, &opts));
         let kv_cache_bytes = kv_positions.saturating_mul(kv_bpt);
         let activations = pass.activations;
 
@@ -432,16 +456,25 @@ impl MemoryPlan {
         let slot = opts.param_align.max(1);
         // Dispatches and kernel-params bytes of a list of steps, with matrices sharded as
         // `storage` shards them.
-        let tally = |steps: &[activations::Step], storage: WeightStorage| -> Result<Tally> {
+        // `rows` > 0: a batched decode step of that many rows, whose projections dispatch as a
+        // single token's (folds included) and whose RoPE/store and attention run once per row,
+        // the attention split as a decode step's at the context's end.
+        let tally_rows = |steps: &[activations::Step],
+                          storage: WeightStorage,
+                          rows: u64|
+         -> Result<Tally> {
             let shards = |f: WeightFormat, rows: usize, cols: usize| -> Result<u64> {
                 Ok(rows.div_ceil(storage.rows_per_shard(f, rows, cols)?) as u64)
             };
+            let tokens = if rows > 0 { 1 } else { opts.chunk };
             let mut t = Tally::default();
             for s in steps {
                 let k = s.kernel;
                 let n = match k {
                     Kernel::Host | Kernel::Copy => 0,
-                    _ if !s.folds.dispatches(opts.chunk) => 0,
+                    _ if !s.folds.dispatches(tokens) => 0,
+                    Kernel::RopeStore if rows > 0 => rows,
+                    Kernel::Attention if rows > 0 => rows * (1 + u64::from(pass.row_split_keys)),
                     Kernel::Attention if pass.split_keys => 2,
                     Kernel::DenseAttention { sequences } => sequences as u64,
                     Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
@@ -466,6 +499,8 @@ impl MemoryPlan {
             }
             Ok(t)
         };
+        let tally =
+            |steps: &[activations::Step], storage: WeightStorage| tally_rows(steps, storage, 0);
         let layer = tally(&sched.layer, storage)?;
         let submissions = Submissions {
             prologue: tally(&sched.prologue, storage)?,
@@ -482,7 +517,16 @@ impl MemoryPlan {
             .then(submissions.layer.times(l))
             .then(submissions.epilogue);
         let dispatches = chunk.dispatches;
-        let kernel_params_bytes = chunk.uniform_bytes();
+        let mut kernel_params_bytes = chunk.uniform_bytes();
+        let rows = batch_rows(cfg, &opts) as u64;
+        if rows > 1 {
+            // A batched decode step is one submission too (resident layers); its uniform buffer
+            // may be the larger one.
+            let step = tally_rows(&sched.prologue, storage, rows)?
+                .then(tally_rows(&sched.layer, storage, rows)?.times(l))
+                .then(tally_rows(&sched.epilogue, storage, rows)?);
+            kernel_params_bytes = kernel_params_bytes.max(step.uniform_bytes());
+        }
 
         let longest = pass.kv_positions.iter().copied().max().unwrap_or(0);
         let kv_buffer = longest.saturating_mul(kv_bpt) / 2;
@@ -597,7 +641,8 @@ impl MemoryPlan {
         let kv_at = |c: u64| {
             let positions = kv_layer_positions(&self.cfg, c as usize, self.options.chunk);
             let n = positions.iter().fold(0, |a: u64, &b| a.saturating_add(b));
-            n.saturating_mul(self.kv_bytes_per_token_layer)
+            n.saturating_mul(kv_slots(&self.cfg, &self.options))
+                .saturating_mul(self.kv_bytes_per_token_layer)
         };
         // Largest ctx below the requested one whose total fits (a decoder's activations do not
         // depend on it).

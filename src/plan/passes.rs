@@ -28,6 +28,9 @@ pub(super) struct Pass {
     /// A decode step's attention may split its keys (two dispatches; LLaMA's pass on devices
     /// with the subgroup kernel).
     pub(super) split_keys: bool,
+    /// A batched decode step's rows split their keys (each row is a decode step; counted at the
+    /// context's end).
+    pub(super) row_split_keys: bool,
     /// A layer streamed through the slot pool, where it differs from a resident one (LLaMA's:
     /// slots are buffers, so its projections are never stacked); `None`: the same, or no
     /// streaming.
@@ -64,24 +67,30 @@ pub(super) fn llama(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         };
         largest = largest.max(b);
     }
-    let activations = activations::llama_activation_plan_with(
+    let mut activations = activations::llama_activation_plan_with(
         cfg,
         opts.chunk,
         opts.all_logits,
         opts.single_token_folds,
     );
+    let rows = super::batch_rows(cfg, opts);
+    if rows > 1 {
+        activations::add_batch_buffers(&mut activations, cfg, rows);
+    }
     let fusions = activations::Fusions {
         stacked_projections: opts.stacked_projections,
         single_token_folds: opts.single_token_folds,
     };
-    let split_keys = {
+    let splits = |m: usize| {
         use crate::kernels::attention::{key_splits, subgroup_shape_fits};
         let group = cfg.n_heads / cfg.n_kv_heads.max(1);
         opts.split_attention
             && subgroup_shape_fits(cfg.head_dim, group)
-            && key_splits(true, opts.chunk, opts.ctx) > 1
+            && key_splits(true, m, opts.ctx) > 1
     };
-    let readback = role_bytes(&activations, "logits");
+    let (split_keys, row_split_keys) = (splits(opts.chunk), splits(1));
+    let readback = role_bytes(&activations, "logits")
+        .max(activations.buffer_of("batch.logits").map_or(0, |b| b.bytes));
     let unstacked = activations::Fusions {
         stacked_projections: false,
         ..fusions
@@ -97,6 +106,7 @@ pub(super) fn llama(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         activations,
         readback,
         split_keys,
+        row_split_keys,
     })
 }
 
@@ -120,6 +130,7 @@ pub(super) fn gpt2(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         readback: role_bytes(&activations, "logits"),
         activations,
         split_keys: false,
+        row_split_keys: false,
         streamed_layer: None,
     })
 }
@@ -144,6 +155,7 @@ pub(super) fn bert(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         readback: role_bytes(&activations, "x"),
         activations,
         split_keys: false,
+        row_split_keys: false,
         streamed_layer: None,
     })
 }

@@ -38,6 +38,7 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     let c = &p.cfg;
     let o = &p.options;
     let encoder = c.arch == Arch::Bert;
+    let slots = super::kv_slots(c, o);
     let _ = writeln!(
         s,
         "memory plan: {}, {} layers, hidden {}, {} heads / {} kv heads x {}, ffn {}, vocab {}",
@@ -72,9 +73,19 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
             o.chunk,
             if o.all_logits { "all" } else { "last-token" }
         );
+        if slots > 1 {
+            let _ = writeln!(
+                s,
+                "  {slots} sequence slots, a KV cache each ({} B/token/layer); batched decode \
+                 steps of up to {} rows",
+                group(p.kv_bytes_per_token_layer),
+                super::batch_rows(c, o)
+            );
+        }
         if let (Some(w), true) = (c.sliding_window, p.kv_ring_layers > 0) {
             // What the rings save against a cache of every position in every layer.
             let global = (c.n_layers as u64)
+                .saturating_mul(slots)
                 .saturating_mul(o.ctx as u64)
                 .saturating_mul(p.kv_bytes_per_token_layer);
             let _ = writeln!(
@@ -99,6 +110,7 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     let detail = |name: &str| -> String {
         match name {
             "kv cache" if encoder => "kv cache (none: an encoder)".to_string(),
+            "kv cache" if slots > 1 => format!("kv cache for {slots} slots"),
             "kv cache" => format!(
                 "kv cache ({} B/token/layer)",
                 group(p.kv_bytes_per_token_layer)

@@ -16,15 +16,26 @@ pub fn matmul_fused(
     x: &Tensor,
     ys: &[&Tensor],
 ) -> Result<()> {
+    matmul_fused_in(rec, Step::Chunk, ws, x, ys)
+}
+
+/// [`matmul_fused`] for a [`Step`].
+pub fn matmul_fused_in(
+    rec: &mut Recorder,
+    step: Step,
+    ws: &[&WeightMatrix],
+    x: &Tensor,
+    ys: &[&Tensor],
+) -> Result<()> {
     let op = fused_op("fused matmul", ws);
     if !fusable(rec.gpu(), ws) {
         check_fused(&op, ws, ys)?;
         for (w, y) in ws.iter().zip(ys) {
-            matmul(rec, w, x, y)?;
+            matmul_in(rec, step, w, x, y)?;
         }
         return Ok(());
     }
-    fused_kernel(rec, ws, x, ys, Extras::default(), &op)
+    fused_kernel(rec, step, ws, x, ys, Extras::default(), &op)
 }
 
 /// Most weights a single token's projections may have for [`matmul_fused_norm`] to fold the
@@ -39,8 +50,13 @@ pub const NORM_FOLD_MAX_WEIGHTS: usize = 1 << 22;
 /// single token where [`single_token_folds`], the projections together at most
 /// [`NORM_FOLD_MAX_WEIGHTS`].
 pub fn norm_folds(gpu: &Gpu, ws: &[&WeightMatrix], m: usize) -> bool {
+    norm_folds_in(gpu, Step::Chunk, ws, m)
+}
+
+/// [`norm_folds`] for a [`Step`]: decode rows fold as a single token does.
+pub fn norm_folds_in(gpu: &Gpu, step: Step, ws: &[&WeightMatrix], m: usize) -> bool {
     let weights: usize = ws.iter().map(|w| w.rows * w.cols).sum();
-    folds(gpu, m) && weights <= NORM_FOLD_MAX_WEIGHTS
+    folds(gpu, m, step) && weights <= NORM_FOLD_MAX_WEIGHTS
 }
 
 /// `ys[i] = rms_norm(x) W_iᵀ` (the norm with `gamma` and `eps`): [`matmul_fused`] of the
@@ -58,9 +74,24 @@ pub fn matmul_fused_norm(
     xb: &Tensor,
     ys: &[&Tensor],
 ) -> Result<()> {
-    if !norm_folds(rec.gpu(), ws, lead(x)) {
+    matmul_fused_norm_in(rec, Step::Chunk, ws, x, gamma, eps, xb, ys)
+}
+
+/// [`matmul_fused_norm`] for a [`Step`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_fused_norm_in(
+    rec: &mut Recorder,
+    step: Step,
+    ws: &[&WeightMatrix],
+    x: &Tensor,
+    gamma: &Tensor,
+    eps: f32,
+    xb: &Tensor,
+    ys: &[&Tensor],
+) -> Result<()> {
+    if !norm_folds_in(rec.gpu(), step, ws, lead(x)) {
         crate::kernels::norm::rms_norm(rec, x, gamma, eps, xb)?;
-        return matmul_fused(rec, ws, xb, ys);
+        return matmul_fused_in(rec, step, ws, xb, ys);
     }
     let op = fused_op("fused matmul (RMSNorm input)", ws);
     let extras = Extras {
@@ -68,13 +99,13 @@ pub fn matmul_fused_norm(
         res: None,
     };
     if fusable(rec.gpu(), ws) {
-        return fused_kernel(rec, ws, x, ys, extras, &op);
+        return fused_kernel(rec, step, ws, x, ys, extras, &op);
     }
     // Matrices apart (streamed layers, the output head): each dispatch takes the norm itself.
     check_fused(&op, ws, ys)?;
     for (w, y) in ws.iter().zip(ys) {
         let m = tokens(&op, w, x, y)?;
-        rows_kernel(rec, w, x, extras, y, m, Rows::Subgroup(None, 1), &op)?;
+        rows_kernel(rec, w, x, extras, y, m, folded_rows(step, m), &op)?;
     }
     Ok(())
 }
@@ -90,18 +121,41 @@ pub fn matmul_add(
     proj: &Tensor,
     y: &Tensor,
 ) -> Result<()> {
+    matmul_add_in(rec, Step::Chunk, w, x, res, proj, y)
+}
+
+/// [`matmul_add`] for a [`Step`].
+pub fn matmul_add_in(
+    rec: &mut Recorder,
+    step: Step,
+    w: &WeightMatrix,
+    x: &Tensor,
+    res: &Tensor,
+    proj: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
     let op = format!("matmul {} (+ residual)", w.label);
     res.expect(&op, &y.shape)?;
     let m = tokens(&op, w, x, y)?;
-    if !folds(rec.gpu(), m) {
-        matmul(rec, w, x, proj)?;
+    if !folds(rec.gpu(), m, step) {
+        matmul_in(rec, step, w, x, proj)?;
         return crate::kernels::elementwise::add(rec, res, proj, y);
     }
     let extras = Extras {
         input: Input::Plain,
         res: Some(res),
     };
-    rows_kernel(rec, w, x, extras, y, m, Rows::Subgroup(None, 1), &op)
+    rows_kernel(rec, w, x, extras, y, m, folded_rows(step, m), &op)
+}
+
+/// The subgroup kernel of a folded product over `m` tokens: one token a pass for a single
+/// token; for decode rows, the single token's rows per invocation and the rows
+/// [`matvec_sg_tokens`] at a time.
+fn folded_rows(step: Step, m: usize) -> Rows {
+    match step {
+        Step::Rows if m > 1 => Rows::Decode,
+        _ => Rows::Subgroup(None, 1),
+    }
 }
 
 /// The tokens of `x` (`[.., cols]`: the product of its leading dimensions).
@@ -127,6 +181,7 @@ fn check_fused(op: &str, ws: &[&WeightMatrix], ys: &[&Tensor]) -> Result<()> {
 /// One subgroup-matvec dispatch over the stacked matrices `ws` ([`fusable`]).
 fn fused_kernel(
     rec: &mut Recorder,
+    step: Step,
     ws: &[&WeightMatrix],
     x: &Tensor,
     ys: &[&Tensor],
@@ -150,6 +205,10 @@ fn fused_kernel(
     }
     let xv = bound(op, x)?;
     let per_pass = matvec_sg_tokens(m);
+    // Decode rows keep a single token's rows per invocation, so that each row's sums are the
+    // single token's, bit for bit.
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    let rows = (step == Step::Rows).then(|| matvec_sg_rows(ws[0].format, total, 1, 1));
     subgroup_kernel(
         rec,
         ws[0].format,
@@ -158,7 +217,7 @@ fn fused_kernel(
         &xv,
         extras,
         m,
-        None,
+        rows,
         per_pass,
         op,
     )
@@ -178,7 +237,7 @@ pub fn matmul_swiglu(
     act: &Tensor,
     y: &Tensor,
 ) -> Result<()> {
-    swiglu_kernel(rec, w, gate, up, act, None, y)
+    swiglu_kernel(rec, Step::Chunk, w, gate, up, act, None, y)
 }
 
 /// `y = res + swiglu(gate, up) Wᵀ`: [`matmul_swiglu`] added to the residual stream, folded like
@@ -194,16 +253,47 @@ pub fn matmul_swiglu_add(
     proj: &Tensor,
     y: &Tensor,
 ) -> Result<()> {
-    res.expect(&format!("matmul {} (+ residual)", w.label), &y.shape)?;
-    if !folds(rec.gpu(), lead(gate)) {
-        swiglu_kernel(rec, w, gate, up, act, None, proj)?;
-        return crate::kernels::elementwise::add(rec, res, proj, y);
-    }
-    swiglu_kernel(rec, w, gate, up, act, Some(res), y)
+    matmul_swiglu_add_in(rec, Step::Chunk, w, gate, up, act, res, proj, y)
 }
 
+/// [`matmul_swiglu_add`] for a [`Step`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_swiglu_add_in(
+    rec: &mut Recorder,
+    step: Step,
+    w: &WeightMatrix,
+    gate: &Tensor,
+    up: &Tensor,
+    act: &Tensor,
+    res: &Tensor,
+    proj: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
+    res.expect(&format!("matmul {} (+ residual)", w.label), &y.shape)?;
+    if !folds(rec.gpu(), lead(gate), step) {
+        swiglu_kernel(rec, step, w, gate, up, act, None, proj)?;
+        return crate::kernels::elementwise::add(rec, res, proj, y);
+    }
+    swiglu_kernel(rec, step, w, gate, up, act, Some(res), y)
+}
+
+/// [`matmul_swiglu`] for a [`Step`].
+pub fn matmul_swiglu_in(
+    rec: &mut Recorder,
+    step: Step,
+    w: &WeightMatrix,
+    gate: &Tensor,
+    up: &Tensor,
+    act: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
+    swiglu_kernel(rec, step, w, gate, up, act, None, y)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn swiglu_kernel(
     rec: &mut Recorder,
+    step: Step,
     w: &WeightMatrix,
     gate: &Tensor,
     up: &Tensor,
@@ -211,9 +301,9 @@ fn swiglu_kernel(
     res: Option<&Tensor>,
     y: &Tensor,
 ) -> Result<()> {
-    if !folds(rec.gpu(), lead(gate)) {
+    if !folds(rec.gpu(), lead(gate), step) {
         crate::kernels::activation::swiglu(rec, gate, up, act)?;
-        return matmul(rec, w, act, y);
+        return matmul_in(rec, step, w, act, y);
     }
     let op = format!("matmul {} (SwiGLU input)", w.label);
     up.expect(&op, &gate.shape)?;
@@ -222,7 +312,7 @@ fn swiglu_kernel(
         input: Input::Swiglu(up),
         res,
     };
-    rows_kernel(rec, w, gate, extras, y, m, Rows::Subgroup(None, 1), &op)
+    rows_kernel(rec, w, gate, extras, y, m, folded_rows(step, m), &op)
 }
 
 /// Whether a single token's products fold in what runs around them: SwiGLU into the down
@@ -235,9 +325,10 @@ pub fn single_token_folds(gpu: &Gpu) -> bool {
     subgroup_matvec_ok(gpu)
 }
 
-/// Whether a product over `m` tokens folds here: a single token where [`single_token_folds`].
-fn folds(gpu: &Gpu, m: usize) -> bool {
-    single_token_folds(gpu) && m == 1
+/// Whether a product over `m` tokens folds here: a single token, or decode rows (each computed
+/// as a single token), where [`single_token_folds`].
+fn folds(gpu: &Gpu, m: usize, step: Step) -> bool {
+    single_token_folds(gpu) && (m == 1 || step == Step::Rows)
 }
 
 /// Whether [`matmul_fused`] runs `ws` as one dispatch: the device runs the subgroup matvec, and
