@@ -29,8 +29,8 @@ fn replay(name: &str, data: &[u8]) {
     };
     match check_body(route, body, CTX, VOCAB, "all-MiniLM-L6-v2") {
         Ok(Checked::Generate { params, prompt_len }) => {
-            assert!(prompt_len >= 1 && prompt_len < CTX, "{name}");
-            assert!(params.max_tokens >= 1 && params.max_tokens <= CTX, "{name}");
+            assert!((1..CTX).contains(&prompt_len), "{name}");
+            assert!((1..=CTX).contains(&params.max_tokens), "{name}");
             let s = &params.sampling;
             assert!((0.0..=2.0).contains(&s.temperature), "{name}");
             assert!(s.top_p > 0.0 && s.top_p <= 1.0, "{name}");

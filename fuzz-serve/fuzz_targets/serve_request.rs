@@ -141,8 +141,8 @@ fuzz_target!(|data: &[u8]| {
     const VOCAB: usize = 49152;
     match check_body(route, &body, CTX, VOCAB, "all-MiniLM-L6-v2") {
         Ok(Checked::Generate { params, prompt_len }) => {
-            assert!(prompt_len >= 1 && prompt_len < CTX);
-            assert!(params.max_tokens >= 1 && params.max_tokens <= CTX);
+            assert!((1..CTX).contains(&prompt_len));
+            assert!((1..=CTX).contains(&params.max_tokens));
             let s = &params.sampling;
             assert!((0.0..=2.0).contains(&s.temperature));
             assert!(s.top_p > 0.0 && s.top_p <= 1.0);
