@@ -124,8 +124,22 @@ fn a_long_run_neither_drifts_nor_leaks() {
     assert!(growth < bound, "RSS grew {:.3}%", growth * 100.0);
 }
 
+/// wgpu's counts of live buffers, bind groups and compute pipelines on `gpu` (all 0 unless built
+/// with the `wgpu-counters` feature). Not textures: wgpu-hal 30's Vulkan backend counts a texture
+/// when it is dropped but not when it is made (the count falls by the model's textures every
+/// cycle), so that counter says nothing here.
+fn wgpu_live(gpu: &Gpu) -> [isize; 3] {
+    let c = gpu.device.get_internal_counters().hal;
+    [
+        c.buffers.read(),
+        c.bind_groups.read(),
+        c.compute_pipelines.read(),
+    ]
+}
+
 /// Loading and dropping the model again and again: the ledger returns to 0 bytes each time, the
-/// model answers the same each time, and the resident set stays within 5% of the first cycle's.
+/// model answers the same each time, wgpu's live objects return to what the first cycle left (with
+/// the `wgpu-counters` feature), and the resident set stays within 5% of the first cycle's.
 #[test]
 fn load_unload_cycles_return_to_baseline() {
     let _serial = serial();
@@ -139,6 +153,7 @@ fn load_unload_cycles_return_to_baseline() {
     let prompt = ids_of(&run["prompt_ids"]);
     let want = ids_of(&run["new_ids"]);
     let mut rss_after = Vec::new();
+    let mut live_after = Vec::new();
     for c in 0..cycles {
         {
             let mut lm = load_lm(&gpu, &path, None, opts(64, 1)).expect("load SmolLM2");
@@ -160,7 +175,19 @@ fn load_unload_cycles_return_to_baseline() {
         let r = gpu.ledger.report();
         assert_eq!(r.current_total_bytes, 0, "cycle {c}: {}", r.to_table());
         rss_after.push(rss());
+        live_after.push(wgpu_live(&gpu));
     }
+    // After the first cycle: the device keeps the pipelines it compiled (its kernel cache), so
+    // the baseline is what stays once the first model is gone.
+    assert!(
+        live_after.iter().all(|l| l == &live_after[0]),
+        "wgpu's live buffers, bind groups, compute pipelines per cycle: {live_after:?}"
+    );
+    eprintln!(
+        "wgpu live objects after each cycle (buffers, bind groups, compute pipelines; 0 without \
+         the wgpu-counters feature): {:?}",
+        live_after[0]
+    );
     let base = rss_after[0];
     let worst = rss_after
         .iter()
