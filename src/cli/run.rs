@@ -20,6 +20,10 @@ pub(crate) struct Args {
     /// metadata, or a built-in one chosen by architecture and vocabulary when it has none).
     #[arg(long)]
     chat: bool,
+    /// Keep generating past EOS and end-of-turn tokens, up to -n tokens or the context
+    /// (llama.cpp's --ignore-eos).
+    #[arg(long)]
+    ignore_eos: bool,
 }
 
 pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
@@ -30,6 +34,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
         sampling: s,
         n_predict: n,
         chat,
+        ignore_eos,
     } = a;
     use std::io::Write;
     use wgllm::sampler::{Sampler, SamplerConfig};
@@ -64,12 +69,13 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     });
     print!("{text}");
     std::io::stdout().flush()?;
-    let (_, stats) = wgllm::model::generate::generate(
+    let (_, stats) = wgllm::model::generate::generate_with(
         lm.model.as_mut(),
         gpu,
         &lm.tokenizer,
         &ids,
         n,
+        ignore_eos,
         &mut sampler,
         &mut |t| {
             print!("{t}");

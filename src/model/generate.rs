@@ -99,6 +99,22 @@ pub fn generate(
     sampler: &mut Sampler,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(Vec<u32>, GenStats)> {
+    generate_with(model, gpu, tok, prompt, n, false, sampler, on_text)
+}
+
+/// [`generate`], and with `ignore_eos` it keeps going past EOS and end-of-turn tokens
+/// (llama.cpp's `--ignore-eos`) until `n` tokens or the context: long runs of a fixed length.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with(
+    model: &mut dyn CausalLm,
+    gpu: &Gpu,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    n: usize,
+    ignore_eos: bool,
+    sampler: &mut Sampler,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<(Vec<u32>, GenStats)> {
     model.set_all_logits(false);
     let mut stats = GenStats {
         prompt_tokens: prompt.len(),
@@ -121,7 +137,7 @@ pub fn generate(
         history.push(next);
         out.push(next);
         stats.generated_tokens += 1;
-        if tok.is_stop(next) {
+        if !ignore_eos && tok.is_stop(next) {
             stats.stopped_at_eos = true;
             break;
         }

@@ -132,8 +132,13 @@ pub enum Event {
 /// Why a request was not queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitError {
-    QueueFull { max_queue: usize },
+    QueueFull {
+        max_queue: usize,
+    },
     Stopped,
+    /// The device failed (lost, or out of memory in the driver): the model cannot run until the
+    /// server is restarted.
+    Unavailable(String),
 }
 
 impl std::fmt::Display for SubmitError {
@@ -145,6 +150,10 @@ impl std::fmt::Display for SubmitError {
                  already waiting; retry later"
             ),
             SubmitError::Stopped => f.write_str("the engine has stopped"),
+            SubmitError::Unavailable(why) => write!(
+                f,
+                "the model is unavailable since its device failed ({why}); restart the server"
+            ),
         }
     }
 }
@@ -163,6 +172,20 @@ pub struct Stats {
     /// Requests waiting for a slot.
     pub queued: AtomicUsize,
     pub busy_slots: AtomicUsize,
+    /// Set when the device failed under the model: why. From then on the engine is not ready.
+    pub fault: std::sync::Mutex<Option<String>>,
+}
+
+impl Stats {
+    fn fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Whether `e` means the device itself failed (lost, or the driver out of memory), after which
+/// nothing more can run on it, rather than one request's failure.
+pub fn is_device_fault(e: &crate::Error) -> bool {
+    matches!(e, crate::Error::Gpu { .. } | crate::Error::Readback { .. })
 }
 
 /// What the HTTP layer and the terminal chat need to know of the model.
@@ -253,12 +276,21 @@ impl Engine {
         })
     }
 
+    /// Ready to generate, or why not (the device failed under the model).
+    pub fn health(&self) -> std::result::Result<(), String> {
+        self.stats.fault().map_or(Ok(()), Err)
+    }
+
     /// Queues a request; its events arrive on the returned channel. Dropping the receiver
     /// cancels the request (its slot is freed at the next step).
     pub fn submit(
         &self,
         req: GenRequest,
     ) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
+        if let Some(why) = self.stats.fault() {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(SubmitError::Unavailable(why));
+        }
         let max_queue = self.max_queue;
         // Requests not yet in a slot first take the free slots (the engine thread may be inside
         // a step and not have assigned them yet); only the rest count against the queue.
@@ -612,6 +644,10 @@ impl<'g> Scheduler<'g> {
     /// A model error ends the request; the slot's cache is no longer trusted.
     fn fail(&mut self, i: usize, e: &crate::Error) {
         log::error!("slot {i}: {e}");
+        if is_device_fault(e) {
+            let mut fault = self.stats.fault.lock().unwrap_or_else(|e| e.into_inner());
+            fault.get_or_insert_with(|| e.to_string());
+        }
         if let Some(j) = &self.slots[i].job {
             let _ = j.events.send(Event::Error(e.to_string()));
         }

@@ -106,6 +106,14 @@ impl ApiError {
         self.body.error.param = Some(param.into());
         self
     }
+    /// The HTTP status it answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+    /// OpenAI's error object it answers with.
+    pub fn body(&self) -> &ErrorBody {
+        &self.body
+    }
     fn server(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -122,7 +130,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub type ApiResult<T> = Result<T, ApiError>;
 
 /// The routes, ready to serve.
 pub fn router(engine: Engine, embedder: Option<Embedder>, opts: ServerOptions) -> Router {
@@ -267,112 +275,22 @@ impl AppState {
         format!("{prefix}-{:x}{n:06x}", unix_time())
     }
 
-    /// The engine's parameters from a request's sampling fields.
+    /// The engine's parameters from a request's sampling fields ([`sampling_params`]); without a
+    /// seed, each request draws its own from the clock and a counter.
     fn gen_params(
         &self,
         s: &api::Sampling,
         prompt_len: usize,
         logprobs: Option<usize>,
     ) -> ApiResult<GenParams> {
-        let ctx = self.engine.info.context;
-        if prompt_len == 0 {
-            return Err(ApiError::invalid("the prompt is empty").with_param("prompt"));
-        }
-        if prompt_len >= ctx {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                Some("context_length_exceeded"),
-                format!(
-                    "the prompt has {prompt_len} tokens; this model's context is {ctx} tokens \
-                     (-c), which must also hold the completion"
-                ),
-            )
-            .with_param("messages"));
-        }
-        let (field, max_tokens) = match (s.max_completion_tokens, s.max_tokens) {
-            (Some(n), _) => ("max_completion_tokens", Some(n)),
-            (None, n) => ("max_tokens", n),
-        };
-        let max_tokens = match max_tokens {
-            None => ctx - prompt_len,
-            Some(n) if n < 1 || n as u64 > ctx as u64 => {
-                return Err(ApiError::invalid(format!(
-                    "{field} is {n}; give 1 to {ctx} (the context, -c)"
-                ))
-                .with_param(field))
-            }
-            Some(n) => n as usize,
-        };
-        if let Some(n) = s.n.filter(|&n| n != 1) {
-            return Err(ApiError::invalid(format!(
-                "n is {n}; wgllm returns one choice per request (n = 1)"
-            ))
-            .with_param("n"));
-        }
-        let defaults = SamplerConfig::default();
-        let temperature = s.temperature.unwrap_or(defaults.temperature);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(
-                ApiError::invalid(format!("temperature is {temperature}; give 0 to 2"))
-                    .with_param("temperature"),
-            );
-        }
-        let top_p = s.top_p.unwrap_or(defaults.top_p);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(
-                ApiError::invalid(format!("top_p is {top_p}; give a number in (0, 1]"))
-                    .with_param("top_p"),
-            );
-        }
-        let top_k = match s.top_k {
-            None => defaults.top_k,
-            Some(k) if k < 0 => {
-                return Err(
-                    ApiError::invalid(format!("top_k is {k}; give 0 (off) or more"))
-                        .with_param("top_k"),
-                )
-            }
-            Some(k) => k as usize,
-        };
-        for (name, v) in [
-            ("presence_penalty", s.presence_penalty),
-            ("frequency_penalty", s.frequency_penalty),
-        ] {
-            if let Some(v) = v.filter(|v| !(-2.0..=2.0).contains(v)) {
-                return Err(
-                    ApiError::invalid(format!("{name} is {v}; give -2 to 2")).with_param(name)
-                );
-            }
-        }
-        let stop = s
-            .stop
-            .clone()
-            .map(api::OneOrMany::into_vec)
-            .unwrap_or_default();
-        if stop.len() > 16 {
-            return Err(ApiError::invalid("stop takes at most 16 strings").with_param("stop"));
-        }
-        // Without a seed, each request draws its own from the clock and a counter.
-        let seed = match s.seed {
-            Some(seed) => seed as u64,
-            None => unix_nanos() ^ self.ids.fetch_add(1, Ordering::Relaxed).rotate_left(32),
-        };
-        Ok(GenParams {
-            max_tokens,
-            sampling: SamplerConfig {
-                temperature,
-                top_k,
-                top_p,
-                presence_penalty: s.presence_penalty.unwrap_or(0.0),
-                frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
-                seed,
-                ..defaults
-            },
-            stop,
+        let fallback_seed = unix_nanos() ^ self.ids.fetch_add(1, Ordering::Relaxed).rotate_left(32);
+        sampling_params(
+            s,
+            prompt_len,
+            self.engine.info.context,
             logprobs,
-            ignore_eos: s.ignore_eos.unwrap_or(false),
-        })
+            fallback_seed,
+        )
     }
 
     fn submit(&self, req: GenRequest) -> ApiResult<UnboundedReceiver<Event>> {
@@ -389,8 +307,130 @@ impl AppState {
                 Some("shutting_down"),
                 e.to_string(),
             ),
+            SubmitError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("model_unavailable"),
+                e.to_string(),
+            ),
         })
     }
+}
+
+/// The engine's parameters from a request's sampling fields, for a prompt of `prompt_len` tokens
+/// and a context of `ctx`: every field checked against its range (400 naming the field), so the
+/// engine never sees a value it would have to clamp. `fallback_seed` serves a request without one.
+pub fn sampling_params(
+    s: &api::Sampling,
+    prompt_len: usize,
+    ctx: usize,
+    logprobs: Option<usize>,
+    fallback_seed: u64,
+) -> ApiResult<GenParams> {
+    if prompt_len == 0 {
+        return Err(ApiError::invalid("the prompt is empty").with_param("prompt"));
+    }
+    if prompt_len >= ctx {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("context_length_exceeded"),
+            format!(
+                "the prompt has {prompt_len} tokens; this model's context is {ctx} tokens \
+                 (-c), which must also hold the completion"
+            ),
+        )
+        .with_param("messages"));
+    }
+    let (field, max_tokens) = match (s.max_completion_tokens, s.max_tokens) {
+        (Some(n), _) => ("max_completion_tokens", Some(n)),
+        (None, n) => ("max_tokens", n),
+    };
+    let max_tokens = match max_tokens {
+        None => ctx - prompt_len,
+        Some(n) if n < 1 || n as u64 > ctx as u64 => {
+            return Err(ApiError::invalid(format!(
+                "{field} is {n}; give 1 to {ctx} (the context, -c)"
+            ))
+            .with_param(field))
+        }
+        Some(n) => n as usize,
+    };
+    if let Some(n) = s.n.filter(|&n| n != 1) {
+        return Err(ApiError::invalid(format!(
+            "n is {n}; wgllm returns one choice per request (n = 1)"
+        ))
+        .with_param("n"));
+    }
+    let defaults = SamplerConfig::default();
+    let temperature = s.temperature.unwrap_or(defaults.temperature);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(
+            ApiError::invalid(format!("temperature is {temperature}; give 0 to 2"))
+                .with_param("temperature"),
+        );
+    }
+    let top_p = s.top_p.unwrap_or(defaults.top_p);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(
+            ApiError::invalid(format!("top_p is {top_p}; give a number in (0, 1]"))
+                .with_param("top_p"),
+        );
+    }
+    let top_k = match s.top_k {
+        None => defaults.top_k,
+        Some(k) if k < 0 => {
+            return Err(
+                ApiError::invalid(format!("top_k is {k}; give 0 (off) or more"))
+                    .with_param("top_k"),
+            )
+        }
+        Some(k) => k as usize,
+    };
+    for (name, v) in [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ] {
+        if let Some(v) = v.filter(|v| !(-2.0..=2.0).contains(v)) {
+            return Err(ApiError::invalid(format!("{name} is {v}; give -2 to 2")).with_param(name));
+        }
+    }
+    let stop = s
+        .stop
+        .clone()
+        .map(api::OneOrMany::into_vec)
+        .unwrap_or_default();
+    if stop.len() > 16 {
+        return Err(ApiError::invalid("stop takes at most 16 strings").with_param("stop"));
+    }
+    let seed = s.seed.map_or(fallback_seed, |seed| seed as u64);
+    Ok(GenParams {
+        max_tokens,
+        sampling: SamplerConfig {
+            temperature,
+            top_k,
+            top_p,
+            presence_penalty: s.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
+            seed,
+            ..defaults
+        },
+        stop,
+        logprobs,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
+    })
+}
+
+/// The process's resident set in bytes (Linux: /proc/self/statm, in pages; elsewhere none).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a constant of the system.
+    #[cfg(unix)]
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    #[cfg(not(unix))]
+    let page = 4096;
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 fn unix_time() -> u64 {
@@ -419,7 +459,12 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection
             ApiError::invalid(format!("could not read the request body: {r}"))
         }
     })?;
-    serde_json::from_slice(&body).map_err(|e| {
+    parse_json(&body)
+}
+
+/// `body` as JSON of type `T`: 400 for malformed JSON or wrong types.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
         let what = if e.is_syntax() || e.is_eof() {
             "the body is not valid JSON"
         } else {
@@ -427,6 +472,66 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection
         };
         ApiError::invalid(format!("{what}: {e}"))
     })
+}
+
+/// A route that takes a JSON body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyRoute {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+/// What [`check_body`] accepted.
+#[derive(Debug)]
+pub enum Checked {
+    /// A generation request's parameters, and its prompt's stand-in length.
+    Generate {
+        params: GenParams,
+        prompt_len: usize,
+    },
+    /// An embeddings request's inputs.
+    Embed { inputs: Vec<String>, base64: bool },
+}
+
+/// The checks a body of `route` goes through before its prompt meets the model, in the handlers'
+/// order and with the same functions: the parse, the messages or prompt, logprobs, then the
+/// sampling fields against a context of `ctx` and a vocabulary of `vocab`. Text stands in for its
+/// tokens by its length in bytes (plus one for BOS), an upper bound on what a tokenizer makes of
+/// it. The fuzz target `serve_request` and `tests/fuzz_serve_regressions.rs` run bodies through
+/// this.
+pub fn check_body(
+    route: BodyRoute,
+    body: &[u8],
+    ctx: usize,
+    vocab: usize,
+    embedding_id: &str,
+) -> ApiResult<Checked> {
+    let (sampling, prompt_len, logprobs) = match route {
+        BodyRoute::Chat => {
+            let req: api::ChatRequest = parse_json(body)?;
+            let messages = chat_messages(req.messages)?;
+            let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
+            let len = messages.iter().map(|m| m.content.len() + 8).sum::<usize>() + 1;
+            (req.sampling, len, logprobs)
+        }
+        BodyRoute::Completions => {
+            let req: api::CompletionRequest = parse_json(body)?;
+            let len = match completion_prompt(req.prompt, vocab)? {
+                CompletionPrompt::Tokens(ids) => ids.len(),
+                CompletionPrompt::Text(t) => t.len() + 1,
+            };
+            let logprobs = completion_logprobs_count(req.logprobs)?;
+            (req.sampling, len, logprobs)
+        }
+        BodyRoute::Embeddings => {
+            let req: api::EmbeddingRequest = parse_json(body)?;
+            let (_, base64, inputs) = embedding_args(req, embedding_id)?;
+            return Ok(Checked::Embed { inputs, base64 });
+        }
+    };
+    let params = sampling_params(&sampling, prompt_len, ctx, logprobs, 0)?;
+    Ok(Checked::Generate { params, prompt_len })
 }
 
 /// The whole response of a non-streaming request: text, logprobs, finish and usage.
@@ -537,6 +642,36 @@ fn content_text(c: Option<api::Content>) -> ApiResult<String> {
     })
 }
 
+/// A chat request's messages as the template takes them: at least one, text content only.
+pub fn chat_messages(messages: Vec<api::ChatMessage>) -> ApiResult<Vec<Message>> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages is empty").with_param("messages"));
+    }
+    messages
+        .into_iter()
+        .map(|m| Ok(Message::new(m.role, content_text(m.content)?)))
+        .collect()
+}
+
+/// Chat's `logprobs` and `top_logprobs`: the alternatives per token to report, if any.
+pub fn chat_logprobs(logprobs: Option<bool>, top: Option<i64>) -> ApiResult<Option<usize>> {
+    Ok(match (logprobs, top) {
+        (_, Some(n)) if !(0..=MAX_TOP_LOGPROBS).contains(&n) => {
+            return Err(ApiError::invalid(format!(
+                "top_logprobs is {n}; give 0 to {MAX_TOP_LOGPROBS}"
+            ))
+            .with_param("top_logprobs"))
+        }
+        (Some(true), n) => Some(n.unwrap_or(0) as usize),
+        (_, Some(_)) => {
+            return Err(
+                ApiError::invalid("top_logprobs needs logprobs: true").with_param("logprobs")
+            )
+        }
+        _ => None,
+    })
+}
+
 async fn chat(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -555,14 +690,7 @@ async fn chat_inner(
     st.authorize(&headers)?;
     let req: api::ChatRequest = parse_body(body)?;
     st.check_model(req.model.as_deref())?;
-    if req.messages.is_empty() {
-        return Err(ApiError::invalid("messages is empty").with_param("messages"));
-    }
-    let messages = req
-        .messages
-        .into_iter()
-        .map(|m| Ok(Message::new(m.role, content_text(m.content)?)))
-        .collect::<ApiResult<Vec<_>>>()?;
+    let messages = chat_messages(req.messages)?;
     // Templates run with fuel and a deadline; off the async threads all the same.
     let st2 = st.clone();
     let prompt = tokio::task::spawn_blocking(move || {
@@ -574,21 +702,7 @@ async fn chat_inner(
     .await
     .map_err(|e| ApiError::server(e.to_string()))?
     .map_err(|e| ApiError::invalid(e.to_string()).with_param("messages"))?;
-    let logprobs = match (req.logprobs, req.top_logprobs) {
-        (_, Some(n)) if !(0..=MAX_TOP_LOGPROBS).contains(&n) => {
-            return Err(ApiError::invalid(format!(
-                "top_logprobs is {n}; give 0 to {MAX_TOP_LOGPROBS}"
-            ))
-            .with_param("top_logprobs"))
-        }
-        (Some(true), n) => Some(n.unwrap_or(0) as usize),
-        (_, Some(_)) => {
-            return Err(
-                ApiError::invalid("top_logprobs needs logprobs: true").with_param("logprobs")
-            )
-        }
-        _ => None,
-    };
+    let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
     let params = st.gen_params(&req.sampling, prompt.len(), logprobs)?;
     let rx = st.submit(GenRequest { prompt, params })?;
     let id = st.next_id("chatcmpl");
@@ -671,6 +785,52 @@ fn completion_logprobs(lps: &[crate::serve::engine::TokenLogprobs], mut offset: 
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
 }
 
+/// A completion's prompt: one text to tokenize, or token ids already checked against the
+/// vocabulary.
+#[derive(Debug)]
+pub enum CompletionPrompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// Completions' `prompt`: one string, or token ids below `vocab`.
+pub fn completion_prompt(prompt: api::Prompt, vocab: usize) -> ApiResult<CompletionPrompt> {
+    match prompt {
+        api::Prompt::Tokens(ids) => {
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ApiError::invalid(format!(
+                    "token id {bad} is outside the vocabulary of {vocab}"
+                ))
+                .with_param("prompt"));
+            }
+            Ok(CompletionPrompt::Tokens(ids))
+        }
+        api::Prompt::Text(t) => {
+            let mut texts = t.into_vec();
+            if texts.len() != 1 {
+                return Err(ApiError::invalid(format!(
+                    "prompt holds {} strings; wgllm completes one prompt per request",
+                    texts.len()
+                ))
+                .with_param("prompt"));
+            }
+            Ok(CompletionPrompt::Text(texts.remove(0)))
+        }
+    }
+}
+
+/// Completions' `logprobs`: the alternatives per token to report, if any.
+pub fn completion_logprobs_count(logprobs: Option<i64>) -> ApiResult<Option<usize>> {
+    match logprobs {
+        None => Ok(None),
+        Some(n) if (0..=MAX_TOP_LOGPROBS).contains(&n) => Ok(Some(n as usize)),
+        Some(n) => Err(
+            ApiError::invalid(format!("logprobs is {n}; give 0 to {MAX_TOP_LOGPROBS}"))
+                .with_param("logprobs"),
+        ),
+    }
+}
+
 async fn completions(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -689,18 +849,10 @@ async fn completions_inner(
     st.authorize(&headers)?;
     let req: api::CompletionRequest = parse_body(body)?;
     st.check_model(req.model.as_deref())?;
-    let prompt = match req.prompt {
-        api::Prompt::Tokens(ids) => ids,
-        api::Prompt::Text(t) => {
-            let mut texts = t.into_vec();
-            if texts.len() != 1 {
-                return Err(ApiError::invalid(format!(
-                    "prompt holds {} strings; wgllm completes one prompt per request",
-                    texts.len()
-                ))
-                .with_param("prompt"));
-            }
-            let text = texts.remove(0);
+    let vocab = st.engine.info.tokenizer.vocab_size();
+    let prompt = match completion_prompt(req.prompt, vocab)? {
+        CompletionPrompt::Tokens(ids) => ids,
+        CompletionPrompt::Text(text) => {
             let st2 = st.clone();
             tokio::task::spawn_blocking(move || st2.engine.info.tokenizer.encode(&text, true))
                 .await
@@ -708,23 +860,7 @@ async fn completions_inner(
                 .map_err(|e| ApiError::invalid(e.to_string()).with_param("prompt"))?
         }
     };
-    let vocab = st.engine.info.tokenizer.vocab_size();
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::invalid(format!(
-            "token id {bad} is outside the vocabulary of {vocab}"
-        ))
-        .with_param("prompt"));
-    }
-    let logprobs = match req.logprobs {
-        None => None,
-        Some(n) if (0..=MAX_TOP_LOGPROBS).contains(&n) => Some(n as usize),
-        Some(n) => {
-            return Err(
-                ApiError::invalid(format!("logprobs is {n}; give 0 to {MAX_TOP_LOGPROBS}"))
-                    .with_param("logprobs"),
-            )
-        }
-    };
+    let logprobs = completion_logprobs_count(req.logprobs)?;
     let params = st.gen_params(&req.sampling, prompt.len(), logprobs)?;
     let rx = st.submit(GenRequest { prompt, params })?;
     let id = st.next_id("cmpl");
@@ -779,32 +915,21 @@ async fn completions_inner(
     .into_response())
 }
 
-async fn embeddings(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    embeddings_inner(st, headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn embeddings_inner(
-    st: Arc<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    st.authorize(&headers)?;
-    let req: api::EmbeddingRequest = parse_body(body)?;
-    let model = req.model.unwrap_or_else(|| st.opts.embedding_id.clone());
-    if model != st.opts.embedding_id {
+/// An embeddings request's model (checked against `embedding_id`), whether it asks for base64,
+/// and its inputs (1 to 2048 strings).
+pub fn embedding_args(
+    req: api::EmbeddingRequest,
+    embedding_id: &str,
+) -> ApiResult<(String, bool, Vec<String>)> {
+    let model = req.model.unwrap_or_else(|| embedding_id.to_string());
+    if model != embedding_id {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             Some("model_not_found"),
             format!(
-                "the embedding model '{model}' does not exist here; this server embeds with '{}'",
-                st.opts.embedding_id
+                "the embedding model '{model}' does not exist here; this server embeds with \
+                 '{embedding_id}'"
             ),
         )
         .with_param("model"));
@@ -827,6 +952,27 @@ async fn embeddings_inner(
         ))
         .with_param("input"));
     }
+    Ok((model, base64, inputs))
+}
+
+async fn embeddings(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    embeddings_inner(st, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn embeddings_inner(
+    st: Arc<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    st.authorize(&headers)?;
+    let req: api::EmbeddingRequest = parse_body(body)?;
+    let (model, base64, inputs) = embedding_args(req, &st.opts.embedding_id)?;
     let Some(embedder) = &st.embedder else {
         return Err(ApiError::invalid("this server has no embedding model"));
     };
@@ -874,8 +1020,16 @@ async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
-async fn health() -> Response {
-    Json(json!({"status": "ok"})).into_response()
+/// 200 `{"status": "ok"}` while the model can run; 503 with the reason once its device failed.
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    match st.engine.health() {
+        Ok(()) => Json(json!({"status": "ok"})).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "error": why})),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -970,6 +1124,14 @@ async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
         "Seconds since the server started.",
         format!("{:.1}", st.started.elapsed().as_secs_f64()),
     );
+    if let Some(rss) = resident_bytes() {
+        metric(
+            "process_resident_bytes",
+            "gauge",
+            "The server process's resident host memory (RSS), from /proc/self/statm.",
+            rss.to_string(),
+        );
+    }
     let report = st.engine.ledger.report();
     out.push_str(
         "# HELP wgllm_vram_bytes GPU buffer bytes held now, per class (the VRAM ledger).\n\
