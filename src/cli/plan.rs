@@ -75,7 +75,17 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<bool> {
         return Ok(true);
     }
     let budget = g.budget;
-    let (model, config, preset) = (a.model.as_deref(), a.config.as_deref(), a.preset.as_deref());
+    // `-m NAME` of a packaged model (`wgllm models`) plans the cached file, as `run` does.
+    let resolved = a
+        .model
+        .as_deref()
+        .map(|p| wgllm::model::load::resolve(Some(p), &mut |m| eprintln!("{m}")))
+        .transpose()?;
+    let (model, config, preset) = (
+        resolved.as_deref(),
+        a.config.as_deref(),
+        a.preset.as_deref(),
+    );
     use wgllm::model::config::ModelConfig;
     use wgllm::plan::{MemoryPlan, PlanOptions, TrainOptions};
     let mut gguf = None;
