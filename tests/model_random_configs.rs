@@ -1267,7 +1267,12 @@ fn gemma_pair_agrees(rope_factor: f64) {
     };
     let ts = tensors(&gguf_case);
     let gguf = gguf_of(&gguf_case, &ts);
-    let dir = hf_dir(&hf_case, &tensors(&hf_case), "gemma-pair");
+    // The two pair tests run in parallel in one process: a directory of their own each.
+    let dir = hf_dir(
+        &hf_case,
+        &tensors(&hf_case),
+        &format!("gemma-pair-x{rope_factor}"),
+    );
     let path = dir.0.join("config.json");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
