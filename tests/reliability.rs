@@ -7,6 +7,7 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use wgllm::kernels::attention::KvDtype;
 use wgllm::model::generate::generate_with;
@@ -124,22 +125,24 @@ fn a_long_run_neither_drifts_nor_leaks() {
     assert!(growth < bound, "RSS grew {:.3}%", growth * 100.0);
 }
 
-/// wgpu's counts of live buffers, bind groups and compute pipelines on `gpu` (all 0 unless built
-/// with the `wgpu-counters` feature). Not textures: wgpu-hal 30's Vulkan backend counts a texture
-/// when it is dropped but not when it is made (the count falls by the model's textures every
-/// cycle), so that counter says nothing here.
-fn wgpu_live(gpu: &Gpu) -> [isize; 3] {
+/// wgpu's counts of live buffers, bind groups, compute pipelines and texture views on `gpu`
+/// (wgpu's `counters` feature, which the dev-dependency on wgpu turns on in every test build).
+/// Texture views stand for textures: wgpu-hal 30's Vulkan backend counts a texture when it is
+/// dropped but not when it is made (its texture count falls by the model's textures every cycle),
+/// while it counts every view both ways, and wgllm makes one view per texture.
+fn wgpu_live(gpu: &Gpu) -> [isize; 4] {
     let c = gpu.device.get_internal_counters().hal;
     [
         c.buffers.read(),
         c.bind_groups.read(),
         c.compute_pipelines.read(),
+        c.texture_views.read(),
     ]
 }
 
 /// Loading and dropping the model again and again: the ledger returns to 0 bytes each time, the
-/// model answers the same each time, wgpu's live objects return to what the first cycle left (with
-/// the `wgpu-counters` feature), and the resident set stays within 5% of the first cycle's.
+/// model answers the same each time, wgpu's live objects return to what the first cycle left, and
+/// the resident set stays within 5% of the first cycle's.
 #[test]
 fn load_unload_cycles_return_to_baseline() {
     let _serial = serial();
@@ -154,10 +157,12 @@ fn load_unload_cycles_return_to_baseline() {
     let want = ids_of(&run["new_ids"]);
     let mut rss_after = Vec::new();
     let mut live_after = Vec::new();
+    let mut live_loaded = Vec::new();
     for c in 0..cycles {
         {
             let mut lm = load_lm(&gpu, &path, None, opts(64, 1)).expect("load SmolLM2");
             assert!(gpu.ledger.report().current_total_bytes > 0);
+            live_loaded.push(wgpu_live(&gpu));
             let (got, _) = generate_with(
                 lm.model.as_mut(),
                 &gpu,
@@ -181,12 +186,27 @@ fn load_unload_cycles_return_to_baseline() {
     // the baseline is what stays once the first model is gone.
     assert!(
         live_after.iter().all(|l| l == &live_after[0]),
-        "wgpu's live buffers, bind groups, compute pipelines per cycle: {live_after:?}"
+        "wgpu's live buffers, bind groups, compute pipelines, texture views per cycle: \
+         {live_after:?}"
     );
+    // The counters count: a loaded model holds buffers, pipelines and (weights in textures, as
+    // on lavapipe) views beyond what stays after it.
+    let (loaded, base) = (live_loaded[0], live_after[0]);
+    assert!(
+        loaded[0] > base[0] && loaded[2] > 0,
+        "wgpu's counters while loaded {loaded:?}, after {base:?}"
+    );
+    if gpu.weight_layout_or(|| unreachable!("chosen by the load"))
+        == wgllm::gpu::WeightLayout::Textures
+    {
+        assert!(
+            loaded[3] > base[3],
+            "texture views while loaded {loaded:?}, after {base:?}"
+        );
+    }
     eprintln!(
-        "wgpu live objects after each cycle (buffers, bind groups, compute pipelines; 0 without \
-         the wgpu-counters feature): {:?}",
-        live_after[0]
+        "wgpu live objects (buffers, bind groups, compute pipelines, texture views) while loaded \
+         {loaded:?}, after each cycle {base:?}"
     );
     let base = rss_after[0];
     let worst = rss_after
@@ -346,17 +366,115 @@ fn a_lost_device_is_a_typed_error() {
     );
 }
 
-/// The server's engine on a device that is then lost: the request in flight ends with an error
-/// event, the engine reports not ready (what `/health` answers 503 with), and later requests are
-/// refused as unavailable (503) instead of queued.
-#[test]
-fn a_lost_device_makes_the_engine_not_ready() {
-    let _serial = serial();
-    let Some(gpu) = own_gpu(None) else { return };
-    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
-        return;
-    };
-    let gpu = std::sync::Arc::new(gpu);
+/// A server on 127.0.0.1 in front of `engine` (no embedder), and its thread; dropping it stops
+/// the server.
+struct TestServer {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    fn start(engine: wgllm::serve::Engine) -> TestServer {
+        let router = wgllm::serve::http::router(engine, None, Default::default());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                wgllm::serve::http::serve(listener, router, Duration::from_secs(5), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        TestServer {
+            base,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut resp = ureq::get(format!("{}{path}", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .expect("GET");
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_to_string().unwrap())
+    }
+
+    fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let mut resp = ureq::post(format!("{}{path}", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .expect("POST");
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap();
+        (status, serde_json::from_str(&text).expect("a JSON body"))
+    }
+
+    /// One value of `/metrics`.
+    fn metric(&self, name: &str) -> f64 {
+        let (status, text) = self.get("/metrics");
+        assert_eq!(status, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
+    /// The ledger's bytes over all classes, as `/metrics` reports them.
+    fn vram_bytes(&self) -> f64 {
+        ["parameters", "kv-cache", "activations", "staging"]
+            .iter()
+            .map(|c| self.metric(&format!("wgllm_vram_bytes{{class=\"{c}\"}}")))
+            .sum()
+    }
+
+    /// `/health`'s status, polled until it is 200 (at most `limit`; a reload on lavapipe takes
+    /// seconds).
+    fn wait_ready(&self, limit: Duration) {
+        let t = std::time::Instant::now();
+        loop {
+            let (status, body) = self.get("/health");
+            if status == 200 {
+                return;
+            }
+            assert_eq!(status, 503, "{body}");
+            assert!(t.elapsed() < limit, "not ready after {limit:?}: {body}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An engine for SmolLM2 with 2 slots of 64 positions on a device of its own (returned, to be
+/// failed by the test).
+fn smollm2_engine() -> Option<(std::sync::Arc<Gpu>, wgllm::serve::Engine)> {
+    let gpu = std::sync::Arc::new(own_gpu(None)?);
+    let path = packaged_model(&wgllm::fetch::SMOLLM2)?;
     let o = opts(64, 2);
     let engine = wgllm::serve::Engine::start(
         gpu.clone(),
@@ -364,49 +482,146 @@ fn a_lost_device_makes_the_engine_not_ready() {
             max_queue: 4,
             chunk: o.chunk,
         },
-        move |g| wgllm::model::load::load_batch_lm(g, &path, None, o),
+        move |g| wgllm::model::load::load_batch_lm(g, &path, None, o.clone()),
     )
     .expect("start the engine");
-    let prompt = engine
-        .info
-        .tokenizer
-        .encode("Once upon a time", true)
-        .unwrap();
-    let request = || wgllm::serve::GenRequest {
-        prompt: prompt.clone(),
-        params: wgllm::serve::GenParams {
-            max_tokens: 4,
-            sampling: SamplerConfig {
-                temperature: 0.0,
-                ..Default::default()
-            },
-            stop: Vec::new(),
-            logprobs: None,
-            ignore_eos: false,
-        },
-    };
-    let finish = |mut rx: tokio::sync::mpsc::UnboundedReceiver<wgllm::serve::Event>| loop {
-        match rx.blocking_recv() {
-            Some(wgllm::serve::Event::Token { .. }) => continue,
-            other => return other,
-        }
-    };
-    assert!(matches!(
-        finish(engine.submit(request()).unwrap()),
-        Some(wgllm::serve::Event::Done { .. })
-    ));
-    assert_eq!(engine.health(), Ok(()));
-    gpu.device.destroy();
-    match finish(engine.submit(request()).unwrap()) {
-        Some(wgllm::serve::Event::Error(e)) => eprintln!("after destroy: {e}"),
-        other => panic!("a destroyed device answered {other:?}"),
+    Some((gpu, engine))
+}
+
+/// A greedy completion of 8 tokens: 200 and its text, or the status and error body.
+fn complete(s: &TestServer) -> Result<String, (u16, serde_json::Value)> {
+    let (status, v) = s.post(
+        "/v1/completions",
+        &serde_json::json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}),
+    );
+    if status == 200 {
+        Ok(v["choices"][0]["text"].as_str().expect("text").to_string())
+    } else {
+        Err((status, v))
     }
-    let why = engine
-        .health()
-        .expect_err("still ready after the device was lost");
-    assert!(!why.is_empty());
-    assert!(matches!(
-        engine.submit(request()),
-        Err(wgllm::serve::SubmitError::Unavailable(_))
-    ));
+}
+
+/// The device failed under the server: a request that hits the failure (or arrives after it) is
+/// an error, `/health` answers 503 and new requests 503 `model_unavailable` while the engine
+/// reloads the model on a new device; then `/health` is 200 again, the same greedy request gives
+/// the same text as before the failure, and `/metrics`' ledger bytes are the new device's (what
+/// the old one held, not twice that), while the old device's ledger is back to 0.
+fn the_server_recovers_from(fail: impl FnOnce(&Gpu)) {
+    let Some((gpu, engine)) = smollm2_engine() else {
+        return;
+    };
+    let s = TestServer::start(engine);
+    let before = complete(&s).expect("a completion before the failure");
+    let bytes = s.vram_bytes();
+    assert!(bytes > 50e6, "the model's bytes in /metrics: {bytes}");
+    assert_eq!(s.metric("wgllm_ready"), 1.0);
+    fail(&gpu);
+    match complete(&s) {
+        Err((status, v)) => {
+            assert!(status == 500 || status == 503, "{status}: {v}");
+            assert!(v["error"]["message"].is_string(), "{v}");
+            eprintln!("the request after the failure: {status} {v}");
+        }
+        Ok(text) => panic!("the failed device answered {text:?}"),
+    }
+    // The engine is not ready from the failure until the reload ends (at least the first
+    // backoff): /health says why, and a request is refused at once.
+    let (status, health) = s.get("/health");
+    assert_eq!(status, 503, "{health}");
+    assert!(health.contains("unavailable"), "{health}");
+    eprintln!("/health after the failure: {health}");
+    if let Err((status, v)) = complete(&s) {
+        if status == 503 {
+            assert_eq!(v["error"]["code"], "model_unavailable", "{v}");
+        }
+    }
+    s.wait_ready(Duration::from_secs(600));
+    assert_eq!(s.metric("wgllm_ready"), 1.0);
+    assert_eq!(s.metric("wgllm_device_recoveries_total"), 1.0);
+    let after = complete(&s).expect("a completion after the recovery");
+    assert_eq!(after, before, "greedy text before and after the recovery");
+    assert_eq!(
+        s.vram_bytes(),
+        bytes,
+        "the ledger's bytes on the new device"
+    );
+    assert_eq!(
+        gpu.ledger.report().current_total_bytes,
+        0,
+        "the failed device's buffers were released"
+    );
+    eprintln!("recovered: {after:?}, {bytes} ledger bytes on the new device");
+}
+
+/// The device lost (`Device::destroy` simulates it) under the server.
+#[test]
+fn the_server_recovers_from_a_lost_device() {
+    let _serial = serial();
+    the_server_recovers_from(|gpu| gpu.device.destroy());
+}
+
+/// A driver out-of-memory error under the server (injected: the next error scope, in the next
+/// forward pass, reports `wgpu::Error::OutOfMemory`).
+#[test]
+fn the_server_recovers_from_a_driver_out_of_memory_error() {
+    let _serial = serial();
+    the_server_recovers_from(|_| wgllm::gpu::inject_out_of_memory(1));
+}
+
+/// A driver out-of-memory error while loading or running, as the CLI meets it: a typed
+/// `Error::Gpu` of kind out-of-memory from the library, and from `wgllm run` a message naming it
+/// and a failing exit status (the hook injected through the environment).
+#[test]
+fn a_driver_out_of_memory_error_is_a_typed_error() {
+    let _serial = serial();
+    let Some(gpu) = own_gpu(None) else { return };
+    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
+        return;
+    };
+    wgllm::gpu::inject_out_of_memory(1);
+    match load_lm(&gpu, &path, None, opts(64, 1)) {
+        Err(wgllm::Error::Gpu { kind, context, .. }) => {
+            assert_eq!(kind, "out-of-memory", "{context}");
+            eprintln!("loading: out-of-memory in {context}");
+        }
+        Err(e) => panic!("not the driver's out-of-memory error: {e:?}"),
+        Ok(_) => panic!("the load ignored an out-of-memory error"),
+    }
+    assert_eq!(gpu.ledger.report().current_total_bytes, 0);
+    let mut lm = load_lm(&gpu, &path, None, opts(64, 1)).expect("load SmolLM2");
+    let prompt = lm.tokenizer.encode("Once upon a time", true).unwrap();
+    wgllm::gpu::inject_out_of_memory(1);
+    let err = generate_with(
+        lm.model.as_mut(),
+        &gpu,
+        &lm.tokenizer,
+        &prompt,
+        4,
+        false,
+        &mut greedy(),
+        &mut |_| true,
+    )
+    .expect_err("generated through an out-of-memory error");
+    assert!(
+        matches!(
+            &err,
+            wgllm::Error::Gpu {
+                kind: "out-of-memory",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(wgllm::serve::engine::is_device_fault(&err));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
+        .args(["run", "Hi", "-n", "2", "-c", "64", "-m", "smollm2-135m"])
+        .env(wgllm::gpu::INJECT_OOM_ENV, "1")
+        .output()
+        .expect("run wgllm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "wgllm run succeeded: {stderr}");
+    assert!(stderr.contains("out-of-memory"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    eprintln!("wgllm run: {:?}, {}", out.status, stderr.trim());
 }

@@ -79,7 +79,7 @@ fn start(c: Config) -> Option<Server> {
             max_queue: c.max_queue,
             chunk: opts.chunk,
         },
-        move |g| wgllm::model::load::load_batch_lm(g, &path, None, opts),
+        move |g| wgllm::model::load::load_batch_lm(g, &path, None, opts.clone()),
     )
     .expect("start the engine");
     let embedder = wgllm::serve::embed::Embedder::start(gpu, None).expect("embedder");

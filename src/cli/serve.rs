@@ -72,7 +72,8 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let engine = start_engine(&gpu, &a.model, a.parallel, a.max_queue)?;
     let path = wgllm::model::load::resolve(a.model.model.as_deref(), &mut |s| eprintln!("{s}"))?;
     let (model_id, aliases) = model_names(a.model.model.as_deref(), &path);
-    let embedder = wgllm::serve::embed::Embedder::start(gpu.clone(), a.embedding_model.clone())?;
+    let embedder =
+        wgllm::serve::embed::Embedder::start(engine.device(), a.embedding_model.clone())?;
     let embedding_id = match &a.embedding_model {
         Some(p) => p.display().to_string(),
         None => "all-MiniLM-L6-v2".to_string(),
@@ -147,7 +148,7 @@ pub(crate) fn start_engine(
     let t = std::time::Instant::now();
     let load_path = path.clone();
     let engine = wgllm::serve::Engine::start(gpu.clone(), engine_opts, move |gpu| {
-        wgllm::model::load::load_batch_lm(gpu, &load_path, precision, opts)
+        wgllm::model::load::load_batch_lm(gpu, &load_path, precision, opts.clone())
     })
     .with_context(|| format!("loading {}", path.display()))?;
     eprintln!(

@@ -10,6 +10,7 @@ pub mod shaders;
 pub mod texture;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -138,6 +139,8 @@ pub struct Gpu {
     /// The workgroup matvec's rows and threads per workgroup, once measured
     /// ([`crate::kernels::matmul::matvec_rows`], [`crate::kernels::matmul::matvec_threads`]).
     pub(crate) matvec_shape: std::sync::OnceLock<(u32, u32)>,
+    /// How it was opened, so that [`Gpu::reopen`] opens the same adapter the same way.
+    options: GpuOptions,
 }
 
 /// Where weight matrices live on a device.
@@ -191,6 +194,12 @@ impl Gpu {
     }
 
     pub fn new(opts: &GpuOptions) -> Result<Gpu> {
+        if let Some(n) = std::env::var(INJECT_OOM_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            inject_out_of_memory(n);
+        }
         let inst = instance();
         let all = adapters(&inst);
         if all.is_empty() {
@@ -274,7 +283,24 @@ impl Gpu {
             kernels: Mutex::new(HashMap::new()),
             weight_layout: Mutex::new(WeightLayout::from_env()),
             matvec_shape: std::sync::OnceLock::new(),
+            options: opts.clone(),
         })
+    }
+
+    /// A new device on the same adapter, opened as this one was (features, limits, a fresh
+    /// ledger with the same budget), for recovering after this one was lost. It keeps the weight
+    /// layout and matvec shape this one chose, so that a model reloaded there computes what it
+    /// computed here, bit for bit.
+    pub fn reopen(&self) -> Result<Gpu> {
+        let gpu = Gpu::new(&self.options)?;
+        let layout = *self.weight_layout.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(layout) = layout {
+            gpu.weight_layout_or(|| layout);
+        }
+        if let Some(&shape) = self.matvec_shape.get() {
+            let _ = gpu.matvec_shape.set(shape);
+        }
+        Ok(gpu)
     }
 
     /// One line naming the device, for reports and BENCHMARKS.md.
@@ -315,6 +341,34 @@ impl Gpu {
     }
 }
 
+/// Error scopes still to report an injected out-of-memory error ([`inject_out_of_memory`]).
+static INJECTED_OOM: AtomicU32 = AtomicU32::new(0);
+
+/// The variable [`Gpu::new`] reads to inject out-of-memory errors into a whole process (the CLI's
+/// test): its value is the count given to [`inject_out_of_memory`].
+#[doc(hidden)]
+pub const INJECT_OOM_ENV: &str = "WGLLM_TEST_INJECT_OOM";
+
+/// Test hook: the next `scopes` error scopes (on any device of the process; every buffer and
+/// texture creation, upload, pipeline creation and submission runs in one) report a driver
+/// out-of-memory error, the same `wgpu::Error::OutOfMemory` value the driver's would be, after
+/// running what they wrap. A real one cannot be produced on demand: lavapipe allocates host memory
+/// lazily, and a buffer larger than the host's memory is past its limits before the driver runs.
+#[doc(hidden)]
+pub fn inject_out_of_memory(scopes: u32) {
+    INJECTED_OOM.store(scopes, Ordering::SeqCst);
+}
+
+/// The injected error, if one is due.
+fn injected_oom() -> Option<wgpu::Error> {
+    INJECTED_OOM
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .ok()
+        .map(|_| wgpu::Error::OutOfMemory {
+            source: "injected by the test hook (inject_out_of_memory)".into(),
+        })
+}
+
 /// Runs `f` inside a validation and an out-of-memory error scope, and turns what they caught into
 /// [`Error::Gpu`] instead of letting wgpu panic or log.
 pub(crate) fn scoped<T>(device: &wgpu::Device, context: &str, f: impl FnOnce() -> T) -> Result<T> {
@@ -322,7 +376,7 @@ pub(crate) fn scoped<T>(device: &wgpu::Device, context: &str, f: impl FnOnce() -
     let val = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let out = f();
     let v = pollster::block_on(val.pop());
-    let o = pollster::block_on(oom.pop());
+    let o = pollster::block_on(oom.pop()).or_else(injected_oom);
     if let Some(e) = v {
         return Err(Error::Gpu {
             kind: "validation",

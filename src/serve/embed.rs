@@ -1,5 +1,7 @@
 //! Sentence embeddings for `/v1/embeddings`: a BERT encoder on its own worker thread (so a long
-//! batch of inputs never stalls the decode steps), loaded on the first request.
+//! batch of inputs never stalls the decode steps), loaded on the first request. Given the engine's
+//! [`crate::serve::engine::SharedDevice`], it follows the engine to a new device after a recovery
+//! (the encoder is loaded again there), and reports a device failure it meets to the engine.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -9,7 +11,7 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::model::bert::Bert;
-use crate::serve::engine::GpuHandle;
+use crate::serve::engine::{is_device_fault, DeviceSource};
 use crate::tokenizer::Tokenizer;
 
 /// Sequences per encoder pass.
@@ -36,24 +38,42 @@ pub struct Embedder {
 impl Embedder {
     /// Starts the worker for the encoder at `model` (a directory or a `wgllm models` name;
     /// `None`: all-MiniLM-L6-v2), which is found, fetched if needed, and loaded on first use.
-    pub fn start<G: GpuHandle>(gpu: G, model: Option<PathBuf>) -> Result<Embedder> {
+    /// `device` is a fixed device (`Arc<Gpu>`, `&'static Gpu`) or the engine's
+    /// ([`crate::serve::Engine::device`]), which the worker follows.
+    pub fn start(device: impl DeviceSource, model: Option<PathBuf>) -> Result<Embedder> {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("wgllm-embed".into())
             .spawn(move || {
-                let mut encoder: Option<Encoder> = None;
+                // The encoder and the generation of the device it is loaded on.
+                let mut encoder: Option<(u64, Encoder)> = None;
                 for job in rx {
+                    let (generation, gpu) = device.device();
+                    if encoder.as_ref().is_some_and(|(g, _)| *g != generation) {
+                        log::info!("the device was replaced; loading the embedding model again");
+                        encoder = None;
+                    }
                     if encoder.is_none() {
                         match Encoder::load(&gpu, model.as_deref()) {
-                            Ok(e) => encoder = Some(e),
+                            Ok(e) => encoder = Some((generation, e)),
                             Err(e) => {
+                                if is_device_fault(&e) {
+                                    device.report_lost(generation, e.to_string());
+                                }
                                 let _ = job.reply.send(Err(e));
                                 continue;
                             }
                         }
                     }
-                    if let Some(enc) = encoder.as_mut() {
-                        let _ = job.reply.send(enc.embed(&gpu, &job.inputs));
+                    if let Some((_, enc)) = encoder.as_mut() {
+                        let out = enc.embed(&gpu, &job.inputs);
+                        if let Err(e) = &out {
+                            if is_device_fault(e) {
+                                device.report_lost(generation, e.to_string());
+                                encoder = None;
+                            }
+                        }
+                        let _ = job.reply.send(out);
                     }
                 }
             })

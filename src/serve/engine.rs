@@ -9,18 +9,24 @@
 //! slot. Each request samples with its own [`Sampler`] (its own seed), so what it gets does not
 //! depend on the others in the batch. Tokens stream to the request's channel; a request whose
 //! receiver is gone (the client went away) frees its slot at the next step.
+//!
+//! A device error under the model (lost, or out of memory in the driver) ends the requests it hit
+//! and marks the engine not ready; the thread then drops the model, opens a new device on the same
+//! adapter ([`Gpu::reopen`]), loads the model again and serves on ([`Engine::health`] is `Ok`
+//! again). It tries [`RECOVERY_ATTEMPTS`] times, waiting longer each time, then stays not ready
+//! with the reason. Whatever else runs on the device follows it through a [`SharedDevice`].
 
 use std::collections::VecDeque;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::Result;
-use crate::gpu::ledger::Ledger;
+use crate::gpu::ledger::LedgerReport;
 use crate::gpu::Gpu;
 use crate::model::batch::{BatchLm, BatchRow};
 use crate::model::chat::ChatTemplate;
@@ -29,8 +35,142 @@ use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
 
 /// A handle to the device that threads can share: `Arc<Gpu>`, or a `&'static Gpu`.
-pub trait GpuHandle: Deref<Target = Gpu> + Clone + Send + 'static {}
-impl<T: Deref<Target = Gpu> + Clone + Send + 'static> GpuHandle for T {}
+pub trait GpuHandle: Deref<Target = Gpu> + Clone + Send + Sync + 'static {}
+impl<T: Deref<Target = Gpu> + Clone + Send + Sync + 'static> GpuHandle for T {}
+
+/// Reloads after a device failure: at most this many, before the engine gives up and stays not
+/// ready.
+pub const RECOVERY_ATTEMPTS: u32 = 5;
+/// The wait before the first reload; it doubles before each next one (0.5 + 1 + 2 + 4 + 8 s in
+/// all, besides the loads).
+pub const RECOVERY_BACKOFF: Duration = Duration::from_millis(500);
+/// How often an idle engine looks whether its device was lost.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
+/// A device, whether given by the caller (any [`GpuHandle`]) or opened by the engine.
+#[derive(Clone)]
+pub struct DeviceRef(Arc<dyn Deref<Target = Gpu> + Send + Sync>);
+
+impl DeviceRef {
+    pub fn new<G: GpuHandle>(gpu: G) -> DeviceRef {
+        DeviceRef(Arc::new(gpu))
+    }
+}
+
+impl Deref for DeviceRef {
+    type Target = Gpu;
+    fn deref(&self) -> &Gpu {
+        &**self.0
+    }
+}
+
+/// The engine's device, which it replaces when it recovers: what else runs on the device (the
+/// embedder, `/metrics`'s ledger) reads it here, and reports a failure it meets here.
+#[derive(Clone)]
+pub struct SharedDevice(Arc<DeviceState>);
+
+struct DeviceState {
+    /// The device now and its generation, which each replacement counts up.
+    current: Mutex<(u64, DeviceRef)>,
+    /// A failure of the current generation's device that the engine has yet to act on.
+    lost: Mutex<Option<(u64, String)>>,
+    /// Set with `lost`, so that the engine's idle poll does not take the lock.
+    lost_flag: AtomicBool,
+}
+
+impl SharedDevice {
+    fn new(gpu: DeviceRef) -> SharedDevice {
+        let shared = SharedDevice(Arc::new(DeviceState {
+            current: Mutex::new((0, gpu.clone())),
+            lost: Mutex::new(None),
+            lost_flag: AtomicBool::new(false),
+        }));
+        shared.watch(0, &gpu);
+        shared
+    }
+
+    /// The device now, and its generation.
+    pub fn current(&self) -> (u64, DeviceRef) {
+        self.0
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reports that the device of `generation` failed (`why`); the engine recovers at its next
+    /// step. A report about a device already replaced is ignored.
+    pub fn report_lost(&self, generation: u64, why: String) {
+        if self.current().0 != generation {
+            return;
+        }
+        let mut lost = self.0.lost.lock().unwrap_or_else(|e| e.into_inner());
+        lost.get_or_insert((generation, why));
+        self.0.lost_flag.store(true, Ordering::SeqCst);
+    }
+
+    /// A reported failure of the current device, taken.
+    fn take_lost(&self) -> Option<String> {
+        if !self.0.lost_flag.swap(false, Ordering::SeqCst) {
+            return None;
+        }
+        let generation = self.current().0;
+        let lost = self.0.lost.lock().unwrap_or_else(|e| e.into_inner()).take();
+        lost.and_then(|(g, why)| (g == generation).then_some(why))
+    }
+
+    /// Makes `gpu` the current device.
+    fn replace(&self, gpu: DeviceRef) -> u64 {
+        let generation = {
+            let mut cur = self.0.current.lock().unwrap_or_else(|e| e.into_inner());
+            *cur = (cur.0 + 1, gpu.clone());
+            cur.0
+        };
+        *self.0.lost.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.0.lost_flag.store(false, Ordering::SeqCst);
+        self.watch(generation, &gpu);
+        generation
+    }
+
+    /// Has the driver's device-lost notice of `gpu` reported here (it holds only a weak
+    /// reference: the notice of a device dropped with the engine goes nowhere).
+    fn watch(&self, generation: u64, gpu: &Gpu) {
+        let weak = Arc::downgrade(&self.0);
+        gpu.device.set_device_lost_callback(move |reason, message| {
+            if let Some(state) = weak.upgrade() {
+                SharedDevice(state).report_lost(
+                    generation,
+                    format!("the device was lost ({reason:?}): {message}"),
+                );
+            }
+        });
+    }
+}
+
+/// Where a worker finds its device: a fixed one (any [`GpuHandle`]), or the engine's
+/// [`SharedDevice`], which it follows to the new device after a recovery.
+pub trait DeviceSource: Send + 'static {
+    /// The device now, and a generation that changes when the device is replaced.
+    fn device(&self) -> (u64, DeviceRef);
+    /// Reports that the device of `generation` failed under the worker.
+    fn report_lost(&self, generation: u64, why: String);
+}
+
+impl<G: GpuHandle> DeviceSource for G {
+    fn device(&self) -> (u64, DeviceRef) {
+        (0, DeviceRef::new(self.clone()))
+    }
+    fn report_lost(&self, _generation: u64, _why: String) {}
+}
+
+impl DeviceSource for SharedDevice {
+    fn device(&self) -> (u64, DeviceRef) {
+        self.current()
+    }
+    fn report_lost(&self, generation: u64, why: String) {
+        SharedDevice::report_lost(self, generation, why)
+    }
+}
 
 /// How the engine schedules.
 #[derive(Debug, Clone)]
@@ -136,8 +276,8 @@ pub enum SubmitError {
         max_queue: usize,
     },
     Stopped,
-    /// The device failed (lost, or out of memory in the driver): the model cannot run until the
-    /// server is restarted.
+    /// The device failed (lost, or out of memory in the driver): the engine is reloading the model
+    /// on a new device, or gave up; the text says which.
     Unavailable(String),
 }
 
@@ -150,10 +290,7 @@ impl std::fmt::Display for SubmitError {
                  already waiting; retry later"
             ),
             SubmitError::Stopped => f.write_str("the engine has stopped"),
-            SubmitError::Unavailable(why) => write!(
-                f,
-                "the model is unavailable since its device failed ({why}); restart the server"
-            ),
+            SubmitError::Unavailable(why) => write!(f, "the model is unavailable: {why}"),
         }
     }
 }
@@ -172,13 +309,19 @@ pub struct Stats {
     /// Requests waiting for a slot.
     pub queued: AtomicUsize,
     pub busy_slots: AtomicUsize,
-    /// Set when the device failed under the model: why. From then on the engine is not ready.
+    /// Set while the engine is not ready: why (the device failed, and the reload under way or
+    /// given up).
     pub fault: std::sync::Mutex<Option<String>>,
+    /// Reloads that brought the model back after a device failure.
+    pub recoveries: AtomicU64,
 }
 
 impl Stats {
     fn fault(&self) -> Option<String> {
         self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn set_fault(&self, why: Option<String>) {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 }
 
@@ -211,8 +354,8 @@ pub struct Engine {
     commands: Option<mpsc::Sender<Command>>,
     pub info: Arc<ModelInfo>,
     pub stats: Arc<Stats>,
-    /// The device's ledger, for the bytes per class in `/metrics`.
-    pub ledger: Ledger,
+    /// The device the model runs on now (a new one after a recovery).
+    device: SharedDevice,
     max_queue: usize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -220,20 +363,23 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread, which loads the model with `load` (the model stays on that
     /// thread) and then serves. Returns once the model is loaded, or with the load's error.
+    /// After a device failure the thread calls `load` again, on a new device ([`Gpu::reopen`]).
     pub fn start<G: GpuHandle>(
         gpu: G,
         opts: EngineOptions,
-        load: impl FnOnce(&Gpu) -> Result<LoadedBatchLm> + Send + 'static,
+        load: impl Fn(&Gpu) -> Result<LoadedBatchLm> + Send + 'static,
     ) -> Result<Engine> {
         let max_queue = opts.max_queue.max(1);
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
-        let ledger = gpu.ledger.clone();
+        let device = SharedDevice::new(DeviceRef::new(gpu));
         let thread_stats = stats.clone();
+        let thread_device = device.clone();
         let thread = std::thread::Builder::new()
             .name("wgllm-engine".into())
             .spawn(move || {
+                let (_, gpu) = thread_device.current();
                 let loaded = match load(&gpu) {
                     Ok(l) => l,
                     Err(e) => {
@@ -249,7 +395,16 @@ impl Engine {
                     description: loaded.description,
                 });
                 let _ = ready_tx.send(Ok(info.clone()));
-                Scheduler::new(&gpu, loaded.model, info, opts, thread_stats).run(cmd_rx);
+                drop(gpu);
+                let run = Run {
+                    device: thread_device,
+                    info,
+                    opts,
+                    stats: thread_stats,
+                    commands: cmd_rx,
+                    load: Box::new(load),
+                };
+                run.serve(loaded.model);
             })
             .map_err(|e| crate::Error::invalid("serve", format!("starting the engine: {e}")))?;
         let info = match ready_rx.recv() {
@@ -270,10 +425,21 @@ impl Engine {
             commands: Some(cmd_tx),
             info,
             stats,
-            ledger,
+            device,
             max_queue,
             thread: Some(thread),
         })
+    }
+
+    /// The device the model runs on, which the engine replaces when it recovers: give it to the
+    /// workers that share the device ([`crate::serve::embed::Embedder::start`]).
+    pub fn device(&self) -> SharedDevice {
+        self.device.clone()
+    }
+
+    /// The ledger of the device the model runs on now (after a recovery: the new device's).
+    pub fn ledger_report(&self) -> LedgerReport {
+        self.device.current().1.ledger.report()
     }
 
     /// Ready to generate, or why not (the device failed under the model).
@@ -384,8 +550,116 @@ impl TextDecoder {
     }
 }
 
+/// The engine thread: serves with a [`Scheduler`] until the device fails, then reloads.
+struct Run {
+    device: SharedDevice,
+    info: Arc<ModelInfo>,
+    opts: EngineOptions,
+    stats: Arc<Stats>,
+    commands: mpsc::Receiver<Command>,
+    #[allow(clippy::type_complexity)]
+    load: Box<dyn Fn(&Gpu) -> Result<LoadedBatchLm> + Send>,
+}
+
+/// Why a scheduler stopped.
+enum Stop {
+    /// The command channel closed and every request is done.
+    Closed,
+    /// The device failed: why.
+    DeviceFault(String),
+}
+
+impl Run {
+    fn serve(self, mut model: Box<dyn BatchLm>) {
+        // Requests that were waiting for a slot when the device failed: served after the reload.
+        let mut waiting = VecDeque::new();
+        loop {
+            let (_, gpu) = self.device.current();
+            let mut scheduler = Scheduler::new(
+                &gpu,
+                &self.device,
+                model,
+                self.info.clone(),
+                self.opts.clone(),
+                self.stats.clone(),
+            );
+            scheduler.queue = std::mem::take(&mut waiting);
+            let why = match scheduler.run(&self.commands) {
+                Stop::Closed => return,
+                Stop::DeviceFault(why) => why,
+            };
+            waiting = std::mem::take(&mut scheduler.queue);
+            // The model and its caches (the old device's buffers) go before the reload.
+            drop(scheduler);
+            drop(gpu);
+            match self.recover(&why) {
+                Some(m) => model = m,
+                None => {
+                    self.refuse_all(waiting);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Opens a new device and loads the model there, with a growing wait before each attempt.
+    /// `None`: every attempt failed, and the engine is marked not ready for good.
+    fn recover(&self, why: &str) -> Option<Box<dyn BatchLm>> {
+        let (_, old) = self.device.current();
+        let mut wait = RECOVERY_BACKOFF;
+        let mut last = String::new();
+        for attempt in 1..=RECOVERY_ATTEMPTS {
+            self.stats.set_fault(Some(format!(
+                "the device failed ({why}); reloading the model on a new device, attempt                  {attempt} of {RECOVERY_ATTEMPTS}; retry later"
+            )));
+            std::thread::sleep(wait);
+            wait *= 2;
+            let tried = old.reopen().and_then(|gpu| {
+                let loaded = (self.load)(&gpu)?;
+                Ok((gpu, loaded))
+            });
+            match tried {
+                Ok((gpu, loaded))
+                    if loaded.model.slots() == self.info.slots
+                        && loaded.model.context() == self.info.context =>
+                {
+                    self.device.replace(DeviceRef::new(Arc::new(gpu)));
+                    self.stats.recoveries.fetch_add(1, Ordering::Relaxed);
+                    self.stats.set_fault(None);
+                    log::warn!("the model is loaded again on a new device (attempt {attempt})");
+                    return Some(loaded.model);
+                }
+                Ok(_) => last = "the reloaded model has other slots or context".into(),
+                Err(e) => last = e.to_string(),
+            }
+            log::error!("reload {attempt} of {RECOVERY_ATTEMPTS} failed: {last}");
+        }
+        self.stats.set_fault(Some(format!(
+            "the device failed ({why}), and {RECOVERY_ATTEMPTS} reloads on a new device failed \
+             (the last: {last}); restart the server"
+        )));
+        None
+    }
+
+    /// After recovery gave up: every request, waiting or still to come, ends with the reason.
+    fn refuse_all(&self, waiting: VecDeque<Queued>) {
+        let why = self.stats.fault().unwrap_or_default();
+        let gone = waiting.len();
+        for q in waiting {
+            let _ = q.events.send(Event::Error(why.clone()));
+        }
+        self.stats.queued.fetch_sub(gone, Ordering::SeqCst);
+        for cmd in self.commands.iter() {
+            let Command::Generate(q) = cmd;
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            let _ = q.events.send(Event::Error(why.clone()));
+        }
+    }
+}
+
 struct Scheduler<'g> {
     gpu: &'g Gpu,
+    device: &'g SharedDevice,
     model: Box<dyn BatchLm>,
     info: Arc<ModelInfo>,
     opts: EngineOptions,
@@ -399,6 +673,7 @@ struct Scheduler<'g> {
 impl<'g> Scheduler<'g> {
     fn new(
         gpu: &'g Gpu,
+        device: &'g SharedDevice,
         model: Box<dyn BatchLm>,
         info: Arc<ModelInfo>,
         opts: EngineOptions,
@@ -407,6 +682,7 @@ impl<'g> Scheduler<'g> {
         let slots = (0..model.slots()).map(|_| Slot::default()).collect();
         Scheduler {
             gpu,
+            device,
             model,
             info,
             opts,
@@ -422,16 +698,21 @@ impl<'g> Scheduler<'g> {
         self.queue.is_empty() && self.slots.iter().all(|s| s.job.is_none())
     }
 
-    fn run(mut self, commands: mpsc::Receiver<Command>) {
+    /// Serves until the channel closes and every request is done, or the device fails.
+    fn run(&mut self, commands: &mpsc::Receiver<Command>) -> Stop {
         let mut open = true;
         loop {
+            if let Some(why) = self.device.take_lost() {
+                return self.device_failed(why);
+            }
             if self.idle() {
                 if !open {
-                    return;
+                    return Stop::Closed;
                 }
-                match commands.recv() {
+                match commands.recv_timeout(IDLE_POLL) {
                     Ok(Command::Generate(q)) => self.queue.push_back(q),
-                    Err(_) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Stop::Closed,
                 }
             }
             loop {
@@ -455,7 +736,26 @@ impl<'g> Scheduler<'g> {
                     .busy_micros
                     .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
+            if let Some(why) = self.stats.fault() {
+                return self.device_failed(why);
+            }
         }
+    }
+
+    /// The device failed (in a step, or outside one: its lost notice, or a worker's report): the
+    /// requests still in slots end with the reason, and the engine is marked not ready.
+    fn device_failed(&mut self, why: String) -> Stop {
+        log::error!("{why}");
+        self.stats.set_fault(Some(format!(
+            "the device failed ({why}); reloading the model on a new device; retry later"
+        )));
+        for i in 0..self.slots.len() {
+            if let Some(j) = &self.slots[i].job {
+                let _ = j.events.send(Event::Error(why.clone()));
+            }
+            self.release(i);
+        }
+        Stop::DeviceFault(why)
     }
 
     /// Frees the slots of requests whose receiver is gone, and forgets such waiting requests.

@@ -1020,7 +1020,8 @@ async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// 200 `{"status": "ok"}` while the model can run; 503 with the reason once its device failed.
+/// 200 `{"status": "ok"}` while the model can run; 503 with the reason while it cannot (its device
+/// failed, and the engine is reloading it on a new device or gave up).
 async fn health(State(st): State<Arc<AppState>>) -> Response {
     match st.engine.health() {
         Ok(()) => Json(json!({"status": "ok"})).into_response(),
@@ -1057,6 +1058,18 @@ async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
         "counter",
         "Generation requests refused because the queue was full.",
         load(&s.rejected).to_string(),
+    );
+    metric(
+        "device_recoveries_total",
+        "counter",
+        "Reloads of the model on a new device after its device failed.",
+        load(&s.recoveries).to_string(),
+    );
+    metric(
+        "ready",
+        "gauge",
+        "1 while the model can run, 0 while its device failed (reloading, or given up).",
+        u8::from(st.engine.health().is_ok()).to_string(),
     );
     metric(
         "embedding_requests_total",
@@ -1132,7 +1145,7 @@ async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
             rss.to_string(),
         );
     }
-    let report = st.engine.ledger.report();
+    let report = st.engine.ledger_report();
     out.push_str(
         "# HELP wgllm_vram_bytes GPU buffer bytes held now, per class (the VRAM ledger).\n\
          # TYPE wgllm_vram_bytes gauge\n",

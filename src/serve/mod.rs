@@ -8,6 +8,6 @@ pub mod engine;
 pub mod http;
 
 pub use engine::{
-    Engine, EngineOptions, Event, FinishReason, GenParams, GenRequest, GpuHandle, SubmitError,
-    Usage,
+    DeviceRef, DeviceSource, Engine, EngineOptions, Event, FinishReason, GenParams, GenRequest,
+    GpuHandle, SharedDevice, SubmitError, Usage,
 };
