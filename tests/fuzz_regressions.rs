@@ -342,3 +342,139 @@ fn broken_vocabularies_are_refused_naming_the_file_and_key() {
     let e = refused("t5", &refs, &types);
     names_file_and_key(&e, "tokenizer.ggml.model");
 }
+
+// ---- string growth in templates -------------------------------------------------------------
+
+/// Templates that grow a value geometrically: every path that builds text or a sequence from
+/// parts (`~`, `+`, `*`, `join`, `replace`, `format`, `indent`, Python's methods, macro results
+/// and captured blocks, list concatenation and repetition). Each doubles its value in a loop of 64
+/// iterations (2^64 bytes if nothing stopped it) or asks for one huge value at once.
+const GROWTH: &[&str] = &[
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v|length }}",
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v|length }}",
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = s.v * 2 %}{% endfor %}{{ s.v|length }}",
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = 2 * s.v %}{% endfor %}{{ s.v|length }}",
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = [s.v, s.v]|join %}{% endfor %}",
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = ''.join([s.v, s.v]) %}{% endfor %}",
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = s.v|replace('a', 'aa') %}{% endfor %}",
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = s.v.replace('ab', 'abab') %}{% endfor %}",
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = '%s%s'|format(s.v, s.v) %}{% endfor %}",
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = '{0}{0}'.format(s.v) %}{% endfor %}",
+    "{% macro d(x) %}{{ x }}{{ x }}{% endmacro %}{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = d(s.v) %}{% endfor %}",
+    "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set t %}{{ s.v }}{{ s.v }}{% endset %}{% set s.v = t %}{% endfor %}",
+    "{% set s = namespace(v=[1]) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v|length }}",
+    "{% set s = namespace(v=[1]) %}{% for i in range(64) %}{% set s.v = s.v * 2 %}{% endfor %}{{ s.v|list|length }}",
+    "{{ ('x\n' * 1000)|indent(100000000) }}",
+    "{{ '{:>999999999}'.format('x') }}",
+    "{{ '%999999999s'|format('x') }}",
+    "{{ ([1] * 100000000) ~ '' }}",
+    concat!(
+        "{% set t %}{% for i in range(100000) %}{% for j in range(100) %}",
+        "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789",
+        "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789",
+        "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789",
+        "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789",
+        "{% endfor %}{% endfor %}{% endset %}",
+    ),
+];
+
+/// Each growth template ends with the typed limit error naming the limit it ran into (the value
+/// limit or the budget of bytes built, both `Limits::max_output`), not the deadline (2 s here).
+#[test]
+fn template_string_growth_stops_at_the_output_limit() {
+    for src in GROWTH {
+        match render(src) {
+            Err(Error::ChatTemplate {
+                kind: TemplateFailure::Limit,
+                reason,
+                ..
+            }) => assert!(reason.contains("Limits::max_output"), "{src}: {reason}"),
+            other => panic!("{src}: {other:?}"),
+        }
+    }
+}
+
+/// The process's peak resident set (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+const GROWTH_CASE: &str = "WGLLM_TEMPLATE_GROWTH_CASE";
+
+/// Each growth template's peak memory, measured in a process of its own (this test run again
+/// for one case, `GROWTH_CASE` naming it): the peak resident set with the render less the peak
+/// without it stays below the render's budget of bytes built and emitted
+/// (`BUILD_BUDGET_FACTOR` x the default 16 MiB output limit) and two values more.
+#[test]
+fn template_string_growth_peak_memory_is_bounded() {
+    use wgllm::model::chat::{ChatTemplate, Limits, Message, RenderArgs, BUILD_BUDGET_FACTOR};
+    let messages = [Message::new("user", "hi")];
+    let render_case = |src: &str| {
+        ChatTemplate::new("growth", src)
+            .render(&messages, &RenderArgs::default())
+            .map(|s| s.len())
+    };
+    if let Ok(case) = std::env::var(GROWTH_CASE) {
+        let before = peak_rss();
+        let r = match case.parse::<usize>() {
+            Ok(i) => render_case(GROWTH[i]),
+            Err(_) => render_case("{{ messages[0].content }}"),
+        };
+        println!(
+            "growth-case {case} {before} {} {:?}",
+            peak_rss(),
+            r.map_err(|e| e.to_string())
+        );
+        return;
+    }
+    let max = Limits::default().max_output as u64;
+    let bound = (BUILD_BUDGET_FACTOR as u64 + 2) * max;
+    let exe = std::env::current_exe().unwrap();
+    let measure = |case: String| -> (u64, String) {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "template_string_growth_peak_memory_is_bounded",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(GROWTH_CASE, &case)
+            .output()
+            .expect("run the case");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = stdout
+            .lines()
+            .find_map(|l| Some(l.split_once(&format!("growth-case {case} "))?.1))
+            .unwrap_or_else(|| panic!("case {case}: {stdout}"))
+            .to_string();
+        let mut f = line.splitn(3, ' ');
+        let before: u64 = f.next().unwrap().parse().unwrap();
+        let after: u64 = f.next().unwrap().parse().unwrap();
+        (after.saturating_sub(before), f.next().unwrap().to_string())
+    };
+    let (base, r) = measure("baseline".into());
+    assert!(r.starts_with("Ok("), "the baseline renders: {r}");
+    let mut worst = 0;
+    for (i, src) in GROWTH.iter().enumerate() {
+        let (grew, r) = measure(i.to_string());
+        assert!(r.contains("Limits::max_output"), "{src}: {r}");
+        let grew = grew.saturating_sub(base);
+        assert!(
+            grew <= bound,
+            "{src}: the peak resident set grew {grew} bytes (bound {bound})"
+        );
+        eprintln!("case {i}: peak resident set +{grew} bytes: {r}");
+        worst = worst.max(grew);
+    }
+    eprintln!(
+        "{} growth templates: peak resident set at most {worst} bytes above the baseline's \
+         (bound {bound})",
+        GROWTH.len()
+    );
+}

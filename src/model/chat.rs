@@ -16,23 +16,27 @@
 //! [`TemplateFailure::Limit`], not a hang. The callbacks a template can build text with here
 //! (`join`, `tojson`, Python's string methods) refuse to build a value larger than the output
 //! limit, and once the deadline has passed they fail at once, so that an abandoned render ends at
-//! its next call instead of running on. Memory has no limit of its own otherwise: minijinja has no
-//! hook in its `~`, `+` and `*` operators, so a template that keeps doubling a string with `~`
-//! can still exhaust memory within the deadline (RELIABILITY.md measures it). The environment has no loader (no
+//! its next call instead of running on. minijinja has no hook in its `~`, `+` and `*` operators,
+//! so the compiled template's instructions are rewritten before it runs ([`guard_instructions`]):
+//! each of those operators becomes a call of a function that checks the size of what it would
+//! build first, and literal text is emitted through the formatter like any value. Every value
+//! built and every byte emitted then counts against one budget per render
+//! ([`BUILD_BUDGET_FACTOR`] x the output limit), so that a render's memory is bounded by a
+//! constant multiple of `Limits::max_output`, whatever the template does. The environment has no loader (no
 //! `include` or `import` of files) and the template sees nothing but its context; the only
 //! outside state it can read is the date, through `strftime_now`.
 //!
 //! A model without a template gets a built-in one ([`Builtin`]), chosen from the architecture and
 //! the vocabulary as llama.cpp chooses its formats.
 
-use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use minijinja::machinery::{CompiledTemplate, Instruction, Instructions, TemplateConfig, Vm};
 use minijinja::value::{Kwargs, Value, ValueKind};
-use minijinja::{Environment, ErrorKind};
+use minijinja::{AutoEscape, Environment, ErrorKind, State};
 use serde::Serialize;
 
 use crate::error::{Error, Result, TemplateFailure};
@@ -191,10 +195,7 @@ impl ChatTemplate {
         let (tx, rx) = mpsc::channel();
         let (this, messages, args) = (self.clone(), messages.to_vec(), args.clone());
         let cancelled = Arc::new(AtomicBool::new(false));
-        let guard = Guard {
-            max_value: self.limits.max_output,
-            cancelled: cancelled.clone(),
-        };
+        let guard = Guard::new(self.limits.max_output, cancelled.clone());
         let spawned = std::thread::Builder::new()
             .name("chat-template".into())
             .stack_size(RENDER_STACK)
@@ -232,9 +233,33 @@ impl ChatTemplate {
         let now = self.now.unwrap_or_else(SystemTime::now);
         let source = strip_generation_tags(&self.source);
         let env = environment(&self.limits, raised.clone(), now, guard);
-        let tmpl = env
-            .template_from_named_str(TEMPLATE_NAME, &source)
-            .map_err(|e| fail(TemplateFailure::Syntax, describe(&e)))?;
+        // Compiled as `Environment::template_from_named_str` compiles (HF's trim_blocks and
+        // lstrip_blocks, no autoescape), then rewritten so that no operator builds an unchecked
+        // value.
+        let config = TemplateConfig {
+            syntax_config: Default::default(),
+            ws_config: minijinja::machinery::WhitespaceConfig {
+                keep_trailing_newline: false,
+                lstrip_blocks: true,
+                trim_blocks: true,
+            },
+            default_auto_escape: Arc::new(|_: &str| AutoEscape::None),
+        };
+        let syntax = |e: minijinja::Error| fail(TemplateFailure::Syntax, describe(&e));
+        check_constant_folding(&source, self.limits.max_output).map_err(|e| {
+            if e.kind() == ErrorKind::InvalidOperation {
+                fail(TemplateFailure::Limit, describe(&e))
+            } else {
+                syntax(e)
+            }
+        })?;
+        let compiled = CompiledTemplate::new(TEMPLATE_NAME, &source, &config).map_err(syntax)?;
+        let instructions = guard_instructions(&compiled.instructions);
+        let blocks = compiled
+            .blocks
+            .iter()
+            .map(|(name, b)| (*name, guard_instructions(b)))
+            .collect();
         let mut ctx = vec![
             ("messages", Value::from_serialize(messages)),
             ("tools", Value::from(())),
@@ -257,16 +282,22 @@ impl ChatTemplate {
             ));
         }
         let ctx: Value = ctx.into_iter().collect();
-        let mut out = BoundedWriter {
-            buf: Vec::new(),
-            max: self.limits.max_output,
-            over: false,
-        };
-        let result = tmpl.render_captured_to(ctx, &mut out);
+        // Everything reaches the output through the guarded formatter (literal text included),
+        // which counts it against the render's budget.
+        let mut out = String::new();
+        let result = Vm::new(&env)
+            .eval(
+                &instructions,
+                ctx,
+                &blocks,
+                &mut minijinja::machinery::make_string_output(&mut out),
+                AutoEscape::None,
+            )
+            .map(|_| ());
         if let Some(message) = raised.lock().ok().and_then(|mut m| m.take()) {
             return Err(fail(TemplateFailure::Raised, message));
         }
-        if out.over {
+        if out.len() > self.limits.max_output {
             return Err(fail(
                 TemplateFailure::Limit,
                 format!(
@@ -287,7 +318,7 @@ impl ChatTemplate {
             };
             return Err(fail(kind, describe(&e)));
         }
-        String::from_utf8(out.buf).map_err(|e| fail(TemplateFailure::Render, e.to_string()))
+        Ok(out)
     }
 }
 
@@ -306,19 +337,37 @@ fn describe(e: &minijinja::Error) -> String {
     s
 }
 
+/// A render may build values and emit text of this many times `Limits::max_output` bytes in all:
+/// real templates build each message's text a few times over (a string appended to per message
+/// builds the prompt's prefixes), and no more than this can be live at once.
+pub const BUILD_BUDGET_FACTOR: usize = 8;
+
 /// What the callbacks of one render check before and after they build a value: its size against
 /// `max_value` (no value larger than the whole output can be needed for it: a template building
-/// one is growing text without bound), and whether the caller has abandoned the render (its
-/// deadline passed), so that the render's thread ends at its next callback.
+/// one is growing text without bound), the bytes built and emitted so far against the render's
+/// budget, and whether the caller has abandoned the render (its deadline passed), so that the
+/// render's thread ends at its next callback.
 #[derive(Clone)]
 struct Guard {
     max_value: usize,
     cancelled: Arc<AtomicBool>,
+    /// Bytes built and emitted so far.
+    spent: Arc<AtomicUsize>,
+    budget: usize,
 }
 
 impl Guard {
     /// In every message of a guard's error, which `render_here` reports as a limit.
     const LIMIT_MARK: &'static str = "(Limits::";
+
+    fn new(max_value: usize, cancelled: Arc<AtomicBool>) -> Guard {
+        Guard {
+            max_value,
+            cancelled,
+            spent: Arc::default(),
+            budget: max_value.saturating_mul(BUILD_BUDGET_FACTOR),
+        }
+    }
 
     fn check(&self, what: &str, len: usize) -> std::result::Result<(), minijinja::Error> {
         if self.cancelled.load(Ordering::Relaxed) {
@@ -339,6 +388,26 @@ impl Guard {
         Ok(())
     }
 
+    /// [`Guard::check`], then counts `len` bytes built or emitted against the render's budget.
+    fn spend(&self, what: &str, len: usize) -> std::result::Result<(), minijinja::Error> {
+        self.check(what, len)?;
+        let spent = self
+            .spent
+            .fetch_add(len, Ordering::Relaxed)
+            .saturating_add(len);
+        if spent > self.budget {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!(
+                    "{what}: the template built and emitted more than {} bytes in all \
+                     (Limits::max_output x {BUILD_BUDGET_FACTOR})",
+                    self.budget
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The size a value counts for: a string's bytes, a sequence's or map's items when known.
     fn size(v: &Value) -> usize {
         match v.as_str() {
@@ -346,6 +415,542 @@ impl Guard {
             None => v.len().unwrap_or(0),
         }
     }
+
+    /// `v`'s text (as `{{ v }}` prints it), built only up to the value limit.
+    fn text(&self, what: &str, v: &Value) -> std::result::Result<String, minijinja::Error> {
+        if let Some(s) = v.as_str() {
+            self.check(what, s.len())?;
+            return Ok(s.to_string());
+        }
+        // A sequence prints at least 3 bytes an item ("1, "): one too long is refused before it
+        // is walked (a lazy `[1] * 10**12` would take hours to print up to the limit).
+        if matches!(
+            v.kind(),
+            ValueKind::Seq | ValueKind::Iterable | ValueKind::Map
+        ) {
+            self.check(what, items(v).saturating_mul(3))?;
+        }
+        let mut out = LimitedString {
+            buf: String::new(),
+            max: self.max_value,
+        };
+        use std::fmt::Write;
+        if write!(out, "{v}").is_err() {
+            self.check(what, self.max_value.saturating_add(1))?;
+        }
+        Ok(out.buf)
+    }
+}
+
+/// A string that refuses to grow past `max` bytes (the write fails).
+struct LimitedString {
+    buf: String,
+    max: usize,
+}
+
+impl std::fmt::Write for LimitedString {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.buf.len() + s.len() > self.max {
+            return Err(std::fmt::Error);
+        }
+        self.buf.push_str(s);
+        Ok(())
+    }
+}
+
+/// The functions the rewritten operators call ([`guard_instructions`]).
+const CONCAT_FN: &str = "__wgllm_concat";
+const ADD_FN: &str = "__wgllm_add";
+const MUL_FN: &str = "__wgllm_mul";
+
+/// `instructions` with every `~`, `+` and `*` a call of the checked function of the same meaning
+/// (same operands on the stack, one result: one instruction for one), and every piece of literal
+/// text loaded as a value and emitted through the formatter (two instructions for one; jump
+/// targets and macro offsets move accordingly).
+fn guard_instructions<'s>(instructions: &Instructions<'s>) -> Instructions<'s> {
+    let n = instructions.len() as u32;
+    // Where each old instruction lands, and where the end lands (a valid jump target).
+    let mut at = Vec::with_capacity(n as usize + 1);
+    let mut next = 0u32;
+    for i in 0..n {
+        at.push(next);
+        next += match instructions.get(i) {
+            Some(Instruction::EmitRaw(_)) => 2,
+            _ => 1,
+        };
+    }
+    at.push(next);
+    let to = |target: &u32| at.get(*target as usize).copied().unwrap_or(next);
+    let mut out = Instructions::new(instructions.name(), instructions.source());
+    for i in 0..n {
+        let Some(instr) = instructions.get(i) else {
+            break;
+        };
+        let (span, line) = (instructions.get_span(i), instructions.get_line(i));
+        let mut add = |instr: Instruction<'s>| match (span, line) {
+            (Some(span), _) => out.add_with_span(instr, span),
+            (None, Some(line)) => out.add_with_line(instr, line as u16),
+            (None, None) => out.add(instr),
+        };
+        match instr {
+            Instruction::EmitRaw(text) => {
+                add(Instruction::LoadConst(Value::from(*text)));
+                add(Instruction::Emit)
+            }
+            Instruction::StringConcat => add(Instruction::CallFunction(CONCAT_FN, Some(2))),
+            Instruction::Add => add(Instruction::CallFunction(ADD_FN, Some(2))),
+            Instruction::Mul => add(Instruction::CallFunction(MUL_FN, Some(2))),
+            Instruction::Jump(t) => add(Instruction::Jump(to(t))),
+            Instruction::JumpIfFalse(t) => add(Instruction::JumpIfFalse(to(t))),
+            Instruction::JumpIfFalseOrPop(t) => add(Instruction::JumpIfFalseOrPop(to(t))),
+            Instruction::JumpIfTrueOrPop(t) => add(Instruction::JumpIfTrueOrPop(to(t))),
+            Instruction::Iterate(t) => add(Instruction::Iterate(to(t))),
+            Instruction::BuildMacro(name, t, flags) => {
+                add(Instruction::BuildMacro(name, to(t), *flags))
+            }
+            other => add(other.clone()),
+        };
+    }
+    out
+}
+
+/// minijinja folds constant expressions while it compiles (`[1] * 10**12 ~ ''` becomes one string
+/// there), before any check of a render can run: such an expression whose value could pass
+/// `max` bytes is refused before compiling ([`folded_size`]).
+fn check_constant_folding(source: &str, max: usize) -> std::result::Result<(), minijinja::Error> {
+    use minijinja::machinery::{ast, parse, WhitespaceConfig};
+    let ws = WhitespaceConfig {
+        keep_trailing_newline: false,
+        lstrip_blocks: true,
+        trim_blocks: true,
+    };
+    let tree = parse(source, TEMPLATE_NAME, Default::default(), ws)?;
+    let mut check = |e: &ast::Expr<'_>| match folded_size(e) {
+        Some(size) if size > max as u128 => Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "a constant expression of more than {max} bytes (Limits::max_output; line {})",
+                e.span().start_line
+            ),
+        )),
+        _ => Ok(()),
+    };
+    walk_stmt(&tree, &mut check)
+}
+
+type ExprCheck<'c> = dyn FnMut(&minijinja::machinery::ast::Expr<'_>) -> std::result::Result<(), minijinja::Error>
+    + 'c;
+
+/// Calls `check` on every expression of `stmt`, nested ones included.
+fn walk_stmt(
+    stmt: &minijinja::machinery::ast::Stmt<'_>,
+    check: &mut ExprCheck<'_>,
+) -> std::result::Result<(), minijinja::Error> {
+    use minijinja::machinery::ast::Stmt;
+    let body =
+        |b: &[Stmt<'_>], check: &mut ExprCheck<'_>| b.iter().try_for_each(|s| walk_stmt(s, check));
+    match stmt {
+        Stmt::Template(t) => body(&t.children, check),
+        Stmt::EmitExpr(e) => walk_expr(&e.expr, check),
+        Stmt::EmitRaw(_) | Stmt::Continue(_) | Stmt::Break(_) => Ok(()),
+        Stmt::ForLoop(f) => {
+            walk_expr(&f.target, check)?;
+            walk_expr(&f.iter, check)?;
+            if let Some(e) = &f.filter_expr {
+                walk_expr(e, check)?;
+            }
+            body(&f.body, check)?;
+            body(&f.else_body, check)
+        }
+        Stmt::IfCond(c) => {
+            walk_expr(&c.expr, check)?;
+            body(&c.true_body, check)?;
+            body(&c.false_body, check)
+        }
+        Stmt::WithBlock(w) => {
+            for (a, b) in &w.assignments {
+                walk_expr(a, check)?;
+                walk_expr(b, check)?;
+            }
+            body(&w.body, check)
+        }
+        Stmt::Set(s) => {
+            walk_expr(&s.target, check)?;
+            walk_expr(&s.expr, check)
+        }
+        Stmt::SetBlock(s) => {
+            walk_expr(&s.target, check)?;
+            if let Some(f) = &s.filter {
+                walk_expr(f, check)?;
+            }
+            body(&s.body, check)
+        }
+        Stmt::AutoEscape(a) => {
+            walk_expr(&a.enabled, check)?;
+            body(&a.body, check)
+        }
+        Stmt::FilterBlock(f) => {
+            walk_expr(&f.filter, check)?;
+            body(&f.body, check)
+        }
+        Stmt::Block(b) => body(&b.body, check),
+        Stmt::Import(i) => {
+            walk_expr(&i.expr, check)?;
+            walk_expr(&i.name, check)
+        }
+        Stmt::FromImport(f) => {
+            walk_expr(&f.expr, check)?;
+            for (a, b) in &f.names {
+                walk_expr(a, check)?;
+                if let Some(b) = b {
+                    walk_expr(b, check)?;
+                }
+            }
+            Ok(())
+        }
+        Stmt::Extends(e) => walk_expr(&e.name, check),
+        Stmt::Include(i) => walk_expr(&i.name, check),
+        Stmt::Macro(m) => walk_macro(m, check),
+        Stmt::CallBlock(c) => {
+            walk_call(&c.call, check)?;
+            walk_macro(&c.macro_decl, check)
+        }
+        Stmt::Do(d) => walk_call(&d.call, check),
+    }
+}
+
+fn walk_macro(
+    m: &minijinja::machinery::ast::Macro<'_>,
+    check: &mut ExprCheck<'_>,
+) -> std::result::Result<(), minijinja::Error> {
+    for e in m.args.iter().chain(&m.defaults) {
+        walk_expr(e, check)?;
+    }
+    m.body.iter().try_for_each(|s| walk_stmt(s, check))
+}
+
+fn walk_call(
+    c: &minijinja::machinery::ast::Call<'_>,
+    check: &mut ExprCheck<'_>,
+) -> std::result::Result<(), minijinja::Error> {
+    walk_expr(&c.expr, check)?;
+    walk_args(&c.args, check)
+}
+
+fn walk_args(
+    args: &[minijinja::machinery::ast::CallArg<'_>],
+    check: &mut ExprCheck<'_>,
+) -> std::result::Result<(), minijinja::Error> {
+    use minijinja::machinery::ast::CallArg;
+    args.iter().try_for_each(|a| match a {
+        CallArg::Pos(e) | CallArg::Kwarg(_, e) | CallArg::PosSplat(e) | CallArg::KwargSplat(e) => {
+            walk_expr(e, check)
+        }
+    })
+}
+
+/// Calls `check` on `e` and every expression inside it.
+fn walk_expr(
+    e: &minijinja::machinery::ast::Expr<'_>,
+    check: &mut ExprCheck<'_>,
+) -> std::result::Result<(), minijinja::Error> {
+    use minijinja::machinery::ast::Expr;
+    check(e)?;
+    match e {
+        Expr::Var(_) | Expr::Const(_) => Ok(()),
+        Expr::Slice(s) => {
+            walk_expr(&s.expr, check)?;
+            for x in [&s.start, &s.stop, &s.step].into_iter().flatten() {
+                walk_expr(x, check)?;
+            }
+            Ok(())
+        }
+        Expr::UnaryOp(u) => walk_expr(&u.expr, check),
+        Expr::BinOp(b) => {
+            walk_expr(&b.left, check)?;
+            walk_expr(&b.right, check)
+        }
+        Expr::Compare(c) => {
+            walk_expr(&c.expr, check)?;
+            c.ops.iter().try_for_each(|op| walk_expr(&op.expr, check))
+        }
+        Expr::IfExpr(i) => {
+            walk_expr(&i.test_expr, check)?;
+            walk_expr(&i.true_expr, check)?;
+            match &i.false_expr {
+                Some(f) => walk_expr(f, check),
+                None => Ok(()),
+            }
+        }
+        Expr::Filter(f) => {
+            if let Some(x) = &f.expr {
+                walk_expr(x, check)?;
+            }
+            walk_args(&f.args, check)
+        }
+        Expr::Test(t) => {
+            walk_expr(&t.expr, check)?;
+            walk_args(&t.args, check)
+        }
+        Expr::GetAttr(g) => walk_expr(&g.expr, check),
+        Expr::GetItem(g) => {
+            walk_expr(&g.expr, check)?;
+            walk_expr(&g.subscript_expr, check)
+        }
+        Expr::Call(c) => walk_call(c, check),
+        Expr::List(l) => l.items.iter().try_for_each(|x| walk_expr(x, check)),
+        Expr::Map(m) => m
+            .keys
+            .iter()
+            .chain(&m.values)
+            .try_for_each(|x| walk_expr(x, check)),
+    }
+}
+
+/// An upper bound of the bytes of text minijinja's constant folding can make of `e` (a sequence
+/// counted as it prints), or `None` where `e` is not a constant, so not folded. Numbers count as
+/// short text, and as a count where they multiply (`'x' * 10**9`).
+fn folded_size(e: &minijinja::machinery::ast::Expr<'_>) -> Option<u128> {
+    use minijinja::machinery::ast::{BinOpKind, Expr};
+    const SHORT: u128 = 64;
+    match e {
+        Expr::Const(c) => Some(value_size(&c.value)),
+        Expr::List(l) => l.items.iter().try_fold(2u128, |sum, x| {
+            Some(sum.saturating_add(folded_size(x)?.saturating_add(2)))
+        }),
+        Expr::Map(m) => m.keys.iter().chain(&m.values).try_fold(2u128, |sum, x| {
+            Some(sum.saturating_add(folded_size(x)?.saturating_add(2)))
+        }),
+        Expr::UnaryOp(u) => folded_size(&u.expr).map(|_| SHORT),
+        Expr::Compare(c) => {
+            folded_size(&c.expr)?;
+            for op in &c.ops {
+                folded_size(&op.expr)?;
+            }
+            Some(SHORT)
+        }
+        Expr::BinOp(b) => {
+            let (l, r) = (folded_size(&b.left)?, folded_size(&b.right)?);
+            Some(match b.op {
+                BinOpKind::Add | BinOpKind::Concat => l.saturating_add(r),
+                BinOpKind::Mul => {
+                    let count = |x: &Expr<'_>, size: u128| {
+                        // Only a short constant is evaluated to read its count.
+                        (size <= SHORT)
+                            .then(|| x.as_const())
+                            .flatten()
+                            .and_then(|v| v.as_i64())
+                            .map_or(1, |n| n.max(0) as u128)
+                    };
+                    l.saturating_mul(count(&b.right, r))
+                        .max(r.saturating_mul(count(&b.left, l)))
+                }
+                _ => SHORT,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The text size of a constant: a string's bytes, a sequence's or map's items as they print.
+fn value_size(v: &Value) -> u128 {
+    match v.as_str() {
+        Some(s) => s.len() as u128,
+        None => match v.kind() {
+            ValueKind::Seq | ValueKind::Map | ValueKind::Iterable => {
+                v.try_iter().map_or(0, |items| {
+                    items.fold(2u128, |sum, x| sum.saturating_add(value_size(&x) + 2))
+                })
+            }
+            _ => 64,
+        },
+    }
+}
+
+/// minijinja's own `+` or `*` (`op`) of `a` and `b`, for what the checked functions leave to it
+/// (numbers), in an environment of its own.
+fn plain_op(op: &'static str, a: Value, b: Value) -> std::result::Result<Value, minijinja::Error> {
+    static ENV: std::sync::OnceLock<Environment<'static>> = std::sync::OnceLock::new();
+    let env = ENV.get_or_init(Environment::empty);
+    let expr = env.compile_expression(op)?;
+    expr.eval(minijinja::context! { a => a, b => b })
+}
+
+/// The most items a sequence built by `+` or `*` may have: the value limit at 8 bytes an item
+/// (each item is at least a pointer once the sequence is materialised).
+fn max_items(guard: &Guard) -> usize {
+    guard.max_value / 8
+}
+
+fn check_items(
+    guard: &Guard,
+    what: &str,
+    items: usize,
+) -> std::result::Result<(), minijinja::Error> {
+    if items > max_items(guard) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "{what}: a sequence of more than {} items (Limits::max_output)",
+                max_items(guard)
+            ),
+        ));
+    }
+    guard.spend(what, items.saturating_mul(8))
+}
+
+/// `a ~ b`, checked: the text of both, refused before it is built when it would pass the limit.
+fn concat(guard: &Guard, a: &Value, b: &Value) -> std::result::Result<Value, minijinja::Error> {
+    let a = guard.text("~", a)?;
+    let b = guard.text("~", b)?;
+    guard.spend("~", a.len() + b.len())?;
+    Ok(Value::from(a + &b))
+}
+
+/// A sequence's or map's items, as far as known without walking it (a lazy sequence's iterator
+/// knows its length).
+fn items(v: &Value) -> usize {
+    v.len()
+        .or_else(|| v.try_iter().ok().map(|i| i.size_hint().0))
+        .unwrap_or(0)
+}
+
+fn is_sequence(v: &Value) -> bool {
+    matches!(v.kind(), ValueKind::Seq | ValueKind::Iterable)
+}
+
+/// `a + b`, checked: strings and sequences by their size before they are built, the rest
+/// (numbers) as minijinja adds them.
+fn add(guard: &Guard, a: Value, b: Value) -> std::result::Result<Value, minijinja::Error> {
+    if let (Some(x), Some(y)) = (a.as_str(), b.as_str()) {
+        guard.spend("+", x.len() + y.len())?;
+        return Ok(Value::from([x, y].concat()));
+    }
+    if is_sequence(&a) && is_sequence(&b) {
+        check_items(guard, "+", items(&a).saturating_add(items(&b)))?;
+    }
+    plain_op("a + b", a, b)
+}
+
+/// `a * b`, checked: a string or sequence repeated, by its size before it is built.
+fn mul(guard: &Guard, a: Value, b: Value) -> std::result::Result<Value, minijinja::Error> {
+    let (item, times) = if a.is_number() { (&b, &a) } else { (&a, &b) };
+    if let Some(n) = times.as_usize() {
+        if let Some(s) = item.as_str() {
+            guard.spend("*", s.len().saturating_mul(n))?;
+        } else if is_sequence(item) {
+            check_items(guard, "*", items(item).max(1).saturating_mul(n))?;
+        }
+    }
+    plain_op("a * b", a, b)
+}
+
+/// Refuses a format string that would build more than the limit: a width or precision past it
+/// (`'%999999999s'`, `'{:>999999999}'`), or more placeholders times the longest argument than
+/// the limit (`'{0}{0}{0}...'.format(long)`). What it lets through is checked again when built.
+fn check_format(
+    guard: &Guard,
+    what: &str,
+    format: &str,
+    args: &[Value],
+) -> std::result::Result<(), minijinja::Error> {
+    let mut widest = 0usize;
+    for run in format.split(|c: char| !c.is_ascii_digit()) {
+        if !run.is_empty() {
+            widest = widest.max(run.parse::<usize>().unwrap_or(usize::MAX));
+        }
+    }
+    guard.check(what, widest)?;
+    let mut longest = 0usize;
+    for a in args {
+        longest = longest.max(guard.text(what, a)?.len());
+    }
+    let places = format.matches(['{', '%']).count();
+    let bound = places
+        .saturating_mul(longest.saturating_add(widest))
+        .saturating_add(format.len());
+    guard.check(what, bound)
+}
+
+/// The length of `s.replace(from, to)` (at most `count` replacements), without building it.
+fn replaced_len(s: &str, from: &str, to: &str, count: Option<usize>) -> usize {
+    let found = if from.is_empty() {
+        s.chars().count() + 1
+    } else {
+        s.matches(from).count()
+    };
+    let n = count.map_or(found, |c| c.min(found));
+    (s.len() - n * from.len()).saturating_add(n.saturating_mul(to.len()))
+}
+
+/// Jinja's `replace` filter (with Jinja2's optional count), checked before it is built.
+fn replace(
+    guard: &Guard,
+    value: &Value,
+    from: &Value,
+    to: &Value,
+    count: Option<usize>,
+) -> std::result::Result<Value, minijinja::Error> {
+    let s = guard.text("replace", value)?;
+    let (from, to) = (guard.text("replace", from)?, guard.text("replace", to)?);
+    guard.spend("replace", replaced_len(&s, &from, &to, count))?;
+    Ok(Value::from(match count {
+        Some(n) => s.replacen(&from, &to, n),
+        None => s.replace(&from, &to),
+    }))
+}
+
+/// Jinja's `indent` filter as minijinja has it (width, `first`, `blank`), checked before it is
+/// built: every line may grow by the width.
+fn indent(
+    guard: &Guard,
+    value: &Value,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
+    let width = match width {
+        Some(w) => w,
+        None => kwargs.get::<Option<usize>>("width")?.unwrap_or(4),
+    };
+    let first = match first {
+        Some(f) => f,
+        None => kwargs.get::<Option<bool>>("first")?.unwrap_or(false),
+    };
+    let blank = match blank {
+        Some(b) => b,
+        None => kwargs.get::<Option<bool>>("blank")?.unwrap_or(false),
+    };
+    kwargs.assert_all_used()?;
+    let text = guard.text("indent", value)?;
+    let lines = text.matches('\n').count() + 1;
+    let grown = lines.saturating_mul(width.saturating_add(1));
+    guard.spend("indent", grown.saturating_add(text.len()))?;
+    let strip = |s: &str| {
+        let s = s.strip_suffix('\n').unwrap_or(s);
+        s.strip_suffix('\r').unwrap_or(s).len()
+    };
+    let input = &text[..strip(&text)];
+    let pad = " ".repeat(width);
+    let mut out = String::new();
+    let mut lines = input.split('\n');
+    if !first {
+        out.push_str(lines.next().unwrap_or(""));
+        out.push('\n');
+    }
+    for line in lines {
+        if !line.is_empty() {
+            out.push_str(&pad);
+            out.push_str(line);
+        } else if blank {
+            out.push_str(&pad);
+        }
+        out.push('\n');
+    }
+    let keep = strip(&out);
+    out.truncate(keep);
+    Ok(Value::from(out))
 }
 
 /// Jinja's `join` (minijinja's, without autoescaping), checked by `guard` item by item: the
@@ -370,6 +975,7 @@ fn join(
         }
         guard.check("join", out.len())?;
     }
+    guard.spend("join", out.len())?;
     Ok(Value::from(out))
 }
 
@@ -387,13 +993,73 @@ fn environment<'s>(
     env.set_fuel(Some(limits.fuel));
     env.set_recursion_limit(limits.recursion);
     // Python's methods, each result checked (`"x".replace("x", s)` grows as fast as `~`).
+    // Those that can build more than they are given are checked before they build: replace by
+    // the count of what it replaces, format by its placeholders, join item by item.
     let g = guard.clone();
     env.set_unknown_method_callback(move |state, value, method, args| {
         g.check(method, 0)?;
+        if let Some(s) = value.as_str() {
+            match (method, args) {
+                ("replace", [from, to, rest @ ..]) => {
+                    let count = rest.first().and_then(|c| c.as_i64());
+                    let count = count.and_then(|c| usize::try_from(c).ok());
+                    let (from, to) = (g.text(method, from)?, g.text(method, to)?);
+                    g.check(method, replaced_len(s, &from, &to, count))?;
+                }
+                ("format", _) => check_format(&g, method, s, args)?,
+                ("join", [items]) => return join(&g, items, Some(s)),
+                _ => {}
+            }
+        }
         let v = minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)?;
-        g.check(method, Guard::size(&v))?;
+        g.spend(method, Guard::size(&v))?;
         Ok(v)
     });
+    let g = guard.clone();
+    env.add_function(CONCAT_FN, move |a: Value, b: Value| concat(&g, &a, &b));
+    let g = guard.clone();
+    env.add_function(ADD_FN, move |a: Value, b: Value| add(&g, a, b));
+    let g = guard.clone();
+    env.add_function(MUL_FN, move |a: Value, b: Value| mul(&g, a, b));
+    let g = guard.clone();
+    env.add_filter(
+        "replace",
+        move |value: &Value, from: &Value, to: &Value, count: Option<usize>| {
+            replace(&g, value, from, to, count)
+        },
+    );
+    let g = guard.clone();
+    env.add_filter(
+        "indent",
+        move |value: &Value,
+              width: Option<usize>,
+              first: Option<bool>,
+              blank: Option<bool>,
+              kwargs: Kwargs| indent(&g, value, width, first, blank, kwargs),
+    );
+    let g = guard.clone();
+    env.add_filter(
+        "format",
+        move |state: &State, format: &Value, args: minijinja::value::Rest<Value>| {
+            let text = g.text("format", format)?;
+            check_format(&g, "format", &text, &args)?;
+            let v = minijinja::filters::format(state, format, args)?;
+            g.spend("format", Guard::size(&v))?;
+            Ok(v)
+        },
+    );
+    // Every byte of the output (literal text included, see `guard_instructions`) and of captured
+    // blocks and macro results passes here.
+    let g = guard.clone();
+    env.set_formatter(move |out, state, value| {
+        let len = match value.as_str() {
+            Some(s) => s.len(),
+            None => g.text("output", value)?.len(),
+        };
+        g.spend("output", len)?;
+        minijinja::escape_formatter(out, state, value)
+    });
+
     let g = guard.clone();
     env.add_filter("join", move |value: &Value, joiner: Option<String>| {
         join(&g, value, joiner.as_deref())
@@ -438,27 +1104,6 @@ fn environment<'s>(
         )
     });
     env
-}
-
-/// Collects the output up to `max` bytes; past that every write fails, which ends the render.
-struct BoundedWriter {
-    buf: Vec<u8>,
-    max: usize,
-    over: bool,
-}
-
-impl io::Write for BoundedWriter {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        if self.buf.len() + b.len() > self.max {
-            self.over = true;
-            return Err(io::Error::other("chat template output limit"));
-        }
-        self.buf.extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Rewrites HF's `{% generation %}` / `{% endgeneration %}` as `{% if true %}` / `{% endif %}`:
@@ -542,7 +1187,7 @@ fn tojson(
     };
     let mut out = String::new();
     json.write(&mut out, value, 0)?;
-    guard.check("tojson", out.len())?;
+    guard.spend("tojson", out.len())?;
     // The output is JSON, not text to be escaped again under autoescaping.
     Ok(Value::from_safe_string(out))
 }
@@ -1122,20 +1767,20 @@ mod tests {
     }
 
     /// Runaway templates end with a typed error, quickly: endless loops run out of fuel,
-    /// unbounded recursion hits the depth limit, huge output the size limit, and work that fuel
-    /// does not see (a string rebuilt on every iteration, a filter over a lazy sequence of 10^12
-    /// items) the deadline.
+    /// unbounded recursion hits the depth limit, huge output and a string rebuilt on every
+    /// iteration the render's budget of bytes built and emitted, a join over a lazy sequence of
+    /// 10^12 items the value limit.
     #[test]
     fn runaway_templates_hit_limits() {
         let sources = [
             ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "fuel"),
             ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion limit"),
-            ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output exceeds"),
+            ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "max_output"),
             (
                 "{% set ns = namespace(s='') %}{% for i in range(100000) %}{% for j in range(100000) %}\
                  {% set ns.s = ns.s ~ 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx' %}\
                  {% endfor %}{% endfor %}",
-                "deadline",
+                "max_output",
             ),
             // join refuses its result once it passes the output limit, long before the deadline
             ("{{ ([1] * 1000000000000) | join }}", "max_output"),

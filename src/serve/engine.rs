@@ -60,7 +60,7 @@ impl DeviceRef {
 impl Deref for DeviceRef {
     type Target = Gpu;
     fn deref(&self) -> &Gpu {
-        &**self.0
+        &self.0
     }
 }
 
