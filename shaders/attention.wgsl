@@ -4,7 +4,8 @@
 // rows: common/attention_io.wgsl's row_base). Bidirectional (encoders, causal == 0): every query attends keys 0..n_keys. Both use a
 // numerically stable online softmax (flash-attention style): scores live only in workgroup memory.
 // Bindings: 0 = q (read, f32 [m, n_heads, head_dim]), 1 = k_cache, 2 = v_cache (read, u32 words in
-// the row layout of shaders/kv_cache.wgsl), 3 = out (read_write, f32 like q), 4 = params.
+// the row layout of shaders/kv_cache.wgsl), 3 = out (read_write, f32 like q), 4 = rows (the row
+// table of a batched decode step: common/attention_io.wgsl), 5 = params.
 //
 // Two entry points:
 // - `attend_rows` (decode): one workgroup per (token, head). Each tile of WG keys is split over the
@@ -37,12 +38,16 @@ fn attend_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let h = wg % p.n_heads;
     let kvh = h / p.group;
     let hd4 = p.head_dim / 4u;
+    // Row of q and out (a batched step's rows start at row0), the token's position and cache.
+    let qrow = p.row0 * p.n_heads + wg;
+    let pos = token_pos(t);
+    let cache = token_base(t);
     if (lid < hd4) {
-        r_q[lid] = q[wg * hd4 + lid] * p.scale;
+        r_q[lid] = q[qrow * hd4 + lid] * p.scale;
     }
     // Keys lo .. lo + n_keys (lo: 0 but past a sliding window's start).
-    let lo = first_key(p.pos0 + t);
-    let n_keys = select(p.n_keys, p.pos0 + t + 1u - lo, p.causal != 0u);
+    let lo = first_key(pos);
+    let n_keys = select(p.n_keys, pos + 1u - lo, p.causal != 0u);
     // V phase: thread = (vec4 column dq, key subset kg of n_kg); the rest idle there.
     let n_kg = WG / hd4;
     let dq = lid % hd4;
@@ -56,7 +61,7 @@ fn attend_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let valid = j < n_keys;
         var s = NEG;
         if (valid) {
-            let kb = row_base(lo + j, kvh);
+            let kb = row_base(cache, lo + j, kvh);
             var a = vec4<f32>(0.0);
             for (var d4 = 0u; d4 < hd4; d4++) {
                 a += r_q[d4] * k_load4(kb, d4);
@@ -90,7 +95,7 @@ fn attend_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         if (kg < n_kg) {
             let nk = min(WG, n_keys - base);
             for (var i = kg; i < nk; i += n_kg) {
-                acc += r_p[i] * v_load4(row_base(lo + base + i, kvh), dq);
+                acc += r_p[i] * v_load4(row_base(cache, lo + base + i, kvh), dq);
             }
         }
         // r_s and r_part are rewritten only after the next tile's first barrier, which every
@@ -108,7 +113,7 @@ fn attend_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         for (var g = 0u; g < n_kg; g++) {
             o += r_acc[g * hd4 + lid];
         }
-        out[wg * hd4 + lid] = o / lt;
+        out[qrow * hd4 + lid] = o / lt;
     }
 }
 
@@ -162,7 +167,7 @@ fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             let d4 = i % hd4;
             var v = vec4<f32>(0.0);
             if (kb + r < n_keys) {
-                v = k_load4(row_base(kb + r, kvh), d4);
+                v = k_load4(row_base(p.base, kb + r, kvh), d4);
             }
             t_kv[r * HD4T + d4] = v;
         }
@@ -207,7 +212,7 @@ fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             let d4 = i % hd4;
             var v = vec4<f32>(0.0);
             if (kb + r < n_keys) {
-                v = v_load4(row_base(kb + r, kvh), d4);
+                v = v_load4(row_base(p.base, kb + r, kvh), d4);
             }
             t_kv[r * HD4T + d4] = v;
         }

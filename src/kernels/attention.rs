@@ -10,14 +10,14 @@
 pub mod kv_cache;
 
 pub use kv_cache::{
-    bytes_per_token, decode, encode, ring_slots, rope_store, rope_store_scaled, store, KvCache,
-    KvDtype, MAX_HEAD_DIM,
+    bytes_per_token, decode, encode, ring_slots, rope_store, rope_store_rows, rope_store_scaled,
+    row_table, slots_per_buffer, store, KvCache, KvDtype, MAX_HEAD_DIM,
 };
 
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Gpu, Recorder};
 use crate::kernels::{params, Tensor};
-use kv_cache::{check_positions, to_u32, window_u32};
+use kv_cache::{check_positions, check_rows, to_u32, window_u32};
 
 /// Largest head_dim of the tiled prefill kernel (`HD4T * 4`); larger ones use the decode kernel.
 pub const MAX_HEAD_DIM_TILED: usize = 128;
@@ -50,10 +50,18 @@ struct AttnParams {
     window: u32,
     /// Rows of the cache's ring ([`KvCache::slots`]): key position k lives in row `k % slots`.
     slots: u32,
+    /// One sequence: the first word of its cache ([`KvCache::base_words`]).
+    base: u32,
+    /// 1: decode rows, each row's slot and position from the row table ([`attention_rows`]).
+    table: u32,
+    /// With a table: the dispatch's first row of q, out, the table and the partials.
+    row0: u32,
+    /// With a table, split entries: [`KEYS_PER_SPLIT`] (each row's parts are its own).
+    keys_per_split: u32,
     _pad: [u32; 2],
 }
 /// Bytes of the attention kernels' params (the memory planner's `Kernel::Attention`).
-pub const ATTENTION_PARAMS_BYTES: usize = 64;
+pub const ATTENTION_PARAMS_BYTES: usize = 80;
 const _: () = assert!(std::mem::size_of::<AttnParams>() == ATTENTION_PARAMS_BYTES);
 
 /// Most parts [`attention_split`] splits a token's keys in; the partials scratch
@@ -241,6 +249,69 @@ pub fn attention_split_with(
     )
 }
 
+/// [`attention_split`] of decode rows `row0..row0 + rows.len()` of `q` and `out` (`[M, n_heads,
+/// head_dim]` of the whole step), each row of its own sequence (`rows[i]` = its cache and
+/// position), in one dispatch (plus the combine pass where some row splits its keys): every
+/// cache a slot of the same buffers ([`KvCache::shares_buffers`]), `table` holding
+/// [`row_table`] of the step's rows from row 0. Each row gets the kernel, and the key split,
+/// that [`attention_split`] gives it alone, so its output is that of the row alone, bit for bit.
+/// `partials` holds [`partials_bytes`] per row of the step.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows(
+    rec: &mut Recorder,
+    rows: &[(&KvCache, usize)],
+    table: &crate::gpu::GpuBuffer,
+    row0: usize,
+    q: &Tensor,
+    scale: f32,
+    partials: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    let op = "attention rows";
+    let cache = check_rows(op, rows, table, row0)?;
+    let all = q.shape.first().copied().unwrap_or(0);
+    if row0 + rows.len() > all {
+        return Err(Error::invalid(
+            op,
+            format!("rows {row0}..{} of {all}", row0 + rows.len()),
+        ));
+    }
+    let one = Tensor {
+        shape: vec![1, q.shape.get(1).copied().unwrap_or(0), cache.head_dim],
+        ..q.clone()
+    };
+    let path = match auto_path(rec.gpu(), &one, cache) {
+        Path::Tiled => Path::Rows,
+        p => p,
+    };
+    let n_keys = |pos: usize| (pos + 1).min(cache.window.unwrap_or(usize::MAX));
+    let splits = rows
+        .iter()
+        .map(|&(_, pos)| key_splits(path == Path::Subgroup, 1, n_keys(pos)))
+        .max()
+        .unwrap_or(1);
+    let table = Some((table, row0, rows.len()));
+    if splits == 1 {
+        let keys = Keys::Causal { pos0: 0 };
+        return dispatch_table(rec, path, q, cache, keys, scale, out, None, table);
+    }
+    let n_heads = one.shape[1];
+    let need = (row0 + rows.len()) * n_heads * splits * (cache.head_dim + 4);
+    if partials.len() < need || partials.buf.buffer == out.buf.buffer {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "{splits} parts need {need} f32 of partials apart from out; '{}' has {}",
+                partials.buf.label,
+                partials.len()
+            ),
+        ));
+    }
+    let keys = Keys::Causal { pos0: 0 };
+    let split = Some((partials, splits));
+    dispatch_table(rec, path, q, cache, keys, scale, out, split, table)
+}
+
 /// Bidirectional (encoder) attention: `out = softmax(scale * q K^T) V` where every one of the `m`
 /// query tokens sees all keys `0..n_keys` (no causal mask; `q`, `out`: `[m, n_heads, head_dim]`,
 /// GQA as in [`attention`]). Keys `0..n_keys` must have been stored; `1 <= n_keys <= ctx`. Picks
@@ -410,8 +481,8 @@ fn dispatch_attention(
     dispatch(rec, path, q, cache, keys, scale, out, None)
 }
 
-/// The attention dispatch; with `split` (partials, parts), the subgroup kernel's split entry into
-/// the partials and the combine pass into `out`.
+/// The attention dispatch of one sequence; with `split` (partials, parts), the subgroup kernel's
+/// split entry into the partials and the combine pass into `out`.
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     rec: &mut Recorder,
@@ -423,7 +494,25 @@ fn dispatch(
     out: &Tensor,
     split: Option<(&Tensor, usize)>,
 ) -> Result<()> {
-    let (m, n_heads) = match q.shape[..] {
+    dispatch_table(rec, path, q, cache, keys, scale, out, split, None)
+}
+
+/// [`dispatch`], or with `table` (the row table, the first row, the rows) the decode rows of
+/// [`attention_rows`] (whose caller has checked them): then `split`'s parts are the most of any
+/// row, each row taking its own.
+#[allow(clippy::too_many_arguments)]
+fn dispatch_table(
+    rec: &mut Recorder,
+    path: Path,
+    q: &Tensor,
+    cache: &KvCache,
+    keys: Keys,
+    scale: f32,
+    out: &Tensor,
+    split: Option<(&Tensor, usize)>,
+    table: Option<(&crate::gpu::GpuBuffer, usize, usize)>,
+) -> Result<()> {
+    let (all, n_heads) = match q.shape[..] {
         [m, h, d] if m > 0 && h > 0 && d == cache.head_dim => (m, h),
         _ => {
             return Err(Error::shape(
@@ -434,6 +523,8 @@ fn dispatch(
         }
     };
     out.expect("attention out", &q.shape)?;
+    // The tokens this dispatch computes: all of q's, or the table's rows.
+    let m = table.map_or(all, |t| t.2);
     if out.buf.buffer == q.buf.buffer {
         return Err(Error::invalid("attention", "out must not alias q"));
     }
@@ -448,6 +539,8 @@ fn dispatch(
     }
     // Causal: the chunk's own positions must fit; bidirectional: the keys read.
     let (pos0, causal, n_keys) = match keys {
+        // Decode rows: checked by `check_rows`.
+        Keys::Causal { pos0 } if table.is_some() => (pos0, 1, 0),
         Keys::Causal { pos0 } => {
             check_positions("attention", cache, pos0, m)?;
             (pos0, 1, 0)
@@ -514,10 +607,14 @@ fn dispatch(
         splits: to_u32("attention", splits)?,
         window: window_u32(cache),
         slots: to_u32("attention", cache.slots)?,
+        base: to_u32("attention", cache.base_words())?,
+        table: u32::from(table.is_some()),
+        row0: to_u32("attention", table.map_or(0, |t| t.1))?,
+        keys_per_split: KEYS_PER_SPLIT as u32,
         _pad: [0; 2],
     };
     let gpu = rec.gpu();
-    let binds = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
+    let binds = [Bind::Input, Bind::Input, Bind::Input, Bind::Output, Bind::Input];
     let dtype = ("KV_DTYPE", cache.dtype.code());
     let shape = [
         dtype,
@@ -535,16 +632,35 @@ fn dispatch(
         ATTENTION_PARAMS_BYTES as u64,
         overrides,
     )?;
-    let label = match keys {
-        Keys::Causal { .. } => format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label),
-        Keys::All { .. } => format!("attention.{entry}.{}.all{n_keys}x{m}@{row0}", out.buf.label),
+    let label = match (keys, table) {
+        (_, Some((_, r0, _))) => format!("attention.{entry}.{}.rows{r0}+{m}", out.buf.label),
+        (Keys::Causal { .. }, None) => {
+            format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label)
+        }
+        (Keys::All { .. }, None) => {
+            format!("attention.{entry}.{}.all{n_keys}x{m}@{row0}", out.buf.label)
+        }
     };
     let (k, v) = (from_row(&cache.k, kv_row), from_row(&cache.v, kv_row));
+    // Without a table the `rows` binding is never read: k stands in.
+    let rows = table.map_or_else(|| k.clone(), |t| t.0.view());
     let Some((partials, _)) = split else {
-        let views = [from_row(&q.buf, q_row), k, v, from_row(&out.buf, q_row)];
+        let views = [
+            from_row(&q.buf, q_row),
+            k,
+            v,
+            from_row(&out.buf, q_row),
+            rows,
+        ];
         return rec.dispatch(&kernel, &label, &views, params(&p), gpu.groups(p.n_wg));
     };
-    let views = [q.buf.view(), k.clone(), v.clone(), partials.buf.view()];
+    let views = [
+        q.buf.view(),
+        k.clone(),
+        v.clone(),
+        partials.buf.view(),
+        rows.clone(),
+    ];
     rec.dispatch(&kernel, &label, &views, params(&p), gpu.groups(p.n_wg))?;
     // The combine pass reads the partials in q's slot; one invocation per row and vec4.
     let combine = gpu.kernel(
@@ -555,7 +671,7 @@ fn dispatch(
         overrides,
     )?;
     let n = to_u32("attention", m * n_heads * cache.head_dim / 4)?;
-    let views = [partials.buf.view(), k, v, out.buf.view()];
+    let views = [partials.buf.view(), k, v, out.buf.view(), rows];
     let label = format!("attention.attend_combine.{}@{pos0}+{m}", out.buf.label);
     rec.dispatch(
         &combine,

@@ -457,8 +457,18 @@ impl MemoryPlan {
         // Dispatches and kernel-params bytes of a list of steps, with matrices sharded as
         // `storage` shards them.
         // `rows` > 0: a batched decode step of that many rows, whose projections dispatch as a
-        // single token's (folds included) and whose RoPE/store and attention run once per row,
-        // the attention split as a decode step's at the context's end.
+        // single token's (folds included) and whose RoPE/store and attention run once for all
+        // rows (once per K/V buffer where the slots' caches are split over several: at most
+        // `row_runs`), the attention split as a decode step's at the context's end.
+        let longest_ring = pass.kv_positions.iter().copied().max().unwrap_or(0);
+        let slot_bytes = longest_ring.saturating_mul(kv_bpt) / 2;
+        let n_slots = kv_slots(cfg, &opts) as usize;
+        let per_buffer = crate::kernels::attention::slots_per_buffer(
+            slot_bytes,
+            opts.max_binding,
+            n_slots,
+        );
+        let kv_buffers = n_slots.div_ceil(per_buffer) as u64;
         let tally_rows = |steps: &[activations::Step],
                           storage: WeightStorage,
                           rows: u64|
@@ -473,8 +483,10 @@ impl MemoryPlan {
                 let n = match k {
                     Kernel::Host | Kernel::Copy => 0,
                     _ if !s.folds.dispatches(tokens) => 0,
-                    Kernel::RopeStore if rows > 0 => rows,
-                    Kernel::Attention if rows > 0 => rows * (1 + u64::from(pass.row_split_keys)),
+                    Kernel::RopeStore if rows > 0 => rows.min(kv_buffers),
+                    Kernel::Attention if rows > 0 => {
+                        rows.min(kv_buffers) * (1 + u64::from(pass.row_split_keys))
+                    }
                     Kernel::Attention if pass.split_keys => 2,
                     Kernel::DenseAttention { sequences } => sequences as u64,
                     Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
