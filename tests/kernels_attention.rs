@@ -956,3 +956,107 @@ fn windowed_refusals_happen_before_dispatch() {
     assert_eq!(attention::ring_slots(4096, Some(512), 64), 575);
     assert_eq!(attention::ring_slots(4096, Some(512), 1), 512);
 }
+
+/// Decode rows of several sequences in slot-major caches (`KvCache::slots_major`): one RoPE/store
+/// and one attention dispatch (plus the merge where a row splits its keys) for all rows, each
+/// row's q, stored keys and output bit for bit those of the row alone through `rope_store_scaled`
+/// and `attention_split`, and within the reference's tolerance. Rows short and long (one part,
+/// several), global and sliding-window rings past the window, every dtype; on the device's own
+/// kernels and on one without subgroups (the workgroup kernels GPUs run).
+#[test]
+fn decode_rows_equal_each_row_alone() {
+    let Some(gpu) = gpu() else { return };
+    let portable = Gpu::new(&wgllm::GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    for g in [gpu, &portable] {
+        for (dtype, window) in [
+            (KvDtype::F32, None),
+            (KvDtype::F16, Some(300)),
+            (KvDtype::Q8_0, None),
+            (KvDtype::F32, Some(600)),
+        ] {
+            check_rows(g, dtype, window);
+        }
+    }
+}
+
+fn check_rows(gpu: &Gpu, dtype: KvDtype, window: Option<usize>) {
+    use wgllm::kernels::rope::RopeMode;
+    let (nh, nkv, hd, ctx, chunk) = (9, 3, 64, 1500, 8);
+    // Slot of each row and its position; slot 2 has no row.
+    let rows: [(usize, usize); 4] = [(3, 1400), (0, 5), (1, 700), (4, 1100)];
+    let what = format!("{dtype:?}, window {window:?}, {}", gpu.describe());
+    let caches =
+        KvCache::slots_major(gpu, "kv", dtype, ctx, nkv, hd, window, chunk, 5, 5).unwrap();
+    assert!(caches.iter().all(|c| c.shares_buffers(&caches[0])));
+    let row = nkv * hd;
+    let mut rec = gpu.recorder();
+    let mut keep = Vec::new();
+    // Each slot's keys before its row's position: the ring's last positions, in chunks.
+    for (i, &(slot, pos)) in rows.iter().enumerate() {
+        let first = pos.saturating_sub(caches[slot].slots - chunk);
+        for a in (first..pos).step_by(chunk) {
+            let b = (a + chunk).min(pos);
+            let k = randn((b - a) * row, 100 + (i * 7919 + a) as u64, 1.0);
+            let v = randn((b - a) * row, 200 + (i * 7919 + a) as u64, 1.0);
+            let kt = tensor(gpu, "k", &[b - a, nkv, hd], &k);
+            let vt = tensor(gpu, "v", &[b - a, nkv, hd], &v);
+            attention::store(&mut rec, &caches[slot], &kt, &vt, a).unwrap();
+            keep.push((kt, vt));
+        }
+    }
+    rec.submit().unwrap();
+    let n = rows.len();
+    let q = randn(n * nh * hd, 31, 1.0);
+    let k = randn(n * row, 32, 1.0);
+    let v = randn(n * row, 33, 1.0);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (theta, mode) = (10000.0, RopeMode::Half);
+    let parts = attention::partials_bytes(nh, hd) as usize / 4;
+    let partials = gpu.tensor("partials", Activations, &[n * parts]).unwrap();
+    // All rows at once.
+    let kvs: Vec<(&KvCache, usize)> = rows.iter().map(|&(s, p)| (&caches[s], p)).collect();
+    let table_words = attention::row_table(&kvs).unwrap();
+    let table = gpu.tensor("rows", Activations, &[2 * n]).unwrap();
+    gpu.write(&table.buf, 0, bytemuck::cast_slice(&table_words))
+        .unwrap();
+    let qt = tensor(gpu, "q", &[n, nh, hd], &q);
+    let kt = tensor(gpu, "k", &[n, nkv, hd], &k);
+    let vt = tensor(gpu, "v", &[n, nkv, hd], &v);
+    let out = gpu.tensor("out", Activations, &[n, nh, hd]).unwrap();
+    let mut rec = gpu.recorder();
+    let t = &table.buf;
+    attention::rope_store_rows(&mut rec, &kvs, t, 0, &qt, &kt, &vt, theta, 1.0, mode, hd)
+        .unwrap();
+    attention::attention_rows(&mut rec, &kvs, t, 0, &qt, scale, &partials, &out).unwrap();
+    assert!(rec.len() <= 3, "{what}: {} dispatches for the rows", rec.len());
+    rec.submit().unwrap();
+    let (got_q, got) = (gpu.read(&qt).unwrap(), gpu.read(&out).unwrap());
+    // Each row alone, over the same cache (its store rewrites the same rows).
+    for (i, &(kv, pos)) in kvs.iter().enumerate() {
+        let qi = tensor(gpu, "qi", &[1, nh, hd], &q[i * nh * hd..][..nh * hd]);
+        let ki = tensor(gpu, "ki", &[1, nkv, hd], &k[i * row..][..row]);
+        let vi = tensor(gpu, "vi", &[1, nkv, hd], &v[i * row..][..row]);
+        let oi = gpu.tensor("oi", Activations, &[1, nh, hd]).unwrap();
+        let mut rec = gpu.recorder();
+        attention::rope_store_scaled(&mut rec, kv, &qi, &ki, &vi, pos, theta, 1.0, mode, hd)
+            .unwrap();
+        attention::attention_split(&mut rec, &qi, kv, pos, scale, &partials, &oi).unwrap();
+        rec.submit().unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let (alone_q, alone) = (gpu.read(&qi).unwrap(), gpu.read(&oi).unwrap());
+        let rq = &got_q[i * nh * hd..][..nh * hd];
+        assert_eq!(bits(rq), bits(&alone_q), "{what}: row {i}'s rotated q");
+        let ro = &got[i * nh * hd..][..nh * hd];
+        assert_eq!(bits(ro), bits(&alone), "{what}: row {i} (position {pos})");
+        // And the reference over the keys the row sees, as the cache holds them.
+        let n_keys = (pos + 1).min(window.unwrap_or(usize::MAX));
+        let (kc, vc) = kv.read_positions(gpu, pos + 1 - n_keys, n_keys).unwrap();
+        let shape = (1, nh, nkv, hd);
+        let want = attention::reference_windowed(rq, &kc, &vc, shape, n_keys - 1, None, scale);
+        assert_close(&format!("{what}: row {i}"), ro, &want, NMSE_ATTN);
+    }
+}
