@@ -125,13 +125,6 @@ fn put(row: u32, lane: u32, s: Query) {
     if (HD4 > 3u) { out[i + 3u] = s.acc.a3 * inv; }
 }
 
-// Token t's keys: (lo, n_keys), keys lo .. lo + n_keys (lo: 0 but past a sliding window's start).
-fn token_keys(t: u32) -> vec2<u32> {
-    let pos = token_pos(t);
-    let lo = first_key(pos);
-    return vec2<u32>(lo, select(p.n_keys, pos + 1u - lo, p.causal != 0u));
-}
-
 // One token's G queries over part `part` of `parts` of its keys, left in q0..q7.
 fn attend(t: u32, kvh: u32, lane: u32, part: u32, parts: u32) {
     let row = (p.row0 + t) * p.n_heads + kvh * G;
@@ -183,11 +176,6 @@ fn attend_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if (G > 5u) { put(row + 5u, lane, q5); }
     if (G > 6u) { put(row + 6u, lane, q6); }
     if (G > 7u) { put(row + 7u, lane, q7); }
-}
-
-// vec4s of one query row's partial state of one split.
-fn partial_len() -> u32 {
-    return p.head_dim / 4u + 1u;
 }
 
 // Writes query row `row`'s partial state of split `part` (see the top of the file).
@@ -245,35 +233,4 @@ fn attend_sg_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     if (G > 5u) { put_split(row + 5u, part, parts, lane, q5); }
     if (G > 6u) { put_split(row + 6u, part, parts, lane, q6); }
     if (G > 7u) { put_split(row + 7u, part, parts, lane, q7); }
-}
-
-// One invocation per query row and vec4 of head_dim: merges the row's splits (partials bound as q).
-@compute @workgroup_size(64)
-fn attend_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let hd4 = p.head_dim / 4u;
-    let i = gid.x + gid.y * nwg.x * 64u;
-    if (i >= p.m * p.n_heads * hd4) {
-        return;
-    }
-    let row = p.row0 * p.n_heads + i / hd4;
-    let d4 = i % hd4;
-    let base = row * p.splits * partial_len();
-    let parts = row_parts(token_keys(i / hd4 / p.n_heads).y);
-    if (p.table != 0u && parts == 1u) {
-        out[row * hd4 + d4] = q[base + 1u + d4]; // finished by the split entry
-        return;
-    }
-    var m = NEG;
-    for (var s = 0u; s < parts; s++) {
-        m = max(m, q[base + s * partial_len()].x);
-    }
-    var l = 0.0;
-    var acc = vec4<f32>(0.0);
-    for (var s = 0u; s < parts; s++) {
-        let o = base + s * partial_len();
-        let w = exp(q[o].x - m);
-        l += q[o].y * w;
-        acc += q[o + 1u + d4] * w;
-    }
-    out[row * hd4 + d4] = acc / l;
 }

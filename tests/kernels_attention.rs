@@ -19,6 +19,9 @@ enum Entry {
     /// attention_sg.wgsl with the keys split in this many parts and merged; 0: `attention_split`'s
     /// own choice.
     Split(usize),
+    /// attention.wgsl's grouped decode kernel (GPUs) with the keys in this many parts (1: no
+    /// merge), forced on any device.
+    Grouped(usize),
 }
 
 fn tensor(gpu: &Gpu, label: &str, shape: &[usize], data: &[f32]) -> Tensor {
@@ -116,6 +119,13 @@ fn check(gpu: &Gpu, c: Case) {
                 let (q, c) = (&qt, &cache);
                 attention::attention_split_with(&mut rec, q, c, pos0, scale, &part, &out, parts)
             }
+        }
+        Entry::Grouped(parts) => {
+            let bytes = attention::partials_bytes(n_heads, hd) as usize * m;
+            let part = gpu.tensor("partials", Activations, &[bytes / 4]).unwrap();
+            keep.push((part.clone(), part.clone()));
+            let (q, c) = (&qt, &cache);
+            attention::attention_grouped(&mut rec, q, c, pos0, scale, &part, &out, parts)
         }
     }
     .unwrap();
@@ -433,7 +443,59 @@ fn split_keys_match_reference() {
     let most = attention::key_splits(true, 1, 1 << 20);
     assert!((2..=attention::MAX_KEY_SPLITS).contains(&most), "{most}");
     assert_eq!(attention::key_splits(true, 2, 1 << 20), 1);
-    assert_eq!(attention::key_splits(false, 1, 1 << 20), 1);
+    // The grouped workgroup kernel (GPUs): a part per KEYS_PER_SPLIT keys, up to the most.
+    assert_eq!(attention::key_splits(false, 1, 2 * per - 1), 1);
+    assert_eq!(attention::key_splits(false, 1, 5 * per), 5);
+    let most = attention::key_splits(false, 1, 1 << 20);
+    assert_eq!(most, attention::MAX_KEY_SPLITS);
+    assert_eq!(attention::key_splits(false, 2, 1 << 20), 1);
+}
+
+/// The grouped decode kernel of GPUs (split-K, the G query heads of a GQA group sharing each K/V
+/// load), forced on this device and on one without subgroups: every part count (parts empty or
+/// of one key), groups of 1 to 8, every dtype, head_dim up to 256, huge scores.
+#[test]
+fn grouped_decode_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    let portable = Gpu::new(&wgllm::GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    for g in [gpu, &portable] {
+        for (heads, hd) in [((9, 3), 64), ((4, 4), 32), ((16, 2), 128), ((8, 1), 256), ((3, 1), 96)] {
+            for (n_keys, parts) in [(1, 1), (37, 1), (300, 1), (5, 8), (37, 3), (300, 16), (129, 5)] {
+                check(g, case(Entry::Grouped(parts), KvDtype::F32, heads, hd, n_keys, 1));
+            }
+        }
+        for dtype in KvDtype::ALL {
+            check(g, case(Entry::Grouped(4), dtype, (6, 2), 64, 700, 1));
+            check(g, case(Entry::Grouped(1), dtype, (6, 2), 64, 70, 1));
+        }
+        let huge = Case {
+            mag: 30.0,
+            k_shift: 30.0,
+            tol: NMSE_HUGE_SCORES,
+            ..case(Entry::Grouped(7), KvDtype::F32, (4, 2), 64, 90, 1)
+        };
+        check(g, huge);
+        // The automatic choice on a device without subgroups: the grouped kernel, split from
+        // 2 * KEYS_PER_SPLIT keys.
+        if !wgllm::kernels::matmul::subgroup_matvec_ok(g) {
+            for n_keys in [300, 1100] {
+                check(g, case(Entry::Split(0), KvDtype::F32, (9, 3), 64, n_keys, 1));
+            }
+        }
+    }
+    // Groups past 8 are refused before dispatch.
+    let cache = KvCache::new(gpu, "kv", KvDtype::F32, 8, 1, 64).unwrap();
+    let q = gpu.tensor("q", Activations, &[1, 9, 64]).unwrap();
+    let out = gpu.tensor("out", Activations, &[1, 9, 64]).unwrap();
+    let part = gpu.tensor("partials", Activations, &[1 << 16]).unwrap();
+    let mut rec = gpu.recorder();
+    let e = attention::attention_grouped(&mut rec, &q, &cache, 4, 1.0, &part, &out, 2).unwrap_err();
+    assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    assert!(rec.is_empty());
 }
 
 #[test]
@@ -803,6 +865,9 @@ fn check_windowed(gpu: &Gpu, c: WindowCase) -> usize {
             Entry::Split(n) => {
                 attention::attention_split_with(r, &qt, cc, pos0, scale, &part, &out, n)
             }
+            Entry::Grouped(n) => {
+                attention::attention_grouped(r, &qt, cc, pos0, scale, &part, &out, n)
+            }
         }
         .unwrap();
         rec.submit().unwrap();
@@ -854,7 +919,13 @@ fn check_windowed(gpu: &Gpu, c: WindowCase) -> usize {
 fn windowed_attention_matches_masked_reference() {
     let Some(gpu) = gpu() else { return };
     let sg = subgroup_device(gpu);
-    let mut entries = vec![Entry::Decode, Entry::Prefill, Entry::Auto];
+    let mut entries = vec![
+        Entry::Decode,
+        Entry::Prefill,
+        Entry::Auto,
+        Entry::Grouped(1),
+        Entry::Grouped(3),
+    ];
     if sg {
         entries.extend([Entry::Subgroup, Entry::Split(3), Entry::Split(0)]);
     }

@@ -67,6 +67,13 @@ fn row_base(base: u32, pos: u32, kvh: u32) -> u32 {
     return base + ((pos % p.slots) * p.n_kv_heads + kvh) * p.row_words;
 }
 
+// Token t's keys: (lo, n_keys), keys lo .. lo + n_keys (lo: 0 but past a sliding window's start).
+fn token_keys(t: u32) -> vec2<u32> {
+    let pos = token_pos(t);
+    let lo = first_key(pos);
+    return vec2<u32>(lo, select(p.n_keys, pos + 1u - lo, p.causal != 0u));
+}
+
 // Parts a decode row's keys are split in by the split entries: with a row table each row's own
 // (its keys / keys_per_split, 1 to splits: what the host's `key_splits` gives that row alone),
 // else the dispatch's.
@@ -120,3 +127,45 @@ fn v_load4(base: u32, d4: u32) -> vec4<f32> {
     return q8_scale(v_cache[base + b / 2u], b) * q8_quads(v_cache[base + nsw + d4]);
 }
 
+// ---- split keys: the merge of the parts ----------------------------------------------------------
+// The split entries (attention_sg.wgsl's attend_sg_split, attention.wgsl's attend_group_split)
+// write each query row's partial state of each part in the `out` binding: per row and part one
+// vec4 (m, l, 0, 0), the running maximum and sum, then head_dim / 4 vec4s of the unnormalised V
+// sum, at ((row * splits) + part) * partial_len(). With a row table, a row of one part holds its
+// finished output in its first part's V sum instead.
+
+// vec4s of one query row's partial state of one split.
+fn partial_len() -> u32 {
+    return p.head_dim / 4u + 1u;
+}
+
+// One invocation per query row and vec4 of head_dim: merges the row's splits (partials bound as q).
+@compute @workgroup_size(64)
+fn attend_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let hd4 = p.head_dim / 4u;
+    let i = gid.x + gid.y * nwg.x * 64u;
+    if (i >= p.m * p.n_heads * hd4) {
+        return;
+    }
+    let row = p.row0 * p.n_heads + i / hd4;
+    let d4 = i % hd4;
+    let base = row * p.splits * partial_len();
+    let parts = row_parts(token_keys(i / hd4 / p.n_heads).y);
+    if (p.table != 0u && parts == 1u) {
+        out[row * hd4 + d4] = q[base + 1u + d4]; // finished by the split entry
+        return;
+    }
+    var m = NEG;
+    for (var s = 0u; s < parts; s++) {
+        m = max(m, q[base + s * partial_len()].x);
+    }
+    var l = 0.0;
+    var acc = vec4<f32>(0.0);
+    for (var s = 0u; s < parts; s++) {
+        let o = base + s * partial_len();
+        let w = exp(q[o].x - m);
+        l += q[o].y * w;
+        acc += q[o + 1u + d4] * w;
+    }
+    out[row * hd4 + d4] = acc / l;
+}

@@ -79,18 +79,31 @@ pub fn partials_bytes(n_heads: usize, head_dim: usize) -> u64 {
     (n_heads * MAX_KEY_SPLITS * (head_dim + 4) * 4) as u64
 }
 
-/// Parts [`attention_split`] splits the `n_keys` keys of `m` query tokens in: a single token on
-/// the subgroup kernel (`subgroup`: [`subgroup_fits`], a CPU device) gets one part per
-/// [`KEYS_PER_SPLIT`] keys, up to two per CPU thread (and [`MAX_KEY_SPLITS`]), so that a decode
-/// step has more than `n_kv_heads` subgroups to share out over the threads; otherwise 1 (a chunk
-/// of tokens has a subgroup per token and kv head already).
+/// Parts [`attention_split`] splits the `n_keys` keys of `m` query tokens in: a single token gets
+/// one part per [`KEYS_PER_SPLIT`] keys, so that a decode step has more than `n_kv_heads`
+/// workgroups of work: on the subgroup kernel (`subgroup`: [`subgroup_fits`], a CPU device) up to
+/// two per CPU thread (and [`MAX_KEY_SPLITS`]), to share out over the threads; on the grouped
+/// workgroup kernel (GPUs: [`grouped_shape_fits`]) up to [`MAX_KEY_SPLITS`]. Otherwise 1 (a chunk
+/// of tokens has a workgroup per token and head already).
 pub fn key_splits(subgroup: bool, m: usize, n_keys: usize) -> usize {
-    if subgroup && m == 1 {
-        let most = (2 * crate::kernels::matmul::cpu_threads()).min(MAX_KEY_SPLITS);
-        (n_keys / KEYS_PER_SPLIT).clamp(1, most)
-    } else {
-        1
+    if m != 1 {
+        return 1;
     }
+    let most = if subgroup {
+        (2 * crate::kernels::matmul::cpu_threads()).min(MAX_KEY_SPLITS)
+    } else {
+        MAX_KEY_SPLITS
+    };
+    (n_keys / KEYS_PER_SPLIT).clamp(1, most)
+}
+
+/// Most query heads per kv head the grouped decode kernel takes (`GMAX` of attention.wgsl).
+pub const MAX_GROUP_GROUPED: usize = 8;
+
+/// The shapes the grouped decode kernel (`attend_group`, GPUs) takes: head_dim up to
+/// [`MAX_HEAD_DIM`], at most [`MAX_GROUP_GROUPED`] query heads per kv head.
+pub fn grouped_shape_fits(head_dim: usize, group: usize) -> bool {
+    head_dim <= MAX_HEAD_DIM && (1..=MAX_GROUP_GROUPED).contains(&group)
 }
 
 /// Query heads per kv head of `q` (`[m, n_heads, head_dim]`) over `cache` (0 when `q` has no
@@ -157,6 +170,9 @@ pub enum AttentionKernel {
     Tiled,
     /// `attend_sg`: one 8-lane subgroup per token and kv head.
     Subgroup,
+    /// `attend_group`: one workgroup per token, kv head and part of the keys (a decode step on
+    /// GPUs; the G query heads of a group share each K/V load).
+    Grouped,
 }
 use AttentionKernel as Path;
 
@@ -189,17 +205,84 @@ pub fn attention_split(
     partials: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
-    let path = auto_path(rec.gpu(), q, cache);
+    let path = decode_path(rec.gpu(), q, cache);
     let m = q.shape.first().copied().unwrap_or(0);
     // A decode step sees pos0 + 1 keys, or a sliding window's worth.
     let n_keys = pos0
         .saturating_add(m)
         .min(cache.window.unwrap_or(usize::MAX));
-    let splits = key_splits(path == Path::Subgroup, m, n_keys);
+    let splits = match path {
+        Path::Subgroup | Path::Grouped => key_splits(path == Path::Subgroup, m, n_keys),
+        _ => 1,
+    };
     if splits == 1 {
         return dispatch_attention(rec, path, q, cache, Keys::Causal { pos0 }, scale, out);
     }
-    attention_split_with(rec, q, cache, pos0, scale, partials, out, splits)
+    let split = Some((partials, splits));
+    check_partials(q, cache, partials, out, splits)?;
+    dispatch(rec, path, q, cache, Keys::Causal { pos0 }, scale, out, split)
+}
+
+/// [`auto_path`], but a single token on a device without the subgroup kernel takes the grouped
+/// decode kernel where its shape fits.
+fn decode_path(gpu: &Gpu, q: &Tensor, cache: &KvCache) -> Path {
+    let path = auto_path(gpu, q, cache);
+    let single = q.shape.first() == Some(&1);
+    if path == Path::Rows && single && grouped_shape_fits(cache.head_dim, query_group(q, cache)) {
+        Path::Grouped
+    } else {
+        path
+    }
+}
+
+/// `partials` holds `m` tokens' partial states of `splits` parts, apart from `out`.
+fn check_partials(
+    q: &Tensor,
+    cache: &KvCache,
+    partials: &Tensor,
+    out: &Tensor,
+    splits: usize,
+) -> Result<()> {
+    let dim = |i: usize| q.shape.get(i).copied().unwrap_or(0);
+    let need = dim(0) * dim(1) * splits * (cache.head_dim + 4);
+    if splits == 0 || partials.len() < need || partials.buf.buffer == out.buf.buffer {
+        return Err(Error::invalid(
+            "split attention",
+            format!(
+                "{splits} parts need {need} f32 of partials apart from out; '{}' has {}",
+                partials.buf.label,
+                partials.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The grouped decode kernel (`attend_group`, GPUs) with the keys in `splits` parts (1: no
+/// merge pass) forced, on any device (for tests and benchmarks); refused unless
+/// [`grouped_shape_fits`] and `partials` holds `m` tokens' partial states of `splits` parts.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_grouped(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    pos0: usize,
+    scale: f32,
+    partials: &Tensor,
+    out: &Tensor,
+    splits: usize,
+) -> Result<()> {
+    let group = query_group(q, cache);
+    if !grouped_shape_fits(cache.head_dim, group) {
+        return Err(Error::invalid(
+            "grouped attention",
+            format!("groups of 1 to {MAX_GROUP_GROUPED} query heads (got {group})"),
+        ));
+    }
+    check_partials(q, cache, partials, out, splits)?;
+    let keys = Keys::Causal { pos0 };
+    let split = (splits > 1).then_some((partials, splits));
+    dispatch(rec, Path::Grouped, q, cache, keys, scale, out, split)
 }
 
 /// [`attention_split`] with the subgroup kernel and the keys in `splits` parts forced (for tests
@@ -223,19 +306,7 @@ pub fn attention_split_with(
             "split keys need the subgroup kernel (see subgroup_fits)",
         ));
     }
-    let dim = |i: usize| q.shape.get(i).copied().unwrap_or(0);
-    let (m, n_heads) = (dim(0), dim(1));
-    let need = m * n_heads * splits * (cache.head_dim + 4);
-    if splits == 0 || partials.len() < need || partials.buf.buffer == out.buf.buffer {
-        return Err(Error::invalid(
-            "split attention",
-            format!(
-                "{splits} parts need {need} f32 of partials apart from out; '{}' has {}",
-                partials.buf.label,
-                partials.len()
-            ),
-        ));
-    }
+    check_partials(q, cache, partials, out, splits)?;
     let keys = Keys::Causal { pos0 };
     dispatch(
         rec,
@@ -280,16 +351,17 @@ pub fn attention_rows(
         shape: vec![1, q.shape.get(1).copied().unwrap_or(0), cache.head_dim],
         ..q.clone()
     };
-    let path = match auto_path(rec.gpu(), &one, cache) {
-        Path::Tiled => Path::Rows,
-        p => p,
-    };
+    // Each row's kernel and parts as `attention_split` picks them for that row alone.
+    let path = decode_path(rec.gpu(), &one, cache);
     let n_keys = |pos: usize| (pos + 1).min(cache.window.unwrap_or(usize::MAX));
-    let splits = rows
-        .iter()
-        .map(|&(_, pos)| key_splits(path == Path::Subgroup, 1, n_keys(pos)))
-        .max()
-        .unwrap_or(1);
+    let splits = match path {
+        Path::Subgroup | Path::Grouped => rows
+            .iter()
+            .map(|&(_, pos)| key_splits(path == Path::Subgroup, 1, n_keys(pos)))
+            .max()
+            .unwrap_or(1),
+        _ => 1,
+    };
     let table = Some((table, row0, rows.len()));
     if splits == 1 {
         let keys = Keys::Causal { pos0: 0 };
@@ -583,9 +655,17 @@ fn dispatch_table(
     let (shader, entry, n_wg) = match path {
         Path::Rows => ("attention", "attend_rows", m * n_heads),
         Path::Tiled => ("attention", "attend_tiled", m.div_ceil(TQ) * n_heads),
+        Path::Grouped if split.is_some() => ("attention", "attend_group_split", 0),
+        Path::Grouped => ("attention", "attend_group", m * cache.n_kv_heads),
         Path::Subgroup if split.is_some() => ("attention_sg", "attend_sg_split", 0),
         Path::Subgroup => ("attention_sg", "attend_sg", m * cache.n_kv_heads),
     };
+    if path == Path::Grouped && !grouped_shape_fits(cache.head_dim, group) {
+        return Err(Error::invalid(
+            "attention",
+            format!("the grouped kernel takes at most {MAX_GROUP_GROUPED} heads per kv head"),
+        ));
+    }
     let splits = split.map_or(1, |(_, s)| s);
     let n_wg = if split.is_some() {
         m * cache.n_kv_heads * splits

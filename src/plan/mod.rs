@@ -136,10 +136,11 @@ pub struct PlanOptions {
     /// ([`crate::kernels::matmul::single_token_folds`]): up to four dispatches less a layer in
     /// decode, and a different sharing of the activations (see [`activations::Fusions`]).
     pub single_token_folds: bool,
-    /// The device runs the subgroup attention, whose decode steps split long contexts' keys
-    /// ([`crate::kernels::attention::key_splits`]): a decode chunk's attention is two dispatches
-    /// (the split and the merge) once the context allows it (the plan counts the step at the
-    /// context's end).
+    /// The device runs the subgroup attention (CPU devices); otherwise the grouped workgroup
+    /// decode kernel (GPUs). Either splits a long context's keys in a decode step
+    /// ([`crate::kernels::attention::key_splits`], by its own rule): a decode step's attention is
+    /// two dispatches (the split and the merge) once the context allows it (the plan counts the
+    /// step at the context's end).
     pub split_attention: bool,
     /// The device's uniform-buffer offset alignment: each dispatch's params take a slot of this
     /// granularity (256 by default, WebGPU's; lavapipe's is 32).
