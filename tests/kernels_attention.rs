@@ -463,9 +463,26 @@ fn grouped_decode_matches_reference() {
     })
     .unwrap();
     for g in [gpu, &portable] {
-        for (heads, hd) in [((9, 3), 64), ((4, 4), 32), ((16, 2), 128), ((8, 1), 256), ((3, 1), 96)] {
-            for (n_keys, parts) in [(1, 1), (37, 1), (300, 1), (5, 8), (37, 3), (300, 16), (129, 5)] {
-                check(g, case(Entry::Grouped(parts), KvDtype::F32, heads, hd, n_keys, 1));
+        for (heads, hd) in [
+            ((9, 3), 64),
+            ((4, 4), 32),
+            ((16, 2), 128),
+            ((8, 1), 256),
+            ((3, 1), 96),
+        ] {
+            for (n_keys, parts) in [
+                (1, 1),
+                (37, 1),
+                (300, 1),
+                (5, 8),
+                (37, 3),
+                (300, 16),
+                (129, 5),
+            ] {
+                check(
+                    g,
+                    case(Entry::Grouped(parts), KvDtype::F32, heads, hd, n_keys, 1),
+                );
             }
         }
         for dtype in KvDtype::ALL {
@@ -483,7 +500,10 @@ fn grouped_decode_matches_reference() {
         // 2 * KEYS_PER_SPLIT keys.
         if !wgllm::kernels::matmul::subgroup_matvec_ok(g) {
             for n_keys in [300, 1100] {
-                check(g, case(Entry::Split(0), KvDtype::F32, (9, 3), 64, n_keys, 1));
+                check(
+                    g,
+                    case(Entry::Split(0), KvDtype::F32, (9, 3), 64, n_keys, 1),
+                );
             }
         }
     }
@@ -1033,7 +1053,10 @@ fn windowed_refusals_happen_before_dispatch() {
 /// row's q, stored keys and output bit for bit those of the row alone through `rope_store_scaled`
 /// and `attention_split`, and within the reference's tolerance. Rows short and long (one part,
 /// several), global and sliding-window rings past the window, every dtype; on the device's own
-/// kernels and on one without subgroups (the workgroup kernels GPUs run).
+/// kernels, on one without subgroups (the workgroup kernels GPUs run) and on the GL backend where
+/// there is one. And with the slots split
+/// over several buffers (as where all would pass one storage binding): the rows ordered by buffer,
+/// one dispatch per buffer's run of rows.
 #[test]
 fn decode_rows_equal_each_row_alone() {
     let Some(gpu) = gpu() else { return };
@@ -1042,27 +1065,45 @@ fn decode_rows_equal_each_row_alone() {
         ..Default::default()
     })
     .unwrap();
-    for g in [gpu, &portable] {
+    // The GL backend (`--device 1` here), where there is one: the portable kernels on another
+    // shader compiler.
+    let gl = wgllm::gpu::list_adapters()
+        .into_iter()
+        .find(|a| a.backend.eq_ignore_ascii_case("gl"))
+        .map(|a| {
+            Gpu::new(&wgllm::GpuOptions {
+                adapter: Some(a.index),
+                ..Default::default()
+            })
+            .unwrap()
+        });
+    for g in [gpu, &portable].into_iter().chain(gl.as_ref()) {
         for (dtype, window) in [
             (KvDtype::F32, None),
             (KvDtype::F16, Some(300)),
             (KvDtype::Q8_0, None),
             (KvDtype::F32, Some(600)),
         ] {
-            check_rows(g, dtype, window);
+            check_rows(g, dtype, window, 5);
         }
+        check_rows(g, KvDtype::F16, Some(300), 2);
     }
 }
 
-fn check_rows(gpu: &Gpu, dtype: KvDtype, window: Option<usize>) {
+fn check_rows(gpu: &Gpu, dtype: KvDtype, window: Option<usize>, per_buffer: usize) {
     use wgllm::kernels::rope::RopeMode;
     let (nh, nkv, hd, ctx, chunk) = (9, 3, 64, 1500, 8);
     // Slot of each row and its position; slot 2 has no row.
-    let rows: [(usize, usize); 4] = [(3, 1400), (0, 5), (1, 700), (4, 1100)];
-    let what = format!("{dtype:?}, window {window:?}, {}", gpu.describe());
+    let mut rows: [(usize, usize); 4] = [(3, 1400), (0, 5), (1, 700), (4, 1100)];
+    rows.sort_by_key(|r| r.0 / per_buffer);
+    let what = format!(
+        "{dtype:?}, window {window:?}, {per_buffer} slots a buffer, {}",
+        gpu.describe()
+    );
     let caches =
-        KvCache::slots_major(gpu, "kv", dtype, ctx, nkv, hd, window, chunk, 5, 5).unwrap();
-    assert!(caches.iter().all(|c| c.shares_buffers(&caches[0])));
+        KvCache::slots_major(gpu, "kv", dtype, ctx, nkv, hd, window, chunk, 5, per_buffer).unwrap();
+    let buffers = caches.iter().filter(|c| c.slot_index == 0).count();
+    assert_eq!(buffers, 5usize.div_ceil(per_buffer), "{what}");
     let row = nkv * hd;
     let mut rec = gpu.recorder();
     let mut keep = Vec::new();
@@ -1100,10 +1141,38 @@ fn check_rows(gpu: &Gpu, dtype: KvDtype, window: Option<usize>) {
     let out = gpu.tensor("out", Activations, &[n, nh, hd]).unwrap();
     let mut rec = gpu.recorder();
     let t = &table.buf;
-    attention::rope_store_rows(&mut rec, &kvs, t, 0, &qt, &kt, &vt, theta, 1.0, mode, hd)
-        .unwrap();
-    attention::attention_rows(&mut rec, &kvs, t, 0, &qt, scale, &partials, &out).unwrap();
-    assert!(rec.len() <= 3, "{what}: {} dispatches for the rows", rec.len());
+    // Runs of rows whose slots share buffers.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, (kv, _)) in kvs.iter().enumerate() {
+        match runs.last_mut() {
+            Some((r0, n)) if kvs[*r0].0.shares_buffers(kv) => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    assert_eq!(runs.len(), buffers.min(rows.len()), "{what}");
+    for &(r0, n) in &runs {
+        let kr = &kvs[r0..r0 + n];
+        attention::rope_store_rows(&mut rec, kr, t, r0, &qt, &kt, &vt, theta, 1.0, mode, hd)
+            .unwrap();
+    }
+    for &(r0, n) in &runs {
+        let kr = &kvs[r0..r0 + n];
+        attention::attention_rows(&mut rec, kr, t, r0, &qt, scale, &partials, &out).unwrap();
+    }
+    assert!(
+        rec.len() <= 3 * runs.len(),
+        "{what}: {} dispatches",
+        rec.len()
+    );
+    // Rows of different buffers in one dispatch are refused before recording.
+    if runs.len() > 1 {
+        let mut r = gpu.recorder();
+        let e = attention::attention_rows(&mut r, &kvs, t, 0, &qt, scale, &partials, &out);
+        assert!(
+            e.is_err() && r.is_empty(),
+            "{what}: mixed buffers were not refused"
+        );
+    }
     rec.submit().unwrap();
     let (got_q, got) = (gpu.read(&qt).unwrap(), gpu.read(&out).unwrap());
     // Each row alone, over the same cache (its store rewrites the same rows).

@@ -220,7 +220,16 @@ pub fn attention_split(
     }
     let split = Some((partials, splits));
     check_partials(q, cache, partials, out, splits)?;
-    dispatch(rec, path, q, cache, Keys::Causal { pos0 }, scale, out, split)
+    dispatch(
+        rec,
+        path,
+        q,
+        cache,
+        Keys::Causal { pos0 },
+        scale,
+        out,
+        split,
+    )
 }
 
 /// [`auto_path`], but a single token on a device without the subgroup kernel takes the grouped
@@ -694,7 +703,13 @@ fn dispatch_table(
         _pad: [0; 2],
     };
     let gpu = rec.gpu();
-    let binds = [Bind::Input, Bind::Input, Bind::Input, Bind::Output, Bind::Input];
+    let binds = [
+        Bind::Input,
+        Bind::Input,
+        Bind::Input,
+        Bind::Output,
+        Bind::Input,
+    ];
     let dtype = ("KV_DTYPE", cache.dtype.code());
     let shape = [
         dtype,
