@@ -18,6 +18,11 @@
 // `out` binding, laid out per query row and split as one vec4 (m, l, 0, 0) and head_dim / 4
 // vec4s of sums. attend_combine then merges a row's splits (each rescaled by exp(m_s - max m)) into
 // the real output, binding the partials in q's slot: the same softmax, summed in another order.
+// With a row table (a batched decode step, common/attention_io.wgsl) each row is split in its own
+// parts (row_parts: what that row alone would get), `splits` being the most of any row; a row's
+// extra workgroups return at once, and a row of one part writes its finished output (the
+// arithmetic of `put`) into its partial slot, which attend_combine copies: every row's output is
+// bit for bit that of the row alone.
 
 // #include "common/attention_io.wgsl"
 
@@ -120,12 +125,13 @@ fn put(row: u32, lane: u32, s: Query) {
     if (HD4 > 3u) { out[i + 3u] = s.acc.a3 * inv; }
 }
 
-// One token's G queries over keys first..end (clamped to the token's keys), left in q0..q7.
+// One token's G queries over part `part` of `parts` of its keys, left in q0..q7.
 fn attend(t: u32, kvh: u32, lane: u32, part: u32, parts: u32) {
-    let row = t * p.n_heads + kvh * G;
-    // Keys lo .. lo + n_keys (lo: 0 but past a sliding window's start).
-    let lo = first_key(p.pos0 + t);
-    let n_keys = select(p.n_keys, p.pos0 + t + 1u - lo, p.causal != 0u);
+    let row = (p.row0 + t) * p.n_heads + kvh * G;
+    let keys = token_keys(t);
+    let lo = keys.x;
+    let n_keys = keys.y;
+    let cache = token_base(t);
     let per = (n_keys + parts - 1u) / parts;
     let end = min(n_keys, (part + 1u) * per);
     q0 = init(row, lane);
@@ -137,7 +143,7 @@ fn attend(t: u32, kvh: u32, lane: u32, part: u32, parts: u32) {
     if (G > 6u) { q6 = init(row + 6u, lane); }
     if (G > 7u) { q7 = init(row + 7u, lane); }
     for (var j = part * per; j < end; j++) {
-        let base = row_base(lo + j, kvh);
+        let base = row_base(cache, lo + j, kvh);
         kr = k_slice(base, lane);
         vr = v_slice(base, lane);
         update(&q0);
@@ -161,7 +167,7 @@ fn attend_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let kvh = wg % p.n_kv_heads;
     attend(t, kvh, lane, 0u, 1u);
     // Rows of q and out of this token's query heads kvh * G .. kvh * G + G - 1.
-    let row = t * p.n_heads + kvh * G;
+    let row = (p.row0 + t) * p.n_heads + kvh * G;
     put(row, lane, q0);
     if (G > 1u) { put(row + 1u, lane, q1); }
     if (G > 2u) { put(row + 2u, lane, q2); }
@@ -170,11 +176,6 @@ fn attend_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if (G > 5u) { put(row + 5u, lane, q5); }
     if (G > 6u) { put(row + 6u, lane, q6); }
     if (G > 7u) { put(row + 7u, lane, q7); }
-}
-
-// vec4s of one query row's partial state of one split.
-fn partial_len() -> u32 {
-    return p.head_dim / 4u + 1u;
 }
 
 // Writes query row `row`'s partial state of split `part` (see the top of the file).
@@ -190,6 +191,24 @@ fn put_partial(row: u32, part: u32, lane: u32, s: Query) {
     if (HD4 > 3u) { out[i + 3u] = s.acc.a3; }
 }
 
+// A row table's row of one part: its finished output (put's arithmetic) in its partial slot.
+fn put_done(row: u32, lane: u32, s: Query) {
+    let i = row * p.splits * partial_len() + 1u + lane * HD4;
+    let inv = 1.0 / s.l;
+    out[i] = s.acc.a0 * inv;
+    if (HD4 > 1u) { out[i + 1u] = s.acc.a1 * inv; }
+    if (HD4 > 2u) { out[i + 2u] = s.acc.a2 * inv; }
+    if (HD4 > 3u) { out[i + 3u] = s.acc.a3 * inv; }
+}
+
+fn put_split(row: u32, part: u32, parts: u32, lane: u32, s: Query) {
+    if (p.table != 0u && parts == 1u) {
+        put_done(row, lane, s);
+    } else {
+        put_partial(row, part, lane, s);
+    }
+}
+
 @compute @workgroup_size(8)
 fn attend_sg_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let wg = wid.x + wid.y * nwg.x;
@@ -200,40 +219,18 @@ fn attend_sg_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let tk = wg / p.splits;
     let t = tk / p.n_kv_heads;
     let kvh = tk % p.n_kv_heads;
-    attend(t, kvh, lane, part, p.splits);
-    let row = t * p.n_heads + kvh * G;
-    put_partial(row, part, lane, q0);
-    if (G > 1u) { put_partial(row + 1u, part, lane, q1); }
-    if (G > 2u) { put_partial(row + 2u, part, lane, q2); }
-    if (G > 3u) { put_partial(row + 3u, part, lane, q3); }
-    if (G > 4u) { put_partial(row + 4u, part, lane, q4); }
-    if (G > 5u) { put_partial(row + 5u, part, lane, q5); }
-    if (G > 6u) { put_partial(row + 6u, part, lane, q6); }
-    if (G > 7u) { put_partial(row + 7u, part, lane, q7); }
-}
-
-// One invocation per query row and vec4 of head_dim: merges the row's splits (partials bound as q).
-@compute @workgroup_size(64)
-fn attend_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let hd4 = p.head_dim / 4u;
-    let i = gid.x + gid.y * nwg.x * 64u;
-    if (i >= p.m * p.n_heads * hd4) {
-        return;
+    let parts = row_parts(token_keys(t).y);
+    if (part >= parts) {
+        return; // a row table's row of fewer parts (the whole workgroup: uniform)
     }
-    let row = i / hd4;
-    let d4 = i % hd4;
-    let base = row * p.splits * partial_len();
-    var m = NEG;
-    for (var s = 0u; s < p.splits; s++) {
-        m = max(m, q[base + s * partial_len()].x);
-    }
-    var l = 0.0;
-    var acc = vec4<f32>(0.0);
-    for (var s = 0u; s < p.splits; s++) {
-        let o = base + s * partial_len();
-        let w = exp(q[o].x - m);
-        l += q[o].y * w;
-        acc += q[o + 1u + d4] * w;
-    }
-    out[row * hd4 + d4] = acc / l;
+    attend(t, kvh, lane, part, parts);
+    let row = (p.row0 + t) * p.n_heads + kvh * G;
+    put_split(row, part, parts, lane, q0);
+    if (G > 1u) { put_split(row + 1u, part, parts, lane, q1); }
+    if (G > 2u) { put_split(row + 2u, part, parts, lane, q2); }
+    if (G > 3u) { put_split(row + 3u, part, parts, lane, q3); }
+    if (G > 4u) { put_split(row + 4u, part, parts, lane, q4); }
+    if (G > 5u) { put_split(row + 5u, part, parts, lane, q5); }
+    if (G > 6u) { put_split(row + 6u, part, parts, lane, q6); }
+    if (G > 7u) { put_split(row + 7u, part, parts, lane, q7); }
 }

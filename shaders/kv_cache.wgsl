@@ -14,7 +14,7 @@ struct Params {
     units_per_row: u32,
     n_kv_heads: u32,
     slots: u32,         // the ring's length: position p goes to slot p % slots
-    _pad0: u32,
+    base: u32,          // first word of the sequence's cache (its slot of slot-major buffers)
 }
 
 @group(0) @binding(0) var<storage, read> k_in: array<f32>;
@@ -24,6 +24,14 @@ struct Params {
 @group(0) @binding(4) var<uniform> p: Params;
 
 const WG: u32 = 64u;
+
+fn token_pos(t: u32) -> u32 {
+    return p.pos0 + t;
+}
+
+fn token_base(t: u32) -> u32 {
+    return p.base;
+}
 
 fn kv_in(is_v: bool, i: u32) -> f32 {
     return select(k_in[i], v_in[i], is_v);

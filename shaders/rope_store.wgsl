@@ -9,10 +9,14 @@
 // its pair (two loads and the angle per element read) instead of being rotated in place first,
 // which would need a barrier across workgroups. The arithmetic is rope.wgsl's, so stored keys
 // equal rope then store bit for bit.
-// Token t has position pos0 + t; mode 0 pairs elements (2i, 2i + 1), mode 1 (i, i + rot_dim / 2);
-// elements from rot_dim on are not rotated.
+// Token t has position pos0 + t and its cache at word `base`; mode 0 pairs elements (2i, 2i + 1),
+// mode 1 (i, i + rot_dim / 2); elements from rot_dim on are not rotated.
+// A batched decode step (table == 1) has decode rows of several sequences instead, every slot's
+// cache in the same buffers: row t of the dispatch is row row0 + t of q, k_in and v_in, and
+// `rows[row0 + t]` holds its (slot, position), as in common/attention_io.wgsl. Without a table the
+// `rows` binding is bound to any buffer and never read.
 // Bindings: 0 = q (read_write), 1 = k_in, 2 = v_in (read), 3 = k_cache, 4 = v_cache (read_write,
-// u32 words), 5 = params.
+// u32 words), 5 = rows (read), 6 = params.
 
 // #include "common/rope_angle.wgsl"
 // #include "common/kv_store_body.wgsl"
@@ -28,8 +32,12 @@ struct Params {
     row_words: u32,     // cache words per row
     units_per_row: u32, // store units per cache row
     slots: u32,         // the ring's length: position p goes to slot p % slots
+    base: u32,          // table == 0: first word of the sequence's cache
+    table: u32,         // 1: each row's (slot, position) from `rows`
+    row0: u32,          // table == 1: the dispatch's first row
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
     q: array<vec4<f32>, 128>, // frequencies: see common/rope_angle.wgsl
 }
 
@@ -38,9 +46,25 @@ struct Params {
 @group(0) @binding(2) var<storage, read> v_in: array<f32>;
 @group(0) @binding(3) var<storage, read_write> k_cache: array<u32>;
 @group(0) @binding(4) var<storage, read_write> v_cache: array<u32>;
-@group(0) @binding(5) var<uniform> p: Params;
+@group(0) @binding(5) var<storage, read> rows: array<vec2<u32>>;
+@group(0) @binding(6) var<uniform> p: Params;
 
 const WG: u32 = 64u;
+
+// Position of token t (of the whole q, k_in, v_in: row0 included) and its cache's first word.
+fn token_pos(t: u32) -> u32 {
+    if (p.table != 0u) {
+        return rows[t].y;
+    }
+    return p.pos0 + t;
+}
+
+fn token_base(t: u32) -> u32 {
+    if (p.table != 0u) {
+        return rows[t].x * p.slots * p.n_kv_heads * p.row_words;
+    }
+    return p.base;
+}
 
 // Element i of the new rows: values as they are, keys rotated (the formulas of rope.wgsl).
 fn kv_in(is_v: bool, i: u32) -> f32 {
@@ -61,7 +85,7 @@ fn kv_in(is_v: bool, i: u32) -> f32 {
         partner = select(i - half, i + half, first);
     }
     let t = i / p.head_dim / p.n_kv_heads;
-    let cs = rotation(p.pos0 + t, pair);
+    let cs = rotation(token_pos(t), pair);
     if (first) {
         return k_in[i] * cs.x - k_in[partner] * cs.y;
     }
@@ -74,7 +98,7 @@ fn kv_pair(is_v: bool, i: u32) -> vec2<f32> {
     if (is_v || p.mode != 0u || e >= p.rot_dim) {
         return vec2<f32>(kv_in(is_v, i), kv_in(is_v, i + 1u));
     }
-    let cs = rotation(p.pos0 + i / p.head_dim / p.n_kv_heads, e / 2u);
+    let cs = rotation(token_pos(i / p.head_dim / p.n_kv_heads), e / 2u);
     let x0 = k_in[i];
     let x1 = k_in[i + 1u];
     return vec2<f32>(x0 * cs.x - x1 * cs.y, x0 * cs.y + x1 * cs.x);
@@ -86,7 +110,9 @@ fn rope_store(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let half = p.rot_dim / 2u;
     let n_pairs = p.m * p.n_heads * half;
     if (g < n_pairs) {
-        let r = pair_at(g, p.n_heads);
+        // Pairs and store units count from the dispatch's first row (row0: 0 without a table).
+        let gp = g + p.row0 * p.n_heads * half;
+        let r = pair_at_pos(gp, p.n_heads, token_pos(gp / half / p.n_heads));
         let x0 = q[r.a];
         let x1 = q[r.b];
         q[r.a] = x0 * r.cs.x - x1 * r.cs.y;
@@ -95,6 +121,6 @@ fn rope_store(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
     let u = g - n_pairs;
     if (u < p.m * p.n_kv_heads * p.units_per_row) {
-        store_unit(u / p.units_per_row, u % p.units_per_row);
+        store_unit(p.row0 * p.n_kv_heads + u / p.units_per_row, u % p.units_per_row);
     }
 }

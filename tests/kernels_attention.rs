@@ -19,6 +19,9 @@ enum Entry {
     /// attention_sg.wgsl with the keys split in this many parts and merged; 0: `attention_split`'s
     /// own choice.
     Split(usize),
+    /// attention.wgsl's grouped decode kernel (GPUs) with the keys in this many parts (1: no
+    /// merge), forced on any device.
+    Grouped(usize),
 }
 
 fn tensor(gpu: &Gpu, label: &str, shape: &[usize], data: &[f32]) -> Tensor {
@@ -116,6 +119,13 @@ fn check(gpu: &Gpu, c: Case) {
                 let (q, c) = (&qt, &cache);
                 attention::attention_split_with(&mut rec, q, c, pos0, scale, &part, &out, parts)
             }
+        }
+        Entry::Grouped(parts) => {
+            let bytes = attention::partials_bytes(n_heads, hd) as usize * m;
+            let part = gpu.tensor("partials", Activations, &[bytes / 4]).unwrap();
+            keep.push((part.clone(), part.clone()));
+            let (q, c) = (&qt, &cache);
+            attention::attention_grouped(&mut rec, q, c, pos0, scale, &part, &out, parts)
         }
     }
     .unwrap();
@@ -433,7 +443,79 @@ fn split_keys_match_reference() {
     let most = attention::key_splits(true, 1, 1 << 20);
     assert!((2..=attention::MAX_KEY_SPLITS).contains(&most), "{most}");
     assert_eq!(attention::key_splits(true, 2, 1 << 20), 1);
-    assert_eq!(attention::key_splits(false, 1, 1 << 20), 1);
+    // The grouped workgroup kernel (GPUs): a part per KEYS_PER_SPLIT keys, up to the most.
+    assert_eq!(attention::key_splits(false, 1, 2 * per - 1), 1);
+    assert_eq!(attention::key_splits(false, 1, 5 * per), 5);
+    let most = attention::key_splits(false, 1, 1 << 20);
+    assert_eq!(most, attention::MAX_KEY_SPLITS);
+    assert_eq!(attention::key_splits(false, 2, 1 << 20), 1);
+}
+
+/// The grouped decode kernel of GPUs (split-K, the G query heads of a GQA group sharing each K/V
+/// load), forced on this device and on one without subgroups: every part count (parts empty or
+/// of one key), groups of 1 to 8, every dtype, head_dim up to 256, huge scores.
+#[test]
+fn grouped_decode_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    let portable = Gpu::new(&wgllm::GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    for g in [gpu, &portable] {
+        for (heads, hd) in [
+            ((9, 3), 64),
+            ((4, 4), 32),
+            ((16, 2), 128),
+            ((8, 1), 256),
+            ((3, 1), 96),
+        ] {
+            for (n_keys, parts) in [
+                (1, 1),
+                (37, 1),
+                (300, 1),
+                (5, 8),
+                (37, 3),
+                (300, 16),
+                (129, 5),
+            ] {
+                check(
+                    g,
+                    case(Entry::Grouped(parts), KvDtype::F32, heads, hd, n_keys, 1),
+                );
+            }
+        }
+        for dtype in KvDtype::ALL {
+            check(g, case(Entry::Grouped(4), dtype, (6, 2), 64, 700, 1));
+            check(g, case(Entry::Grouped(1), dtype, (6, 2), 64, 70, 1));
+        }
+        let huge = Case {
+            mag: 30.0,
+            k_shift: 30.0,
+            tol: NMSE_HUGE_SCORES,
+            ..case(Entry::Grouped(7), KvDtype::F32, (4, 2), 64, 90, 1)
+        };
+        check(g, huge);
+        // The automatic choice on a device without subgroups: the grouped kernel, split from
+        // 2 * KEYS_PER_SPLIT keys.
+        if !wgllm::kernels::matmul::subgroup_matvec_ok(g) {
+            for n_keys in [300, 1100] {
+                check(
+                    g,
+                    case(Entry::Split(0), KvDtype::F32, (9, 3), 64, n_keys, 1),
+                );
+            }
+        }
+    }
+    // Groups past 8 are refused before dispatch.
+    let cache = KvCache::new(gpu, "kv", KvDtype::F32, 8, 1, 64).unwrap();
+    let q = gpu.tensor("q", Activations, &[1, 9, 64]).unwrap();
+    let out = gpu.tensor("out", Activations, &[1, 9, 64]).unwrap();
+    let part = gpu.tensor("partials", Activations, &[1 << 16]).unwrap();
+    let mut rec = gpu.recorder();
+    let e = attention::attention_grouped(&mut rec, &q, &cache, 4, 1.0, &part, &out, 2).unwrap_err();
+    assert!(matches!(e, wgllm::Error::InvalidArgument { .. }), "{e}");
+    assert!(rec.is_empty());
 }
 
 #[test]
@@ -803,6 +885,9 @@ fn check_windowed(gpu: &Gpu, c: WindowCase) -> usize {
             Entry::Split(n) => {
                 attention::attention_split_with(r, &qt, cc, pos0, scale, &part, &out, n)
             }
+            Entry::Grouped(n) => {
+                attention::attention_grouped(r, &qt, cc, pos0, scale, &part, &out, n)
+            }
         }
         .unwrap();
         rec.submit().unwrap();
@@ -854,7 +939,13 @@ fn check_windowed(gpu: &Gpu, c: WindowCase) -> usize {
 fn windowed_attention_matches_masked_reference() {
     let Some(gpu) = gpu() else { return };
     let sg = subgroup_device(gpu);
-    let mut entries = vec![Entry::Decode, Entry::Prefill, Entry::Auto];
+    let mut entries = vec![
+        Entry::Decode,
+        Entry::Prefill,
+        Entry::Auto,
+        Entry::Grouped(1),
+        Entry::Grouped(3),
+    ];
     if sg {
         entries.extend([Entry::Subgroup, Entry::Split(3), Entry::Split(0)]);
     }
@@ -955,4 +1046,157 @@ fn windowed_refusals_happen_before_dispatch() {
     assert_eq!(attention::ring_slots(ctx, Some(512), 64), ctx);
     assert_eq!(attention::ring_slots(4096, Some(512), 64), 575);
     assert_eq!(attention::ring_slots(4096, Some(512), 1), 512);
+}
+
+/// Decode rows of several sequences in slot-major caches (`KvCache::slots_major`): one RoPE/store
+/// and one attention dispatch (plus the merge where a row splits its keys) for all rows, each
+/// row's q, stored keys and output bit for bit those of the row alone through `rope_store_scaled`
+/// and `attention_split`, and within the reference's tolerance. Rows short and long (one part,
+/// several), global and sliding-window rings past the window, every dtype; on the device's own
+/// kernels, on one without subgroups (the workgroup kernels GPUs run) and on the GL backend where
+/// there is one. And with the slots split
+/// over several buffers (as where all would pass one storage binding): the rows ordered by buffer,
+/// one dispatch per buffer's run of rows.
+#[test]
+fn decode_rows_equal_each_row_alone() {
+    let Some(gpu) = gpu() else { return };
+    let portable = Gpu::new(&wgllm::GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    // The GL backend (`--device 1` here), where there is one: the portable kernels on another
+    // shader compiler.
+    let gl = wgllm::gpu::list_adapters()
+        .into_iter()
+        .find(|a| a.backend.eq_ignore_ascii_case("gl"))
+        .map(|a| {
+            Gpu::new(&wgllm::GpuOptions {
+                adapter: Some(a.index),
+                ..Default::default()
+            })
+            .unwrap()
+        });
+    for g in [gpu, &portable].into_iter().chain(gl.as_ref()) {
+        for (dtype, window) in [
+            (KvDtype::F32, None),
+            (KvDtype::F16, Some(300)),
+            (KvDtype::Q8_0, None),
+            (KvDtype::F32, Some(600)),
+        ] {
+            check_rows(g, dtype, window, 5);
+        }
+        check_rows(g, KvDtype::F16, Some(300), 2);
+    }
+}
+
+fn check_rows(gpu: &Gpu, dtype: KvDtype, window: Option<usize>, per_buffer: usize) {
+    use wgllm::kernels::rope::RopeMode;
+    let (nh, nkv, hd, ctx, chunk) = (9, 3, 64, 1500, 8);
+    // Slot of each row and its position; slot 2 has no row.
+    let mut rows: [(usize, usize); 4] = [(3, 1400), (0, 5), (1, 700), (4, 1100)];
+    rows.sort_by_key(|r| r.0 / per_buffer);
+    let what = format!(
+        "{dtype:?}, window {window:?}, {per_buffer} slots a buffer, {}",
+        gpu.describe()
+    );
+    let caches =
+        KvCache::slots_major(gpu, "kv", dtype, ctx, nkv, hd, window, chunk, 5, per_buffer).unwrap();
+    let buffers = caches.iter().filter(|c| c.slot_index == 0).count();
+    assert_eq!(buffers, 5usize.div_ceil(per_buffer), "{what}");
+    let row = nkv * hd;
+    let mut rec = gpu.recorder();
+    let mut keep = Vec::new();
+    // Each slot's keys before its row's position: the ring's last positions, in chunks.
+    for (i, &(slot, pos)) in rows.iter().enumerate() {
+        let first = pos.saturating_sub(caches[slot].slots - chunk);
+        for a in (first..pos).step_by(chunk) {
+            let b = (a + chunk).min(pos);
+            let k = randn((b - a) * row, 100 + (i * 7919 + a) as u64, 1.0);
+            let v = randn((b - a) * row, 200 + (i * 7919 + a) as u64, 1.0);
+            let kt = tensor(gpu, "k", &[b - a, nkv, hd], &k);
+            let vt = tensor(gpu, "v", &[b - a, nkv, hd], &v);
+            attention::store(&mut rec, &caches[slot], &kt, &vt, a).unwrap();
+            keep.push((kt, vt));
+        }
+    }
+    rec.submit().unwrap();
+    let n = rows.len();
+    let q = randn(n * nh * hd, 31, 1.0);
+    let k = randn(n * row, 32, 1.0);
+    let v = randn(n * row, 33, 1.0);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (theta, mode) = (10000.0, RopeMode::Half);
+    let parts = attention::partials_bytes(nh, hd) as usize / 4;
+    let partials = gpu.tensor("partials", Activations, &[n * parts]).unwrap();
+    // All rows at once.
+    let kvs: Vec<(&KvCache, usize)> = rows.iter().map(|&(s, p)| (&caches[s], p)).collect();
+    let table_words = attention::row_table(&kvs).unwrap();
+    let table = gpu.tensor("rows", Activations, &[2 * n]).unwrap();
+    gpu.write(&table.buf, 0, bytemuck::cast_slice(&table_words))
+        .unwrap();
+    let qt = tensor(gpu, "q", &[n, nh, hd], &q);
+    let kt = tensor(gpu, "k", &[n, nkv, hd], &k);
+    let vt = tensor(gpu, "v", &[n, nkv, hd], &v);
+    let out = gpu.tensor("out", Activations, &[n, nh, hd]).unwrap();
+    let mut rec = gpu.recorder();
+    let t = &table.buf;
+    // Runs of rows whose slots share buffers.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, (kv, _)) in kvs.iter().enumerate() {
+        match runs.last_mut() {
+            Some((r0, n)) if kvs[*r0].0.shares_buffers(kv) => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    assert_eq!(runs.len(), buffers.min(rows.len()), "{what}");
+    for &(r0, n) in &runs {
+        let kr = &kvs[r0..r0 + n];
+        attention::rope_store_rows(&mut rec, kr, t, r0, &qt, &kt, &vt, theta, 1.0, mode, hd)
+            .unwrap();
+    }
+    for &(r0, n) in &runs {
+        let kr = &kvs[r0..r0 + n];
+        attention::attention_rows(&mut rec, kr, t, r0, &qt, scale, &partials, &out).unwrap();
+    }
+    assert!(
+        rec.len() <= 3 * runs.len(),
+        "{what}: {} dispatches",
+        rec.len()
+    );
+    // Rows of different buffers in one dispatch are refused before recording.
+    if runs.len() > 1 {
+        let mut r = gpu.recorder();
+        let e = attention::attention_rows(&mut r, &kvs, t, 0, &qt, scale, &partials, &out);
+        assert!(
+            e.is_err() && r.is_empty(),
+            "{what}: mixed buffers were not refused"
+        );
+    }
+    rec.submit().unwrap();
+    let (got_q, got) = (gpu.read(&qt).unwrap(), gpu.read(&out).unwrap());
+    // Each row alone, over the same cache (its store rewrites the same rows).
+    for (i, &(kv, pos)) in kvs.iter().enumerate() {
+        let qi = tensor(gpu, "qi", &[1, nh, hd], &q[i * nh * hd..][..nh * hd]);
+        let ki = tensor(gpu, "ki", &[1, nkv, hd], &k[i * row..][..row]);
+        let vi = tensor(gpu, "vi", &[1, nkv, hd], &v[i * row..][..row]);
+        let oi = gpu.tensor("oi", Activations, &[1, nh, hd]).unwrap();
+        let mut rec = gpu.recorder();
+        attention::rope_store_scaled(&mut rec, kv, &qi, &ki, &vi, pos, theta, 1.0, mode, hd)
+            .unwrap();
+        attention::attention_split(&mut rec, &qi, kv, pos, scale, &partials, &oi).unwrap();
+        rec.submit().unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let (alone_q, alone) = (gpu.read(&qi).unwrap(), gpu.read(&oi).unwrap());
+        let rq = &got_q[i * nh * hd..][..nh * hd];
+        assert_eq!(bits(rq), bits(&alone_q), "{what}: row {i}'s rotated q");
+        let ro = &got[i * nh * hd..][..nh * hd];
+        assert_eq!(bits(ro), bits(&alone), "{what}: row {i} (position {pos})");
+        // And the reference over the keys the row sees, as the cache holds them.
+        let n_keys = (pos + 1).min(window.unwrap_or(usize::MAX));
+        let (kc, vc) = kv.read_positions(gpu, pos + 1 - n_keys, n_keys).unwrap();
+        let shape = (1, nh, nkv, hd);
+        let want = attention::reference_windowed(rq, &kc, &vc, shape, n_keys - 1, None, scale);
+        assert_close(&format!("{what}: row {i}"), ro, &want, NMSE_ATTN);
+    }
 }

@@ -137,12 +137,13 @@ fn smollm2_decode_plan_matches_the_ledger() {
     }
 }
 
-/// Four sequence slots (`--parallel 4`): the plan books a KV cache per slot and a batched decode
-/// step's buffers (four logits rows, one row's q/k/v/attention), and its submission's kernel
-/// params (each row's RoPE/store and split attention at the context's end); after prefills into
-/// every slot and a step of four rows at the context's end, each class equals the ledger's. A
-/// budget one byte short of what the slots need is refused before anything is allocated past it,
-/// with the typed budget error.
+/// Four sequence slots (`--parallel 4`): the plan books a KV cache per slot (slot-major, one K
+/// and one V buffer a layer) and a batched decode step's buffers (four logits rows, the row table
+/// and the rows' split-attention partials), and its submission's kernel params (one RoPE/store
+/// and one split attention with its merge for all rows at the context's end); after prefills
+/// into every slot and a step of four rows at the context's end, each class equals the ledger's.
+/// A budget one byte short of what the slots' caches need is refused before anything is
+/// allocated past it, with the typed budget error.
 #[test]
 fn smollm2_with_four_slots_matches_the_ledger() {
     let Some((_, g, cfg)) = smollm2() else {
@@ -209,11 +210,14 @@ fn smollm2_with_four_slots_matches_the_ledger() {
         r.class(BufferClass::Parameters).current_bytes,
     );
     assert!(plan.activations.buffer_of("batch.logits").is_some());
+    assert!(plan.activations.buffer_of("batch.rows").is_some());
+    assert!(plan.activations.buffer_of("batch.partials").is_some());
     assert!(plan.to_table().contains("kv cache for 4 slots"));
     drop(m);
 
-    // A budget that holds everything but one byte of the last slot's caches.
-    let budget = plan.parameters_bytes + plan.kv_cache_bytes + plan.activation_bytes - 1;
+    // A budget that holds the parameters and all but one byte of the slots' caches (allocated
+    // before the activations).
+    let budget = plan.parameters_bytes + plan.kv_cache_bytes - 1;
     let tight = Gpu::new(&GpuOptions {
         budget: Some(budget),
         ..Default::default()
@@ -224,7 +228,12 @@ fn smollm2_with_four_slots_matches_the_ledger() {
         Ok(_) => panic!("{what}: a budget short of the slots was not refused"),
     };
     assert!(matches!(err, wgllm::Error::VramBudget { .. }), "{err}");
-    assert!(tight.ledger.report().class(BufferClass::KvCache).peak_bytes < plan.kv_cache_bytes);
+    let r = tight.ledger.report();
+    assert!(r.class(BufferClass::KvCache).peak_bytes < plan.kv_cache_bytes);
+    assert!(
+        r.peak_total_bytes <= budget,
+        "{what}: the ledger passed the budget"
+    );
 }
 
 /// A model whose head is small enough for the final norm to fold into it (the issue's: one layer,

@@ -1,11 +1,13 @@
 // Writing K and V rows into a layer's cache, shared by kv_cache.wgsl and rope_store.wgsl. The
 // front file defines `kv_in(is_v, i) -> f32`, element i of the new K (or V) rows (f32
 // [m, n_kv_heads, head_dim]), and `kv_pair(is_v, i) -> vec2<f32>`, elements i and i + 1 (i
-// even), binds `k_cache` and `v_cache`, and has `head_dim`, `row_words`, `pos0`, `n_kv_heads`,
-// `slots` and `units_per_row` in its params `p`.
+// even), and `token_pos(t)` and `token_base(t)`, token t's position and the first word of its
+// sequence's cache, binds `k_cache` and `v_cache`, and has `head_dim`, `row_words`,
+// `n_kv_heads`, `slots` and `units_per_row` in its params `p`.
 //
-// The cache is a ring of `slots` positions: token t of the new rows (position pos0 + t) goes to
-// slot (pos0 + t) % slots. A global layer's ring is its whole context, where that is pos0 + t.
+// The cache is a ring of `slots` positions: token t of the new rows (position token_pos(t)) goes
+// to slot token_pos(t) % slots of its cache. A global layer's ring is its whole context, where
+// that is the position.
 //
 // Every cache row (one position, one kv head) is `row_words` u32 words:
 //   KV_DTYPE 0 (f32):  head_dim words, the f32 bits;
@@ -58,8 +60,9 @@ fn q8_block(is_v: bool, src: u32, dst: u32) -> f32 {
 // Writes unit `u` of new row `r` (token * n_kv_heads + head) in K and V.
 fn store_unit(r: u32, u: u32) {
     let src = r * p.head_dim;
-    let slot = (p.pos0 + r / p.n_kv_heads) % p.slots;
-    let dst = (slot * p.n_kv_heads + r % p.n_kv_heads) * p.row_words;
+    let t = r / p.n_kv_heads;
+    let slot = token_pos(t) % p.slots;
+    let dst = token_base(t) + (slot * p.n_kv_heads + r % p.n_kv_heads) * p.row_words;
     if (KV_DTYPE == 0u) {
         k_cache[dst + u] = bitcast<u32>(kv_in(false, src + u));
         v_cache[dst + u] = bitcast<u32>(kv_in(true, src + u));

@@ -42,11 +42,16 @@ struct Pair {
 }
 
 fn pair_at(g: u32, heads: u32) -> Pair {
+    return pair_at_pos(g, heads, p.pos0 + g / (p.rot_dim / 2u) / heads);
+}
+
+// pair_at with the token's position `pos` given (rope_store.wgsl's row table).
+fn pair_at_pos(g: u32, heads: u32, pos: u32) -> Pair {
     let half = p.rot_dim / 2u;
     let i = g % half;
     let th = g / half; // token * heads + head
     let base = th * p.head_dim;
-    var r = Pair(base + i, base + i + half, rotation(p.pos0 + th / heads, i));
+    var r = Pair(base + i, base + i + half, rotation(pos, i));
     if (p.mode == 0u) {
         r.a = base + 2u * i;
         r.b = r.a + 1u;

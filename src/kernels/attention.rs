@@ -10,14 +10,14 @@
 pub mod kv_cache;
 
 pub use kv_cache::{
-    bytes_per_token, decode, encode, ring_slots, rope_store, rope_store_scaled, store, KvCache,
-    KvDtype, MAX_HEAD_DIM,
+    bytes_per_token, decode, encode, ring_slots, rope_store, rope_store_rows, rope_store_scaled,
+    row_table, slots_per_buffer, store, KvCache, KvDtype, MAX_HEAD_DIM,
 };
 
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Gpu, Recorder};
 use crate::kernels::{params, Tensor};
-use kv_cache::{check_positions, to_u32, window_u32};
+use kv_cache::{check_positions, check_rows, to_u32, window_u32};
 
 /// Largest head_dim of the tiled prefill kernel (`HD4T * 4`); larger ones use the decode kernel.
 pub const MAX_HEAD_DIM_TILED: usize = 128;
@@ -50,10 +50,18 @@ struct AttnParams {
     window: u32,
     /// Rows of the cache's ring ([`KvCache::slots`]): key position k lives in row `k % slots`.
     slots: u32,
+    /// One sequence: the first word of its cache ([`KvCache::base_words`]).
+    base: u32,
+    /// 1: decode rows, each row's slot and position from the row table ([`attention_rows`]).
+    table: u32,
+    /// With a table: the dispatch's first row of q, out, the table and the partials.
+    row0: u32,
+    /// With a table, split entries: [`KEYS_PER_SPLIT`] (each row's parts are its own).
+    keys_per_split: u32,
     _pad: [u32; 2],
 }
 /// Bytes of the attention kernels' params (the memory planner's `Kernel::Attention`).
-pub const ATTENTION_PARAMS_BYTES: usize = 64;
+pub const ATTENTION_PARAMS_BYTES: usize = 80;
 const _: () = assert!(std::mem::size_of::<AttnParams>() == ATTENTION_PARAMS_BYTES);
 
 /// Most parts [`attention_split`] splits a token's keys in; the partials scratch
@@ -71,18 +79,31 @@ pub fn partials_bytes(n_heads: usize, head_dim: usize) -> u64 {
     (n_heads * MAX_KEY_SPLITS * (head_dim + 4) * 4) as u64
 }
 
-/// Parts [`attention_split`] splits the `n_keys` keys of `m` query tokens in: a single token on
-/// the subgroup kernel (`subgroup`: [`subgroup_fits`], a CPU device) gets one part per
-/// [`KEYS_PER_SPLIT`] keys, up to two per CPU thread (and [`MAX_KEY_SPLITS`]), so that a decode
-/// step has more than `n_kv_heads` subgroups to share out over the threads; otherwise 1 (a chunk
-/// of tokens has a subgroup per token and kv head already).
+/// Parts [`attention_split`] splits the `n_keys` keys of `m` query tokens in: a single token gets
+/// one part per [`KEYS_PER_SPLIT`] keys, so that a decode step has more than `n_kv_heads`
+/// workgroups of work: on the subgroup kernel (`subgroup`: [`subgroup_fits`], a CPU device) up to
+/// two per CPU thread (and [`MAX_KEY_SPLITS`]), to share out over the threads; on the grouped
+/// workgroup kernel (GPUs: [`grouped_shape_fits`]) up to [`MAX_KEY_SPLITS`]. Otherwise 1 (a chunk
+/// of tokens has a workgroup per token and head already).
 pub fn key_splits(subgroup: bool, m: usize, n_keys: usize) -> usize {
-    if subgroup && m == 1 {
-        let most = (2 * crate::kernels::matmul::cpu_threads()).min(MAX_KEY_SPLITS);
-        (n_keys / KEYS_PER_SPLIT).clamp(1, most)
-    } else {
-        1
+    if m != 1 {
+        return 1;
     }
+    let most = if subgroup {
+        (2 * crate::kernels::matmul::cpu_threads()).min(MAX_KEY_SPLITS)
+    } else {
+        MAX_KEY_SPLITS
+    };
+    (n_keys / KEYS_PER_SPLIT).clamp(1, most)
+}
+
+/// Most query heads per kv head the grouped decode kernel takes (`GMAX` of attention.wgsl).
+pub const MAX_GROUP_GROUPED: usize = 8;
+
+/// The shapes the grouped decode kernel (`attend_group`, GPUs) takes: head_dim up to
+/// [`MAX_HEAD_DIM`], at most [`MAX_GROUP_GROUPED`] query heads per kv head.
+pub fn grouped_shape_fits(head_dim: usize, group: usize) -> bool {
+    head_dim <= MAX_HEAD_DIM && (1..=MAX_GROUP_GROUPED).contains(&group)
 }
 
 /// Query heads per kv head of `q` (`[m, n_heads, head_dim]`) over `cache` (0 when `q` has no
@@ -149,6 +170,9 @@ pub enum AttentionKernel {
     Tiled,
     /// `attend_sg`: one 8-lane subgroup per token and kv head.
     Subgroup,
+    /// `attend_group`: one workgroup per token, kv head and part of the keys (a decode step on
+    /// GPUs; the G query heads of a group share each K/V load).
+    Grouped,
 }
 use AttentionKernel as Path;
 
@@ -181,17 +205,93 @@ pub fn attention_split(
     partials: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
-    let path = auto_path(rec.gpu(), q, cache);
+    let path = decode_path(rec.gpu(), q, cache);
     let m = q.shape.first().copied().unwrap_or(0);
     // A decode step sees pos0 + 1 keys, or a sliding window's worth.
     let n_keys = pos0
         .saturating_add(m)
         .min(cache.window.unwrap_or(usize::MAX));
-    let splits = key_splits(path == Path::Subgroup, m, n_keys);
+    let splits = match path {
+        Path::Subgroup | Path::Grouped => key_splits(path == Path::Subgroup, m, n_keys),
+        _ => 1,
+    };
     if splits == 1 {
         return dispatch_attention(rec, path, q, cache, Keys::Causal { pos0 }, scale, out);
     }
-    attention_split_with(rec, q, cache, pos0, scale, partials, out, splits)
+    let split = Some((partials, splits));
+    check_partials(q, cache, partials, out, splits)?;
+    dispatch(
+        rec,
+        path,
+        q,
+        cache,
+        Keys::Causal { pos0 },
+        scale,
+        out,
+        split,
+    )
+}
+
+/// [`auto_path`], but a single token on a device without the subgroup kernel takes the grouped
+/// decode kernel where its shape fits.
+fn decode_path(gpu: &Gpu, q: &Tensor, cache: &KvCache) -> Path {
+    let path = auto_path(gpu, q, cache);
+    let single = q.shape.first() == Some(&1);
+    if path == Path::Rows && single && grouped_shape_fits(cache.head_dim, query_group(q, cache)) {
+        Path::Grouped
+    } else {
+        path
+    }
+}
+
+/// `partials` holds `m` tokens' partial states of `splits` parts, apart from `out`.
+fn check_partials(
+    q: &Tensor,
+    cache: &KvCache,
+    partials: &Tensor,
+    out: &Tensor,
+    splits: usize,
+) -> Result<()> {
+    let dim = |i: usize| q.shape.get(i).copied().unwrap_or(0);
+    let need = dim(0) * dim(1) * splits * (cache.head_dim + 4);
+    if splits == 0 || partials.len() < need || partials.buf.buffer == out.buf.buffer {
+        return Err(Error::invalid(
+            "split attention",
+            format!(
+                "{splits} parts need {need} f32 of partials apart from out; '{}' has {}",
+                partials.buf.label,
+                partials.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The grouped decode kernel (`attend_group`, GPUs) with the keys in `splits` parts (1: no
+/// merge pass) forced, on any device (for tests and benchmarks); refused unless
+/// [`grouped_shape_fits`] and `partials` holds `m` tokens' partial states of `splits` parts.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_grouped(
+    rec: &mut Recorder,
+    q: &Tensor,
+    cache: &KvCache,
+    pos0: usize,
+    scale: f32,
+    partials: &Tensor,
+    out: &Tensor,
+    splits: usize,
+) -> Result<()> {
+    let group = query_group(q, cache);
+    if !grouped_shape_fits(cache.head_dim, group) {
+        return Err(Error::invalid(
+            "grouped attention",
+            format!("groups of 1 to {MAX_GROUP_GROUPED} query heads (got {group})"),
+        ));
+    }
+    check_partials(q, cache, partials, out, splits)?;
+    let keys = Keys::Causal { pos0 };
+    let split = (splits > 1).then_some((partials, splits));
+    dispatch(rec, Path::Grouped, q, cache, keys, scale, out, split)
 }
 
 /// [`attention_split`] with the subgroup kernel and the keys in `splits` parts forced (for tests
@@ -215,19 +315,7 @@ pub fn attention_split_with(
             "split keys need the subgroup kernel (see subgroup_fits)",
         ));
     }
-    let dim = |i: usize| q.shape.get(i).copied().unwrap_or(0);
-    let (m, n_heads) = (dim(0), dim(1));
-    let need = m * n_heads * splits * (cache.head_dim + 4);
-    if splits == 0 || partials.len() < need || partials.buf.buffer == out.buf.buffer {
-        return Err(Error::invalid(
-            "split attention",
-            format!(
-                "{splits} parts need {need} f32 of partials apart from out; '{}' has {}",
-                partials.buf.label,
-                partials.len()
-            ),
-        ));
-    }
+    check_partials(q, cache, partials, out, splits)?;
     let keys = Keys::Causal { pos0 };
     dispatch(
         rec,
@@ -239,6 +327,70 @@ pub fn attention_split_with(
         out,
         Some((partials, splits)),
     )
+}
+
+/// [`attention_split`] of decode rows `row0..row0 + rows.len()` of `q` and `out` (`[M, n_heads,
+/// head_dim]` of the whole step), each row of its own sequence (`rows[i]` = its cache and
+/// position), in one dispatch (plus the combine pass where some row splits its keys): every
+/// cache a slot of the same buffers ([`KvCache::shares_buffers`]), `table` holding
+/// [`row_table`] of the step's rows from row 0. Each row gets the kernel, and the key split,
+/// that [`attention_split`] gives it alone, so its output is that of the row alone, bit for bit.
+/// `partials` holds [`partials_bytes`] per row of the step.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows(
+    rec: &mut Recorder,
+    rows: &[(&KvCache, usize)],
+    table: &crate::gpu::GpuBuffer,
+    row0: usize,
+    q: &Tensor,
+    scale: f32,
+    partials: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    let op = "attention rows";
+    let cache = check_rows(op, rows, table, row0)?;
+    let all = q.shape.first().copied().unwrap_or(0);
+    if row0 + rows.len() > all {
+        return Err(Error::invalid(
+            op,
+            format!("rows {row0}..{} of {all}", row0 + rows.len()),
+        ));
+    }
+    let one = Tensor {
+        shape: vec![1, q.shape.get(1).copied().unwrap_or(0), cache.head_dim],
+        ..q.clone()
+    };
+    // Each row's kernel and parts as `attention_split` picks them for that row alone.
+    let path = decode_path(rec.gpu(), &one, cache);
+    let n_keys = |pos: usize| (pos + 1).min(cache.window.unwrap_or(usize::MAX));
+    let splits = match path {
+        Path::Subgroup | Path::Grouped => rows
+            .iter()
+            .map(|&(_, pos)| key_splits(path == Path::Subgroup, 1, n_keys(pos)))
+            .max()
+            .unwrap_or(1),
+        _ => 1,
+    };
+    let table = Some((table, row0, rows.len()));
+    if splits == 1 {
+        let keys = Keys::Causal { pos0: 0 };
+        return dispatch_table(rec, path, q, cache, keys, scale, out, None, table);
+    }
+    let n_heads = one.shape[1];
+    let need = (row0 + rows.len()) * n_heads * splits * (cache.head_dim + 4);
+    if partials.len() < need || partials.buf.buffer == out.buf.buffer {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "{splits} parts need {need} f32 of partials apart from out; '{}' has {}",
+                partials.buf.label,
+                partials.len()
+            ),
+        ));
+    }
+    let keys = Keys::Causal { pos0: 0 };
+    let split = Some((partials, splits));
+    dispatch_table(rec, path, q, cache, keys, scale, out, split, table)
 }
 
 /// Bidirectional (encoder) attention: `out = softmax(scale * q K^T) V` where every one of the `m`
@@ -410,8 +562,8 @@ fn dispatch_attention(
     dispatch(rec, path, q, cache, keys, scale, out, None)
 }
 
-/// The attention dispatch; with `split` (partials, parts), the subgroup kernel's split entry into
-/// the partials and the combine pass into `out`.
+/// The attention dispatch of one sequence; with `split` (partials, parts), the subgroup kernel's
+/// split entry into the partials and the combine pass into `out`.
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     rec: &mut Recorder,
@@ -423,7 +575,25 @@ fn dispatch(
     out: &Tensor,
     split: Option<(&Tensor, usize)>,
 ) -> Result<()> {
-    let (m, n_heads) = match q.shape[..] {
+    dispatch_table(rec, path, q, cache, keys, scale, out, split, None)
+}
+
+/// [`dispatch`], or with `table` (the row table, the first row, the rows) the decode rows of
+/// [`attention_rows`] (whose caller has checked them): then `split`'s parts are the most of any
+/// row, each row taking its own.
+#[allow(clippy::too_many_arguments)]
+fn dispatch_table(
+    rec: &mut Recorder,
+    path: Path,
+    q: &Tensor,
+    cache: &KvCache,
+    keys: Keys,
+    scale: f32,
+    out: &Tensor,
+    split: Option<(&Tensor, usize)>,
+    table: Option<(&crate::gpu::GpuBuffer, usize, usize)>,
+) -> Result<()> {
+    let (all, n_heads) = match q.shape[..] {
         [m, h, d] if m > 0 && h > 0 && d == cache.head_dim => (m, h),
         _ => {
             return Err(Error::shape(
@@ -434,6 +604,8 @@ fn dispatch(
         }
     };
     out.expect("attention out", &q.shape)?;
+    // The tokens this dispatch computes: all of q's, or the table's rows.
+    let m = table.map_or(all, |t| t.2);
     if out.buf.buffer == q.buf.buffer {
         return Err(Error::invalid("attention", "out must not alias q"));
     }
@@ -448,6 +620,8 @@ fn dispatch(
     }
     // Causal: the chunk's own positions must fit; bidirectional: the keys read.
     let (pos0, causal, n_keys) = match keys {
+        // Decode rows: checked by `check_rows`.
+        Keys::Causal { pos0 } if table.is_some() => (pos0, 1, 0),
         Keys::Causal { pos0 } => {
             check_positions("attention", cache, pos0, m)?;
             (pos0, 1, 0)
@@ -490,9 +664,17 @@ fn dispatch(
     let (shader, entry, n_wg) = match path {
         Path::Rows => ("attention", "attend_rows", m * n_heads),
         Path::Tiled => ("attention", "attend_tiled", m.div_ceil(TQ) * n_heads),
+        Path::Grouped if split.is_some() => ("attention", "attend_group_split", 0),
+        Path::Grouped => ("attention", "attend_group", m * cache.n_kv_heads),
         Path::Subgroup if split.is_some() => ("attention_sg", "attend_sg_split", 0),
         Path::Subgroup => ("attention_sg", "attend_sg", m * cache.n_kv_heads),
     };
+    if path == Path::Grouped && !grouped_shape_fits(cache.head_dim, group) {
+        return Err(Error::invalid(
+            "attention",
+            format!("the grouped kernel takes at most {MAX_GROUP_GROUPED} heads per kv head"),
+        ));
+    }
     let splits = split.map_or(1, |(_, s)| s);
     let n_wg = if split.is_some() {
         m * cache.n_kv_heads * splits
@@ -514,10 +696,20 @@ fn dispatch(
         splits: to_u32("attention", splits)?,
         window: window_u32(cache),
         slots: to_u32("attention", cache.slots)?,
+        base: to_u32("attention", cache.base_words())?,
+        table: u32::from(table.is_some()),
+        row0: to_u32("attention", table.map_or(0, |t| t.1))?,
+        keys_per_split: KEYS_PER_SPLIT as u32,
         _pad: [0; 2],
     };
     let gpu = rec.gpu();
-    let binds = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
+    let binds = [
+        Bind::Input,
+        Bind::Input,
+        Bind::Input,
+        Bind::Output,
+        Bind::Input,
+    ];
     let dtype = ("KV_DTYPE", cache.dtype.code());
     let shape = [
         dtype,
@@ -535,16 +727,35 @@ fn dispatch(
         ATTENTION_PARAMS_BYTES as u64,
         overrides,
     )?;
-    let label = match keys {
-        Keys::Causal { .. } => format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label),
-        Keys::All { .. } => format!("attention.{entry}.{}.all{n_keys}x{m}@{row0}", out.buf.label),
+    let label = match (keys, table) {
+        (_, Some((_, r0, _))) => format!("attention.{entry}.{}.rows{r0}+{m}", out.buf.label),
+        (Keys::Causal { .. }, None) => {
+            format!("attention.{entry}.{}@{pos0}+{m}", out.buf.label)
+        }
+        (Keys::All { .. }, None) => {
+            format!("attention.{entry}.{}.all{n_keys}x{m}@{row0}", out.buf.label)
+        }
     };
     let (k, v) = (from_row(&cache.k, kv_row), from_row(&cache.v, kv_row));
+    // Without a table the `rows` binding is never read: k stands in.
+    let rows = table.map_or_else(|| k.clone(), |t| t.0.view());
     let Some((partials, _)) = split else {
-        let views = [from_row(&q.buf, q_row), k, v, from_row(&out.buf, q_row)];
+        let views = [
+            from_row(&q.buf, q_row),
+            k,
+            v,
+            from_row(&out.buf, q_row),
+            rows,
+        ];
         return rec.dispatch(&kernel, &label, &views, params(&p), gpu.groups(p.n_wg));
     };
-    let views = [q.buf.view(), k.clone(), v.clone(), partials.buf.view()];
+    let views = [
+        q.buf.view(),
+        k.clone(),
+        v.clone(),
+        partials.buf.view(),
+        rows.clone(),
+    ];
     rec.dispatch(&kernel, &label, &views, params(&p), gpu.groups(p.n_wg))?;
     // The combine pass reads the partials in q's slot; one invocation per row and vec4.
     let combine = gpu.kernel(
@@ -555,7 +766,7 @@ fn dispatch(
         overrides,
     )?;
     let n = to_u32("attention", m * n_heads * cache.head_dim / 4)?;
-    let views = [partials.buf.view(), k, v, out.buf.view()];
+    let views = [partials.buf.view(), k, v, out.buf.view(), rows];
     let label = format!("attention.attend_combine.{}@{pos0}+{m}", out.buf.label);
     rec.dispatch(
         &combine,

@@ -59,20 +59,20 @@ pub struct RunState {
 }
 
 /// The buffers of a batched decode step ([`crate::model::batch::BatchLm::decode_batch`]) beside
-/// the chunk's: a logits row per decode row, and one row's attention inputs and output.
+/// the chunk's: a logits row per decode row, the row table (each row's slot and position, written
+/// once a step: [`attention::row_table`]) and the rows' split attention state.
 struct BatchBuffers {
     logits: Tensor, // (batch_rows, vocab)
-    row: RowViews,
+    rows: RowTable,
 }
 
-/// One decode row's q and attention output (`[1, n_heads, head_dim]`), k and v (`[1,
-/// n_kv_heads, head_dim]`).
+/// What the batched RoPE/store and attention dispatches read beside the activations.
 #[derive(Clone)]
-struct RowViews {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    att: Tensor,
+struct RowTable {
+    /// `[batch_rows, 2]` u32: slot index and position per row.
+    table: Tensor,
+    /// `attention::partials_bytes` per row.
+    partials: Tensor,
 }
 
 /// Decode rows per forward pass of a batched step: the slots, at most a chunk (the activation
@@ -125,9 +125,13 @@ pub struct Llama {
     /// appended here (`wgllm profile`).
     pub profile: Option<Vec<crate::gpu::record::DispatchTime>>,
     /// The KV caches of the slots that are not active (`state.kv` is the active one's; its entry
-    /// here is empty).
+    /// here is empty). Slot-major: each layer's caches of `slots_per_buffer` consecutive slots
+    /// share one K and one V buffer ([`KvCache::slots_major`]).
     slot_kv: Vec<Vec<KvCache>>,
     active_slot: usize,
+    /// Slots whose caches share buffers: all of them unless a layer's would pass one storage
+    /// binding ([`attention::slots_per_buffer`]).
+    slots_per_buffer: usize,
 }
 
 /// Reads a LLaMA-family config from GGUF metadata (`<arch>.*` keys).
@@ -286,16 +290,14 @@ impl Llama {
             norm,
             output,
         };
-        let state = RunState::new(gpu, &cfg, &opts, None)?;
-        let slot_kv = (0..opts.parallel.max(1))
-            .map(|slot| match slot {
-                0 => Ok(Vec::new()),
-                _ => kv_caches(gpu, &cfg, &opts, &format!("slot.{slot}.")),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let slots_per_buffer = kv_slots_per_buffer(gpu, &cfg, &opts);
+        let mut slot_kv = kv_caches(gpu, &cfg, &opts, slots_per_buffer)?;
+        let kv0 = std::mem::take(&mut slot_kv[0]);
+        let state = RunState::new(gpu, &cfg, &opts, Some(kv0))?;
         Ok(Llama {
             slot_kv,
             active_slot: 0,
+            slots_per_buffer,
             rope_theta: theta as f32,
             rot_dim,
             rope_mode,
@@ -401,6 +403,11 @@ impl Llama {
             }
         };
         gpu.write(&s.ids, 0, bytemuck::cast_slice(tokens))?;
+        if let (Seqs::Rows(_), Some(b)) = (seqs, &s.batch) {
+            // Every layer's slots lie alike in their buffers: layer 0's caches give the table.
+            let table = attention::row_table(&caches(0)?)?;
+            gpu.write(&b.rows.table.buf, 0, bytemuck::cast_slice(&table))?;
+        }
 
         let mut rec = gpu.recorder();
         if cfg.gemma.is_some() {
@@ -521,8 +528,8 @@ struct ChunkViews {
     /// Gemma's per-head normalised q and k, `(m, nh, hd)` and `(m, nkv, hd)`.
     qn3: Option<Tensor>,
     kn3: Option<Tensor>,
-    /// One decode row's q, k, v and attention output, where the model has slots.
-    row: Option<RowViews>,
+    /// The row table and partials of a batched step, where the model has slots.
+    rows: Option<RowTable>,
 }
 
 impl ChunkViews {
@@ -537,7 +544,7 @@ impl ChunkViews {
         Ok(ChunkViews {
             m,
             step,
-            row: s.batch.as_ref().map(|b| b.row.clone()),
+            rows: s.batch.as_ref().map(|b| b.rows.clone()),
             x: s.x.view(&[m, d])?,
             x2: s.x2.view(&[m, d])?,
             xb: s.xb.view(&[m, d])?,
@@ -724,9 +731,10 @@ fn gemma_layer(
 
 /// RoPE of `q3` and `k3`, `k3` and `a.v3` into the cache, and the attention of `q3` over it
 /// into `a.att3`, for every layer of the family. A chunk is one sequence (`kvs` one cache and
-/// its first position); decode rows each have their cache and position, and run one at a time
-/// through the very kernels a single token runs (copied into `a.row`'s one-token buffers and
-/// back), so that a row's result does not depend on the batch.
+/// its first position); decode rows each have their cache and position (read by the kernels
+/// from the row table), all rows in one dispatch of each kernel, each row computed exactly as
+/// the same kernels compute a single token, so that a row's result does not depend on the
+/// batch.
 fn rope_attend(
     r: &mut Recorder,
     a: &ChunkViews,
@@ -751,32 +759,39 @@ fn rope_attend(
             format!("{} decode rows and {} caches", a.m, kvs.len()),
         ));
     }
-    let row = a
-        .row
+    let rows = a
+        .rows
         .as_ref()
         .ok_or_else(|| Error::invalid("llama", "decode rows without batch buffers"))?;
-    let bytes = |t: &Tensor| (t.len() * 4) as u64;
-    let (qb, kb, ob) = (bytes(&row.q), bytes(&row.k), bytes(&row.att));
-    // Two passes, as the schedule has two steps: every row's RoPE and store first (reading k and
-    // v, the rotated q written back in place), then every row's attention (writing att, whose
-    // buffer the plan may share with k: k is dead by then, as it is for a single token).
-    for (i, (kv, pos)) in kvs.iter().enumerate() {
-        let i = i as u64;
-        r.copy(&q3.buf, i * qb, &row.q.buf, 0, qb)?;
-        r.copy(&k3.buf, i * kb, &row.k.buf, 0, kb)?;
-        r.copy(&a.v3.buf, i * kb, &row.v.buf, 0, kb)?;
-        attention::rope_store_scaled(
-            r, kv, &row.q, &row.k, &row.v, *pos, theta, factor, mode, rot,
+    // One dispatch each for every run of rows whose slots share buffers (all rows, unless the
+    // slots' caches are split over several buffers); every row's RoPE and store before any
+    // row's attention, as the schedule's two steps (att may share k's buffer).
+    let runs = buffer_runs(kvs);
+    let table = &rows.table.buf;
+    for &(row0, n) in &runs {
+        let group = &kvs[row0..row0 + n];
+        attention::rope_store_rows(
+            r, group, table, row0, q3, k3, &a.v3, theta, factor, mode, rot,
         )?;
-        r.copy(&row.q.buf, 0, &q3.buf, i * qb, qb)?;
     }
-    for (i, (kv, pos)) in kvs.iter().enumerate() {
-        let i = i as u64;
-        r.copy(&q3.buf, i * qb, &row.q.buf, 0, qb)?;
-        attention::attention_split(r, &row.q, kv, *pos, p.scale, &a.partials, &row.att)?;
-        r.copy(&row.att.buf, 0, &a.att3.buf, i * ob, ob)?;
+    for &(row0, n) in &runs {
+        let group = &kvs[row0..row0 + n];
+        let (partials, out) = (&rows.partials, &a.att3);
+        attention::attention_rows(r, group, table, row0, q3, p.scale, partials, out)?;
     }
     Ok(())
+}
+
+/// Runs of consecutive decode rows whose caches share buffers: (first row, rows).
+fn buffer_runs(kvs: &[(&KvCache, usize)]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, (kv, _)) in kvs.iter().enumerate() {
+        match runs.last_mut() {
+            Some((r0, n)) if kvs[*r0].0.shares_buffers(kv) => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
 }
 
 /// Adds an optional bias to every row of `y`.
@@ -874,19 +889,19 @@ impl RunState {
         let gemma = cfg.gemma.is_some();
         let kv = match kv {
             Some(kv) => kv,
-            None => kv_caches(gpu, cfg, opts, "")?,
+            None => kv_caches(gpu, cfg, opts, 1)?.swap_remove(0),
         };
         let n_logits = if opts.all_logits { c } else { 1 };
         let batch = if opts.parallel > 1 {
-            let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
+            let nh = cfg.n_heads;
             let t = |name: &str, shape: &[usize]| acts.role(&format!("batch.{name}"), shape);
+            let rows = batch_rows(opts);
+            let partials = crate::kernels::attention::partials_bytes(nh, hd) as usize / 4;
             Some(BatchBuffers {
-                logits: t("logits", &[batch_rows(opts), cfg.vocab_size])?,
-                row: RowViews {
-                    q: t("q", &[1, nh, hd])?,
-                    k: t("k", &[1, nkv, hd])?,
-                    v: t("v", &[1, nkv, hd])?,
-                    att: t("att", &[1, nh, hd])?,
+                logits: t("logits", &[rows, cfg.vocab_size])?,
+                rows: RowTable {
+                    table: t("rows", &[rows, 2])?,
+                    partials: t("partials", &[rows * partials])?,
                 },
             })
         } else {
@@ -924,28 +939,51 @@ impl RunState {
     }
 }
 
-/// One sequence's KV caches, a layer each (`{prefix}layer.{l}.kv`); a sliding-window layer keeps
-/// a ring for chunks of up to `opts.chunk` tokens.
+/// The KV caches of every sequence slot (`opts.parallel`, at least 1), a layer each
+/// (`layer.{l}.kv`; a sliding-window layer keeps a ring for chunks of up to `opts.chunk`
+/// tokens), slot-major: `per_buffer` consecutive slots share each layer's K and V buffers
+/// ([`KvCache::slots_major`]). Indexed `[slot][layer]`.
 fn kv_caches(
     gpu: &Gpu,
     cfg: &ModelConfig,
     opts: &RunOptions,
-    prefix: &str,
-) -> Result<Vec<KvCache>> {
-    (0..cfg.n_layers)
+    per_buffer: usize,
+) -> Result<Vec<Vec<KvCache>>> {
+    let n_slots = opts.parallel.max(1);
+    let mut slots: Vec<Vec<KvCache>> = (0..n_slots)
+        .map(|_| Vec::with_capacity(cfg.n_layers))
+        .collect();
+    for l in 0..cfg.n_layers {
+        let layer = KvCache::slots_major(
+            gpu,
+            &format!("layer.{l}.kv"),
+            opts.kv_dtype,
+            opts.ctx,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            cfg.layer_window(l),
+            opts.chunk.max(1),
+            n_slots,
+            per_buffer,
+        )?;
+        for (slot, kv) in slots.iter_mut().zip(layer) {
+            slot.push(kv);
+        }
+    }
+    Ok(slots)
+}
+
+/// Slots per K/V buffer ([`attention::slots_per_buffer`]) of the layer with the largest ring.
+fn kv_slots_per_buffer(gpu: &Gpu, cfg: &ModelConfig, opts: &RunOptions) -> usize {
+    let row = opts.kv_dtype.row_words(cfg.head_dim) * cfg.n_kv_heads * 4;
+    let largest = (0..cfg.n_layers)
         .map(|l| {
-            KvCache::windowed(
-                gpu,
-                &format!("{prefix}layer.{l}.kv"),
-                opts.kv_dtype,
-                opts.ctx,
-                cfg.n_kv_heads,
-                cfg.head_dim,
-                cfg.layer_window(l),
-                opts.chunk.max(1),
-            )
+            let ring = attention::ring_slots(opts.ctx, cfg.layer_window(l), opts.chunk.max(1));
+            (ring * row) as u64
         })
-        .collect()
+        .max()
+        .unwrap_or(0);
+    attention::slots_per_buffer(largest, gpu.max_binding(), opts.parallel.max(1))
 }
 
 impl Llama {
@@ -1018,10 +1056,20 @@ impl crate::model::batch::BatchLm for Llama {
         }
         let vocab = self.cfg.vocab_size;
         let per_pass = batch_rows(&self.opts).max(1);
-        let mut out = Vec::with_capacity(rows.len());
-        for (group, ids) in rows.chunks(per_pass).zip(tokens.chunks(per_pass)) {
+        // Rows whose slots share K/V buffers go next to each other (one dispatch per buffer; a
+        // row's result does not depend on its place in the step), and come back in order.
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| rows[i].slot / self.slots_per_buffer.max(1));
+        let sorted: Vec<_> = order.iter().map(|&i| rows[i]).collect();
+        let ids: Vec<u32> = sorted.iter().map(|r| r.token).collect();
+        let mut out = vec![Vec::new(); rows.len()];
+        let mut done = 0;
+        for (group, ids) in sorted.chunks(per_pass).zip(ids.chunks(per_pass)) {
             let logits = self.forward_tokens(gpu, ids, Seqs::Rows(group), true)?;
-            out.extend(logits.chunks_exact(vocab).map(<[f32]>::to_vec));
+            for row in logits.chunks_exact(vocab) {
+                out[order[done]] = row.to_vec();
+                done += 1;
+            }
         }
         Ok(out)
     }

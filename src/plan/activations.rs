@@ -83,11 +83,15 @@ pub enum Kernel {
     },
 }
 
-/// Bytes of the uniform params block of the RoPE + KV-store kernel: 48 bytes of fields and
+/// Bytes of the uniform params block of the attention kernels (`kernels::attention`'s
+/// `ATTENTION_PARAMS_BYTES`).
+pub const ATTENTION_PARAMS_BYTES: u64 = 80;
+
+/// Bytes of the uniform params block of the RoPE + KV-store kernel: 64 bytes of fields and
 /// `MAX_ROT_DIM` (512) f32 frequency words, mirroring `kernels::attention::kv_cache` (kept here as
 /// a number, since it is the one params block far from 16-32 bytes and the planner must not break
 /// when that module changes).
-pub const ROPE_STORE_PARAMS_BYTES: u64 = 48 + 512 * 4;
+pub const ROPE_STORE_PARAMS_BYTES: u64 = 64 + 512 * 4;
 
 impl Kernel {
     /// Size of the kernel's uniform params struct (the `size_of` asserts in src/kernels).
@@ -108,7 +112,7 @@ impl Kernel {
             | Kernel::Matmul { .. }
             | Kernel::StackedMatmul
             | Kernel::KvStore => 32,
-            Kernel::Attention | Kernel::DenseAttention { .. } => 64,
+            Kernel::Attention | Kernel::DenseAttention { .. } => ATTENTION_PARAMS_BYTES,
             Kernel::RopeStore => ROPE_STORE_PARAMS_BYTES,
         }
     }
@@ -513,18 +517,16 @@ impl ActivationPlan {
 
 /// Adds what a batched decode step of up to `rows` rows of distinct sequences needs beside a
 /// chunk's buffers (`model::llama`'s `BatchBuffers`), one buffer each: a logits row per decode row
-/// (`batch.logits`), and one row's q, k, v and attention output (`batch.q`, ...), which each row's
-/// RoPE/store and attention run on.
+/// (`batch.logits`), the row table the batched RoPE/store and attention kernels read (`batch.rows`:
+/// slot and position, two u32 a row) and the rows' split attention state (`batch.partials`).
 pub fn add_batch_buffers(plan: &mut ActivationPlan, cfg: &ModelConfig, rows: usize) {
-    let q = (cfg.n_heads as u64).saturating_mul(cfg.head_dim as u64);
-    let kv = (cfg.n_kv_heads as u64).saturating_mul(cfg.head_dim as u64);
-    let logits = (rows as u64).saturating_mul(cfg.vocab_size as u64);
+    let rows = rows as u64;
+    let logits = rows.saturating_mul(cfg.vocab_size as u64);
+    let partials = crate::kernels::attention::partials_bytes(cfg.n_heads, cfg.head_dim) / 4;
     for (role, n) in [
         ("batch.logits", logits),
-        ("batch.q", q),
-        ("batch.k", kv),
-        ("batch.v", kv),
-        ("batch.att", q),
+        ("batch.rows", rows.saturating_mul(2)),
+        ("batch.partials", rows.saturating_mul(partials)),
     ] {
         let bytes = n.saturating_mul(4);
         plan.role_to_buffer.insert(role.into(), plan.buffers.len());

@@ -136,10 +136,11 @@ pub struct PlanOptions {
     /// ([`crate::kernels::matmul::single_token_folds`]): up to four dispatches less a layer in
     /// decode, and a different sharing of the activations (see [`activations::Fusions`]).
     pub single_token_folds: bool,
-    /// The device runs the subgroup attention, whose decode steps split long contexts' keys
-    /// ([`crate::kernels::attention::key_splits`]): a decode chunk's attention is two dispatches
-    /// (the split and the merge) once the context allows it (the plan counts the step at the
-    /// context's end).
+    /// The device runs the subgroup attention (CPU devices); otherwise the grouped workgroup
+    /// decode kernel (GPUs). Either splits a long context's keys in a decode step
+    /// ([`crate::kernels::attention::key_splits`], by its own rule): a decode step's attention is
+    /// two dispatches (the split and the merge) once the context allows it (the plan counts the
+    /// step at the context's end).
     pub split_attention: bool,
     /// The device's uniform-buffer offset alignment: each dispatch's params take a slot of this
     /// granularity (256 by default, WebGPU's; lavapipe's is 32).
@@ -279,6 +280,9 @@ pub struct MemoryPlan {
     /// Dispatches of one chunk with logits (embedding, all layers, head); of one batch for an
     /// encoder.
     pub dispatches_per_chunk: u64,
+    /// Dispatches of one batched decode step of `parallel` rows at the context's end (all
+    /// layers resident); 0 without slots.
+    pub dispatches_per_batch_step: u64,
     pub kernel_params_bytes: u64,
     pub overhead_bytes: u64,
     pub total_bytes: u64,
@@ -457,48 +461,55 @@ impl MemoryPlan {
         // Dispatches and kernel-params bytes of a list of steps, with matrices sharded as
         // `storage` shards them.
         // `rows` > 0: a batched decode step of that many rows, whose projections dispatch as a
-        // single token's (folds included) and whose RoPE/store and attention run once per row,
-        // the attention split as a decode step's at the context's end.
-        let tally_rows = |steps: &[activations::Step],
-                          storage: WeightStorage,
-                          rows: u64|
-         -> Result<Tally> {
-            let shards = |f: WeightFormat, rows: usize, cols: usize| -> Result<u64> {
-                Ok(rows.div_ceil(storage.rows_per_shard(f, rows, cols)?) as u64)
-            };
-            let tokens = if rows > 0 { 1 } else { opts.chunk };
-            let mut t = Tally::default();
-            for s in steps {
-                let k = s.kernel;
-                let n = match k {
-                    Kernel::Host | Kernel::Copy => 0,
-                    _ if !s.folds.dispatches(tokens) => 0,
-                    Kernel::RopeStore if rows > 0 => rows,
-                    Kernel::Attention if rows > 0 => rows * (1 + u64::from(pass.row_split_keys)),
-                    Kernel::Attention if pass.split_keys => 2,
-                    Kernel::DenseAttention { sequences } => sequences as u64,
-                    Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
-                        let f = if cfg.arch == Arch::Llama {
-                            fmt
-                        } else {
-                            uploads::matrix_format(p, cols)
-                        };
-                        shards(f, rows, cols)?
-                    }
-                    Kernel::TableF32 { rows, cols } => shards(WeightFormat::F32, rows, cols)?,
-                    _ => 1,
+        // single token's (folds included) and whose RoPE/store and attention run once for all
+        // rows (once per K/V buffer where the slots' caches are split over several: at most
+        // `row_runs`), the attention split as a decode step's at the context's end.
+        let longest_ring = pass.kv_positions.iter().copied().max().unwrap_or(0);
+        let slot_bytes = longest_ring.saturating_mul(kv_bpt) / 2;
+        let n_slots = kv_slots(cfg, &opts) as usize;
+        let per_buffer =
+            crate::kernels::attention::slots_per_buffer(slot_bytes, opts.max_binding, n_slots);
+        let kv_buffers = n_slots.div_ceil(per_buffer) as u64;
+        let tally_rows =
+            |steps: &[activations::Step], storage: WeightStorage, rows: u64| -> Result<Tally> {
+                let shards = |f: WeightFormat, rows: usize, cols: usize| -> Result<u64> {
+                    Ok(rows.div_ceil(storage.rows_per_shard(f, rows, cols)?) as u64)
                 };
-                if n > 0 {
-                    let padded = k.params_bytes().div_ceil(slot) * slot;
-                    t = t.then(Tally {
-                        dispatches: n,
-                        params_bytes: n * padded,
-                        tail_slack: padded - k.params_bytes(),
-                    });
+                let tokens = if rows > 0 { 1 } else { opts.chunk };
+                let mut t = Tally::default();
+                for s in steps {
+                    let k = s.kernel;
+                    let n = match k {
+                        Kernel::Host | Kernel::Copy => 0,
+                        _ if !s.folds.dispatches(tokens) => 0,
+                        Kernel::RopeStore if rows > 0 => rows.min(kv_buffers),
+                        Kernel::Attention if rows > 0 => {
+                            rows.min(kv_buffers) * (1 + u64::from(pass.row_split_keys))
+                        }
+                        Kernel::Attention if pass.split_keys => 2,
+                        Kernel::DenseAttention { sequences } => sequences as u64,
+                        Kernel::Embedding { rows, cols } | Kernel::Matmul { rows, cols } => {
+                            let f = if cfg.arch == Arch::Llama {
+                                fmt
+                            } else {
+                                uploads::matrix_format(p, cols)
+                            };
+                            shards(f, rows, cols)?
+                        }
+                        Kernel::TableF32 { rows, cols } => shards(WeightFormat::F32, rows, cols)?,
+                        _ => 1,
+                    };
+                    if n > 0 {
+                        let padded = k.params_bytes().div_ceil(slot) * slot;
+                        t = t.then(Tally {
+                            dispatches: n,
+                            params_bytes: n * padded,
+                            tail_slack: padded - k.params_bytes(),
+                        });
+                    }
                 }
-            }
-            Ok(t)
-        };
+                Ok(t)
+            };
         let tally =
             |steps: &[activations::Step], storage: WeightStorage| tally_rows(steps, storage, 0);
         let layer = tally(&sched.layer, storage)?;
@@ -519,6 +530,7 @@ impl MemoryPlan {
         let dispatches = chunk.dispatches;
         let mut kernel_params_bytes = chunk.uniform_bytes();
         let rows = batch_rows(cfg, &opts) as u64;
+        let mut dispatches_per_batch_step = 0;
         if rows > 1 {
             // A batched decode step is one submission too (resident layers); its uniform buffer
             // may be the larger one.
@@ -526,6 +538,7 @@ impl MemoryPlan {
                 .then(tally_rows(&sched.layer, storage, rows)?.times(l))
                 .then(tally_rows(&sched.epilogue, storage, rows)?);
             kernel_params_bytes = kernel_params_bytes.max(step.uniform_bytes());
+            dispatches_per_batch_step = step.dispatches;
         }
 
         let longest = pass.kv_positions.iter().copied().max().unwrap_or(0);
@@ -591,6 +604,7 @@ impl MemoryPlan {
             staging_readback_bytes,
             staging_bytes,
             dispatches_per_chunk: dispatches,
+            dispatches_per_batch_step,
             kernel_params_bytes,
             overhead_bytes,
             total_bytes: sum + overhead_bytes,

@@ -81,12 +81,14 @@ pub(super) fn llama(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         stacked_projections: opts.stacked_projections,
         single_token_folds: opts.single_token_folds,
     };
+    // Where a decode step splits its keys at the context's end: on the subgroup kernel (CPU
+    // devices) or the grouped workgroup kernel (GPUs), where the shape fits.
     let splits = |m: usize| {
-        use crate::kernels::attention::{key_splits, subgroup_shape_fits};
+        use crate::kernels::attention::{grouped_shape_fits, key_splits, subgroup_shape_fits};
         let group = cfg.n_heads / cfg.n_kv_heads.max(1);
-        opts.split_attention
-            && subgroup_shape_fits(cfg.head_dim, group)
-            && key_splits(true, m, opts.ctx) > 1
+        let subgroup = opts.split_attention && subgroup_shape_fits(cfg.head_dim, group);
+        let fits = subgroup || (!opts.split_attention && grouped_shape_fits(cfg.head_dim, group));
+        fits && key_splits(subgroup, m, opts.ctx) > 1
     };
     let (split_keys, row_split_keys) = (splits(opts.chunk), splits(1));
     let readback = role_bytes(&activations, "logits")

@@ -77,9 +77,10 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
             let _ = writeln!(
                 s,
                 "  {slots} sequence slots, a KV cache each ({} B/token/layer); batched decode \
-                 steps of up to {} rows",
+                 steps of up to {} rows ({} dispatches a step at the context's end)",
                 group(p.kv_bytes_per_token_layer),
-                super::batch_rows(c, o)
+                super::batch_rows(c, o),
+                p.dispatches_per_batch_step
             );
         }
         if let (Some(w), true) = (c.sliding_window, p.kv_ring_layers > 0) {

@@ -24,6 +24,14 @@
 //! A ring forgets: running again from an earlier position p0 (after positions past p0 were
 //! stored) finds the keys before p0 only where no later position has taken their slot, so a rerun
 //! starts from position 0 (as generation and perplexity windows do).
+//!
+//! Several sequences (`RunOptions::parallel` slots) keep their caches of one layer slot-major in
+//! the same K and V buffers ([`KvCache::slots_major`]): slot s of a buffer from word
+//! `s * slots * n_kv_heads * row_words` on, each [`KvCache`] a view of its slot. A batched decode
+//! step then stores and attends every row's keys in one dispatch each, the rows' slots and
+//! positions read from a row table ([`row_table`]). Where a layer's caches of all slots would
+//! pass the storage binding limit, the slots are split over as few buffers as hold them
+//! ([`slots_per_buffer`]), and a step dispatches once per buffer.
 
 use half::f16;
 
@@ -150,6 +158,9 @@ pub struct KvCache {
     /// Positions held, the ring's length ([`ring_slots`]): position p lives in slot `p % slots`.
     /// `ctx` for a global layer.
     pub slots: usize,
+    /// Which sequence slot of the `k` and `v` buffers this cache is ([`KvCache::slots_major`]):
+    /// its rows start at word `slot_index * slot_words()`. 0 for a cache of its own.
+    pub slot_index: usize,
 }
 
 impl KvCache {
@@ -180,28 +191,9 @@ impl KvCache {
         window: Option<usize>,
         chunk: usize,
     ) -> Result<KvCache> {
-        dtype.check_head_dim(head_dim)?;
-        if ctx == 0 || n_kv_heads == 0 || window == Some(0) {
-            return Err(Error::invalid(
-                format!("kv cache {label}"),
-                format!(
-                    "ctx {ctx}, n_kv_heads {n_kv_heads} and the window ({window:?}) must be positive"
-                ),
-            ));
-        }
+        let bytes = check_layout(gpu, label, dtype, ctx, n_kv_heads, head_dim, window, chunk)?;
         let slots = ring_slots(ctx, window, chunk);
         let row_words = dtype.row_words(head_dim);
-        let bytes = (slots as u64 * n_kv_heads as u64 * row_words as u64).saturating_mul(4);
-        if bytes > gpu.max_binding() {
-            return Err(Error::invalid(
-                format!("kv cache {label}"),
-                format!(
-                    "{slots} positions of {dtype} take {bytes} bytes per tensor, over the {}-byte \
-                     storage binding limit; use a shorter context or a smaller KV type",
-                    gpu.max_binding()
-                ),
-            ));
-        }
         Ok(KvCache {
             dtype,
             ctx,
@@ -212,7 +204,96 @@ impl KvCache {
             row_words,
             window,
             slots,
+            slot_index: 0,
         })
+    }
+
+    /// The caches of `n_slots` sequences for one layer ([`KvCache::windowed`]'s arguments),
+    /// slot-major: as many slots share one K and one V buffer as fit one storage binding
+    /// ([`slots_per_buffer`] of `per_buffer_cap`; `usize::MAX` for no cap beside the binding),
+    /// slot s in buffer `s / per_buffer` at index `s % per_buffer`. One slot is exactly
+    /// [`KvCache::windowed`]. Buffers `<label>.k` / `.v`, `<label>.b<i>.k` past the first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn slots_major(
+        gpu: &Gpu,
+        label: &str,
+        dtype: KvDtype,
+        ctx: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+        chunk: usize,
+        n_slots: usize,
+        per_buffer: usize,
+    ) -> Result<Vec<KvCache>> {
+        let n_slots = n_slots.max(1);
+        if n_slots == 1 {
+            let one =
+                KvCache::windowed(gpu, label, dtype, ctx, n_kv_heads, head_dim, window, chunk)?;
+            return Ok(vec![one]);
+        }
+        let per_buffer = per_buffer.clamp(1, n_slots);
+        let slot_bytes = check_layout(gpu, label, dtype, ctx, n_kv_heads, head_dim, window, chunk)?;
+        let mut caches = Vec::with_capacity(n_slots);
+        for (b, first) in (0..n_slots).step_by(per_buffer).enumerate() {
+            let here = per_buffer.min(n_slots - first);
+            let name = if b == 0 {
+                label.to_string()
+            } else {
+                format!("{label}.b{b}")
+            };
+            let bytes = slot_bytes.saturating_mul(here as u64);
+            if bytes > gpu.max_binding() {
+                return Err(Error::invalid(
+                    format!("kv cache {name}"),
+                    format!(
+                        "{here} slots take {bytes} bytes per tensor, over the {}-byte storage                          binding limit",
+                        gpu.max_binding()
+                    ),
+                ));
+            }
+            let k = gpu.alloc(&format!("{name}.k"), BufferClass::KvCache, bytes)?;
+            let v = gpu.alloc(&format!("{name}.v"), BufferClass::KvCache, bytes)?;
+            for i in 0..here {
+                caches.push(KvCache {
+                    dtype,
+                    ctx,
+                    n_kv_heads,
+                    head_dim,
+                    k: k.clone(),
+                    v: v.clone(),
+                    row_words: dtype.row_words(head_dim),
+                    window,
+                    slots: ring_slots(ctx, window, chunk),
+                    slot_index: i,
+                });
+            }
+        }
+        Ok(caches)
+    }
+
+    /// `u32` words of one sequence slot's rows in the K (or V) buffer.
+    pub fn slot_words(&self) -> usize {
+        self.slots * self.n_kv_heads * self.row_words
+    }
+
+    /// The first word of this cache's rows in its buffers.
+    pub fn base_words(&self) -> usize {
+        self.slot_index * self.slot_words()
+    }
+
+    /// Whether `other` is a slot of the same K and V buffers (and shape), so that one dispatch
+    /// with a row table serves both.
+    pub fn shares_buffers(&self, other: &KvCache) -> bool {
+        self.k.buffer == other.k.buffer
+            && self.v.buffer == other.v.buffer
+            && self.slots == other.slots
+            && self.row_words == other.row_words
+            && self.n_kv_heads == other.n_kv_heads
+            && self.head_dim == other.head_dim
+            && self.dtype == other.dtype
+            && self.window == other.window
+            && self.ctx == other.ctx
     }
 
     /// An f32 cache over existing K and V tensors of shape `[ctx, n_kv_heads, head_dim]`, without
@@ -251,13 +332,17 @@ impl KvCache {
             row_words: head_dim,
             window: None,
             slots: ctx,
+            slot_index: 0,
         })
     }
 
-    /// Bytes of K and V together: `ctx * bytes_per_token` (for [`KvCache::from_f32`], the sizes
-    /// of the tensors' whole buffers).
+    /// Bytes of this slot's K and V together: `slots * bytes_per_token` (for
+    /// [`KvCache::from_f32`], the sizes of the tensors' whole buffers).
     pub fn bytes(&self) -> u64 {
-        self.k.size() + self.v.size()
+        if self.slot_index == 0 && self.k.size() == (self.slot_words() * 4) as u64 {
+            return self.k.size() + self.v.size();
+        }
+        2 * (self.slot_words() * 4) as u64
     }
 
     /// K and V of positions `0..n_pos` as the cache holds them, dequantised to f32
@@ -287,13 +372,14 @@ impl KvCache {
             ));
         }
         let row = (self.n_kv_heads * self.row_words * 4) as u64;
+        let base = (self.base_words() * 4) as u64;
         let get = |b: &GpuBuffer| -> Result<Vec<f32>> {
             // The positions as slots: one run up to the ring's end, then one from its start.
             let s0 = first % self.slots;
             let n0 = n_pos.min(self.slots - s0);
-            let mut raw = gpu.read_bytes(b, s0 as u64 * row, n0 as u64 * row)?;
+            let mut raw = gpu.read_bytes(b, base + s0 as u64 * row, n0 as u64 * row)?;
             if n0 < n_pos {
-                raw.extend(gpu.read_bytes(b, 0, (n_pos - n0) as u64 * row)?);
+                raw.extend(gpu.read_bytes(b, base, (n_pos - n0) as u64 * row)?);
             }
             decode(
                 self.dtype,
@@ -303,6 +389,65 @@ impl KvCache {
         };
         Ok((get(&self.k)?, get(&self.v)?))
     }
+}
+
+/// Checks a cache's shape ([`KvCache::windowed`]'s arguments) and returns the bytes of one
+/// sequence's K (or V): at most one storage binding.
+#[allow(clippy::too_many_arguments)]
+fn check_layout(
+    gpu: &Gpu,
+    label: &str,
+    dtype: KvDtype,
+    ctx: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    chunk: usize,
+) -> Result<u64> {
+    dtype.check_head_dim(head_dim)?;
+    if ctx == 0 || n_kv_heads == 0 || window == Some(0) {
+        return Err(Error::invalid(
+            format!("kv cache {label}"),
+            format!(
+                "ctx {ctx}, n_kv_heads {n_kv_heads} and the window ({window:?}) must be positive"
+            ),
+        ));
+    }
+    let slots = ring_slots(ctx, window, chunk);
+    let row_words = dtype.row_words(head_dim);
+    let bytes = (slots as u64 * n_kv_heads as u64 * row_words as u64).saturating_mul(4);
+    if bytes > gpu.max_binding() {
+        return Err(Error::invalid(
+            format!("kv cache {label}"),
+            format!(
+                "{slots} positions of {dtype} take {bytes} bytes per tensor, over the {}-byte \
+                 storage binding limit; use a shorter context or a smaller KV type",
+                gpu.max_binding()
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Sequence slots whose caches of one layer share a K and a V buffer ([`KvCache::slots_major`]):
+/// all `n_slots` where they fit one storage binding of `max_binding` bytes, else as many as do
+/// (at least 1). `slot_bytes`: one slot's K of the layer with the largest ring, so every layer
+/// splits its slots alike and one row table serves them all.
+pub fn slots_per_buffer(slot_bytes: u64, max_binding: u64, n_slots: usize) -> usize {
+    let fit = max_binding / slot_bytes.max(1);
+    (fit.min(n_slots as u64) as usize).max(1)
+}
+
+/// The row table of a batched decode step: per row, the slot index of its cache in its buffers
+/// ([`KvCache::slot_index`]) and its position, two `u32` each, as the kernels read them
+/// ([`rope_store_rows`], `attention::attention_rows`).
+pub fn row_table(rows: &[(&KvCache, usize)]) -> Result<Vec<u32>> {
+    let mut t = Vec::with_capacity(2 * rows.len());
+    for (kv, pos) in rows {
+        t.push(to_u32("row table", kv.slot_index)?);
+        t.push(to_u32("row table", *pos)?);
+    }
+    Ok(t)
 }
 
 /// Cache rows for `x` (rows of `head_dim` values), exactly as the store kernel writes them.
@@ -427,7 +572,8 @@ struct StoreParams {
     n_kv_heads: u32,
     /// The ring's length: token t goes to slot `(pos0 + t) % slots`.
     slots: u32,
-    _pad: u32,
+    /// The first word of the sequence's cache ([`KvCache::base_words`]).
+    base: u32,
 }
 const _: () = assert!(std::mem::size_of::<StoreParams>() == 32);
 
@@ -445,12 +591,18 @@ struct RopeStoreParams {
     units_per_row: u32,
     /// The ring's length: token t goes to slot `(pos0 + t) % slots`.
     slots: u32,
-    _pad: [u32; 2],
+    /// One sequence: the first word of its cache ([`KvCache::base_words`]).
+    base: u32,
+    /// 1: decode rows, each row's slot and position from the row table ([`rope_store_rows`]).
+    table: u32,
+    /// With a table: the dispatch's first row.
+    row0: u32,
+    _pad: [u32; 3],
     /// The frequency table ([`crate::kernels::rope`]'s).
     q: [f32; MAX_ROT_DIM],
 }
 /// Bytes of [`rope_store`]'s params (the memory planner's `Kernel::RopeStore`).
-pub const ROPE_STORE_PARAMS_BYTES: usize = 48 + MAX_ROT_DIM * 4;
+pub const ROPE_STORE_PARAMS_BYTES: usize = 64 + MAX_ROT_DIM * 4;
 const _: () = assert!(std::mem::size_of::<RopeStoreParams>() == ROPE_STORE_PARAMS_BYTES);
 
 /// Store units per cache row: a word for f32/f16, a scale word (two blocks) for q8_0.
@@ -502,9 +654,109 @@ pub fn rope_store_scaled(
     let n_heads = q.shape.get(1).copied().unwrap_or(0);
     q.expect(op, &[m.max(1), n_heads.max(1), cache.head_dim])?;
     check_positions(op, cache, pos0, m)?;
+    let rope = (theta, factor, mode, rot_dim);
+    let label = format!("rope_store.{}@{pos0}+{m}", cache.k.label);
+    dispatch_rope_store(rec, cache, [q, k, v], m, pos0, None, rope, &label)
+}
+
+/// [`rope_store_scaled`] of decode rows `row0..row0 + rows.len()` of `q`, `k`, `v` (each row of
+/// its own sequence: `rows[i]` = (its cache, its position)) in one dispatch: every cache must be
+/// a slot of the same buffers ([`KvCache::shares_buffers`]), and `table` must hold
+/// [`row_table`] of the step's rows from row 0 (so row `row0 + i` is `rows[i]`). Each row is
+/// rotated and stored exactly as [`rope_store_scaled`] of that row alone.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_store_rows(
+    rec: &mut Recorder,
+    rows: &[(&KvCache, usize)],
+    table: &GpuBuffer,
+    row0: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    theta: f32,
+    factor: f32,
+    mode: RopeMode,
+    rot_dim: usize,
+) -> Result<()> {
+    let op = "rope + kv store rows";
+    let cache = check_rows(op, rows, table, row0)?;
+    let all = k.shape.first().copied().unwrap_or(0);
+    k.expect(op, &[all.max(1), cache.n_kv_heads, cache.head_dim])?;
+    v.expect(op, &k.shape)?;
+    let n_heads = q.shape.get(1).copied().unwrap_or(0);
+    q.expect(op, &[all.max(1), n_heads.max(1), cache.head_dim])?;
+    let m = rows.len();
+    if row0 + m > all {
+        return Err(Error::invalid(
+            op,
+            format!("rows {row0}..{} of {all}", row0 + m),
+        ));
+    }
+    let last = rows.iter().map(|r| r.1).max().unwrap_or(0);
+    let rope = (theta, factor, mode, rot_dim);
+    let label = format!("rope_store.{}.rows{row0}+{m}", cache.k.label);
+    let tokens = Some((table, row0, last));
+    dispatch_rope_store(rec, cache, [q, k, v], m, 0, tokens, rope, &label)
+}
+
+/// The caches of decode rows share one pair of buffers and each row's position fits; the table
+/// holds the rows. Returns the first row's cache.
+pub(super) fn check_rows<'a>(
+    op: &str,
+    rows: &[(&'a KvCache, usize)],
+    table: &GpuBuffer,
+    row0: usize,
+) -> Result<&'a KvCache> {
+    let Some(&(first, _)) = rows.first() else {
+        return Err(Error::invalid(op, "no decode rows"));
+    };
+    for (i, (kv, pos)) in rows.iter().enumerate() {
+        if !first.shares_buffers(kv) {
+            return Err(Error::invalid(
+                op,
+                format!("row {i}'s cache is not a slot of '{}'", first.k.label),
+            ));
+        }
+        check_positions(op, kv, *pos, 1)?;
+    }
+    let need = ((row0 + rows.len()) * 8) as u64;
+    if table.size() < need {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "row table '{}' of {} bytes for rows up to {}",
+                table.label,
+                table.size(),
+                row0 + rows.len()
+            ),
+        ));
+    }
+    Ok(first)
+}
+
+/// The RoPE + store dispatch of `m` tokens: one sequence from `pos0`, or (`rows`: the table, the
+/// first row, the largest position) decode rows.
+#[allow(clippy::too_many_arguments)]
+fn dispatch_rope_store(
+    rec: &mut Recorder,
+    cache: &KvCache,
+    [q, k, v]: [&Tensor; 3],
+    m: usize,
+    pos0: usize,
+    rows: Option<(&GpuBuffer, usize, usize)>,
+    (theta, factor, mode, rot_dim): (f32, f32, RopeMode, usize),
+    label: &str,
+) -> Result<()> {
+    let op = "rope + kv store";
+    let n_heads = q.shape.get(1).copied().unwrap_or(0);
     let freqs = crate::kernels::rope::linear_freqs(theta, factor, rot_dim)?;
     let pos0_u32 = to_u32(op, pos0)?;
-    let table = crate::kernels::rope::table(op, &freqs, cache.head_dim, m, pos0_u32)?;
+    // The table checks the positions' range: the chunk's, or up to the rows' last.
+    let (first, n) = match rows {
+        None => (pos0_u32, m),
+        Some((_, _, last)) => (0, last + 1),
+    };
+    let table = crate::kernels::rope::table(op, &freqs, cache.head_dim, n, first)?;
     let units = units_per_row(cache);
     let work = m * (n_heads * rot_dim / 2 + cache.n_kv_heads * units);
     if work == 0 {
@@ -521,12 +773,15 @@ pub fn rope_store_scaled(
         row_words: cache.row_words as u32,
         units_per_row: units as u32,
         slots: to_u32(op, cache.slots)?,
-        _pad: [0; 2],
+        base: to_u32(op, cache.base_words())?,
+        table: u32::from(rows.is_some()),
+        row0: to_u32(op, rows.map_or(0, |r| r.1))?,
+        _pad: [0; 3],
         q: table,
     };
     let gpu = rec.gpu();
     use Bind::{Input, Output};
-    let binds = [Output, Input, Input, Output, Output];
+    let binds = [Output, Input, Input, Output, Output, Input];
     let kernel = gpu.kernel(
         "rope_store",
         "rope_store",
@@ -535,15 +790,18 @@ pub fn rope_store_scaled(
         &[("KV_DTYPE", cache.dtype.code())],
     )?;
     let groups = gpu.groups(to_u32(op, work.div_ceil(WG))?);
+    // Without a table the `rows` binding is never read: k stands in.
+    let table_view = rows.map_or_else(|| k.buf.view(), |r| r.0.view());
     rec.dispatch(
         &kernel,
-        &format!("rope_store.{}@{pos0}+{m}", cache.k.label),
+        label,
         &[
             q.buf.view(),
             k.buf.view(),
             v.buf.view(),
             cache.k.view(),
             cache.v.view(),
+            table_view,
         ],
         params(&p),
         groups,
@@ -575,7 +833,7 @@ pub fn store(
         units_per_row: units_per_row as u32,
         n_kv_heads: cache.n_kv_heads as u32,
         slots: to_u32("kv store", cache.slots)?,
-        _pad: 0,
+        base: to_u32("kv store", cache.base_words())?,
     };
     let gpu = rec.gpu();
     let binds = [Bind::Input, Bind::Input, Bind::Output, Bind::Output];
