@@ -44,10 +44,6 @@ fn probe_plans_exceed_the_cache_bound_in_every_format_and_class() {
             assert_eq!(ShapeClass::of(f, p.rows, p.cols), c, "{p:?}");
         }
     }
-    assert!(
-        LLC_BOUND >= 96 << 20,
-        "under a consumer GPU's last-level cache"
-    );
     // The classes of real matrices: SmolLM2's 576 x 1536, LLaMA-7B's FFN at f16 and Q4.
     use WeightFormat::*;
     assert_eq!(ShapeClass::of(Q4_1, 576, 1536), ShapeClass::Small);

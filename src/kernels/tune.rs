@@ -8,9 +8,10 @@
 //! - the [`WeightLayout`] of weight matrices on devices where both layouts have a matvec (the
 //!   subgroup matvec reads buffers and textures alike). Textures are taken only when at least 10%
 //!   faster, since buffers are the layout every kernel reads. A model's weights all share one
-//!   layout (the memory plan books them by it), so the device's layout is the choice of one pair,
-//!   [`DEVICE_LAYOUT_PROBE`] ([`weight_layout_choice`]); the other pairs' choices are measured on
-//!   request (`wgllm bench tune`) and kept beside it.
+//!   layout (the memory plan books them by it), so the device's layout is the choice of one pair:
+//!   that of the model's largest matrix where the loader names it ([`prefer_model_layout`], on
+//!   that matrix's own shape), else [`DEVICE_LAYOUT_PROBE`]'s ([`weight_layout_choice`]); the other
+//!   pairs' choices are measured on request (`wgllm bench tune`) and kept beside it.
 //!
 //! Every choice is timed on a probe ([`ProbePlan`]): the class's shape in that format, as many
 //! copies as make its weights larger than [`LLC_BOUND`], each copy's matvec run once a repetition.
@@ -49,6 +50,10 @@ use crate::quant::{synthetic, WeightFormat};
 /// Bytes above the last-level cache of any consumer device: RTX 4090's L2 is 72 MB, RX 7900 XTX's
 /// Infinity Cache 96 MB, M2 Ultra's system cache 96 MB. A probe's weights are at least this.
 pub const LLC_BOUND: u64 = 128 << 20;
+const _: () = assert!(
+    LLC_BOUND >= 96 << 20,
+    "under a consumer GPU's last-level cache"
+);
 
 /// Matrices below this many bytes of weights are [`ShapeClass::Small`].
 pub const SMALL_MAX_BYTES: u64 = 8 << 20;
@@ -310,6 +315,49 @@ fn cached<T: Clone>(
 pub fn weight_layout_choice(gpu: &Gpu) -> Result<LayoutChoice> {
     let (format, class) = DEVICE_LAYOUT_PROBE;
     layout_choice_with(gpu, &ProbePlan::new(format, class))
+}
+
+/// The matrix of a GGUF file with the most bytes, as (format, rows, cols): what a model's layout
+/// is chosen by ([`prefer_model_layout`]). `None` when the file has no 2-D tensor wgllm reads.
+pub fn largest_matrix(g: &crate::loader::gguf::Gguf) -> Option<(WeightFormat, usize, usize)> {
+    g.tensors()
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .filter_map(|t| {
+            let f = crate::loader::weight_format(t.ggml_type)?;
+            // GGUF lists the row length first.
+            Some((f, t.shape[1], t.shape[0]))
+        })
+        .max_by_key(|&(f, rows, cols)| f.bytes_for(rows * cols))
+}
+
+/// Sets the device's weight layout, unless already chosen (`WGLLM_WEIGHTS`, an earlier model), to
+/// the choice for a model's largest matrix (`format`, `rows x cols`): measured on that shape itself
+/// when its class is a large one (copied past [`LLC_BOUND`]), on the class's probe otherwise, and
+/// cached for its (format, class). Buffers where the subgroup matvec does not run.
+pub fn prefer_model_layout(
+    gpu: &Gpu,
+    format: WeightFormat,
+    rows: usize,
+    cols: usize,
+) -> WeightLayout {
+    gpu.weight_layout_or(|| {
+        if !crate::kernels::matmul::subgroup_matvec_ok(gpu) {
+            return WeightLayout::Buffers;
+        }
+        let class = ShapeClass::of(format, rows, cols);
+        let plan = match class {
+            ShapeClass::Small => ProbePlan::new(format, class),
+            _ => ProbePlan::sized(format, class, rows, cols, LLC_BOUND),
+        };
+        match layout_choice_with(gpu, &plan) {
+            Ok(c) => c.layout,
+            Err(e) => {
+                log::warn!("measuring the weight layouts failed ({e}); weights go in buffers");
+                WeightLayout::Buffers
+            }
+        }
+    })
 }
 
 /// The cached layout choice of (`format`, `class`), or a fresh measurement (then cached).
@@ -589,7 +637,7 @@ fn copies_within_budget(gpu: &Gpu, plan: &ProbePlan) -> Result<usize> {
              {} MiB cache bound, its choice may reflect the cache",
             class_key(plan.format, plan.class),
             plan.copies,
-            plan.matrix_bytes() * fit as u64 >> 20,
+            (plan.matrix_bytes() * fit as u64) >> 20,
             LLC_BOUND >> 20
         );
     }
