@@ -459,7 +459,7 @@ pub fn matvec_candidates() -> Vec<(u32, u32)> {
 /// that kernel reads).
 pub fn measure_matvec(gpu: &Gpu, plan: &ProbePlan) -> Result<MatvecChoice> {
     let start = Instant::now();
-    let probe = Probe::new(gpu, plan, WeightLayout::Buffers)?;
+    let probe = Probe::new(gpu, plan, WeightLayout::Buffers, 1)?;
     let shapes = matvec_candidates();
     let medians = race(shapes.len(), |i| {
         let (rows, threads) = shapes[i];
@@ -469,7 +469,7 @@ pub fn measure_matvec(gpu: &Gpu, plan: &ProbePlan) -> Result<MatvecChoice> {
     let us: Vec<(u32, u32, f64)> = shapes
         .iter()
         .zip(&medians)
-        .map(|(&(r, t), &us)| (r, t, us))
+        .map(|(&(r, t), &us)| (r, t, thousandths(us)))
         .collect();
     let (rows, threads) = us
         .iter()
@@ -480,23 +480,25 @@ pub fn measure_matvec(gpu: &Gpu, plan: &ProbePlan) -> Result<MatvecChoice> {
         threads,
         us,
         probe: Some(probe.plan),
-        probe_ms: start.elapsed().as_secs_f64() * 1e3,
+        probe_ms: thousandths(start.elapsed().as_secs_f64() * 1e3),
     })
 }
 
 /// Times the probe matvec with the weights in each layout.
 pub fn measure_layouts(gpu: &Gpu, plan: &ProbePlan) -> Result<LayoutChoice> {
     let start = Instant::now();
-    // One layout's copies at a time: the probe never holds both.
-    let time = |layout: WeightLayout| -> Result<(f64, ProbePlan)> {
-        let probe = Probe::new(gpu, plan, layout)?;
-        let us = race(1, |_| {
-            probe.time(|rec, w| matvec(rec, w, &probe.x, &probe.y))
-        })?[0];
-        Ok((us, probe.plan))
-    };
-    let (buffers_us, used) = time(WeightLayout::Buffers)?;
-    let (textures_us, _) = time(WeightLayout::Textures)?;
+    // Both layouts' copies at once, each in half of what the budget leaves, so that their
+    // repetitions interleave and a slow spell of a shared machine hits both alike (timed one
+    // after the other, 13.6 and 24.2 ms swapped places between two runs on lavapipe).
+    let buffers = Probe::new(gpu, plan, WeightLayout::Buffers, 2)?;
+    let textures = Probe::new(gpu, &buffers.plan, WeightLayout::Textures, 1)?;
+    let probes = [&buffers, &textures];
+    let us = race(2, |i| {
+        let p = probes[i];
+        p.time(|rec, w| matvec(rec, w, &p.x, &p.y))
+    })?;
+    let (buffers_us, textures_us) = (thousandths(us[0]), thousandths(us[1]));
+    let used = buffers.plan;
     let layout = if textures_us < 0.9 * buffers_us {
         WeightLayout::Textures
     } else {
@@ -507,8 +509,14 @@ pub fn measure_layouts(gpu: &Gpu, plan: &ProbePlan) -> Result<LayoutChoice> {
         buffers_us,
         textures_us,
         probe: Some(used),
-        probe_ms: start.elapsed().as_secs_f64() * 1e3,
+        probe_ms: thousandths(start.elapsed().as_secs_f64() * 1e3),
     })
+}
+
+/// `x` to three decimals, which the cache file's JSON reads back bit for bit (a float's full 17
+/// digits need not).
+fn thousandths(x: f64) -> f64 {
+    (x * 1e3).round() / 1e3
 }
 
 /// Median time of each of `n` candidates: one warm-up each, then rounds of one timing each (so that
@@ -555,14 +563,15 @@ struct Probe<'a> {
 }
 
 impl<'a> Probe<'a> {
-    fn new(gpu: &'a Gpu, plan: &ProbePlan, layout: WeightLayout) -> Result<Probe<'a>> {
+    /// `plan`'s copies in `layout`, as many as fit `1 / share` of what the budget leaves.
+    fn new(gpu: &'a Gpu, plan: &ProbePlan, layout: WeightLayout, share: u64) -> Result<Probe<'a>> {
         let mut plan = *plan;
         let x: Vec<f32> = (0..plan.cols)
             .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
             .collect();
         let x = gpu.tensor_from("tune.x", BufferClass::Activations, &[1, plan.cols], &x)?;
         let y = gpu.tensor("tune.y", BufferClass::Activations, &[1, plan.rows])?;
-        plan.copies = copies_within_budget(gpu, &plan)?;
+        plan.copies = copies_within_budget(gpu, &plan, share)?;
         let gguf = synthetic(plan.format, plan.rows * plan.cols, 7)?;
         let storage = WeightStorage::on_device(gpu, layout);
         let mut weights = Vec::with_capacity(plan.copies);
@@ -609,15 +618,15 @@ impl<'a> Probe<'a> {
     }
 }
 
-/// How many of `plan`'s copies fit the ledger's budget (all without one): what is left of the
-/// budget, less a quarter for the layouts' padding and the kernel parameters. Fewer than asked is
-/// warned about (the probe may then partly measure the cache); none is an error, which leaves the
+/// How many of `plan`'s copies fit the ledger's budget (all without one): `1 / share` of what is
+/// left of it, less a quarter for the layouts' padding and the kernel parameters. Fewer than asked
+/// is warned about (the probe may then partly measure the cache); none is an error, which leaves the
 /// default choice.
-fn copies_within_budget(gpu: &Gpu, plan: &ProbePlan) -> Result<usize> {
+fn copies_within_budget(gpu: &Gpu, plan: &ProbePlan, share: u64) -> Result<usize> {
     let Some(budget) = gpu.ledger.budget() else {
         return Ok(plan.copies);
     };
-    let free = budget.saturating_sub(gpu.ledger.report().current_total_bytes);
+    let free = budget.saturating_sub(gpu.ledger.report().current_total_bytes) / share.max(1);
     let fit = (free * 3 / 4 / (plan.matrix_bytes() * 5 / 4).max(1)) as usize;
     if fit == 0 {
         return Err(Error::invalid(
