@@ -1,5 +1,6 @@
-//! `wgllm bench kernels` (the matrix kernels per precision) and `wgllm bench model` (llama-bench's
-//! pp/tg tables for a model).
+//! `wgllm bench kernels` (the matrix kernels per precision), `wgllm bench model` (llama-bench's
+//! pp/tg tables for a model) and `wgllm bench tune` (the tuner's choices per format and shape
+//! class).
 
 use anyhow::Result;
 use wgllm::gpu::Gpu;
@@ -19,6 +20,29 @@ enum What {
     Kernels(KernelsArgs),
     /// Prompt processing (pp) and text generation (tg) tokens/s, like llama-bench.
     Model(ModelBenchArgs),
+    /// The tuner's choices per weight format and shape class (workgroup matvec rows x threads,
+    /// weight layout), probing the pairs not yet cached on this device.
+    Tune(TuneArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TuneArgs {
+    /// Formats (comma-separated: f32,f16,q8_0,q4_0,q4_1,q5_0,q5_1,q4_k,q5_k,q6_k); all by default.
+    #[arg(long, value_delimiter = ',')]
+    formats: Option<Vec<String>>,
+    /// Shape classes (comma-separated: small,tall,wide); all by default.
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<String>>,
+    /// Probe the workgroup matvec's shapes even where the device does not run that kernel (CPU
+    /// devices keep a rule).
+    #[arg(long)]
+    matvec: bool,
+    /// Probe the weight layout even where only buffers are read (no subgroup matvec).
+    #[arg(long)]
+    layout: bool,
+    /// Only print what is cached; probe nothing.
+    #[arg(long)]
+    cached: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,7 +96,52 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     match a.what {
         What::Kernels(k) => bench_kernels(&gpu, k),
         What::Model(m) => bench_model(&gpu, m),
+        What::Tune(t) => bench_tune(&gpu, t),
     }
+}
+
+fn bench_tune(gpu: &Gpu, a: TuneArgs) -> Result<()> {
+    use wgllm::kernels::tune::{self, ShapeClass};
+    use wgllm::quant::WeightFormat;
+    let formats = match &a.formats {
+        Some(f) => f
+            .iter()
+            .map(|s| WeightFormat::parse(s))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => WeightFormat::ALL.to_vec(),
+    };
+    let classes = match &a.classes {
+        Some(c) => c
+            .iter()
+            .map(|s| ShapeClass::parse(s))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => ShapeClass::ALL.to_vec(),
+    };
+    let pairs: Vec<_> = formats
+        .iter()
+        .flat_map(|&f| classes.iter().map(move |&c| (f, c)))
+        .collect();
+    let matvec = a.matvec || gpu.info.device_type != wgpu::DeviceType::Cpu;
+    let layout = a.layout || wgllm::kernels::matmul::subgroup_matvec_ok(gpu);
+    if !a.cached {
+        for &(f, c) in &pairs {
+            eprintln!("probing {} on {}", tune::class_key(f, c), gpu.info.name);
+            if matvec {
+                tune::matvec_choice_for(gpu, f, c)?;
+            }
+            if layout {
+                tune::layout_choice_for(gpu, f, c)?;
+            }
+        }
+    }
+    println!(
+        "{} (device layout: {} of {})",
+        gpu.info.name,
+        wgllm::kernels::weights::weight_layout(gpu).name(),
+        tune::class_key(tune::DEVICE_LAYOUT_PROBE.0, tune::DEVICE_LAYOUT_PROBE.1)
+    );
+    print!("{}", tune::choices_table(gpu, &pairs));
+    Ok(())
 }
 
 fn bench_kernels(gpu: &Gpu, a: KernelsArgs) -> Result<()> {

@@ -35,6 +35,15 @@ pub(crate) fn load_model(
     };
     let precision = m.precision.as_deref().map(parse_precision).transpose()?;
     let kv = wgllm::kernels::attention::KvDtype::parse(&m.kv)?;
+    // A GGUF model's weights go in the layout measured fastest for its largest matrix, chosen
+    // before anything plans or uploads in the device's layout.
+    if path.is_file() && precision.is_none() {
+        if let Ok(g) = wgllm::loader::gguf::Gguf::open(&path) {
+            if let Some((f, rows, cols)) = wgllm::kernels::tune::largest_matrix(&g) {
+                wgllm::kernels::tune::prefer_model_layout(gpu, f, rows, cols);
+            }
+        }
+    }
     let opts = RunOptions {
         ctx: m.ctx(),
         kv_dtype: kv,

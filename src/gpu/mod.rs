@@ -136,9 +136,10 @@ pub struct Gpu {
     /// Where weight matrices go, once chosen (`WGLLM_WEIGHTS`, or
     /// [`crate::kernels::weights::weight_layout`]'s measurement).
     weight_layout: Mutex<Option<WeightLayout>>,
-    /// The workgroup matvec's rows and threads per workgroup, once measured
-    /// ([`crate::kernels::matmul::matvec_rows`], [`crate::kernels::matmul::matvec_threads`]).
-    pub(crate) matvec_shape: std::sync::OnceLock<(u32, u32)>,
+    /// The workgroup matvec's rows and threads per workgroup per weight format and shape class,
+    /// once measured ([`crate::kernels::tune::matvec_shape_for`]).
+    pub(crate) matvec_shapes:
+        Mutex<HashMap<(crate::quant::WeightFormat, crate::kernels::tune::ShapeClass), (u32, u32)>>,
     /// How it was opened, so that [`Gpu::reopen`] opens the same adapter the same way.
     options: GpuOptions,
 }
@@ -282,7 +283,7 @@ impl Gpu {
             ledger: Ledger::new(opts.budget),
             kernels: Mutex::new(HashMap::new()),
             weight_layout: Mutex::new(WeightLayout::from_env()),
-            matvec_shape: std::sync::OnceLock::new(),
+            matvec_shapes: Mutex::new(HashMap::new()),
             options: opts.clone(),
         })
     }
@@ -297,9 +298,8 @@ impl Gpu {
         if let Some(layout) = layout {
             gpu.weight_layout_or(|| layout);
         }
-        if let Some(&shape) = self.matvec_shape.get() {
-            let _ = gpu.matvec_shape.set(shape);
-        }
+        let shapes = self.matvec_shapes.lock().unwrap_or_else(|e| e.into_inner());
+        *gpu.matvec_shapes.lock().unwrap_or_else(|e| e.into_inner()) = shapes.clone();
         Ok(gpu)
     }
 

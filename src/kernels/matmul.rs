@@ -125,62 +125,44 @@ fn check_shards(op: &str, w: &WeightMatrix) -> Result<()> {
     Ok(())
 }
 
-/// Rows per matvec workgroup for a shard of `rows` rows. More rows means fewer loads per weight
-/// (each x value serves every row), which is what lavapipe is bound by, so a CPU device always gets
-/// 16. A GPU gets what the tuner measured fastest on its probe matrix
-/// ([`crate::kernels::tune::matvec_choice`], once per device, cached), capped for shards smaller
-/// than the probe so that they keep enough workgroups: 16 only while that leaves at least 256,
-/// 8 while it leaves 128, else 4.
-pub fn matvec_rows(gpu: &Gpu, rows: usize) -> u32 {
+/// Rows and threads per workgroup of the workgroup matvec for a shard of `shard_rows` rows of a
+/// `rows x cols` matrix in `format`: the one place the dispatch asks for them.
+///
+/// A CPU device always gets 16 rows of 64 threads: more rows means fewer loads per weight (each x
+/// value serves every row), which is what lavapipe is bound by. A GPU gets what the tuner measured
+/// fastest for the matrix's format and shape class ([`crate::kernels::tune::matvec_shape_for`],
+/// once per device and pair, cached), with the rows capped for shards smaller than that class's
+/// probe so that they keep enough workgroups (16 only while that leaves at least 256, 8 while it
+/// leaves 128, else 4), and the threads halved while rows x threads would pass [`MATVEC_PART`].
+pub fn matvec_shape(
+    gpu: &Gpu,
+    format: WeightFormat,
+    rows: usize,
+    cols: usize,
+    shard_rows: usize,
+) -> (u32, u32) {
     if gpu.info.device_type == wgpu::DeviceType::Cpu {
-        return 16;
+        return (16, 64);
     }
-    let tuned = tuned_matvec(gpu).0;
-    let cap = if rows >= 16 * 256 {
+    use crate::kernels::tune::{matvec_shape_for, ShapeClass};
+    let class = ShapeClass::of(format, rows, cols);
+    let (tuned_rows, mut threads) = matvec_shape_for(gpu, format, class);
+    let cap = if shard_rows >= 16 * 256 {
         16
-    } else if rows >= 8 * 128 {
+    } else if shard_rows >= 8 * 128 {
         8
     } else {
         4
     };
-    if rows >= crate::kernels::tune::PROBE_ROWS {
-        tuned
+    let r = if shard_rows >= class.probe_shape().0 {
+        tuned_rows
     } else {
-        tuned.min(cap)
+        tuned_rows.min(cap)
+    };
+    while threads > MATVEC_THREADS[0] && r * threads > MATVEC_PART {
+        threads /= 2;
     }
-}
-
-/// Threads per matvec workgroup of `rows_per_group` rows: 64 on a CPU device, else what the tuner
-/// measured fastest, halved while rows x threads would pass [`MATVEC_PART`].
-pub fn matvec_threads(gpu: &Gpu, rows_per_group: u32) -> u32 {
-    if gpu.info.device_type == wgpu::DeviceType::Cpu {
-        return 64;
-    }
-    let mut t = tuned_matvec(gpu).1;
-    while t > MATVEC_THREADS[0] && rows_per_group * t > MATVEC_PART {
-        t /= 2;
-    }
-    t
-}
-
-/// Rows and threads per workgroup for a shard of `rows` rows ([`matvec_rows`],
-/// [`matvec_threads`]).
-fn matvec_shape(gpu: &Gpu, rows: usize) -> (u32, u32) {
-    let r = matvec_rows(gpu, rows);
-    (r, matvec_threads(gpu, r))
-}
-
-/// The device's measured (rows, threads) per workgroup, measured on first use.
-fn tuned_matvec(gpu: &Gpu) -> (u32, u32) {
-    *gpu.matvec_shape.get_or_init(|| {
-        crate::kernels::tune::matvec_choice(gpu).map_or_else(
-            |e| {
-                log::warn!("measuring the matvec shapes failed ({e}); 16 rows, 64 threads");
-                (16, 64)
-            },
-            |c| (c.rows, c.threads),
-        )
-    })
+    (r, threads)
 }
 
 /// Which kernel computes a matrix-vector product.
@@ -195,18 +177,16 @@ pub enum MatvecKernel {
 }
 
 /// The matvec kernel for a shard of `rows` rows in `format`: the subgroup one where
-/// [`subgroup_matvec_ok`], else the workgroup one with [`matvec_rows`].
+/// [`subgroup_matvec_ok`], else the workgroup one with [`matvec_shape`] (of a square matrix: the
+/// dispatch asks [`matvec_shape`] with the matrix's own columns).
 pub fn matvec_kernel(gpu: &Gpu, format: WeightFormat, rows: usize) -> MatvecKernel {
     if subgroup_matvec_ok(gpu) {
         MatvecKernel::Subgroup {
             rows: matvec_sg_rows(format, rows, 1, 1),
         }
     } else {
-        let r = matvec_rows(gpu, rows);
-        MatvecKernel::Workgroup {
-            rows: r,
-            threads: matvec_threads(gpu, r),
-        }
+        let (rows, threads) = matvec_shape(gpu, format, rows, rows, rows);
+        MatvecKernel::Workgroup { rows, threads }
     }
 }
 
@@ -448,6 +428,7 @@ fn rows_kernel(
     let entry = format!("matvec_{}", w.format.name());
     let cols = u32_of(op, "cols", w.cols)?;
     let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
+    let shape = |shard_rows| matvec_shape(gpu, w.format, w.rows, w.cols, shard_rows);
     for s in &w.shards {
         // The subgroup kernel's rows per invocation (forced or its rule's) and tokens per pass.
         let subgroup = match kind {
@@ -474,9 +455,9 @@ fn rows_kernel(
         }
         let ((r, threads), t) = match kind {
             Rows::Workgroup(Some(shape), tokens) => (shape, tokens),
-            Rows::Workgroup(None, tokens) => (matvec_shape(gpu, s.rows), tokens),
-            Rows::Decode => (matvec_shape(gpu, s.rows), workgroup_tokens(m)),
-            _ => (matvec_shape(gpu, s.rows), 1),
+            Rows::Workgroup(None, tokens) => (shape(s.rows), tokens),
+            Rows::Decode => (shape(s.rows), workgroup_tokens(m)),
+            _ => (shape(s.rows), 1),
         };
         if !extras.is_plain() {
             return Err(Error::invalid(
