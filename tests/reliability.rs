@@ -665,3 +665,85 @@ fn a_driver_out_of_memory_error_is_a_typed_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     eprintln!("wgllm run: {:?}, {}", out.status, stderr.trim());
 }
+
+/// A device failure whose reloads all fail (the model's load fails after the first): the engine
+/// tries `RECOVERY_ATTEMPTS` reloads, each on a new device, then stays not ready with the reason,
+/// and refuses requests as unavailable.
+#[test]
+fn the_engine_gives_up_after_a_bounded_number_of_reloads() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _serial = serial();
+    let Some(gpu) = own_gpu(None) else { return };
+    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
+        return;
+    };
+    let gpu = std::sync::Arc::new(gpu);
+    let loads = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = loads.clone();
+    let o = opts(64, 1);
+    let engine = wgllm::serve::Engine::start(
+        gpu.clone(),
+        wgllm::serve::EngineOptions {
+            max_queue: 4,
+            chunk: o.chunk,
+        },
+        move |g| {
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                wgllm::model::load::load_batch_lm(g, &path, None, o.clone())
+            } else {
+                Err(wgllm::Error::InvalidArgument {
+                    op: "test".into(),
+                    reason: "the model file is gone".into(),
+                })
+            }
+        },
+    )
+    .expect("start the engine");
+    let prompt = engine.info.tokenizer.encode("Hi", true).unwrap();
+    let request = || wgllm::serve::GenRequest {
+        prompt: prompt.clone(),
+        params: wgllm::serve::GenParams {
+            max_tokens: 2,
+            sampling: SamplerConfig {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop: Vec::new(),
+            logprobs: None,
+            ignore_eos: false,
+        },
+    };
+    gpu.device.destroy();
+    if let Ok(mut rx) = engine.submit(request()) {
+        loop {
+            match rx.blocking_recv() {
+                Some(wgllm::serve::Event::Token { .. }) => continue,
+                Some(wgllm::serve::Event::Error(e)) => break eprintln!("after destroy: {e}"),
+                other => panic!("a destroyed device answered {other:?}"),
+            }
+        }
+    }
+    // 0.5 + 1 + 2 + 4 + 8 s of backoff and five device openings.
+    let t = std::time::Instant::now();
+    let why = loop {
+        match engine.health() {
+            Err(why) if why.contains("restart the server") => break why,
+            Err(_) => {}
+            Ok(()) => panic!("ready again with a model that cannot load"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(600), "still trying");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("gave up: {why}");
+    assert!(why.contains("the model file is gone"), "{why}");
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1 + wgllm::serve::engine::RECOVERY_ATTEMPTS as usize
+    );
+    match engine.submit(request()) {
+        Err(wgllm::serve::SubmitError::Unavailable(e)) => assert!(e.contains("restart"), "{e}"),
+        Err(e) => panic!("refused otherwise: {e}"),
+        Ok(_) => panic!("queued on an engine that gave up"),
+    }
+    assert_eq!(engine.stats.recoveries.load(Ordering::Relaxed), 0);
+}
