@@ -375,8 +375,11 @@ struct TestServer {
 }
 
 impl TestServer {
-    fn start(engine: wgllm::serve::Engine) -> TestServer {
-        let router = wgllm::serve::http::router(engine, None, Default::default());
+    fn start(
+        engine: wgllm::serve::Engine,
+        embedder: Option<wgllm::serve::embed::Embedder>,
+    ) -> TestServer {
+        let router = wgllm::serve::http::router(engine, embedder, Default::default());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -501,16 +504,40 @@ fn complete(s: &TestServer) -> Result<String, (u16, serde_json::Value)> {
     }
 }
 
+/// The embedding of one sentence, or the status and error body.
+fn embed(s: &TestServer) -> Result<Vec<f64>, (u16, serde_json::Value)> {
+    let (status, v) = s.post(
+        "/v1/embeddings",
+        &serde_json::json!({"input": "The device was lost and found again."}),
+    );
+    if status != 200 {
+        return Err((status, v));
+    }
+    let e = v["data"][0]["embedding"].as_array().expect("an embedding");
+    Ok(e.iter().map(|x| x.as_f64().unwrap()).collect())
+}
+
 /// The device failed under the server: a request that hits the failure (or arrives after it) is
 /// an error, `/health` answers 503 and new requests 503 `model_unavailable` while the engine
 /// reloads the model on a new device; then `/health` is 200 again, the same greedy request gives
 /// the same text as before the failure, and `/metrics`' ledger bytes are the new device's (what
-/// the old one held, not twice that), while the old device's ledger is back to 0.
-fn the_server_recovers_from(fail: impl FnOnce(&Gpu)) {
+/// the old one held, not twice that), while the old device's ledger is back to 0. With
+/// `embeddings`, the embedding worker follows the engine to the new device and embeds as before.
+fn the_server_recovers_from(fail: impl FnOnce(&Gpu), embeddings: bool) {
     let Some((gpu, engine)) = smollm2_engine() else {
         return;
     };
-    let s = TestServer::start(engine);
+    let embedder = if embeddings {
+        if packaged_model(&wgllm::fetch::MINILM).is_none() {
+            return;
+        }
+        let e = wgllm::serve::embed::Embedder::start(engine.device(), None).expect("embedder");
+        Some(e)
+    } else {
+        None
+    };
+    let s = TestServer::start(engine, embedder);
+    let embedded = embeddings.then(|| embed(&s).expect("an embedding before the failure"));
     let before = complete(&s).expect("a completion before the failure");
     let bytes = s.vram_bytes();
     assert!(bytes > 50e6, "the model's bytes in /metrics: {bytes}");
@@ -540,6 +567,18 @@ fn the_server_recovers_from(fail: impl FnOnce(&Gpu)) {
     assert_eq!(s.metric("wgllm_device_recoveries_total"), 1.0);
     let after = complete(&s).expect("a completion after the recovery");
     assert_eq!(after, before, "greedy text before and after the recovery");
+    if let Some(want) = embedded {
+        let got = embed(&s).expect("an embedding after the recovery");
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            got.len() == want.len() && diff <= 1e-6,
+            "the embedding changed by {diff}"
+        );
+    }
     assert_eq!(
         s.vram_bytes(),
         bytes,
@@ -553,11 +592,12 @@ fn the_server_recovers_from(fail: impl FnOnce(&Gpu)) {
     eprintln!("recovered: {after:?}, {bytes} ledger bytes on the new device");
 }
 
-/// The device lost (`Device::destroy` simulates it) under the server.
+/// The device lost (`Device::destroy` simulates it) under the server, which also serves
+/// embeddings.
 #[test]
 fn the_server_recovers_from_a_lost_device() {
     let _serial = serial();
-    the_server_recovers_from(|gpu| gpu.device.destroy());
+    the_server_recovers_from(|gpu| gpu.device.destroy(), true);
 }
 
 /// A driver out-of-memory error under the server (injected: the next error scope, in the next
@@ -565,7 +605,7 @@ fn the_server_recovers_from_a_lost_device() {
 #[test]
 fn the_server_recovers_from_a_driver_out_of_memory_error() {
     let _serial = serial();
-    the_server_recovers_from(|_| wgllm::gpu::inject_out_of_memory(1));
+    the_server_recovers_from(|_| wgllm::gpu::inject_out_of_memory(1), false);
 }
 
 /// A driver out-of-memory error while loading or running, as the CLI meets it: a typed
@@ -624,4 +664,86 @@ fn a_driver_out_of_memory_error_is_a_typed_error() {
     assert!(stderr.contains("out-of-memory"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     eprintln!("wgllm run: {:?}, {}", out.status, stderr.trim());
+}
+
+/// A device failure whose reloads all fail (the model's load fails after the first): the engine
+/// tries `RECOVERY_ATTEMPTS` reloads, each on a new device, then stays not ready with the reason,
+/// and refuses requests as unavailable.
+#[test]
+fn the_engine_gives_up_after_a_bounded_number_of_reloads() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _serial = serial();
+    let Some(gpu) = own_gpu(None) else { return };
+    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
+        return;
+    };
+    let gpu = std::sync::Arc::new(gpu);
+    let loads = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = loads.clone();
+    let o = opts(64, 1);
+    let engine = wgllm::serve::Engine::start(
+        gpu.clone(),
+        wgllm::serve::EngineOptions {
+            max_queue: 4,
+            chunk: o.chunk,
+        },
+        move |g| {
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                wgllm::model::load::load_batch_lm(g, &path, None, o.clone())
+            } else {
+                Err(wgllm::Error::InvalidArgument {
+                    op: "test".into(),
+                    reason: "the model file is gone".into(),
+                })
+            }
+        },
+    )
+    .expect("start the engine");
+    let prompt = engine.info.tokenizer.encode("Hi", true).unwrap();
+    let request = || wgllm::serve::GenRequest {
+        prompt: prompt.clone(),
+        params: wgllm::serve::GenParams {
+            max_tokens: 2,
+            sampling: SamplerConfig {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop: Vec::new(),
+            logprobs: None,
+            ignore_eos: false,
+        },
+    };
+    gpu.device.destroy();
+    if let Ok(mut rx) = engine.submit(request()) {
+        loop {
+            match rx.blocking_recv() {
+                Some(wgllm::serve::Event::Token { .. }) => continue,
+                Some(wgllm::serve::Event::Error(e)) => break eprintln!("after destroy: {e}"),
+                other => panic!("a destroyed device answered {other:?}"),
+            }
+        }
+    }
+    // 0.5 + 1 + 2 + 4 + 8 s of backoff and five device openings.
+    let t = std::time::Instant::now();
+    let why = loop {
+        match engine.health() {
+            Err(why) if why.contains("restart the server") => break why,
+            Err(_) => {}
+            Ok(()) => panic!("ready again with a model that cannot load"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(600), "still trying");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("gave up: {why}");
+    assert!(why.contains("the model file is gone"), "{why}");
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1 + wgllm::serve::engine::RECOVERY_ATTEMPTS as usize
+    );
+    match engine.submit(request()) {
+        Err(wgllm::serve::SubmitError::Unavailable(e)) => assert!(e.contains("restart"), "{e}"),
+        Err(e) => panic!("refused otherwise: {e}"),
+        Ok(_) => panic!("queued on an engine that gave up"),
+    }
+    assert_eq!(engine.stats.recoveries.load(Ordering::Relaxed), 0);
 }

@@ -610,7 +610,8 @@ impl Run {
         let mut last = String::new();
         for attempt in 1..=RECOVERY_ATTEMPTS {
             self.stats.set_fault(Some(format!(
-                "the device failed ({why}); reloading the model on a new device, attempt                  {attempt} of {RECOVERY_ATTEMPTS}; retry later"
+                "the device failed ({why}); reloading the model on a new device, attempt \
+                 {attempt} of {RECOVERY_ATTEMPTS}; retry later"
             )));
             std::thread::sleep(wait);
             wait *= 2;
