@@ -368,7 +368,7 @@ fn attend_group_body(wg: u32, lid: u32, split: bool) {
         }
         if (!split) {
             out[(row + g) * hd4 + d] = o / lt;
-        } else if (p.table != 0u && parts == 1u) {
+        } else if (TABLE != 0u && parts == 1u) {
             // A row table's row of one part: finished, in its partial slot (attend_combine copies).
             out[(row + g) * p.splits * partial_len() + 1u + d] = o / lt;
         } else {

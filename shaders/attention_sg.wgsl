@@ -202,7 +202,7 @@ fn put_done(row: u32, lane: u32, s: Query) {
 }
 
 fn put_split(row: u32, part: u32, parts: u32, lane: u32, s: Query) {
-    if (p.table != 0u && parts == 1u) {
+    if (TABLE != 0u && parts == 1u) {
         put_done(row, lane, s);
     } else {
         put_partial(row, part, lane, s);

@@ -51,16 +51,20 @@ struct Params {
 
 const WG: u32 = 64u;
 
+// 1: a row table (set per pipeline with the params' `table`, so a single sequence's kernel
+// carries no branch on it).
+override TABLE: u32 = 0u;
+
 // Position of token t (of the whole q, k_in, v_in: row0 included) and its cache's first word.
 fn token_pos(t: u32) -> u32 {
-    if (p.table != 0u) {
+    if (TABLE != 0u) {
         return rows[t].y;
     }
     return p.pos0 + t;
 }
 
 fn token_base(t: u32) -> u32 {
-    if (p.table != 0u) {
+    if (TABLE != 0u) {
         return rows[t].x * p.slots * p.n_kv_heads * p.row_words;
     }
     return p.base;

@@ -26,7 +26,7 @@ struct Params {
     window: u32,      // causal: query position t sees keys t + 1 - window ..= t (0xffffffff: all)
     slots: u32,       // the cache is a ring: position k lives in row k % slots
     base: u32,        // table == 0: first word of the sequence's cache (its slot)
-    table: u32,       // 1: each token's (base, position) from `rows` (see above)
+    table: u32,       // 1: each token's (slot, position) from `rows` (see above; = TABLE)
     row0: u32,        // table == 1: the dispatch's first row of q, out, rows and the partials
     keys_per_split: u32, // table == 1, split entries: a row's parts are its keys / this, 1..splits
     _pad0: u32,
@@ -43,19 +43,23 @@ struct Params {
 // 0 = f32, 1 = f16, 2 = q8_0 (set per pipeline, so the branches below fold away).
 override KV_DTYPE: u32 = 0u;
 
+// 1: a row table (set per pipeline with the params' `table`, so a single sequence's kernels
+// carry no branch on it).
+override TABLE: u32 = 0u;
+
 // Stands in for -inf: exp(NEG - finite) is 0 and NEG - NEG is 0, where -inf would give NaN.
 const NEG: f32 = -3.0e38;
 
 // Position of token (row) t of the dispatch, and the first word of its sequence's cache.
 fn token_pos(t: u32) -> u32 {
-    if (p.table != 0u) {
+    if (TABLE != 0u) {
         return rows[p.row0 + t].y;
     }
     return p.pos0 + t;
 }
 
 fn token_base(t: u32) -> u32 {
-    if (p.table != 0u) {
+    if (TABLE != 0u) {
         return rows[p.row0 + t].x * p.slots * p.n_kv_heads * p.row_words;
     }
     return p.base;
@@ -78,7 +82,7 @@ fn token_keys(t: u32) -> vec2<u32> {
 // (its keys / keys_per_split, 1 to splits: what the host's `key_splits` gives that row alone),
 // else the dispatch's.
 fn row_parts(n_keys: u32) -> u32 {
-    if (p.table != 0u) {
+    if (TABLE != 0u) {
         return clamp(n_keys / p.keys_per_split, 1u, p.splits);
     }
     return p.splits;
@@ -151,7 +155,7 @@ fn attend_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let d4 = i % hd4;
     let base = row * p.splits * partial_len();
     let parts = row_parts(token_keys(i / hd4 / p.n_heads).y);
-    if (p.table != 0u && parts == 1u) {
+    if (TABLE != 0u && parts == 1u) {
         out[row * hd4 + d4] = q[base + 1u + d4]; // finished by the split entry
         return;
     }

@@ -713,12 +713,13 @@ fn dispatch_table(
     let dtype = ("KV_DTYPE", cache.dtype.code());
     let shape = [
         dtype,
+        ("TABLE", f64::from(p.table)),
         ("G", group as f64),
         ("HD4", (cache.head_dim / 32) as f64),
     ];
     let overrides = match path {
         Path::Subgroup => &shape[..],
-        _ => &shape[..1],
+        _ => &shape[..2],
     };
     let kernel = gpu.kernel(
         shader,

@@ -787,7 +787,10 @@ fn dispatch_rope_store(
         "rope_store",
         &binds,
         ROPE_STORE_PARAMS_BYTES as u64,
-        &[("KV_DTYPE", cache.dtype.code())],
+        &[
+            ("KV_DTYPE", cache.dtype.code()),
+            ("TABLE", f64::from(p.table)),
+        ],
     )?;
     let groups = gpu.groups(to_u32(op, work.div_ceil(WG))?);
     // Without a table the `rows` binding is never read: k stands in.
