@@ -347,8 +347,7 @@ pub fn matmul_with(
     if m == 0 {
         return Ok(());
     }
-    let policy = || tiled::for_format(matmul_kernel(rec.gpu(), m), w.format);
-    let kind = match kernel.unwrap_or_else(policy) {
+    let kind = match kernel.unwrap_or_else(|| matmul_kernel(rec.gpu(), m)) {
         // One token: a plain matvec (a forced subgroup kernel stays forced).
         MatmulKernel::Subgroup { rows, .. } if m == 1 => Rows::Subgroup(rows, 1),
         _ if m == 1 => Rows::Auto,
