@@ -2,7 +2,8 @@
 //! (Metal) and HLSL (DX12), so portability is checked even where no such GPU is at hand. Kernels
 //! whose name has an `_sg` part (`matvec_sg`, `matvec_sg_tex`) are the subgroup variants, which
 //! the host only picks where the device has subgroups: they are validated with that capability
-//! (and f16-in-f32) instead of none.
+//! (and f16-in-f32) instead of none; likewise an `_f16` part (`matmul_f16`, `enable f16;`) with
+//! SHADER_FLOAT16.
 
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use wgllm::gpu::shaders::SHADERS;
@@ -15,10 +16,16 @@ fn translate(name: &str, src: &str) -> Result<(), String> {
     // device has it (wgpu's downlevel flag SHADER_F16_IN_F32). Subgroup variants get SUBGROUP too,
     // and nothing else.
     let subgroups = name.split('_').any(|part| part == "sg");
+    let f16 = name.split('_').any(|part| part == "f16");
     let (caps, what) = if subgroups {
         (
             Capabilities::SHADER_FLOAT16_IN_FLOAT32 | Capabilities::SUBGROUP,
             "subgroups only",
+        )
+    } else if f16 {
+        (
+            Capabilities::SHADER_FLOAT16_IN_FLOAT32 | Capabilities::SHADER_FLOAT16,
+            "f16 only",
         )
     } else {
         (
@@ -58,7 +65,10 @@ fn translate(name: &str, src: &str) -> Result<(), String> {
     // writer does not check the model, DXC does), and wgpu enables SUBGROUP on DX12 only there.
     let hlsl_opts = naga::back::hlsl::Options {
         fake_missing_bindings: true,
-        shader_model: if subgroups {
+        shader_model: if f16 {
+            // 16-bit types need shader model 6.2, where wgpu's DX12 backend enables SHADER_F16.
+            naga::back::hlsl::ShaderModel::V6_2
+        } else if subgroups {
             naga::back::hlsl::ShaderModel::V6_0
         } else {
             naga::back::hlsl::Options::default().shader_model

@@ -24,6 +24,7 @@ use crate::quant::{WeightFormat, QK};
 
 mod fused;
 mod subgroup;
+mod tiled;
 
 pub use fused::{
     fusable, matmul_add, matmul_add_in, matmul_fused, matmul_fused_in, matmul_fused_norm,
@@ -35,6 +36,10 @@ pub use subgroup::{
     matvec_sg_rows, matvec_sg_tokens, subgroup_matvec_ok, MATVEC_SG_MAX_ROWS, MATVEC_SG_MAX_TOKENS,
 };
 use subgroup::{subgroup_kernel, Extras, SgPart, SG_LANES};
+pub use tiled::{
+    forced_prefill, prefill_tiles, tile_shape, TileMath, TileShape, TILE_MEMORY, TILE_ROWS,
+    TILE_SHAPES,
+};
 
 /// The rows per matvec workgroup the shader supports (its `ROWS` override).
 pub const MATVEC_ROWS: [u32; 3] = [4, 8, 16];
@@ -45,8 +50,6 @@ pub const MATVEC_THREADS: [u32; 3] = [64, 128, 256];
 pub const MATVEC_PART: u32 = 2048;
 /// The tokens per matvec workgroup the shader supports (its `TOK` override).
 pub const MATVEC_TOKENS: [u32; 3] = [1, 2, 4];
-/// Edge of the square output tile of a matmul workgroup (`T` in matmul.wgsl).
-const MATMUL_TILE: usize = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -61,20 +64,6 @@ struct MatvecParams {
     _pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<MatvecParams>() == 32);
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct MatmulParams {
-    m: u32,
-    rows: u32,
-    cols: u32,
-    row_start: u32,
-    ld: u32,
-    row_words: u32,
-    blocks: u32,
-    tiles_n: u32,
-}
-const _: () = assert!(std::mem::size_of::<MatmulParams>() == 32);
 
 const BINDS: [Bind; 4] = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
 fn u32_of(op: &str, what: &str, n: usize) -> Result<u32> {
@@ -193,8 +182,15 @@ pub fn matvec_kernel(gpu: &Gpu, format: WeightFormat, rows: usize) -> MatvecKern
 /// Which kernel computes a prefill product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatmulKernel {
-    /// 64 x 64 output tiles through workgroup memory (`shaders/matmul.wgsl`).
+    /// Output tiles through workgroup memory (`shaders/matmul.wgsl`), f32 tiles, the shape
+    /// [`tile_shape`] picks: the portable form.
     Tiled,
+    /// The tiled kernel with `math` (f16 tiles need SHADER_F16) and `shape` (`None`: the one
+    /// [`tile_shape`] picks).
+    TiledAs {
+        math: TileMath,
+        shape: Option<TileShape>,
+    },
     /// The matvec kernel, `tokens` (one of [`MATVEC_TOKENS`]) tokens per workgroup.
     Rows { tokens: u32 },
     /// The subgroup matvec kernel, `tokens` (1 to [`MATVEC_SG_MAX_TOKENS`]) tokens per
@@ -206,8 +202,13 @@ pub enum MatmulKernel {
 /// The kernel for a product over `m` tokens: on a CPU device always a matvec kernel (it needs
 /// fewer loads per multiply-add, which is what lavapipe is bound by), the subgroup one with
 /// [`matvec_sg_tokens`] where [`subgroup_matvec_ok`], else four tokens per workgroup; on a GPU
-/// the matvec kernel up to 8 tokens (a 64-token tile would be mostly padding), tiles beyond.
+/// the matvec kernel up to 8 tokens (a 64-token tile would be mostly padding), tiles beyond, in
+/// the precision [`prefill_tiles`] picks. `WGLLM_PREFILL` forces the tiled kernel for more than one
+/// token on any device ([`forced_prefill`]).
 pub fn matmul_kernel(gpu: &Gpu, m: usize) -> MatmulKernel {
+    if let Some(forced) = forced_prefill().filter(|_| m > 1) {
+        return forced;
+    }
     if subgroup_matvec_ok(gpu) {
         MatmulKernel::Subgroup {
             rows: None,
@@ -216,7 +217,10 @@ pub fn matmul_kernel(gpu: &Gpu, m: usize) -> MatmulKernel {
     } else if gpu.info.device_type == wgpu::DeviceType::Cpu || m <= 8 {
         MatmulKernel::Rows { tokens: 4 }
     } else {
-        MatmulKernel::Tiled
+        MatmulKernel::TiledAs {
+            math: prefill_tiles(gpu),
+            shape: None,
+        }
     }
 }
 
@@ -329,7 +333,12 @@ pub fn matmul_with(
         _ if m == 1 => Rows::Auto,
         MatmulKernel::Rows { tokens } => Rows::Workgroup(None, tokens),
         MatmulKernel::Subgroup { rows, tokens } => Rows::Subgroup(rows, tokens),
-        MatmulKernel::Tiled => return tiled_kernel(rec, w, x, y, m, &op),
+        MatmulKernel::Tiled => {
+            return tiled::tiled_kernel(rec, w, x, y, m, TileMath::F32, None, &op)
+        }
+        MatmulKernel::TiledAs { math, shape } => {
+            return tiled::tiled_kernel(rec, w, x, y, m, math, shape, &op)
+        }
     };
     rows_kernel(rec, w, x, Extras::default(), y, m, kind, &op)
 }
@@ -503,62 +512,6 @@ fn rows_kernel(
             &[data, scales, xv.clone(), yv.clone()],
             params(&p),
             gpu.groups(u32_of(op, "workgroups", n)?),
-        )?;
-    }
-    Ok(())
-}
-
-/// Dispatches `matmul.wgsl` over `m` tokens; shapes already checked.
-fn tiled_kernel(
-    rec: &mut Recorder,
-    w: &WeightMatrix,
-    x: &Tensor,
-    y: &Tensor,
-    m: usize,
-    op: &str,
-) -> Result<()> {
-    check_shards(op, w)?;
-    if w.shards
-        .iter()
-        .any(|s| s.data.layout() == WeightLayout::Textures)
-    {
-        return Err(Error::invalid(
-            op,
-            format!(
-                "'{}' is in textures, which the tiled matmul cannot read",
-                w.label
-            ),
-        ));
-    }
-    let (xv, yv) = (bound(op, x)?, bound(op, y)?);
-    let gpu = rec.gpu();
-    let entry = format!("matmul_{}", w.format.name());
-    let k = gpu.kernel("matmul", &entry, &BINDS, 32, &[])?;
-    let mu = u32_of(op, "tokens", m)?;
-    let cols = u32_of(op, "cols", w.cols)?;
-    let ld = u32_of(op, "rows", w.rows)?;
-    let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
-    let tiles_m = m.div_ceil(MATMUL_TILE);
-    for s in &w.shards {
-        let tiles_n = s.rows.div_ceil(MATMUL_TILE);
-        let p = MatmulParams {
-            m: mu,
-            rows: u32_of(op, "rows", s.rows)?,
-            cols,
-            row_start: u32_of(op, "row", s.row_start)?,
-            ld,
-            row_words: rw,
-            blocks: (w.cols / QK) as u32,
-            tiles_n: u32_of(op, "tiles", tiles_n)?,
-        };
-        let groups = gpu.groups(u32_of(op, "tiles", tiles_n * tiles_m)?);
-        let [data, scales] = s.views();
-        rec.dispatch(
-            &k,
-            &format!("matmul.{}", s.data.label()),
-            &[data, scales, xv.clone(), yv.clone()],
-            params(&p),
-            groups,
         )?;
     }
     Ok(())
