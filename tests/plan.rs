@@ -291,7 +291,7 @@ fn stacked_projections_save_three_dispatches_a_layer_and_share_the_same_buffers(
             let sizes = llama_role_bytes(&cfg, chunk, false);
             let fusions = wgllm::plan::activations::Fusions {
                 stacked_projections: true,
-                single_token_folds: false,
+                ..Default::default()
             };
             let sched = llama_schedule(&cfg, false, fusions);
             let stacked = share(&sched, &sizes, &LLAMA_PINNED, chunk);

@@ -24,6 +24,7 @@ use crate::quant::{WeightFormat, QK};
 
 mod fused;
 mod subgroup;
+mod workgroup;
 
 pub use fused::{
     fusable, matmul_add, matmul_add_in, matmul_fused, matmul_fused_in, matmul_fused_norm,
@@ -35,6 +36,8 @@ pub use subgroup::{
     matvec_sg_rows, matvec_sg_tokens, subgroup_matvec_ok, MATVEC_SG_MAX_ROWS, MATVEC_SG_MAX_TOKENS,
 };
 use subgroup::{subgroup_kernel, Extras, SgPart, SG_LANES};
+pub use workgroup::reduces_in_subgroups;
+use workgroup::{workgroup_kernel, WgShape};
 
 /// The rows per matvec workgroup the shader supports (its `ROWS` override).
 pub const MATVEC_ROWS: [u32; 3] = [4, 8, 16];
@@ -47,20 +50,6 @@ pub const MATVEC_PART: u32 = 2048;
 pub const MATVEC_TOKENS: [u32; 3] = [1, 2, 4];
 /// Edge of the square output tile of a matmul workgroup (`T` in matmul.wgsl).
 const MATMUL_TILE: usize = 64;
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct MatvecParams {
-    rows: u32,
-    cols: u32,
-    row_start: u32,
-    row_words: u32,
-    blocks: u32,
-    m: u32,
-    ld: u32,
-    _pad: u32,
-}
-const _: () = assert!(std::mem::size_of::<MatvecParams>() == 32);
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -445,9 +434,6 @@ fn rows_kernel(
     }
     check_shards(op, w)?;
     let (xv, yv) = (bound(op, x)?, bound(op, y)?);
-    let entry = format!("matvec_{}", w.format.name());
-    let cols = u32_of(op, "cols", w.cols)?;
-    let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
     for s in &w.shards {
         // The subgroup kernel's rows per invocation (forced or its rule's) and tokens per pass.
         let subgroup = match kind {
@@ -478,12 +464,6 @@ fn rows_kernel(
             Rows::Decode => (matvec_shape(gpu, s.rows), workgroup_tokens(m)),
             _ => (matvec_shape(gpu, s.rows), 1),
         };
-        if !extras.is_plain() {
-            return Err(Error::invalid(
-                op,
-                "only the subgroup matvec folds SwiGLU, RMSNorm or a residual in",
-            ));
-        }
         if s.data.layout() == WeightLayout::Textures {
             return Err(Error::invalid(
                 op,
@@ -493,36 +473,17 @@ fn rows_kernel(
                 ),
             ));
         }
-        let k = gpu.kernel(
-            "matvec",
-            &entry,
-            &BINDS,
-            32,
-            &[
-                ("ROWS", r as f64),
-                ("TOK", t as f64),
-                ("WG", threads as f64),
-            ],
-        )?;
-        let p = MatvecParams {
-            rows: u32_of(op, "rows", s.rows)?,
-            cols,
-            row_start: u32_of(op, "row", s.row_start)?,
-            row_words: rw,
-            blocks: (w.cols / QK) as u32,
-            m: u32_of(op, "tokens", m)?,
-            ld: u32_of(op, "rows", w.rows)?,
-            _pad: 0,
+        let part = SgPart {
+            shard: s,
+            y: yv.clone(),
+            ld: w.rows,
         };
-        let n = s.rows.div_ceil(r as usize) * m.div_ceil(t as usize);
-        let [data, scales] = s.views();
-        rec.dispatch(
-            &k,
-            &format!("matvec.{}", s.data.label()),
-            &[data, scales, xv.clone(), yv.clone()],
-            params(&p),
-            gpu.groups(u32_of(op, "workgroups", n)?),
-        )?;
+        let shape = WgShape {
+            rows: r,
+            threads,
+            tokens: t,
+        };
+        workgroup_kernel(rec, w.format, w.cols, &[part], &xv, extras, m, shape, op)?;
     }
     Ok(())
 }
