@@ -356,6 +356,34 @@ fn without_subgroups_the_workgroup_kernel_is_used_and_the_subgroup_one_refused()
     assert!(rec.is_empty());
 }
 
+/// The workgroup matvec (the kernel GPUs run) forced in every format, for one token and for 3
+/// and 5 tokens (4 a pass), on the test device (its sums reduced with `subgroupAdd`,
+/// `matvec_wg_sg.wgsl`) and on it opened without subgroups (workgroup memory only,
+/// `matvec.wgsl`).
+#[test]
+fn workgroup_matvec_matches_reference_in_every_format_and_reduction() {
+    let Some(gpu) = gpu() else { return };
+    let plain = Gpu::new(&GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(matmul::reduces_in_subgroups(gpu) || !gpu.caps.subgroups);
+    assert!(!matmul::reduces_in_subgroups(&plain));
+    for g in [gpu, &plain] {
+        for (i, f) in WeightFormat::ALL.into_iter().enumerate() {
+            let (wm, deq) = weights(g, buffers(g), f, 37, awkward_cols(f), 300 + i as u64);
+            let (rows, threads) = [(16, 64), (8, 128), (4, 256)][i % 3];
+            let k = Some(MatvecKernel::Workgroup { rows, threads });
+            check(g, &wm, &deq, Op::Matvec(k), 310 + i as u64);
+            let four = Some(MatmulKernel::Rows { tokens: 4 });
+            for m in [3, 5] {
+                check(g, &wm, &deq, Op::Matmul(m, four), 320 + m as u64);
+            }
+        }
+    }
+}
+
 #[test]
 fn shape_mismatches_are_refused_before_dispatch() {
     let Some(gpu) = gpu() else { return };
@@ -563,15 +591,66 @@ fn swiglu_folds_into_the_down_projection() {
             }
         }
     }
-    // Where SwiGLU cannot fold (no subgroups), the separate pass gives the same result.
+    // Without subgroups the workgroup matvec folds a single token's SwiGLU; several tokens keep
+    // the separate pass.
     let plain = Gpu::new(&GpuOptions {
         no_subgroups: true,
         ..Default::default()
     })
     .unwrap();
-    assert!(!matmul::single_token_folds(&plain));
+    assert!(matmul::single_token_folds(&plain));
     let (wm, deq) = weights(&plain, buffers(&plain), WeightFormat::Q4_0, 21, 64, 242);
     assert_eq!(check_swiglu(&plain, &wm, &deq, 3, 243), 2);
+    assert_eq!(check_swiglu(&plain, &wm, &deq, 1, 244), 1);
+}
+
+/// The single-token folds on the workgroup matvec (a device without subgroups: the kernel GPUs
+/// run, reduced in workgroup memory) in every format: SwiGLU into the input, RMSNorm into the
+/// input (the sum of squares reduced beside the rows), and the residual add into the output,
+/// each one dispatch, against the references.
+#[test]
+fn workgroup_matvec_folds_match_reference_in_every_format() {
+    if gpu().is_none() {
+        return;
+    }
+    let plain = Gpu::new(&GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    for (i, f) in WeightFormat::ALL.into_iter().enumerate() {
+        let (rows, cols) = (45, awkward_cols(f));
+        let (wm, deq) = weights(&plain, buffers(&plain), f, rows, cols, 400 + i as u64);
+        assert_eq!(check_swiglu(&plain, &wm, &deq, 1, 410 + i as u64), 1, "{f}");
+        assert_eq!(
+            check_norm_fold(&plain, &[&wm], &[&deq], 1, 420 + i as u64),
+            1,
+            "{f}"
+        );
+        let (xd, rd) = (randn(cols, 430, 1.0), randn(rows, 431, 1.0));
+        let x = plain
+            .tensor_from("x", Activations, &[1, cols], &xd)
+            .unwrap();
+        let res = plain
+            .tensor_from("res", Activations, &[1, rows], &rd)
+            .unwrap();
+        let proj = plain.tensor("proj", Activations, &[1, rows]).unwrap();
+        let y = plain.tensor("y", Activations, &[1, rows]).unwrap();
+        let mut rec = plain.recorder();
+        matmul::matmul_add(&mut rec, &wm, &x, &res, &proj, &y).unwrap();
+        assert_eq!(rec.len(), 1, "{f}");
+        rec.submit().unwrap();
+        let want = wgllm::kernels::elementwise::add_reference(
+            &rd,
+            &matmul::reference(&deq, rows, cols, &xd, 1),
+        );
+        assert_close(
+            &format!("{f} + residual"),
+            &plain.read(&y).unwrap(),
+            &want,
+            tolerance(f),
+        );
+    }
 }
 
 /// Runs `matmul_fused_norm` over `m` tokens and compares with RMSNorm then the matmul reference;

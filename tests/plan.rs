@@ -291,7 +291,7 @@ fn stacked_projections_save_three_dispatches_a_layer_and_share_the_same_buffers(
             let sizes = llama_role_bytes(&cfg, chunk, false);
             let fusions = wgllm::plan::activations::Fusions {
                 stacked_projections: true,
-                single_token_folds: false,
+                ..Default::default()
             };
             let sched = llama_schedule(&cfg, false, fusions);
             let stacked = share(&sched, &sizes, &LLAMA_PINNED, chunk);
@@ -998,4 +998,45 @@ fn llama_2_13b_q4_k_m_plan_counts_the_recipe_and_fits_12_gib_at_4k() {
         .map(|t| t.bytes())
         .sum();
     assert_eq!(p.layer_weight_bytes, layer0);
+}
+
+/// Dispatches of one 13B decode layer (a one-token chunk; the difference between 40 and 39
+/// layers) on a GPU before the workgroup matvec folded (no single-token folds), on a GPU now
+/// (`DeviceTraits::default()`: the workgroup matvec, weights in buffers, norms folded into
+/// projections of any size) and on lavapipe (the subgroup matvec, weights stacked in textures).
+#[test]
+fn a_13b_decode_layer_on_a_gpu_folds_as_lavapipes_does() {
+    use wgllm::plan::DeviceTraits;
+    let per_layer = |opts: PlanOptions| {
+        let mut cfg = preset("llama-2-13b");
+        let mut count = |layers| {
+            cfg.n_layers = layers;
+            MemoryPlan::new(&cfg, opts.clone())
+                .unwrap()
+                .dispatches_per_chunk
+        };
+        count(40) - count(39)
+    };
+    let base = PlanOptions {
+        precision: Precision::Q4_0,
+        chunk: 1,
+        ..Default::default()
+    };
+    let before = per_layer(base.clone());
+    let gpu = per_layer(base.clone().for_device(&DeviceTraits::default()));
+    let lavapipe_traits = DeviceTraits {
+        weight_layout: wgllm::gpu::WeightLayout::Textures,
+        subgroup_matvec: true,
+        ..Default::default()
+    };
+    let lavapipe = per_layer(base.for_device(&lavapipe_traits));
+    eprintln!(
+        "13B decode layer dispatches: GPU before {before}, GPU now {gpu}, lavapipe {lavapipe}"
+    );
+    // attn_norm, the attention residual add + FFN norm, SwiGLU and the FFN residual add fold:
+    // Q/K/V 3, RoPE + store, attention, wo (+ residual), gate/up 2, down (SwiGLU in, + residual).
+    assert_eq!(before - gpu, 4);
+    // Lavapipe stacks Q/K/V and gate/up (3 fewer) but splits its attention at this context (1
+    // more) and keeps its norms as passes at 13B (NORM_FOLD_MAX_WEIGHTS: 2 more).
+    assert_eq!(gpu, lavapipe);
 }

@@ -322,3 +322,53 @@ fn qfold(fmt: u32, dm: vec2<f32>, s: vec4<f32>, xsum: vec4<f32>) -> vec4<f32> {
         default: { return dm.x * s; } // Q8_0
     }
 }
+
+// ---- A unit split over four lanes (the workgroup matvec, shaders/common/matvec_wg_body.wgsl) ----
+// Lane j (0..3) of the four that share a 32-weight unit takes weights 4j..4j+3 and 16+4j..16+4j+3:
+// the two nibbles of Q4 data word j, Q8_0's words j and j + 4, and for every format x values
+// 4j.. and 16+4j.. as two vec4, so consecutive lanes read consecutive words of W and of x.
+
+// The unit's weights of lane j: lo = weights 4j..4j+3, hi = 16+4j..16+4j+3.
+struct Quarter {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+// Lane j's weights of a unit, dequantised by qdecode4 (every format but f32/f16): the same values
+// as qunit4(fmt, row, h, j) and qunit4(fmt, row, h, j + 4). Where both halves come from one word
+// (Q4 and Q5 nibbles, Q5's one word of fifth bits) it is loaded once.
+fn qquarter(fmt: u32, row: u32, h: QUnit, j: u32) -> Quarter {
+    let shared_main = fmt == Q4_0 || fmt == Q4_1 || fmt == Q5_0 || fmt == Q5_1;
+    let w0 = qword(fmt, row, qmain_index(fmt, h, j));
+    var w1 = w0;
+    if (!shared_main) {
+        w1 = qword(fmt, row, qmain_index(fmt, h, j + 4u));
+    }
+    var a0 = 0u;
+    var a1 = 0u;
+    if (qhas_aux(fmt)) {
+        a0 = qword(fmt, row, qaux_index(fmt, h, j));
+        a1 = a0;
+        if (!shared_main) {
+            a1 = qword(fmt, row, qaux_index(fmt, h, j + 4u));
+        }
+    }
+    return Quarter(qdecode4(fmt, h, j, w0, a0), qdecode4(fmt, h, j + 4u, w1, a1));
+}
+
+// Unsigned integers below 2^23 as f32 without an int-to-float conversion: OR-ed into the mantissa
+// of 2^23 and 2^23 subtracted (exact). On GPUs the conversion runs at a fraction of the FMA rate;
+// an OR and a subtraction run at the full rate.
+fn qsmall_to_f32(q: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(q | vec4<u32>(0x4B000000u)) - vec4<f32>(8388608.0);
+}
+
+// Lane j's quants of a tuned format's block (qtuned: Q8_0, Q4_0, Q4_1) without scale or offset,
+// from its data words w0 (word j) and w1 (Q8_0's word j + 4; unused for Q4): Q8_0's signed bytes,
+// Q4's nibbles 0..15 (qfold applies d, m and Q4_0's -8 once per block with the sum of x).
+fn qquarter_tuned(fmt: u32, w0: u32, w1: u32) -> Quarter {
+    if (fmt == Q8_0) {
+        return Quarter(q8_unpack(w0), q8_unpack(w1));
+    }
+    return Quarter(qsmall_to_f32(q4_lo_u(w0)), qsmall_to_f32(q4_hi_u(w0)));
+}

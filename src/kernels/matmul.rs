@@ -25,6 +25,7 @@ use crate::quant::{WeightFormat, QK};
 mod fused;
 mod subgroup;
 mod tiled;
+mod workgroup;
 
 pub use fused::{
     fusable, matmul_add, matmul_add_in, matmul_fused, matmul_fused_in, matmul_fused_norm,
@@ -40,6 +41,8 @@ pub use tiled::{
     forced_prefill, prefill_tiles, tile_shape, TileMath, TileShape, TILE_MEMORY, TILE_ROWS,
     TILE_SHAPES,
 };
+pub use workgroup::reduces_in_subgroups;
+use workgroup::{workgroup_kernel, WgShape};
 
 /// The rows per matvec workgroup the shader supports (its `ROWS` override).
 pub const MATVEC_ROWS: [u32; 3] = [4, 8, 16];
@@ -50,20 +53,6 @@ pub const MATVEC_THREADS: [u32; 3] = [64, 128, 256];
 pub const MATVEC_PART: u32 = 2048;
 /// The tokens per matvec workgroup the shader supports (its `TOK` override).
 pub const MATVEC_TOKENS: [u32; 3] = [1, 2, 4];
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct MatvecParams {
-    rows: u32,
-    cols: u32,
-    row_start: u32,
-    row_words: u32,
-    blocks: u32,
-    m: u32,
-    ld: u32,
-    _pad: u32,
-}
-const _: () = assert!(std::mem::size_of::<MatvecParams>() == 32);
 
 const BINDS: [Bind; 4] = [Bind::Input, Bind::Input, Bind::Input, Bind::Output];
 fn u32_of(op: &str, what: &str, n: usize) -> Result<u32> {
@@ -434,9 +423,6 @@ fn rows_kernel(
     }
     check_shards(op, w)?;
     let (xv, yv) = (bound(op, x)?, bound(op, y)?);
-    let entry = format!("matvec_{}", w.format.name());
-    let cols = u32_of(op, "cols", w.cols)?;
-    let rw = u32_of(op, "row words", row_words(w.format, w.cols))?;
     let shape = |shard_rows| matvec_shape(gpu, w.format, w.rows, w.cols, shard_rows);
     for s in &w.shards {
         // The subgroup kernel's rows per invocation (forced or its rule's) and tokens per pass.
@@ -468,12 +454,6 @@ fn rows_kernel(
             Rows::Decode => (shape(s.rows), workgroup_tokens(m)),
             _ => (shape(s.rows), 1),
         };
-        if !extras.is_plain() {
-            return Err(Error::invalid(
-                op,
-                "only the subgroup matvec folds SwiGLU, RMSNorm or a residual in",
-            ));
-        }
         if s.data.layout() == WeightLayout::Textures {
             return Err(Error::invalid(
                 op,
@@ -483,36 +463,17 @@ fn rows_kernel(
                 ),
             ));
         }
-        let k = gpu.kernel(
-            "matvec",
-            &entry,
-            &BINDS,
-            32,
-            &[
-                ("ROWS", r as f64),
-                ("TOK", t as f64),
-                ("WG", threads as f64),
-            ],
-        )?;
-        let p = MatvecParams {
-            rows: u32_of(op, "rows", s.rows)?,
-            cols,
-            row_start: u32_of(op, "row", s.row_start)?,
-            row_words: rw,
-            blocks: (w.cols / QK) as u32,
-            m: u32_of(op, "tokens", m)?,
-            ld: u32_of(op, "rows", w.rows)?,
-            _pad: 0,
+        let part = SgPart {
+            shard: s,
+            y: yv.clone(),
+            ld: w.rows,
         };
-        let n = s.rows.div_ceil(r as usize) * m.div_ceil(t as usize);
-        let [data, scales] = s.views();
-        rec.dispatch(
-            &k,
-            &format!("matvec.{}", s.data.label()),
-            &[data, scales, xv.clone(), yv.clone()],
-            params(&p),
-            gpu.groups(u32_of(op, "workgroups", n)?),
-        )?;
+        let wg = WgShape {
+            rows: r,
+            threads,
+            tokens: t,
+        };
+        workgroup_kernel(rec, w.format, w.cols, &[part], &xv, extras, m, wg, op)?;
     }
     Ok(())
 }

@@ -878,9 +878,9 @@ impl RunState {
     ) -> Result<RunState> {
         let c = opts.chunk.max(1);
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
-        let folds = crate::kernels::matmul::single_token_folds(gpu);
+        let fusions = crate::kernels::device_traits(gpu).fusions();
         let mut plan =
-            crate::plan::activations::llama_activation_plan_with(cfg, c, opts.all_logits, folds);
+            crate::plan::activations::llama_activation_plan_fused(cfg, c, opts.all_logits, fusions);
         if opts.parallel > 1 {
             crate::plan::activations::add_batch_buffers(&mut plan, cfg, batch_rows(opts));
         }

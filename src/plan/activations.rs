@@ -211,6 +211,10 @@ pub struct Fusions {
     /// `x` and `x2`: the down projection reads gate and up (they live until it), and the head,
     /// where the final norm folds into it, reads the last row copied into `proj`.
     pub single_token_folds: bool,
+    /// The norms fold into projections of any size, not only up to
+    /// [`NORM_FOLD_MAX_WEIGHTS`]: where the workgroup matvec runs (GPUs), whose workgroups load
+    /// gamma beside x from cache ([`crate::kernels::matmul::norm_folds`]).
+    pub unbounded_norm_folds: bool,
 }
 
 /// `Llama::forward_chunk` step by step. Q/K/V bias adds appear when `cfg.attn_bias`. Without
@@ -244,7 +248,8 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
     ];
     let f1 = fusions.single_token_folds;
     // Norms fold into projections of few enough weights (kernels::matmul::norm_folds).
-    let norm_folds = |weights: usize| f1 && weights <= NORM_FOLD_MAX_WEIGHTS;
+    let unbounded = fusions.unbounded_norm_folds;
+    let norm_folds = |weights: usize| f1 && (unbounded || weights <= NORM_FOLD_MAX_WEIGHTS);
     let fold_attn_norm = norm_folds((q + 2 * kv).saturating_mul(d));
     let fold_head = norm_folds(v.saturating_mul(d));
     // The attention's residual folds into wo where the FFN norm folds into gate/up (else add and
@@ -407,7 +412,8 @@ fn gemma_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> Sche
         step("embedding scale", Kernel::Scale, &["xb"], &["x"]),
     ];
     let f1 = fusions.single_token_folds;
-    let norm_folds = |weights: usize| f1 && weights <= NORM_FOLD_MAX_WEIGHTS;
+    let unbounded = fusions.unbounded_norm_folds;
+    let norm_folds = |weights: usize| f1 && (unbounded || weights <= NORM_FOLD_MAX_WEIGHTS);
     let fold_attn_norm = norm_folds((q + 2 * kv).saturating_mul(d));
     let fold_head = norm_folds(v.saturating_mul(d));
     let mut layer =
@@ -580,19 +586,30 @@ pub fn llama_activation_plan(cfg: &ModelConfig, chunk: usize, all_logits: bool) 
 }
 
 /// [`llama_activation_plan`] for a forward pass with the single-token folds or without (the one
-/// fusion that changes the sharing: the down projection reads gate and up; see [`Fusions`]). The
-/// runtime allocates this.
+/// fusion that changes the sharing: the down projection reads gate and up; see [`Fusions`]), the
+/// norms folding up to [`NORM_FOLD_MAX_WEIGHTS`] (the subgroup matvec's bound).
 pub fn llama_activation_plan_with(
     cfg: &ModelConfig,
     chunk: usize,
     all_logits: bool,
     single_token_folds: bool,
 ) -> ActivationPlan {
-    let chunk = chunk.max(1);
     let fusions = Fusions {
-        stacked_projections: false,
         single_token_folds,
+        ..Fusions::default()
     };
+    llama_activation_plan_fused(cfg, chunk, all_logits, fusions)
+}
+
+/// [`llama_activation_plan`] for the fusions a device runs
+/// ([`crate::plan::DeviceTraits::fusions`]). The runtime allocates this.
+pub fn llama_activation_plan_fused(
+    cfg: &ModelConfig,
+    chunk: usize,
+    all_logits: bool,
+    fusions: Fusions,
+) -> ActivationPlan {
+    let chunk = chunk.max(1);
     let sched = llama_schedule(cfg, all_logits, fusions);
     let sizes = llama_role_bytes(cfg, chunk, all_logits);
     share(&sched, &sizes, &LLAMA_PINNED, chunk)
@@ -753,6 +770,7 @@ mod tests {
                     let f = Fusions {
                         stacked_projections: stacked,
                         single_token_folds: folds,
+                        unbounded_norm_folds: folds,
                     };
                     let sched = llama_schedule(&cfg, all_logits, f);
                     let sizes = llama_role_bytes(&cfg, chunk, all_logits);

@@ -136,6 +136,9 @@ pub struct PlanOptions {
     /// ([`crate::kernels::matmul::single_token_folds`]): up to four dispatches less a layer in
     /// decode, and a different sharing of the activations (see [`activations::Fusions`]).
     pub single_token_folds: bool,
+    /// The norms fold into projections of any size (the workgroup matvec), not only up to
+    /// [`crate::kernels::matmul::NORM_FOLD_MAX_WEIGHTS`] (see [`activations::Fusions`]).
+    pub unbounded_norm_folds: bool,
     /// The device runs the subgroup attention (CPU devices); otherwise the grouped workgroup
     /// decode kernel (GPUs). Either splits a long context's keys in a decode step
     /// ([`crate::kernels::attention::key_splits`], by its own rule): a decode step's attention is
@@ -168,6 +171,7 @@ impl Default for PlanOptions {
             max_texture_dim: 8192,
             stacked_projections: false,
             single_token_folds: false,
+            unbounded_norm_folds: false,
             split_attention: false,
             param_align: PARAM_SLOT,
             parallel: 1,
@@ -193,6 +197,7 @@ impl PlanOptions {
         self.max_texture_dim = d.max_texture_dim;
         self.stacked_projections = d.weight_layout == WeightLayout::Textures && d.subgroup_matvec;
         self.single_token_folds = d.single_token_folds;
+        self.unbounded_norm_folds = d.fusions().unbounded_norm_folds;
         self.split_attention = d.subgroup_matvec;
         self.param_align = d.param_align;
         self
@@ -210,7 +215,8 @@ pub struct DeviceTraits {
     pub max_texture_dim: u32,
     /// The device runs the subgroup matvec and attention (CPU Vulkan devices).
     pub subgroup_matvec: bool,
-    /// A single token's norms, SwiGLU and residual adds fold into the projections.
+    /// A single token's norms, SwiGLU and residual adds fold into the projections (every device
+    /// now: both matvec kernels fold).
     pub single_token_folds: bool,
     pub param_align: u64,
 }
@@ -222,8 +228,22 @@ impl Default for DeviceTraits {
             weight_layout: WeightLayout::Buffers,
             max_texture_dim: 8192,
             subgroup_matvec: false,
-            single_token_folds: false,
+            single_token_folds: true,
             param_align: PARAM_SLOT,
+        }
+    }
+}
+
+impl DeviceTraits {
+    /// The fusions of the forward pass on this device that change the activation plan: the
+    /// single-token folds, their norms unbounded where the workgroup matvec runs (every device
+    /// but the subgroup matvec's).
+    pub fn fusions(&self) -> activations::Fusions {
+        activations::Fusions {
+            stacked_projections: self.weight_layout == WeightLayout::Textures
+                && self.subgroup_matvec,
+            single_token_folds: self.single_token_folds,
+            unbounded_norm_folds: self.single_token_folds && !self.subgroup_matvec,
         }
     }
 }

@@ -67,20 +67,17 @@ pub(super) fn llama(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         };
         largest = largest.max(b);
     }
-    let mut activations = activations::llama_activation_plan_with(
-        cfg,
-        opts.chunk,
-        opts.all_logits,
-        opts.single_token_folds,
-    );
+    let fusions = activations::Fusions {
+        stacked_projections: opts.stacked_projections,
+        single_token_folds: opts.single_token_folds,
+        unbounded_norm_folds: opts.unbounded_norm_folds,
+    };
+    let mut activations =
+        activations::llama_activation_plan_fused(cfg, opts.chunk, opts.all_logits, fusions);
     let rows = super::batch_rows(cfg, opts);
     if rows > 1 {
         activations::add_batch_buffers(&mut activations, cfg, rows);
     }
-    let fusions = activations::Fusions {
-        stacked_projections: opts.stacked_projections,
-        single_token_folds: opts.single_token_folds,
-    };
     // Where a decode step splits its keys at the context's end: on the subgroup kernel (CPU
     // devices) or the grouped workgroup kernel (GPUs), where the shape fits.
     let splits = |m: usize| {

@@ -1,8 +1,9 @@
 //! Products that run as one dispatch with what surrounds them: stacked Q/K/V and gate/up
 //! ([`matmul_fused`]), and for single tokens the RMSNorm before them ([`matmul_fused_norm`]),
 //! SwiGLU into the down projection ([`matmul_swiglu`]) and the residual add after them
-//! ([`matmul_add`], [`matmul_swiglu_add`]). Each falls back to separate passes where it cannot
-//! fold, so callers write the forward pass once.
+//! ([`matmul_add`], [`matmul_swiglu_add`]). Both matvec kernels fold (the subgroup one and the
+//! workgroup one); stacking needs the subgroup one. Each falls back to separate passes where it
+//! cannot fold, so callers write the forward pass once.
 
 use super::subgroup::{Extras, Input, SgPart};
 use super::*;
@@ -47,8 +48,10 @@ pub fn matmul_fused_in(
 pub const NORM_FOLD_MAX_WEIGHTS: usize = 1 << 22;
 
 /// Whether [`matmul_fused_norm`] folds the norm into the projections `ws` for `m` tokens: a
-/// single token where [`single_token_folds`], the projections together at most
-/// [`NORM_FOLD_MAX_WEIGHTS`].
+/// single token where [`single_token_folds`]; on the subgroup matvec (lavapipe) the projections
+/// together at most [`NORM_FOLD_MAX_WEIGHTS`], on the workgroup matvec any size (a GPU
+/// workgroup's extra gamma loads come from cache, against the weights' from memory). The memory
+/// plan follows ([`crate::plan::activations::Fusions::unbounded_norm_folds`]).
 pub fn norm_folds(gpu: &Gpu, ws: &[&WeightMatrix], m: usize) -> bool {
     norm_folds_in(gpu, Step::Chunk, ws, m)
 }
@@ -56,11 +59,11 @@ pub fn norm_folds(gpu: &Gpu, ws: &[&WeightMatrix], m: usize) -> bool {
 /// [`norm_folds`] for a [`Step`]: decode rows fold as a single token does.
 pub fn norm_folds_in(gpu: &Gpu, step: Step, ws: &[&WeightMatrix], m: usize) -> bool {
     let weights: usize = ws.iter().map(|w| w.rows * w.cols).sum();
-    folds(gpu, m, step) && weights <= NORM_FOLD_MAX_WEIGHTS
+    folds(gpu, m, step) && (weights <= NORM_FOLD_MAX_WEIGHTS || !subgroup_matvec_ok(gpu))
 }
 
 /// `ys[i] = rms_norm(x) W_iᵀ` (the norm with `gamma` and `eps`): [`matmul_fused`] of the
-/// attention or FFN block after its RMSNorm. Where [`norm_folds`], the subgroup matvec
+/// attention or FFN block after its RMSNorm. Where [`norm_folds`], the matvec
 /// normalises x as it loads it (the norm's `1 / rms` scales each finished row), so there is no
 /// norm pass and `xb` is not touched; otherwise [`crate::kernels::norm::rms_norm`] into `xb`,
 /// then [`matmul_fused`].
@@ -111,7 +114,7 @@ pub fn matmul_fused_norm_in(
 }
 
 /// `y = res + x Wᵀ`, a projection added to the residual stream (`res` and `y` the same shape):
-/// for a single token where [`single_token_folds`], the subgroup matvec adds `res` as it stores
+/// for a single token where [`single_token_folds`], the matvec adds `res` as it stores
 /// (no add pass); otherwise [`matmul`] into `proj`, then [`crate::kernels::elementwise::add`].
 pub fn matmul_add(
     rec: &mut Recorder,
@@ -148,13 +151,12 @@ pub fn matmul_add_in(
     rows_kernel(rec, w, x, extras, y, m, folded_rows(step, m), &op)
 }
 
-/// The subgroup kernel of a folded product over `m` tokens: one token a pass for a single
-/// token; for decode rows, the single token's rows per invocation and the rows
-/// [`matvec_sg_tokens`] at a time.
+/// The matvec of a folded product over `m` tokens: the device's single-token kernel for a single
+/// token; for decode rows, the same kernel and shape over the rows several at a time.
 fn folded_rows(step: Step, m: usize) -> Rows {
     match step {
         Step::Rows if m > 1 => Rows::Decode,
-        _ => Rows::Subgroup(None, 1),
+        _ => Rows::Auto,
     }
 }
 
@@ -224,7 +226,7 @@ fn fused_kernel(
 }
 
 /// `y = swiglu(gate, up) Wᵀ`, SwiGLU (`silu(gate) * up`) feeding a projection (the FFN's down
-/// projection): for a single token where [`single_token_folds`], the subgroup matvec computes
+/// projection): for a single token where [`single_token_folds`], the matvec computes
 /// SwiGLU as it loads its input, so there is no pass of its own and `act` is not touched;
 /// otherwise [`crate::kernels::activation::swiglu`] into `act`, then [`matmul`] (at 8 tokens a
 /// pass, the folded form's doubled input loads cost lavapipe more than the separate pass saves).
@@ -318,11 +320,13 @@ fn swiglu_kernel(
 /// Whether a single token's products fold in what runs around them: SwiGLU into the down
 /// projection's input ([`matmul_swiglu`]), RMSNorm into the next projections' input
 /// ([`matmul_fused_norm`]) and the residual adds into the projections' output ([`matmul_add`],
-/// [`matmul_swiglu_add`]). Where the subgroup matvec runs; the memory plan's schedule follows
+/// [`matmul_swiglu_add`]). Both matvec kernels fold (the subgroup one on lavapipe, the workgroup
+/// one everywhere else), so every device does; the memory plan's schedule follows
 /// ([`crate::plan::PlanOptions::single_token_folds`]). Chunks of several tokens keep the passes:
-/// each fold reloads its input per token, where a pass over 8 tokens costs lavapipe less.
-pub fn single_token_folds(gpu: &Gpu) -> bool {
-    subgroup_matvec_ok(gpu)
+/// each fold reloads its input per token, where a pass over 8 tokens costs lavapipe less, and a
+/// GPU's prefill runs the tiled matmul, which folds nothing.
+pub fn single_token_folds(_gpu: &Gpu) -> bool {
+    true
 }
 
 /// Whether a product over `m` tokens folds here: a single token, or decode rows (each computed

@@ -40,12 +40,6 @@ pub(super) enum Input<'a> {
     RmsNorm(&'a Tensor, f32),
 }
 
-impl Extras<'_> {
-    pub(super) fn is_plain(&self) -> bool {
-        matches!(self.input, Input::Plain) && self.res.is_none()
-    }
-}
-
 /// The params of `matvec_sg.wgsl`: the rows computed, from which row of the binding, and where
 /// the outputs split between y, y1 and y2.
 #[repr(C)]
