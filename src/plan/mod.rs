@@ -278,6 +278,9 @@ pub struct MemoryPlan {
     /// or of the file's own tensors ([`MemoryPlan::use_gguf_weights`]); empty for GPT-2 and
     /// BERT, whose loaders upload other tensors than the checkpoint's.
     pub tensor_types: TypeTable,
+    /// The weights are a GGUF file's own tensor types ([`MemoryPlan::use_gguf_weights`]), not
+    /// `options.precision`.
+    pub weights_from_file: bool,
     /// One layer's weights; `parameters_bytes = n_layers * layer_weight_bytes +
     /// other_weight_bytes`. A K-quant mix's layers differ: this is the largest (what a streaming
     /// slot must hold), and `other_weight_bytes` is what remains, less than its global tensors.
@@ -602,6 +605,7 @@ impl MemoryPlan {
         let sum = sum.filter(|&s| s < u64::MAX / 2).ok_or_else(too_big)?;
         let overhead_bytes = overhead(sum);
         Ok(MemoryPlan {
+            weights_from_file: false,
             cfg: cfg.clone(),
             runs_here: described_only.is_none(),
             described_only,
@@ -874,6 +878,7 @@ impl MemoryPlan {
         let (total, largest) = gguf_weight_bytes(g, storage)?;
         self.set_parameter_bytes(total);
         self.tensor_types = types::gguf_type_table(g, storage)?;
+        self.weights_from_file = true;
         let upload = largest.min(STAGING_CHUNK).div_ceil(4) * 4;
         let rest = self.buffers_bytes() - self.staging_bytes;
         self.staging_upload_bytes = upload;

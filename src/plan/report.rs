@@ -42,7 +42,12 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
     let _ = writeln!(
         s,
         "memory plan: {}, {} layers, hidden {}, {} heads / {} kv heads x {}, ffn {}, vocab {}",
-        c.arch.name(),
+        // Gemma 3 runs in the LLaMA family's forward pass, but is not a LLaMA to its user.
+        if c.gemma.is_some() {
+            "gemma3"
+        } else {
+            c.arch.name()
+        },
         c.n_layers,
         c.hidden_size,
         c.n_heads,
@@ -64,10 +69,22 @@ pub(crate) fn table(p: &MemoryPlan) -> String {
             o.precision, o.batch, o.ctx, p.activations.chunk
         );
     } else {
+        // A GGUF file's weights are its own types, whatever `--precision` defaults to.
+        let weights = if p.weights_from_file {
+            let types: Vec<String> = p
+                .tensor_types
+                .rows
+                .iter()
+                .map(|r| format!("{} {}", r.ggml_type, r.tensors))
+                .collect();
+            format!("as in the file ({})", types.join(", "))
+        } else {
+            o.precision.to_string()
+        };
         let _ = writeln!(
             s,
             "  weights {}, KV cache {}, ctx {}, chunk {} ({} logits)",
-            o.precision,
+            weights,
             o.kv,
             o.ctx,
             o.chunk,
