@@ -88,8 +88,8 @@ pub(super) fn workgroup_kernel(
     };
     // f32/f16 rows of whole 16-byte quads take the vec4 entry points (`matvec_quads`).
     let quads = match format {
-        WeightFormat::F32 => cols % 4 == 0,
-        WeightFormat::F16 => cols % 8 == 0,
+        WeightFormat::F32 => cols.is_multiple_of(4),
+        WeightFormat::F16 => cols.is_multiple_of(8),
         _ => false,
     };
     let k = gpu.kernel(
