@@ -86,9 +86,15 @@ pub(super) fn workgroup_kernel(
     } else {
         "matvec"
     };
+    // f32/f16 rows of whole 16-byte quads take the vec4 entry points (`matvec_quads`).
+    let quads = match format {
+        WeightFormat::F32 => cols % 4 == 0,
+        WeightFormat::F16 => cols % 8 == 0,
+        _ => false,
+    };
     let k = gpu.kernel(
         shader,
-        &format!("matvec_{}", format.name()),
+        &format!("matvec_{}{}", format.name(), if quads { "_v4" } else { "" }),
         &WG_BINDS,
         32,
         &[
