@@ -372,3 +372,36 @@ fn qquarter_tuned(fmt: u32, w0: u32, w1: u32) -> Quarter {
     }
     return Quarter(qsmall_to_f32(q4_lo_u(w0)), qsmall_to_f32(q4_hi_u(w0)));
 }
+
+// ---- Integer dot products on 8-bit activations (the idot entry points of the workgroup matvec) ----
+// x is quantised per 32-value block to signed bytes and one f32 scale (shaders/quantize_x.wgsl),
+// four bytes a word as the weights' Q8_0 data words are, so a lane's product of weights and x is
+// two dot4I8Packed over packed bytes, summed as integers, with the block's scales applied once.
+
+// The formats with integer-dot entry points.
+fn qidot(fmt: u32) -> bool {
+    return fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_1;
+}
+
+// Lane j's quants of a block as packed signed bytes (x: weights 4j..4j+3, y: 16+4j..16+4j+3),
+// from its data words w0 (word j) and w1 (Q8_0's word j + 4; unused for Q4): Q8_0's bytes as
+// they are, Q4's nibbles each in a byte of its own (0..15, positive as i8; qidot_fold applies
+// Q4_0's -8 and Q4_1's m).
+fn qquarter_packed(fmt: u32, w0: u32, w1: u32) -> vec2<u32> {
+    if (fmt == Q8_0) {
+        return vec2<u32>(w0, w1);
+    }
+    return vec2<u32>(w0 & 0x0f0f0f0fu, (w0 >> 4u) & 0x0f0f0f0fu);
+}
+
+// A lane's share of a block's sum w x from its integer sums: s = sum q_w q_x over its 8 weights,
+// sx = sum q_x over the same 8 values, dm the block's scales (qscales_of) and dx the activations'
+// scale. Q8_0: d dx s; Q4_0: d dx (s - 8 sx), in integers first; Q4_1: d dx s + m dx sx (ggml's
+// min term: the block's sum of the quantised x, here per lane).
+fn qidot_fold(fmt: u32, dm: vec2<f32>, dx: f32, s: i32, sx: i32) -> f32 {
+    switch fmt {
+        case Q4_0: { return dm.x * dx * f32(s - 8 * sx); }
+        case Q4_1: { return dm.x * dx * f32(s) + dm.y * dx * f32(sx); }
+        default: { return dm.x * dx * f32(s); } // Q8_0
+    }
+}

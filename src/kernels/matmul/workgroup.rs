@@ -86,9 +86,16 @@ pub(super) fn workgroup_kernel(
     } else {
         "matvec"
     };
+    // The integer-dot entry points read x quantised, with what XFN would fold already applied.
+    let (entry, xq, xfn) = if super::idot::uses_idot(gpu, format) {
+        let xq = super::idot::quantize_x(rec, x, extras.input, cols, m, op)?;
+        (format!("matvec_idot_{}", format.name()), Some(xq), 0)
+    } else {
+        (format!("matvec_{}", format.name()), None, xfn)
+    };
     let k = gpu.kernel(
         shader,
-        &format!("matvec_{}", format.name()),
+        &entry,
         &WG_BINDS,
         32,
         &[
@@ -131,7 +138,7 @@ pub(super) fn workgroup_kernel(
         &[
             data,
             scales,
-            x.clone(),
+            xq.unwrap_or_else(|| x.clone()),
             y(0),
             y(1),
             y(2),
