@@ -112,7 +112,7 @@ fn idot_matvec_matches_the_integer_reference() {
             // 37 rows (a partial workgroup), 37 blocks a row (no multiple of a pass).
             let (rows, cols) = (37, 32 * 37);
             let (q, wm, deq) = weights(&gpu, f, rows, cols, 700 + i as u64);
-            let (r, threads) = [(16, 64), (8, 128), (4, 256)][i];
+            let (r, threads) = [(16, 64), (8, 128), (4, 256)][i % 3];
             let one = MatmulKernel::Rows { tokens: 1 };
             let cases = [
                 (1, Some(MatvecKernel::Workgroup { rows: r, threads }), one),
@@ -228,17 +228,17 @@ fn idot_runs_only_where_forced_or_allowed() {
     assert!(!idot::uses_idot(&plain, WeightFormat::Q8_0));
     // A format without integer-dot entry points keeps the float path, one dispatch.
     idot::force_matvec(&plain, Some(MatvecMath::Idot));
-    let (_, wm, deq) = weights(&plain, WeightFormat::Q5_0, 8, 64, 900);
-    let xd = randn(64, 901, 1.0);
-    let x = plain.tensor_from("x", Activations, &[64], &xd).unwrap();
+    let (_, wm, deq) = weights(&plain, WeightFormat::Q4_K, 8, 256, 900);
+    let xd = randn(256, 901, 1.0);
+    let x = plain.tensor_from("x", Activations, &[256], &xd).unwrap();
     let y: Tensor = plain.tensor("y", Activations, &[8]).unwrap();
     let mut rec = plain.recorder();
     matmul::matvec(&mut rec, &wm, &x, &y).unwrap();
     assert_eq!(rec.len(), 1);
     rec.submit().unwrap();
-    let want = matmul::reference(&deq, 8, 64, &xd, 1);
+    let want = matmul::reference(&deq, 8, 256, &xd, 1);
     assert_close(
-        "q5_0 forced idot",
+        "q4_k forced idot",
         &plain.read(&y).unwrap(),
         &want,
         tol::NMSE_QUANT,

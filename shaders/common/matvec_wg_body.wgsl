@@ -246,12 +246,13 @@ fn matvec_idot(fmt: u32, r0: u32, tok0: u32, lid: u32) {
         for (var r = 0u; r < ROWS; r++) {
             let row = row_of(r0, r);
             let base = row * qrow_words(fmt, p.cols) + u * qblock_words(fmt);
-            let w0 = wq[base + j];
+            let at = qidot_words(fmt, j);
+            let w0 = wq[base + at.x];
             var w1 = w0;
-            if (fmt == Q8_0) {
-                w1 = wq[base + 4u + j];
+            if (at.y != at.x) {
+                w1 = wq[base + at.y];
             }
-            let q = qquarter_packed(fmt, w0, w1);
+            let q = qquarter_packed(fmt, w0, w1, j);
             let dm = qscales(fmt, row, u);
             var s = vec4<f32>(0.0);
             for (var t = 0u; t < TOK; t++) {
@@ -334,6 +335,16 @@ fn matvec_idot_q4_0(ids: Ids) {
 @compute @workgroup_size(WG)
 fn matvec_idot_q4_1(ids: Ids) {
     matvec_idot_any(Q4_1, ids);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_idot_q5_0(ids: Ids) {
+    matvec_idot_any(Q5_0, ids);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_idot_q5_1(ids: Ids) {
+    matvec_idot_any(Q5_1, ids);
 }
 
 @compute @workgroup_size(WG)

@@ -3,8 +3,8 @@
 //! `matvec_idot_*` entry points of `shaders/common/matvec_wg_body.wgsl` (both reductions, the
 //! float path's bindings and parameter block) multiply packed weight bytes by packed activation
 //! bytes with WGSL's `dot4I8Packed`, four products an instruction where the driver has one.
-//! Q8_0, Q4_0 and Q4_1 (their quants are bytes and nibbles as they are); the other formats keep
-//! the float path. The CPU reference here ([`quantize_activations`], [`reference`]) does the same
+//! Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 (bytes, nibbles, nibbles and a fifth bit: each weight a byte
+//! after a mask or two); the K-quants keep the float path. The CPU reference here ([`quantize_activations`], [`reference`]) does the same
 //! quantisation and the integer dot in exact integer arithmetic.
 //!
 //! When it runs ([`uses_idot`]): where wgpu reports the language extension, for a device that is
@@ -15,8 +15,13 @@ use super::subgroup::Input;
 use super::*;
 
 /// The weight formats with integer-dot entry points.
-pub const IDOT_FORMATS: [WeightFormat; 3] =
-    [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q4_1];
+pub const IDOT_FORMATS: [WeightFormat; 5] = [
+    WeightFormat::Q8_0,
+    WeightFormat::Q4_0,
+    WeightFormat::Q4_1,
+    WeightFormat::Q5_0,
+    WeightFormat::Q5_1,
+];
 
 /// Whether GPUs run the integer-dot variant without being told to: it must keep perplexity within
 /// 0.1% of the float path's. Measured (BENCHMARKS.md, "Integer-dot matvec"): SmolLM2's Q4_1 file
@@ -175,15 +180,24 @@ fn weight_block(format: WeightFormat, b: &[u8]) -> ([i32; QK], f32, f32) {
             (q, f16(0), 0.0)
         }
         _ => {
-            // Q4_0: d, 16 nibble bytes; Q4_1: d, m, 16 nibble bytes. Byte i holds weight i (low
-            // nibble) and weight i + 16 (high).
+            // Q4_0: d, 16 nibble bytes; Q4_1: d, m, 16 nibble bytes; Q5_0 and Q5_1 the same with
+            // a u32 of fifth bits (bit i: weight i's) before the nibbles. Byte i holds weight i
+            // (low nibble) and weight i + 16 (high).
             let (m, at) = match format {
-                WeightFormat::Q4_1 => (f16(2), 4),
+                WeightFormat::Q4_1 | WeightFormat::Q5_1 => (f16(2), 4),
                 _ => (0.0, 2),
             };
+            let q5 = matches!(format, WeightFormat::Q5_0 | WeightFormat::Q5_1);
+            let (fifths, at) = if q5 {
+                let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                (qh, at + 4)
+            } else {
+                (0, at)
+            };
+            let fifth = |i: usize| (((fifths >> i) & 1) << 4) as i32;
             for i in 0..QK / 2 {
-                q[i] = (b[at + i] & 15) as i32;
-                q[i + QK / 2] = (b[at + i] >> 4) as i32;
+                q[i] = (b[at + i] & 15) as i32 | fifth(i);
+                q[i + QK / 2] = (b[at + i] >> 4) as i32 | fifth(i + QK / 2);
             }
             (q, f16(0), m)
         }
@@ -192,7 +206,8 @@ fn weight_block(format: WeightFormat, b: &[u8]) -> ([i32; QK], f32, f32) {
 
 /// CPU reference of the integer-dot matvec: `Y[t, r] = sum over blocks` of the integer sums of
 /// the weight quants times [`quantize_activations`]' quants, scaled as `qidot_fold` does (Q8_0:
-/// `d dx s`; Q4_0: `d dx (s - 8 sx)`; Q4_1: `d dx s + m dx sx`, sx the sum of x's quants),
+/// `d dx s`; Q4_0, Q5_0: `d dx (s - 8 sx)`, `- 16 sx`; Q4_1, Q5_1: `d dx s + m dx sx`, sx the
+/// sum of x's quants),
 /// blocks summed in f64. `blocks` is the GGUF bytes of `rows` rows of `cols` weights in one of
 /// [`IDOT_FORMATS`]; `x` is `m` rows of `cols` values.
 pub fn reference(
@@ -207,7 +222,7 @@ pub fn reference(
     if !IDOT_FORMATS.contains(&format) || cols % QK != 0 {
         return Err(Error::invalid(
             op,
-            format!("{format} rows of {cols}: the integer dot takes Q8_0, Q4_0 or Q4_1 blocks"),
+            format!("{format} rows of {cols}: the integer dot takes 32-weight blocks, not K-quants"),
         ));
     }
     let per_row = cols / QK * format.block_bytes();
@@ -233,7 +248,10 @@ pub fn reference(
                 let dx = xd[b] as f64;
                 let v = match format {
                     WeightFormat::Q4_0 => d as f64 * dx * (s - 8 * sx) as f64,
-                    WeightFormat::Q4_1 => d as f64 * dx * s as f64 + mw as f64 * dx * sx as f64,
+                    WeightFormat::Q5_0 => d as f64 * dx * (s - 16 * sx) as f64,
+                    WeightFormat::Q4_1 | WeightFormat::Q5_1 => {
+                        d as f64 * dx * s as f64 + mw as f64 * dx * sx as f64
+                    }
                     _ => d as f64 * dx * s as f64,
                 };
                 y[t * rows + r] += v;
