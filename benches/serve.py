@@ -7,7 +7,8 @@ aggregate generated tokens/s and time to first token, as a Markdown table (BENCH
 Without --url it starts `target/release/wgllm serve --parallel MAX -c 512` on a free port (and
 stops it after). Each stream sends --requests streaming chat requests one after another, each
 generating exactly -n tokens (`ignore_eos`), with a prompt of its own; a warm-up request first
-compiles the kernels. Only the Python standard library is used.
+compiles the prefill kernels (the server compiles the batched decode's when it starts, unless
+--server-arg=--no-warm-up). Only the Python standard library is used.
 """
 
 import argparse
@@ -90,6 +91,9 @@ def main():
     ap.add_argument("--requests", type=int, default=2, help="requests per stream")
     ap.add_argument("--api-key")
     ap.add_argument("--model", default=None, help="-m for the server this script starts")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="one more argument for the server this script starts "
+                         "(repeat; e.g. --server-arg=--no-warm-up)")
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",")]
     server = None
@@ -101,6 +105,7 @@ def main():
                "--parallel", str(max(levels)), "-c", "512"]
         if args.model:
             cmd += ["-m", args.model]
+        cmd += args.server_arg
         server = subprocess.Popen(cmd)
         base = f"http://127.0.0.1:{port}/v1"
         for _ in range(600):

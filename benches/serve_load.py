@@ -3,6 +3,7 @@
 then checks that the server survived and came back to its baseline.
 
     python3 benches/serve_load.py [--url http://127.0.0.1:8080] [--clients 32] [--minutes 10]
+                                  [--sample 30] [--server-log FILE]
 
 Without --url it starts `target/release/wgllm serve -m smollm2-135m --parallel 8` on a free port of
 127.0.0.1 (and stops it after). Every client loops until the time is up (and at most --requests
@@ -13,6 +14,11 @@ hostile bodies (broken JSON, wrong types, out-of-range fields, deep nesting, hug
 unknown routes, oversized bodies) and expect a 4xx error object. Afterwards: the server process is
 alive, /health answers, the ledger's bytes (/metrics) are what they were after the warm-up, the
 peak is within the budget, and the resident set is within 5% of its value after the warm-up.
+The warm-up runs `--parallel` requests together, then a staircase of as many that decode together
+and end one by one, so that the kernels of every batched-decode row count are compiled before the
+baseline is taken (on lavapipe a kernel is machine code in the server's memory).
+Every --sample seconds it prints the resident set, the compiled kernels (when /metrics has
+`wgllm_kernels_compiled`) and the requests so far, so a plateau can be told from a leak.
 All traffic goes to 127.0.0.1; only the Python standard library is used.
 """
 
@@ -151,6 +157,24 @@ def generation(host, port, rng, stats, cancel):
         conn.close()
 
 
+def staircase(host, port, k, stats):
+    """Warm-up request `k` of a staircase: `ignore_eos` and 16 + 4k tokens, so that of `parallel`
+    such requests sent together all decode at once and then end one by one, and the batched
+    decode runs with every row count from `parallel` down to 1 (each count of rows can need
+    kernels of its own: the subgroup matvec takes 1, 2, 4 or 8 tokens a pass)."""
+    body = {"prompt": f"Count the steps of staircase {k}:", "max_tokens": 16 + 4 * k,
+            "temperature": 0, "ignore_eos": True}
+    conn, resp = request(host, port, "POST", "/v1/completions", json.dumps(body).encode())
+    try:
+        data = json.loads(resp.read())
+        if resp.status == 200 and data["choices"][0].get("finish_reason") == "length":
+            stats.add("complete")
+        else:
+            stats.fail(f"staircase {k}: {resp.status} {str(data)[:200]}")
+    finally:
+        conn.close()
+
+
 def hostile(host, port, rng, stats, max_body):
     if rng.random() < 0.1:
         path, body = "/v1/chat/completions", b'{"messages": "' + b"x" * (max_body + 1024) + b'"}'
@@ -200,6 +224,24 @@ def metrics(host, port):
     return out
 
 
+def sampler(host, port, stats, every, stop, series, t0):
+    """Every `every` seconds until `stop` is set: (seconds, RSS bytes, kernels, requests) into
+    `series`, printed as it comes."""
+    while not stop.wait(every):
+        try:
+            m = metrics(host, port)
+        except (OSError, http.client.HTTPException, ValueError):
+            continue  # a busy server may miss one sample; the next one counts
+        with stats.lock:
+            done = sum(stats.kinds.values())
+        row = (time.perf_counter() - t0, m.get("wgllm_process_resident_bytes", 0),
+               m.get("wgllm_kernels_compiled"), done)
+        series.append(row)
+        kernels = "" if row[2] is None else f", kernels {row[2]:.0f}"
+        print(f"  t={row[0]:4.0f} s: RSS {row[1] / 2**20:.1f} MiB{kernels}, {done} requests",
+              file=sys.stderr, flush=True)
+
+
 def ledger_bytes(m):
     return sum(v for k, v in m.items() if k.startswith("wgllm_vram_bytes{"))
 
@@ -220,6 +262,9 @@ def main():
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--max-body", type=int, default=1 << 20)
     ap.add_argument("--budget", default="2GiB")
+    ap.add_argument("--sample", type=float, default=30,
+                    help="seconds between RSS samples during the run (0: none)")
+    ap.add_argument("--server-log", help="file for the started server's stderr (default: dropped)")
     a = ap.parse_args()
 
     server = None
@@ -234,7 +279,8 @@ def main():
                "--host", host, "--port", str(port), "--max-body", str(a.max_body),
                "--budget", a.budget]
         print("$", " ".join(cmd), file=sys.stderr)
-        server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        log = open(a.server_log, "w") if a.server_log else subprocess.DEVNULL
+        server = subprocess.Popen(cmd, stderr=log)
     try:
         for _ in range(600):
             try:
@@ -246,18 +292,28 @@ def main():
                 if server and server.poll() is not None:
                     sys.exit("the server exited while starting")
                 time.sleep(1)
-        # Warm-up: every kernel compiled, every slot's buffers in place.
+        # Warm-up: every kernel compiled, every slot's buffers in place. Kernels are compiled
+        # when first needed, and on lavapipe each is LLVM machine code and state held in this
+        # process (about 20 MiB each with SmolLM2: the four the batched decode of 5-8 rows adds
+        # grew the resident set by 81 MiB), so the resident set is measured once the prompts and
+        # every row count of the batched decode have run.
         warm = Stats()
-        threads = [threading.Thread(target=generation, args=(host, port, random.Random(-k), warm, False))
-                   for k in range(a.parallel)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for target, args in ((generation, lambda k: (random.Random(-k), warm, False)),
+                             (staircase, lambda k: (k, warm))):
+            threads = [threading.Thread(target=target, args=(host, port) + args(k))
+                       for k in range(a.parallel)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        if warm.bad:
+            sys.exit(f"the warm-up failed: {warm.bad[0]}")
         time.sleep(1)
         base = metrics(host, port)
         print(f"after warm-up: ledger {ledger_bytes(base):.0f} B, "
-              f"RSS {base.get('wgllm_process_resident_bytes', 0):.0f} B", file=sys.stderr)
+              f"RSS {base.get('wgllm_process_resident_bytes', 0):.0f} B"
+              + (f", kernels {base['wgllm_kernels_compiled']:.0f}"
+                 if "wgllm_kernels_compiled" in base else ""), file=sys.stderr)
 
         stats = Stats()
         deadline = time.monotonic() + a.minutes * 60
@@ -265,9 +321,16 @@ def main():
         threads = [threading.Thread(target=client, args=(i, host, port, deadline, a.requests, stats,
                                                          a.max_body))
                    for i in range(a.clients)]
+        stop, series = threading.Event(), []
+        if a.sample > 0:
+            threads.append(threading.Thread(target=sampler, args=(host, port, stats, a.sample,
+                                                                  stop, series, t0)))
         for t in threads:
             t.start()
-        for t in threads:
+        for t in threads[:a.clients]:
+            t.join()
+        stop.set()
+        for t in threads[a.clients:]:
             t.join()
         wall = time.perf_counter() - t0
         time.sleep(2)  # cancelled slots are freed at the engine's next step
@@ -299,6 +362,15 @@ def main():
               + (f" (budget {budget:.0f} B)" if budget else ""))
         print(f"RSS: {rb / 2**20:.1f} MiB after warm-up, {ra / 2**20:.1f} MiB after the run "
               f"({(ra / rb - 1) * 100 if rb else float('nan'):+.2f}%)")
+        if series:
+            rss = [r[1] / 2**20 for r in series]
+            third = max(1, len(rss) // 3)
+            print(f"RSS samples every {a.sample:.0f} s: {len(rss)}, min {min(rss):.1f} MiB, "
+                  f"max {max(rss):.1f} MiB; first third's mean {statistics.mean(rss[:third]):.1f} "
+                  f"MiB, last third's {statistics.mean(rss[-third:]):.1f} MiB")
+        if "wgllm_kernels_compiled" in after:
+            print(f"kernels compiled: {base.get('wgllm_kernels_compiled', 0):.0f} after warm-up, "
+                  f"{after['wgllm_kernels_compiled']:.0f} after the run")
         ok = (alive and health == 200 and not stats.bad and la == lb
               and (budget is None or peak <= budget) and (not rb or ra <= rb * 1.05))
         for b in stats.bad:

@@ -292,3 +292,70 @@ fn malformed_steps_are_typed_errors() {
     assert_eq!(out.len(), 2);
     assert!(out.iter().flatten().all(|x| x.is_finite()));
 }
+
+/// `BatchLm::warm_up` compiles every kernel a batched decode step needs: after it, steps of any
+/// row count, any slots and any position (short, past the sliding window, past a split of the
+/// keys) compile nothing more. Without it the same steps compile kernels (what a server's first
+/// concurrent requests would wait for). Each model gets a device of its own, so that no other
+/// test's kernels are counted.
+#[test]
+fn after_the_warm_up_no_decode_step_compiles_a_kernel() {
+    let Some(shared) = gpu() else {
+        return;
+    };
+    let cfg = small_gemma();
+    let opts = RunOptions {
+        ctx: 600,
+        kv_dtype: KvDtype::F16,
+        chunk: 8,
+        parallel: 6,
+        ..Default::default()
+    };
+    let src = Source::Synthetic {
+        format: wgllm::quant::WeightFormat::Q8_0,
+        seed: 5,
+        mix: None,
+    };
+    let steps = |m: &mut Llama, gpu: &wgllm::Gpu| {
+        for pos in [3, 7, 300, 599] {
+            for n in 1..=6 {
+                let rows: Vec<BatchRow> = (0..n)
+                    .map(|i| BatchRow {
+                        slot: (i * 5 + pos) % 6,
+                        token: (i * 37 + pos) as u32 % 320,
+                        pos,
+                    })
+                    .collect();
+                let logits = m.decode_batch(gpu, &rows).unwrap();
+                assert_eq!(logits.len(), n);
+                assert!(logits.iter().flatten().all(|x| x.is_finite()));
+            }
+        }
+    };
+    for warm in [true, false] {
+        let gpu = shared.reopen().unwrap();
+        let mut m = Llama::load(&gpu, cfg.clone(), cfg.head_dim, &src, opts.clone()).unwrap();
+        let (loaded, _) = gpu.kernels_compiled();
+        if warm {
+            assert_eq!(m.warm_up(&gpu).unwrap(), 6);
+            let warmed = gpu.kernel_keys();
+            assert!(warmed.len() > loaded, "the warm-up compiled nothing");
+            steps(&mut m, &gpu);
+            let new: Vec<_> = gpu
+                .kernel_keys()
+                .into_iter()
+                .filter(|k| !warmed.contains(k))
+                .collect();
+            assert!(
+                new.is_empty(),
+                "decode steps compiled kernels the warm-up did not: {new:?}"
+            );
+        } else {
+            steps(&mut m, &gpu);
+            assert!(
+                gpu.kernels_compiled().0 > loaded,
+                "without a warm-up the steps compiled nothing: the test shows nothing"
+            );
+        }
+    }
+}

@@ -381,6 +381,21 @@ fn workgroup_matvec_matches_reference_in_every_format_and_reduction() {
                 check(g, &wm, &deq, Op::Matmul(m, four), 320 + m as u64);
             }
         }
+        // f32/f16 rows of whole 16-byte quads take the vec4 entry points (awkward_cols' 1001
+        // takes the word-at-a-time ones above).
+        for (i, f) in [WeightFormat::F32, WeightFormat::F16]
+            .into_iter()
+            .enumerate()
+        {
+            let (wm, deq) = weights(g, buffers(g), f, 37, 1000, 340 + i as u64);
+            let k = Some(MatvecKernel::Workgroup {
+                rows: 8,
+                threads: 64,
+            });
+            check(g, &wm, &deq, Op::Matvec(k), 350 + i as u64);
+            let four = Some(MatmulKernel::Rows { tokens: 4 });
+            check(g, &wm, &deq, Op::Matmul(5, four), 360 + i as u64);
+        }
     }
 }
 
@@ -618,8 +633,14 @@ fn workgroup_matvec_folds_match_reference_in_every_format() {
         ..Default::default()
     })
     .unwrap();
-    for (i, f) in WeightFormat::ALL.into_iter().enumerate() {
-        let (rows, cols) = (45, awkward_cols(f));
+    // Every format at an awkward row length, and f32/f16 at one of whole 16-byte quads (their
+    // vec4 entry points).
+    let cases = WeightFormat::ALL
+        .into_iter()
+        .map(|f| (f, awkward_cols(f)))
+        .chain([(WeightFormat::F32, 1000), (WeightFormat::F16, 1000)]);
+    for (i, (f, cols)) in cases.enumerate() {
+        let rows = 45;
         let (wm, deq) = weights(&plain, buffers(&plain), f, rows, cols, 400 + i as u64);
         assert_eq!(check_swiglu(&plain, &wm, &deq, 1, 410 + i as u64), 1, "{f}");
         assert_eq!(

@@ -484,6 +484,7 @@ fn smollm2_engine() -> Option<(std::sync::Arc<Gpu>, wgllm::serve::Engine)> {
         wgllm::serve::EngineOptions {
             max_queue: 4,
             chunk: o.chunk,
+            warm_up: true,
         },
         move |g| wgllm::model::load::load_batch_lm(g, &path, None, o.clone()),
     )
@@ -686,6 +687,7 @@ fn the_engine_gives_up_after_a_bounded_number_of_reloads() {
         wgllm::serve::EngineOptions {
             max_queue: 4,
             chunk: o.chunk,
+            warm_up: true,
         },
         move |g| {
             if counted.fetch_add(1, Ordering::SeqCst) == 0 {

@@ -78,6 +78,7 @@ fn start(c: Config) -> Option<Server> {
         wgllm::serve::EngineOptions {
             max_queue: c.max_queue,
             chunk: opts.chunk,
+            warm_up: true,
         },
         move |g| wgllm::model::load::load_batch_lm(g, &path, None, opts.clone()),
     )

@@ -20,8 +20,9 @@
 // weights 4j..4j+3 and 16+4j..16+4j+3 (Q4: the two nibbles of data word j), so that a subgroup
 // reads whole runs of consecutive weight words (32 lanes: 8 Q4_0 blocks, 128 contiguous bytes per
 // row), and x as two vec4 per thread and unit, again consecutive across the lanes, loaded once for
-// all ROWS rows. Each weight word is loaded once for all TOK tokens. f32/f16 rows: thread t takes
-// data word t, t + WG, ... (already consecutive). Q8_0/Q4_0/Q4_1 use common/quant.wgsl's tuned
+// all ROWS rows. Each weight word is loaded once for all TOK tokens. f32/f16 rows of whole
+// 16-byte quads (every real model's): thread t takes quad t, t + WG, ... and x as vec4 (the `_v4`
+// entry points); other f32/f16 rows: data word t, t + WG, ... (consecutive, but 4-byte loads). Q8_0/Q4_0/Q4_1 use common/quant.wgsl's tuned
 // decode: quants only (Q4 nibbles converted by the exponent trick, no int-to-float), the block's
 // scale and offset applied once per thread and block (qfold); the other formats dequantise
 // through qunit_head/qdecode4.
@@ -44,6 +45,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> wq: array<u32>;
+// The weights as 16-byte quads, for f32/f16 rows of whole quads (the `_v4` entry points).
+@group(0) @binding(0) var<storage, read> wq4: array<vec4<u32>>;
 @group(0) @binding(1) var<storage, read> ws: array<u32>;
 // x and x2 twice: as f32 for the f32/f16 entry points (any row length), as vec4 for the quantised
 // ones (rows of whole 32-weight blocks). An entry point uses one of each.
@@ -180,6 +183,39 @@ fn matvec_words(fmt: u32, r0: u32, tok0: u32, lid: u32) {
     }
 }
 
+// f32/f16 rows of whole 16-byte quads (f32: cols % 4 == 0, f16: cols % 8 == 0): thread t takes
+// quads t, t + WG, ... of each row, one 16-byte load per row and quad (consecutive across the
+// threads), and x as vec4 (two for the 8 halves of an f16 quad), loaded once for all ROWS rows.
+fn matvec_quads(fmt: u32, r0: u32, tok0: u32, lid: u32) {
+    let quads = qrow_words(fmt, p.cols) / 4u;
+    for (var u = lid; u < quads; u += WG) {
+        var xa: array<vec4<f32>, 4>;
+        var xb: array<vec4<f32>, 4>;
+        for (var t = 0u; t < TOK; t++) {
+            let tok = tok_of(tok0, t);
+            if (fmt == F32) {
+                xa[t] = x4(t, tok, u);
+            } else {
+                xa[t] = x4(t, tok, 2u * u);
+                xb[t] = x4(t, tok, 2u * u + 1u);
+            }
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            let w = wq4[row_of(r0, r) * quads + u];
+            var s = vec4<f32>(0.0);
+            for (var t = 0u; t < TOK; t++) {
+                if (fmt == F32) {
+                    s[t] = dot(bitcast<vec4<f32>>(w), xa[t]);
+                } else {
+                    s[t] = dot(vec4<f32>(qh_pair(w.x), qh_pair(w.y)), xa[t])
+                         + dot(vec4<f32>(qh_pair(w.z), qh_pair(w.w)), xb[t]);
+                }
+            }
+            acc[r] += s;
+        }
+    }
+}
+
 fn matvec_blocks(fmt: u32, r0: u32, tok0: u32, lid: u32) {
     let j = lid % LANES;
     let units = p.cols / 32u;
@@ -293,14 +329,23 @@ fn put(row0: u32, tok0: u32, r: u32, t: u32, s: f32, sq: f32) {
     store(tok0 + t, row0 + r, v);
 }
 
-// The f32/f16 entry points and the quantised ones take separate paths: an entry point may use only
-// one of the two views of x (and of x2).
+// The f32/f16 entry points, their `_v4` forms and the quantised ones take separate paths: an entry
+// point may use only one of the two views of x (and of x2, and of the weights).
 fn matvec_words_any(fmt: u32, ids: Ids) {
     let at = tile_of(ids.wid, ids.nwg);
     if (at.x >= p.rows) {
         return; // the whole workgroup: uniform
     }
     matvec_words(fmt, at.x, at.y, ids.lid);
+    finish(ids, at.x, at.y);
+}
+
+fn matvec_quads_any(fmt: u32, ids: Ids) {
+    let at = tile_of(ids.wid, ids.nwg);
+    if (at.x >= p.rows) {
+        return;
+    }
+    matvec_quads(fmt, at.x, at.y, ids.lid);
     finish(ids, at.x, at.y);
 }
 
@@ -355,6 +400,16 @@ fn matvec_f32(ids: Ids) {
 @compute @workgroup_size(WG)
 fn matvec_f16(ids: Ids) {
     matvec_words_any(F16, ids);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_f32_v4(ids: Ids) {
+    matvec_quads_any(F32, ids);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_f16_v4(ids: Ids) {
+    matvec_quads_any(F16, ids);
 }
 
 @compute @workgroup_size(WG)

@@ -26,7 +26,7 @@ pub(crate) struct Args {
 
 pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let gpu = Arc::new(g.gpu()?);
-    let engine = super::serve::start_engine(&gpu, &a.model, 1, 1)?;
+    let engine = super::serve::start_engine(&gpu, &a.model, 1, 1, true)?;
     let info = engine.info.clone();
     if info.chat_template.as_builtin().is_some() {
         eprintln!("chat template: {}", info.chat_template.origin());

@@ -37,6 +37,10 @@ pub(crate) struct Args {
     /// Seconds in-flight responses may take to finish after Ctrl-C or SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Start serving without first compiling the batched decode's kernels for every number of
+    /// busy slots (faster start; the first steps with a new number of slots pay the compile).
+    #[arg(long)]
+    no_warm_up: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -69,7 +73,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
         );
     }
     let gpu = Arc::new(g.gpu()?);
-    let engine = start_engine(&gpu, &a.model, a.parallel, a.max_queue)?;
+    let engine = start_engine(&gpu, &a.model, a.parallel, a.max_queue, !a.no_warm_up)?;
     let path = wgllm::model::load::resolve(a.model.model.as_deref(), &mut |s| eprintln!("{s}"))?;
     let (model_id, aliases) = model_names(a.model.model.as_deref(), &path);
     let embedder =
@@ -121,6 +125,7 @@ pub(crate) fn start_engine(
     m: &ModelArgs,
     parallel: usize,
     max_queue: usize,
+    warm_up: bool,
 ) -> Result<wgllm::serve::Engine> {
     use wgllm::model::llama::RunOptions;
     let path = wgllm::model::load::resolve(m.model.as_deref(), &mut |s| eprintln!("{s}"))?;
@@ -144,6 +149,7 @@ pub(crate) fn start_engine(
     let engine_opts = wgllm::serve::EngineOptions {
         max_queue: max_queue.max(1),
         chunk: opts.chunk,
+        warm_up,
     };
     let t = std::time::Instant::now();
     let load_path = path.clone();
@@ -151,8 +157,10 @@ pub(crate) fn start_engine(
         wgllm::model::load::load_batch_lm(gpu, &load_path, precision, opts.clone())
     })
     .with_context(|| format!("loading {}", path.display()))?;
+    let (kernels, compile_secs) = engine.device().current().1.kernels_compiled();
     eprintln!(
-        "loaded {} in {:.1} s on {} ({} slot(s) of {} positions)",
+        "loaded {} in {:.1} s on {} ({} slot(s) of {} positions; {kernels} kernels compiled in \
+         {compile_secs:.1} s)",
         engine.info.description,
         t.elapsed().as_secs_f64(),
         gpu.info.name,

@@ -134,6 +134,9 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub ledger: Ledger,
     kernels: Mutex<HashMap<String, Arc<Kernel>>>,
+    /// Microseconds spent creating kernels (compiling pipelines), for `/metrics` and the
+    /// server's warm-up: a drivers' compile can take longer than a decode step.
+    kernel_compile_micros: std::sync::atomic::AtomicU64,
     /// The largest storage binding kernels may use: the device's, within its largest buffer.
     max_binding: u64,
     /// Where weight matrices go, once chosen (`WGLLM_WEIGHTS`, or
@@ -294,6 +297,7 @@ impl Gpu {
             limits,
             ledger: Ledger::new(opts.budget),
             kernels: Mutex::new(HashMap::new()),
+            kernel_compile_micros: std::sync::atomic::AtomicU64::new(0),
             weight_layout: Mutex::new(WeightLayout::from_env()),
             matvec_shapes: Mutex::new(HashMap::new()),
             idot_scratch: Mutex::new(None),

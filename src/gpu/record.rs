@@ -58,6 +58,7 @@ impl Gpu {
         {
             return Ok(k.clone());
         }
+        let started = std::time::Instant::now();
         let src = shaders::source(shader)?;
         let mut entries: Vec<wgpu::BindGroupLayoutEntry> = binds
             .iter()
@@ -129,11 +130,37 @@ impl Gpu {
             }
         })?;
         let kernel = Arc::new(kernel);
+        self.kernel_compile_micros.fetch_add(
+            started.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.kernels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key, kernel.clone());
         Ok(kernel)
+    }
+
+    /// Kernels created so far on this device (pipelines compiled), and the seconds it took.
+    pub fn kernels_compiled(&self) -> (usize, f64) {
+        let n = self.kernels.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let micros = self
+            .kernel_compile_micros
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (n, micros as f64 / 1e6)
+    }
+
+    /// The keys of the kernels created so far (shader, entry and override constants), sorted.
+    pub fn kernel_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .kernels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
     }
 
     /// Workgroup counts for `n` workgroups, folded into two dimensions past the per-dimension limit.

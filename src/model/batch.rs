@@ -35,4 +35,10 @@ pub trait BatchLm: CausalLm {
     /// At most `common`; less where a sliding-window ring has already overwritten keys the kept
     /// prefix's last window needs.
     fn reusable_prefix(&self, cached: usize, common: usize) -> usize;
+    /// Runs a batched decode step of every row count a step can have, at the first and the last
+    /// position, so that every kernel a step needs is compiled before the first request rather
+    /// than inside it (a driver's pipeline compile takes from milliseconds to seconds, and a
+    /// step's kernels depend on its row count and context length). Writes the slots' caches:
+    /// call it before any slot holds a sequence. Returns the most rows a step ran.
+    fn warm_up(&mut self, gpu: &Gpu) -> Result<usize>;
 }

@@ -1073,6 +1073,27 @@ impl crate::model::batch::BatchLm for Llama {
         }
         Ok(out)
     }
+    fn warm_up(&mut self, gpu: &Gpu) -> Result<usize> {
+        // A step of more rows than a pass takes runs as full passes and one of the rest, so the
+        // row counts up to a pass cover every step.
+        let most = self.slots().min(batch_rows(&self.opts).max(1));
+        // The first position and the last: a step's attention splits its keys from some length
+        // on (`attention::key_splits`), with kernels of its own.
+        let last = self.opts.ctx.saturating_sub(1);
+        for pos in [0, last].into_iter().take(if last > 0 { 2 } else { 1 }) {
+            for n in 1..=most {
+                let rows: Vec<_> = (0..n)
+                    .map(|slot| crate::model::batch::BatchRow {
+                        slot,
+                        token: 0,
+                        pos,
+                    })
+                    .collect();
+                self.decode_batch(gpu, &rows)?;
+            }
+        }
+        Ok(most)
+    }
     fn reusable_prefix(&self, cached: usize, common: usize) -> usize {
         let common = common.min(cached);
         // A ring of `slots` positions still holds the last `window` keys before `common` when

@@ -181,6 +181,11 @@ pub struct EngineOptions {
     /// The model's prefill chunk (`RunOptions::chunk`): prompts run in pieces on its boundaries,
     /// and about one chunk of prompt tokens runs per step beside the decoding slots.
     pub chunk: usize,
+    /// Compile the batched decode's kernels for every row count after each load, before the
+    /// engine reports ready ([`BatchLm::warm_up`]): without it, the first step with a new number
+    /// of busy slots pays the compile (seconds on lavapipe), and a server's first concurrent
+    /// requests run slower than one alone.
+    pub warm_up: bool,
 }
 
 impl Default for EngineOptions {
@@ -188,6 +193,7 @@ impl Default for EngineOptions {
         EngineOptions {
             max_queue: 64,
             chunk: 64,
+            warm_up: true,
         }
     }
 }
@@ -370,6 +376,25 @@ impl Engine {
         load: impl Fn(&Gpu) -> Result<LoadedBatchLm> + Send + 'static,
     ) -> Result<Engine> {
         let max_queue = opts.max_queue.max(1);
+        let warm_up = opts.warm_up;
+        // After every load (the first, and each reload after a device failure).
+        let load = move |gpu: &Gpu| -> Result<LoadedBatchLm> {
+            let mut loaded = load(gpu)?;
+            if warm_up {
+                let (before, secs0) = gpu.kernels_compiled();
+                let t = Instant::now();
+                let rows = loaded.model.warm_up(gpu)?;
+                let (after, secs1) = gpu.kernels_compiled();
+                log::info!(
+                    "warm-up: decode steps of 1 to {rows} rows in {:.1} s, {} kernels compiled \
+                     in {:.1} s",
+                    t.elapsed().as_secs_f64(),
+                    after - before,
+                    secs1 - secs0
+                );
+            }
+            Ok(loaded)
+        };
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());

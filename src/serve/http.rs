@@ -1137,6 +1137,20 @@ async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
         "Seconds since the server started.",
         format!("{:.1}", st.started.elapsed().as_secs_f64()),
     );
+    let (kernels, compile_secs) = st.engine.device().current().1.kernels_compiled();
+    metric(
+        "kernels_compiled",
+        "gauge",
+        "Compute pipelines compiled on the device so far (the warm-up compiles the batched \
+         decode's for every row count before the server reports ready).",
+        kernels.to_string(),
+    );
+    metric(
+        "kernel_compile_seconds_total",
+        "counter",
+        "Time spent compiling compute pipelines on the device.",
+        format!("{compile_secs:.6}"),
+    );
     if let Some(rss) = resident_bytes() {
         metric(
             "process_resident_bytes",

@@ -86,12 +86,19 @@ pub(super) fn workgroup_kernel(
     } else {
         "matvec"
     };
+    // f32/f16 rows of whole 16-byte quads take the vec4 entry points (`matvec_quads`).
+    let quads = match format {
+        WeightFormat::F32 => cols.is_multiple_of(4),
+        WeightFormat::F16 => cols.is_multiple_of(8),
+        _ => false,
+    };
     // The integer-dot entry points read x quantised, with what XFN would fold already applied.
     let (entry, xq, xfn) = if super::idot::uses_idot(gpu, format) {
         let xq = super::idot::quantize_x(rec, x, extras.input, cols, m, op)?;
         (format!("matvec_idot_{}", format.name()), Some(xq), 0)
     } else {
-        (format!("matvec_{}", format.name()), None, xfn)
+        let v4 = if quads { "_v4" } else { "" };
+        (format!("matvec_{}{v4}", format.name()), None, xfn)
     };
     let k = gpu.kernel(
         shader,
