@@ -52,6 +52,9 @@ struct Params {
 // ones (rows of whole 32-weight blocks). An entry point uses one of each.
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> xv: array<vec4<f32>>;
+// The idot entry points' x: the tokens' rows quantised to bytes (shaders/quantize_x.wgsl): per
+// 32-value block 8 words of packed i8, all blocks of all tokens first, then one f32 scale per block.
+@group(0) @binding(2) var<storage, read> xq: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y1: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y2: array<f32>;
@@ -254,6 +257,49 @@ fn matvec_blocks(fmt: u32, r0: u32, tok0: u32, lid: u32) {
     }
 }
 
+// The idot entry points (qidot formats): x comes quantised to bytes with a scale per block, and
+// a lane's 8 products per row and token are two dot4I8Packed summed as integers; the block's
+// scales apply once per lane (qidot_fold). Same units, lanes and reduction as matvec_blocks. XFN
+// is 0 here: the quantisation applied SwiGLU or the norm (its 1 / rms is in the scales).
+fn matvec_idot(fmt: u32, r0: u32, tok0: u32, lid: u32) {
+    let j = lid % LANES;
+    let units = p.cols / 32u;
+    let scales = p.m * units * 8u;
+    for (var u = lid / LANES; u < units; u += UNITS_PER_PASS) {
+        // Token t's packed x under the thread's weights (lo: 4j.., hi: 16+4j..), the block's
+        // scale, and the sum of those 8 quants.
+        var xlo: vec4<u32>;
+        var xhi: vec4<u32>;
+        var dx = vec4<f32>(0.0);
+        var sx = vec4<i32>(0);
+        for (var t = 0u; t < TOK; t++) {
+            let g = tok_of(tok0, t) * units + u;
+            xlo[t] = xq[8u * g + j];
+            xhi[t] = xq[8u * g + 4u + j];
+            dx[t] = bitcast<f32>(xq[scales + g]);
+            sx[t] = dot4I8Packed(xlo[t], 0x01010101u) + dot4I8Packed(xhi[t], 0x01010101u);
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            let row = row_of(r0, r);
+            let base = row * qrow_words(fmt, p.cols) + u * qblock_words(fmt);
+            let at = qidot_words(fmt, j);
+            let w0 = wq[base + at.x];
+            var w1 = w0;
+            if (at.y != at.x) {
+                w1 = wq[base + at.y];
+            }
+            let q = qquarter_packed(fmt, w0, w1, j);
+            let dm = qscales(fmt, row, u);
+            var s = vec4<f32>(0.0);
+            for (var t = 0u; t < TOK; t++) {
+                let si = dot4I8Packed(q.x, xlo[t]) + dot4I8Packed(q.y, xhi[t]);
+                s[t] = qidot_fold(fmt, dm, dx[t], si, sx[t]);
+            }
+            acc[r] += s;
+        }
+    }
+}
+
 // Stores computed row `row` of token `tok` in y, y1 or y2.
 fn store(tok: u32, row: u32, v: f32) {
     if (row < p.split1) {
@@ -310,6 +356,40 @@ fn matvec_blocks_any(fmt: u32, ids: Ids) {
     }
     matvec_blocks(fmt, at.x, at.y, ids.lid);
     finish(ids, at.x, at.y);
+}
+
+fn matvec_idot_any(fmt: u32, ids: Ids) {
+    let at = tile_of(ids.wid, ids.nwg);
+    if (at.x >= p.rows) {
+        return;
+    }
+    matvec_idot(fmt, at.x, at.y, ids.lid);
+    finish(ids, at.x, at.y);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_idot_q8_0(ids: Ids) {
+    matvec_idot_any(Q8_0, ids);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_idot_q4_0(ids: Ids) {
+    matvec_idot_any(Q4_0, ids);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_idot_q4_1(ids: Ids) {
+    matvec_idot_any(Q4_1, ids);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_idot_q5_0(ids: Ids) {
+    matvec_idot_any(Q5_0, ids);
+}
+
+@compute @workgroup_size(WG)
+fn matvec_idot_q5_1(ids: Ids) {
+    matvec_idot_any(Q5_1, ids);
 }
 
 @compute @workgroup_size(WG)

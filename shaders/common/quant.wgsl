@@ -372,3 +372,59 @@ fn qquarter_tuned(fmt: u32, w0: u32, w1: u32) -> Quarter {
     }
     return Quarter(qsmall_to_f32(q4_lo_u(w0)), qsmall_to_f32(q4_hi_u(w0)));
 }
+
+// ---- Integer dot products on 8-bit activations (the idot entry points of the workgroup matvec) ----
+// x is quantised per 32-value block to signed bytes and one f32 scale (shaders/quantize_x.wgsl),
+// four bytes a word as the weights' Q8_0 data words are, so a lane's product of weights and x is
+// two dot4I8Packed over packed bytes, summed as integers, with the block's scales applied once.
+
+// The formats with integer-dot entry points.
+fn qidot(fmt: u32) -> bool {
+    return fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_1 || fmt == Q5_0 || fmt == Q5_1;
+}
+
+// The data words lane j (0..3) of a block multiplies, relative to the block's first word: its
+// quants (Q8_0's word j; the nibble word j of Q4, j + 1 of Q5) and a second word (Q8_0's word
+// j + 4; Q5's word of fifth bits, word 0; unused for Q4, which repeats the first).
+fn qidot_words(fmt: u32, j: u32) -> vec2<u32> {
+    switch fmt {
+        case Q8_0: { return vec2<u32>(j, j + 4u); }
+        case Q5_0, Q5_1: { return vec2<u32>(j + 1u, 0u); }
+        default: { return vec2<u32>(j, j); }
+    }
+}
+
+// Bits 4i..4i+3 of a Q5 block's fifth-bit word (the fifth bits of weights 4i..4i+3) moved to bit 4
+// of bytes 0..3.
+fn q5_fifths_packed(a: u32, i: u32) -> u32 {
+    let f = a >> (4u * i);
+    return ((f & 1u) << 4u) | ((f & 2u) << 11u) | ((f & 4u) << 18u) | ((f & 8u) << 25u);
+}
+
+// Lane j's quants of a block as packed signed bytes (x: weights 4j..4j+3, y: 16+4j..16+4j+3),
+// from the words at qidot_words: Q8_0's bytes as they are; Q4's nibbles, and Q5's nibbles with
+// their fifth bits, each in a byte of its own (0..15 and 0..31, positive as i8; qidot_fold applies
+// the offset -8 or -16, or the min m).
+fn qquarter_packed(fmt: u32, w0: u32, w1: u32, j: u32) -> vec2<u32> {
+    if (fmt == Q8_0) {
+        return vec2<u32>(w0, w1);
+    }
+    var q = vec2<u32>(w0 & 0x0f0f0f0fu, (w0 >> 4u) & 0x0f0f0f0fu);
+    if (fmt == Q5_0 || fmt == Q5_1) {
+        q |= vec2<u32>(q5_fifths_packed(w1, j), q5_fifths_packed(w1, j + 4u));
+    }
+    return q;
+}
+
+// A lane's share of a block's sum w x from its integer sums: s = sum q_w q_x over its 8 weights,
+// sx = sum q_x over the same 8 values, dm the block's scales (qscales_of) and dx the activations'
+// scale. Q8_0: d dx s; Q4_0 (Q5_0): d dx (s - 8 sx) (- 16 sx), in integers first; Q4_1 and Q5_1:
+// d dx s + m dx sx (ggml's min term: the block's sum of the quantised x, here per lane).
+fn qidot_fold(fmt: u32, dm: vec2<f32>, dx: f32, s: i32, sx: i32) -> f32 {
+    switch fmt {
+        case Q4_0: { return dm.x * dx * f32(s - 8 * sx); }
+        case Q5_0: { return dm.x * dx * f32(s - 16 * sx); }
+        case Q4_1, Q5_1: { return dm.x * dx * f32(s) + dm.y * dx * f32(sx); }
+        default: { return dm.x * dx * f32(s); } // Q8_0
+    }
+}

@@ -43,6 +43,9 @@ pub struct Capabilities {
     pub timestamps: bool,
     pub subgroup_min_size: u32,
     pub subgroup_max_size: u32,
+    /// WGSL's `dot4I8Packed` (language extension `packed_4x8_integer_dot_product`), as wgpu reports
+    /// it; where the driver lacks a native instruction naga writes it out as byte extractions.
+    pub packed_4x8_dot: bool,
 }
 
 /// One adapter as `wgllm devices` shows it.
@@ -143,6 +146,12 @@ pub struct Gpu {
     /// once measured ([`crate::kernels::tune::matvec_shape_for`]).
     pub(crate) matvec_shapes:
         Mutex<HashMap<(crate::quant::WeightFormat, crate::kernels::tune::ShapeClass), (u32, u32)>>,
+    /// The integer-dot matvec's quantised x, grown to the largest asked for
+    /// ([`crate::kernels::matmul`]'s idot module).
+    pub(crate) idot_scratch: Mutex<Option<GpuBuffer>>,
+    /// How the workgroup matvec is forced to multiply on this device, if it is
+    /// (`crate::kernels::matmul::idot::force_matvec`; else `WGLLM_MATVEC`).
+    pub(crate) matvec_math: Mutex<Option<crate::kernels::matmul::idot::MatvecMath>>,
     /// How it was opened, so that [`Gpu::reopen`] opens the same adapter the same way.
     options: GpuOptions,
 }
@@ -265,6 +274,9 @@ impl Gpu {
             timestamps: want.contains(wgpu::Features::TIMESTAMP_QUERY),
             subgroup_min_size: info.subgroup_min_size,
             subgroup_max_size: info.subgroup_max_size,
+            packed_4x8_dot: inst
+                .wgsl_language_features()
+                .contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct),
         };
         log::info!(
             "opened {} ({:?}, {}) with {:?}",
@@ -288,6 +300,8 @@ impl Gpu {
             kernel_compile_micros: std::sync::atomic::AtomicU64::new(0),
             weight_layout: Mutex::new(WeightLayout::from_env()),
             matvec_shapes: Mutex::new(HashMap::new()),
+            idot_scratch: Mutex::new(None),
+            matvec_math: Mutex::new(None),
             options: opts.clone(),
         })
     }

@@ -23,6 +23,7 @@ use crate::quant::repack::row_words;
 use crate::quant::{WeightFormat, QK};
 
 mod fused;
+pub mod idot;
 mod subgroup;
 mod tiled;
 mod workgroup;
@@ -155,10 +156,11 @@ pub enum MatvecKernel {
 }
 
 /// The matvec kernel for a shard of `rows` rows in `format`: the subgroup one where
-/// [`subgroup_matvec_ok`], else the workgroup one with [`matvec_shape`] (of a square matrix: the
-/// dispatch asks [`matvec_shape`] with the matrix's own columns).
+/// [`subgroup_matvec_ok`] (and `WGLLM_MATVEC` does not force the workgroup one:
+/// [`idot::forced_matvec`]), else the workgroup one with [`matvec_shape`] (of a square matrix:
+/// the dispatch asks [`matvec_shape`] with the matrix's own columns).
 pub fn matvec_kernel(gpu: &Gpu, format: WeightFormat, rows: usize) -> MatvecKernel {
-    if subgroup_matvec_ok(gpu) {
+    if subgroup_matvec_ok(gpu) && idot::forced_matvec(gpu).is_none() {
         MatvecKernel::Subgroup {
             rows: matvec_sg_rows(format, rows, 1, 1),
         }
@@ -193,10 +195,14 @@ pub enum MatmulKernel {
 /// [`matvec_sg_tokens`] where [`subgroup_matvec_ok`], else four tokens per workgroup; on a GPU
 /// the matvec kernel up to 8 tokens (a 64-token tile would be mostly padding), tiles beyond, in
 /// the precision [`prefill_tiles`] picks. `WGLLM_PREFILL` forces the tiled kernel for more than one
-/// token on any device ([`forced_prefill`]).
+/// token on any device ([`forced_prefill`]); else `WGLLM_MATVEC` the workgroup matvec
+/// ([`idot::forced_matvec`]).
 pub fn matmul_kernel(gpu: &Gpu, m: usize) -> MatmulKernel {
     if let Some(forced) = forced_prefill().filter(|_| m > 1) {
         return forced;
+    }
+    if idot::forced_matvec(gpu).is_some() {
+        return MatmulKernel::Rows { tokens: 4 };
     }
     if subgroup_matvec_ok(gpu) {
         MatmulKernel::Subgroup {

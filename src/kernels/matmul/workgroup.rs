@@ -92,9 +92,17 @@ pub(super) fn workgroup_kernel(
         WeightFormat::F16 => cols.is_multiple_of(8),
         _ => false,
     };
+    // The integer-dot entry points read x quantised, with what XFN would fold already applied.
+    let (entry, xq, xfn) = if super::idot::uses_idot(gpu, format) {
+        let xq = super::idot::quantize_x(rec, x, extras.input, cols, m, op)?;
+        (format!("matvec_idot_{}", format.name()), Some(xq), 0)
+    } else {
+        let v4 = if quads { "_v4" } else { "" };
+        (format!("matvec_{}{v4}", format.name()), None, xfn)
+    };
     let k = gpu.kernel(
         shader,
-        &format!("matvec_{}{}", format.name(), if quads { "_v4" } else { "" }),
+        &entry,
         &WG_BINDS,
         32,
         &[
@@ -137,7 +145,7 @@ pub(super) fn workgroup_kernel(
         &[
             data,
             scales,
-            x.clone(),
+            xq.unwrap_or_else(|| x.clone()),
             y(0),
             y(1),
             y(2),
