@@ -628,18 +628,31 @@ fn workgroup_matvec_folds_match_reference_in_every_format() {
     if gpu().is_none() {
         return;
     }
-    let plain = Gpu::new(&GpuOptions {
+    let no_subgroups = Gpu::new(&GpuOptions {
         no_subgroups: true,
         ..Default::default()
     })
     .unwrap();
+    // The same kernel reduced with subgroupAdd (`matvec_wg_sg.wgsl`): a device with subgroups of
+    // its own (lavapipe's), forced onto the workgroup matvec in f32.
+    let subgroups = Gpu::new(&GpuOptions::default()).unwrap();
+    matmul::idot::force_matvec(&subgroups, Some(matmul::idot::MatvecMath::Float));
+    let devices = if matmul::reduces_in_subgroups(&subgroups) {
+        vec![&no_subgroups, &subgroups]
+    } else {
+        vec![&no_subgroups]
+    };
     // Every format at an awkward row length, and f32/f16 at one of whole 16-byte quads (their
     // vec4 entry points).
-    let cases = WeightFormat::ALL
+    let cases: Vec<_> = WeightFormat::ALL
         .into_iter()
         .map(|f| (f, awkward_cols(f)))
-        .chain([(WeightFormat::F32, 1000), (WeightFormat::F16, 1000)]);
-    for (i, (f, cols)) in cases.enumerate() {
+        .chain([(WeightFormat::F32, 1000), (WeightFormat::F16, 1000)])
+        .collect();
+    for (plain, (i, &(f, cols))) in devices
+        .iter()
+        .flat_map(|d| cases.iter().enumerate().map(move |c| (*d, c)))
+    {
         let rows = 45;
         let (wm, deq) = weights(&plain, buffers(&plain), f, rows, cols, 400 + i as u64);
         assert_eq!(check_swiglu(&plain, &wm, &deq, 1, 410 + i as u64), 1, "{f}");
@@ -671,6 +684,17 @@ fn workgroup_matvec_folds_match_reference_in_every_format() {
             &want,
             tolerance(f),
         );
+    }
+    if devices.len() > 1 {
+        // The folds really ran through the subgroupAdd form: XFN 1 (SwiGLU), 2 (RMSNorm), RES.
+        let keys = subgroups.kernel_keys();
+        for want in ["XFN=1", "XFN=2", "RES=1"] {
+            assert!(
+                keys.iter()
+                    .any(|k| k.starts_with("matvec_wg_sg::") && k.contains(want)),
+                "no matvec_wg_sg kernel with {want}: {keys:?}"
+            );
+        }
     }
 }
 
