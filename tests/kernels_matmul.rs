@@ -517,7 +517,8 @@ fn stacking_falls_back_to_separate_matrices_where_it_cannot_apply() {
         ("a", WeightFormat::Q4_0, 40, parts[0].0.as_slice()),
         ("b", WeightFormat::Q4_0, 24, parts[1].0.as_slice()),
     ];
-    // In buffers: two matrices of their own, computed one dispatch each.
+    // In buffers, where the second's slices would start off a 256-byte boundary (40 rows of 2
+    // blocks: 160 bytes of f16 scales): two matrices of their own, computed one dispatch each.
     let ws = gpu
         .upload_weights_stacked_as(64, &spec, buffers(gpu))
         .unwrap();
@@ -941,5 +942,167 @@ fn decode_rows_equal_single_rows_bit_for_bit() {
                 }
             }
         }
+    }
+}
+
+/// The OpenGL adapter (llvmpipe's GL backend where Mesa's GL is installed), opened.
+fn gl_device() -> Option<Gpu> {
+    let index = wgllm::gpu::list_adapters()
+        .into_iter()
+        .find(|a| a.backend == "Gl")?
+        .index;
+    Some(
+        Gpu::new(&GpuOptions {
+            adapter: Some(index),
+            ..Default::default()
+        })
+        .expect("open the GL adapter"),
+    )
+}
+
+/// Runs `matmul_fused_in` over `xd` (`m` tokens) and returns the dispatches and each output.
+fn fused_run(
+    gpu: &Gpu,
+    step: matmul::Step,
+    ws: &[&WeightMatrix],
+    xd: &[f32],
+    m: usize,
+) -> (usize, Vec<Vec<f32>>) {
+    let cols = ws[0].cols;
+    let x = gpu.tensor_from("x", Activations, &[m, cols], xd).unwrap();
+    let ys: Vec<Tensor> = ws
+        .iter()
+        .map(|w| gpu.tensor("y", Activations, &[m, w.rows]).unwrap())
+        .collect();
+    let yrefs: Vec<&Tensor> = ys.iter().collect();
+    let mut rec = gpu.recorder();
+    matmul::matmul_fused_in(&mut rec, step, ws, &x, &yrefs).unwrap();
+    let n = rec.len();
+    rec.submit().unwrap();
+    (n, ys.iter().map(|y| gpu.read(y).unwrap()).collect())
+}
+
+/// Q/K/V and gate/up stacked in one buffer on the workgroup matvec (`gpu` runs it: a device
+/// without 8-lane subgroups) in `formats`: one dispatch for a single token, for decode rows and
+/// with the RMSNorm folded in, each row the same bits as the matrices uploaded apart and close
+/// to the CPU reference; a chunk of several tokens runs the matrices apart. Heights whose
+/// slices would start unaligned, and mixed formats, are not stacked.
+fn check_stacked_buffers(gpu: &Gpu, formats: &[WeightFormat]) {
+    assert!(!matmul::subgroup_matvec_ok(gpu));
+    let storage = buffers(gpu);
+    for &f in formats {
+        let cols = awkward_cols(f);
+        // Q, K, V of unequal heights, then gate and up: whole 256-byte slices in every format.
+        for rows in [vec![256, 128, 128], vec![384, 384]] {
+            let what = format!("{} {f} {rows:?}", gpu.describe());
+            let parts = quantised_parts(f, &rows, cols, 500);
+            let labels = ["a", "b", "c"];
+            let spec: Vec<_> = rows
+                .iter()
+                .zip(&parts)
+                .zip(labels)
+                .map(|((&r, (q, _)), l)| (l, f, r, q.as_slice()))
+                .collect();
+            let ws = gpu.upload_weights_stacked_as(cols, &spec, storage).unwrap();
+            let refs: Vec<&WeightMatrix> = ws.iter().collect();
+            assert!(matmul::fusable(gpu, &refs), "{what}: not stacked");
+            // The stack books the bytes of separate buffers.
+            let apart: Vec<WeightMatrix> = spec
+                .iter()
+                .map(|&(l, f, r, q)| gpu.upload_weights_as(l, f, r, cols, q, storage).unwrap())
+                .collect();
+            let apart_refs: Vec<&WeightMatrix> = apart.iter().collect();
+            for (s, a) in ws.iter().zip(&apart) {
+                assert_eq!(s.bytes(), a.bytes(), "{what}");
+            }
+            assert!(!matmul::fusable(gpu, &apart_refs));
+            // A single token: one dispatch, the rows of the separate matrices bit for bit.
+            let xd = randn(cols, 510, 1.0);
+            let (n, got) = fused_run(gpu, matmul::Step::Chunk, &refs, &xd, 1);
+            assert_eq!(n, 1, "{what}");
+            let (n_apart, want) = fused_run(gpu, matmul::Step::Chunk, &apart_refs, &xd, 1);
+            assert_eq!(n_apart, rows.len(), "{what}");
+            for (i, ((g, w), (_, deq))) in got.iter().zip(&want).zip(&parts).enumerate() {
+                let bits = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(bits, "{what} part {i}: {:?} vs {:?}", &g[..4], &w[..4]);
+                let r = &matmul::reference(deq, rows[i], cols, &xd, 1);
+                assert_close(&format!("{what} part {i}"), g, r, tolerance(f));
+            }
+            // Decode rows: one dispatch, each row the single token's bits.
+            let m = 3;
+            let xs = randn(m * cols, 520, 1.0);
+            let (n, batch) = fused_run(gpu, matmul::Step::Rows, &refs, &xs, m);
+            assert_eq!(n, 1, "{what} decode rows");
+            for (t, row) in xs.chunks(cols).enumerate() {
+                let (_, one) = fused_run(gpu, matmul::Step::Chunk, &refs, row, 1);
+                for (i, (b, o)) in batch.iter().zip(&one).enumerate() {
+                    let got = &b[t * rows[i]..(t + 1) * rows[i]];
+                    let bits = got.iter().zip(o).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(bits, "{what} part {i}, row {t} of {m}");
+                }
+            }
+            // A chunk of several tokens: each matrix apart, still right.
+            let m = 5;
+            let xs = randn(m * cols, 530, 1.0);
+            let (n, got) = fused_run(gpu, matmul::Step::Chunk, &refs, &xs, m);
+            assert_eq!(n, rows.len(), "{what} chunk");
+            for (i, (g, (_, deq))) in got.iter().zip(&parts).enumerate() {
+                let r = &matmul::reference(deq, rows[i], cols, &xs, m);
+                assert_close(&format!("{what} part {i} x{m}"), g, r, tolerance(f));
+            }
+            // The RMSNorm folds into the stacked dispatch.
+            let deqs: Vec<&[f32]> = parts.iter().map(|p| p.1.as_slice()).collect();
+            assert_eq!(check_norm_fold(gpu, &refs, &deqs, 1, 540), 1, "{what}");
+        }
+    }
+    // Fallbacks: slices that would start off a 256-byte boundary (Q4_0's f16 scales of 36 rows of
+    // 2 blocks), and mixed formats, are uploaded apart and run one dispatch each.
+    let q4 = quantised_parts(WeightFormat::Q4_0, &[100, 36, 36], 64, 550);
+    let q8 = quantised_parts(WeightFormat::Q8_0, &[128], 64, 551);
+    let unaligned: Vec<_> = [100, 36, 36]
+        .iter()
+        .zip(&q4)
+        .zip(["a", "b", "c"])
+        .map(|((&r, (q, _)), l)| (l, WeightFormat::Q4_0, r, q.as_slice()))
+        .collect();
+    let q4b = quantised_parts(WeightFormat::Q4_0, &[128], 64, 552);
+    let mixed = vec![
+        ("a", WeightFormat::Q4_0, 128, q4b[0].0.as_slice()),
+        ("b", WeightFormat::Q8_0, 128, q8[0].0.as_slice()),
+    ];
+    let deq_mixed = [q4b[0].1.as_slice(), q8[0].1.as_slice()];
+    let deq_unaligned = [q4[0].1.as_slice(), q4[1].1.as_slice(), q4[2].1.as_slice()];
+    for (spec, deqs) in [(&unaligned, &deq_unaligned[..]), (&mixed, &deq_mixed[..])] {
+        let ws = gpu.upload_weights_stacked_as(64, spec, storage).unwrap();
+        let refs: Vec<&WeightMatrix> = ws.iter().collect();
+        assert!(!matmul::fusable(gpu, &refs));
+        let xd = randn(64, 553, 1.0);
+        let (n, got) = fused_run(gpu, matmul::Step::Chunk, &refs, &xd, 1);
+        assert_eq!(n, spec.len());
+        for ((g, w), deq) in got.iter().zip(&ws).zip(deqs) {
+            let r = &matmul::reference(deq, w.rows, 64, &xd, 1);
+            assert_close(&format!("fallback {}", w.format), g, r, tol::NMSE_QUANT);
+        }
+    }
+}
+
+#[test]
+fn stacked_buffers_run_as_one_workgroup_matvec_dispatch() {
+    if gpu().is_none() {
+        return;
+    }
+    // Lavapipe opened without subgroups runs the workgroup matvec, GPUs' kernel.
+    let plain = Gpu::new(&GpuOptions {
+        no_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    check_stacked_buffers(&plain, &WeightFormat::ALL);
+    // The GL backend (portable kernels), where Mesa's GL is installed: a float and two
+    // quantised formats, each a set of pipelines to compile.
+    use WeightFormat::{F16, Q4_K, Q8_0};
+    match gl_device() {
+        Some(gl) => check_stacked_buffers(&gl, &[F16, Q8_0, Q4_K]),
+        None => eprintln!("SKIPPED: no OpenGL adapter"),
     }
 }

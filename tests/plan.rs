@@ -262,35 +262,44 @@ fn kernel_params_count_every_dispatch_and_shard() {
 fn stacked_projections_save_three_dispatches_a_layer_and_share_the_same_buffers() {
     for name in ["smollm2-135m", "qwen2.5-0.5b", "llama-2-13b"] {
         let cfg = preset(name);
-        let opts = |stacked_projections| PlanOptions {
+        let opts = |stacked_projections, stacked_chunks, chunk| PlanOptions {
             precision: Precision::Q4_0,
             stacked_projections,
+            stacked_chunks,
+            chunk,
             ..Default::default()
         };
-        let (a, b) = (
-            MemoryPlan::new(&cfg, opts(false)).unwrap(),
-            MemoryPlan::new(&cfg, opts(true)).unwrap(),
-        );
-        // Q, K, V: 3 dispatches become 1; gate, up: 2 become 1.
         let saved = 3 * cfg.n_layers as u64;
-        assert_eq!(
-            a.dispatches_per_chunk - b.dispatches_per_chunk,
-            saved,
-            "{name}"
-        );
-        assert_eq!(
-            a.kernel_params_bytes - b.kernel_params_bytes,
-            saved * 256,
-            "{name}"
-        );
-        assert_eq!(a.activation_bytes, b.activation_bytes, "{name}");
+        // (stacked for chunks too, chunk, dispatches saved): the subgroup matvec stacks every
+        // chunk; the workgroup matvec single tokens only, a chunk of 64 runs the matrices apart.
+        for (chunks, chunk, want) in [(true, 64, saved), (false, 1, saved), (false, 64, 0)] {
+            let (a, b) = (
+                MemoryPlan::new(&cfg, opts(false, false, chunk)).unwrap(),
+                MemoryPlan::new(&cfg, opts(true, chunks, chunk)).unwrap(),
+            );
+            // Q, K, V: 3 dispatches become 1; gate, up: 2 become 1.
+            let what = format!("{name} chunk {chunk}, stacked chunks {chunks}");
+            assert_eq!(
+                a.dispatches_per_chunk - b.dispatches_per_chunk,
+                want,
+                "{what}"
+            );
+            assert_eq!(
+                a.kernel_params_bytes - b.kernel_params_bytes,
+                want * 256,
+                "{what}"
+            );
+            assert_eq!(a.activation_bytes, b.activation_bytes, "{what}");
+        }
         // The runtime allocates the sharing of the unstacked schedule; it must be valid for the
         // stacked one too: no two roles of one buffer live together there (intervals are
         // inclusive step ranges), and no bigger than the stacked schedule's own sharing.
-        for chunk in [1, 64] {
+        for (chunk, stacked_chunks) in [(1, true), (64, true), (1, false), (64, false)] {
             let sizes = llama_role_bytes(&cfg, chunk, false);
             let fusions = wgllm::plan::activations::Fusions {
                 stacked_projections: true,
+                stacked_gate_up: true,
+                stacked_chunks,
                 ..Default::default()
             };
             let sched = llama_schedule(&cfg, false, fusions);
@@ -1001,9 +1010,10 @@ fn llama_2_13b_q4_k_m_plan_counts_the_recipe_and_fits_12_gib_at_4k() {
 }
 
 /// Dispatches of one 13B decode layer (a one-token chunk at the default 2k context; the
-/// difference between 40 and 39 layers) on a GPU before the workgroup matvec folded (no single-token folds), on a GPU now
-/// (`DeviceTraits::default()`: the workgroup matvec, weights in buffers, norms folded into
-/// projections of any size) and on lavapipe (the subgroup matvec, weights stacked in textures).
+/// difference between 40 and 39 layers) on a GPU before the workgroup matvec folded or stacked
+/// (no single-token folds, no stacking), on a GPU now (`DeviceTraits::default()`: the workgroup
+/// matvec, Q/K/V and gate/up stacked in buffers, norms folded into projections of any size) and
+/// on lavapipe (the subgroup matvec, weights stacked in textures).
 #[test]
 fn a_13b_decode_layer_on_a_gpu_folds_as_lavapipes_does() {
     use wgllm::plan::DeviceTraits;
@@ -1033,13 +1043,26 @@ fn a_13b_decode_layer_on_a_gpu_folds_as_lavapipes_does() {
     eprintln!(
         "13B decode layer dispatches: GPU before {before}, GPU now {gpu}, lavapipe {lavapipe}"
     );
-    // attn_norm, the attention residual add + FFN norm, SwiGLU and the FFN residual add fold:
-    // Q/K/V 3, RoPE + store, attention, wo (+ residual), gate/up 2, down (SwiGLU in, + residual).
-    assert_eq!(before - gpu, 4);
+    // attn_norm, the attention residual add + FFN norm, SwiGLU and the FFN residual add fold (4
+    // fewer), Q/K/V and gate/up are one stacked dispatch each (3 fewer): Q/K/V, RoPE + store,
+    // attention, wo (+ residual), gate/up, down (SwiGLU in, + residual).
+    assert_eq!(before - gpu, 7);
     // Both split a decode step's attention over the keys at this context (the split and the
-    // merge). Lavapipe also stacks Q/K/V and gate/up (3 fewer) but keeps its norms as passes at
-    // 13B (NORM_FOLD_MAX_WEIGHTS: 2 more): one dispatch fewer than a GPU, whose weights in
-    // buffers are not stacked.
-    assert_eq!(gpu, 10);
+    // merge). Lavapipe stacks Q/K/V and gate/up too but keeps its norms as passes at 13B
+    // (NORM_FOLD_MAX_WEIGHTS: 2 more): two dispatches more than a GPU, whose stacks in buffers
+    // take the norms in.
+    assert_eq!(gpu, 7);
     assert_eq!(lavapipe, 9);
+    // A stack that would not fit one binding stays apart: at a 64 MiB binding 13B's gate and up
+    // together (80 MB of Q4_0) are two matrices again, while Q/K/V (44 MB) still stack.
+    let small = DeviceTraits {
+        max_binding: 64 << 20,
+        ..Default::default()
+    };
+    let apart = PlanOptions {
+        precision: Precision::Q4_0,
+        chunk: 1,
+        ..Default::default()
+    };
+    assert_eq!(per_layer(apart.for_device(&small)), 8);
 }

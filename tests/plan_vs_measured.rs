@@ -607,3 +607,66 @@ fn a_synthetic_k_quant_mix_uploads_what_the_plan_counts() {
         assert_eq!(plan.parameters_bytes, measured, "{precision}");
     }
 }
+
+/// On a device without subgroups (lavapipe opened so: the workgroup matvec GPUs run, weights in
+/// buffers) SmolLM2's Q/K/V and gate/up are stacked in one buffer per group: its parameters are
+/// the plan's to the byte (a stack books what separate buffers would), and so are a step's
+/// activations and kernel parameters (a block a dispatch): a decode step runs each group as one
+/// dispatch (3 fewer a layer than the plan without stacking), a chunk of 16 tokens each matrix
+/// apart.
+#[test]
+fn smollm2_stacked_in_buffers_matches_the_ledger() {
+    let Some((path, g, cfg)) = smollm2() else {
+        return;
+    };
+    let ctx = 64;
+    for (chunk, tokens, pos, saved) in [(1, 1, ctx - 1, 3 * cfg.n_layers as u64), (16, 16, 0, 0)] {
+        let gpu = Gpu::new(&GpuOptions {
+            no_subgroups: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let opts = RunOptions {
+            ctx,
+            chunk,
+            ..Default::default()
+        };
+        let mut lm = wgllm::model::load::load_lm(&gpu, &path, None, opts).unwrap();
+        let ids: Vec<u32> = (1..=tokens as u32).collect();
+        lm.model.forward(&gpu, &ids, pos).unwrap();
+        let r = gpu.ledger.report();
+        let popts = PlanOptions {
+            ctx,
+            chunk,
+            kv: RunOptions::default().kv_dtype,
+            ..Default::default()
+        }
+        .for_device(&wgllm::kernels::device_traits(&gpu));
+        assert!(popts.stacked_projections && !popts.stacked_chunks);
+        let unstacked = PlanOptions {
+            stacked_projections: false,
+            ..popts.clone()
+        };
+        let storage = popts.weight_storage();
+        let mut plan = MemoryPlan::new(&cfg, popts).unwrap();
+        plan.use_gguf_weights(&g, storage).unwrap();
+        let apart = MemoryPlan::new(&cfg, unstacked).unwrap();
+        assert_eq!(
+            apart.dispatches_per_chunk - plan.dispatches_per_chunk,
+            saved,
+            "chunk {chunk}"
+        );
+        let measured = r.class(BufferClass::Parameters).current_bytes;
+        assert_eq!(plan.parameters_bytes, measured, "chunk {chunk}");
+        let measured = r.class(BufferClass::Activations).peak_bytes;
+        eprintln!(
+            "chunk {chunk}: planned {} + {} params ({} dispatches), measured {measured}",
+            plan.activation_bytes, plan.kernel_params_bytes, plan.dispatches_per_chunk
+        );
+        assert_eq!(
+            plan.activation_bytes + plan.kernel_params_bytes,
+            measured,
+            "chunk {chunk}"
+        );
+    }
+}

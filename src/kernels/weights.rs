@@ -19,11 +19,19 @@ use crate::gpu::{BufferClass, Gpu, GpuBuffer, GpuTexture, WeightLayout};
 use crate::quant::repack::{self, row_words, scale_words};
 use crate::quant::WeightFormat;
 
-/// Where one array of a shard lives: a buffer of its own, or rows `row0..row0 + rows` of a
-/// texture that may hold other matrices' rows too ([`Gpu::upload_weights_stacked`]).
+/// Where one array of a shard lives: a buffer of its own, bytes `offset..offset + size` of a
+/// buffer that holds other matrices' rows too, or rows `row0..row0 + rows` of a texture that may
+/// hold other matrices' rows too ([`Gpu::upload_weights_stacked`]).
 #[derive(Debug, Clone)]
 pub enum Store {
     Buffer(GpuBuffer),
+    /// A matrix's array within a stacked buffer: `offset` is a multiple of [`STACK_ALIGN`], so
+    /// that every kernel binds the slice as a buffer of its own.
+    Slice {
+        buf: GpuBuffer,
+        offset: u64,
+        size: u64,
+    },
     Texture {
         tex: Arc<GpuTexture>,
         row0: u32,
@@ -34,7 +42,7 @@ pub enum Store {
 impl Store {
     pub fn label(&self) -> &str {
         match self {
-            Store::Buffer(b) => &b.label,
+            Store::Buffer(b) | Store::Slice { buf: b, .. } => &b.label,
             Store::Texture { tex, .. } => &tex.label,
         }
     }
@@ -42,6 +50,7 @@ impl Store {
     pub fn size(&self) -> u64 {
         match self {
             Store::Buffer(b) => b.size(),
+            Store::Slice { size, .. } => *size,
             Store::Texture { tex, rows, .. } => tex.size() / tex.height as u64 * *rows as u64,
         }
     }
@@ -49,6 +58,7 @@ impl Store {
     pub fn view(&self) -> View {
         match self {
             Store::Buffer(b) => b.view(),
+            Store::Slice { buf, offset, size } => buf.range(*offset, *size),
             Store::Texture { tex, .. } => tex.bind(),
         }
     }
@@ -56,30 +66,72 @@ impl Store {
     pub fn dummy(&self) -> View {
         match self {
             Store::Buffer(b) => b.range(0, 4),
+            Store::Slice { buf, offset, .. } => buf.range(*offset, 4),
             Store::Texture { tex, .. } => tex.bind(),
         }
     }
-    /// The texture row of the shard's row 0 (0 for buffers).
+    /// The texture row of the shard's row 0 (0 for buffers: a slice binds from its own row 0).
     pub fn row0(&self) -> u32 {
         match self {
-            Store::Buffer(_) => 0,
+            Store::Buffer(_) | Store::Slice { .. } => 0,
             Store::Texture { row0, .. } => *row0,
         }
     }
     /// The texture, if any.
     pub fn texture(&self) -> Option<&Arc<GpuTexture>> {
         match self {
-            Store::Buffer(_) => None,
+            Store::Buffer(_) | Store::Slice { .. } => None,
             Store::Texture { tex, .. } => Some(tex),
         }
     }
     pub fn layout(&self) -> WeightLayout {
         match self {
-            Store::Buffer(_) => WeightLayout::Buffers,
+            Store::Buffer(_) | Store::Slice { .. } => WeightLayout::Buffers,
             Store::Texture { .. } => WeightLayout::Textures,
         }
     }
 }
+
+impl Store {
+    /// Whether `next` starts where this one ends, in the same buffer or texture (`rows`: this
+    /// one's rows, for textures): consecutive matrices of one stack.
+    pub fn continued_by(&self, rows: usize, next: &Store) -> bool {
+        match (self, next) {
+            (
+                Store::Slice { buf, offset, size },
+                Store::Slice {
+                    buf: b2,
+                    offset: o2,
+                    ..
+                },
+            ) => buf.buffer == b2.buffer && offset + size == *o2,
+            (
+                Store::Texture { tex, row0, .. },
+                Store::Texture {
+                    tex: t2, row0: r2, ..
+                },
+            ) => Arc::ptr_eq(tex, t2) && *row0 as usize + rows == *r2 as usize,
+            _ => false,
+        }
+    }
+
+    /// This store and the `more` that continue it ([`Store::continued_by`]) as one binding: for
+    /// slices the bytes from this one's start to the end of the last; for textures the texture.
+    pub fn joined(&self, more: &[&Store]) -> View {
+        match self {
+            Store::Slice { buf, offset, size } => {
+                let all = size + more.iter().map(|s| s.size()).sum::<u64>();
+                buf.range(*offset, all)
+            }
+            _ => self.view(),
+        }
+    }
+}
+
+/// Where the arrays of stacked matrices in buffers start: the largest storage-binding offset
+/// alignment WebGPU allows a device to ask for, so that each matrix's slice binds on its own on
+/// any device, and the memory plan (which knows no device) stacks exactly where the upload does.
+pub const STACK_ALIGN: u64 = 256;
 
 /// A row range of a weight matrix, in its own buffers or textures.
 #[derive(Debug, Clone)]
@@ -210,6 +262,34 @@ impl WeightStorage {
             WeightLayout::Textures => {
                 let (d, s) = texture_shapes(format, rows, cols);
                 (d.bytes(), s.map_or(0, |s| s.bytes()))
+            }
+        }
+    }
+
+    /// Whether matrices of `parts` (format, rows) sharing `cols` columns are stacked by
+    /// [`Gpu::upload_weights_stacked`]: two or three of one format, and all of them one shard.
+    /// In textures, the rows fit one texture; in buffers, the stacked data and scales each fit one
+    /// binding, and each matrix's data and scales are a whole number of [`STACK_ALIGN`] bytes, so
+    /// that the next one's slice starts bindable and the stack holds exactly the bytes of
+    /// separate buffers (packed f16 scales included: an even count never shares a word).
+    pub fn stacks(&self, parts: &[(WeightFormat, usize)], cols: usize) -> bool {
+        let Some(&(format, _)) = parts.first() else {
+            return false;
+        };
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        let same = (2..=3).contains(&parts.len())
+            && parts.iter().all(|&(f, rows)| f == format && rows > 0)
+            && repack::check_shape(format, total, cols).is_ok()
+            && self.rows_per_shard(format, total, cols).ok() == Some(total);
+        match self.layout {
+            WeightLayout::Textures => same,
+            WeightLayout::Buffers => {
+                same && parts.iter().all(|&(f, rows)| {
+                    let data = rows as u64 * row_words(f, cols) as u64 * 4;
+                    let scales =
+                        rows as u64 * (cols / f.block_len()) as u64 * repack::scale_bytes(f) as u64;
+                    data.is_multiple_of(STACK_ALIGN) && scales.is_multiple_of(STACK_ALIGN)
+                })
             }
         }
     }
@@ -429,11 +509,12 @@ impl Gpu {
     }
 
     /// Uploads matrices that share `cols` and read the same input (Q, K and V; gate and up), each
-    /// `(label, format, rows, GGUF bytes)`. With weights in textures and one format, their rows are
-    /// stacked in one texture (one data and one scales texture, each matrix a slice of rows), so
-    /// that one dispatch computes them all ([`crate::kernels::matmul::matmul_fused`]); otherwise,
-    /// or when the stack would not fit one texture, each is uploaded on its own. The bytes are the
-    /// same either way.
+    /// `(label, format, rows, GGUF bytes)`. Where [`WeightStorage::stacks`] says so their rows are
+    /// stacked: in one texture (one data and one scales texture, each matrix a slice of rows), or
+    /// in one buffer (one data and one scales buffer, each matrix a [`Store::Slice`] of its own
+    /// repacked arrays, so that the stack is the repack of all rows at once), so that one dispatch
+    /// computes them all ([`crate::kernels::matmul::matmul_fused`]); otherwise each is uploaded on
+    /// its own. The bytes are the same either way.
     pub fn upload_weights_stacked(
         &self,
         cols: usize,
@@ -449,25 +530,77 @@ impl Gpu {
         parts: &[(&str, WeightFormat, usize, &[u8])],
         storage: WeightStorage,
     ) -> Result<Vec<WeightMatrix>> {
-        let total: usize = parts.iter().map(|p| p.2).sum();
-        let format = parts.first().map(|p| p.1);
-        let stack = storage.layout == WeightLayout::Textures
-            && parts.len() > 1
-            && parts.iter().all(|p| Some(p.1) == format && p.2 > 0)
-            && format.is_some_and(|f| storage.rows_per_shard(f, total, cols).ok() == Some(total));
-        let Some(format) = format.filter(|_| stack) else {
+        let shapes: Vec<_> = parts.iter().map(|p| (p.1, p.2)).collect();
+        if !storage.stacks(&shapes, cols) {
             return parts
                 .iter()
                 .map(|&(label, format, rows, gguf)| {
                     self.upload_weights_as(label, format, rows, cols, gguf, storage)
                 })
                 .collect();
-        };
+        }
+        let (format, total) = (parts[0].1, shapes.iter().map(|p| p.1).sum::<usize>());
         let name = parts.iter().map(|p| p.0).collect::<Vec<_>>().join("+");
+        let mut out = Vec::with_capacity(parts.len());
+        let matrix = |label: &str, rows, data, scales| WeightMatrix {
+            label: label.to_string(),
+            format,
+            rows,
+            cols,
+            shards: vec![Shard {
+                row_start: 0,
+                rows,
+                data,
+                scales,
+            }],
+        };
+        if storage.layout == WeightLayout::Buffers {
+            // Each part is written on its own, so the staging chunks are a separate upload's.
+            let (data_bytes, scale_bytes) = storage.shard_bytes(format, total, cols);
+            let data = self.alloc(&name, BufferClass::Parameters, data_bytes)?;
+            let scales = (scale_bytes > 0)
+                .then(|| {
+                    self.alloc(
+                        &format!("{name}.scales"),
+                        BufferClass::Parameters,
+                        scale_bytes,
+                    )
+                })
+                .transpose()?;
+            let (mut at_data, mut at_scales) = (0, 0);
+            for &(label, f, rows, gguf) in parts {
+                let need = f.bytes_for(rows * cols);
+                if gguf.len() != need {
+                    return Err(Error::shape(
+                        format!("upload {label}"),
+                        format!("{need} bytes for {rows}x{cols} {f}"),
+                        format!("{} bytes", gguf.len()),
+                    ));
+                }
+                let p = repack::repack(f, rows, cols, gguf)?;
+                let slice = |buf: &GpuBuffer, offset: &mut u64, words: &[u32]| -> Result<Store> {
+                    let bytes: &[u8] = bytemuck::cast_slice(words);
+                    self.write(buf, *offset, bytes)?;
+                    let s = Store::Slice {
+                        buf: buf.clone(),
+                        offset: *offset,
+                        size: bytes.len() as u64,
+                    };
+                    *offset += bytes.len() as u64;
+                    Ok(s)
+                };
+                let d = slice(&data, &mut at_data, &p.data)?;
+                let s = match &scales {
+                    Some(b) => Some(slice(b, &mut at_scales, &p.scales)?),
+                    None => None,
+                };
+                out.push(matrix(label, rows, d, s));
+            }
+            return Ok(out);
+        }
         let (data, scales) = self.create_weight_textures(&name, format, total, cols)?;
         let data = Arc::new(data);
         let scales = scales.map(Arc::new);
-        let mut out = Vec::with_capacity(parts.len());
         let mut row0 = 0;
         for &(label, f, rows, gguf) in parts {
             repack::check_shape(f, rows, cols)?;
@@ -482,18 +615,12 @@ impl Gpu {
                 row0: row0 as u32,
                 rows: rows as u32,
             };
-            out.push(WeightMatrix {
-                label: label.to_string(),
-                format: f,
+            out.push(matrix(
+                label,
                 rows,
-                cols,
-                shards: vec![Shard {
-                    row_start: 0,
-                    rows,
-                    data: slice(&data),
-                    scales: scales.as_ref().map(slice),
-                }],
-            });
+                slice(&data),
+                scales.as_ref().map(slice),
+            ));
             row0 += rows;
         }
         Ok(out)

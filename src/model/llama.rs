@@ -577,8 +577,9 @@ struct PendingMatrix<'a> {
     gguf: std::borrow::Cow<'a, [u8]>,
 }
 
-/// Reads layer `i` and uploads it, Q/K/V and gate/up each stacked where the device keeps weights
-/// in textures ([`Gpu::upload_weights_stacked`]), so that each group runs as one dispatch.
+/// Reads layer `i` and uploads it, Q/K/V and gate/up each stacked in one texture or buffer where
+/// their formats and sizes allow ([`Gpu::upload_weights_stacked`]), so that each group runs as
+/// one dispatch.
 fn upload_layer(
     gpu: &Gpu,
     src: &Source,

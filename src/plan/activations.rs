@@ -51,7 +51,7 @@ pub enum Kernel {
         rows: usize,
         cols: usize,
     },
-    /// One dispatch for matrices stacked in one texture (Q, K, V; gate, up).
+    /// One dispatch for matrices stacked in one texture or buffer (Q, K, V; gate, up).
     StackedMatmul,
     RmsNorm,
     /// The residual add and the RMSNorm after it, one dispatch.
@@ -140,6 +140,9 @@ pub enum Folds {
     SingleToken,
     /// Always: the pass always sees one row (the final norm of the last row alone).
     Always,
+    /// The opposite of `SingleToken`: the step runs for a single token only, chunks of several
+    /// run other steps in its place (the stacked projections on the workgroup matvec).
+    Chunks,
 }
 
 impl Folds {
@@ -149,6 +152,7 @@ impl Folds {
             Folds::Never => true,
             Folds::SingleToken => chunk > 1,
             Folds::Always => false,
+            Folds::Chunks => chunk <= 1,
         }
     }
 }
@@ -169,6 +173,14 @@ impl Step {
     fn folded(mut self, on: bool) -> Step {
         if on {
             self.folds = Folds::SingleToken;
+        }
+        self
+    }
+
+    /// The step runs for single tokens only when `on` (chunks of several run others instead).
+    fn single_only(mut self, on: bool) -> Step {
+        if on {
+            self.folds = Folds::Chunks;
         }
         self
     }
@@ -195,10 +207,17 @@ impl Schedule {
 /// The fusions the forward pass runs on a device; they change the schedule.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Fusions {
-    /// Q, K and V, and gate and up, each one dispatch (weights stacked in one texture,
+    /// Q, K and V one dispatch (weights stacked in one texture or buffer,
     /// [`crate::kernels::matmul::matmul_fused`]). That changes the dispatch count, not the
     /// sharing: the stacked step writes the roles the separate ones wrote, live together anyway.
     pub stacked_projections: bool,
+    /// Gate and up one dispatch, likewise (a model's two groups stack apart: each needs one
+    /// format and to fit one binding or texture).
+    pub stacked_gate_up: bool,
+    /// Chunks of several tokens run the stacked projections as one dispatch too (the subgroup
+    /// matvec); otherwise only a single token and decode rows do, and a chunk runs each matrix
+    /// apart ([`crate::kernels::matmul::stacks_for`]).
+    pub stacked_chunks: bool,
     /// For single tokens, the passes around the projections fold into them
     /// ([`crate::kernels::matmul::single_token_folds`]): the RMSNorms into the next projections'
     /// input where those are small enough ([`crate::kernels::matmul::norm_folds`]: Q/K/V, gate/up,
@@ -267,14 +286,17 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
     let attn_norm = step("attn_norm", Kernel::RmsNorm, &["x"], &["xb"]);
     let mut layer = vec![attn_norm.folded(fold_attn_norm)];
     let qkv_in = also(fold_attn_norm, &["xb"], &["x"]);
+    let apart = !stacked || !fusions.stacked_chunks;
     if stacked {
         let qkv = Kernel::StackedMatmul;
-        layer.push(step("matmul wq+wk+wv", qkv, &qkv_in, &["q", "k", "v"]));
-    } else {
+        let s = step("matmul wq+wk+wv", qkv, &qkv_in, &["q", "k", "v"]);
+        layer.push(s.single_only(apart));
+    }
+    if apart {
         layer.extend([
-            step("matmul wq", mm(q, d), &qkv_in, &["q"]),
-            step("matmul wk", mm(kv, d), &qkv_in, &["k"]),
-            step("matmul wv", mm(kv, d), &qkv_in, &["v"]),
+            step("matmul wq", mm(q, d), &qkv_in, &["q"]).folded(stacked),
+            step("matmul wk", mm(kv, d), &qkv_in, &["k"]).folded(stacked),
+            step("matmul wv", mm(kv, d), &qkv_in, &["v"]).folded(stacked),
         ]);
     }
     if cfg.attn_bias {
@@ -317,17 +339,21 @@ pub fn llama_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> 
     // Without the folded residual the single token still has the add+norm pass; with it, gate/up
     // normalise x2 themselves.
     let gu_in = also(fold_wo, &["xb"], &["x2"]);
-    if stacked {
+    let stacked_gu = fusions.stacked_gate_up;
+    let apart_gu = !stacked_gu || !fusions.stacked_chunks;
+    if stacked_gu {
         let gu = Kernel::StackedMatmul;
-        layer.push(step("matmul w_gate+w_up", gu, &gu_in, &["gate", "up"]));
-        bias(cfg.ffn_bias, &mut layer, "gate");
-        bias(cfg.ffn_bias, &mut layer, "up");
-    } else {
-        layer.push(step("matmul w_gate", mm(f, d), &gu_in, &["gate"]));
-        bias(cfg.ffn_bias, &mut layer, "gate");
-        layer.push(step("matmul w_up", mm(f, d), &gu_in, &["up"]));
-        bias(cfg.ffn_bias, &mut layer, "up");
+        let s = step("matmul w_gate+w_up", gu, &gu_in, &["gate", "up"]);
+        layer.push(s.single_only(apart_gu));
     }
+    if apart_gu {
+        // Stacked for single tokens only: a chunk's separate products follow the stacked step.
+        let gate = step("matmul w_gate", mm(f, d), &gu_in, &["gate"]);
+        layer.push(gate.folded(stacked_gu));
+        layer.push(step("matmul w_up", mm(f, d), &gu_in, &["up"]).folded(stacked_gu));
+    }
+    bias(cfg.ffn_bias, &mut layer, "gate");
+    bias(cfg.ffn_bias, &mut layer, "up");
     let mut down_in = also(f1, &["act"], &["gate", "up"]);
     if fold_down {
         down_in.push("x2");
@@ -423,14 +449,17 @@ fn gemma_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> Sche
     } else {
         &["xb"]
     };
+    let apart = !stacked || !fusions.stacked_chunks;
     if stacked {
         let qkv = Kernel::StackedMatmul;
-        layer.push(step("matmul wq+wk+wv", qkv, qkv_in, &["q", "k", "v"]));
-    } else {
+        let s = step("matmul wq+wk+wv", qkv, qkv_in, &["q", "k", "v"]);
+        layer.push(s.single_only(apart));
+    }
+    if apart {
         layer.extend([
-            step("matmul wq", mm(q, d), qkv_in, &["q"]),
-            step("matmul wk", mm(kv, d), qkv_in, &["k"]),
-            step("matmul wv", mm(kv, d), qkv_in, &["v"]),
+            step("matmul wq", mm(q, d), qkv_in, &["q"]).folded(stacked),
+            step("matmul wk", mm(kv, d), qkv_in, &["k"]).folded(stacked),
+            step("matmul wv", mm(kv, d), qkv_in, &["v"]).folded(stacked),
         ]);
     }
     layer.extend([
@@ -457,12 +486,17 @@ fn gemma_schedule(cfg: &ModelConfig, all_logits: bool, fusions: Fusions) -> Sche
             &["x2", "proj"],
         ),
     ]);
-    if stacked {
+    let stacked_gu = fusions.stacked_gate_up;
+    let apart_gu = !stacked_gu || !fusions.stacked_chunks;
+    if stacked_gu {
         let gu = Kernel::StackedMatmul;
-        layer.push(step("matmul w_gate+w_up", gu, &["proj"], &["gate", "up"]));
-    } else {
-        layer.push(step("matmul w_gate", mm(f, d), &["proj"], &["gate"]));
-        layer.push(step("matmul w_up", mm(f, d), &["proj"], &["up"]));
+        let s = step("matmul w_gate+w_up", gu, &["proj"], &["gate", "up"]);
+        layer.push(s.single_only(apart_gu));
+    }
+    if apart_gu {
+        let gate = step("matmul w_gate", mm(f, d), &["proj"], &["gate"]);
+        layer.push(gate.folded(stacked_gu));
+        layer.push(step("matmul w_up", mm(f, d), &["proj"], &["up"]).folded(stacked_gu));
     }
     layer.extend([
         step("geglu", Kernel::GeGlu, &["gate", "up"], &["act"]),
@@ -769,6 +803,8 @@ mod tests {
                 for all_logits in [false, true] {
                     let f = Fusions {
                         stacked_projections: stacked,
+                        stacked_gate_up: stacked,
+                        stacked_chunks: stacked && folds,
                         single_token_folds: folds,
                         unbounded_norm_folds: folds,
                     };

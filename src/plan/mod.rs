@@ -129,9 +129,14 @@ pub struct PlanOptions {
     pub weight_layout: WeightLayout,
     /// The device's largest texture side (texture layout only).
     pub max_texture_dim: u32,
-    /// Q/K/V and gate/up run as one dispatch each (weights stacked in textures; see
-    /// [`crate::kernels::matmul::matmul_fused`]): fewer kernel parameter blocks.
+    /// Q/K/V and gate/up run as one dispatch each (weights stacked in one texture or buffer; see
+    /// [`crate::kernels::matmul::matmul_fused`]): fewer kernel parameter blocks. The plan stacks
+    /// a model's groups where [`WeightStorage::stacks`] says the upload does (same format, one
+    /// binding or texture), each group on its own.
     pub stacked_projections: bool,
+    /// Chunks of several tokens run them stacked too (the subgroup matvec); elsewhere single
+    /// tokens and decode rows only ([`activations::Fusions::stacked_chunks`]).
+    pub stacked_chunks: bool,
     /// A single token's norms, SwiGLU and residual adds folded into the projections
     /// ([`crate::kernels::matmul::single_token_folds`]): up to four dispatches less a layer in
     /// decode, and a different sharing of the activations (see [`activations::Fusions`]).
@@ -170,6 +175,7 @@ impl Default for PlanOptions {
             weight_layout: WeightLayout::Buffers,
             max_texture_dim: 8192,
             stacked_projections: false,
+            stacked_chunks: false,
             single_token_folds: false,
             unbounded_norm_folds: false,
             split_attention: false,
@@ -195,7 +201,9 @@ impl PlanOptions {
         self.max_binding = d.max_binding;
         self.weight_layout = d.weight_layout;
         self.max_texture_dim = d.max_texture_dim;
-        self.stacked_projections = d.weight_layout == WeightLayout::Textures && d.subgroup_matvec;
+        let fusions = d.fusions();
+        self.stacked_projections = fusions.stacked_projections;
+        self.stacked_chunks = fusions.stacked_chunks;
         self.single_token_folds = d.single_token_folds;
         self.unbounded_norm_folds = d.fusions().unbounded_norm_folds;
         self.split_attention = d.subgroup_matvec;
@@ -236,12 +244,16 @@ impl Default for DeviceTraits {
 
 impl DeviceTraits {
     /// The fusions of the forward pass on this device that change the activation plan: the
+    /// stacked projections (every device: textures are read by the subgroup matvec alone, buffers
+    /// by both matvec kernels; for chunks of several tokens the subgroup one only), the
     /// single-token folds, their norms unbounded where the workgroup matvec runs (every device
     /// but the subgroup matvec's).
     pub fn fusions(&self) -> activations::Fusions {
         activations::Fusions {
-            stacked_projections: self.weight_layout == WeightLayout::Textures
-                && self.subgroup_matvec,
+            stacked_projections: self.weight_layout == WeightLayout::Buffers
+                || self.subgroup_matvec,
+            stacked_gate_up: self.weight_layout == WeightLayout::Buffers || self.subgroup_matvec,
+            stacked_chunks: self.subgroup_matvec,
             single_token_folds: self.single_token_folds,
             unbounded_norm_folds: self.single_token_folds && !self.subgroup_matvec,
         }

@@ -8,9 +8,10 @@ use super::uploads;
 use super::{bert, gpt2, PlanOptions};
 use crate::error::Result;
 use crate::gpu::buffer::STAGING_CHUNK;
+use crate::gpu::WeightLayout;
 use crate::kernels::attention::bytes_per_token;
 use crate::model::config::ModelConfig;
-use crate::model::params::{self, ParamClass};
+use crate::model::params::{self, ParamClass, TensorRole};
 
 /// What one architecture's forward pass contributes to a plan.
 pub(super) struct Pass {
@@ -67,8 +68,26 @@ pub(super) fn llama(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         };
         largest = largest.max(b);
     }
+    // In buffers, the upload stacks a layer's Q/K/V (gate/up) where they have one format and the
+    // stack fits one binding in aligned slices (`WeightStorage::stacks`); the plan stacks a group
+    // where every layer's does. (Textures: as the device says.)
+    let stacks = |roles: &[TensorRole]| {
+        (0..cfg.n_layers).all(|l| {
+            let group: Vec<_> = roles
+                .iter()
+                .filter_map(|r| tensors.iter().find(|t| t.layer == Some(l) && t.role == *r))
+                .collect();
+            let parts: Vec<_> = group.iter().map(|t| (t.format, t.rows)).collect();
+            group.len() == roles.len() && storage.stacks(&parts, group[0].cols)
+        })
+    };
+    let textures = storage.layout == WeightLayout::Textures;
+    let qkv = [TensorRole::AttnQ, TensorRole::AttnK, TensorRole::AttnV];
+    let gate_up = [TensorRole::FfnGate, TensorRole::FfnUp];
     let fusions = activations::Fusions {
-        stacked_projections: opts.stacked_projections,
+        stacked_projections: opts.stacked_projections && (textures || stacks(&qkv)),
+        stacked_gate_up: opts.stacked_projections && (textures || stacks(&gate_up)),
+        stacked_chunks: opts.stacked_chunks,
         single_token_folds: opts.single_token_folds,
         unbounded_norm_folds: opts.unbounded_norm_folds,
     };
@@ -92,6 +111,7 @@ pub(super) fn llama(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Pass> {
         .max(activations.buffer_of("batch.logits").map_or(0, |b| b.bytes));
     let unstacked = activations::Fusions {
         stacked_projections: false,
+        stacked_gate_up: false,
         ..fusions
     };
     Ok(Pass {

@@ -29,7 +29,7 @@ pub fn matmul_fused_in(
     ys: &[&Tensor],
 ) -> Result<()> {
     let op = fused_op("fused matmul", ws);
-    if !fusable(rec.gpu(), ws) {
+    if !fusable(rec.gpu(), ws) || !stacks_for(rec.gpu(), step, lead(x)) {
         check_fused(&op, ws, ys)?;
         for (w, y) in ws.iter().zip(ys) {
             matmul_in(rec, step, w, x, y)?;
@@ -101,7 +101,7 @@ pub fn matmul_fused_norm_in(
         input: Input::RmsNorm(gamma, eps),
         res: None,
     };
-    if fusable(rec.gpu(), ws) {
+    if fusable(rec.gpu(), ws) && stacks_for(rec.gpu(), step, lead(x)) {
         return fused_kernel(rec, step, ws, x, ys, extras, &op);
     }
     // Matrices apart (streamed layers, the output head): each dispatch takes the norm itself.
@@ -180,7 +180,16 @@ fn check_fused(op: &str, ws: &[&WeightMatrix], ys: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// One subgroup-matvec dispatch over the stacked matrices `ws` ([`fusable`]).
+/// Whether a product of stacked matrices over `m` tokens runs as one dispatch: always on the
+/// subgroup matvec; on the workgroup matvec for a single token or decode rows (the kernel a
+/// single token runs), while chunks of several tokens keep the prefill kernel of each matrix
+/// (the tiled one on GPUs, which reads each weight once per tile rather than per 4 tokens). The
+/// memory plan follows ([`crate::plan::activations::Fusions::stacked_chunks`]).
+pub fn stacks_for(gpu: &Gpu, step: Step, m: usize) -> bool {
+    subgroup_matvec_ok(gpu) || m <= 1 || step == Step::Rows
+}
+
+/// One matvec dispatch over the stacked matrices `ws` ([`fusable`], [`stacks_for`]).
 fn fused_kernel(
     rec: &mut Recorder,
     step: Step,
@@ -206,10 +215,23 @@ fn fused_kernel(
         return Ok(());
     }
     let xv = bound(op, x)?;
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    if !subgroup_matvec_ok(rec.gpu()) {
+        // The shape of the stack as one matrix, for a single token and decode rows alike (a
+        // row's sums depend on the threads alone, so each row is the single token's, bit for
+        // bit).
+        let (rows, threads) = matvec_shape(rec.gpu(), ws[0].format, total, cols, total);
+        let tokens = if m == 1 { 1 } else { workgroup_tokens(m) };
+        let shape = WgShape {
+            rows,
+            threads,
+            tokens,
+        };
+        return workgroup_kernel(rec, ws[0].format, cols, &parts, &xv, extras, m, shape, op);
+    }
     let per_pass = matvec_sg_tokens(m);
     // Decode rows keep a single token's rows per invocation, so that each row's sums are the
     // single token's, bit for bit.
-    let total: usize = ws.iter().map(|w| w.rows).sum();
     let rows = (step == Step::Rows).then(|| matvec_sg_rows(ws[0].format, total, 1, 1));
     subgroup_kernel(
         rec,
@@ -335,28 +357,30 @@ fn folds(gpu: &Gpu, m: usize, step: Step) -> bool {
     single_token_folds(gpu) && (m == 1 || step == Step::Rows)
 }
 
-/// Whether [`matmul_fused`] runs `ws` as one dispatch: the device runs the subgroup matvec, and
-/// the matrices (2 or 3) are slices of one texture, in order, one shard each, in one format
-/// ([`Gpu::upload_weights_stacked`] makes them).
+/// Whether [`matmul_fused`] runs `ws` as one dispatch (for the tokens [`stacks_for`] says): the
+/// matrices (2 or 3) are consecutive slices of one buffer (any device: the workgroup matvec, or
+/// the subgroup one) or of one texture (the subgroup matvec only reads those), in order, one
+/// shard each, in one format ([`Gpu::upload_weights_stacked`] makes them).
 pub fn fusable(gpu: &Gpu, ws: &[&WeightMatrix]) -> bool {
     let Some(w0) = ws.first() else { return false };
-    let Some(tex) = w0.shards.first().and_then(|s| s.data.texture()) else {
-        return false;
-    };
-    let mut next = w0.shards[0].data.row0();
-    subgroup_matvec_ok(gpu)
-        && (2..=3).contains(&ws.len())
+    let alike = (2..=3).contains(&ws.len())
         && ws.iter().all(|w| {
-            let ok = w.shards.len() == 1
+            w.shards.len() == 1
+                && w.shards[0].row_start == 0
                 && w.format == w0.format
                 && w.cols == w0.cols
-                && w.shards[0].row_start == 0
-                && w.shards[0].data.row0() == next
-                && w.shards[0]
-                    .data
-                    .texture()
-                    .is_some_and(|t| std::sync::Arc::ptr_eq(t, tex));
-            next += w.rows as u32;
-            ok
-        })
+        });
+    if !alike || (w0.shards[0].data.layout() == WeightLayout::Textures && !subgroup_matvec_ok(gpu))
+    {
+        return false;
+    }
+    ws.windows(2).all(|pair| {
+        let (a, b) = (&pair[0].shards[0], &pair[1].shards[0]);
+        a.data.continued_by(a.rows, &b.data)
+            && match (&a.scales, &b.scales) {
+                (Some(x), Some(y)) => x.continued_by(a.rows, y),
+                (None, None) => true,
+                _ => false,
+            }
+    })
 }

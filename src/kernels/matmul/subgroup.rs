@@ -131,6 +131,25 @@ pub(super) struct SgPart<'a> {
     pub ld: usize,
 }
 
+/// The weight bindings of a dispatch over `first` and `rest`: the data and scales of the first shard joined
+/// with those of the shards that continue it (a stack's slices, checked by
+/// [`super::fusable`]); f32/f16 bind their data's first word in the scales slot.
+pub(super) fn part_views(first: &SgPart, rest: &[SgPart]) -> [View; 2] {
+    let s0 = first.shard;
+    let data: Vec<_> = rest.iter().map(|p| &p.shard.data).collect();
+    let scales = match &s0.scales {
+        Some(sc) => {
+            let more: Vec<_> = rest
+                .iter()
+                .filter_map(|p| p.shard.scales.as_ref())
+                .collect();
+            sc.joined(&more)
+        }
+        None => s0.data.dummy(),
+    };
+    [s0.data.joined(&data), scales]
+}
+
 /// Dispatches `matvec_sg.wgsl` (or `matvec_sg_tex.wgsl`) once over 1 to 3 shards that share x,
 /// the weight format and one binding (stacked rows of one texture, in order: see
 /// [`matmul_fused`]); `rows` per invocation forced or (`None`) by [`matvec_sg_rows`] over all
@@ -207,7 +226,7 @@ pub(super) fn subgroup_kernel(
     let per = r as usize * SG_LANES;
     let n = total.div_ceil(per) * m.div_ceil(tokens as usize);
     let y = |i: usize| parts.get(i).unwrap_or(first).y.clone();
-    let [data, scales] = first.shard.views();
+    let [data, scales] = part_views(first, &parts[1..]);
     let label = parts
         .iter()
         .map(|p| p.shard.data.label())

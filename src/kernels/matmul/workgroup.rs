@@ -3,7 +3,7 @@
 //! three stacked matrices, with what it folds in ([`Extras`]), takes the subgroup matvec's
 //! bindings and parameter block, so that stacking and folds are written once for both.
 
-use super::subgroup::{Extras, Input, SgPart};
+use super::subgroup::{part_views, Extras, Input, SgPart};
 use super::*;
 
 /// Bindings of the workgroup matvec: weight data and scales, x, y, y1, y2, x2, res.
@@ -133,7 +133,7 @@ pub(super) fn workgroup_kernel(
     };
     let n = total.div_ceil(shape.rows as usize) * m.div_ceil(shape.tokens as usize);
     let y = |i: usize| parts.get(i).unwrap_or(first).y.clone();
-    let [data, scales] = first.shard.views();
+    let [data, scales] = part_views(first, &parts[1..]);
     let label = parts
         .iter()
         .map(|p| p.shard.data.label())
