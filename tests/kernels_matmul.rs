@@ -655,10 +655,10 @@ fn workgroup_matvec_folds_match_reference_in_every_format() {
         .flat_map(|d| cases.iter().enumerate().map(move |c| (*d, c)))
     {
         let rows = 45;
-        let (wm, deq) = weights(&plain, buffers(&plain), f, rows, cols, 400 + i as u64);
-        assert_eq!(check_swiglu(&plain, &wm, &deq, 1, 410 + i as u64), 1, "{f}");
+        let (wm, deq) = weights(plain, buffers(plain), f, rows, cols, 400 + i as u64);
+        assert_eq!(check_swiglu(plain, &wm, &deq, 1, 410 + i as u64), 1, "{f}");
         assert_eq!(
-            check_norm_fold(&plain, &[&wm], &[&deq], 1, 420 + i as u64),
+            check_norm_fold(plain, &[&wm], &[&deq], 1, 420 + i as u64),
             1,
             "{f}"
         );
