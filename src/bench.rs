@@ -290,9 +290,15 @@ pub fn bench_model(
         progress(&format!("filling a context of {d} tokens"));
         model.forward(gpu, context, 0)?;
     }
-    // One untimed warm-up creates every pipeline (decode's only, when there is no pp test).
-    let warm = if opts.pp > 0 { tokens.len().min(8) } else { 1 };
-    model.forward(gpu, &tokens[..warm], d)?;
+    // Untimed warm-ups create every pipeline the timed runs use: the whole prompt (a chunk's
+    // kernels follow its length) and a decode step (a single token's folded kernels are its
+    // own). Without the second, the first tg run paid the decode kernels' compile.
+    if opts.pp > 0 {
+        model.forward(gpu, tokens, d)?;
+    }
+    if opts.tg > 0 || opts.pp == 0 {
+        model.forward(gpu, &tokens[..1], d)?;
+    }
     if opts.pp > 0 {
         let mut samples = Vec::new();
         for r in 0..opts.reps {
