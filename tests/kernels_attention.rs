@@ -1067,16 +1067,7 @@ fn decode_rows_equal_each_row_alone() {
     .unwrap();
     // The GL backend (`--device 1` here), where there is one: the portable kernels on another
     // shader compiler.
-    let gl = wgllm::gpu::list_adapters()
-        .into_iter()
-        .find(|a| a.backend.eq_ignore_ascii_case("gl"))
-        .map(|a| {
-            Gpu::new(&wgllm::GpuOptions {
-                adapter: Some(a.index),
-                ..Default::default()
-            })
-            .unwrap()
-        });
+    let gl = gl_device();
     for g in [gpu, &portable].into_iter().chain(gl.as_ref()) {
         for (dtype, window) in [
             (KvDtype::F32, None),

@@ -945,21 +945,6 @@ fn decode_rows_equal_single_rows_bit_for_bit() {
     }
 }
 
-/// The OpenGL adapter (llvmpipe's GL backend where Mesa's GL is installed), opened.
-fn gl_device() -> Option<Gpu> {
-    let index = wgllm::gpu::list_adapters()
-        .into_iter()
-        .find(|a| a.backend == "Gl")?
-        .index;
-    Some(
-        Gpu::new(&GpuOptions {
-            adapter: Some(index),
-            ..Default::default()
-        })
-        .expect("open the GL adapter"),
-    )
-}
-
 /// Runs `matmul_fused_in` over `xd` (`m` tokens) and returns the dispatches and each output.
 fn fused_run(
     gpu: &Gpu,

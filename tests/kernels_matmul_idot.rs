@@ -41,12 +41,8 @@ fn vulkan() -> Option<Gpu> {
 
 /// The OpenGL adapter, where Mesa's GL is installed (CI installs Vulkan only).
 fn gl() -> Option<Gpu> {
-    let index = wgllm::gpu::list_adapters()
-        .into_iter()
-        .find(|a| a.backend == "Gl")?
-        .index;
     Some(forced(GpuOptions {
-        adapter: Some(index),
+        adapter: Some(gl_adapter()?),
         ..Default::default()
     }))
 }

@@ -211,21 +211,6 @@ fn without_f16_the_tiles_stay_f32_and_f16_tiles_are_refused() {
     );
 }
 
-/// The OpenGL adapter (llvmpipe's GL backend where Mesa's GL is installed), opened.
-fn gl_device() -> Option<Gpu> {
-    let index = wgllm::gpu::list_adapters()
-        .into_iter()
-        .find(|a| a.backend == "Gl")?
-        .index;
-    Some(
-        Gpu::new(&GpuOptions {
-            adapter: Some(index),
-            ..Default::default()
-        })
-        .expect("open the GL adapter"),
-    )
-}
-
 #[test]
 fn portable_tiles_match_reference_on_the_gl_backend() {
     // CI installs Vulkan only; where Mesa's GL is present this runs the f32 tiles through GLSL.

@@ -26,6 +26,26 @@ pub fn gpu() -> Option<&'static Gpu> {
     g.as_ref()
 }
 
+/// The index of the OpenGL adapter (llvmpipe's GL backend where Mesa's GL is installed; CI
+/// installs Vulkan only), if there is one.
+pub fn gl_adapter() -> Option<usize> {
+    wgllm::gpu::list_adapters()
+        .into_iter()
+        .find(|a| a.backend.eq_ignore_ascii_case("gl"))
+        .map(|a| a.index)
+}
+
+/// The OpenGL adapter opened with `opts` (its `adapter` set to GL's), if there is one.
+pub fn gl_device_with(opts: GpuOptions) -> Option<Gpu> {
+    let adapter = Some(gl_adapter()?);
+    Some(Gpu::new(&GpuOptions { adapter, ..opts }).expect("open the GL adapter"))
+}
+
+/// The OpenGL adapter, opened, if there is one.
+pub fn gl_device() -> Option<Gpu> {
+    gl_device_with(GpuOptions::default())
+}
+
 /// Deterministic N(0, scale²) data.
 pub fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut r = rand::rngs::StdRng::seed_from_u64(seed);
