@@ -11,7 +11,7 @@ use common::*;
 use wgllm::kernels::matmul::idot::{self, MatvecMath, IDOT_FORMATS};
 use wgllm::kernels::matmul::{self, MatmulKernel, MatvecKernel};
 use wgllm::kernels::{Tensor, WeightMatrix};
-use wgllm::quant::{dequantize, quantize, WeightFormat};
+use wgllm::quant::WeightFormat;
 use wgllm::BufferClass::Activations;
 use wgllm::{Gpu, GpuOptions};
 
@@ -64,18 +64,7 @@ fn weights(
     cols: usize,
     seed: u64,
 ) -> (Vec<u8>, WeightMatrix, Vec<f32>) {
-    let w = randn(rows * cols, seed, 1.0);
-    let mut q = Vec::new();
-    let mut deq = Vec::new();
-    for row in w.chunks(cols) {
-        let b = quantize(f, row).unwrap();
-        deq.extend(dequantize(f, &b, cols).unwrap());
-        q.extend(b);
-    }
-    let wm = gpu
-        .upload_weights_as("w", f, rows, cols, &q, buffers(gpu))
-        .unwrap();
-    (q, wm, deq)
+    quantised_weights(gpu, buffers(gpu), f, rows, cols, seed)
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use wgllm::kernels::matmul::{self, MatmulKernel, TileMath, TileShape, TILE_MEMORY, TILE_SHAPES};
 use wgllm::kernels::WeightMatrix;
-use wgllm::quant::{dequantize, quantize, WeightFormat};
+use wgllm::quant::WeightFormat;
 use wgllm::BufferClass::Activations;
 use wgllm::{Gpu, GpuOptions};
 
@@ -48,17 +48,7 @@ fn weights(
     cols: usize,
     seed: u64,
 ) -> (WeightMatrix, Vec<f32>) {
-    let w = randn(rows * cols, seed, 1.0);
-    let mut q = Vec::new();
-    let mut deq = Vec::with_capacity(w.len());
-    for row in w.chunks(cols) {
-        let b = quantize(f, row).unwrap();
-        deq.extend(dequantize(f, &b, cols).unwrap());
-        q.extend(b);
-    }
-    let wm = gpu
-        .upload_weights_as("w", f, rows, cols, &q, buffers(gpu))
-        .unwrap();
+    let (_, wm, deq) = quantised_weights(gpu, buffers(gpu), f, rows, cols, seed);
     (wm, deq)
 }
 

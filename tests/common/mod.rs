@@ -46,6 +46,30 @@ pub fn gl_device() -> Option<Gpu> {
     gl_device_with(GpuOptions::default())
 }
 
+/// Random N(0, 1) weights of `rows` x `cols`, quantised to `f` and uploaded as `storage` says:
+/// the file bytes, the matrix, and the same weights dequantised for the reference.
+pub fn quantised_weights(
+    gpu: &Gpu,
+    storage: wgllm::kernels::weights::WeightStorage,
+    f: wgllm::quant::WeightFormat,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> (Vec<u8>, wgllm::kernels::weights::WeightMatrix, Vec<f32>) {
+    let w = randn(rows * cols, seed, 1.0);
+    let mut q = Vec::new();
+    let mut deq = Vec::with_capacity(w.len());
+    for row in w.chunks(cols) {
+        let b = wgllm::quant::quantize(f, row).unwrap();
+        deq.extend(wgllm::quant::dequantize(f, &b, cols).unwrap());
+        q.extend(b);
+    }
+    let wm = gpu
+        .upload_weights_as("w", f, rows, cols, &q, storage)
+        .unwrap();
+    (q, wm, deq)
+}
+
 /// Deterministic N(0, scale²) data.
 pub fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut r = rand::rngs::StdRng::seed_from_u64(seed);
