@@ -844,10 +844,31 @@ fn folded_product(
     xs: &[f32],
     m: usize,
 ) -> Vec<f32> {
+    folded_product_in(gpu, wm, fold, step, xs, m, false)
+}
+
+/// [`folded_product`], with every tensor in a buffer of at least a uniform window
+/// ([`wgllm::gpu::UNIFORM_WINDOW`]) where `windows`, so that the subgroup matvec can read x and up
+/// through uniform windows; else each buffer is exactly its tensor.
+fn folded_product_in(
+    gpu: &Gpu,
+    wm: &WeightMatrix,
+    fold: Fold,
+    step: matmul::Step,
+    xs: &[f32],
+    m: usize,
+    windows: bool,
+) -> Vec<f32> {
     let (rows, cols) = (wm.rows, wm.cols);
-    let t = |data: &[f32], shape: &[usize]| Tensor {
-        buf: gpu.upload_f32("t", Activations, data).unwrap(),
-        shape: shape.to_vec(),
+    let t = |data: &[f32], shape: &[usize]| {
+        let mut padded = data.to_vec();
+        if windows {
+            padded.resize(data.len().max(wgllm::gpu::UNIFORM_WINDOW as usize / 4), 0.0);
+        }
+        Tensor {
+            buf: gpu.upload_f32("t", Activations, &padded).unwrap(),
+            shape: shape.to_vec(),
+        }
     };
     let x = t(xs, &[m, cols]);
     let ups: Vec<f32> = xs.iter().map(|v| 0.5 - v * 0.25).collect();
@@ -933,6 +954,72 @@ fn decode_rows_equal_single_rows_bit_for_bit() {
             }
         }
     }
+}
+
+/// On a device whose buffers are uniform-capable (lavapipe), the subgroup matvec reads x and up
+/// through uniform windows wherever the tokens' rows fit one (`matvec_sg_tex_ux.wgsl`,
+/// `matvec_sg_ux.wgsl`), and gives the storage-buffer kernel's results bit for bit: every format
+/// (rows of whole 32-value blocks) in the device's weight layout and Q4_1 in the other, plain and
+/// with each fold, for one token and for decode rows. On a fresh device, so that its kernel keys
+/// show which variant ran.
+#[test]
+fn uniform_x_windows_give_the_storage_results_bit_for_bit() {
+    let Some(shared) = subgroup_gpu() else { return };
+    assert!(shared.uniform_inputs() || std::env::var("WGLLM_SG_X").is_ok_and(|v| v == "storage"));
+    if !shared.uniform_inputs() {
+        return;
+    }
+    let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+    let ran = |gpu: &Gpu, ux: bool| {
+        gpu.kernel_keys()
+            .into_iter()
+            .filter(|k| k.starts_with("matvec_sg") && k.contains("_ux::") == ux)
+            .count()
+    };
+    // Each case is two pipelines to compile (storage and window), which is what this test spends
+    // its time on: every format in the device's own layout, Q4_1 in the other too; two folds a
+    // format, rotating so that every fold meets one token and decode rows somewhere.
+    let own = wgllm::kernels::weights::weight_layout(&gpu);
+    let folds = [Fold::Plain, Fold::Norm, Fold::Add, Fold::SwigluAdd];
+    for storage in layouts(&gpu) {
+        for (i, f) in WeightFormat::ALL.into_iter().enumerate() {
+            if storage.layout != own && f != WeightFormat::Q4_1 {
+                continue;
+            }
+            let (rows, cols) = (100, fit(f, 32 * 9));
+            let (wm, _) = weights(&gpu, storage, f, rows, cols, 300 + i as u64);
+            let cases = [
+                (folds[i % 4], matmul::Step::Chunk, 1),
+                (folds[(i + 1) % 4], matmul::Step::Rows, 3 + i % 2),
+            ];
+            for (fold, step, m) in cases {
+                let xs = randn(m * cols, 310 + m as u64, 1.0);
+                let before = (ran(&gpu, false), ran(&gpu, true));
+                let plain = folded_product_in(&gpu, &wm, fold, step, &xs, m, false);
+                let mid = (ran(&gpu, false), ran(&gpu, true));
+                let windowed = folded_product_in(&gpu, &wm, fold, step, &xs, m, true);
+                let after = (ran(&gpu, false), ran(&gpu, true));
+                // The kernels each run created are of its variant.
+                assert_eq!(
+                    mid.1, before.1,
+                    "{f} {fold:?} x{m}: storage run used a window"
+                );
+                assert_eq!(after.0, mid.0, "{f} {fold:?} x{m}: window run used storage");
+                let same = plain
+                    .iter()
+                    .zip(&windowed)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{f} {:?} {fold:?} x{m}: {:?} vs {:?}",
+                    storage.layout,
+                    &windowed[..4],
+                    &plain[..4]
+                );
+            }
+        }
+    }
+    assert!(ran(&gpu, true) > 0, "no uniform-window kernel ran");
 }
 
 /// Runs `matmul_fused_in` over `xd` (`m` tokens) and returns the dispatches and each output.

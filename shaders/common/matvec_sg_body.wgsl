@@ -1,26 +1,34 @@
-// The body of the subgroup matrix-vector product, shared by matvec_sg.wgsl (weights in storage
-// buffers) and matvec_sg_tex.wgsl (weights in textures).
+// The body of the subgroup matrix-vector product, shared by its four front files: the weights in
+// storage buffers (common/matvec_sg_w_buffers.wgsl) or textures (common/matvec_sg_w_tex.wgsl), x
+// in storage buffers (common/matvec_sg_x_storage.wgsl) or uniform windows
+// (common/matvec_sg_x_uniform.wgsl): matvec_sg.wgsl, matvec_sg_tex.wgsl, matvec_sg_ux.wgsl and
+// matvec_sg_tex_ux.wgsl.
 //
 // One dispatch computes `rows` rows of the bound weights from row `row0` on. Its outputs may be
 // split in up to three (Q, K and V; gate and up, stacked in one texture and sharing x): rows
 // before `split1` go to y (rows of length `ld`, from `row_start`), rows from `split1` to `split2`
 // to y1, the rest to y2 (each with its own row length). With XFN = 1 the input is SwiGLU of two
-// tensors, x = silu(x) * x2 (the FFN's down projection reads gate and up without a pass of its
-// own). With XFN = 2 the input is RMSNorm of x, x2 its gamma ([cols]): the sum of squares of a
+// tensors, x = silu(x) * up (the FFN's down projection reads gate and up without a pass of its
+// own). With XFN = 2 the input is RMSNorm of x with `gamma` ([cols]): the sum of squares of a
 // token's x is taken in the same loop as the products, and scales the sums at the end (the norm's
 // 1 / rms is one factor of the whole row, so the attention and FFN norms need no pass of their
 // own). With RES = 1 each output is added to the same element of res (the residual stream:
 // y = res + W x, no add pass after the projection). Bindings: 0 = weight data, 1 = block scales,
-// 2 = x, 3 = y, 4 = y1, 5 = y2, 6 = x2, 7 = res, 8 = params; unsplit products bind y in all three
-// output slots, XFN = 0 binds x as x2, RES = 0 binds x as res.
+// 2 = x, 3 = y, 4 = y1, 5 = y2, 6 = up, 7 = res, 8 = gamma, 9 = params; unsplit products bind y
+// in all three output slots, and a slot a dispatch does not use binds x (up, res and gamma
+// where XFN != 1, RES = 0 and XFN != 2).
 //
-// Each front file declares bindings 0 (`wq`) and 1 (`ws`) and defines how to read them (`row` is
+// The weight front declares bindings 0 (`wq`) and 1 (`ws`) and defines how to read them (`row` is
 // a row of the binding, `p.row0` already added): common/quant.wgsl's `qword` and `qscales`,
 // `qword4` (data words i..i+3, which need not be texel-aligned), `qgroup` (data words 4t..4t+3:
 // texel t), and
 //   fn weights(fmt: u32, row: u32, blk: u32) -> V8   the 32 weights of an f32/f16 block;
 //   fn block_scales(fmt: u32, row: u32, blk: u32, kept: u32) -> Scale   the scales of a block of
 //       Q8_0, Q4_0 or Q4_1 (common/quant.wgsl's qtuned formats).
+// The x front declares bindings 2 (`x`) and 6 (`up`) and defines
+//   fn x4(tok: u32, blk: u32, lane: u32) -> vec4<f32>   this lane's four values of block `blk` of
+//       token `tok`'s input (silu(x) * up where XFN = 1; not yet normalised), zero past the end
+//       of an f32/f16 row.
 // Every quantised block is decoded by common/quant.wgsl: Q8_0/Q4_0/Q4_1 by its tuned form (quants
 // only, the scales folded in per block: qquants_tuned, qfold), the other formats unit by unit
 // (qunit_head, qdecode4). The design is described in matvec_sg.wgsl.
@@ -37,15 +45,14 @@ struct Params {
     ld: u32,        // length of a token's row of y
 }
 
-@group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y1: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y2: array<f32>;
-@group(0) @binding(6) var<storage, read> x2: array<f32>;
 @group(0) @binding(7) var<storage, read> res: array<f32>;
-@group(0) @binding(8) var<uniform> p: Params;
+@group(0) @binding(8) var<storage, read> gamma: array<f32>;
+@group(0) @binding(9) var<uniform> p: Params;
 
-// 0: the input is x; 1: the input is silu(x) * x2 (SwiGLU); 2: RMSNorm of x with gamma x2 and EPS.
+// 0: the input is x; 1: the input is silu(x) * up (SwiGLU); 2: RMSNorm of x with gamma and EPS.
 override XFN: u32 = 0u;
 override EPS: f32 = 1e-5;
 // 1: outputs are res + W x.
@@ -118,24 +125,16 @@ fn spread(v: vec4<f32>) -> V8 {
     );
 }
 
-// This lane's four x values of block `blk` for token `tok`; columns past the end of an f32/f16 row
-// read as zero.
-fn x4(tok: u32, blk: u32, lane: u32) -> vec4<f32> {
+// XFN = 2: this lane's four values of gamma for block `blk` (the same for every token, so loaded
+// once a block), clamped to the row as x4 clamps x.
+fn gamma4(blk: u32, lane: u32) -> vec4<f32> {
+    if (XFN != 2u) {
+        return vec4<f32>(1.0);
+    }
     let last = p.cols - 1u;
     let c = vec4<u32>(32u * blk + 4u * lane) + vec4<u32>(0u, 1u, 2u, 3u);
-    let i = vec4<u32>(tok * p.cols) + min(c, vec4<u32>(last));
-    var v = vec4<f32>(x[i.x], x[i.y], x[i.z], x[i.w]);
-    if (XFN == 1u) {
-        let up = vec4<f32>(x2[i.x], x2[i.y], x2[i.z], x2[i.w]);
-        v = v / (1.0 + exp(-v)) * up;
-    }
-    v = select(vec4<f32>(0.0), v, c <= vec4<u32>(last));
-    if (XFN == 2u) {
-        let j = min(c, vec4<u32>(last));
-        add_sumsq(tok, dot(v, v));
-        v *= vec4<f32>(x2[j.x], x2[j.y], x2[j.z], x2[j.w]);
-    }
-    return v;
+    let j = min(c, vec4<u32>(last));
+    return vec4<f32>(gamma[j.x], gamma[j.y], gamma[j.z], gamma[j.w]);
 }
 
 // Adds to token `tok`'s sum of squares (a lane's share; reduced over the subgroup at the end).
@@ -168,11 +167,16 @@ struct XB {
     sum: f32,
 }
 
-fn x_block(fmt: u32, tok: u32, blk: u32, lane: u32) -> XB {
+// `g`: gamma4 of the block (XFN = 2).
+fn x_block(fmt: u32, tok: u32, blk: u32, lane: u32, g: vec4<f32>) -> XB {
     var r: XB;
     // Uniform: tokens past the end of a partial token group load nothing and stay zero.
     if (tok < p.m) {
-        let v = x4(tok, blk, lane);
+        var v = x4(tok, blk, lane);
+        if (XFN == 2u) {
+            add_sumsq(tok, dot(v, v));
+            v *= g;
+        }
         if (qfolds_xsum(fmt)) {
             r.sum = subgroupAdd(dot(v, vec4<f32>(1.0)));
             r.v = spread(v * qx_scale(fmt));
@@ -185,41 +189,42 @@ fn x_block(fmt: u32, tok: u32, blk: u32, lane: u32) -> XB {
 
 // Loads block `blk` of x for the TOK tokens from `tok0` into `xt`.
 fn load_x(fmt: u32, tok0: u32, blk: u32, lane: u32) {
-    var b = x_block(fmt, tok0, blk, lane);
+    let g = gamma4(blk, lane);
+    var b = x_block(fmt, tok0, blk, lane, g);
     xt.t0 = b.v;
     xt.sum.lo.x = b.sum;
     if (TOK > 1u) {
-        b = x_block(fmt, tok0 + 1u, blk, lane);
+        b = x_block(fmt, tok0 + 1u, blk, lane, g);
         xt.t1 = b.v;
         xt.sum.lo.y = b.sum;
     }
     if (TOK > 2u) {
-        b = x_block(fmt, tok0 + 2u, blk, lane);
+        b = x_block(fmt, tok0 + 2u, blk, lane, g);
         xt.t2 = b.v;
         xt.sum.lo.z = b.sum;
     }
     if (TOK > 3u) {
-        b = x_block(fmt, tok0 + 3u, blk, lane);
+        b = x_block(fmt, tok0 + 3u, blk, lane, g);
         xt.t3 = b.v;
         xt.sum.lo.w = b.sum;
     }
     if (TOK > 4u) {
-        b = x_block(fmt, tok0 + 4u, blk, lane);
+        b = x_block(fmt, tok0 + 4u, blk, lane, g);
         xt.t4 = b.v;
         xt.sum.hi.x = b.sum;
     }
     if (TOK > 5u) {
-        b = x_block(fmt, tok0 + 5u, blk, lane);
+        b = x_block(fmt, tok0 + 5u, blk, lane, g);
         xt.t5 = b.v;
         xt.sum.hi.y = b.sum;
     }
     if (TOK > 6u) {
-        b = x_block(fmt, tok0 + 6u, blk, lane);
+        b = x_block(fmt, tok0 + 6u, blk, lane, g);
         xt.t6 = b.v;
         xt.sum.hi.z = b.sum;
     }
     if (TOK > 7u) {
-        b = x_block(fmt, tok0 + 7u, blk, lane);
+        b = x_block(fmt, tok0 + 7u, blk, lane, g);
         xt.t7 = b.v;
         xt.sum.hi.w = b.sum;
     }

@@ -37,17 +37,22 @@ fn align4(n: u64) -> u64 {
 
 impl Gpu {
     /// Creates a storage buffer (usable as kernel input and output, and as copy source and
-    /// destination). The ledger is asked first; the driver only if the ledger agrees.
+    /// destination; on a device with [`Gpu::uniform_inputs`] also as a uniform buffer). The
+    /// ledger is asked first; the driver only if the ledger agrees.
     pub fn alloc(&self, label: &str, class: BufferClass, size: u64) -> Result<GpuBuffer> {
-        self.alloc_with_usage(
-            label,
-            class,
-            size,
-            wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
-            false,
-        )
+        let mut usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC;
+        if self.uniform_inputs() {
+            usage |= wgpu::BufferUsages::UNIFORM;
+        }
+        self.alloc_with_usage(label, class, size, usage, false)
+    }
+
+    /// Whether buffers from [`Gpu::alloc`] can also be bound as uniform buffers (windows of
+    /// [`super::UNIFORM_WINDOW`] bytes), which the subgroup matvec reads x through on CPU devices.
+    pub fn uniform_inputs(&self) -> bool {
+        self.uniform_inputs
     }
 
     pub(crate) fn alloc_with_usage(

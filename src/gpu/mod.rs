@@ -152,6 +152,10 @@ pub struct Gpu {
     /// How the workgroup matvec is forced to multiply on this device, if it is
     /// (`crate::kernels::matmul::idot::force_matvec`; else `WGLLM_MATVEC`).
     pub(crate) matvec_math: Mutex<Option<crate::kernels::matmul::idot::MatvecMath>>,
+    /// Whether [`Gpu::alloc`] makes its buffers usable as uniform buffers too, so that the
+    /// subgroup matvec can read x through uniform windows (`shaders/matvec_sg_tex_ux.wgsl`): on
+    /// the devices that run that kernel, unless `WGLLM_SG_X=storage`.
+    uniform_inputs: bool,
     /// How it was opened, so that [`Gpu::reopen`] opens the same adapter the same way.
     options: GpuOptions,
 }
@@ -186,6 +190,34 @@ impl WeightLayout {
             }
         }
     }
+}
+
+/// Bytes of the uniform window the subgroup matvec reads x through
+/// (`shaders/common/matvec_sg_x_uniform.wgsl`'s arrays of 4096 vec4).
+pub const UNIFORM_WINDOW: u64 = 64 << 10;
+
+/// Whether a device's buffers should be usable as uniform windows of x: a CPU device with 8-lane
+/// subgroups (the one the subgroup matvec runs on) whose uniform bindings take a whole window,
+/// unless `WGLLM_SG_X=storage` keeps x in storage buffers (to compare the two).
+fn uniform_inputs_wanted(
+    caps: &Capabilities,
+    info: &wgpu::AdapterInfo,
+    limits: &wgpu::Limits,
+) -> bool {
+    let keep_storage = match std::env::var("WGLLM_SG_X").ok().as_deref() {
+        None | Some("uniform") => false,
+        Some("storage") => true,
+        Some(other) => {
+            log::warn!("WGLLM_SG_X={other} ignored: use uniform or storage");
+            false
+        }
+    };
+    caps.subgroups
+        && caps.subgroup_min_size == 8
+        && caps.subgroup_max_size == 8
+        && info.device_type == wgpu::DeviceType::Cpu
+        && limits.max_uniform_buffer_binding_size >= UNIFORM_WINDOW
+        && !keep_storage
 }
 
 impl std::fmt::Debug for Gpu {
@@ -285,7 +317,9 @@ impl Gpu {
             info.driver,
             caps
         );
+        let uniform_inputs = uniform_inputs_wanted(&caps, &info, &limits);
         Ok(Gpu {
+            uniform_inputs,
             max_binding: limits
                 .max_storage_buffer_binding_size
                 .min(limits.max_buffer_size),

@@ -22,6 +22,10 @@ pub enum Bind {
     Output,
     /// `texture_2d<u32>` (read with `textureLoad`)
     Texture,
+    /// `var<uniform>`: a buffer window of at most the device's uniform binding size, at an offset
+    /// aligned as uniform bindings need (the buffer made with `UNIFORM` usage: [`Gpu::alloc`] on
+    /// a device with [`Gpu::uniform_inputs`]).
+    Uniform,
 }
 
 /// A compute pipeline and its bind-group layout.
@@ -71,6 +75,11 @@ impl Gpu {
                         sample_type: wgpu::TextureSampleType::Uint,
                         view_dimension: wgpu::TextureViewDimension::D2,
                         multisampled: false,
+                    },
+                    Bind::Uniform => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
                     },
                     _ => wgpu::BindingType::Buffer {
                         ty: wgpu::BufferBindingType::Storage {
@@ -221,6 +230,30 @@ impl GpuBuffer {
     }
 }
 
+impl View {
+    /// `len` bytes of this view's buffer from the view's start, as a uniform binding: where the
+    /// buffer can be bound as one, the start is aligned as uniform bindings need, and the buffer
+    /// holds `len` bytes from there. `None` otherwise (and for textures).
+    pub fn uniform_window(&self, gpu: &Gpu, len: u64) -> Option<View> {
+        let Resource::Buffer { buffer, offset, .. } = &self.resource else {
+            return None;
+        };
+        let align = gpu.limits.min_uniform_buffer_offset_alignment as u64;
+        let ok = buffer.usage().contains(wgpu::BufferUsages::UNIFORM)
+            && offset.is_multiple_of(align)
+            && len <= gpu.limits.max_uniform_buffer_binding_size
+            && buffer.size().saturating_sub(*offset) >= len;
+        ok.then(|| View {
+            resource: Resource::Buffer {
+                buffer: buffer.clone(),
+                offset: *offset,
+                size: len,
+            },
+            label: self.label.clone(),
+        })
+    }
+}
+
 impl GpuTexture {
     /// The texture as a binding.
     pub fn bind(&self) -> View {
@@ -309,8 +342,17 @@ impl<'g> Recorder<'g> {
                 ),
             ));
         }
-        let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
         for (v, bind) in views.iter().zip(&kernel.binds) {
+            let (align, max) = match bind {
+                Bind::Uniform => (
+                    gpu.limits.min_uniform_buffer_offset_alignment as u64,
+                    gpu.limits.max_uniform_buffer_binding_size,
+                ),
+                _ => (
+                    gpu.limits.min_storage_buffer_offset_alignment as u64,
+                    gpu.limits.max_storage_buffer_binding_size,
+                ),
+            };
             let (offset, size, buffer) = match (&v.resource, bind) {
                 (Resource::Texture(_), Bind::Texture) => continue,
                 (
@@ -319,7 +361,7 @@ impl<'g> Recorder<'g> {
                         offset,
                         size,
                     },
-                    Bind::Input | Bind::Output,
+                    Bind::Input | Bind::Output | Bind::Uniform,
                 ) => (*offset, *size, buffer),
                 _ => {
                     return Err(Error::invalid(
@@ -331,10 +373,16 @@ impl<'g> Recorder<'g> {
                     ))
                 }
             };
-            if size == 0
-                || size > gpu.limits.max_storage_buffer_binding_size
-                || !offset.is_multiple_of(align)
-            {
+            if *bind == Bind::Uniform && !buffer.usage().contains(wgpu::BufferUsages::UNIFORM) {
+                return Err(Error::invalid(
+                    &kernel.name,
+                    format!(
+                        "'{}' is bound as a uniform buffer but was not made as one",
+                        v.label
+                    ),
+                ));
+            }
+            if size == 0 || size > max || !offset.is_multiple_of(align) {
                 return Err(Error::invalid(
                     &kernel.name,
                     format!(
@@ -359,10 +407,9 @@ impl<'g> Recorder<'g> {
         let bound = views.iter().zip(&kernel.binds);
         for (out, _) in bound.clone().filter(|(_, b)| **b == Bind::Output) {
             let Some(ob) = buffer_of(out) else { continue };
-            if let Some((inp, _)) = bound
-                .clone()
-                .find(|(v, b)| **b == Bind::Input && buffer_of(v).as_ref() == Some(&ob))
-            {
+            if let Some((inp, _)) = bound.clone().find(|(v, b)| {
+                matches!(**b, Bind::Input | Bind::Uniform) && buffer_of(v).as_ref() == Some(&ob)
+            }) {
                 return Err(Error::invalid(
                     &kernel.name,
                     format!(

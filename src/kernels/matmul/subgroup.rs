@@ -3,6 +3,7 @@
 //! dispatch over one to three stacked matrices with what it folds in ([`Extras`]).
 
 use super::*;
+use crate::gpu::UNIFORM_WINDOW;
 /// Most rows per invocation of the subgroup matvec (its `R` override takes 1 to 16); a workgroup
 /// is one 8-lane subgroup, so it computes 8 times as many rows.
 pub const MATVEC_SG_MAX_ROWS: u32 = 16;
@@ -11,13 +12,11 @@ pub const MATVEC_SG_MAX_TOKENS: u32 = 8;
 /// Lanes of the subgroup (= workgroup) of `matvec_sg.wgsl`; the kernel needs exactly this size.
 pub(super) const SG_LANES: usize = 8;
 /// Bindings of the subgroup matvec (see shaders/common/matvec_sg_body.wgsl): weight data and
-/// scales (buffers or textures), x, y, y1, y2, x2, res.
-pub(super) const SG_BINDS: [Bind; 8] = sg_binds(Bind::Input);
-pub(super) const SG_TEX_BINDS: [Bind; 8] = sg_binds(Bind::Texture);
-
-const fn sg_binds(w: Bind) -> [Bind; 8] {
+/// scales (`w`: buffers or textures), x, y, y1, y2, up, res, gamma; x and up as storage buffers
+/// or uniform windows (`x`).
+const fn sg_binds(w: Bind, x: Bind) -> [Bind; 9] {
     use Bind::{Input, Output};
-    [w, w, Input, Output, Output, Output, Input, Input]
+    [w, w, x, Output, Output, Output, x, Input, Input]
 }
 
 /// What the subgroup matvec does besides `y = W x` (its XFN and RES overrides): how it makes its
@@ -174,13 +173,13 @@ pub(super) fn subgroup_kernel(
         .ok_or_else(|| Error::invalid(op, "the subgroup matvec takes 1 to 3 matrices"))?;
     let total: usize = parts.iter().map(|p| p.shard.rows).sum();
     let r = rows.unwrap_or_else(|| matvec_sg_rows(format, total, m, tokens));
-    let (xfn, x2, eps) = match extras.input {
-        Input::Plain => (0, None, 0.0),
-        Input::Swiglu(up) => (1, Some(bound(op, up)?), 0.0),
+    let (xfn, up, gamma, eps) = match extras.input {
+        Input::Plain => (0, None, None, 0.0),
+        Input::Swiglu(up) => (1, Some(bound(op, up)?), None, 0.0),
         Input::RmsNorm(gamma, eps) => {
             gamma.expect(op, &[cols])?;
             crate::kernels::norm::check_eps(op, eps)?;
-            (2, Some(bound(op, gamma)?), eps)
+            (2, None, Some(bound(op, gamma)?), eps)
         }
     };
     let res = match extras.res {
@@ -190,14 +189,28 @@ pub(super) fn subgroup_kernel(
         Some(t) => Some(bound(op, t)?),
         None => None,
     };
-    let (shader, binds) = match first.shard.data.layout() {
-        WeightLayout::Buffers => ("matvec_sg", &SG_BINDS),
-        WeightLayout::Textures => ("matvec_sg_tex", &SG_TEX_BINDS),
+    // x (and up) through uniform windows where the tokens' rows fit one: see
+    // shaders/common/matvec_sg_x_uniform.wgsl.
+    let windows = uniform_windows(gpu, cols, m, x, up.as_ref());
+    let (shader, w) = match (first.shard.data.layout(), windows.is_some()) {
+        (WeightLayout::Buffers, false) => ("matvec_sg", Bind::Input),
+        (WeightLayout::Buffers, true) => ("matvec_sg_ux", Bind::Input),
+        (WeightLayout::Textures, false) => ("matvec_sg_tex", Bind::Texture),
+        (WeightLayout::Textures, true) => ("matvec_sg_tex_ux", Bind::Texture),
+    };
+    let x_bind = if windows.is_some() {
+        Bind::Uniform
+    } else {
+        Bind::Input
+    };
+    let (x_view, up_view) = match windows {
+        Some((xw, uw)) => (xw.clone(), uw.unwrap_or(xw)),
+        None => (x.clone(), up.unwrap_or_else(|| x.clone())),
     };
     let k = gpu.kernel(
         shader,
         &format!("matvec_{}", format.name()),
-        binds,
+        &sg_binds(w, x_bind),
         32,
         &[
             ("R", r as f64),
@@ -238,14 +251,39 @@ pub(super) fn subgroup_kernel(
         &[
             data,
             scales,
-            x.clone(),
+            x_view,
             y(0),
             y(1),
             y(2),
-            x2.unwrap_or_else(|| x.clone()),
+            up_view,
             res.unwrap_or_else(|| x.clone()),
+            gamma.unwrap_or_else(|| x.clone()),
         ],
         params(&p),
         gpu.groups(u32_of(op, "workgroups", n)?),
     )
+}
+
+/// The uniform windows (x, and up where SwiGLU reads it) a subgroup matvec over `m` tokens of
+/// rows of `cols` values reads its input through, where it can
+/// (`shaders/common/matvec_sg_x_uniform.wgsl`): the device makes its buffers uniform-capable
+/// ([`Gpu::uniform_inputs`]), rows are whole 32-value blocks, and the tokens' rows lie in the
+/// first [`UNIFORM_WINDOW`] bytes of each buffer, which hold that many bytes. `None`: storage
+/// buffers.
+fn uniform_windows(
+    gpu: &Gpu,
+    cols: usize,
+    m: usize,
+    x: &View,
+    up: Option<&View>,
+) -> Option<(View, Option<View>)> {
+    let bytes = (m as u64).checked_mul(cols as u64)?.checked_mul(4)?;
+    if !gpu.uniform_inputs() || !cols.is_multiple_of(32) || bytes > UNIFORM_WINDOW {
+        return None;
+    }
+    let xw = x.uniform_window(gpu, UNIFORM_WINDOW)?;
+    match up {
+        None => Some((xw, None)),
+        Some(u) => Some((xw, Some(u.uniform_window(gpu, UNIFORM_WINDOW)?))),
+    }
 }
