@@ -957,11 +957,11 @@ fn decode_rows_equal_single_rows_bit_for_bit() {
 }
 
 /// On a device whose buffers are uniform-capable (lavapipe), the subgroup matvec reads x and up
-/// through uniform windows wherever the tokens' rows fit one (`matvec_sg_tex_ux.wgsl`,
-/// `matvec_sg_ux.wgsl`), and gives the storage-buffer kernel's results bit for bit: every format
+/// through uniform windows (`matvec_sg_tex_ux.wgsl`, `matvec_sg_ux.wgsl`), and gives the
+/// storage-buffer kernel's results bit for bit (a device opened with `storage_x`): every format
 /// (rows of whole 32-value blocks) in the device's weight layout and Q4_1 in the other, plain and
-/// with each fold, for one token and for decode rows. On a fresh device, so that its kernel keys
-/// show which variant ran.
+/// with each fold, for one token and for decode rows, and prefill chunks that take a dispatch per
+/// window of tokens. On fresh devices, so that their kernel keys show which variant ran.
 #[test]
 fn uniform_x_windows_give_the_storage_results_bit_for_bit() {
     let Some(shared) = subgroup_gpu() else { return };
@@ -969,57 +969,77 @@ fn uniform_x_windows_give_the_storage_results_bit_for_bit() {
     if !shared.uniform_inputs() {
         return;
     }
-    let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+    let windowed = Gpu::new(&GpuOptions::default()).unwrap();
+    let stored = Gpu::new(&GpuOptions {
+        storage_x: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(!stored.uniform_inputs());
     let ran = |gpu: &Gpu, ux: bool| {
         gpu.kernel_keys()
             .into_iter()
             .filter(|k| k.starts_with("matvec_sg") && k.contains("_ux::") == ux)
             .count()
     };
-    // Each case is two pipelines to compile (storage and window), which is what this test spends
-    // its time on: every format in the device's own layout, Q4_1 in the other too; two folds a
+    // Each case is two pipelines to compile (one a device), which is what this test spends its
+    // time on: every format in the device's own layout, Q4_1 in the other too; two folds a
     // format, rotating so that every fold meets one token and decode rows somewhere.
-    let own = wgllm::kernels::weights::weight_layout(&gpu);
+    let own = wgllm::kernels::weights::weight_layout(&windowed);
     let folds = [Fold::Plain, Fold::Norm, Fold::Add, Fold::SwigluAdd];
-    for storage in layouts(&gpu) {
+    for layout in [WeightLayout::Textures, WeightLayout::Buffers] {
+        let storage_of = |g: &Gpu| {
+            layouts(g)
+                .into_iter()
+                .find(|s| s.layout == layout)
+                .expect("both layouts on lavapipe")
+        };
         for (i, f) in WeightFormat::ALL.into_iter().enumerate() {
-            if storage.layout != own && f != WeightFormat::Q4_1 {
+            if layout != own && f != WeightFormat::Q4_1 {
                 continue;
             }
             let (rows, cols) = (100, fit(f, 32 * 9));
-            let (wm, _) = weights(&gpu, storage, f, rows, cols, 300 + i as u64);
-            let cases = [
+            let (wm_w, _) = weights(
+                &windowed,
+                storage_of(&windowed),
+                f,
+                rows,
+                cols,
+                300 + i as u64,
+            );
+            let (wm_s, _) = weights(&stored, storage_of(&stored), f, rows, cols, 300 + i as u64);
+            let mut cases = vec![
                 (folds[i % 4], matmul::Step::Chunk, 1),
                 (folds[(i + 1) % 4], matmul::Step::Rows, 3 + i % 2),
             ];
+            // A prefill chunk whose 64 tokens take two windows (56 fit one), the second starting
+            // before its first token, where the buffer leaves a window's bytes.
+            if layout == own && matches!(f, WeightFormat::Q4_1 | WeightFormat::Q8_0) {
+                cases.extend([
+                    (Fold::Plain, matmul::Step::Chunk, 64),
+                    (Fold::SwigluAdd, matmul::Step::Chunk, 64),
+                ]);
+            }
             for (fold, step, m) in cases {
                 let xs = randn(m * cols, 310 + m as u64, 1.0);
-                let before = (ran(&gpu, false), ran(&gpu, true));
-                let plain = folded_product_in(&gpu, &wm, fold, step, &xs, m, false);
-                let mid = (ran(&gpu, false), ran(&gpu, true));
-                let windowed = folded_product_in(&gpu, &wm, fold, step, &xs, m, true);
-                let after = (ran(&gpu, false), ran(&gpu, true));
-                // The kernels each run created are of its variant.
-                assert_eq!(
-                    mid.1, before.1,
-                    "{f} {fold:?} x{m}: storage run used a window"
-                );
-                assert_eq!(after.0, mid.0, "{f} {fold:?} x{m}: window run used storage");
-                let same = plain
+                let want = folded_product_in(&stored, &wm_s, fold, step, &xs, m, true);
+                let got = folded_product_in(&windowed, &wm_w, fold, step, &xs, m, true);
+                let same = got
                     .iter()
-                    .zip(&windowed)
+                    .zip(&want)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(
                     same,
-                    "{f} {:?} {fold:?} x{m}: {:?} vs {:?}",
-                    storage.layout,
-                    &windowed[..4],
-                    &plain[..4]
+                    "{f} {layout:?} {fold:?} x{m}: {:?} vs {:?}",
+                    &got[..4],
+                    &want[..4]
                 );
             }
         }
     }
-    assert!(ran(&gpu, true) > 0, "no uniform-window kernel ran");
+    assert_eq!(ran(&stored, true), 0, "the storage device used a window");
+    assert_eq!(ran(&windowed, false), 0, "the window device used storage");
+    assert!(ran(&windowed, true) > 0 && ran(&stored, false) > 0);
 }
 
 /// Runs `matmul_fused_in` over `xd` (`m` tokens) and returns the dispatches and each output.

@@ -180,6 +180,7 @@ fn a_probe_gives_its_bytes_back_and_stays_in_the_budget() {
         budget: None,
         no_f16: false,
         no_subgroups: false,
+        storage_x: false,
     };
     // A device of its own, whose budget no other test sees.
     let gpu = Gpu::new(&opts).unwrap();

@@ -41,8 +41,12 @@ struct Params {
     row0: u32,      // the binding's row of computed row 0
     split1: u32,    // computed rows from here on go to y1 (= rows: none)
     split2: u32,    // computed rows from here on go to y2 (= rows: none)
-    m: u32,         // tokens
+    m: u32,         // tokens: this dispatch computes tokens t0..m
     ld: u32,        // length of a token's row of y
+    t0: u32,        // the first token computed
+    xq0: u32,       // where x's binding starts, in vec4 from the tensor's start (a uniform window)
+    pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
@@ -137,9 +141,9 @@ fn gamma4(blk: u32, lane: u32) -> vec4<f32> {
     return vec4<f32>(gamma[j.x], gamma[j.y], gamma[j.z], gamma[j.w]);
 }
 
-// Adds to token `tok`'s sum of squares (a lane's share; reduced over the subgroup at the end).
-fn add_sumsq(tok: u32, s: f32) {
-    let t = tok % TOK; // the token's place in its group (groups start at multiples of TOK)
+// Adds to a token's sum of squares (a lane's share; reduced over the subgroup at the end).
+// `t`: the token's place in its group of TOK.
+fn add_sumsq(t: u32, s: f32) {
     if (t < 4u) {
         sumsq.lo[t] += s;
     } else {
@@ -167,14 +171,14 @@ struct XB {
     sum: f32,
 }
 
-// `g`: gamma4 of the block (XFN = 2).
-fn x_block(fmt: u32, tok: u32, blk: u32, lane: u32, g: vec4<f32>) -> XB {
+// `t`: the token's place in its group; `g`: gamma4 of the block (XFN = 2).
+fn x_block(fmt: u32, tok: u32, t: u32, blk: u32, lane: u32, g: vec4<f32>) -> XB {
     var r: XB;
     // Uniform: tokens past the end of a partial token group load nothing and stay zero.
     if (tok < p.m) {
         var v = x4(tok, blk, lane);
         if (XFN == 2u) {
-            add_sumsq(tok, dot(v, v));
+            add_sumsq(t, dot(v, v));
             v *= g;
         }
         if (qfolds_xsum(fmt)) {
@@ -190,41 +194,41 @@ fn x_block(fmt: u32, tok: u32, blk: u32, lane: u32, g: vec4<f32>) -> XB {
 // Loads block `blk` of x for the TOK tokens from `tok0` into `xt`.
 fn load_x(fmt: u32, tok0: u32, blk: u32, lane: u32) {
     let g = gamma4(blk, lane);
-    var b = x_block(fmt, tok0, blk, lane, g);
+    var b = x_block(fmt, tok0, 0u, blk, lane, g);
     xt.t0 = b.v;
     xt.sum.lo.x = b.sum;
     if (TOK > 1u) {
-        b = x_block(fmt, tok0 + 1u, blk, lane, g);
+        b = x_block(fmt, tok0 + 1u, 1u, blk, lane, g);
         xt.t1 = b.v;
         xt.sum.lo.y = b.sum;
     }
     if (TOK > 2u) {
-        b = x_block(fmt, tok0 + 2u, blk, lane, g);
+        b = x_block(fmt, tok0 + 2u, 2u, blk, lane, g);
         xt.t2 = b.v;
         xt.sum.lo.z = b.sum;
     }
     if (TOK > 3u) {
-        b = x_block(fmt, tok0 + 3u, blk, lane, g);
+        b = x_block(fmt, tok0 + 3u, 3u, blk, lane, g);
         xt.t3 = b.v;
         xt.sum.lo.w = b.sum;
     }
     if (TOK > 4u) {
-        b = x_block(fmt, tok0 + 4u, blk, lane, g);
+        b = x_block(fmt, tok0 + 4u, 4u, blk, lane, g);
         xt.t4 = b.v;
         xt.sum.hi.x = b.sum;
     }
     if (TOK > 5u) {
-        b = x_block(fmt, tok0 + 5u, blk, lane, g);
+        b = x_block(fmt, tok0 + 5u, 5u, blk, lane, g);
         xt.t5 = b.v;
         xt.sum.hi.y = b.sum;
     }
     if (TOK > 6u) {
-        b = x_block(fmt, tok0 + 6u, blk, lane, g);
+        b = x_block(fmt, tok0 + 6u, 6u, blk, lane, g);
         xt.t6 = b.v;
         xt.sum.hi.z = b.sum;
     }
     if (TOK > 7u) {
-        b = x_block(fmt, tok0 + 7u, blk, lane, g);
+        b = x_block(fmt, tok0 + 7u, 7u, blk, lane, g);
         xt.t7 = b.v;
         xt.sum.hi.w = b.sum;
     }
@@ -436,14 +440,14 @@ fn put(first: u32, i: u32, tok0: u32, s: T8) {
 
 fn matvec_any(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lane: u32) {
     let g = wid.x + wid.y * nwg.x;
-    let token_groups = (p.m + TOK - 1u) / TOK;
+    let token_groups = (p.m - p.t0 + TOK - 1u) / TOK;
     // Consecutive workgroups take the token groups of the same rows, so their weights are still in
     // cache.
     let row0 = g / token_groups * 8u * R;
     if (row0 >= p.rows) {
         return; // the whole workgroup (one subgroup): uniform
     }
-    let tok0 = g % token_groups * TOK;
+    let tok0 = p.t0 + g % token_groups * TOK;
     let first = row0 + lane * R;
     let blocks = row_blocks();
     for (var b = 0u; b < blocks; b++) {

@@ -33,6 +33,9 @@ pub struct GpuOptions {
     pub no_f16: bool,
     /// Do not request SUBGROUP even where present (tests the shared-memory paths).
     pub no_subgroups: bool,
+    /// Keep the subgroup matvec's x in storage buffers, not uniform windows (as
+    /// `WGLLM_SG_X=storage` does; to compare the two).
+    pub storage_x: bool,
 }
 
 /// The optional features wgllm uses, as granted on the open device.
@@ -317,7 +320,7 @@ impl Gpu {
             info.driver,
             caps
         );
-        let uniform_inputs = uniform_inputs_wanted(&caps, &info, &limits);
+        let uniform_inputs = uniform_inputs_wanted(&caps, &info, &limits) && !opts.storage_x;
         Ok(Gpu {
             uniform_inputs,
             max_binding: limits
