@@ -228,7 +228,7 @@ fn bench_model(gpu: &Gpu, a: ModelBenchArgs) -> Result<()> {
 }
 
 /// A LLaMA-family GGUF file with `parallel` sequence slots.
-fn load_slots(
+pub(crate) fn load_slots(
     gpu: &Gpu,
     m: &super::ModelArgs,
     parallel: usize,

@@ -19,12 +19,113 @@ pub(crate) struct Args {
     prompt_tokens: usize,
     #[arg(short = 'n', long, default_value_t = 8)]
     tokens: usize,
+    /// Sequence slots: with more than one, profile batched decode steps of every slot at once
+    /// (as `wgllm serve --parallel N` runs them), each slot's prompt run first (unprofiled); a
+    /// LLaMA-family GGUF model only.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
     #[arg(long)]
     json: bool,
 }
 
+/// Per-op GPU time, grouped by kernel, per `per` steps: (kernel, ms, dispatches), largest first.
+fn by_kernel(ops: &[wgllm::gpu::record::DispatchTime], per: f64) -> Vec<(String, f64, f64)> {
+    let mut by: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+    for d in ops {
+        let e = by.entry(d.kernel.clone()).or_default();
+        e.0 += d.nanos;
+        e.1 += 1;
+    }
+    let mut v: Vec<(String, f64, f64)> = by
+        .into_iter()
+        .map(|(k, (ns, c))| (k, ns / 1e6 / per, c as f64 / per))
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
+/// Prints per-op times (from [`by_kernel`]) with their shares and the GPU total against `wall_ms`.
+fn print_ops(ops: &[(String, f64, f64)], wall_ms: f64) {
+    let total: f64 = ops.iter().map(|d| d.1).sum();
+    for (k, ms, c) in ops {
+        println!(
+            "  {k:<48} {ms:>10.3} ms  {c:>6.0} dispatches  {:>5.1}%",
+            100.0 * ms / total.max(1e-12)
+        );
+    }
+    println!(
+        "  {:<48} {total:>10.3} ms  (wall {wall_ms:.3} ms: the rest is submission and dispatch overhead)",
+        "GPU total"
+    );
+}
+
+/// `--parallel N`: `n` batched decode steps of all N slots, after each slot's prompt.
+fn run_batched(a: Args, gpu: &Gpu) -> Result<()> {
+    use wgllm::model::batch::{BatchLm, BatchRow};
+    use wgllm::model::generate::CausalLm;
+    let (prompt, n, slots) = (a.prompt_tokens.max(1), a.tokens.max(1), a.parallel);
+    let mut m = a.model;
+    m.ctx = Some(m.ctx().max(prompt + n + 2));
+    let (mut model, name) = super::bench::load_slots(gpu, &m, slots)?;
+    model.set_all_logits(false);
+    let vocab = model.vocab_size() as u32;
+    let mut next = Vec::new();
+    for slot in 0..slots {
+        let ids: Vec<u32> = (0..prompt as u32)
+            .map(|i| (i * 7919 + 13 + slot as u32) % vocab)
+            .collect();
+        next.push(wgllm::sampler::argmax(
+            &model.forward_slot(gpu, slot, &ids, 0)?,
+        ));
+    }
+    let mut step = |model: &mut wgllm::model::llama::Llama, pos: usize| -> Result<()> {
+        let rows: Vec<BatchRow> = (0..slots)
+            .map(|slot| BatchRow {
+                slot,
+                token: next[slot],
+                pos,
+            })
+            .collect();
+        for (t, l) in next.iter_mut().zip(model.decode_batch(gpu, &rows)?) {
+            *t = wgllm::sampler::argmax(&l);
+        }
+        Ok(())
+    };
+    // Unprofiled: compiles the step's kernels.
+    step(&mut model, prompt)?;
+    model.set_profiling(true);
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        step(&mut model, prompt + 1 + i)?;
+    }
+    let wall = t.elapsed().as_secs_f64() / n as f64;
+    let ops = by_kernel(&model.take_profile(), n as f64);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": name, "device": gpu.describe(), "slots": slots,
+                "decode_batch": {"steps": n, "seconds_per_step": wall, "ops_ms_per_step": ops},
+            }))?
+        );
+        return Ok(());
+    }
+    println!("{name} on {}", gpu.describe());
+    println!(
+        "\ndecode steps of {slots} rows (one token of each slot, after {prompt}-token prompts): \
+         {:.3} s per step wall ({:.1} tokens/s in all; timestamps slow it); GPU time per op per step:",
+        wall,
+        slots as f64 / wall
+    );
+    print_ops(&ops, 1e3 * wall);
+    Ok(())
+}
+
 pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let gpu = &g.gpu()?;
+    if a.parallel > 1 {
+        return run_batched(a, gpu);
+    }
     let (prompt, n, json) = (a.prompt_tokens, a.tokens, a.json);
     use wgllm::gpu::ledger::{human_bytes, BufferClass};
     let mut m = a.model;
@@ -49,23 +150,8 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let decode = t.elapsed().as_secs_f64();
     let decode_ops = model.take_profile();
     let report = gpu.ledger.report();
-    // Per-op GPU time, grouped by kernel.
-    let group = |ops: &[wgllm::gpu::record::DispatchTime], per: f64| {
-        let mut by: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
-        for d in ops {
-            let e = by.entry(d.kernel.clone()).or_default();
-            e.0 += d.nanos;
-            e.1 += 1;
-        }
-        let mut v: Vec<(String, f64, f64)> = by
-            .into_iter()
-            .map(|(k, (ns, c))| (k, ns / 1e6 / per, c as f64 / per))
-            .collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        v
-    };
-    let pre = group(&prefill_ops, 1.0);
-    let dec = group(&decode_ops, n.max(1) as f64);
+    let pre = by_kernel(&prefill_ops, 1.0);
+    let dec = by_kernel(&decode_ops, n.max(1) as f64);
     let measured = |c: BufferClass| report.class(c).peak_bytes;
     if json {
         let planned = cfg_plan.as_ref().map(|p| p.to_json());
@@ -151,18 +237,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
         "\ndecode: {:.3} s per token wall; GPU time per op per token:",
         decode / n.max(1) as f64
     );
-    let total: f64 = dec.iter().map(|d| d.1).sum();
-    for (k, ms, c) in &dec {
-        println!(
-            "  {k:<48} {ms:>10.3} ms  {c:>6.0} dispatches  {:>5.1}%",
-            100.0 * ms / total.max(1e-12)
-        );
-    }
-    println!(
-        "  {:<48} {total:>10.3} ms  (wall {:.3} ms: the rest is submission and dispatch overhead)",
-        "GPU total",
-        1e3 * decode / n.max(1) as f64
-    );
+    print_ops(&dec, 1e3 * decode / n.max(1) as f64);
     Ok(())
 }
 
