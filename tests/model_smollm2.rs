@@ -362,3 +362,51 @@ fn tokenize_command_prints_the_reference_ids_and_pieces() {
         }
     }
 }
+
+/// `wgllm profile --parallel 2 --json`: batched decode steps of both slots, with the GPU time of
+/// each op a step (the matrix products among them) and a wall time a step.
+#[test]
+fn profile_of_batched_steps_reports_every_op() {
+    let Some(path) = packaged_model(&wgllm::fetch::SMOLLM2) else {
+        return;
+    };
+    if gpu().is_none_or(|g| !g.caps.timestamps) {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
+        .args([
+            "profile",
+            "--parallel",
+            "2",
+            "-p",
+            "3",
+            "-n",
+            "2",
+            "-c",
+            "64",
+            "--json",
+            "-m",
+        ])
+        .arg(&path)
+        .output()
+        .expect("running wgllm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["slots"], 2);
+    let step = &v["decode_batch"];
+    assert_eq!(step["steps"], 2);
+    assert!(step["seconds_per_step"].as_f64().unwrap() > 0.0);
+    let ops = step["ops_ms_per_step"].as_array().unwrap();
+    let kernels: Vec<&str> = ops.iter().filter_map(|o| o[0].as_str()).collect();
+    assert!(
+        kernels.iter().any(|k| k.starts_with("matvec")),
+        "{kernels:?}"
+    );
+    assert!(ops
+        .iter()
+        .all(|o| o[1].as_f64().unwrap() >= 0.0 && o[2].as_f64().unwrap() > 0.0));
+}

@@ -129,7 +129,7 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let (prompt, n, json) = (a.prompt_tokens, a.tokens, a.json);
     use wgllm::gpu::ledger::{human_bytes, BufferClass};
     let mut m = a.model;
-    m.ctx = Some(m.ctx().max(prompt + n + 1));
+    m.ctx = Some(m.ctx().max(prompt + n + 2));
     let (mut model, name) = load_for_bench(gpu, &m, &a.synth)?;
     let cfg_plan = profile_plan(gpu, &m, &a.synth, model.resident_layers())?;
     // The ledger's peaks cover loading (staging) and the run.
@@ -142,10 +142,15 @@ pub(crate) fn run(a: Args, g: &Global) -> Result<()> {
     let mut logits = model.forward(gpu, &ids, 0)?;
     let prefill = t.elapsed().as_secs_f64();
     let prefill_ops = model.take_profile();
+    // One decoded token first, its kernels compiled and its times dropped, so that the wall time
+    // per token is the steady state's.
+    let next = wgllm::sampler::argmax(&logits);
+    logits = model.forward(gpu, &[next], ids.len())?;
+    model.take_profile();
     let t = std::time::Instant::now();
     for i in 0..n {
         let next = wgllm::sampler::argmax(&logits);
-        logits = model.forward(gpu, &[next], ids.len() + i)?;
+        logits = model.forward(gpu, &[next], ids.len() + 1 + i)?;
     }
     let decode = t.elapsed().as_secs_f64();
     let decode_ops = model.take_profile();
