@@ -41,12 +41,8 @@ struct Params {
     row0: u32,      // the binding's row of computed row 0
     split1: u32,    // computed rows from here on go to y1 (= rows: none)
     split2: u32,    // computed rows from here on go to y2 (= rows: none)
-    m: u32,         // tokens: this dispatch computes tokens t0..m
+    m: u32,         // tokens
     ld: u32,        // length of a token's row of y
-    t0: u32,        // the first token computed
-    xq0: u32,       // where x's binding starts, in vec4 from the tensor's start (a uniform window)
-    pad0: u32,
-    pad1: u32,
 }
 
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
@@ -440,14 +436,14 @@ fn put(first: u32, i: u32, tok0: u32, s: T8) {
 
 fn matvec_any(fmt: u32, wid: vec3<u32>, nwg: vec3<u32>, lane: u32) {
     let g = wid.x + wid.y * nwg.x;
-    let token_groups = (p.m - p.t0 + TOK - 1u) / TOK;
+    let token_groups = (p.m + TOK - 1u) / TOK;
     // Consecutive workgroups take the token groups of the same rows, so their weights are still in
     // cache.
     let row0 = g / token_groups * 8u * R;
     if (row0 >= p.rows) {
         return; // the whole workgroup (one subgroup): uniform
     }
-    let tok0 = p.t0 + g % token_groups * TOK;
+    let tok0 = g % token_groups * TOK;
     let first = row0 + lane * R;
     let blocks = row_blocks();
     for (var b = 0u; b < blocks; b++) {

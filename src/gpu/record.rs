@@ -231,22 +231,14 @@ impl GpuBuffer {
 }
 
 impl View {
-    /// Bytes of this view's buffer from the view's start to the buffer's end (`None`: a texture).
-    pub fn room(&self) -> Option<u64> {
-        match &self.resource {
-            Resource::Buffer { buffer, offset, .. } => Some(buffer.size().saturating_sub(*offset)),
-            Resource::Texture(_) => None,
-        }
-    }
-
-    /// `len` bytes of this view's buffer from `skip` bytes past the view's start, as a uniform
-    /// binding: where the buffer can be bound as one, that start is aligned as uniform bindings
-    /// need, and the buffer holds `len` bytes from there. `None` otherwise (and for textures).
-    pub fn uniform_window(&self, gpu: &Gpu, skip: u64, len: u64) -> Option<View> {
+    /// `len` bytes of this view's buffer from the view's start, as a uniform binding: where the
+    /// buffer can be bound as one, the start is aligned as uniform bindings need, and the buffer
+    /// holds `len` bytes from there. `None` otherwise (and for textures).
+    pub fn uniform_window(&self, gpu: &Gpu, len: u64) -> Option<View> {
         let Resource::Buffer { buffer, offset, .. } = &self.resource else {
             return None;
         };
-        let start = offset.checked_add(skip)?;
+        let start = *offset;
         let align = gpu.limits.min_uniform_buffer_offset_alignment as u64;
         let ok = buffer.usage().contains(wgpu::BufferUsages::UNIFORM)
             && start.is_multiple_of(align)

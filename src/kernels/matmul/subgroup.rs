@@ -52,11 +52,8 @@ pub(super) struct SgParams {
     split2: u32,
     m: u32,
     ld: u32,
-    t0: u32,
-    xq0: u32,
-    pad: [u32; 2],
 }
-const _: () = assert!(std::mem::size_of::<SgParams>() == 48);
+const _: () = assert!(std::mem::size_of::<SgParams>() == 32);
 
 /// Whether the device runs `matvec_sg.wgsl` and is one it is meant for: subgroup operations with
 /// subgroups of exactly 8 lanes, on a CPU (lavapipe). GPUs keep `matvec.wgsl`, which is tuned for
@@ -192,9 +189,9 @@ pub(super) fn subgroup_kernel(
         Some(t) => Some(bound(op, t)?),
         None => None,
     };
-    // x (and up) through uniform windows, one dispatch per window of tokens, where they fit:
-    // see shaders/common/matvec_sg_x_uniform.wgsl. Else one dispatch reading storage buffers.
-    let windows = uniform_windows(gpu, cols, m, tokens as usize, x, up.as_ref());
+    // x (and up) through uniform windows where the tokens' rows fit one: see
+    // shaders/common/matvec_sg_x_uniform.wgsl. Else storage buffers.
+    let windows = uniform_windows(gpu, cols, m, x, up.as_ref());
     let (shader, w) = match (first.shard.data.layout(), windows.is_some()) {
         (WeightLayout::Buffers, false) => ("matvec_sg", Bind::Input),
         (WeightLayout::Buffers, true) => ("matvec_sg_ux", Bind::Input),
@@ -206,15 +203,10 @@ pub(super) fn subgroup_kernel(
     } else {
         Bind::Input
     };
-    let windows = windows.unwrap_or_else(|| {
-        vec![Window {
-            t0: 0,
-            t1: m,
-            start: 0,
-            x: x.clone(),
-            up: up.clone(),
-        }]
-    });
+    let (x_view, up_view) = match windows {
+        Some((xw, uw)) => (xw.clone(), uw.unwrap_or(xw)),
+        None => (x.clone(), up.unwrap_or_else(|| x.clone())),
+    };
     let k = gpu.kernel(
         shader,
         &format!("matvec_{}", format.name()),
@@ -234,7 +226,18 @@ pub(super) fn subgroup_kernel(
         let rows: usize = parts.iter().take(i).map(|p| p.shard.rows).sum();
         u32_of(op, "rows", if i < parts.len() { rows } else { total })
     };
+    let p = SgParams {
+        rows: u32_of(op, "rows", total)?,
+        cols: u32_of(op, "cols", cols)?,
+        row_start: u32_of(op, "row", first.shard.row_start)?,
+        row0: first.shard.data.row0(),
+        split1: split(1)?,
+        split2: split(2)?,
+        m: u32_of(op, "tokens", m)?,
+        ld: u32_of(op, "rows", first.ld)?,
+    };
     let per = r as usize * SG_LANES;
+    let n = total.div_ceil(per) * m.div_ceil(tokens as usize);
     let y = |i: usize| parts.get(i).unwrap_or(first).y.clone();
     let [data, scales] = part_views(first, &parts[1..]);
     let label = parts
@@ -242,105 +245,45 @@ pub(super) fn subgroup_kernel(
         .map(|p| p.shard.data.label())
         .collect::<Vec<_>>()
         .join("+");
-    for win in windows {
-        let p = SgParams {
-            rows: u32_of(op, "rows", total)?,
-            cols: u32_of(op, "cols", cols)?,
-            row_start: u32_of(op, "row", first.shard.row_start)?,
-            row0: first.shard.data.row0(),
-            split1: split(1)?,
-            split2: split(2)?,
-            m: u32_of(op, "tokens", win.t1)?,
-            ld: u32_of(op, "rows", first.ld)?,
-            t0: u32_of(op, "tokens", win.t0)?,
-            xq0: u32_of(op, "window", (win.start / 16) as usize)?,
-            pad: [0; 2],
-        };
-        let n = total.div_ceil(per) * (win.t1 - win.t0).div_ceil(tokens as usize);
-        rec.dispatch(
-            &k,
-            &format!("{shader}.{label}"),
-            &[
-                data.clone(),
-                scales.clone(),
-                win.x.clone(),
-                y(0),
-                y(1),
-                y(2),
-                win.up.unwrap_or_else(|| win.x.clone()),
-                res.clone().unwrap_or_else(|| x.clone()),
-                gamma.clone().unwrap_or_else(|| x.clone()),
-            ],
-            params(&p),
-            gpu.groups(u32_of(op, "workgroups", n)?),
-        )?;
-    }
-    Ok(())
-}
-
-/// One dispatch's tokens `t0..t1` and the bindings of x and up it reads them from (`start`:
-/// bytes from the tensors' start to the bindings').
-struct Window {
-    t0: usize,
-    t1: usize,
-    start: u64,
-    x: View,
-    up: Option<View>,
+    rec.dispatch(
+        &k,
+        &format!("{shader}.{label}"),
+        &[
+            data,
+            scales,
+            x_view,
+            y(0),
+            y(1),
+            y(2),
+            up_view,
+            res.unwrap_or_else(|| x.clone()),
+            gamma.unwrap_or_else(|| x.clone()),
+        ],
+        params(&p),
+        gpu.groups(u32_of(op, "workgroups", n)?),
+    )
 }
 
 /// The uniform windows (x, and up where SwiGLU reads it) a subgroup matvec over `m` tokens of
-/// rows of `cols` values reads its input through, a dispatch each, where it can
+/// rows of `cols` values reads its input through, where it can
 /// (`shaders/common/matvec_sg_x_uniform.wgsl`): the device makes its buffers uniform-capable
-/// ([`Gpu::uniform_inputs`]), rows are whole 32-value blocks, and a window of [`UNIFORM_WINDOW`]
-/// bytes, which must lie in the buffers at an offset aligned for uniform bindings, holds a whole
-/// group of `tokens`. Each dispatch takes as many whole groups as a window holds; its window
-/// starts at its first token (aligned down), or nearer the buffers' end no later than the last
-/// start that leaves a window's bytes. `None`: storage buffers, one dispatch.
+/// ([`Gpu::uniform_inputs`]), rows are whole 32-value blocks, and the tokens' rows lie in the
+/// first [`UNIFORM_WINDOW`] bytes of each buffer, which hold that many bytes. `None`: storage
+/// buffers.
 fn uniform_windows(
     gpu: &Gpu,
     cols: usize,
     m: usize,
-    tokens: usize,
     x: &View,
     up: Option<&View>,
-) -> Option<Vec<Window>> {
-    let row = cols as u64 * 4;
-    if !gpu.uniform_inputs() || !cols.is_multiple_of(32) || m == 0 {
+) -> Option<(View, Option<View>)> {
+    let bytes = (m as u64).checked_mul(cols as u64)?.checked_mul(4)?;
+    if !gpu.uniform_inputs() || !cols.is_multiple_of(32) || bytes > UNIFORM_WINDOW {
         return None;
     }
-    let align = (gpu.limits.min_uniform_buffer_offset_alignment as u64).max(16);
-    let room = match up {
-        Some(u) => x.room()?.min(u.room()?),
-        None => x.room()?,
-    };
-    let last_start = room.checked_sub(UNIFORM_WINDOW)? / align * align;
-    // Tokens a window holds from any aligned start at or before the first of them.
-    let fit = usize::try_from((UNIFORM_WINDOW - (align - 16)) / row).ok()?;
-    let tokens = tokens.max(1);
-    if fit < tokens {
-        return None;
+    let xw = x.uniform_window(gpu, UNIFORM_WINDOW)?;
+    match up {
+        None => Some((xw, None)),
+        Some(u) => Some((xw, Some(u.uniform_window(gpu, UNIFORM_WINDOW)?))),
     }
-    let per = fit - fit % tokens;
-    let mut out = Vec::new();
-    let mut t0 = 0;
-    while t0 < m {
-        let t1 = m.min(t0 + per);
-        let start = (t0 as u64 * row / align * align).min(last_start);
-        if t1 as u64 * row > start + UNIFORM_WINDOW {
-            return None;
-        }
-        let skip = start;
-        out.push(Window {
-            t0,
-            t1,
-            start,
-            x: x.uniform_window(gpu, skip, UNIFORM_WINDOW)?,
-            up: match up {
-                Some(u) => Some(u.uniform_window(gpu, skip, UNIFORM_WINDOW)?),
-                None => None,
-            },
-        });
-        t0 = t1;
-    }
-    Some(out)
 }
