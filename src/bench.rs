@@ -354,6 +354,27 @@ pub fn bench_model(
     })
 }
 
+/// One batched decode step of slots `0..next.len()`, slot s feeding `next[s]` at position `pos`,
+/// and each slot's greedy next token back into `next`.
+pub fn greedy_batch_step(
+    gpu: &Gpu,
+    model: &mut dyn crate::model::batch::BatchLm,
+    next: &mut [u32],
+    pos: usize,
+) -> Result<()> {
+    use crate::model::batch::BatchRow;
+    let rows: Vec<BatchRow> = next
+        .iter()
+        .enumerate()
+        .map(|(slot, &token)| BatchRow { slot, token, pos })
+        .collect();
+    let logits = model.decode_batch(gpu, &rows)?;
+    for (t, l) in next.iter_mut().zip(&logits) {
+        *t = crate::sampler::argmax(l);
+    }
+    Ok(())
+}
+
 /// `wgllm bench model --parallel N`: text generation of `tg` tokens in each of the model's
 /// `slots` sequence slots at once, every step one [`crate::model::batch::BatchLm::decode_batch`]
 /// of all slots (continuous batching's steady state), each slot's context `depth` tokens deep
@@ -366,7 +387,6 @@ pub fn bench_batch(
     copy_gb_per_s: f64,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ModelBenchReport> {
-    use crate::model::batch::BatchRow;
     let vocab = model.vocab_size() as u32;
     model.set_all_logits(false);
     let (d, n) = (opts.depth, model.slots());
@@ -383,18 +403,7 @@ pub fn bench_batch(
         model.forward_slot(gpu, slot, &[t], d)?;
     }
     let step = |model: &mut dyn crate::model::batch::BatchLm, next: &mut Vec<u32>, pos: usize| {
-        let rows: Vec<BatchRow> = (0..n)
-            .map(|slot| BatchRow {
-                slot,
-                token: next[slot],
-                pos,
-            })
-            .collect();
-        let logits = model.decode_batch(gpu, &rows)?;
-        for (t, l) in next.iter_mut().zip(&logits) {
-            *t = crate::sampler::argmax(l);
-        }
-        Ok::<_, crate::error::Error>(())
+        greedy_batch_step(gpu, model, next, pos)
     };
     // Untimed: creates the batched step's pipelines.
     step(model, &mut next, d)?;

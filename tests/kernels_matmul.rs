@@ -937,10 +937,7 @@ fn decode_rows_equal_single_rows_bit_for_bit() {
                     for (r, row) in xs.chunks(cols).enumerate() {
                         let one = folded_product(g, &wm, fold, matmul::Step::Chunk, row, 1);
                         let got = &batch[r * rows..(r + 1) * rows];
-                        let same = got
-                            .iter()
-                            .zip(&one)
-                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        let same = same_bits(got, &one);
                         assert!(
                             same,
                             "{} {f} {:?} {fold:?}, row {r} of {m}: {:?} vs {:?}",
@@ -1023,10 +1020,7 @@ fn uniform_x_windows_give_the_storage_results_bit_for_bit() {
                 let xs = randn(m * cols, 310 + m as u64, 1.0);
                 let want = folded_product_in(&stored, &wm_s, fold, step, &xs, m, true);
                 let got = folded_product_in(&windowed, &wm_w, fold, step, &xs, m, true);
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = same_bits(&got, &want);
                 assert!(
                     same,
                     "{f} {layout:?} {fold:?} x{m}: {:?} vs {:?}",
@@ -1104,7 +1098,7 @@ fn check_stacked_buffers(gpu: &Gpu, formats: &[WeightFormat]) {
             let (n_apart, want) = fused_run(gpu, matmul::Step::Chunk, &apart_refs, &xd, 1);
             assert_eq!(n_apart, rows.len(), "{what}");
             for (i, ((g, w), (_, deq))) in got.iter().zip(&want).zip(&parts).enumerate() {
-                let bits = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                let bits = same_bits(g, w);
                 assert!(bits, "{what} part {i}: {:?} vs {:?}", &g[..4], &w[..4]);
                 let r = &matmul::reference(deq, rows[i], cols, &xd, 1);
                 assert_close(&format!("{what} part {i}"), g, r, tolerance(f));
@@ -1118,7 +1112,7 @@ fn check_stacked_buffers(gpu: &Gpu, formats: &[WeightFormat]) {
                 let (_, one) = fused_run(gpu, matmul::Step::Chunk, &refs, row, 1);
                 for (i, (b, o)) in batch.iter().zip(&one).enumerate() {
                     let got = &b[t * rows[i]..(t + 1) * rows[i]];
-                    let bits = got.iter().zip(o).all(|(a, b)| a.to_bits() == b.to_bits());
+                    let bits = same_bits(got, o);
                     assert!(bits, "{what} part {i}, row {t} of {m}");
                 }
             }

@@ -61,7 +61,7 @@ fn print_ops(ops: &[(String, f64, f64)], wall_ms: f64) {
 
 /// `--parallel N`: `n` batched decode steps of all N slots, after each slot's prompt.
 fn run_batched(a: Args, gpu: &Gpu) -> Result<()> {
-    use wgllm::model::batch::{BatchLm, BatchRow};
+    use wgllm::model::batch::BatchLm;
     use wgllm::model::generate::CausalLm;
     let (prompt, n, slots) = (a.prompt_tokens.max(1), a.tokens.max(1), a.parallel);
     let mut m = a.model;
@@ -79,17 +79,7 @@ fn run_batched(a: Args, gpu: &Gpu) -> Result<()> {
         ));
     }
     let mut step = |model: &mut wgllm::model::llama::Llama, pos: usize| -> Result<()> {
-        let rows: Vec<BatchRow> = (0..slots)
-            .map(|slot| BatchRow {
-                slot,
-                token: next[slot],
-                pos,
-            })
-            .collect();
-        for (t, l) in next.iter_mut().zip(model.decode_batch(gpu, &rows)?) {
-            *t = wgllm::sampler::argmax(&l);
-        }
-        Ok(())
+        Ok(wgllm::bench::greedy_batch_step(gpu, model, &mut next, pos)?)
     };
     // Unprofiled: compiles the step's kernels.
     step(&mut model, prompt)?;

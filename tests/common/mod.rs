@@ -82,6 +82,11 @@ pub fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 /// Maximum absolute difference.
+/// Whether two results are the same bits, value for value.
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter()
