@@ -199,27 +199,21 @@ impl WeightLayout {
 /// (`shaders/common/matvec_sg_x_uniform.wgsl`'s arrays of 4096 vec4).
 pub const UNIFORM_WINDOW: u64 = 64 << 10;
 
-/// Whether a device's buffers should be usable as uniform windows of x: a CPU device with 8-lane
-/// subgroups (the one the subgroup matvec runs on) whose uniform bindings take a whole window,
-/// unless `WGLLM_SG_X=storage` keeps x in storage buffers (to compare the two).
-fn uniform_inputs_wanted(
-    caps: &Capabilities,
-    info: &wgpu::AdapterInfo,
-    limits: &wgpu::Limits,
-) -> bool {
-    let keep_storage = match std::env::var("WGLLM_SG_X").ok().as_deref() {
-        None | Some("uniform") => false,
-        Some("storage") => true,
-        Some(other) => {
-            log::warn!("WGLLM_SG_X={other} ignored: use uniform or storage");
-            false
-        }
-    };
-    caps.subgroups
-        && caps.subgroup_min_size == 8
-        && caps.subgroup_max_size == 8
-        && info.device_type == wgpu::DeviceType::Cpu
-        && limits.max_uniform_buffer_binding_size >= UNIFORM_WINDOW
+/// Whether the device's buffers should be usable as uniform windows of x: where the subgroup
+/// matvec runs ([`crate::kernels::matmul::subgroup_matvec_ok`]) and uniform bindings take a whole
+/// window, unless `storage_x` or `WGLLM_SG_X=storage` keeps x in storage buffers (to compare).
+fn uniform_inputs_wanted(gpu: &Gpu) -> bool {
+    let keep_storage = gpu.options.storage_x
+        || match std::env::var("WGLLM_SG_X").ok().as_deref() {
+            None | Some("uniform") => false,
+            Some("storage") => true,
+            Some(other) => {
+                log::warn!("WGLLM_SG_X={other} ignored: use uniform or storage");
+                false
+            }
+        };
+    crate::kernels::matmul::subgroup_matvec_ok(gpu)
+        && gpu.limits.max_uniform_buffer_binding_size >= UNIFORM_WINDOW
         && !keep_storage
 }
 
@@ -320,9 +314,8 @@ impl Gpu {
             info.driver,
             caps
         );
-        let uniform_inputs = uniform_inputs_wanted(&caps, &info, &limits) && !opts.storage_x;
-        Ok(Gpu {
-            uniform_inputs,
+        let mut gpu = Gpu {
+            uniform_inputs: false,
             max_binding: limits
                 .max_storage_buffer_binding_size
                 .min(limits.max_buffer_size),
@@ -340,7 +333,10 @@ impl Gpu {
             idot_scratch: Mutex::new(None),
             matvec_math: Mutex::new(None),
             options: opts.clone(),
-        })
+        };
+        // Known once the device is open; no buffer exists yet.
+        gpu.uniform_inputs = uniform_inputs_wanted(&gpu);
+        Ok(gpu)
     }
 
     /// A new device on the same adapter, opened as this one was (features, limits, a fresh

@@ -238,16 +238,15 @@ impl View {
         let Resource::Buffer { buffer, offset, .. } = &self.resource else {
             return None;
         };
-        let start = *offset;
         let align = gpu.limits.min_uniform_buffer_offset_alignment as u64;
         let ok = buffer.usage().contains(wgpu::BufferUsages::UNIFORM)
-            && start.is_multiple_of(align)
+            && offset.is_multiple_of(align)
             && len <= gpu.limits.max_uniform_buffer_binding_size
-            && buffer.size().saturating_sub(start) >= len;
+            && buffer.size().saturating_sub(*offset) >= len;
         ok.then(|| View {
             resource: Resource::Buffer {
                 buffer: buffer.clone(),
-                offset: start,
+                offset: *offset,
                 size: len,
             },
             label: self.label.clone(),
